@@ -1,0 +1,16 @@
+"""attnpass: find the attention in any PyTorch model's graph and rewrite it into sparse attention.
+
+    report = attnpass.find_attention(model, args=(input_ids,), kwargs={"attention_mask": mask})
+    sparse = attnpass.sparsify(model, args=(input_ids,), kwargs={"attention_mask": mask}, method="dense")
+"""
+from attnpass.api import NoAttentionFound, find_attention, sparsify
+from attnpass.capture import CaptureError
+from attnpass.methods import METHODS
+from attnpass.site import AttentionReport, AttentionSite, SkippedSite
+from attnpass.sparse_module import SparseModel
+
+__all__ = [
+    "METHODS", "AttentionReport", "AttentionSite", "CaptureError", "NoAttentionFound", "SkippedSite",
+    "SparseModel", "find_attention", "sparsify",
+]
+__version__ = "0.1.0"

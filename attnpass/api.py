@@ -1,0 +1,89 @@
+"""The user-facing entry points: `find_attention` and `sparsify`."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from attnpass.capture import Program, check_call_inputs, export_model
+from attnpass.detect import find_sites
+from attnpass.mask_analysis import ProbeSet
+from attnpass.methods import SiteSpec, method_class
+from attnpass.site import AttentionReport, AttentionSite
+from attnpass.sparse_module import SparseModel, capture_and_rewrite
+
+
+class NoAttentionFound(ValueError):
+    """sparsify was asked to rewrite a model in which no attention could be rewritten."""
+
+
+def find_attention(model: nn.Module, args=(), kwargs=None) -> AttentionReport:
+    """Report the attention computations of `model` called as `model(*args, **kwargs)`.
+
+    The model is captured with torch.export on a copy-free, read-only path: its parameters,
+    buffers and mode are not changed. Returns an `AttentionReport` (a list of `AttentionSite`
+    plus the skipped sites with reasons) that prints as a table.
+    """
+    args, kwargs = check_call_inputs(model, args, kwargs)
+    ep = export_model(model, args, kwargs)
+    program = Program(ep)
+    probes = ProbeSet(program.gm, program.state_inputs(), program.user_inputs(args, kwargs), ep.range_constraints)
+    program.gm.graph.eliminate_dead_code()
+    sites, skipped = find_sites(program.gm, probes)
+    return AttentionReport(type(model).__name__, sites, skipped)
+
+
+def _site_spec(site: AttentionSite) -> SiteSpec:
+    info = site.mask_info
+
+    def as_int(x):
+        return x if isinstance(x, int) else None
+
+    return SiteSpec(
+        name=site.name, scale=site.scale, causal=info.causal, causal_bottom_right=info.causal_bottom_right,
+        heads_q=as_int(site.heads_q), heads_kv=as_int(site.heads_kv), head_dim=as_int(site.head_dim),
+    )
+
+
+def _attach(root: nn.Module, site: AttentionSite, module: nn.Module) -> None:
+    """Register the site module next to the attention it replaced: `<owning module>.attnpass`."""
+    try:
+        owner = root.get_submodule(site.module_path) if site.module_path else root
+    except AttributeError:
+        owner = root
+    name = "attnpass"
+    i = 1
+    while hasattr(owner, name):
+        i += 1
+        name = f"attnpass_{i}"
+    owner.add_module(name, module)
+
+
+def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **options) -> SparseModel:
+    """Return a new module computing `model` with every attention site rewritten to `method`.
+
+    `args`/`kwargs` are an example call (`model(*args, **kwargs)`); the result accepts calls of the
+    same structure at other batch sizes and sequence lengths. `model` is not modified: the result
+    owns a copy of it. Sites that cannot be rewritten exactly are left as they are and listed in
+    `result.report.skipped`.
+    """
+    site_class = method_class(method)
+    args, kwargs = check_call_inputs(model, args, kwargs)
+    source = copy.deepcopy(model)
+    site_modules: dict[str, nn.Module] = {}
+
+    def make_site(site: AttentionSite) -> nn.Module:
+        module = site_class(_site_spec(site), **options)
+        _attach(source, site, module)
+        return module
+
+    program = capture_and_rewrite(source, args, kwargs, site_modules, make_site=make_site)
+    report = AttentionReport(type(model).__name__, program.sites, program.skipped)
+    if not program.sites:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in program.skipped)
+        raise NoAttentionFound(
+            f"no attention to rewrite in {type(model).__name__}"
+            + (f" (skipped: {reasons})" if reasons else " (no softmax(Q K^T) V or scaled_dot_product_attention in its graph)")
+        )
+    return SparseModel(source, method, site_modules, {source.training: program}, report)

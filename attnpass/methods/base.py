@@ -1,0 +1,53 @@
+"""What every method's per-site module shares: the site's static facts and the call signature.
+
+The rewritten graph calls one `SiteAttention` module per site with canonical tensors:
+q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), plus what is left of the site's
+masking after mask analysis: `bias` (additive, broadcastable to (B, Hq, Lq, Lk)), `mask`
+(bool, True = allowed, same broadcast), `key_keep` (bool (B, Lk)). The causal rule and the
+scale are static facts of the site, held by the module. A method subclasses this and decides
+which pairs are computed; its learnable state are its parameters and buffers, so they show in
+the sparse model's `state_dict()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """The facts of a site a method needs at run time."""
+
+    name: str
+    scale: float
+    causal: bool = False
+    causal_bottom_right: bool = False
+    heads_q: int | None = None
+    heads_kv: int | None = None
+    head_dim: int | None = None
+
+
+class SiteAttention(nn.Module):
+    method_name = "base"
+
+    def __init__(self, spec: SiteSpec):
+        super().__init__()
+        self.spec = spec
+
+    def causal_offset(self, q: torch.Tensor, k: torch.Tensor) -> int:
+        return k.shape[-2] - q.shape[-2] if self.spec.causal_bottom_right else 0
+
+    def dropout_seed(self, dropout_p: float) -> int:
+        # Drawn from torch's global RNG so torch.manual_seed makes training runs reproducible.
+        if dropout_p > 0.0 and self.training:
+            return int(torch.randint(0, 2**62, (), device="cpu"))
+        return 0
+
+    def extra_repr(self) -> str:
+        causal = ("causal (bottom-right)" if self.spec.causal_bottom_right else "causal") if self.spec.causal else "non-causal"
+        return f"site={self.spec.name!r}, scale={self.spec.scale:.4g}, {causal}"
+
+    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+        raise NotImplementedError

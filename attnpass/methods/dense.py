@@ -1,0 +1,23 @@
+"""method="dense": the canonical attention op with the model's own semantics (the correctness anchor)."""
+from __future__ import annotations
+
+import torch
+
+import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+from attnpass.methods.base import SiteAttention, SiteSpec
+
+
+class DenseAttention(SiteAttention):
+    method_name = "dense"
+
+    def __init__(self, spec: SiteSpec, **options):
+        if options:
+            raise ValueError(f"method 'dense' takes no options, got {sorted(options)}")
+        super().__init__(spec)
+
+    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+        p = dropout_p if self.training else 0.0
+        return torch.ops.attnpass.attention(
+            q, k, v, bias, mask, key_keep, self.spec.scale, self.spec.causal,
+            self.causal_offset(q, k), p, self.dropout_seed(p),
+        )
