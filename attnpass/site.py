@@ -49,7 +49,7 @@ class SiteMatch:
     k_adapter: Adapter
     v_adapter: Adapter
     out_adapter: Adapter
-    scale: float
+    scale: float | None        # None: 1/sqrt(head dim), the head dim known only at run time
     scale_note: str = ""
     pieces: list[MaskPiece] = field(default_factory=list)
     causal: bool = False       # a causal flag given as such (SDPA is_causal)
@@ -102,7 +102,7 @@ class AttentionSite:
     head_dim: Any
     head_dim_v: Any
     layout: str
-    scale: float
+    scale: float | None
     scale_note: str
     mask: str
     bias: str
@@ -130,7 +130,8 @@ class AttentionSite:
             "heads": heads,
             "Lq x Lk": f"{self.len_q} x {self.len_k}",
             "d": str(self.head_dim),
-            "scale": f"{self.scale:.4g}" + (f" ({self.scale_note})" if self.scale_note else ""),
+            "scale": ("1/sqrt(d)" if self.scale is None else f"{self.scale:.4g}")
+            + (f" ({self.scale_note})" if self.scale_note else ""),
             "mask": self.mask,
             "bias": self.bias or "-",
             "dropout": f"{self.dropout:g}",

@@ -26,12 +26,10 @@ def match_sdpa(node: fx.Node) -> SiteMatch | None:
     if q_shape is None or len(q_shape) not in (3, 4):
         raise Skip(f"scaled_dot_product_attention on rank-{len(q_shape or ())} inputs")
     scale = ov["scale"]
-    if scale is None:
-        d = q_shape[-1]
-        if not isinstance(d, int):
-            raise Skip("symbolic head dim with the default scale")
-        scale = 1.0 / math.sqrt(d)
-    if not isinstance(scale, (int, float)):
+    if scale is None and isinstance(q_shape[-1], int):
+        scale = 1.0 / math.sqrt(q_shape[-1])
+    # scale None: SDPA's default 1/sqrt(d) of a head dim only known at run time
+    if scale is not None and not isinstance(scale, (int, float)):
         raise Skip("scale given as a tensor")
     pieces = []
     mask = ov["attn_mask"]
@@ -56,6 +54,6 @@ def match_sdpa(node: fx.Node) -> SiteMatch | None:
     return SiteMatch(
         pattern="sdpa", anchor=node, output=node, q=q, k=k, v=v,
         q_adapter=list(adapter), k_adapter=list(adapter), v_adapter=list(adapter), out_adapter=out_adapter,
-        scale=float(scale), pieces=pieces, causal=bool(ov["is_causal"]), dropout_p=float(p),
+        scale=None if scale is None else float(scale), pieces=pieces, causal=bool(ov["is_causal"]), dropout_p=float(p),
         gqa_groups=groups, internal=set(), notes=notes, batch_dims=len(q_shape) - 2,
     )

@@ -21,7 +21,7 @@ class SiteSpec:
     """The facts of a site a method needs at run time."""
 
     name: str
-    scale: float
+    scale: float | None          # None: 1/sqrt(head dim) at run time (SDPA's default)
     causal: bool = False
     causal_bottom_right: bool = False
     heads_q: int | None = None
@@ -36,6 +36,9 @@ class SiteAttention(nn.Module):
         super().__init__()
         self.spec = spec
 
+    def scale(self, q: torch.Tensor) -> float:
+        return self.spec.scale if self.spec.scale is not None else q.shape[-1] ** -0.5
+
     def causal_offset(self, q: torch.Tensor, k: torch.Tensor) -> int:
         return k.shape[-2] - q.shape[-2] if self.spec.causal_bottom_right else 0
 
@@ -47,7 +50,8 @@ class SiteAttention(nn.Module):
 
     def extra_repr(self) -> str:
         causal = ("causal (bottom-right)" if self.spec.causal_bottom_right else "causal") if self.spec.causal else "non-causal"
-        return f"site={self.spec.name!r}, scale={self.spec.scale:.4g}, {causal}"
+        scale = "1/sqrt(d)" if self.spec.scale is None else f"{self.spec.scale:.4g}"
+        return f"site={self.spec.name!r}, scale={scale}, {causal}"
 
     def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
         raise NotImplementedError

@@ -18,6 +18,6 @@ class DenseAttention(SiteAttention):
     def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
         p = dropout_p if self.training else 0.0
         return torch.ops.attnpass.attention(
-            q, k, v, bias, mask, key_keep, self.spec.scale, self.spec.causal,
+            q, k, v, bias, mask, key_keep, self.scale(q), self.spec.causal,
             self.causal_offset(q, k), p, self.dropout_seed(p),
         )

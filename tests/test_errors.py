@@ -1,0 +1,77 @@
+"""Acceptance 3 and 6: sites that cannot be rewritten exactly are skipped with a reason and keep
+working; models without attention and malformed calls get clear messages."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnpass
+from tests.zoo import by_name
+
+
+class TwoAttentions(torch.nn.Module):
+    """One ordinary attention, and one whose probabilities are also returned (cannot be sparse)."""
+
+    def forward(self, q, k, v):
+        plain = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1) @ v
+        probs = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
+        return plain, probs @ v, probs.mean()
+
+
+def _qkv(batch=2, length=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, 2, length, 4, generator=g) for _ in range(3))
+
+
+def test_a_site_that_cannot_be_rewritten_is_skipped_with_its_reason_and_still_runs():
+    model = TwoAttentions()
+    sparse = attnpass.sparsify(model, _qkv())
+    assert len(sparse.sites) == 1
+    assert len(sparse.report.skipped) == 1
+    assert "also used" in sparse.report.skipped[0].reason
+    assert "skipped (left unchanged)" in str(sparse.report)
+    args = _qkv(3, 11, seed=1)
+    for got, want in zip(sparse(*args), model(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_model_without_attention_gets_a_clear_message():
+    case = by_name("neg-mlp")
+    args, kwargs = case.inputs(2, 8)
+    report = attnpass.find_attention(case.build(), args, kwargs)
+    assert "no attention found" in str(report)
+    with pytest.raises(attnpass.NoAttentionFound, match="no attention to rewrite"):
+        attnpass.sparsify(case.build(), args, kwargs)
+
+
+def test_unknown_and_unavailable_methods_are_named():
+    model = TwoAttentions()
+    with pytest.raises(ValueError, match="unknown method 'flash'.*available"):
+        attnpass.sparsify(model, _qkv(), method="flash")
+    with pytest.raises(TypeError, match="method must be a string"):
+        attnpass.sparsify(model, _qkv(), method=3)
+    with pytest.raises(ValueError, match="takes no options"):
+        attnpass.sparsify(model, _qkv(), method="dense", clusters=4)
+
+
+def test_malformed_args_are_named():
+    model = TwoAttentions()
+    with pytest.raises(TypeError, match="args must be a tuple"):
+        attnpass.find_attention(model, args="q")
+    with pytest.raises(TypeError, match="kwargs must be a dict"):
+        attnpass.find_attention(model, args=_qkv(), kwargs=[1])
+    with pytest.raises(ValueError, match="no tensor"):
+        attnpass.find_attention(model, args=(1, 2))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        attnpass.find_attention(lambda x: x, args=_qkv())
+    with pytest.raises(attnpass.CaptureError, match="could not capture TwoAttentions"):
+        attnpass.find_attention(model, args=_qkv()[:2])
+
+
+def test_a_call_with_another_structure_than_the_example_is_refused():
+    case = by_name("bert-eager")
+    args, kwargs = case.inputs(2, 8)
+    sparse = attnpass.sparsify(case.build(), args, kwargs)
+    with pytest.raises(TypeError, match="structure of the example"):
+        sparse(kwargs["input_ids"])

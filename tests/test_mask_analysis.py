@@ -1,0 +1,77 @@
+"""Acceptance 4: where a model builds an L x L mask from a causal flag and a padding vector, the
+site records that structure, and the rewritten graph no longer holds any L x L tensor."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnpass
+from tests.zoo import by_name
+
+EXPECTED = {
+    "gpt2-eager": "causal+key_padding",
+    "gpt2-sdpa": "causal+key_padding",
+    "llama-eager": "causal+key_padding",
+    "llama-sdpa": "causal+key_padding",
+    "bert-eager": "key_padding",
+    "bert-sdpa": "key_padding",
+    "nn-mha-weights": "key_padding",
+    "nn-mha-noweights": "key_padding",
+    "hand-sdpa-causal": "causal",
+}
+
+
+def _square_nodes(gm: torch.fx.GraphModule, site) -> list[str]:
+    """Nodes whose recorded value ends in the site's (Lq, Lk) dims: an L x L tensor."""
+    out = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() >= 2:
+            if (str(val.shape[-2]), str(val.shape[-1])) == (str(site.len_q), str(site.len_k)):
+                out.append(f"{node.name}{tuple(val.shape)}")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_structure_is_recovered_and_no_square_tensor_remains(name):
+    case = by_name(name)
+    model = case.build()
+    args, kwargs = case.inputs(2, 8)
+    sparse = attnpass.sparsify(model, args, kwargs)
+    assert [s.mask for s in sparse.sites] == [EXPECTED[name]] * case.attention_count, str(sparse.report)
+    gm = sparse._programs[False].gm
+    assert isinstance(sparse.sites[0].len_q, torch.SymInt)
+    assert _square_nodes(gm, sparse.sites[0]) == [], "L x L tensors left in the rewritten graph"
+
+
+def test_a_mask_that_is_not_structured_stays_general_and_exact():
+    class Banded(torch.nn.Module):
+        """Attention restricted to a band |i - j| <= 1: neither causal nor padding."""
+
+        def forward(self, q, k, v):
+            lq, lk = q.shape[-2], k.shape[-2]
+            i = torch.arange(lq)[:, None]
+            j = torch.arange(lk)[None, :]
+            mask = (i - j).abs() <= 1
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
+    sparse = attnpass.sparsify(Banded(), (q, k, v))
+    assert sparse.sites[0].mask == "general"
+    q2, k2, v2 = (torch.randn(3, 3, 13, 4, generator=g) for _ in range(3))
+    torch.testing.assert_close(sparse(q2, k2, v2), Banded()(q2, k2, v2), rtol=1e-5, atol=1e-6)
+
+
+def test_key_padding_polarity_is_read_from_the_input():
+    # nn.MultiheadAttention: True = padding (ignore); HF: 1 = real token
+    mha = attnpass.find_attention(*_call("nn-mha-noweights"))
+    assert mha.sites[0].mask_info.padding_keep_zero is True
+    bert = attnpass.find_attention(*_call("bert-eager"))
+    assert bert.sites[0].mask_info.padding_keep_zero is False
+
+
+def _call(name):
+    case = by_name(name)
+    args, kwargs = case.inputs(2, 8)
+    return case.build(), args, kwargs
