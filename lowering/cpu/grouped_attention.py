@@ -1,0 +1,622 @@
+"""Grouped (block-sparse) attention over gathered token groups, with optional shared summary keys.
+
+One kernel family serves routing attention (groups = k-means clusters), Combiner (groups = fixed
+regions, summaries = region summaries) and block-form Sparsefinder.
+
+Shapes::
+
+    q              (B, Hq, Lq, D)          k (B, Hkv, Lk, D)    v (B, Hkv, Lk, Dv)    Hq % Hkv == 0
+    q_index        (B, Hq, G, Wq) int64    original query positions of group g; negative = empty slot
+    k_index        (B, Hq, G, Wk) int64    original key positions visible to group g; negative = empty
+    key_padding_mask (B, Lk) bool          True = real key
+    bias           broadcastable to (B, Hq, Lq, Lk), read only at the pairs the groups define
+    summary_k / _v (B, Hq, G, S, D / Dv)   extra keys/values visible to group g's query slots
+    summary_mask   bool, broadcastable to (B, Hq, G, Wq, S)
+
+    out_slots      (B, Hq, G, Wq, Dv)      in q's dtype
+    row_stat       (B, Hq, G, Wq)          logsumexp (softmax) or threshold tau (entmax15); 0 for
+                                           empty rows. float32 (float64 when q is float64)
+
+Every query slot is normalised ONCE over its allowed direct keys and its allowed summaries (a key
+listed twice in one group counts twice, so callers keep a group's key slots distinct). Work is
+done on tiles of a few groups at a time, (B, Hq, groups_in_chunk, Wq, Wk + S), so nothing of size
+Lq x Lk is ever built. The backward pass recomputes the probabilities from q, k and row_stat
+(flash-attention style) and regenerates the dropout mask from the seed, which is a counter-based
+hash of (seed, batch*head, query position, key column), so it does not depend on chunking.
+
+`grouped_attention` is the public entry point; the core is the custom op
+``attnpass::grouped_attention`` (backward: ``attnpass::grouped_attention_backward``), so it stays a
+single node under torch.export / torch.compile.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["grouped_attention", "scatter_slots"]
+
+NORMALIZERS = ("softmax", "entmax15")
+
+# Upper bound (in elements) on one tile of logits plus its gathered q/k/v. Bounds peak memory
+# independently of the number of groups; several tiles of this size are alive at once.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def grouped_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_index: Tensor,
+    k_index: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    causal_offset: int = 0,
+    key_padding_mask: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    summary_k: Optional[Tensor] = None,
+    summary_v: Optional[Tensor] = None,
+    summary_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
+    normalizer: str = "softmax",
+) -> tuple[Tensor, Tensor]:
+    """Attention of each group's query slots to the group's key slots plus its summary keys.
+
+    Returns ``(out_slots, row_stat)``; see the module docstring for shapes. When causal, pair
+    (i, j) of ORIGINAL positions is allowed only if ``j <= i + causal_offset``. Dropout acts on the
+    normalised probabilities (inverted dropout); its mask is a deterministic function of
+    ``dropout_seed``, drawn from torch's global RNG when None and ``dropout_p > 0``.
+    """
+    if dropout_seed is None and isinstance(dropout_p, (int, float)) and dropout_p > 0:
+        # Drawn here rather than in the op so the op stays a pure function of its arguments
+        # (the backward must regenerate exactly the same mask).
+        dropout_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return torch.ops.attnpass.grouped_attention(
+        q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
+        scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+        dropout_seed=dropout_seed, normalizer=normalizer,
+    )
+
+
+def scatter_slots(out_slots: Tensor, q_index: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Average each token's outputs over the groups it appears in.
+
+    Returns ``(out (B, Hq, length, Dv), count (B, Hq, length) int64)``. Tokens in no group get zeros
+    and count 0 (routing may put a token in several clusters or in none).
+    """
+    if out_slots.dim() != 5:
+        raise ValueError(f"out_slots must be (B, Hq, G, Wq, Dv), got shape {tuple(out_slots.shape)}")
+    if q_index.dtype != torch.int64:
+        raise TypeError(f"q_index must be int64, got {q_index.dtype}")
+    if tuple(q_index.shape) != tuple(out_slots.shape[:4]):
+        raise ValueError(
+            f"q_index shape {tuple(q_index.shape)} must equal out_slots.shape[:4] "
+            f"{tuple(out_slots.shape[:4])}"
+        )
+    B, H, G, W, Dv = out_slots.shape
+    valid = (q_index >= 0).reshape(B, H, G * W)
+    index = q_index.clamp(min=0).reshape(B, H, G * W)
+    # Sum in at least float32 so bf16 outputs are not rounded twice.
+    acc = torch.promote_types(out_slots.dtype, torch.float32)
+    values = out_slots.reshape(B, H, G * W, Dv).to(acc) * valid.unsqueeze(-1)
+    total = out_slots.new_zeros((B, H, length, Dv), dtype=acc).scatter_add(
+        2, index.unsqueeze(-1).expand(B, H, G * W, Dv), values
+    )
+    count = torch.zeros((B, H, length), dtype=torch.int64, device=q_index.device).scatter_add(
+        2, index, valid.to(torch.int64)
+    )
+    out = total / count.clamp(min=1).unsqueeze(-1).to(acc)
+    return out.to(out_slots.dtype), count
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check(condition: bool, message: str, error: type = ValueError) -> None:
+    if not condition:
+        raise error(f"grouped_attention: {message}")
+
+
+def _broadcastable(shape, target) -> bool:
+    return len(shape) <= len(target) and all(
+        s == 1 or s == t for s, t in zip(reversed(shape), reversed(target))
+    )
+
+
+def _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
+              summary_mask, scale, causal_offset, dropout_p, dropout_seed, normalizer) -> None:
+    _check(normalizer in NORMALIZERS, f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
+    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
+           f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    _check(dropout_p == 0 or dropout_seed is not None,
+           "dropout_seed is required when dropout_p > 0 (the public wrapper draws one)")
+    _check(isinstance(scale, (int, float)) and math.isfinite(scale), f"scale must be a finite float, got {scale!r}")
+    _check(isinstance(causal_offset, (int, torch.SymInt)), f"causal_offset must be an int, got {causal_offset!r}", TypeError)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(t.dim() == 4, f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
+        _check(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
+    _check(q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
+    _check(k.shape[0] == B and v.shape[0] == B, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    _check(k.shape[3] == D, f"q and k head dims differ: {D} vs {k.shape[3]}")
+    _check(v.shape[1] == Hkv and v.shape[2] == Lk,
+           f"k (B, Hkv, Lk, D) = {tuple(k.shape)} and v {tuple(v.shape)} disagree on Hkv or Lk")
+    _check(Hkv > 0 and Hq % Hkv == 0, f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
+    Dv = v.shape[3]
+
+    for name, idx in (("q_index", q_index), ("k_index", k_index)):
+        _check(idx.dtype == torch.int64, f"{name} must be int64, got {idx.dtype}", TypeError)
+        _check(idx.dim() == 4 and idx.shape[0] == B and idx.shape[1] == Hq,
+               f"{name} must be (B={B}, Hq={Hq}, G, W), got shape {tuple(idx.shape)}")
+        _check(idx.device == q.device, f"{name} is on {idx.device} but q is on {q.device}")
+    G, Wq = q_index.shape[2], q_index.shape[3]
+    _check(k_index.shape[2] == G, f"q_index has G={G} groups but k_index has {k_index.shape[2]}")
+
+    if key_padding_mask is not None:
+        _check(key_padding_mask.dtype == torch.bool,
+               f"key_padding_mask must be bool (True = real key), got {key_padding_mask.dtype}", TypeError)
+        _check(tuple(key_padding_mask.shape) == (B, Lk),
+               f"key_padding_mask must be (B={B}, Lk={Lk}), got shape {tuple(key_padding_mask.shape)}")
+    if bias is not None:
+        _check(bias.is_floating_point(), f"bias must be floating point, got {bias.dtype}", TypeError)
+        _check(1 <= bias.dim() and _broadcastable(tuple(bias.shape), (B, Hq, Lq, Lk)),
+               f"bias shape {tuple(bias.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}")
+
+    _check((summary_k is None) == (summary_v is None), "summary_k and summary_v must be given together")
+    if summary_k is None:
+        _check(summary_mask is None, "summary_mask given without summary_k / summary_v")
+        return
+    _check(summary_k.dim() == 5 and tuple(summary_k.shape[:3]) == (B, Hq, G) and summary_k.shape[4] == D,
+           f"summary_k must be (B={B}, Hq={Hq}, G={G}, S, D={D}), got shape {tuple(summary_k.shape)}")
+    S = summary_k.shape[3]
+    _check(tuple(summary_v.shape) == (B, Hq, G, S, Dv),
+           f"summary_v must be (B, Hq, G, S, Dv) = {(B, Hq, G, S, Dv)}, got shape {tuple(summary_v.shape)}")
+    for name, t in (("summary_k", summary_k), ("summary_v", summary_v)):
+        _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
+    if summary_mask is not None:
+        _check(summary_mask.dtype == torch.bool, f"summary_mask must be bool, got {summary_mask.dtype}", TypeError)
+        _check(_broadcastable(tuple(summary_mask.shape), (B, Hq, G, Wq, S)),
+               f"summary_mask shape {tuple(summary_mask.shape)} is not broadcastable to "
+               f"(B, Hq, G, Wq, S) = {(B, Hq, G, Wq, S)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tiles: everything one chunk of groups needs, gathered from the full tensors
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Problem:
+    """Validated inputs plus settings, and the flattened views both passes gather from."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    q_index: Tensor
+    k_index: Tensor
+    key_padding_mask: Optional[Tensor]
+    bias: Optional[Tensor]
+    summary_k: Optional[Tensor]
+    summary_v: Optional[Tensor]
+    summary_mask: Optional[Tensor]
+    scale: float
+    causal: bool
+    causal_offset: int
+    dropout_p: float
+    dropout_seed: Optional[int]
+    normalizer: str
+
+    def __post_init__(self):
+        B, Hq, _, D = self.q.shape
+        dev = self.q.device
+        self.b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+        self.h = torch.arange(Hq, device=dev).view(1, Hq, 1, 1)
+        self.kv_h = self.h // (Hq // self.k.shape[1])  # GQA: query head h reads kv head h // group
+        # Row-major (B*H*L, D) views: index_select on rows is much faster than 3-index advanced
+        # indexing. reshape copies only if the caller's tensor is not already row-contiguous.
+        self.q_rows = self.q.reshape(-1, D)
+        self.k_rows = self.k.reshape(-1, D)
+        self.v_rows = self.v.reshape(-1, self.v.shape[3])
+
+    @property
+    def acc(self) -> torch.dtype:
+        return _acc_dtype(self.q)
+
+    @property
+    def num_summaries(self) -> int:
+        return 0 if self.summary_k is None else self.summary_k.shape[3]
+
+    def chunks(self):
+        """Group ranges [g0, g1) sized so one tile stays under _CHUNK_ELEMENTS."""
+        B, Hq, G, Wq = self.q_index.shape
+        Wk, S = self.k_index.shape[3], self.num_summaries
+        D, Dv = self.q.shape[3], self.v.shape[3]
+        per_group = max(1, B * Hq * (Wq * (Wk + S) + (Wq + Wk + S) * (D + Dv)))
+        step = max(1, _CHUNK_ELEMENTS // per_group)
+        return [(g0, min(G, g0 + step)) for g0 in range(0, G, step)]
+
+
+@dataclass
+class _Tile:
+    q: Tensor            # (B, Hq, c, Wq, D)       acc dtype
+    k: Tensor            # (B, Hq, c, Wk, D)       acc dtype
+    v: Tensor            # (B, Hq, c, Wk, Dv)      acc dtype
+    summary_k: Optional[Tensor]  # (B, Hq, c, S, D) acc dtype
+    summary_v: Optional[Tensor]  # (B, Hq, c, S, Dv)
+    logits: Tensor       # (B, Hq, c, Wq, Wk + S)  -inf where the pair is not allowed
+    keep: Optional[Tensor]  # same shape: 0 or 1/(1-p) per pair (inverted dropout), None without dropout
+    q_row: Tensor        # (B, Hq, c, Wq) row of each query slot in p.q_rows (empty slots: a valid dummy)
+    k_row: Tensor        # (B, Hq, c, Wk) row of each key slot in p.k_rows / p.v_rows
+    bias_index: Optional[tuple]  # index tuple into bias for every direct pair, for gather / scatter
+
+
+def _slice_groups(t: Tensor, ndim: int, g0: int, g1: int) -> Tensor:
+    """Slice dim 2 of a tensor broadcastable to `ndim` dims, keeping size-1 (broadcast) dims."""
+    t = t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+    return t if t.shape[2] == 1 else t[:, :, g0:g1]
+
+
+def _gather_rows(rows: Tensor, index: Tensor) -> Tensor:
+    """rows (N, D) gathered at an integer tensor of any shape -> (*index.shape, D)."""
+    return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[1])
+
+
+def _bias_index(bias: Tensor, b: Tensor, h: Tensor, qp: Tensor, kp: Tensor) -> tuple:
+    """Indices reading bias[b, h, i, j] for every direct pair; broadcast (size-1) dims read index 0.
+
+    Indexing the caller's bias directly (rather than expanding it to 4-D first) means no view of
+    size Lq x Lk is created even when bias broadcasts.
+    """
+    pair_shape = torch.broadcast_shapes(b.shape, h.shape, qp.shape, kp.shape)
+    coords = (b, h, qp, kp)[4 - bias.dim():]
+    return tuple(
+        (c if size != 1 else torch.zeros_like(c)).expand(pair_shape)
+        for c, size in zip(coords, bias.shape)
+    )
+
+
+def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
+    B, Hq, Lq, _ = p.q.shape
+    Hkv, Lk = p.k.shape[1], p.k.shape[2]
+    acc, dev, b, h = p.acc, p.q.device, p.b, p.h
+
+    q_idx, k_idx = p.q_index[:, :, g0:g1], p.k_index[:, :, g0:g1]
+    q_ok, k_ok = q_idx >= 0, k_idx >= 0
+    q_pos, k_pos = q_idx.clamp(min=0), k_idx.clamp(min=0)  # empty slots read a dummy position 0
+    q_row = (b * Hq + h) * Lq + q_pos
+    k_row = (b * Hkv + p.kv_h) * Lk + k_pos
+    # Upcast before the matmuls: bf16 logits would lose ~3 significant digits.
+    q_t = _gather_rows(p.q_rows, q_row).to(acc)
+    k_t = _gather_rows(p.k_rows, k_row).to(acc)
+    v_t = _gather_rows(p.v_rows, k_row).to(acc)
+    if p.key_padding_mask is not None:
+        k_ok = k_ok & p.key_padding_mask[b, k_pos]
+
+    logits = torch.matmul(q_t, k_t.transpose(-1, -2)) * p.scale
+    allowed = q_ok.unsqueeze(-1) & k_ok.unsqueeze(-2)
+    if p.causal:
+        allowed = allowed & (k_idx.unsqueeze(-2) <= q_idx.unsqueeze(-1) + p.causal_offset)
+    bias_index = None
+    if p.bias is not None:
+        bias_index = _bias_index(p.bias, b.unsqueeze(-1), h.unsqueeze(-1), q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))
+        logits = logits + p.bias[bias_index].to(acc)
+    logits = logits.masked_fill(~allowed, -math.inf)
+
+    sk_t = sv_t = None
+    if p.summary_k is not None:
+        # Slicing keeps stride-0 (expanded) summaries as views; .to() copies only on dtype change.
+        sk_t = p.summary_k[:, :, g0:g1].to(acc)
+        sv_t = p.summary_v[:, :, g0:g1].to(acc)
+        s_allowed = q_ok.unsqueeze(-1)
+        if p.summary_mask is not None:
+            s_allowed = s_allowed & _slice_groups(p.summary_mask, 5, g0, g1)
+        s_logits = (torch.matmul(q_t, sk_t.transpose(-1, -2)) * p.scale).masked_fill(~s_allowed, -math.inf)
+        logits = torch.cat([logits, s_logits], dim=-1)
+
+    keep = None
+    if p.dropout_p > 0:
+        S = p.num_summaries
+        # Summary columns are numbered after the Lk real keys, distinctly per group.
+        s_col = Lk + (torch.arange(g0, g1, device=dev).view(-1, 1) * S + torch.arange(S, device=dev))
+        cols = torch.cat([k_pos.unsqueeze(-2), s_col.view(1, 1, g1 - g0, 1, S).expand(B, Hq, -1, -1, -1)], dim=-1)
+        keep = _dropout_keep(p.dropout_seed, p.dropout_p, b * Hq + h, q_pos, cols, acc)
+
+    return _Tile(q_t, k_t, v_t, sk_t, sv_t, logits, keep, q_row, k_row, bias_index)
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout: counter-based hash, so the mask is a pure function of the seed and the pair
+# --------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """32-bit avalanche mix (murmur3-finaliser shape) on Python ints or int64 tensors in [0, 2**32).
+
+    The multipliers are odd (so each step is a bijection) and below 2**31, so int64 products never
+    overflow.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x6A09E667) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _dropout_keep(seed: int, p: float, row: Tensor, q_pos: Tensor, cols: Tensor, dtype) -> Tensor:
+    """Inverted-dropout multiplier (0 or 1/(1-p)) for pairs (row, q_pos, col).
+
+    row (B, Hq, 1, 1) = batch*Hq + head, q_pos (B, Hq, c, Wq), cols (B, Hq, c, 1, K).
+    Hashing the coordinates (instead of drawing from a generator) makes the mask independent of
+    the chunking and trivially reproducible in backward.
+    """
+    s = _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32))
+    hashed = _mix32(_mix32(_mix32(row ^ s) ^ q_pos).unsqueeze(-1) ^ cols)
+    threshold = int(p * 2**32)
+    return (hashed >= threshold).to(dtype) / (1.0 - p)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisers
+# --------------------------------------------------------------------------------------------
+
+
+def _normalise(logits: Tensor, normalizer: str) -> Tensor:
+    """Row statistic of masked logits: logsumexp (softmax) or tau (entmax15); 0 for empty rows."""
+    if normalizer == "softmax":
+        stat = torch.logsumexp(logits, dim=-1)
+    else:
+        stat = _entmax15_threshold(logits * 0.5)
+    # Empty rows (all -inf) get a finite stat; their probabilities are 0 whatever it is.
+    return stat.masked_fill(~torch.isfinite(stat), 0.0)
+
+
+def _probs(logits: Tensor, stat: Tensor, normalizer: str) -> Tensor:
+    """Probabilities from logits and the row statistic (used by forward and backward alike)."""
+    if normalizer == "softmax":
+        return torch.exp(logits - stat.unsqueeze(-1))
+    return torch.clamp(logits * 0.5 - stat.unsqueeze(-1), min=0).square()
+
+
+def _entmax15_threshold(x: Tensor) -> Tensor:
+    """Exact tau with sum_j relu(x_j - tau)**2 == 1 over the last dim (x = logits / 2).
+
+    Sort descending; if the support is the top r entries, tau solves the quadratic
+    r tau^2 - 2 tau sum(x) + sum(x^2) - 1 = 0, i.e. tau_r = mean - sqrt((1 - ss_r) / r) with ss_r
+    the sum of squared deviations of the top r. The support is the largest r with tau_r <= x_(r).
+    Masked entries (-inf) sort last and never enter the support. Rows with no finite entry give
+    -inf, which the caller replaces.
+    """
+    top = x.amax(dim=-1, keepdim=True)
+    top = top.masked_fill(~torch.isfinite(top), 0.0)
+    xs, _ = torch.sort(x - top, dim=-1, descending=True)  # shift by the max for float32 accuracy
+    finite = torch.isfinite(xs)
+    xs0 = xs.masked_fill(~finite, 0.0)
+    r = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
+    csum = torch.cumsum(xs0, dim=-1)
+    mean = csum / r
+    ss = torch.cumsum(xs0.square(), dim=-1) - csum * mean
+    tau_r = mean - torch.sqrt(torch.clamp((1.0 - ss) / r, min=0.0))
+    support = ((tau_r <= xs) & finite).sum(dim=-1, keepdim=True)
+    tau = torch.gather(tau_r, -1, (support - 1).clamp(min=0)) + top
+    return tau.squeeze(-1).masked_fill(support.squeeze(-1) == 0, -math.inf)
+
+
+def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor,
+                 d_stat: Optional[Tensor], normalizer: str) -> Tensor:
+    """Vector-Jacobian product through the normaliser, for both outputs (probs and row stat)."""
+    if normalizer == "softmax":
+        # d softmax: p * (dp - <p, dp>);  d logsumexp / d logits = p.
+        row = (probs * d_probs).sum(dim=-1, keepdim=True)
+        grad = probs * (d_probs - row)
+        if d_stat is not None:
+            grad = grad + probs * d_stat.unsqueeze(-1)
+        return grad
+    # entmax15: p = s^2 with s = relu(x - tau), x = logits / 2. Differentiating sum(p) = 1 gives
+    # d tau = <s, dx> / sum(s), so d logits = s * (dp - <s, dp> / sum(s)) and
+    # d tau / d logits = s / (2 sum(s)).
+    s = torch.clamp(logits * 0.5 - stat.unsqueeze(-1), min=0)
+    s_sum = s.sum(dim=-1, keepdim=True)
+    s_sum = torch.where(s_sum > 0, s_sum, torch.ones_like(s_sum))  # empty rows: s == 0 anyway
+    grad = s * (d_probs - (s * d_probs).sum(dim=-1, keepdim=True) / s_sum)
+    if d_stat is not None:
+        grad = grad + s * (d_stat.unsqueeze(-1) / (2 * s_sum))
+    return grad
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and backward over chunks of groups
+# --------------------------------------------------------------------------------------------
+
+
+def _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
+             *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer) -> _Problem:
+    _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
+              scale, causal_offset, dropout_p, dropout_seed, normalizer)
+    return _Problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
+                    summary_mask, float(scale), bool(causal), int(causal_offset), float(dropout_p),
+                    dropout_seed, normalizer)
+
+
+def _out_shapes(v: Tensor, q_index: Tensor):
+    B, Hq, G, Wq = q_index.shape
+    return (B, Hq, G, Wq, v.shape[3]), (B, Hq, G, Wq)
+
+
+def _acc_dtype(q: Tensor) -> torch.dtype:
+    # float32 accumulators for half types; keep float64 exact for float64 inputs.
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _forward_impl(
+    q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor,
+    key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+    summary_k: Optional[Tensor] = None, summary_v: Optional[Tensor] = None,
+    summary_mask: Optional[Tensor] = None,
+    *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None, normalizer: str = "softmax",
+) -> tuple[Tensor, Tensor]:
+    p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
+                 scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+                 dropout_seed=dropout_seed, normalizer=normalizer)
+    out_shape, stat_shape = _out_shapes(v, q_index)
+    out = q.new_empty(out_shape)
+    row_stat = torch.empty(stat_shape, dtype=p.acc, device=q.device)
+    Wk = k_index.shape[3]
+    for g0, g1 in p.chunks():
+        t = _make_tile(p, g0, g1)
+        stat = _normalise(t.logits, normalizer)
+        probs = _probs(t.logits, stat, normalizer)
+        if t.keep is not None:
+            probs = probs * t.keep
+        o = torch.matmul(probs[..., :Wk], t.v)
+        if t.summary_v is not None:
+            # Two matmuls instead of concatenating values: summaries may be stride-0 views.
+            o = o + torch.matmul(probs[..., Wk:], t.summary_v)
+        out[:, :, g0:g1] = o
+        row_stat[:, :, g0:g1] = stat
+    return out, row_stat
+
+
+def _backward_impl(
+    grad_out: Tensor, grad_stat: Optional[Tensor], row_stat: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor,
+    key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+    summary_k: Optional[Tensor] = None, summary_v: Optional[Tensor] = None,
+    summary_mask: Optional[Tensor] = None,
+    *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None, normalizer: str = "softmax",
+    bias_grad: bool = False, summary_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias, dsummary_k, dsummary_v); ungrad'ed ones are empty (numel 0)."""
+    p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
+                 scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+                 dropout_seed=dropout_seed, normalizer=normalizer)
+    acc, Wk = p.acc, k_index.shape[3]
+    # Flat (rows, D) accumulators matching p.q_rows / p.k_rows / p.v_rows, for index_add_.
+    dq = torch.zeros(p.q_rows.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(p.k_rows.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(p.v_rows.shape, dtype=acc, device=q.device)
+    bias_grad = bias_grad and bias is not None
+    summary_grad = summary_grad and summary_k is not None
+    dbias = torch.zeros(bias.shape, dtype=acc, device=q.device) if bias_grad else None
+    dsk = torch.zeros(summary_k.shape, dtype=acc, device=q.device) if summary_grad else None
+    dsv = torch.zeros(summary_v.shape, dtype=acc, device=q.device) if summary_grad else None
+
+    for g0, g1 in p.chunks():
+        t = _make_tile(p, g0, g1)
+        d_o = grad_out[:, :, g0:g1].to(acc)
+        stat = row_stat[:, :, g0:g1].to(acc)
+        d_stat = None if grad_stat is None else grad_stat[:, :, g0:g1].to(acc)
+        probs = _probs(t.logits, stat, normalizer)
+        dropped = probs if t.keep is None else probs * t.keep
+
+        # out = dropped[:, :Wk] @ v + dropped[:, Wk:] @ summary_v
+        d_dropped = torch.matmul(d_o, t.v.transpose(-1, -2))
+        dv_t = torch.matmul(dropped[..., :Wk].transpose(-1, -2), d_o)
+        if t.summary_v is not None:
+            d_dropped = torch.cat([d_dropped, torch.matmul(d_o, t.summary_v.transpose(-1, -2))], dim=-1)
+            if summary_grad:
+                dsv[:, :, g0:g1] = torch.matmul(dropped[..., Wk:].transpose(-1, -2), d_o)
+        d_probs = d_dropped if t.keep is None else d_dropped * t.keep
+        d_logits = _logits_grad(t.logits, stat, probs, d_probs, d_stat, normalizer)
+        d_direct = d_logits[..., :Wk]
+
+        dq_t = torch.matmul(d_direct, t.k)
+        dk_t = torch.matmul(d_direct.transpose(-1, -2), t.q) * p.scale
+        if t.summary_k is not None:
+            d_summ = d_logits[..., Wk:]
+            dq_t = dq_t + torch.matmul(d_summ, t.summary_k)
+            if summary_grad:
+                dsk[:, :, g0:g1] = torch.matmul(d_summ.transpose(-1, -2), t.q) * p.scale
+        # Scatter-add back to original rows (GQA sums query heads into their kv head). Empty slots
+        # point at a dummy row but carry exactly zero gradient (their logits are -inf).
+        dq.index_add_(0, t.q_row.reshape(-1), (dq_t * p.scale).reshape(-1, dq.shape[1]))
+        dk.index_add_(0, t.k_row.reshape(-1), dk_t.reshape(-1, dk.shape[1]))
+        dv.index_add_(0, t.k_row.reshape(-1), dv_t.reshape(-1, dv.shape[1]))
+        if bias_grad:
+            # index_put_ with accumulate also sums over bias's broadcast dims (they index 0).
+            dbias.index_put_(t.bias_index, d_direct, accumulate=True)
+
+    # Custom ops cannot return None; a fresh 0-element tensor stands for "not computed".
+    return (
+        dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
+        dbias.to(bias.dtype) if bias_grad else q.new_empty(0),
+        dsk.to(summary_k.dtype) if summary_grad else q.new_empty(0),
+        dsv.to(summary_v.dtype) if summary_grad else q.new_empty(0),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops, fake (meta) kernels and autograd
+# --------------------------------------------------------------------------------------------
+
+_grouped_attention_op = torch.library.custom_op("attnpass::grouped_attention", _forward_impl, mutates_args=())
+_grouped_attention_backward_op = torch.library.custom_op(
+    "attnpass::grouped_attention_backward", _backward_impl, mutates_args=()
+)
+
+
+@_grouped_attention_op.register_fake
+def _forward_fake(q, k, v, q_index, k_index, key_padding_mask=None, bias=None, summary_k=None,
+                  summary_v=None, summary_mask=None, *, scale, causal=False, causal_offset=0,
+                  dropout_p=0.0, dropout_seed=None, normalizer="softmax"):
+    _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
+              scale, causal_offset, dropout_p, dropout_seed, normalizer)
+    out_shape, stat_shape = _out_shapes(v, q_index)
+    return q.new_empty(out_shape), q.new_empty(stat_shape, dtype=_acc_dtype(q))
+
+
+@_grouped_attention_backward_op.register_fake
+def _backward_fake(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, key_padding_mask=None,
+                   bias=None, summary_k=None, summary_v=None, summary_mask=None, *, scale,
+                   causal=False, causal_offset=0, dropout_p=0.0, dropout_seed=None,
+                   normalizer="softmax", bias_grad=False, summary_grad=False):
+    with_summary = summary_grad and summary_k is not None
+    return (
+        q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+        bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0),
+        summary_k.new_empty(summary_k.shape) if with_summary else q.new_empty(0),
+        summary_v.new_empty(summary_v.shape) if with_summary else q.new_empty(0),
+    )
+
+
+_TENSOR_ARGS = ("q", "k", "v", "q_index", "k_index", "key_padding_mask", "bias", "summary_k",
+                "summary_v", "summary_mask")
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.settings = dict(keyword_only_inputs)
+
+
+def _backward(ctx, grad_out, grad_stat):
+    *inputs, row_stat = ctx.saved_tensors
+    # The dispatcher drops trailing arguments equal to their defaults (None), so needs_input_grad
+    # may be shorter than the argument list; absent arguments need no gradient.
+    flags = tuple(ctx.needs_input_grad) + (False,) * (len(_TENSOR_ARGS) - len(ctx.needs_input_grad))
+    needs = dict(zip(_TENSOR_ARGS, flags))
+    dq, dk, dv, dbias, dsk, dsv = _grouped_attention_backward_op(
+        grad_out, grad_stat, row_stat, *inputs, **ctx.settings,
+        bias_grad=needs["bias"], summary_grad=needs["summary_k"] or needs["summary_v"],
+    )
+    grads = dict(q=dq, k=dk, v=dv, bias=dbias, summary_k=dsk, summary_v=dsv)
+    return tuple(grads[name] if needs[name] and name in grads else None for name in _TENSOR_ARGS)
+
+
+_grouped_attention_op.register_autograd(_backward, setup_context=_setup_context)
