@@ -148,7 +148,7 @@ _SPELLINGS: dict[str, tuple[Any, list]] = {
     "where": (_read_where, [aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar, torch.where]),
     "cast": (_read_cast, [aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
                           aten.type_as.default, aten.contiguous.default, aten.clone.default, aten.alias.default,
-                          "to", "float", "type_as", "contiguous", "half", "bfloat16", "clone"]),
+                          "to", "type", "float", "double", "type_as", "contiguous", "half", "bfloat16", "clone"]),
     "dropout": (_read_dropout, [aten.dropout.default, aten.native_dropout.default, F.dropout, torch.dropout, "dropout"]),
     "transpose": (_read_transpose, [aten.transpose.int, torch.transpose, "transpose"]),
     "t": (_read_unary, [aten.t.default, "t"]),
