@@ -1,0 +1,615 @@
+"""Attention over a per-query, variable-size set of keys given as a CSR edge list.
+
+SBM attention (sampled edges) and Sparsefinder (a predicted entmax graph) both produce, for every
+query row, an arbitrary set of key positions. This kernel normalises each row over exactly its
+edges and never materialises anything of size Lq x Lk.
+
+Shapes::
+
+    q           (B, Hq, Lq, D)       k (B, Hkv, Lk, D)     v (B, Hkv, Lk, Dv)     Hq % Hkv == 0
+                                     (GQA: query head h reads key/value head h // (Hq // Hkv))
+    row_ptr     (R + 1,) int64       CSR over the R = B*Hq*Lq query rows, r = (b*Hq + h)*Lq + i;
+                                     nondecreasing, row_ptr[0] == 0, row_ptr[-1] == nnz
+    col_index   (nnz,) int64         key position j in [0, Lk) of each edge, unique within a row
+    key_padding_mask (B, Lk) bool    True = real key; edges to padding are dropped
+    bias        broadcastable to (B, Hq, Lq, Lk); only read (gathered) at the edges
+
+    out         (B, Hq, Lq, Dv)      in q's dtype
+    row_stat    (B, Hq, Lq)          softmax: logsumexp of the row's scores;
+                                     entmax15: threshold tau with p = relu(score / 2 - tau) ** 2.
+                                     0 for rows without allowed edges (whose output is 0).
+                                     float32, or float64 when q is float64 (so float64 stays exact).
+
+The score of edge (r, j) is ``scale * <q_r, k_j> + bias[b, h, i, j]``. With ``causal``, edges with
+``j > i + causal_offset`` are dropped (not an error), like edges to padding keys.
+
+Work is done on chunks of whole rows holding a bounded number of edges, so peak memory is
+O(edges_per_chunk * (D + Dv)) on top of the O(nnz) index arrays and the outputs. Per-edge
+rows of q and k are gathered with index arithmetic over the flattened (B*Hq*Lq) and (B*Hkv*Lk)
+row spaces; row reductions are scatter_reduce / index_add over the chunk's rows.
+
+``edge_attention`` is the public entry point; the core is the custom op
+``attnpass::edge_attention`` (backward: ``attnpass::edge_attention_backward``), so it is one node
+under torch.export / torch.compile. The backward recomputes the probabilities from q, k and the
+saved row_stat and regenerates the dropout mask from the seed: the mask is a counter-based hash of
+(seed, query row, key column), independent of chunking.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["NORMALIZERS", "edge_attention", "edges_from_pairs", "edges_to_dense_mask"]
+
+NORMALIZERS = ("softmax", "entmax15")
+
+# Sets the chunk size: edges per chunk = this / (2*D + 2*Dv + 8), so the gathered per-edge rows
+# (q, k, v, grad-out, ...) of one chunk stay around this many elements. Forward and backward hold a
+# few such tensors at once, so the extra peak memory is a small multiple of it, whatever nnz is.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def edge_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row_ptr: Tensor,
+    col_index: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    causal_offset: int = 0,
+    key_padding_mask: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
+    normalizer: str = "softmax",
+) -> tuple[Tensor, Tensor]:
+    """Attention of each query row to exactly the keys listed for it in (row_ptr, col_index).
+
+    Returns ``(out, row_stat)``; see the module docstring for shapes and semantics. Dropout acts on
+    the normalised probabilities (inverted dropout, scaled by 1 / (1 - p)); its mask is a
+    deterministic function of ``dropout_seed``, which is drawn from torch's global RNG when None
+    and ``dropout_p > 0``.
+    """
+    if dropout_seed is None and isinstance(dropout_p, (int, float)) and dropout_p > 0:
+        # Drawn here, not inside the op, so the op stays a pure function of its arguments and the
+        # backward regenerates the very same mask.
+        dropout_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return torch.ops.attnpass.edge_attention(
+        q, k, v, row_ptr, col_index, key_padding_mask, bias,
+        scale=float(scale), causal=bool(causal), causal_offset=causal_offset,
+        dropout_p=float(dropout_p), dropout_seed=dropout_seed, normalizer=normalizer,
+    )
+
+
+def edges_from_pairs(row: Tensor, col: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """CSR ``(row_ptr (num_rows + 1,), col_index (nnz,))`` from unsorted (row, col) pairs.
+
+    Duplicate pairs are merged (SBM sampling draws multigraphs); columns come out sorted within
+    each row.
+    """
+    _check_pairs(row, col, num_rows)
+    if row.numel() == 0:
+        return torch.zeros(num_rows + 1, dtype=torch.int64, device=row.device), col.new_empty(0)
+    num_cols = int(col.max()) + 1
+    if num_rows * num_cols >= 2**63:
+        raise ValueError(f"edges_from_pairs: num_rows * (max col + 1) = {num_rows} * {num_cols} overflows int64")
+    # One int64 key per pair orders by (row, col); unique() both sorts and removes duplicates.
+    key = torch.unique(row * num_cols + col, sorted=True)
+    row, col = key // num_cols, key % num_cols
+    counts = torch.bincount(row, minlength=num_rows)
+    return _ptr_from_counts(counts), col
+
+
+def edges_to_dense_mask(row_ptr: Tensor, col_index: Tensor, B: int, Hq: int, Lq: int, Lk: int) -> Tensor:
+    """TEST / VISUALISATION HELPER ONLY: the (B, Hq, Lq, Lk) bool mask of the edge set.
+
+    It builds the quadratic mask on purpose; never call it on a model's hot path.
+    """
+    R = B * Hq * Lq
+    if row_ptr.numel() != R + 1:
+        raise ValueError(f"edges_to_dense_mask: row_ptr has {row_ptr.numel()} entries, expected R + 1 = {R + 1}")
+    rows = torch.repeat_interleave(torch.arange(R, device=row_ptr.device), row_ptr.diff())
+    mask = torch.zeros(R, Lk, dtype=torch.bool, device=row_ptr.device)
+    mask[rows, col_index] = True
+    return mask.view(B, Hq, Lq, Lk)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check(condition: bool, message: str, error: type = ValueError) -> None:
+    if not condition:
+        raise error(f"edge_attention: {message}")
+
+
+def _broadcastable(shape, target) -> bool:
+    return len(shape) <= len(target) and all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _check_pairs(row: Tensor, col: Tensor, num_rows: int) -> None:
+    for name, t in (("row", row), ("col", col)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int64:
+            raise TypeError(f"edges_from_pairs: {name} must be an int64 tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.dim() != 1:
+            raise ValueError(f"edges_from_pairs: {name} must be 1-D, got shape {tuple(t.shape)}")
+    if row.numel() != col.numel():
+        raise ValueError(f"edges_from_pairs: row has {row.numel()} entries but col has {col.numel()}")
+    if not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"edges_from_pairs: num_rows must be a non-negative int, got {num_rows!r}")
+    if row.numel() and (int(row.min()) < 0 or int(row.max()) >= num_rows):
+        raise ValueError(f"edges_from_pairs: row values must lie in [0, {num_rows}), got "
+                         f"[{int(row.min())}, {int(row.max())}]")
+    if col.numel() and int(col.min()) < 0:
+        raise ValueError(f"edges_from_pairs: col values must be >= 0, got min {int(col.min())}")
+
+
+def _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale, causal_offset,
+                  dropout_p, dropout_seed, normalizer) -> None:
+    """Checks on shapes, dtypes and settings only, so the fake (meta) kernel can run them too."""
+    _check(normalizer in NORMALIZERS, f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
+    _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    _check(dropout_p == 0 or dropout_seed is not None,
+           "dropout_seed is required when dropout_p > 0 (the public wrapper draws one)")
+    _check(math.isfinite(scale), f"scale must be finite, got {scale!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(t.dim() == 4, f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
+        _check(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
+    _check(q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
+    _check(k.shape[0] == B and v.shape[0] == B, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    _check(k.shape[3] == D, f"q and k head dims differ: {D} vs {k.shape[3]}")
+    _check(v.shape[1] == Hkv and v.shape[2] == Lk,
+           f"k (B, Hkv, Lk, D) = {tuple(k.shape)} and v {tuple(v.shape)} disagree on Hkv or Lk")
+    _check(Hkv > 0 and Hq % Hkv == 0, f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
+
+    for name, t in (("row_ptr", row_ptr), ("col_index", col_index)):
+        _check(t.dtype == torch.int64, f"{name} must be int64, got {t.dtype}", TypeError)
+        _check(t.dim() == 1, f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        _check(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
+    R = B * Hq * Lq
+    _check(row_ptr.shape[0] == R + 1,
+           f"row_ptr must have B*Hq*Lq + 1 = {R + 1} entries (one row per query), got {row_ptr.shape[0]}")
+
+    if key_padding_mask is not None:
+        _check(key_padding_mask.dtype == torch.bool,
+               f"key_padding_mask must be bool (True = real key), got {key_padding_mask.dtype}", TypeError)
+        _check(tuple(key_padding_mask.shape) == (B, Lk),
+               f"key_padding_mask must be (B={B}, Lk={Lk}), got shape {tuple(key_padding_mask.shape)}")
+        _check(key_padding_mask.device == q.device, f"key_padding_mask is on {key_padding_mask.device}")
+    if bias is not None:
+        _check(bias.is_floating_point(), f"bias must be floating point, got {bias.dtype}", TypeError)
+        _check(bias.dim() >= 1 and _broadcastable(tuple(bias.shape), (B, Hq, Lq, Lk)),
+               f"bias shape {tuple(bias.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}")
+        _check(bias.device == q.device, f"bias is on {bias.device} but q is on {q.device}")
+
+
+def _check_edges(row_ptr: Tensor, col_index: Tensor, Lk: int) -> Tensor:
+    """Value checks on the CSR (real tensors only: they read the data). Returns each edge's row."""
+    nnz = col_index.numel()
+    _check(int(row_ptr[0]) == 0, f"row_ptr[0] must be 0, got {int(row_ptr[0])}")
+    _check(int(row_ptr[-1]) == nnz, f"row_ptr[-1] must equal len(col_index) = {nnz}, got {int(row_ptr[-1])}")
+    _check(bool((row_ptr.diff() >= 0).all()), "row_ptr must be nondecreasing")
+    rows = _edge_rows(row_ptr, nnz)
+    if nnz == 0:
+        return rows
+    lo, hi = int(col_index.min()), int(col_index.max())
+    _check(lo >= 0 and hi < Lk, f"col_index values must lie in [0, Lk={Lk}), got [{lo}, {hi}]")
+    # Unique within a row <=> the (row, col) keys have no repeats. Rows are already grouped, so
+    # strictly increasing keys (columns sorted per row, as edges_from_pairs makes them) settle it
+    # without sorting.
+    key = rows * Lk + col_index
+    if not bool((key.diff() > 0).all()):
+        _check(bool((key.sort().values.diff() > 0).all()),
+               "col_index has a repeated key within a row (build the CSR with edges_from_pairs to dedupe)")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Edges: the allowed edge set in CSR order and the chunks of whole rows that cover it
+# --------------------------------------------------------------------------------------------
+
+
+def _ptr_from_counts(counts: Tensor) -> Tensor:
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def _edge_rows(row_ptr: Tensor, nnz: int) -> Tensor:
+    """Row of every edge (edges are stored row after row)."""
+    R = row_ptr.numel() - 1
+    return torch.repeat_interleave(torch.arange(R, device=row_ptr.device), row_ptr.diff(), output_size=nnz)
+
+
+@dataclass
+class _Problem:
+    """Validated inputs, flattened to row spaces, plus the settings; shared by forward and backward."""
+
+    q2: Tensor              # (B*Hq*Lq, D)   query row r
+    k2: Tensor              # (B*Hkv*Lk, D)  key row (b*Hkv + g)*Lk + j
+    v2: Tensor              # (B*Hkv*Lk, Dv)
+    bias4: Optional[Tensor]  # bias viewed with 4 dims (leading size-1 dims added), never expanded
+    dims: tuple             # (B, Hq, Hkv, Lq, Lk, D, Dv)
+    row_ptr: Tensor         # (R + 1,) CSR over the ALLOWED edges
+    row: Tensor             # (n,) query row of each allowed edge
+    col: Tensor             # (n,) key position of each allowed edge
+    scale: float
+    dropout_p: float
+    dropout_seed: Optional[int]
+    normalizer: str
+    acc: torch.dtype
+
+    def chunks(self) -> list[tuple[int, int, int, int]]:
+        """(r0, r1, e0, e1): rows [r0, r1) own edges [e0, e1); no row is split between chunks.
+
+        Cuts are placed at the row holding every `step`-th edge, so a chunk holds at most
+        step + (its first row's degree) <= step + Lk edges.
+        """
+        D, Dv = self.dims[5], self.dims[6]
+        step = max(1, _CHUNK_ELEMENTS // (2 * D + 2 * Dv + 8))
+        nnz, R = self.col.numel(), self.row_ptr.numel() - 1
+        targets = torch.arange(step, nnz, step, device=self.row_ptr.device) if nnz > step else self.row_ptr[:0]
+        cuts = torch.searchsorted(self.row_ptr, targets, right=True) - 1
+        bounds = sorted(set([0, R] + cuts.tolist()))
+        ptr = self.row_ptr[bounds].tolist()
+        return [(r0, r1, e0, e1) for r0, r1, e0, e1 in zip(bounds, bounds[1:], ptr, ptr[1:]) if e1 > e0]
+
+
+def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, *, scale, causal, causal_offset,
+             dropout_p, dropout_seed, normalizer, validate: bool = True) -> _Problem:
+    """Validate (the backward skips the data checks the forward already did) and prepare."""
+    _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale, causal_offset,
+                  dropout_p, dropout_seed, normalizer)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if validate:
+        row = _check_edges(row_ptr, col_index, Lk)
+    else:
+        row = _edge_rows(row_ptr, col_index.numel())
+
+    # Drop disallowed edges once, up front: afterwards every edge is live, so no -inf logits from
+    # masking and no special cases in the normalisers. Filtering keeps the order, so it is CSR again.
+    col = col_index
+    keep = None
+    if causal:
+        keep = col <= row % Lq + causal_offset
+    if key_padding_mask is not None:
+        real = key_padding_mask.reshape(-1)[(row // (Hq * Lq)) * Lk + col]
+        keep = real if keep is None else keep & real
+    if keep is not None:
+        row, col = row[keep], col[keep]
+        row_ptr = _ptr_from_counts(torch.bincount(row, minlength=B * Hq * Lq))
+
+    bias4 = None
+    if bias is not None:
+        bias4 = bias
+        while bias4.dim() < 4:
+            bias4 = bias4.unsqueeze(0)
+    return _Problem(
+        q2=q.reshape(B * Hq * Lq, D), k2=k.reshape(B * Hkv * Lk, D), v2=v.reshape(B * Hkv * Lk, Dv),
+        bias4=bias4, dims=(B, Hq, Hkv, Lq, Lk, D, Dv), row_ptr=row_ptr, row=row, col=col,
+        scale=float(scale), dropout_p=float(dropout_p), dropout_seed=dropout_seed, normalizer=normalizer,
+        # float32 accumulation for half types; float64 inputs stay float64 (exact tests, gradcheck).
+        acc=torch.float64 if q.dtype == torch.float64 else torch.float32,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One chunk: per-edge gathers and logits
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    lrow: Tensor       # (E,) row of each edge, local to the chunk (0 .. n-1), nondecreasing
+    local_ptr: Tensor  # (n + 1,) CSR of the chunk
+    row: Tensor        # (E,) global query row
+    kv_row: Tensor     # (E,) global key/value row
+    q: Tensor          # (E, D)  acc dtype
+    k: Tensor          # (E, D)
+    v: Tensor          # (E, Dv)
+    logits: Tensor     # (E,)
+    keep: Optional[Tensor]  # (E,) inverted-dropout multiplier, None without dropout
+    bias_index: Optional[tuple]  # index tuple into bias4 for every edge (gather / scatter)
+
+
+def _bias_index(bias4: Tensor, coords: tuple) -> tuple:
+    """Index tuple reading bias4[b, h, i, j] per edge; broadcast (size-1) dims read index 0.
+
+    Indexing the caller's bias directly, never an expanded copy, keeps it O(edges) even when bias
+    broadcasts to Lq x Lk.
+    """
+    # An expanded (stride-0) zero index, not a 0-d one: a 0-d tensor index is turned into a select,
+    # i.e. a view of the whole remaining bias, and this way every dim is a plain per-edge gather.
+    zero = coords[0].new_zeros(1).expand(coords[0].shape)
+    return tuple(c if size != 1 else zero for c, size in zip(coords, bias4.shape))
+
+
+def _chunk(p: _Problem, r0: int, r1: int, e0: int, e1: int) -> _Chunk:
+    B, Hq, Hkv, Lq, Lk, D, Dv = p.dims
+    row, col = p.row[e0:e1], p.col[e0:e1]
+    bh, i = row // Lq, row % Lq
+    b, h = bh // Hq, bh % Hq
+    kv_row = (b * Hkv + h // (Hq // Hkv)) * Lk + col  # GQA: head h reads kv head h // group
+    # Upcast after gathering (only E rows are copied); bf16 dot products lose ~3 digits.
+    q_e, k_e, v_e = p.q2[row].to(p.acc), p.k2[kv_row].to(p.acc), p.v2[kv_row].to(p.acc)
+    logits = torch.einsum("ed,ed->e", q_e, k_e) * p.scale
+    bias_index = None
+    if p.bias4 is not None:
+        bias_index = _bias_index(p.bias4, (b, h, i, col))
+        logits = logits + p.bias4[bias_index].to(p.acc)
+    keep = None
+    if p.dropout_p > 0:
+        keep = _dropout_keep(p.dropout_seed, p.dropout_p, row, col, p.acc)
+    return _Chunk(
+        lrow=row - r0, local_ptr=p.row_ptr[r0:r1 + 1] - e0, row=row, kv_row=kv_row,
+        q=q_e, k=k_e, v=v_e, logits=logits, keep=keep, bias_index=bias_index,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout: counter-based hash, so the mask is a pure function of (seed, row, column)
+# --------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x):
+    """Invertible 32-bit integer mix (xorshift-multiply rounds) on Python ints or int64 tensors.
+
+    Inputs lie in [0, 2**32) and the odd multipliers are below 2**31, so no int64 product overflows.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def _dropout_keep(seed: int, p: float, row: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 or 1 / (1 - p) for each edge (row, col).
+
+    Hashing the edge's coordinates instead of drawing from a generator makes the mask independent
+    of the chunking and of edge order, and trivially reproducible in backward.
+    """
+    s = _hash32(_hash32(seed & _M32) ^ ((seed >> 32) & _M32))
+    x = _hash32(_hash32((row & _M32) ^ s) ^ (row >> 32))
+    x = _hash32(x ^ (col & _M32))
+    return (x >= int(p * 2**32)).to(dtype) / (1.0 - p)
+
+
+# --------------------------------------------------------------------------------------------
+# Segment helpers and normalisers (one segment = one row's edges, contiguous)
+# --------------------------------------------------------------------------------------------
+
+
+def _segment_sum(x: Tensor, lrow: Tensor, n: int) -> Tensor:
+    return x.new_zeros(n).index_add_(0, lrow, x)
+
+
+def _segment_max(x: Tensor, lrow: Tensor, n: int) -> Tensor:
+    """Row maximum; rows without edges, or whose edges are all -inf (bias masks), give 0."""
+    m = x.new_zeros(n).scatter_reduce_(0, lrow, x, "amax", include_self=False)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _segment_cumsum(x: Tensor, start: Tensor) -> Tensor:
+    """Inclusive cumulative sum restarting at each segment; start[e] = first position of e's row."""
+    c = torch.cumsum(x, 0)
+    return c - torch.cat([c.new_zeros(1), c])[start]
+
+
+def _softmax_stat(logits: Tensor, lrow: Tensor, n: int) -> Tensor:
+    """logsumexp per row; 0 for rows with no edges."""
+    m = _segment_max(logits, lrow, n)
+    z = _segment_sum(torch.exp(logits - m[lrow]), lrow, n)
+    return torch.where(z > 0, m + torch.log(z), torch.zeros_like(z))
+
+
+def _entmax15_stat(logits: Tensor, lrow: Tensor, local_ptr: Tensor) -> Tensor:
+    """Exact entmax-1.5 threshold tau per row: sum over the row of relu(logits / 2 - tau)^2 == 1.
+
+    Within a row sorted descending (z_1 >= z_2 >= ...), if the support is the top r entries then
+    tau_r = mean_r - sqrt((1 - ss_r) / r), with mean_r and ss_r (sum of squared deviations) of the
+    top r; the support is the largest r with tau_r <= z_r. All rows are done at once: a stable sort
+    by value then a stable sort by row gives the (row, -value) order, and cumulative sums restart
+    at each row's first position. Rows without edges give 0.
+    """
+    n = local_ptr.numel() - 1
+    x = logits * 0.5
+    mx = _segment_max(x, lrow, n)
+    # tau >= max - 1 (the top entry alone has mass <= 1), so entries below max - 1 are never in the
+    # support: clipping at max - 2 changes no tau but keeps the cumulative sums small even with
+    # -1e9 / -inf bias masks. float64 keeps the cross-row cumsum cancellation negligible.
+    z = (x - mx[lrow]).clamp(min=-2.0).to(torch.float64)
+    order = torch.sort(z, descending=True, stable=True).indices
+    order = order[torch.sort(lrow[order], stable=True).indices]
+    zs = z[order]  # sorted by (row, -value); position e still belongs to row lrow[e]
+    start = local_ptr[lrow]
+    rank = (torch.arange(zs.numel(), device=zs.device) - start + 1).to(torch.float64)
+    s1 = _segment_cumsum(zs, start)
+    s2 = _segment_cumsum(zs * zs, start)
+    mean = s1 / rank
+    ss = s2 - s1 * mean
+    tau_r = mean - torch.sqrt(torch.clamp((1.0 - ss) / rank, min=0.0))
+    support = torch.zeros(n, dtype=torch.int64, device=zs.device).index_add_(0, lrow, (tau_r <= zs).long())
+    last = (local_ptr[:-1] + support - 1).clamp(0, zs.numel() - 1)
+    tau = torch.where(support > 0, tau_r[last] + mx.to(torch.float64), torch.zeros_like(tau_r[last]))
+    return tau.to(logits.dtype)
+
+
+def _row_stat(c: _Chunk, normalizer: str) -> Tensor:
+    n = c.local_ptr.numel() - 1
+    if normalizer == "softmax":
+        return _softmax_stat(c.logits, c.lrow, n)
+    return _entmax15_stat(c.logits, c.lrow, c.local_ptr)
+
+
+def _probs(logits: Tensor, stat_e: Tensor, normalizer: str) -> Tensor:
+    """Normalised probabilities from the logits and their row's statistic (forward and backward)."""
+    if normalizer == "softmax":
+        return torch.exp(logits - stat_e)
+    return torch.clamp(logits * 0.5 - stat_e, min=0).square()
+
+
+def _logits_grad(c: _Chunk, stat_e: Tensor, probs: Tensor, d_probs: Tensor, d_stat: Optional[Tensor],
+                 normalizer: str) -> Tensor:
+    """Vector-Jacobian product through the normaliser, for both outputs (probs and row_stat)."""
+    n = c.local_ptr.numel() - 1
+    if normalizer == "softmax":
+        # d softmax: p * (dp - <p, dp>_row);  d logsumexp / d logits = p.
+        grad = probs * (d_probs - _segment_sum(probs * d_probs, c.lrow, n)[c.lrow])
+        return grad if d_stat is None else grad + probs * d_stat[c.lrow]
+    # entmax15: p = s^2, s = relu(logits/2 - tau). Differentiating sum(p) = 1 gives
+    # d tau = <s, d logits> / (2 sum(s)), hence d logits = s * (dp - <s, dp> / sum(s)) and
+    # d tau / d logits = s / (2 sum(s)).
+    s = torch.clamp(c.logits * 0.5 - stat_e, min=0)
+    s_sum = _segment_sum(s, c.lrow, n)[c.lrow]
+    # sum(s) > 0 in every row with a finite logit; rows whose logits are all -inf have s == 0.
+    s_sum = torch.where(s_sum > 0, s_sum, torch.ones_like(s_sum))
+    grad = s * (d_probs - _segment_sum(s * d_probs, c.lrow, n)[c.lrow] / s_sum)
+    return grad if d_stat is None else grad + s * d_stat[c.lrow] / (2 * s_sum)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and backward over chunks of rows
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_impl(
+    q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_index: Tensor,
+    key_padding_mask: Optional[Tensor], bias: Optional[Tensor],
+    *, scale: float, causal: bool, causal_offset: int, dropout_p: float,
+    dropout_seed: Optional[int], normalizer: str,
+) -> tuple[Tensor, Tensor]:
+    p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale=scale, causal=causal,
+                 causal_offset=causal_offset, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                 normalizer=normalizer)
+    B, Hq, Hkv, Lq, Lk, D, Dv = p.dims
+    out = torch.zeros(B * Hq * Lq, Dv, dtype=p.acc, device=q.device)  # empty rows stay 0
+    row_stat = torch.zeros(B * Hq * Lq, dtype=p.acc, device=q.device)
+    for r0, r1, e0, e1 in p.chunks():
+        c = _chunk(p, r0, r1, e0, e1)
+        stat = _row_stat(c, normalizer)
+        probs = _probs(c.logits, stat[c.lrow], normalizer)
+        if c.keep is not None:
+            probs = probs * c.keep
+        out[r0:r1].index_add_(0, c.lrow, probs.unsqueeze(-1) * c.v)
+        row_stat[r0:r1] = stat
+    return out.view(B, Hq, Lq, Dv).to(q.dtype), row_stat.view(B, Hq, Lq)
+
+
+def _backward_impl(
+    grad_out: Tensor, grad_stat: Optional[Tensor], row_stat: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_index: Tensor,
+    key_padding_mask: Optional[Tensor], bias: Optional[Tensor],
+    *, scale: float, causal: bool, causal_offset: int, dropout_p: float,
+    dropout_seed: Optional[int], normalizer: str, bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias); dbias is a 0-element tensor unless bias_grad."""
+    p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale=scale, causal=causal,
+                 causal_offset=causal_offset, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                 normalizer=normalizer, validate=False)
+    B, Hq, Hkv, Lq, Lk, D, Dv = p.dims
+    acc = p.acc
+    g_out = grad_out.reshape(B * Hq * Lq, Dv)
+    g_stat = None if grad_stat is None else grad_stat.reshape(-1).to(acc)
+    stat_all = row_stat.reshape(-1).to(acc)
+    dq = torch.zeros_like(p.q2, dtype=acc)
+    dk = torch.zeros_like(p.k2, dtype=acc)
+    dv = torch.zeros_like(p.v2, dtype=acc)
+    bias_grad = bias_grad and bias is not None
+    dbias = torch.zeros(p.bias4.shape, dtype=acc, device=q.device) if bias_grad else None
+
+    for r0, r1, e0, e1 in p.chunks():
+        c = _chunk(p, r0, r1, e0, e1)
+        stat_e = stat_all[r0:r1][c.lrow]
+        probs = _probs(c.logits, stat_e, normalizer)
+        dropped = probs if c.keep is None else probs * c.keep
+        d_o = g_out[c.row].to(acc)  # (E, Dv)
+        # out_r = sum_e dropped_e v_e
+        dv.index_add_(0, c.kv_row, dropped.unsqueeze(-1) * d_o)
+        d_probs = torch.einsum("ed,ed->e", d_o, c.v)
+        if c.keep is not None:
+            d_probs = d_probs * c.keep
+        d_stat = None if g_stat is None else g_stat[r0:r1]
+        d_logits = _logits_grad(c, stat_e, probs, d_probs, d_stat, normalizer)
+        # logits_e = scale * <q_row, k_kvrow> + bias_e; GQA heads sharing a kv head add up here.
+        dq.index_add_(0, c.row, (d_logits * p.scale).unsqueeze(-1) * c.k)
+        dk.index_add_(0, c.kv_row, (d_logits * p.scale).unsqueeze(-1) * c.q)
+        if bias_grad:
+            # accumulate=True also sums over bias's broadcast dims (they all index 0).
+            dbias.index_put_(c.bias_index, d_logits, accumulate=True)
+
+    # Custom ops cannot return None; a fresh 0-element tensor stands for "not computed".
+    return (
+        dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
+        dbias.view(bias.shape).to(bias.dtype) if bias_grad else q.new_empty(0),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops, fake (meta) kernels and autograd
+# --------------------------------------------------------------------------------------------
+
+_edge_attention_op = torch.library.custom_op("attnpass::edge_attention", _forward_impl, mutates_args=())
+_edge_attention_backward_op = torch.library.custom_op(
+    "attnpass::edge_attention_backward", _backward_impl, mutates_args=()
+)
+
+
+def _acc_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@_edge_attention_op.register_fake
+def _forward_fake(q, k, v, row_ptr, col_index, key_padding_mask, bias, *, scale, causal, causal_offset,
+                  dropout_p, dropout_seed, normalizer):
+    # Output shapes do not depend on nnz, so no data-dependent sizes arise under tracing.
+    _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale, causal_offset,
+                  dropout_p, dropout_seed, normalizer)
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty((B, Hq, Lq, v.shape[3])), q.new_empty((B, Hq, Lq), dtype=_acc_dtype(q))
+
+
+@_edge_attention_backward_op.register_fake
+def _backward_fake(grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, key_padding_mask, bias,
+                   *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer, bias_grad):
+    return (
+        q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+        bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.settings = dict(keyword_only_inputs)
+
+
+def _backward(ctx, grad_out, grad_stat):
+    q, k, v, row_ptr, col_index, key_padding_mask, bias, row_stat = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dq, dk, dv, dbias = _edge_attention_backward_op(
+        grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, key_padding_mask, bias,
+        **ctx.settings, bias_grad=bool(needs[6]),
+    )
+    return (
+        dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+        None, None, None, dbias if needs[6] else None,
+    )
+
+
+_edge_attention_op.register_autograd(_backward, setup_context=_setup_context)
