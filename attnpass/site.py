@@ -128,6 +128,7 @@ class AttentionSite:
             "pattern": self.pattern,
             "kind": kind,
             "heads": heads,
+            "layout": self.layout.split(" ")[0],
             "Lq x Lk": f"{self.len_q} x {self.len_k}",
             "d": str(self.head_dim),
             "scale": ("1/sqrt(d)" if self.scale is None else f"{self.scale:.4g}")
