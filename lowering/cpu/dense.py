@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnpass.lowering.cpu.common import dropout_keep
+
 
 def dense_attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                          key_keep: Optional[Tensor], scale: float, causal: bool, causal_offset: int,
@@ -32,9 +34,7 @@ def dense_attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]
     if bias is not None:
         scores = scores + bias
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # softmax in >= fp32, as models do
-    allowed = None
-    if mask is not None:
-        allowed = mask
+    allowed = mask
     if causal:
         lq, lk = q.shape[-2], k.shape[-2]
         tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(causal_offset)
@@ -50,9 +50,12 @@ def dense_attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]
     else:
         probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
-        gen = torch.Generator(device=q.device).manual_seed(dropout_seed)
-        keep_p = torch.rand(probs.shape, generator=gen, device=q.device) >= dropout_p
-        probs = probs * keep_p / (1.0 - dropout_p)
+        # the pair (b*H + h, i, j) hashed with the seed: the mask the sparse kernels draw for that pair
+        b, h, lq, lk = probs.shape
+        dev = q.device
+        coords = (torch.arange(b * h, device=dev).view(b, h, 1, 1), torch.arange(lq, device=dev).view(lq, 1),
+                  torch.arange(lk, device=dev))
+        probs = probs * dropout_keep(dropout_seed, dropout_p, coords, probs.dtype)
     return torch.matmul(probs.to(v.dtype), v)
 
 

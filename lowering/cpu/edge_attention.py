@@ -43,9 +43,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnpass.lowering.cpu.common import broadcastable as _broadcastable
+from attnpass.lowering.cpu.common import check, dropout_keep
+
 __all__ = ["NORMALIZERS", "edge_attention", "edges_from_pairs", "edges_to_dense_mask"]
 
 NORMALIZERS = ("softmax", "entmax15")
+
+
+def _check(condition: bool, message: str, error: type = ValueError) -> None:
+    check("edge_attention", condition, message, error)
 
 # Sets the chunk size: edges per chunk = this / (2*D + 2*Dv + 8), so the gathered per-edge rows
 # (q, k, v, grad-out, ...) of one chunk stay around this many elements. Forward and backward hold a
@@ -128,15 +135,6 @@ def edges_to_dense_mask(row_ptr: Tensor, col_index: Tensor, B: int, Hq: int, Lq:
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-
-
-def _check(condition: bool, message: str, error: type = ValueError) -> None:
-    if not condition:
-        raise error(f"edge_attention: {message}")
-
-
-def _broadcastable(shape, target) -> bool:
-    return len(shape) <= len(target) and all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def _check_pairs(row: Tensor, col: Tensor, num_rows: int) -> None:
@@ -353,42 +351,11 @@ def _chunk(p: _Problem, r0: int, r1: int, e0: int, e1: int) -> _Chunk:
         logits = logits + p.bias4[bias_index].to(p.acc)
     keep = None
     if p.dropout_p > 0:
-        keep = _dropout_keep(p.dropout_seed, p.dropout_p, row, col, p.acc)
+        keep = dropout_keep(p.dropout_seed, p.dropout_p, (bh, i, col), p.acc)  # same pair coords as the other kernels
     return _Chunk(
         lrow=row - r0, local_ptr=p.row_ptr[r0:r1 + 1] - e0, row=row, kv_row=kv_row,
         q=q_e, k=k_e, v=v_e, logits=logits, keep=keep, bias_index=bias_index,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Dropout: counter-based hash, so the mask is a pure function of (seed, row, column)
-# --------------------------------------------------------------------------------------------
-
-_M32 = 0xFFFFFFFF
-
-
-def _hash32(x):
-    """Invertible 32-bit integer mix (xorshift-multiply rounds) on Python ints or int64 tensors.
-
-    Inputs lie in [0, 2**32) and the odd multipliers are below 2**31, so no int64 product overflows.
-    """
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _M32
-    return x ^ (x >> 15)
-
-
-def _dropout_keep(seed: int, p: float, row: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
-    """0 or 1 / (1 - p) for each edge (row, col).
-
-    Hashing the edge's coordinates instead of drawing from a generator makes the mask independent
-    of the chunking and of edge order, and trivially reproducible in backward.
-    """
-    s = _hash32(_hash32(seed & _M32) ^ ((seed >> 32) & _M32))
-    x = _hash32(_hash32((row & _M32) ^ s) ^ (row >> 32))
-    x = _hash32(x ^ (col & _M32))
-    return (x >= int(p * 2**32)).to(dtype) / (1.0 - p)
 
 
 # --------------------------------------------------------------------------------------------

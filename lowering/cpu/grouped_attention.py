@@ -37,9 +37,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnpass.lowering.cpu.common import broadcastable as _broadcastable
+from attnpass.lowering.cpu.common import check, dropout_keep
+
 __all__ = ["grouped_attention", "scatter_slots"]
 
 NORMALIZERS = ("softmax", "entmax15")
+
+
+def _check(condition: bool, message: str, error: type = ValueError) -> None:
+    check("grouped_attention", condition, message, error)
 
 # Upper bound (in elements) on one tile of logits plus its gathered q/k/v. Bounds peak memory
 # independently of the number of groups; several tiles of this size are alive at once.
@@ -122,17 +129,6 @@ def scatter_slots(out_slots: Tensor, q_index: Tensor, length: int) -> tuple[Tens
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-
-
-def _check(condition: bool, message: str, error: type = ValueError) -> None:
-    if not condition:
-        raise error(f"grouped_attention: {message}")
-
-
-def _broadcastable(shape, target) -> bool:
-    return len(shape) <= len(target) and all(
-        s == 1 or s == t for s, t in zip(reversed(shape), reversed(target))
-    )
 
 
 def _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
@@ -333,42 +329,9 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
         # Summary columns are numbered after the Lk real keys, distinctly per group.
         s_col = Lk + (torch.arange(g0, g1, device=dev).view(-1, 1) * S + torch.arange(S, device=dev))
         cols = torch.cat([k_pos.unsqueeze(-2), s_col.view(1, 1, g1 - g0, 1, S).expand(B, Hq, -1, -1, -1)], dim=-1)
-        keep = _dropout_keep(p.dropout_seed, p.dropout_p, b * Hq + h, q_pos, cols, acc)
+        keep = dropout_keep(p.dropout_seed, p.dropout_p, ((b * Hq + h).unsqueeze(-1), q_pos.unsqueeze(-1), cols), acc)
 
     return _Tile(q_t, k_t, v_t, sk_t, sv_t, logits, keep, q_row, k_row, bias_index)
-
-
-# --------------------------------------------------------------------------------------------
-# Dropout: counter-based hash, so the mask is a pure function of the seed and the pair
-# --------------------------------------------------------------------------------------------
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x):
-    """32-bit avalanche mix (murmur3-finaliser shape) on Python ints or int64 tensors in [0, 2**32).
-
-    The multipliers are odd (so each step is a bijection) and below 2**31, so int64 products never
-    overflow.
-    """
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x6A09E667) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _dropout_keep(seed: int, p: float, row: Tensor, q_pos: Tensor, cols: Tensor, dtype) -> Tensor:
-    """Inverted-dropout multiplier (0 or 1/(1-p)) for pairs (row, q_pos, col).
-
-    row (B, Hq, 1, 1) = batch*Hq + head, q_pos (B, Hq, c, Wq), cols (B, Hq, c, 1, K).
-    Hashing the coordinates (instead of drawing from a generator) makes the mask independent of
-    the chunking and trivially reproducible in backward.
-    """
-    s = _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32))
-    hashed = _mix32(_mix32(_mix32(row ^ s) ^ q_pos).unsqueeze(-1) ^ cols)
-    threshold = int(p * 2**32)
-    return (hashed >= threshold).to(dtype) / (1.0 - p)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Pieces the CPU kernels share: input checks and the counter-based dropout mask."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+
+
+def check(op: str, condition: bool, message: str, error: type = ValueError) -> None:
+    """Raise `error("<op>: <message>")` unless `condition` holds."""
+    if not condition:
+        raise error(f"{op}: {message}")
+
+
+def broadcastable(shape, target) -> bool:
+    """Can a tensor of `shape` broadcast to `target` (without growing `target`)?"""
+    return len(shape) <= len(target) and all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _mix32(x):
+    """32-bit avalanche mix (murmur3-finaliser shape) on Python ints or int64 tensors in [0, 2**32).
+
+    The multipliers are odd (so each step is a bijection) and below 2**31, so int64 products never
+    overflow.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x6A09E667) & _MASK32
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed: int, p: float, coords: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    """Inverted-dropout multiplier (0 or 1/(1-p)) for each pair, as a hash of (seed, *coords).
+
+    `coords` are int64 tensors that broadcast together (e.g. row, query position, key column), each
+    value below 2**32. Hashing the coordinates instead of drawing from a generator makes the mask a
+    pure function of the seed and the pair: independent of chunking and edge order, regenerated
+    exactly in backward, and the same recipe a GPU kernel uses (Philox-style seed + offset).
+    Pass coordinates from the smallest shape to the largest: the early mixes stay small.
+    """
+    x = _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32))
+    for c in coords:
+        x = _mix32(x ^ (c & _MASK32))
+    return (x >= int(p * 2**32)).to(dtype) / (1.0 - p)
