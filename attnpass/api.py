@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
-from attnpass.capture import Program, check_call_inputs, export_model
-from attnpass.detect import find_sites
-from attnpass.mask_analysis import ProbeSet
+from attnpass.capture import check_call_inputs
+from attnpass.detect import capture_sites
 from attnpass.methods import SiteSpec, method_class
 from attnpass.site import AttentionReport, AttentionSite
 from attnpass.sparse_module import SparseModel, capture_and_rewrite
@@ -21,17 +19,13 @@ class NoAttentionFound(ValueError):
 def find_attention(model: nn.Module, args=(), kwargs=None) -> AttentionReport:
     """Report the attention computations of `model` called as `model(*args, **kwargs)`.
 
-    The model is captured with torch.export on a copy-free, read-only path: its parameters,
-    buffers and mode are not changed. Returns an `AttentionReport` (a list of `AttentionSite`
+    The model is captured with torch.export (non-strict, which traces with fake tensors): its
+    parameters, buffers and mode are not changed. Returns an `AttentionReport` (a list of `AttentionSite`
     plus the skipped sites with reasons) that prints as a table.
     """
     args, kwargs = check_call_inputs(model, args, kwargs)
-    ep = export_model(model, args, kwargs)
-    program = Program(ep)
-    probes = ProbeSet(program.gm, program.state_inputs(), program.user_inputs(args, kwargs), ep.range_constraints)
-    program.gm.graph.eliminate_dead_code()
-    sites, skipped = find_sites(program.gm, probes)
-    return AttentionReport(type(model).__name__, sites, skipped)
+    program = capture_sites(model, args, kwargs)
+    return AttentionReport(type(model).__name__, program.sites, program.skipped)
 
 
 def _site_spec(site: AttentionSite) -> SiteSpec:

@@ -68,6 +68,9 @@ class Program:
         self.out_spec = ep.call_spec.out_spec
         self.input_specs = list(ep.graph_signature.input_specs)
         self.output_specs = list(ep.graph_signature.output_specs)
+        self.user_input_names = [s.arg.name for s in self.input_specs if s.kind is InputKind.USER_INPUT]
+        self.sites: list = []      # filled by detect.capture_sites
+        self.skipped: list = []
         for spec in self.input_specs:
             if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR, InputKind.USER_INPUT):
                 raise CaptureError(f"captured program has an input of kind {spec.kind.name}, which attnpass does not run")
@@ -84,9 +87,7 @@ class Program:
 
     def user_inputs(self, args, kwargs) -> dict[str, object]:
         """Placeholder name -> value for the user inputs of a call."""
-        flat = self._flatten(args, kwargs)
-        names = [s.arg.name for s in self.input_specs if s.kind is InputKind.USER_INPUT]
-        return dict(zip(names, flat))
+        return dict(zip(self.user_input_names, self._flatten(args, kwargs)))
 
     def _flatten(self, args, kwargs):
         flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
@@ -106,7 +107,7 @@ class Program:
 
     def __call__(self, owner: torch.nn.Module, args, kwargs):
         flat = iter(self._flatten(args, kwargs))
-        inputs, user = [], []
+        inputs, user = [], {}
         for spec in self.input_specs:
             if spec.kind is InputKind.PARAMETER:
                 inputs.append(owner.get_parameter(spec.target))
@@ -115,14 +116,12 @@ class Program:
             elif spec.kind is InputKind.CONSTANT_TENSOR:
                 inputs.append(self.ep.constants[spec.target])
             else:
-                value = next(flat)
-                user.append(value)
-                inputs.append(value)
+                user[spec.arg.name] = next(flat)
+                inputs.append(user[spec.arg.name])
         outputs = self.gm(*inputs)
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)
         results = []
-        user_by_name = {s.arg.name: v for s, v in zip([s for s in self.input_specs if s.kind is InputKind.USER_INPUT], user)}
         for spec, value in zip(self.output_specs, outputs):
             if spec.kind is OutputKind.USER_OUTPUT:
                 results.append(value)
@@ -131,7 +130,7 @@ class Program:
                     owner.get_buffer(spec.target).copy_(value)
             elif spec.kind is OutputKind.USER_INPUT_MUTATION:
                 with torch.no_grad():
-                    user_by_name[spec.target].copy_(value)
+                    user[spec.target].copy_(value)
             else:
                 raise RuntimeError(f"captured program has an output of kind {spec.kind.name}, which attnpass does not run")
         return pytree.tree_unflatten(results, self.out_spec)

@@ -11,8 +11,10 @@ import torch
 import torch.fx as fx
 
 from attnpass import patterns
+from attnpass.capture import Program, export_model
 from attnpass.graph_ops import shape, view
-from attnpass.mask_analysis import ProbeSet, analyse_mask
+from attnpass.mask_analysis import ProbeSet, analyse_mask, general_mask
+from attnpass.rewrite import remove_dead_code
 from attnpass.site import AttentionSite, MaskInfo, SiteMatch, SkippedSite
 
 
@@ -51,29 +53,26 @@ def _is_cross(match: SiteMatch, lq, lk) -> bool:
     return _projection_source(match.q) is not _projection_source(match.k)
 
 
-def _describe(name: str, path: str, cls: str, match: SiteMatch, info: MaskInfo, heads_from_padding: int) -> AttentionSite:
-    q_shape, k_shape, v_shape = shape(match.q), shape(match.k), shape(match.v)
-    score_shape = shape(match.anchor.args[0]) if match.pattern != "sdpa" else None
-    lq = score_shape[-2] if score_shape else q_shape[-2]
-    lk = score_shape[-1] if score_shape else k_shape[-2]
-    head_dim = q_shape[-1] if not match.q_adapter or match.q_adapter[0][0] in ("unsqueeze",) else _last_after(match.q, match.q_adapter)
-    head_dim_v = v_shape[-1] if not match.v_adapter or match.v_adapter[0][0] == "unsqueeze" else _last_after(match.v, match.v_adapter)
+def scores_shape(match: SiteMatch) -> tuple:
+    """The (symbolic) shape of a site's scores: (B, H, Lq, Lk) or (B*H, Lq, Lk)."""
+    if match.pattern != "sdpa":
+        return shape(match.anchor.args[0])  # the softmax input
+    q, k = shape(match.q), shape(match.k)  # SDPA never materialises them
+    return (*q[:-2], q[-2], k[-2])
+
+
+def _describe(name: str, path: str, cls: str, match: SiteMatch, info: MaskInfo) -> AttentionSite:
+    scores = scores_shape(match)
+    lq, lk = scores[-2], scores[-1]
+    head_dim, head_dim_v = _dim_after(match.q, match.q_adapter, -1), _dim_after(match.v, match.v_adapter, -1)
     if match.batch_dims == 2:
-        lead = score_shape[:2] if score_shape else q_shape[:2]
-        batch, heads_q = lead[0], lead[1]
-        layout = "B,H,L,D"
-    elif heads_from_padding > 1:
-        batch, heads_q = "B", heads_from_padding
-        layout = "B*H,L,D"
+        batch, heads_q, layout = scores[0], scores[1], "B,H,L,D"
+    elif info.heads_from_padding > 1:
+        batch, heads_q, layout = "B", info.heads_from_padding, "B*H,L,D"
     else:
-        batch, heads_q = (score_shape or q_shape)[0], 1
-        layout = "B*H,L,D (heads folded in batch)"
-    heads_kv = heads_q // match.gqa_groups if isinstance(heads_q, int) else heads_q
-    if match.batch_dims == 2 and match.gqa_groups == 1 and k_shape is not None and not match.k_adapter and k_shape[1] != heads_q:
-        heads_kv = k_shape[1]
+        batch, heads_q, layout = scores[0], 1, "B*H,L,D (heads folded in batch)"
+    heads_kv = _dim_after(match.k, match.k_adapter, 1) if match.batch_dims == 2 else heads_q
     mask = info.kind + (" (bottom-right)" if info.causal_bottom_right else "")
-    if info.kind == "general" and info.why_general:
-        mask = "general"
     return AttentionSite(
         name=name, module_path=path, module_type=cls, pattern=match.pattern,
         batch=batch, heads_q=heads_q, heads_kv=heads_kv, len_q=lq, len_k=lk,
@@ -90,12 +89,27 @@ def _dtype(node) -> str:
     return str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else "?"
 
 
-def _last_after(node, adapter):
-    s = shape(node)
-    perm = [a for a in adapter if a[0] == "permute"]
-    if perm:
-        return s[perm[0][1][-1]]
-    return s[-1]
+def _dim_after(node, adapter, dim: int):
+    """The size of dim `dim` of `node` once its layout adapter has run (heads, head dim)."""
+    s = list(shape(node))
+    for step in adapter:
+        if step[0] == "permute":
+            s = [s[i] for i in step[1]]
+        elif step[0] == "transpose":
+            s[step[1]], s[step[2]] = s[step[2]], s[step[1]]
+        elif step[0] == "unsqueeze":
+            s.insert(step[1], 1)
+    return s[dim]
+
+
+def capture_sites(model: torch.nn.Module, args: tuple, kwargs: dict) -> Program:
+    """Capture `model` and find its sites: the program, with `.sites` and `.skipped` filled in."""
+    program = Program(export_model(model, args, kwargs))
+    probes = ProbeSet(program.gm, program.state_inputs(), program.user_inputs(args, kwargs),
+                      program.ep.range_constraints)
+    remove_dead_code(program.gm)  # users of the attention that the model never reads don't count
+    program.sites, program.skipped = find_sites(program.gm, probes)
+    return program
 
 
 def find_sites(gm: fx.GraphModule, probes: ProbeSet | None) -> tuple[list[AttentionSite], list[SkippedSite]]:
@@ -115,33 +129,10 @@ def find_sites(gm: fx.GraphModule, probes: ProbeSet | None) -> tuple[list[Attent
                 continue
             path, cls = module_path(node)
             name = _unique(path, used)
-            score_node = match.anchor.args[0] if match.pattern != "sdpa" else None
-            if probes is not None and score_node is not None:
-                info = analyse_mask(match, score_node, probes)
-            elif probes is not None:
-                info = analyse_mask(match, _SdpaScores(match), probes)
-            else:
-                info = MaskInfo(kind="general" if match.pieces else ("causal" if match.causal else "none"),
-                                general_bias=[p for p in match.pieces if p.kind == "add"],
-                                general_bool=[p for p in match.pieces if p.kind != "add"])
-            sites.append(_describe(name, path, cls, match, info, info.heads_from_padding))
+            info = analyse_mask(match, scores_shape(match), probes) if probes is not None else general_mask(match)
+            sites.append(_describe(name, path, cls, match, info))
             break
     return sites, skipped
-
-
-class _SdpaScores:
-    """Stands in for the (never materialised) scores node of an SDPA call: only its shape is read."""
-
-    def __init__(self, match: SiteMatch):
-        q = match.q.meta["val"]
-        k = match.k.meta["val"]
-        lead = list(q.shape[:-2]) if match.batch_dims == 2 else [q.shape[0]]
-        self.meta = {"val": _ShapeOnly((*lead, q.shape[-2], k.shape[-2]))}
-
-
-class _ShapeOnly:
-    def __init__(self, shape):
-        self.shape = shape
 
 
 def _family_name(family, node) -> str:

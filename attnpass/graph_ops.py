@@ -8,7 +8,6 @@ the operands under fixed names. Patterns only ever look at OpViews.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +29,6 @@ class OpView:
 
     def __getitem__(self, key):
         return self.a[key]
-
-    def get(self, key, default=None):
-        return self.a.get(key, default)
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -209,12 +205,6 @@ def scalar_value(x: Any) -> float | None:
     if isinstance(x, (int, float)):
         return float(x)
     return None
-
-
-def is_very_negative(value: Any) -> bool:
-    """True for the constants models fill masked scores with: -inf, finfo.min, -1e4 and below."""
-    v = scalar_value(value)
-    return v is not None and (math.isinf(v) and v < 0 or v <= -1e4)
 
 
 def same_size(a, b) -> bool:

@@ -15,7 +15,9 @@ relative position bias, ALiBi) and always stays a tensor.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import operator
 
 import sympy
 import torch
@@ -35,11 +37,12 @@ class ProbeSet:
         self.state = state
         self.example = user_inputs
         self.placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+        self._order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.sizes = self._symbol_sizes()
         self.ranges = range_constraints or {}
         gen = torch.Generator().manual_seed(seed)
         self.probes = [self._assignment(0)] + [self._assignment(d) for d in (3, 1)]
-        self.inputs = [self._inputs(a, gen, use_example=(i == 0)) for i, a in enumerate(self.probes)]
+        self.inputs = [dict(self.example)] + [self._random_inputs(a, gen) for a in self.probes[1:]]
         self.padding_candidates = [name for name, t in user_inputs.items() if _is_01_matrix(t)]
         self._envs: list[dict] = [dict() for _ in self.probes]
 
@@ -65,25 +68,16 @@ class ProbeSet:
             out[sym] = new
         return out
 
-    def size(self, dim, probe: int) -> int:
-        if isinstance(dim, torch.SymInt):
-            return int(dim.node.expr.subs(self.probes[probe]))
-        return int(dim)
+    def shape(self, dims, probe: int) -> tuple[int, ...]:
+        """Concrete sizes of (possibly symbolic) `dims` on probe `probe`."""
+        return _concrete(dims, self.probes[probe])
 
-    def shape(self, node: fx.Node, probe: int) -> tuple[int, ...]:
-        return tuple(self.size(d, probe) for d in node.meta["val"].shape)
-
-    def _inputs(self, assignment: dict, gen: torch.Generator, use_example: bool) -> dict:
-        if use_example:
-            return dict(self.example)
+    def _random_inputs(self, assignment: dict, gen: torch.Generator) -> dict:
         out = {}
         for name, t in self.example.items():
-            if not isinstance(t, torch.Tensor):
-                out[name] = t
-                continue
-            val = self.placeholders[name].meta["val"]
-            shp = tuple(int(d.node.expr.subs(assignment)) if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
-            out[name] = _random_like(t, shp, gen)
+            if isinstance(t, torch.Tensor):
+                t = _random_like(t, _concrete(self.placeholders[name].meta["val"].shape, assignment), gen)
+            out[name] = t
         return out
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -92,34 +86,24 @@ class ProbeSet:
         env = self._envs[probe]
         if node in env:
             return env[node]
-        order = []
-        stack = [node]
-        seen = set()
-        while stack:  # collect un-evaluated ancestors
+        todo, stack = set(), [node]
+        while stack:  # collect the ancestors not evaluated yet
             n = stack.pop()
-            if n in seen or n in env:
-                continue
-            seen.add(n)
-            order.append(n)
-            stack.extend(a for a in n.all_input_nodes)
+            if n not in todo and n not in env:
+                todo.add(n)
+                stack.extend(n.all_input_nodes)
         interp = fx.Interpreter(self.gm)
         interp.env = env
-        for n in sorted(order, key=_position(self.gm)):
+        for n in sorted(todo, key=self._order.__getitem__):
             if n.op == "placeholder":
-                if n.name in self.state:
-                    env[n] = self.state[n.name]
-                elif n.name in self.inputs[probe]:
-                    env[n] = self.inputs[probe][n.name]
-                else:
-                    raise KeyError(n.name)
+                env[n] = self.state[n.name] if n.name in self.state else self.inputs[probe][n.name]
             else:
                 env[n] = interp.run_node(n)
         return env[node]
 
 
-def _position(gm):
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return lambda n: index[n]
+def _concrete(dims, assignment: dict) -> tuple[int, ...]:
+    return tuple(int(d.node.expr.subs(assignment)) if isinstance(d, torch.SymInt) else int(d) for d in dims)
 
 
 def _is_01_matrix(t) -> bool:
@@ -142,115 +126,87 @@ def _random_like(t: torch.Tensor, shape: tuple, gen: torch.Generator) -> torch.T
 
 # -- structure matching --------------------------------------------------------------------------
 
-def _allowed_and_bias(pieces: list[MaskPiece], probes: ProbeSet, probe: int):
-    """Evaluate pieces on a probe: (allowed bool tensor or None, mask-like flags per piece)."""
-    allowed, masklike = None, []
-    for piece in pieces:
-        value = probes.evaluate(piece.node, probe)
-        if piece.kind == "add":
-            value = value * piece.coef if piece.coef != 1.0 else value
-            is_mask = bool(((value == 0) | (value <= _MASKING)).all())
-            masklike.append(is_mask)
-            keep = value == 0
-        elif piece.kind == "fill":
-            masklike.append(True)
-            keep = ~value.bool()
-        else:
-            masklike.append(True)
-            keep = value.bool()
-        if is_mask_piece(piece, masklike[-1]):
-            allowed = keep if allowed is None else (allowed & keep)
-    return allowed, masklike
-
-
-def is_mask_piece(piece: MaskPiece, masklike: bool) -> bool:
-    return piece.kind != "add" or masklike
+def _piece_keep(piece: MaskPiece, value: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The pairs a piece keeps on one probe, and whether it acts as a mask there (an additive
+    piece does only when all its values are 0 or masking values)."""
+    if piece.kind == "add":
+        value = value * piece.coef
+        return value == 0, bool(((value == 0) | (value <= _MASKING)).all())
+    return (~value.bool() if piece.kind == "fill" else value.bool()), True
 
 
 def _candidate(kind_causal: str | None, pad: tuple | None, scores_shape: tuple, probes: ProbeSet, probe: int):
     *batch, lq, lk = scores_shape
+    offset = lk - lq if kind_causal == "bottom_right" else 0
     cand = torch.ones(lq, lk, dtype=torch.bool)
     if kind_causal is not None:
-        offset = 0 if kind_causal == "top_left" else lk - lq
-        cand = torch.ones(lq, lk, dtype=torch.bool).tril(offset)
+        cand = cand.tril(offset)
     if pad is None:
         return cand
     name, keep_zero = pad
     vec = probes.inputs[probe][name]
-    if vec.shape[-1] != lk:
+    rows = batch[0]
+    if vec.shape[-1] != lk or rows % vec.shape[0] != 0:
         return None
     keep = (vec == 0) if keep_zero else (vec != 0)
-    rows = batch[0]
-    if rows % keep.shape[0] != 0:
-        return None
     keep = keep.repeat_interleave(rows // keep.shape[0], dim=0)  # (B*H, Lk) rows for 3-D layouts
-    view = keep.reshape(rows, *([1] * (len(batch) - 1)), 1, lk)
-    return cand & view
+    return cand & keep.reshape(rows, *([1] * (len(batch) - 1)), 1, lk)
 
 
-def analyse_mask(match: SiteMatch, score_node: fx.Node, probes: ProbeSet) -> MaskInfo:
-    """Decide what the site's mask pieces compute; see the module docstring."""
+def _agrees(allowed, cand, scores_shape) -> bool:
+    if cand is None:
+        return False
+    try:
+        return bool(torch.equal(allowed.expand(scores_shape), cand.expand(scores_shape)))
+    except RuntimeError:
+        return False
+
+
+def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> MaskInfo:
+    """Decide what the site's mask pieces compute; see the module docstring.
+
+    `scores_shape` is the (symbolic) shape of the site's scores, (B, H, Lq, Lk) or (B*H, Lq, Lk).
+    """
     if not match.pieces:
         return MaskInfo(kind="causal" if match.causal else "none")
     n_probes = len(probes.probes)
     try:
-        results = [_allowed_and_bias(match.pieces, probes, p) for p in range(n_probes)]
+        evaluated = [[_piece_keep(piece, probes.evaluate(piece.node, p)) for piece in match.pieces]
+                     for p in range(n_probes)]
     except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate is kept as it is
-        return _general(match, [True] * len(match.pieces), f"mask could not be evaluated on probes ({type(e).__name__})")
-    masklike = [all(r[1][i] for r in results) for i in range(len(match.pieces))]
-    bias = [p for p, m in zip(match.pieces, masklike) if not is_mask_piece(p, m)]
+        return general_mask(match, f"mask could not be evaluated on probes ({type(e).__name__})")
+    # a piece is a mask only if it acts as one on every probe; otherwise it is a bias
+    is_mask = [all(evaluated[p][i][1] for p in range(n_probes)) for i in range(len(match.pieces))]
+    bias = [piece for piece, m in zip(match.pieces, is_mask) if not m]
     bias_note = _bias_note(bias, probes)
-    if all(not is_mask_piece(p, m) for p, m in zip(match.pieces, masklike)):
+    if not any(is_mask):
         return MaskInfo(kind="causal" if match.causal else "none", general_bias=bias, bias_note=bias_note)
-    # re-evaluate allowed with the final mask/bias split (a piece is a mask only if it is on every probe)
-    allowed = []
-    for p in range(n_probes):
-        acc = None
-        for piece, m in zip(match.pieces, masklike):
-            if not is_mask_piece(piece, m):
-                continue
-            value = probes.evaluate(piece.node, p)
-            keep = (value * piece.coef == 0) if piece.kind == "add" else (~value.bool() if piece.kind == "fill" else value.bool())
-            acc = keep if acc is None else acc & keep
-        allowed.append(acc)
-    scores_shapes = [probes.shape(score_node, p) for p in range(n_probes)]
+    allowed = [functools.reduce(operator.and_, (keep for (keep, _), m in zip(evaluated[p], is_mask) if m))
+               for p in range(n_probes)]
+    shapes = [probes.shape(scores_shape, p) for p in range(n_probes)]
     causal_options = ["top_left"] if match.causal else [None, "top_left", "bottom_right"]
     pad_options = [None] + [(name, kz) for name in probes.padding_candidates for kz in (False, True)]
     for causal, pad in itertools.product(causal_options, pad_options):
         if causal is None and pad is None:
             continue
-        if all(_agrees(allowed[p], _candidate(causal, pad, scores_shapes[p], probes, p), scores_shapes[p]) for p in range(n_probes)):
+        if all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p), shapes[p]) for p in range(n_probes)):
             kind = "+".join(k for k in (("causal" if causal else ""), ("key_padding" if pad else "")) if k)
-            rows = scores_shapes[0][0]
-            heads = rows // probes.inputs[0][pad[0]].shape[0] if pad and match.batch_dims == 1 else 1
+            heads = shapes[0][0] // probes.inputs[0][pad[0]].shape[0] if pad and match.batch_dims == 1 else 1
             return MaskInfo(
-                heads_from_padding=heads,
-                kind=kind,
-                causal_offset=0,
-                causal_bottom_right=(causal == "bottom_right"),
+                kind=kind, causal_bottom_right=(causal == "bottom_right"),
                 padding_input=probes.placeholders[pad[0]] if pad else None,
-                padding_keep_zero=bool(pad and pad[1]),
+                padding_keep_zero=bool(pad and pad[1]), heads_from_padding=heads,
                 general_bias=bias, bias_note=bias_note,
             )
-    return _general(match, masklike, "mask is not causal / key-padding on every probe input", bias_note)
+    return general_mask(match, "mask is not causal / key-padding on every probe input", bias_note)
 
 
-def _agrees(allowed, cand, scores_shape) -> bool:
-    if cand is None or allowed is None:
-        return False
-    try:
-        a = allowed.expand(scores_shape)
-        c = cand.expand(scores_shape)
-    except RuntimeError:
-        return False
-    return bool(torch.equal(a, c))
-
-
-def _general(match: SiteMatch, masklike, why: str, bias_note: str = "") -> MaskInfo:
-    bias = [p for p, m in zip(match.pieces, masklike) if p.kind == "add"]
-    bools = [p for p in match.pieces if p.kind != "add"]
-    return MaskInfo(kind="general" if bools or any(masklike) else ("causal" if match.causal else "none"),
-                    general_bias=bias, general_bool=bools, why_general=why, bias_note=bias_note)
+def general_mask(match: SiteMatch, why: str = "", bias_note: str = "") -> MaskInfo:
+    """Keep every piece as the tensor it is: always exact, never structured."""
+    if not match.pieces:
+        return MaskInfo(kind="causal" if match.causal else "none")
+    return MaskInfo(kind="general", general_bias=[p for p in match.pieces if p.kind == "add"],
+                    general_bool=[p for p in match.pieces if p.kind != "add"], why_general=why, bias_note=bias_note)
 
 
 def _bias_note(bias: list[MaskPiece], probes: ProbeSet) -> str:

@@ -54,7 +54,6 @@ class SiteMatch:
     pieces: list[MaskPiece] = field(default_factory=list)
     causal: bool = False       # a causal flag given as such (SDPA is_causal)
     dropout_p: float = 0.0
-    gqa_groups: int = 1
     internal: set = field(default_factory=set)  # nodes of the chain that must have no outside users
     notes: list[str] = field(default_factory=list)
     batch_dims: int = 2        # 2: scores are (B, H, Lq, Lk); 1: (B*H, Lq, Lk)
@@ -65,13 +64,13 @@ class MaskInfo:
     """The masking a site applies, recovered as structure where possible.
 
     kind: "none" | "causal" | "key_padding" | "causal+key_padding" | "general".
-    With structure, the L x L mask tensor is no longer needed: causal is `j <= i + causal_offset`,
+    With structure, the L x L mask tensor is no longer needed: causal is `j <= i` (top-left, as SDPA's
+    is_causal) or `j <= i + Lk - Lq` (bottom-right),
     key padding reads `padding_input` (a (B, Lk) graph input; keep where `!= 0`, or where `== 0`
     when `padding_keep_zero`).
     """
 
     kind: str = "none"
-    causal_offset: int = 0
     causal_bottom_right: bool = False  # offset Lk - Lq at run time (a query sees the keys up to its own end-aligned position)
     padding_input: fx.Node | None = None
     padding_keep_zero: bool = False

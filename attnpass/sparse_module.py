@@ -12,12 +12,10 @@ mode (from that call's inputs) and rewritten with the *same* site modules.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from attnpass.capture import Program, export_model
-from attnpass.mask_analysis import ProbeSet
-from attnpass.detect import find_sites
+from attnpass.capture import Program
+from attnpass.detect import capture_sites
 from attnpass.rewrite import remove_dead_code, rewrite_site
 from attnpass.site import AttentionReport
 
@@ -80,13 +78,8 @@ def capture_and_rewrite(source: nn.Module, args, kwargs, site_modules: dict[str,
     With `make_site(site) -> (module, attach_path, attr)`, modules are created and registered;
     without it, every site found must already have a module in `site_modules` (second mode).
     """
-    ep = export_model(source, args, kwargs)
-    program = Program(ep)
-    probes = ProbeSet(program.gm, program.state_inputs(), program.user_inputs(args, kwargs),
-                      ep.range_constraints)
-    program.gm.graph.eliminate_dead_code()
-    sites, skipped = find_sites(program.gm, probes)
-    program.sites, program.skipped = sites, skipped
+    program = capture_sites(source, args, kwargs)
+    sites = program.sites
     if make_site is None:
         names = {s.name for s in sites}
         if names != set(site_modules):

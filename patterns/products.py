@@ -127,9 +127,7 @@ def _read_einsum_scores(ov, rank: int) -> ScoreProduct | None:
     k, scale = peel_scale(b, scale, "k", notes)
     q_adapter = _permutation(sa, "".join(batch) + q_letters[0] + d)
     k_adapter = _permutation(sb, "".join(batch) + k_letters[0] + d)
-    sp = ScoreProduct(ov.node, q, k, q_adapter, k_adapter, len(batch), scale, [], notes, "einsum")
-    sp.letters = (so, d)  # type: ignore[attr-defined]
-    return sp
+    return ScoreProduct(ov.node, q, k, q_adapter, k_adapter, len(batch), scale, [], notes, "einsum")
 
 
 def read_value_product(node: fx.Node, probs: fx.Node, batch_dims: int) -> ValueProduct | None:

@@ -40,20 +40,18 @@ def match_sdpa(node: fx.Node) -> SiteMatch | None:
     p = ov["dropout_p"]
     if not isinstance(p, (int, float)):
         raise Skip("dropout_p given as a tensor")
-    groups, notes = 1, []
+    notes = []
     if len(q_shape) == 4:
         k_src, nk = unrepeat_kv(k)
         v_src, nv = unrepeat_kv(v)
         if nk == nv and nk > 1:
-            k, v, groups = k_src, v_src, nk
+            k, v = k_src, v_src
             notes.append("kv heads repeated before the call")
-        elif shape(k)[1] != q_shape[1]:
-            groups = q_shape[1] // shape(k)[1]  # enable_gqa
     adapter = [] if len(q_shape) == 4 else [("unsqueeze", 1)]
     out_adapter = [] if len(q_shape) == 4 else [("squeeze", 1)]
     return SiteMatch(
         pattern="sdpa", anchor=node, output=node, q=q, k=k, v=v,
         q_adapter=list(adapter), k_adapter=list(adapter), v_adapter=list(adapter), out_adapter=out_adapter,
         scale=None if scale is None else float(scale), pieces=pieces, causal=bool(ov["is_causal"]), dropout_p=float(p),
-        gqa_groups=groups, internal=set(), notes=notes, batch_dims=len(q_shape) - 2,
+        internal=set(), notes=notes, batch_dims=len(q_shape) - 2,
     )

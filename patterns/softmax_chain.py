@@ -120,6 +120,18 @@ def _walk_forward(softmax: fx.Node, internal: set):
         node = user
 
 
+def _check_kv_broadcast(heads_q, heads_k, heads_v) -> None:
+    """K/V may have fewer heads than Q (GQA/MQA by broadcasting or repetition), as the canonical
+    op allows: q head h reads kv head h // (Hq // Hkv). Anything else is not exact there."""
+    if str(heads_k) != str(heads_v):
+        raise Skip(f"K has {heads_k} heads and V has {heads_v}")
+    if str(heads_k) == str(heads_q) or heads_k == 1:
+        return
+    if isinstance(heads_q, int) and isinstance(heads_k, int) and heads_q % heads_k == 0:
+        return
+    raise Skip(f"K/V with {heads_k} heads broadcast against {heads_q} query heads")
+
+
 def match_softmax_chain(node: fx.Node) -> SiteMatch | None:
     ov = view(node)
     if ov is None or ov.kind != "softmax":
@@ -148,13 +160,15 @@ def match_softmax_chain(node: fx.Node) -> SiteMatch | None:
             raise Skip(f"intermediate {inner.name} of the attention is also used by {outside[0].name}")
     notes: list[str] = []
     q, k, v = scores.q, scores.k, value.v
-    k_adapter, v_adapter, groups = scores.k_adapter, value.v_adapter, 1
+    k_adapter, v_adapter = scores.k_adapter, value.v_adapter
     if scores.batch_dims == 2 and not k_adapter and not v_adapter:
         k_src, nk = unrepeat_kv(k)
         v_src, nv = unrepeat_kv(v)
         if nk == nv and nk > 1:
-            k, v, groups = k_src, v_src, nk
+            k, v = k_src, v_src
             notes.append("kv heads repeated before the product")
+    if scores.batch_dims == 2 and all(step[0] == "transpose" for step in k_adapter) and not v_adapter:
+        _check_kv_broadcast(shape(product_node)[1], shape(k)[1], shape(v)[1])
     to4 = [("unsqueeze", 1)] if scores.batch_dims == 1 else []
     pieces = scores.pieces + pieces
     return SiteMatch(
@@ -163,6 +177,6 @@ def match_softmax_chain(node: fx.Node) -> SiteMatch | None:
         q_adapter=scores.q_adapter + to4, k_adapter=k_adapter + to4, v_adapter=v_adapter + to4,
         out_adapter=([("squeeze", 1)] if scores.batch_dims == 1 else []) + value.out_adapter,
         scale=scores.scale * scale, scale_note=", ".join(dict.fromkeys(scores.scale_notes)),
-        pieces=pieces, dropout_p=p, gqa_groups=groups, internal=internal, notes=notes,
+        pieces=pieces, dropout_p=p, internal=internal, notes=notes,
         batch_dims=scores.batch_dims,
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import attnpass
 from tests.zoo import by_name
@@ -75,3 +74,18 @@ def test_a_call_with_another_structure_than_the_example_is_refused():
     sparse = attnpass.sparsify(case.build(), args, kwargs)
     with pytest.raises(TypeError, match="structure of the example"):
         sparse(kwargs["input_ids"])
+
+
+def test_multi_query_attention_by_broadcasting_is_reported_with_its_kv_heads():
+    class MQA(torch.nn.Module):
+        def forward(self, q, k, v):  # k, v: one head shared by all query heads
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1) @ v
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 8, 4, generator=g)
+    k, v = torch.randn(2, 1, 8, 4, generator=g), torch.randn(2, 1, 8, 4, generator=g)
+    sparse = attnpass.sparsify(MQA(), (q, k, v))
+    site = sparse.sites[0]
+    assert (site.heads_q, site.heads_kv) == (4, 1)
+    q2, k2, v2 = torch.randn(3, 4, 11, 4), torch.randn(3, 1, 11, 4), torch.randn(3, 1, 11, 4)
+    torch.testing.assert_close(sparse(q2, k2, v2), MQA()(q2, k2, v2), rtol=1e-5, atol=1e-6)

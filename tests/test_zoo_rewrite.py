@@ -49,3 +49,21 @@ def test_softmax_that_is_not_attention_is_not_reported(case):
     report = attnpass.find_attention(model, args, kwargs)
     assert len(report.sites) == 0 and not report.skipped, str(report)
     assert "no attention found" in str(report)
+
+
+HEADS = {  # (query heads, kv heads, head dim) the report must show
+    "llama-eager": (4, 2, 8), "llama-sdpa": (4, 2, 8),
+    "hand-gqa-repeat-interleave": (4, 2, 8), "hand-gqa-expand-reshape": (4, 2, 8),
+    "hand-einsum-scaled-q": (4, 4, 8), "bert-eager": (4, 4, 8),
+    "nn-mha-weights": (4, 4, 8),  # (B*H, L, D) layout: H read off the key padding vector
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_report_shows_heads_and_head_dim(name):
+    from tests.zoo import by_name
+
+    case = by_name(name)
+    args, kwargs = case.inputs(2, 8)
+    report = attnpass.find_attention(case.build(), args, kwargs)
+    assert {(s.heads_q, s.heads_kv, s.head_dim) for s in report.sites} == {HEADS[name]}, str(report)
