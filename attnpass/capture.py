@@ -94,7 +94,7 @@ class Program:
         if spec != self.in_spec:
             # keyword order may differ from the example's: rebuild kwargs in the captured order
             try:
-                kwargs = {key: kwargs[key] for key in self.in_spec.children_specs[1].context}
+                kwargs = {key: kwargs[key] for key in self.in_spec.child(1).context}
                 flat, spec = pytree.tree_flatten((tuple(args), kwargs))
             except (KeyError, AttributeError, IndexError):
                 pass

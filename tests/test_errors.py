@@ -89,3 +89,14 @@ def test_multi_query_attention_by_broadcasting_is_reported_with_its_kv_heads():
     assert (site.heads_q, site.heads_kv) == (4, 1)
     q2, k2, v2 = torch.randn(3, 4, 11, 4), torch.randn(3, 1, 11, 4), torch.randn(3, 1, 11, 4)
     torch.testing.assert_close(sparse(q2, k2, v2), MQA()(q2, k2, v2), rtol=1e-5, atol=1e-6)
+
+
+def test_keyword_inputs_may_come_in_another_order_than_the_example():
+    case = by_name("bert-eager")
+    args, kwargs = case.inputs(2, 8)
+    model = case.build()
+    sparse = attnpass.sparsify(model, args, kwargs)
+    reordered = dict(reversed(list(kwargs.items())))
+    assert list(reordered) != list(kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(*args, **reordered)[0], model(*args, **kwargs)[0], rtol=1e-5, atol=1e-6)
