@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from attnpass.site import AttentionSite
+from attnpass.site import AttentionSite, MaskPiece
 
 aten = torch.ops.aten
 _DROPOUTS = (torch.nn.functional.dropout,)  # dynamo spelling; ATen random ops are recognised by tag
@@ -37,12 +37,12 @@ def _apply(graph: fx.Graph, node: fx.Node, adapter) -> fx.Node:
     return node
 
 
-def _to_canonical_rank(graph, node, site: AttentionSite, heads: int):
-    """A (B*H, Lq, Lk)-broadcastable mask/bias piece of a 3-D site, moved to (B, H, Lq, Lk)."""
-    if site.match.batch_dims != 1:
-        return node
-    rank = len(node.meta["val"].shape) if "val" in node.meta else 3
-    if rank < 3:
+def _to_canonical_rank(graph, node, piece: MaskPiece, site: AttentionSite, heads: int):
+    """A (B*H, Lq, Lk)-broadcastable mask/bias piece of a 3-D site, moved to (B, H, Lq, Lk).
+
+    The rank is read off the model's own piece: `node` may be one we just built (no metadata).
+    """
+    if site.match.batch_dims != 1 or len(piece.node.meta["val"].shape) < 3:
         return node
     step = ("split_heads", heads) if heads > 1 else ("unsqueeze", 1)
     return _apply(graph, node, [step])
@@ -75,7 +75,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, target: str) -> fx.Nod
         bias = None
         for piece in info.general_bias:
             term = piece.node if piece.coef == 1.0 else graph.call_function(aten.mul.Tensor, (piece.node, piece.coef))
-            term = _to_canonical_rank(graph, term, site, heads)
+            term = _to_canonical_rank(graph, term, piece, site, heads)
             bias = term if bias is None else graph.call_function(aten.add.Tensor, (bias, term))
         mask = None
         for piece in info.general_bool:
@@ -84,7 +84,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, target: str) -> fx.Nod
                 keep = graph.call_function(aten.logical_not.default, (keep,))
             elif keep.meta.get("val") is not None and keep.meta["val"].dtype != torch.bool:
                 keep = graph.call_function(aten.ne.Scalar, (keep, 0))
-            keep = _to_canonical_rank(graph, keep, site, heads)
+            keep = _to_canonical_rank(graph, keep, piece, site, heads)
             mask = keep if mask is None else graph.call_function(aten.logical_and.default, (mask, keep))
         key_keep = None
         if info.padding_input is not None:

@@ -75,3 +75,26 @@ def _call(name):
     case = by_name(name)
     args, kwargs = case.inputs(2, 8)
     return case.build(), args, kwargs
+
+
+def test_general_pieces_of_a_3d_site_keep_their_broadcasting():
+    class Bmm3D(torch.nn.Module):
+        """(B*H, L, D) attention; a 2-D additive band mask added *before* the scale (coef 0.5),
+        and a 2-D bool mask filled after it."""
+
+        def forward(self, q, k, v):
+            n = q.shape[1]
+            i = torch.arange(n)[:, None]
+            j = torch.arange(n)[None, :]
+            band = torch.where((i - j).abs() <= 2, 0.0, float("-inf"))
+            scores = (torch.bmm(q, k.transpose(1, 2)) + band) * 0.5
+            scores = scores.masked_fill(j > i + 1, float("-inf"))
+            return torch.bmm(torch.softmax(scores, dim=-1), v)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 9, 4, generator=g) for _ in range(3))
+    sparse = attnpass.sparsify(Bmm3D(), (q, k, v))
+    site = sparse.sites[0]
+    assert site.mask == "general" and site.mask_info.general_bias[0].coef == 0.5
+    q2, k2, v2 = (torch.randn(4, 13, 4, generator=g) for _ in range(3))
+    torch.testing.assert_close(sparse(q2, k2, v2), Bmm3D()(q2, k2, v2), rtol=1e-5, atol=1e-6)
