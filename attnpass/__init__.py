@@ -3,7 +3,7 @@
     report = attnpass.find_attention(model, args=(input_ids,), kwargs={"attention_mask": mask})
     sparse = attnpass.sparsify(model, args=(input_ids,), kwargs={"attention_mask": mask}, method="dense")
 """
-from attnpass.api import NoAttentionFound, find_attention, sparsify
+from attnpass.api import NoAttentionFound, aux_loss, find_attention, sparsify
 from attnpass.capture import CaptureError
 from attnpass.methods import METHODS
 from attnpass.site import AttentionReport, AttentionSite, SkippedSite
@@ -11,6 +11,6 @@ from attnpass.sparse_module import SparseModel
 
 __all__ = [
     "METHODS", "AttentionReport", "AttentionSite", "CaptureError", "NoAttentionFound", "SkippedSite",
-    "SparseModel", "find_attention", "sparsify",
+    "SparseModel", "aux_loss", "find_attention", "sparsify",
 ]
 __version__ = "0.1.0"

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from attnpass.capture import check_call_inputs
 from attnpass.detect import capture_sites
-from attnpass.methods import SiteSpec, method_class
+from attnpass.methods import SiteAttention, SiteSpec, method_class
 from attnpass.site import AttentionReport, AttentionSite
 from attnpass.sparse_module import SparseModel, capture_and_rewrite
 
@@ -28,6 +29,16 @@ def find_attention(model: nn.Module, args=(), kwargs=None) -> AttentionReport:
     return AttentionReport(type(model).__name__, program.sites, program.skipped)
 
 
+def _example_int(x) -> int | None:
+    """A dim as an int: itself, or the example's value behind a symbolic size; None if unknown."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        return int(hint) if hint is not None else None
+    return None
+
+
 def _site_spec(site: AttentionSite) -> SiteSpec:
     info = site.mask_info
 
@@ -37,6 +48,8 @@ def _site_spec(site: AttentionSite) -> SiteSpec:
     return SiteSpec(
         name=site.name, scale=site.scale, causal=info.causal, causal_bottom_right=info.causal_bottom_right,
         heads_q=as_int(site.heads_q), heads_kv=as_int(site.heads_kv), head_dim=as_int(site.head_dim),
+        example_len_q=_example_int(site.len_q), example_len_k=_example_int(site.len_k), cross=site.cross,
+        has_bias=bool(info.general_bias), has_mask=bool(info.general_bool),
     )
 
 
@@ -59,20 +72,27 @@ def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **op
 
     `args`/`kwargs` are an example call (`model(*args, **kwargs)`); the result accepts calls of the
     same structure at other batch sizes and sequence lengths. `model` is not modified: the result
-    owns a copy of it. Sites that cannot be rewritten exactly are left as they are and listed in
-    `result.report.skipped`.
+    owns a copy of it. Sites that cannot be rewritten (no exact match, or a site the method cannot
+    serve, e.g. Combiner with an arbitrary bias) are left as they are and listed in
+    `result.report.skipped` with the reason. `options` are the method's (see `attnpass.METHODS`).
     """
     site_class = method_class(method)
+    site_class.validate_options(**options)  # before the (slow) capture
     args, kwargs = check_call_inputs(model, args, kwargs)
     source = copy.deepcopy(model)
     site_modules: dict[str, nn.Module] = {}
+    declined: dict[str, str] = {}
 
-    def make_site(site: AttentionSite) -> nn.Module:
-        module = site_class(_site_spec(site), **options)
+    def make_site(site: AttentionSite) -> nn.Module | str:
+        spec = _site_spec(site)
+        reason = site_class.unsupported_reason(spec, **options)
+        if reason:
+            return f"method {method!r}: {reason}"
+        module = site_class(spec, **options)
         _attach(source, site, module)
         return module
 
-    program = capture_and_rewrite(source, args, kwargs, site_modules, make_site=make_site)
+    program = capture_and_rewrite(source, args, kwargs, site_modules, declined, make_site=make_site)
     report = AttentionReport(type(model).__name__, program.sites, program.skipped)
     if not program.sites:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in program.skipped)
@@ -80,4 +100,20 @@ def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **op
             f"no attention to rewrite in {type(model).__name__}"
             + (f" (skipped: {reasons})" if reasons else " (no softmax(Q K^T) V or scaled_dot_product_attention in its graph)")
         )
-    return SparseModel(source, method, site_modules, {source.training: program}, report)
+    return SparseModel(source, method, site_modules, declined, {source.training: program}, report)
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """The sum of the sparse methods' training losses from `model`'s last forward call.
+
+    Add it to the task loss: `loss = task_loss + attnpass.aux_loss(sparse_model)`. Routing
+    contributes its k-means commitment loss; methods without one contribute nothing (a zero scalar
+    is returned when no site has a loss, so the sum is always valid).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"aux_loss expects an nn.Module (the model sparsify returned), got {type(model).__name__}")
+    terms = [loss for m in model.modules() if isinstance(m, SiteAttention) and (loss := m.aux_loss()) is not None]
+    if terms:
+        return torch.stack([t.reshape(()) for t in terms]).sum()
+    device = next((p.device for p in model.parameters()), None)
+    return torch.zeros((), device=device)

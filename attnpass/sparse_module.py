@@ -17,12 +17,12 @@ from torch import nn
 from attnpass.capture import Program
 from attnpass.detect import capture_sites
 from attnpass.rewrite import remove_dead_code, rewrite_site
-from attnpass.site import AttentionReport
+from attnpass.site import AttentionReport, SkippedSite
 
 
 class SparseModel(nn.Module):
-    def __init__(self, source: nn.Module, method: str, site_modules: dict[str, nn.Module], programs: dict[bool, Program],
-                 report: AttentionReport):
+    def __init__(self, source: nn.Module, method: str, site_modules: dict[str, nn.Module], declined: dict[str, str],
+                 programs: dict[bool, Program], report: AttentionReport):
         super().__init__()
         object.__setattr__(self, "_source", source)
         # share the copy's tables: same keys in state_dict(), same objects for .to()/.train()
@@ -32,6 +32,7 @@ class SparseModel(nn.Module):
         object.__setattr__(self, "_modules", source._modules)
         object.__setattr__(self, "_programs", programs)
         object.__setattr__(self, "_site_modules", site_modules)
+        object.__setattr__(self, "_declined", declined)  # site name -> why the method left it unchanged
         self.method = method
         self.report = report
         self.training = source.training
@@ -63,7 +64,7 @@ class SparseModel(nn.Module):
     def _capture_mode(self, training: bool, args, kwargs) -> Program:
         source = self._source
         source.training = training
-        program = capture_and_rewrite(source, args, kwargs, self._site_modules)
+        program = capture_and_rewrite(source, args, kwargs, self._site_modules, self._declined)
         self._programs[training] = program
         return program
 
@@ -72,26 +73,37 @@ class SparseModel(nn.Module):
 
 
 def capture_and_rewrite(source: nn.Module, args, kwargs, site_modules: dict[str, nn.Module],
-                        make_site=None) -> Program:
+                        declined: dict[str, str], make_site=None) -> Program:
     """Capture `source`, find its sites, and rewrite each to its module.
 
-    With `make_site(site) -> (module, attach_path, attr)`, modules are created and registered;
-    without it, every site found must already have a module in `site_modules` (second mode).
+    With `make_site(site) -> module | reason`, modules are created (a string is the reason the
+    method declines the site, which then stays unchanged); without it (the second mode), every site
+    found must already have a module in `site_modules` or a reason in `declined`.
     """
     program = capture_sites(source, args, kwargs)
-    sites = program.sites
     if make_site is None:
-        names = {s.name for s in sites}
-        if names != set(site_modules):
+        names = {s.name for s in program.sites}
+        if names != set(site_modules) | set(declined):
             raise RuntimeError(
                 "the model's attention sites differ between train and eval mode "
-                f"(now {sorted(names)}, before {sorted(site_modules)}); attnpass cannot share their state"
+                f"(now {sorted(names)}, before {sorted(site_modules) + sorted(declined)}); attnpass cannot share their state"
             )
-    for i, site in enumerate(sites):
-        if make_site is not None:
-            site_modules[site.name] = make_site(site)
-        target = f"attnpass_site_{i}"
+    else:
+        for site in program.sites:
+            made = make_site(site)
+            if isinstance(made, str):
+                declined[site.name] = made
+            else:
+                site_modules[site.name] = made
+    kept = []
+    for site in program.sites:
+        if site.name in declined:
+            program.skipped.append(SkippedSite(site.name, site.module_path, site.pattern, declined[site.name]))
+            continue
+        target = f"attnpass_site_{len(kept)}"
         program.gm.add_submodule(target, site_modules[site.name])
         rewrite_site(program.gm, site, target)
+        kept.append(site)
+    program.sites = kept
     remove_dead_code(program.gm)
     return program

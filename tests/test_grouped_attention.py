@@ -57,7 +57,7 @@ def make_k_index(B, H, L, G, W, gen):
 
 def make_case(*, normalizer="softmax", B=2, Hq=4, Hkv=2, Lq=11, Lk=13, D=5, Dv=3, G=3, Wq=5, Wk=6,
               S=2, causal=False, causal_offset=0, padding=True, bias="full", summaries="full",
-              summary_mask="full", empty_group=True, dtype=F64, seed=0):
+              summary_mask="full", pair_mask=None, empty_group=True, dtype=F64, seed=0):
     """Inputs (dict of leaves + kwargs) for one configuration; every float tensor requires grad."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -79,6 +79,10 @@ def make_case(*, normalizer="softmax", B=2, Hq=4, Hkv=2, Lq=11, Lk=13, D=5, Dv=3
         leaves["bias"] = randn(B, Hq, Lq, Lk)
     elif bias == "broadcast":  # per-head key-position bias, broadcast over batch and queries
         leaves["bias"] = randn(Hq, 1, Lk)
+    if pair_mask == "full":
+        kwargs["pair_mask"] = torch.rand(B, Hq, Lq, Lk, generator=gen) < 0.8
+    elif pair_mask == "broadcast":  # one banded pattern for all batches and heads
+        kwargs["pair_mask"] = (torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None]).abs() <= Lk // 3
     if summaries is not None:
         if summaries == "full":
             leaves["summary_k"], leaves["summary_v"] = randn(B, Hq, G, S, D), randn(B, Hq, G, S, Dv)
@@ -115,7 +119,7 @@ def call_args(case):
 
 def dense_reference(q, k, v, q_index, k_index, *, scale, causal=False, causal_offset=0,
                     key_padding_mask=None, bias=None, summary_k=None, summary_v=None,
-                    summary_mask=None, normalizer="softmax", **_):
+                    summary_mask=None, pair_mask=None, normalizer="softmax", **_):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G, Wq = q_index.shape[2:]
@@ -128,6 +132,8 @@ def dense_reference(q, k, v, q_index, k_index, *, scale, causal=False, causal_of
         base &= torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + causal_offset
     if key_padding_mask is not None:
         base &= key_padding_mask[:, None, None, :]
+    if pair_mask is not None:
+        base &= pair_mask
     outs, stats, nonempties = [], [], []
     for g in range(G):
         k_idx = k_index[:, :, g]
@@ -182,11 +188,11 @@ def grads_of(case, out, stat, g_out, g_stat):
 
 CONFIGS = {
     # cross-attention, GQA, key padding, full bias, per-group summaries with a per-slot mask
-    "cross_full": dict(),
+    "cross_full": dict(pair_mask="full"),
     # causal self-attention, broadcast bias (its gradient must be reduced), expanded summaries,
     # broadcast summary mask, multi-head (Hq == Hkv), one group per chunk
     "causal_self": dict(causal=True, Lq=12, Lk=12, Hkv=4, bias="broadcast", summaries="expanded",
-                        summary_mask="broadcast", chunk=1),
+                        summary_mask="broadcast", pair_mask="broadcast", chunk=1),
     # causal with an offset (decoder over a longer key sequence), no summaries, chunked
     "causal_offset_cross": dict(causal=True, causal_offset=2, bias="full", summaries=None, chunk=200),
     # causal with a negative offset (strictly-past keys): more empty rows, no bias

@@ -27,6 +27,14 @@ class SiteSpec:
     heads_q: int | None = None
     heads_kv: int | None = None
     head_dim: int | None = None
+    # The example call's lengths: methods with state sized by L (routing's clusters) choose
+    # their defaults from them. Run-time lengths may differ.
+    example_len_q: int | None = None
+    example_len_k: int | None = None
+    cross: bool = False
+    # Masking the site keeps as tensors (after mask analysis): an additive bias, a bool mask.
+    has_bias: bool = False
+    has_mask: bool = False
 
 
 class SiteAttention(nn.Module):
@@ -47,6 +55,21 @@ class SiteAttention(nn.Module):
         if dropout_p > 0.0 and self.training:
             return int(torch.randint(0, 2**62, (), device="cpu"))
         return 0
+
+    @classmethod
+    def validate_options(cls, **options) -> None:
+        """Raise a clear error for a bad option before anything is captured (site-independent checks)."""
+        if options:
+            raise ValueError(f"method {cls.method_name!r} takes no options, got {sorted(options)}")
+
+    @classmethod
+    def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
+        """Why this method cannot serve the site (it is then left unchanged and reported), or None."""
+        return None
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The method's training loss term from the last forward call (e.g. routing's commitment loss)."""
+        return None
 
     def extra_repr(self) -> str:
         causal = ("causal (bottom-right)" if self.spec.causal_bottom_right else "causal") if self.spec.causal else "non-causal"

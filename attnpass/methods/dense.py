@@ -11,8 +11,7 @@ class DenseAttention(SiteAttention):
     method_name = "dense"
 
     def __init__(self, spec: SiteSpec, **options):
-        if options:
-            raise ValueError(f"method 'dense' takes no options, got {sorted(options)}")
+        self.validate_options(**options)
         super().__init__(spec)
 
     def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):

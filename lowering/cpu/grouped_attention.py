@@ -12,6 +12,8 @@ Shapes::
     bias           broadcastable to (B, Hq, Lq, Lk), read only at the pairs the groups define
     summary_k / _v (B, Hq, G, S, D / Dv)   extra keys/values visible to group g's query slots
     summary_mask   bool, broadcastable to (B, Hq, G, Wq, S)
+    pair_mask      bool, broadcastable to (B, Hq, Lq, Lk), True = pair allowed; read only at the pairs
+                   the groups define (like bias)
 
     out_slots      (B, Hq, G, Wq, Dv)      in q's dtype
     row_stat       (B, Hq, G, Wq)          logsumexp (softmax) or threshold tau (entmax15); 0 for
@@ -73,6 +75,7 @@ def grouped_attention(
     summary_k: Optional[Tensor] = None,
     summary_v: Optional[Tensor] = None,
     summary_mask: Optional[Tensor] = None,
+    pair_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None,
     normalizer: str = "softmax",
@@ -89,7 +92,7 @@ def grouped_attention(
         # (the backward must regenerate exactly the same mask).
         dropout_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
     return torch.ops.attnpass.grouped_attention(
-        q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
+        q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask, pair_mask,
         scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
         dropout_seed=dropout_seed, normalizer=normalizer,
     )
@@ -132,7 +135,7 @@ def scatter_slots(out_slots: Tensor, q_index: Tensor, length: int) -> tuple[Tens
 
 
 def _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
-              summary_mask, scale, causal_offset, dropout_p, dropout_seed, normalizer) -> None:
+              summary_mask, pair_mask, scale, causal_offset, dropout_p, dropout_seed, normalizer) -> None:
     _check(normalizer in NORMALIZERS, f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
     _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
            f"dropout_p must be in [0, 1), got {dropout_p!r}")
@@ -171,6 +174,10 @@ def _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summ
         _check(bias.is_floating_point(), f"bias must be floating point, got {bias.dtype}", TypeError)
         _check(1 <= bias.dim() and _broadcastable(tuple(bias.shape), (B, Hq, Lq, Lk)),
                f"bias shape {tuple(bias.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}")
+    if pair_mask is not None:
+        _check(pair_mask.dtype == torch.bool, f"pair_mask must be bool (True = allowed), got {pair_mask.dtype}", TypeError)
+        _check(1 <= pair_mask.dim() and _broadcastable(tuple(pair_mask.shape), (B, Hq, Lq, Lk)),
+               f"pair_mask shape {tuple(pair_mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}")
 
     _check((summary_k is None) == (summary_v is None), "summary_k and summary_v must be given together")
     if summary_k is None:
@@ -209,6 +216,7 @@ class _Problem:
     summary_k: Optional[Tensor]
     summary_v: Optional[Tensor]
     summary_mask: Optional[Tensor]
+    pair_mask: Optional[Tensor]
     scale: float
     causal: bool
     causal_offset: int
@@ -310,6 +318,9 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
     if p.bias is not None:
         bias_index = _bias_index(p.bias, b.unsqueeze(-1), h.unsqueeze(-1), q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))
         logits = logits + p.bias[bias_index].to(acc)
+    if p.pair_mask is not None:
+        allowed = allowed & p.pair_mask[_bias_index(p.pair_mask, b.unsqueeze(-1), h.unsqueeze(-1),
+                                                    q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))]
     logits = logits.masked_fill(~allowed, -math.inf)
 
     sk_t = sv_t = None
@@ -408,11 +419,11 @@ def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor,
 
 
 def _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-             *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer) -> _Problem:
+             pair_mask, *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer) -> _Problem:
     _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-              scale, causal_offset, dropout_p, dropout_seed, normalizer)
+              pair_mask, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     return _Problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
-                    summary_mask, float(scale), bool(causal), int(causal_offset), float(dropout_p),
+                    summary_mask, pair_mask, float(scale), bool(causal), int(causal_offset), float(dropout_p),
                     dropout_seed, normalizer)
 
 
@@ -430,12 +441,12 @@ def _forward_impl(
     q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor,
     key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
     summary_k: Optional[Tensor] = None, summary_v: Optional[Tensor] = None,
-    summary_mask: Optional[Tensor] = None,
+    summary_mask: Optional[Tensor] = None, pair_mask: Optional[Tensor] = None,
     *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None, normalizer: str = "softmax",
 ) -> tuple[Tensor, Tensor]:
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-                 scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+                 pair_mask, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
     out_shape, stat_shape = _out_shapes(v, q_index)
     out = q.new_empty(out_shape)
@@ -461,14 +472,14 @@ def _backward_impl(
     q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor,
     key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
     summary_k: Optional[Tensor] = None, summary_v: Optional[Tensor] = None,
-    summary_mask: Optional[Tensor] = None,
+    summary_mask: Optional[Tensor] = None, pair_mask: Optional[Tensor] = None,
     *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None, normalizer: str = "softmax",
     bias_grad: bool = False, summary_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dsummary_k, dsummary_v); ungrad'ed ones are empty (numel 0)."""
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-                 scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+                 pair_mask, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
     acc, Wk = p.acc, k_index.shape[3]
     # Flat (rows, D) accumulators matching p.q_rows / p.k_rows / p.v_rows, for index_add_.
@@ -537,17 +548,17 @@ _grouped_attention_backward_op = torch.library.custom_op(
 
 @_grouped_attention_op.register_fake
 def _forward_fake(q, k, v, q_index, k_index, key_padding_mask=None, bias=None, summary_k=None,
-                  summary_v=None, summary_mask=None, *, scale, causal=False, causal_offset=0,
+                  summary_v=None, summary_mask=None, pair_mask=None, *, scale, causal=False, causal_offset=0,
                   dropout_p=0.0, dropout_seed=None, normalizer="softmax"):
     _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-              scale, causal_offset, dropout_p, dropout_seed, normalizer)
+              pair_mask, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     out_shape, stat_shape = _out_shapes(v, q_index)
     return q.new_empty(out_shape), q.new_empty(stat_shape, dtype=_acc_dtype(q))
 
 
 @_grouped_attention_backward_op.register_fake
 def _backward_fake(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, key_padding_mask=None,
-                   bias=None, summary_k=None, summary_v=None, summary_mask=None, *, scale,
+                   bias=None, summary_k=None, summary_v=None, summary_mask=None, pair_mask=None, *, scale,
                    causal=False, causal_offset=0, dropout_p=0.0, dropout_seed=None,
                    normalizer="softmax", bias_grad=False, summary_grad=False):
     with_summary = summary_grad and summary_k is not None
@@ -560,7 +571,7 @@ def _backward_fake(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, key
 
 
 _TENSOR_ARGS = ("q", "k", "v", "q_index", "k_index", "key_padding_mask", "bias", "summary_k",
-                "summary_v", "summary_mask")
+                "summary_v", "summary_mask", "pair_mask")
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
