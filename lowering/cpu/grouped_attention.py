@@ -261,6 +261,8 @@ class _Tile:
     v: Tensor            # (B, Hq, c, Wk, Dv)      acc dtype
     summary_k: Optional[Tensor]  # (B, Hq, c, S, D) acc dtype
     summary_v: Optional[Tensor]  # (B, Hq, c, S, Dv)
+    keys: Tensor         # (B, Hq, c, Wk + S, D)   [k; summary_k] (k itself when no summaries)
+    values: Tensor       # (B, Hq, c, Wk + S, Dv)  [v; summary_v]
     logits: Tensor       # (B, Hq, c, Wq, Wk + S)  -inf where the pair is not allowed
     keep: Optional[Tensor]  # same shape: 0 or 1/(1-p) per pair (inverted dropout), None without dropout
     q_row: Tensor        # (B, Hq, c, Wq) row of each query slot in p.q_rows (empty slots: a valid dummy)
@@ -310,29 +312,38 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
     if p.key_padding_mask is not None:
         k_ok = k_ok & p.key_padding_mask[b, k_pos]
 
-    logits = torch.matmul(q_t, k_t.transpose(-1, -2)) * p.scale
-    allowed = q_ok.unsqueeze(-1) & k_ok.unsqueeze(-2)
-    if p.causal:
-        allowed = allowed & (k_idx.unsqueeze(-2) <= q_idx.unsqueeze(-1) + p.causal_offset)
-    bias_index = None
-    if p.bias is not None:
-        bias_index = _bias_index(p.bias, b.unsqueeze(-1), h.unsqueeze(-1), q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))
-        logits = logits + p.bias[bias_index].to(acc)
-    if p.pair_mask is not None:
-        allowed = allowed & p.pair_mask[_bias_index(p.pair_mask, b.unsqueeze(-1), h.unsqueeze(-1),
-                                                    q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))]
-    logits = logits.masked_fill(~allowed, -math.inf)
-
     sk_t = sv_t = None
+    keys, values = k_t, v_t
     if p.summary_k is not None:
         # Slicing keeps stride-0 (expanded) summaries as views; .to() copies only on dtype change.
         sk_t = p.summary_k[:, :, g0:g1].to(acc)
         sv_t = p.summary_v[:, :, g0:g1].to(acc)
+        # One matmul against [direct keys; summary keys] (and values): copying keys (W x D) is
+        # cheaper than concatenating logits (Wq x W).
+        keys, values = torch.cat([k_t, sk_t], dim=-2), torch.cat([v_t, sv_t], dim=-2)
+    # Scaling q (Wq x D) is cheaper than scaling the logits (Wq x Wk).
+    logits = torch.matmul(q_t * p.scale, keys.transpose(-1, -2))
+    direct = logits[..., :k_t.shape[-2]]  # a view: the in-place edits below write into logits
+    bias_index = None
+    if p.bias is not None:
+        bias_index = _bias_index(p.bias, b.unsqueeze(-1), h.unsqueeze(-1), q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))
+        direct += p.bias[bias_index].to(acc)
+    # Build the allowed-pairs mask only when something can remove a pair: a full tile with no
+    # causal rule, padding or pair mask (e.g. bidirectional routing) skips two passes over it.
+    all_slots = bool(q_ok.all())
+    if p.causal or p.pair_mask is not None or not (all_slots and bool(k_ok.all())):
+        allowed = q_ok.unsqueeze(-1) & k_ok.unsqueeze(-2)
+        if p.causal:
+            allowed &= k_idx.unsqueeze(-2) <= q_idx.unsqueeze(-1) + p.causal_offset
+        if p.pair_mask is not None:
+            allowed &= p.pair_mask[_bias_index(p.pair_mask, b.unsqueeze(-1), h.unsqueeze(-1),
+                                               q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))]
+        direct.masked_fill_(~allowed, -math.inf)
+    if sk_t is not None and (p.summary_mask is not None or not all_slots):
         s_allowed = q_ok.unsqueeze(-1)
         if p.summary_mask is not None:
             s_allowed = s_allowed & _slice_groups(p.summary_mask, 5, g0, g1)
-        s_logits = (torch.matmul(q_t, sk_t.transpose(-1, -2)) * p.scale).masked_fill(~s_allowed, -math.inf)
-        logits = torch.cat([logits, s_logits], dim=-1)
+        logits[..., k_t.shape[-2]:].masked_fill_(~s_allowed, -math.inf)
 
     keep = None
     if p.dropout_p > 0:
@@ -342,7 +353,7 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
         cols = torch.cat([k_pos.unsqueeze(-2), s_col.view(1, 1, g1 - g0, 1, S).expand(B, Hq, -1, -1, -1)], dim=-1)
         keep = dropout_keep(p.dropout_seed, p.dropout_p, ((b * Hq + h).unsqueeze(-1), q_pos.unsqueeze(-1), cols), acc)
 
-    return _Tile(q_t, k_t, v_t, sk_t, sv_t, logits, keep, q_row, k_row, bias_index)
+    return _Tile(q_t, k_t, v_t, sk_t, sv_t, keys, values, logits, keep, q_row, k_row, bias_index)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,10 +371,24 @@ def _normalise(logits: Tensor, normalizer: str) -> Tensor:
     return stat.masked_fill(~torch.isfinite(stat), 0.0)
 
 
+def _softmax_in_place(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(probs, logsumexp) of masked logits, overwriting them: one exp pass instead of two.
+
+    Empty rows (all -inf) give zero probabilities and statistic 0, as `_normalise` does.
+    """
+    top = logits.amax(dim=-1, keepdim=True)
+    top = top.masked_fill_(top == -math.inf, 0.0)
+    exp = logits.sub_(top).exp_()
+    total = exp.sum(dim=-1, keepdim=True)
+    stat = torch.where(total > 0, top + total.log(), 0.0).squeeze(-1)
+    return exp.div_(total.clamp_(min=torch.finfo(total.dtype).tiny)), stat
+
+
 def _probs(logits: Tensor, stat: Tensor, normalizer: str) -> Tensor:
     """Probabilities from logits and the row statistic (used by forward and backward alike)."""
     if normalizer == "softmax":
-        return torch.exp(logits - stat.unsqueeze(-1))
+        # Overwrites logits: the softmax backward does not need them again.
+        return logits.sub_(stat.unsqueeze(-1)).exp_()
     return torch.clamp(logits * 0.5 - stat.unsqueeze(-1), min=0).square()
 
 
@@ -396,11 +421,11 @@ def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor,
     """Vector-Jacobian product through the normaliser, for both outputs (probs and row stat)."""
     if normalizer == "softmax":
         # d softmax: p * (dp - <p, dp>);  d logsumexp / d logits = p.
+        # In place on d_probs (a temporary of the caller's): these tiles are the backward's bulk.
         row = (probs * d_probs).sum(dim=-1, keepdim=True)
-        grad = probs * (d_probs - row)
         if d_stat is not None:
-            grad = grad + probs * d_stat.unsqueeze(-1)
-        return grad
+            row -= d_stat.unsqueeze(-1)
+        return d_probs.sub_(row).mul_(probs)
     # entmax15: p = s^2 with s = relu(x - tau), x = logits / 2. Differentiating sum(p) = 1 gives
     # d tau = <s, dx> / sum(s), so d logits = s * (dp - <s, dp> / sum(s)) and
     # d tau / d logits = s / (2 sum(s)).
@@ -454,15 +479,14 @@ def _forward_impl(
     Wk = k_index.shape[3]
     for g0, g1 in p.chunks():
         t = _make_tile(p, g0, g1)
-        stat = _normalise(t.logits, normalizer)
-        probs = _probs(t.logits, stat, normalizer)
+        if normalizer == "softmax":
+            probs, stat = _softmax_in_place(t.logits)
+        else:
+            stat = _normalise(t.logits, normalizer)
+            probs = _probs(t.logits, stat, normalizer)
         if t.keep is not None:
             probs = probs * t.keep
-        o = torch.matmul(probs[..., :Wk], t.v)
-        if t.summary_v is not None:
-            # Two matmuls instead of concatenating values: summaries may be stride-0 views.
-            o = o + torch.matmul(probs[..., Wk:], t.summary_v)
-        out[:, :, g0:g1] = o
+        out[:, :, g0:g1] = torch.matmul(probs, t.values)
         row_stat[:, :, g0:g1] = stat
     return out, row_stat
 
@@ -500,28 +524,24 @@ def _backward_impl(
         probs = _probs(t.logits, stat, normalizer)
         dropped = probs if t.keep is None else probs * t.keep
 
-        # out = dropped[:, :Wk] @ v + dropped[:, Wk:] @ summary_v
-        d_dropped = torch.matmul(d_o, t.v.transpose(-1, -2))
+        # out = dropped @ [v; summary_v]
+        d_dropped = torch.matmul(d_o, t.values.transpose(-1, -2))
         dv_t = torch.matmul(dropped[..., :Wk].transpose(-1, -2), d_o)
-        if t.summary_v is not None:
-            d_dropped = torch.cat([d_dropped, torch.matmul(d_o, t.summary_v.transpose(-1, -2))], dim=-1)
-            if summary_grad:
-                dsv[:, :, g0:g1] = torch.matmul(dropped[..., Wk:].transpose(-1, -2), d_o)
-        d_probs = d_dropped if t.keep is None else d_dropped * t.keep
+        if summary_grad:
+            dsv[:, :, g0:g1] = torch.matmul(dropped[..., Wk:].transpose(-1, -2), d_o)
+        d_probs = d_dropped if t.keep is None else d_dropped.mul_(t.keep)
         d_logits = _logits_grad(t.logits, stat, probs, d_probs, d_stat, normalizer)
         d_direct = d_logits[..., :Wk]
 
-        dq_t = torch.matmul(d_direct, t.k)
-        dk_t = torch.matmul(d_direct.transpose(-1, -2), t.q) * p.scale
-        if t.summary_k is not None:
-            d_summ = d_logits[..., Wk:]
-            dq_t = dq_t + torch.matmul(d_summ, t.summary_k)
-            if summary_grad:
-                dsk[:, :, g0:g1] = torch.matmul(d_summ.transpose(-1, -2), t.q) * p.scale
+        # logits = scale * q @ [k; summary_k]^T; the scale is applied when accumulating.
+        dq_t = torch.matmul(d_logits, t.keys)
+        dk_t = torch.matmul(d_direct.transpose(-1, -2), t.q)
+        if summary_grad:
+            dsk[:, :, g0:g1] = torch.matmul(d_logits[..., Wk:].transpose(-1, -2), t.q) * p.scale
         # Scatter-add back to original rows (GQA sums query heads into their kv head). Empty slots
         # point at a dummy row but carry exactly zero gradient (their logits are -inf).
-        dq.index_add_(0, t.q_row.reshape(-1), (dq_t * p.scale).reshape(-1, dq.shape[1]))
-        dk.index_add_(0, t.k_row.reshape(-1), dk_t.reshape(-1, dk.shape[1]))
+        dq.index_add_(0, t.q_row.reshape(-1), dq_t.reshape(-1, dq.shape[1]), alpha=p.scale)
+        dk.index_add_(0, t.k_row.reshape(-1), dk_t.reshape(-1, dk.shape[1]), alpha=p.scale)
         dv.index_add_(0, t.k_row.reshape(-1), dv_t.reshape(-1, dv.shape[1]))
         if bias_grad:
             # index_put_ with accumulate also sums over bias's broadcast dims (they index 0).
@@ -576,11 +596,16 @@ _TENSOR_ARGS = ("q", "k", "v", "q_index", "k_index", "key_padding_mask", "bias",
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(*inputs, output[1])
+    # Callers rarely use row_stat: leave its gradient None rather than a tensor of zeros that the
+    # backward would multiply through every tile.
+    ctx.set_materialize_grads(False)
     ctx.settings = dict(keyword_only_inputs)
 
 
 def _backward(ctx, grad_out, grad_stat):
     *inputs, row_stat = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(inputs[0].new_empty(_out_shapes(inputs[2], inputs[3])[0]))
     # The dispatcher drops trailing arguments equal to their defaults (None), so needs_input_grad
     # may be shorter than the argument list; absent arguments need no gradient.
     flags = tuple(ctx.needs_input_grad) + (False,) * (len(_TENSOR_ARGS) - len(ctx.needs_input_grad))
