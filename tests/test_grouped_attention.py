@@ -57,7 +57,7 @@ def make_k_index(B, H, L, G, W, gen):
 
 def make_case(*, normalizer="softmax", B=2, Hq=4, Hkv=2, Lq=11, Lk=13, D=5, Dv=3, G=3, Wq=5, Wk=6,
               S=2, causal=False, causal_offset=0, padding=True, bias="full", summaries="full",
-              summary_mask="full", pair_mask=None, empty_group=True, dtype=F64, seed=0):
+              summary_mask="full", pair_mask=None, key_range=False, empty_group=True, dtype=F64, seed=0):
     """Inputs (dict of leaves + kwargs) for one configuration; every float tensor requires grad."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -83,6 +83,10 @@ def make_case(*, normalizer="softmax", B=2, Hq=4, Hkv=2, Lq=11, Lk=13, D=5, Dv=3
         kwargs["pair_mask"] = torch.rand(B, Hq, Lq, Lk, generator=gen) < 0.8
     elif pair_mask == "broadcast":  # one banded pattern for all batches and heads
         kwargs["pair_mask"] = (torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None]).abs() <= Lk // 3
+    if key_range:  # a random window [low, high] of key positions per query slot
+        low = torch.randint(-1, Lk, (B, Hq, G, Wq), generator=gen)
+        high = low + torch.randint(0, Lk // 2, (B, Hq, G, Wq), generator=gen)
+        kwargs["key_range"] = torch.stack([low, high], dim=-1)
     if summaries is not None:
         if summaries == "full":
             leaves["summary_k"], leaves["summary_v"] = randn(B, Hq, G, S, D), randn(B, Hq, G, S, Dv)
@@ -119,7 +123,7 @@ def call_args(case):
 
 def dense_reference(q, k, v, q_index, k_index, *, scale, causal=False, causal_offset=0,
                     key_padding_mask=None, bias=None, summary_k=None, summary_v=None,
-                    summary_mask=None, pair_mask=None, normalizer="softmax", **_):
+                    summary_mask=None, pair_mask=None, key_range=None, normalizer="softmax", **_):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G, Wq = q_index.shape[2:]
@@ -141,6 +145,9 @@ def dense_reference(q, k, v, q_index, k_index, *, scale, causal=False, causal_of
         rows = q_index[:, :, g].clamp(min=0)
         z = logits.gather(2, rows[..., None].expand(-1, -1, -1, Lk))
         m = (base & in_group[:, :, None, :]).gather(2, rows[..., None].expand(-1, -1, -1, Lk))
+        if key_range is not None:
+            low, high = key_range[:, :, g, :, 0:1], key_range[:, :, g, :, 1:2]
+            m = m & (torch.arange(Lk) >= low) & (torch.arange(Lk) <= high)
         values = [vv]
         if summary_k is not None:
             q_rows = q.gather(2, rows[..., None].expand(-1, -1, -1, D))
@@ -195,6 +202,8 @@ CONFIGS = {
                         summary_mask="broadcast", pair_mask="broadcast", chunk=1),
     # causal with an offset (decoder over a longer key sequence), no summaries, chunked
     "causal_offset_cross": dict(causal=True, causal_offset=2, bias="full", summaries=None, chunk=200),
+    # per-query key windows over the group's keys, with summaries (which the windows do not limit)
+    "key_range": dict(key_range=True, Lq=12, Lk=12, chunk=300),
     # causal with a negative offset (strictly-past keys): more empty rows, no bias
     "causal_negative_offset": dict(causal=True, causal_offset=-1, Lq=12, Lk=12, bias=None, padding=False),
 }
@@ -570,6 +579,9 @@ BAD_INPUTS = {
     "padding_dtype": (_bad(key_padding_mask=lambda m: m.float()), TypeError, "key_padding_mask must be bool"),
     "padding_shape": (_bad(key_padding_mask=lambda m: m[:, :5]), ValueError, "key_padding_mask must be"),
     "bias_shape": (_bad(bias=lambda b: b[..., :5]), ValueError, "bias shape .* not broadcastable"),
+    "key_range_shape": (_bad(key_range=lambda _: torch.zeros(2, 4, 3, 5, 3, dtype=torch.int64)), ValueError, "key_range must be"),
+    "key_range_dtype": (_bad(key_range=lambda _: torch.zeros(2, 4, 3, 5, 2)), TypeError, "key_range must be int64"),
+    "pair_mask_dtype": (_bad(pair_mask=lambda _: torch.ones(11, 13)), TypeError, "pair_mask must be bool"),
     "summary_pair": (_bad(summary_v=lambda _: None), ValueError, "given together"),
     "summary_shape": (_bad(summary_k=lambda s: s[..., :4]), ValueError, "summary_k must be"),
     "summary_v_shape": (_bad(summary_v=lambda s: s[:, :, :, :1]), ValueError, "summary_v must be"),

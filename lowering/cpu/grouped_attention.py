@@ -14,6 +14,8 @@ Shapes::
     summary_mask   bool, broadcastable to (B, Hq, G, Wq, S)
     pair_mask      bool, broadcastable to (B, Hq, Lq, Lk), True = pair allowed; read only at the pairs
                    the groups define (like bias)
+    key_range      (B, Hq, G, Wq, 2) int64: query slot (g, w) sees only keys at positions in
+                   [key_range[..., 0], key_range[..., 1]] (per-query windows over a group's shared keys)
 
     out_slots      (B, Hq, G, Wq, Dv)      in q's dtype
     row_stat       (B, Hq, G, Wq)          logsumexp (softmax) or threshold tau (entmax15); 0 for
@@ -76,6 +78,7 @@ def grouped_attention(
     summary_v: Optional[Tensor] = None,
     summary_mask: Optional[Tensor] = None,
     pair_mask: Optional[Tensor] = None,
+    key_range: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None,
     normalizer: str = "softmax",
@@ -93,7 +96,7 @@ def grouped_attention(
         dropout_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
     return torch.ops.attnpass.grouped_attention(
         q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask, pair_mask,
-        scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+        key_range, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
         dropout_seed=dropout_seed, normalizer=normalizer,
     )
 
@@ -135,7 +138,8 @@ def scatter_slots(out_slots: Tensor, q_index: Tensor, length: int) -> tuple[Tens
 
 
 def _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
-              summary_mask, pair_mask, scale, causal_offset, dropout_p, dropout_seed, normalizer) -> None:
+              summary_mask, pair_mask, key_range, scale, causal_offset, dropout_p, dropout_seed,
+              normalizer) -> None:
     _check(normalizer in NORMALIZERS, f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
     _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
            f"dropout_p must be in [0, 1), got {dropout_p!r}")
@@ -179,6 +183,10 @@ def _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summ
         _check(1 <= pair_mask.dim() and _broadcastable(tuple(pair_mask.shape), (B, Hq, Lq, Lk)),
                f"pair_mask shape {tuple(pair_mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}")
 
+    if key_range is not None:
+        _check(key_range.dtype == torch.int64, f"key_range must be int64, got {key_range.dtype}", TypeError)
+        _check(tuple(key_range.shape) == (B, Hq, G, Wq, 2),
+               f"key_range must be (B, Hq, G, Wq, 2) = {(B, Hq, G, Wq, 2)}, got shape {tuple(key_range.shape)}")
     _check((summary_k is None) == (summary_v is None), "summary_k and summary_v must be given together")
     if summary_k is None:
         _check(summary_mask is None, "summary_mask given without summary_k / summary_v")
@@ -217,6 +225,7 @@ class _Problem:
     summary_v: Optional[Tensor]
     summary_mask: Optional[Tensor]
     pair_mask: Optional[Tensor]
+    key_range: Optional[Tensor]
     scale: float
     causal: bool
     causal_offset: int
@@ -331,13 +340,16 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
     # Build the allowed-pairs mask only when something can remove a pair: a full tile with no
     # causal rule, padding or pair mask (e.g. bidirectional routing) skips two passes over it.
     all_slots = bool(q_ok.all())
-    if p.causal or p.pair_mask is not None or not (all_slots and bool(k_ok.all())):
+    if p.causal or p.pair_mask is not None or p.key_range is not None or not (all_slots and bool(k_ok.all())):
         allowed = q_ok.unsqueeze(-1) & k_ok.unsqueeze(-2)
         if p.causal:
             allowed &= k_idx.unsqueeze(-2) <= q_idx.unsqueeze(-1) + p.causal_offset
         if p.pair_mask is not None:
             allowed &= p.pair_mask[_bias_index(p.pair_mask, b.unsqueeze(-1), h.unsqueeze(-1),
                                                q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))]
+        if p.key_range is not None:
+            low, high = p.key_range[:, :, g0:g1].unbind(-1)
+            allowed &= (k_idx.unsqueeze(-2) >= low.unsqueeze(-1)) & (k_idx.unsqueeze(-2) <= high.unsqueeze(-1))
         direct.masked_fill_(~allowed, -math.inf)
     if sk_t is not None and (p.summary_mask is not None or not all_slots):
         s_allowed = q_ok.unsqueeze(-1)
@@ -444,11 +456,11 @@ def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor,
 
 
 def _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-             pair_mask, *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer) -> _Problem:
+             pair_mask, key_range, *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer) -> _Problem:
     _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-              pair_mask, scale, causal_offset, dropout_p, dropout_seed, normalizer)
+              pair_mask, key_range, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     return _Problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
-                    summary_mask, pair_mask, float(scale), bool(causal), int(causal_offset), float(dropout_p),
+                    summary_mask, pair_mask, key_range, float(scale), bool(causal), int(causal_offset), float(dropout_p),
                     dropout_seed, normalizer)
 
 
@@ -467,11 +479,11 @@ def _forward_impl(
     key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
     summary_k: Optional[Tensor] = None, summary_v: Optional[Tensor] = None,
     summary_mask: Optional[Tensor] = None, pair_mask: Optional[Tensor] = None,
-    *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
+    key_range: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None, normalizer: str = "softmax",
 ) -> tuple[Tensor, Tensor]:
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-                 pair_mask, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+                 pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
     out_shape, stat_shape = _out_shapes(v, q_index)
     out = q.new_empty(out_shape)
@@ -497,13 +509,13 @@ def _backward_impl(
     key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
     summary_k: Optional[Tensor] = None, summary_v: Optional[Tensor] = None,
     summary_mask: Optional[Tensor] = None, pair_mask: Optional[Tensor] = None,
-    *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
+    key_range: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None, normalizer: str = "softmax",
     bias_grad: bool = False, summary_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dsummary_k, dsummary_v); ungrad'ed ones are empty (numel 0)."""
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-                 pair_mask, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+                 pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
     acc, Wk = p.acc, k_index.shape[3]
     # Flat (rows, D) accumulators matching p.q_rows / p.k_rows / p.v_rows, for index_add_.
@@ -568,18 +580,18 @@ _grouped_attention_backward_op = torch.library.custom_op(
 
 @_grouped_attention_op.register_fake
 def _forward_fake(q, k, v, q_index, k_index, key_padding_mask=None, bias=None, summary_k=None,
-                  summary_v=None, summary_mask=None, pair_mask=None, *, scale, causal=False, causal_offset=0,
+                  summary_v=None, summary_mask=None, pair_mask=None, key_range=None, *, scale, causal=False, causal_offset=0,
                   dropout_p=0.0, dropout_seed=None, normalizer="softmax"):
     _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-              pair_mask, scale, causal_offset, dropout_p, dropout_seed, normalizer)
+              pair_mask, key_range, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     out_shape, stat_shape = _out_shapes(v, q_index)
     return q.new_empty(out_shape), q.new_empty(stat_shape, dtype=_acc_dtype(q))
 
 
 @_grouped_attention_backward_op.register_fake
 def _backward_fake(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, key_padding_mask=None,
-                   bias=None, summary_k=None, summary_v=None, summary_mask=None, pair_mask=None, *, scale,
-                   causal=False, causal_offset=0, dropout_p=0.0, dropout_seed=None,
+                   bias=None, summary_k=None, summary_v=None, summary_mask=None, pair_mask=None, key_range=None,
+                   *, scale, causal=False, causal_offset=0, dropout_p=0.0, dropout_seed=None,
                    normalizer="softmax", bias_grad=False, summary_grad=False):
     with_summary = summary_grad and summary_k is not None
     return (
@@ -591,7 +603,7 @@ def _backward_fake(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, key
 
 
 _TENSOR_ARGS = ("q", "k", "v", "q_index", "k_index", "key_padding_mask", "bias", "summary_k",
-                "summary_v", "summary_mask", "pair_mask")
+                "summary_v", "summary_mask", "pair_mask", "key_range")
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
