@@ -5,12 +5,13 @@
 """
 from attnpass.api import NoAttentionFound, aux_loss, find_attention, sparsify
 from attnpass.capture import CaptureError
+from attnpass.cost_model import cost
 from attnpass.methods import METHODS
 from attnpass.site import AttentionReport, AttentionSite, SkippedSite
 from attnpass.sparse_module import SparseModel
 
 __all__ = [
     "METHODS", "AttentionReport", "AttentionSite", "CaptureError", "NoAttentionFound", "SkippedSite",
-    "SparseModel", "aux_loss", "find_attention", "sparsify",
+    "SparseModel", "aux_loss", "cost", "find_attention", "sparsify",
 ]
 __version__ = "0.1.0"

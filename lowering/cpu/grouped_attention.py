@@ -488,7 +488,6 @@ def _forward_impl(
     out_shape, stat_shape = _out_shapes(v, q_index)
     out = q.new_empty(out_shape)
     row_stat = torch.empty(stat_shape, dtype=p.acc, device=q.device)
-    Wk = k_index.shape[3]
     for g0, g1 in p.chunks():
         t = _make_tile(p, g0, g1)
         if normalizer == "softmax":

@@ -1,0 +1,95 @@
+"""method="combiner": full attention at sparse cost through region summaries (Ren et al. 2021).
+
+Each query attends directly to the keys of its own block and reaches every other key it may see
+through exactly one region summary, all under one softmax (see `combiner_layout` for the
+variants "fixed", "axial" and "logsparse"). Summaries are max-pools of the model's own queries
+and keys, so the method adds no parameters and applies to a trained model as is.
+
+Options: ``variant`` ("fixed" by default) and ``block`` (int >= 1; by default chosen per call from
+the sequence lengths). Sites with an additive bias or a general mask are declined: a summary
+stands for many keys at once and cannot carry a per-pair bias or mask.
+"""
+from __future__ import annotations
+
+import numbers
+
+from attnpass import cost_model
+from attnpass.lowering.cpu.grouped_attention import grouped_attention
+from attnpass.methods.base import SiteAttention, SiteSpec
+from attnpass.methods.combiner_layout import VARIANTS, build_layout, region_summaries
+
+_OPTIONS = ("variant", "block")
+
+
+def _default_block(len_q: int, len_k: int, head_dim: int, variant: str) -> int:
+    """Block size when the user gave none: the cost model's minimiser (fixed: sqrt(Lk))."""
+    block = cost_model.default_block(len_q, len_k, head_dim, variant)
+    return min(max(block, 1), max(len_k, 1))
+
+
+class CombinerAttention(SiteAttention):
+    method_name = "combiner"
+
+    def __init__(self, spec: SiteSpec, **options):
+        self.validate_options(**options)
+        super().__init__(spec)
+        self.variant: str = options.get("variant", "fixed")
+        block = options.get("block")
+        self.block: int | None = None if block is None else int(block)
+
+    @classmethod
+    def validate_options(cls, **options) -> None:
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise ValueError(f"method 'combiner' got unknown option(s) {unknown}; it takes {list(_OPTIONS)}")
+        variant = options.get("variant", "fixed")
+        if not isinstance(variant, str) or variant not in VARIANTS:
+            raise ValueError(f"method 'combiner': option variant={variant!r} must be one of {list(VARIANTS)}")
+        block = options.get("block")
+        if block is None:
+            return
+        if isinstance(block, bool) or not isinstance(block, numbers.Integral):
+            raise TypeError(f"method 'combiner': option block={block!r} must be an int >= 1 "
+                            f"(or None for the default), got {type(block).__name__}")
+        if block < 1:
+            raise ValueError(f"method 'combiner': option block={block!r} must be an int >= 1")
+
+    @classmethod
+    def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
+        kinds = [name for name, present in (("additive bias", spec.has_bias), ("mask", spec.has_mask)) if present]
+        if not kinds:
+            return None
+        return (f"combiner region summaries cannot carry an arbitrary {' / '.join(kinds)} (a summary stands "
+                "for many keys at once); use method='routing' or method='dense' for this site")
+
+    def extra_repr(self) -> str:
+        block = "auto" if self.block is None else self.block
+        return f"{super().extra_repr()}, variant={self.variant}, block={block}"
+
+    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+        if bias is not None or mask is not None:
+            # sparsify declines such sites (unsupported_reason); reaching here is a caller error
+            raise ValueError(f"combiner site {self.spec.name!r} got a bias or mask tensor, which region "
+                             "summaries cannot carry; use method='routing' or method='dense'")
+        B, Hq, Lq, _ = q.shape
+        Lk = k.shape[2]
+        if Lq == 0 or Lk == 0:
+            return q.new_zeros(B, Hq, Lq, v.shape[3])  # no key to see: zeros, as dense attention gives
+        causal = self.spec.causal
+        offset = self.causal_offset(q, k) if causal else 0
+        block = self.block if self.block is not None else _default_block(Lq, Lk, q.shape[3], self.variant)
+        layout = build_layout(self.variant, Lq, Lk, block, causal, offset, q.device)
+        scale = self.scale(q)
+        summaries = region_summaries(q, k, v, key_keep, layout, scale)
+        summary_k, summary_v, summary_mask = summaries if summaries is not None else (None, None, None)
+
+        G, Wq = layout.q_index.shape
+        p = dropout_p if self.training else 0.0
+        out_slots, _ = grouped_attention(
+            q, k, v, layout.q_index.expand(B, Hq, -1, -1), layout.k_index.expand(B, Hq, -1, -1),
+            scale=scale, causal=causal, causal_offset=offset, key_padding_mask=key_keep,
+            summary_k=summary_k, summary_v=summary_v, summary_mask=summary_mask,
+            dropout_p=p, dropout_seed=self.dropout_seed(p),
+        )
+        # Every query sits in exactly one slot: read it back instead of scattering.
+        return out_slots.reshape(B, Hq, G * Wq, -1).index_select(2, layout.query_slot)

@@ -1,0 +1,184 @@
+"""Online k-means for routing attention (Roy et al. 2021): per-head centroids learnt by EMA.
+
+Routing attention puts each query and key in the clusters whose centroids it resembles most,
+then attends only inside clusters. This module holds the clustering state and its maths; the
+attention itself lives in `routing.py`.
+
+State (persistent buffers, so it is saved and loaded with the model's `state_dict()`):
+
+    centroids    (H, c, D)  the routing centroids, mu = ema_sum / (ema_count + eps)
+    ema_sum      (H, c, D)  EMA of the sum of the tokens assigned to each cluster
+    ema_count    (H, c)     EMA of the number of tokens assigned to each cluster
+    initialized  ()         bool; False until the first batch has been seen
+
+H is the number of (routing) query heads: every query head has its own centroids, and the
+tokens it clusters are its own queries plus the keys of the kv head it reads (GQA).
+
+Everything is done on normalised tokens x_hat = layer_norm(x) (no affine parameters, the
+paper's routing normalisation), which lie near a sphere of radius sqrt(D). Similarity is
+x_hat . mu, and a token's "nearest" centroid is its most similar one: the same score routing
+ranks by, so the clusters the EMA learns are the ones routing uses.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Tokens(NamedTuple):
+    """One set of normalised tokens seen by each query head."""
+
+    x_hat: Tensor              # (B, H, L, D) normalised tokens, one row per query head
+    keep: Tensor | None     # (B, L) bool, True = real token (None: all real)
+    nearest: Tensor | None  # (B, H, L) int64 index of each token's nearest centroid
+
+
+class OnlineKMeans(nn.Module):
+    def __init__(self, heads: int, clusters: int, dim: int, *, decay: float = 0.999,
+                 commitment: float = 1e-4, eps: float = 1e-5):
+        super().__init__()
+        self.heads, self.clusters, self.dim = heads, clusters, dim
+        self.decay, self.commitment, self.eps = decay, commitment, eps
+        self.register_buffer("centroids", torch.zeros(heads, clusters, dim))
+        self.register_buffer("ema_sum", torch.zeros(heads, clusters, dim))
+        self.register_buffer("ema_count", torch.zeros(heads, clusters))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.heads}, clusters={self.clusters}, dim={self.dim}, decay={self.decay}, "
+                f"commitment={self.commitment}")
+
+    # ---------------------------------------------------------------------------------------
+    # Routing scores
+    # ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def normalise(x: Tensor) -> Tensor:
+        """layer_norm without affine parameters, in at least float32 (bf16 would blur routing)."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return F.layer_norm(x.to(acc), (x.shape[-1],))
+
+    def similarity(self, q_hat: Tensor, k_hat: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores x_hat . mu: q_hat (B, H, Lq, D) -> (B, H, c, Lq); k_hat (B, Hkv, Lk, D) -> (B, H, c, Lk).
+
+        Query head h scores the keys of kv head h // (H // Hkv) against its own centroids; the
+        keys are not copied per query head.
+        """
+        mu = self.centroids.to(q_hat.dtype)
+        sim_q = torch.matmul(mu, q_hat.transpose(-1, -2))
+        B, Hkv, Lk, D = k_hat.shape
+        grouped_mu = mu.view(Hkv, self.heads // Hkv, self.clusters, D)
+        sim_k = torch.matmul(grouped_mu, k_hat.transpose(-1, -2).unsqueeze(2))  # (B, Hkv, g, c, Lk)
+        return sim_q, sim_k.reshape(B, self.heads, self.clusters, Lk)
+
+    @staticmethod
+    def nearest(sim: Tensor) -> Tensor:
+        """(B, H, c, L) scores -> (B, H, L) index of each token's most similar centroid."""
+        return sim.argmax(dim=-2)
+
+    @staticmethod
+    def top_slots(sim: Tensor, width: int, keep: Tensor | None = None, drop_unkept: bool = True) -> Tensor:
+        """Each cluster's `width` most similar tokens: (B, H, c, L) scores -> (B, H, c, width) positions.
+
+        Tokens with keep False rank after every kept token; with drop_unkept they are never
+        chosen (their slots become -1). Slots are sorted by original position, -1 slots last.
+        """
+        L = sim.shape[-1]
+        if keep is not None:
+            sim = sim.masked_fill(~keep[:, None, None, :], -torch.inf)
+        chosen = sim.topk(width, dim=-1, sorted=False).indices
+        if keep is not None and drop_unkept:
+            kept = keep[:, None, None, :].expand(sim.shape).gather(-1, chosen)
+            chosen = torch.where(kept, chosen, L)  # L sorts after every real position
+        chosen = chosen.sort(dim=-1).values
+        return chosen.masked_fill(chosen == L, -1)
+
+    # ---------------------------------------------------------------------------------------
+    # State updates
+    # ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialize_(self, token_sets: list[Tokens]) -> None:
+        """Centroids := distinct random real tokens of this batch, per head (torch's global RNG).
+
+        Tokens are drawn with replacement only when a head has fewer real tokens than clusters.
+        The EMA starts as if each centroid had been seen once (count 1), so a cluster that gets
+        no token keeps its centroid instead of collapsing to 0 at the first update.
+        """
+        pool = torch.cat([self._rows(t, real_only=True) for t in token_sets], dim=1)  # (H, N, D)
+        if pool.shape[1] == 0:  # a batch of padding only: any token beats an uninitialised centroid
+            pool = torch.cat([self._rows(t, real_only=False) for t in token_sets], dim=1)
+        H, N, _ = pool.shape
+        c = self.clusters
+        if N >= c:
+            # the c largest of N uniform draws: a uniformly random c-subset, per head
+            picks = torch.rand(H, N, device=pool.device).topk(c, dim=-1).indices
+        else:
+            every = torch.rand(H, N, device=pool.device).argsort(dim=-1)
+            extra = torch.randint(0, N, (H, c - N), device=pool.device)
+            picks = torch.cat([every, extra], dim=-1)
+        chosen = pool.gather(1, picks.unsqueeze(-1).expand(H, c, pool.shape[2]))
+        self.centroids.copy_(chosen)
+        self.ema_sum.copy_(chosen)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @staticmethod
+    def _rows(tokens: Tokens, real_only: bool) -> Tensor:
+        """(B, H, L, D) tokens -> (H, N, D): the (real) tokens of every batch row, per head."""
+        B, H, L, D = tokens.x_hat.shape
+        rows = tokens.x_hat.detach().transpose(0, 1).reshape(H, B * L, D)
+        if tokens.keep is None or not real_only:
+            return rows
+        return rows[:, tokens.keep.reshape(-1)]
+
+    @torch.no_grad()
+    def update_(self, token_sets: list[Tokens]) -> None:
+        """One EMA k-means step from each real token's nearest centroid (see the module docstring).
+
+        count <- decay * count + (1 - decay) * n;  sum <- decay * sum + (1 - decay) * sum_x;
+        mu = sum / (count + eps). Done in float32 at least, whatever the tokens' dtype.
+        """
+        H, c, D = self.centroids.shape
+        acc = torch.promote_types(self.ema_sum.dtype, torch.float32)
+        n = torch.zeros(H * c, dtype=acc, device=self.centroids.device)
+        sum_x = torch.zeros(H * c, D, dtype=acc, device=self.centroids.device)
+        head = torch.arange(H, device=n.device).view(1, H, 1)
+        for tokens in token_sets:
+            B, _, L, _ = tokens.x_hat.shape
+            cell = (head * c + tokens.nearest).reshape(-1)  # row of (head, cluster) in the flat sums
+            # padding tokens take part with weight 0
+            real = torch.ones(B, L, device=n.device) if tokens.keep is None else tokens.keep
+            weight = real.to(acc).view(B, 1, L).expand(B, H, L).reshape(-1)
+            n.index_add_(0, cell, weight)
+            sum_x.index_add_(0, cell, tokens.x_hat.detach().reshape(-1, D).to(acc) * weight.unsqueeze(-1))
+        d = self.decay
+        count = self.ema_count.to(acc) * d + n.view(H, c) * (1 - d)
+        total = self.ema_sum.to(acc) * d + sum_x.view(H, c, D) * (1 - d)
+        self.ema_count.copy_(count)
+        self.ema_sum.copy_(total)
+        self.centroids.copy_(total / (count + self.eps).unsqueeze(-1))
+
+    def commitment_loss(self, token_sets: list[Tokens]) -> Tensor:
+        """commitment * mean over real tokens (and heads, dims) of (x_hat - stopgrad(mu_nearest))^2.
+
+        Differentiable in x_hat, so it pulls the model's queries and keys towards their centroids.
+        """
+        H = self.heads
+        total, count = None, 0
+        for tokens in token_sets:
+            x = tokens.x_hat
+            B, _, L, _ = x.shape
+            mu = self.centroids.to(x.dtype)[torch.arange(H, device=x.device).view(1, H, 1), tokens.nearest]
+            squared = (x - mu).square().mean(dim=-1)  # (B, H, L); mu is a buffer: no gradient to it
+            if tokens.keep is not None:
+                squared = squared * tokens.keep.view(B, 1, L)
+                count += int(tokens.keep.sum()) * H
+            else:
+                count += B * H * L
+            part = squared.sum()
+            total = part if total is None else total + part
+        return self.commitment * total / max(count, 1)

@@ -1,0 +1,133 @@
+"""The sympy cost model: hand counts, asymptotic orders, the defaults it chooses, and sites."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import sympy
+
+import attnpass
+from attnpass import cost_model
+from attnpass.cost_model import D, Lk, Lq, c, s
+from tests.zoo import by_name
+
+L = sympy.Symbol("L", positive=True)
+
+
+def test_dense_flops_and_bytes_match_a_hand_count():
+    flops, nbytes = cost_model.cost_expr("dense").evaluate(B=2, H=3, Lq=5, Lk=7, D=4)
+    # per (b, h): 5*7 pairs, each 2*4 (q.k) + 2*4 (p.v) + 5 (softmax)
+    assert flops == 2 * 3 * 5 * 7 * (8 + 8 + 5)
+    # q, out (5x4) and k, v (7x4) in fp32, plus the 5x7 scores written and read
+    assert nbytes == 2 * 3 * (4 * (2 * 5 * 4 + 2 * 7 * 4) + 4 * 2 * 5 * 7)
+
+
+def test_routing_and_combiner_fixed_match_a_hand_count():
+    flops, _ = cost_model.cost_expr("routing", clusters=4).evaluate(B=1, H=1, Lq=16, Lk=16, D=2)
+    similarities = 2 * 32 * 4 * 2          # 32 tokens x 4 centroids, 2-dim dot products
+    selection = 32 * 4                      # one comparison per (token, centroid)
+    attention = 4 * (4 * 4) * (4 * 2 + 5)  # 4 clusters of 4 queries x 4 keys
+    assert flops == similarities + selection + attention
+
+    flops, _ = cost_model.cost_expr("combiner", variant="fixed", block=4).evaluate(B=1, H=1, Lq=16, Lk=16, D=2)
+    pair = 4 * 2 + 5
+    direct, summaries = 16 * 4 * pair, 16 * 4 * pair  # own block of 4 keys; 4 region summaries each
+    pooling, summary_values = 32 * 2, 16 * pair        # max-pools; pooled query over each region's keys
+    assert flops == direct + summaries + pooling + summary_values
+
+
+def _at_optimum(method, variant="fixed"):
+    """FLOPs with Lq = Lk = L, D = 64 and the parameter at its symbolic optimum."""
+    cost = cost_model.cost_expr(method, variant=variant) if method == "combiner" else cost_model.cost_expr(method)
+    parameter = cost_model.optimal_parameter(method, variant)
+    return cost.flops.subs({c: parameter, s: parameter}).subs({Lq: L, Lk: L, D: 64, cost_model.B: 1, cost_model.H: 1})
+
+
+@pytest.mark.parametrize("method, variant, order", [
+    ("routing", "fixed", L ** sympy.Rational(3, 2)),
+    ("combiner", "fixed", L ** sympy.Rational(3, 2)),
+    ("combiner", "axial", L ** sympy.Rational(3, 2)),
+    ("combiner", "logsparse", L * sympy.log(L)),
+])
+def test_asymptotic_order_at_the_optimal_parameter(method, variant, order):
+    ratio = sympy.limit(_at_optimum(method, variant) / order, L, sympy.oo)
+    assert ratio.is_finite and ratio > 0, ratio
+    # ... and not of a smaller order
+    assert sympy.limit(_at_optimum(method, variant) / (order / sympy.sqrt(sympy.log(L))), L, sympy.oo) == sympy.oo
+
+
+def test_dense_is_quadratic():
+    flops = cost_model.cost_expr("dense").flops.subs({Lq: L, Lk: L, D: 64, cost_model.B: 1, cost_model.H: 1})
+    assert sympy.limit(flops / L**2, L, sympy.oo) == 4 * 64 + 5
+
+
+def test_optimal_parameters_are_solved_symbolically():
+    assert sympy.simplify(cost_model.optimal_parameter("combiner", "fixed") - sympy.sqrt(Lk)) == 0
+    routing = cost_model.optimal_parameter("routing")
+    # about sqrt(L) at Lq = Lk = L: sqrt(L (4D + 5) / (2 (2D + 1)))
+    assert sympy.simplify(routing.subs({Lq: L, Lk: L}) - sympy.sqrt(L * (4 * D + 5) / (2 * (2 * D + 1)))) == 0
+
+
+@pytest.mark.parametrize("method, choose", [
+    ("routing", lambda n: cost_model.default_clusters(n, n, 64)),
+    ("combiner", lambda n: cost_model.default_block(n, n, 64, "fixed")),
+])
+def test_defaults_minimise_the_flops_over_nearby_integers(method, choose):
+    n = 4096
+    best = choose(n)
+    assert 0.5 * math.sqrt(n) <= best <= 2 * math.sqrt(n)
+    key = "clusters" if method == "routing" else "block"
+
+    def flops(value):
+        return cost_model.cost_expr(method, **{key: value}).evaluate(B=1, H=1, Lq=n, Lk=n, D=64)[0]
+
+    nearby = min(flops(v) for v in range(max(1, best // 2), 2 * best))
+    assert flops(best) <= 1.01 * nearby
+
+
+def test_defaults_are_clamped_to_the_lengths():
+    assert cost_model.default_clusters(3, 1000, 64) <= 3
+    assert cost_model.default_block(10, 10, 64, "logsparse") == 10
+    assert cost_model.default_block(1, 1, 64) == 1
+
+
+def test_growth_exponents():
+    assert cost_model.growth_exponent("dense") == pytest.approx(2.0)
+    assert cost_model.growth_exponent("routing") == pytest.approx(1.5, abs=0.01)
+    assert cost_model.growth_exponent("combiner") == pytest.approx(1.5, abs=0.01)
+
+
+def test_cost_of_a_found_site_uses_its_dims_and_the_method_defaults():
+    case = by_name("hand-sdpa-causal")
+    args, kwargs = case.inputs(2, 8)
+    site = attnpass.find_attention(case.build(), args, kwargs).sites[0]
+    dense = attnpass.cost(site)
+    # batch and length are symbolic in the captured graph; heads and head dim are not
+    assert {str(x) for x in dense.flops.free_symbols} == {"B", "L_q", "L_k"}
+    assert dense.flops.subs({cost_model.B: 2, Lq: 8, Lk: 8}) == 2 * 4 * 8 * 8 * (4 * 8 + 5)
+    routing = attnpass.cost(site, "routing", clusters=2)
+    assert routing.params == {"clusters": 2} and "routing (clusters=2)" in str(routing)
+
+
+def test_cost_with_known_lengths_fills_in_the_default():
+    class Site:  # the fields cost() reads, all known
+        batch, heads_q, len_q, len_k, head_dim = 1, 8, 4096, 4096, 64
+
+    routing = attnpass.cost(Site(), "routing")
+    assert routing.params["clusters"] == cost_model.default_clusters(4096, 4096, 64)
+    flops, nbytes = routing.evaluate()
+    dense_flops, _ = attnpass.cost(Site(), "dense").evaluate()
+    assert 20 < dense_flops / flops < 40 and nbytes > 0
+    assert attnpass.cost(Site(), "combiner", variant="axial").params["block"] == cost_model.default_block(4096, 4096, 64, "axial")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: attnpass.cost(None, "magic"), "magic"),
+    (lambda: attnpass.cost(None, "routing", block=3), "block"),
+    (lambda: attnpass.cost(None, "combiner", variant="diagonal"), "diagonal"),
+    (lambda: cost_model.cost_expr("dense").evaluate(B=1), "no value"),
+    (lambda: cost_model.cost_expr("dense").evaluate(X=1), "X"),
+])
+def test_errors_name_the_problem(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
