@@ -94,6 +94,10 @@ def test_combiner_declines_sites_with_an_additive_bias_and_routing_serves_them()
         expected = model(*args, **kwargs)
         assert max_relative_error(combiner(*args, **kwargs), expected) < 1e-5  # skipped sites unchanged
         assert max_relative_error(routing(*args, **kwargs), expected) < 1e-5   # bias read at the pairs
+    # the train-mode graph is captured on first use and declines the same sites
+    combiner.train()
+    assert torch.isfinite(combiner(*args, **kwargs)[0]).all()
+    assert set(combiner._programs) == {False, True}
 
 
 @pytest.mark.parametrize("options, message", [

@@ -117,18 +117,19 @@ def scatter_slots(out_slots: Tensor, q_index: Tensor, length: int) -> tuple[Tens
             f"{tuple(out_slots.shape[:4])}"
         )
     B, H, G, W, Dv = out_slots.shape
-    valid = (q_index >= 0).reshape(B, H, G * W)
-    index = q_index.clamp(min=0).reshape(B, H, G * W)
+    valid = (q_index >= 0).reshape(-1)
+    # Flat rows (b*H + h)*length + i and index_add_: much faster on CPU than scatter_add with an
+    # index expanded over Dv.
+    rows = ((torch.arange(B * H, device=q_index.device).view(B, H, 1, 1) * length) + q_index.clamp(min=0)).reshape(-1)
     # Sum in at least float32 so bf16 outputs are not rounded twice.
     acc = torch.promote_types(out_slots.dtype, torch.float32)
-    values = out_slots.reshape(B, H, G * W, Dv).to(acc) * valid.unsqueeze(-1)
-    total = out_slots.new_zeros((B, H, length, Dv), dtype=acc).scatter_add(
-        2, index.unsqueeze(-1).expand(B, H, G * W, Dv), values
-    )
-    count = torch.zeros((B, H, length), dtype=torch.int64, device=q_index.device).scatter_add(
-        2, index, valid.to(torch.int64)
-    )
-    out = total / count.clamp(min=1).unsqueeze(-1).to(acc)
+    values = out_slots.reshape(-1, Dv).to(acc)
+    if not bool(valid.all()):
+        values = values * valid.unsqueeze(-1)
+    total = torch.zeros((B * H * length, Dv), dtype=acc, device=out_slots.device).index_add_(0, rows, values)
+    count = torch.zeros(B * H * length, dtype=torch.int64, device=q_index.device).index_add_(
+        0, rows, valid.to(torch.int64)).view(B, H, length)
+    out = (total.view(B, H, length, Dv) / count.clamp(min=1).unsqueeze(-1).to(acc))
     return out.to(out_slots.dtype), count
 
 
