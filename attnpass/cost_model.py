@@ -17,7 +17,9 @@ Counting conventions (per batch element and query head, then times B*H):
 - bytes: q, k, v read and the output written once (`itemsize` each, fp32 by default), the
   working copies the sparse kernels gather (q, k, v rows), int64 index tensors (8 bytes per slot),
   and for dense attention the Lq x Lk scores written and read once (what fused kernels avoid).
-Routing's optional local heads and the fallback for queries no cluster took are not counted.
+Routing counts its fallback: with balanced top-w each query is left out by every cluster with
+probability about (1 - 1/c)^c ~ 1/e, and those queries attend to `local_window` keys instead.
+Routing's optional local heads are not counted.
 """
 from __future__ import annotations
 
@@ -35,22 +37,26 @@ INDEX_BYTES = 8
 
 METHODS = ("dense", "routing", "combiner")
 COMBINER_VARIANTS = ("fixed", "axial", "logsparse")
-_OPTIONS = {"dense": (), "routing": ("clusters",), "combiner": ("variant", "block")}
+_OPTIONS = {"dense": (), "routing": ("clusters", "local_window"), "combiner": ("variant", "block")}
+DEFAULT_LOCAL_WINDOW = 64  # routing's default fallback window (attnpass.methods.routing)
 
 # Logsparse's FLOPs are minimised by a constant block of ~3 keys (d/ds of Lq*s - (Lq+Lk)*log2(Lk/s)),
 # far too small for tiled kernels; this block keeps tiles efficient and is what the default uses.
 LOGSPARSE_BLOCK = 64
 
 
-def _per_head(method: str, variant: str, itemsize: int) -> tuple[sympy.Expr, sympy.Expr]:
+def _per_head(method: str, variant: str, itemsize: int,
+              local_window: int = DEFAULT_LOCAL_WINDOW) -> tuple[sympy.Expr, sympy.Expr]:
     """(flops, bytes) of one batch element and query head, in the method's parameter symbol."""
     io = itemsize * (2 * Lq * D + 2 * Lk * D)  # read q, k, v; write the output
     if method == "dense":
         return Lq * Lk * PAIR, io + itemsize * 2 * Lq * Lk
     if method == "routing":
         # similarities of every query and key to every centroid, top-w selection (one comparison
-        # per candidate), then dense attention inside c clusters of Lq/c queries and Lk/c keys
-        flops = 2 * (Lq + Lk) * c * D + (Lq + Lk) * c + (Lq / c) * (Lk / c) * c * PAIR
+        # per candidate), dense attention inside c clusters of Lq/c queries and Lk/c keys, and the
+        # local-window fallback of the ~1/e queries no cluster took
+        flops = (2 * (Lq + Lk) * c * D + (Lq + Lk) * c + (Lq / c) * (Lk / c) * c * PAIR
+                 + sympy.exp(-1) * Lq * local_window * PAIR)
         gathered = itemsize * (Lq + 2 * Lk) * D + INDEX_BYTES * (Lq + Lk)
         return flops, io + gathered + itemsize * c * D
     regions = Lk / s
@@ -119,12 +125,13 @@ def _check_options(method: str, options: dict) -> None:
 def cost_expr(method: str, **options) -> Cost:
     """The cost of `method` as expressions of B, H, Lq, Lk, D and the method's parameter.
 
-    Options: routing `clusters`, combiner `variant` and `block` (ints or sympy expressions; left
+    Options: routing `clusters` and `local_window`, combiner `variant` and `block` (ints or sympy expressions; left
     as the symbols c / s when absent), and `itemsize` (bytes per element, default 4).
     """
     _check_options(method, options)
     variant = options.get("variant", "fixed")
-    flops, nbytes = _per_head(method, variant, options.get("itemsize", 4))
+    flops, nbytes = _per_head(method, variant, options.get("itemsize", 4),
+                              options.get("local_window") or DEFAULT_LOCAL_WINDOW)
     params = {}
     if method == "routing" and options.get("clusters") is not None:
         params["clusters"] = options["clusters"]

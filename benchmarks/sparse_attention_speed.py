@@ -13,7 +13,9 @@ One attention layer, B=1, H=8, D=64, fp32, bidirectional, all in one run on this
   >= 10x SDPA) and GFLOP/s on the pairs actually computed (FLOPs from `attnpass.cost_model`)
   next to this machine's dense matmul GFLOP/s;
 - how time grows with L: the exponent fitted to the measured forward times against the one the
-  sympy cost model predicts over the same lengths (acceptance: within 0.15);
+  sympy cost model predicts over the same lengths (acceptance: within 0.15), over the speed
+  table's lengths and over longer ones (--growth-lengths, forward only), where the fixed per-call
+  overhead of the Python-level kernels (~10-20 ms, not in the FLOP model) no longer dominates;
 - peak memory of one forward at L=65536 (each method in a fresh process; acceptance: < 4 GB).
 Timings are CPU timings; the Triton kernels' GPU timings are not measured here (no GPU).
 """
@@ -113,6 +115,31 @@ def measure(length: int, repeats: int) -> dict[str, dict]:
     return results
 
 
+def growth(lengths, repeats: int) -> dict[int, dict[str, dict]]:
+    """Forward times of every layer but SDPA (quadratic: minutes at 64k) at longer lengths."""
+    results = {}
+    for length in lengths:
+        results[length] = {}
+        for name, (module, method, options) in layers(length).items():
+            if module is None:
+                continue
+            module.eval()
+            fwd = timed(functools.partial(forward, module, *make_inputs(length, requires_grad=False)), repeats)
+            flops, _ = cost_model.cost_expr(method, **options).evaluate(B=B, H=H, Lq=length, Lk=length, D=D)
+            results[length][name] = dict(fwd=fwd, flops=flops, options=options)
+            print(f"  L={length:6d} {name:28s} fwd {fwd * 1e3:9.1f} ms", flush=True)
+    return results
+
+
+def exponent_rows(lengths, results) -> list[str]:
+    rows = []
+    for name in results[lengths[0]]:
+        measured = fitted_exponent(lengths, [results[n][name]["fwd"] for n in lengths])
+        predicted = fitted_exponent(lengths, [results[n][name]["flops"] for n in lengths])
+        rows.append(f"| {name} | {lengths[0]}-{lengths[-1]} | {measured:.2f} | {predicted:.2f} | {measured - predicted:+.2f} |")
+    return rows
+
+
 def matmul_gflops() -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     seconds = timed(lambda: a @ b, 5)
@@ -154,7 +181,7 @@ def peak_memory(names, length: int) -> dict[str, tuple[float, float]]:
     return peaks
 
 
-def report(lengths, results, machine, peaks, memory_length) -> str:
+def report(lengths, results, growth_lengths, growth_results, machine, peaks, memory_length) -> str:
     lines = [f"Machine: {torch.get_num_threads()} threads, dense fp32 matmul {machine:.0f} GFLOP/s. "
              f"B={B}, H={H}, D={D}, fp32, bidirectional; best of the repeats.", ""]
     lines += ["| L | method | options | fwd ms | fwd+bwd ms | fwd speed-up vs SDPA | fwd+bwd vs SDPA "
@@ -170,12 +197,12 @@ def report(lengths, results, machine, peaks, memory_length) -> str:
             lines.append(f"| {n} | {name} | {opts} | {m['fwd'] * 1e3:.1f} | {m['fwd_bwd'] * 1e3:.1f} "
                          f"| {sdpa['fwd'] / m['fwd']:.2f}x | {sdpa['fwd_bwd'] / m['fwd_bwd']:.2f}x "
                          f"| {vs_rt[0]} | {vs_rt[1]} | {m['flops'] / m['fwd'] / 1e9:.1f} |")
-    lines += ["", "Growth of the forward time with L (fitted exponent) against the sympy cost model's over the same lengths:", "",
-              "| method | measured exponent | cost-model exponent | difference |", "|---|---|---|---|"]
-    for name in results[lengths[0]]:
-        measured = fitted_exponent(lengths, [results[n][name]["fwd"] for n in lengths])
-        predicted = fitted_exponent(lengths, [results[n][name]["flops"] for n in lengths])
-        lines.append(f"| {name} | {measured:.2f} | {predicted:.2f} | {measured - predicted:+.2f} |")
+    lines += ["", "Growth of the forward time with L: exponent fitted to the measured times against the sympy cost "
+              "model's over the same lengths:", "",
+              "| method | lengths | measured exponent | cost-model exponent | difference |", "|---|---|---|---|---|"]
+    lines += exponent_rows(lengths, results)
+    if growth_results:
+        lines += exponent_rows(growth_lengths, growth_results)
     if peaks:
         lines += ["", f"Peak memory of one forward at L={memory_length} (fresh process; includes torch and the "
                   "q/k/v inputs):", "", "| method | peak RSS MiB | added by the forward MiB |", "|---|---|---|"]
@@ -187,6 +214,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--growth-lengths", type=int, nargs="*", default=[4096, 16384, 65536])
     parser.add_argument("--memory-length", type=int, default=65536)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the tables (markdown) to this file")
@@ -198,9 +226,10 @@ def main():
     machine = matmul_gflops()
     print(f"dense fp32 matmul: {machine:.0f} GFLOP/s on {torch.get_num_threads()} threads")
     results = {n: measure(n, opts.repeats) for n in opts.lengths}
+    growth_results = growth(opts.growth_lengths, 1) if len(opts.growth_lengths) > 1 else {}
     names = [n for n in results[opts.lengths[0]] if n.startswith("attnpass")]
     peaks = peak_memory(names, opts.memory_length) if opts.memory_length else {}
-    text = report(opts.lengths, results, machine, peaks, opts.memory_length)
+    text = report(opts.lengths, results, opts.growth_lengths, growth_results, machine, peaks, opts.memory_length)
     print("\n" + text)
     if opts.out:
         with open(opts.out, "w") as f:
