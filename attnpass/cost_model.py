@@ -105,7 +105,9 @@ class Cost:
 
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
-        return f"{self.method}{f' ({params})' if params else ''}: flops {sympy.simplify(self.flops)}, bytes {self.bytes}"
+        # expand_log keeps logsparse's log2 terms readable (simplify folds them into one log)
+        flops = sympy.factor_terms(sympy.expand_log(self.flops, force=True))
+        return f"{self.method}{f' ({params})' if params else ''}: flops {flops}, bytes {sympy.factor_terms(self.bytes)}"
 
 
 _SYMBOLS = {"B": B, "H": H, "Lq": Lq, "Lk": Lk, "D": D, "c": c, "s": s}
@@ -144,13 +146,14 @@ def cost_expr(method: str, **options) -> Cost:
     return Cost(method, B * H * flops, B * H * nbytes, params)
 
 
-@functools.lru_cache(maxsize=None)
-def optimal_parameter(method: str, variant: str = "fixed") -> sympy.Expr:
+@functools.cache
+def optimal_parameter(method: str, variant: str | None = None) -> sympy.Expr:
     """The parameter value minimising the method's FLOPs, as an expression of Lq, Lk, D.
 
     Solved with sympy (the positive root of d flops / d parameter = 0). For logsparse that root is
     a constant block of ~3 keys, replaced by LOGSPARSE_BLOCK (see there).
     """
+    variant = variant or "fixed"
     if method == "combiner" and variant == "logsparse":
         return sympy.Integer(LOGSPARSE_BLOCK)
     symbol = {"routing": c, "combiner": s}.get(method)
@@ -163,13 +166,13 @@ def optimal_parameter(method: str, variant: str = "fixed") -> sympy.Expr:
     return sympy.simplify(roots[0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _optimum_function(method: str, variant: str):
     return sympy.lambdify((Lq, Lk, D), optimal_parameter(method, variant), "math")
 
 
 def _clamped(value: float, len_k: int) -> int:
-    return min(max(int(round(value)), 1), max(int(len_k), 1))
+    return min(max(round(value), 1), max(int(len_k), 1))
 
 
 def default_clusters(len_q: int, len_k: int, head_dim: int) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -154,17 +153,26 @@ def fitted_exponent(lengths, values) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter survives exec, so a
+    probe started from a large parent process would report the parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_probe(name: str, length: int) -> None:
     """Run in a fresh process: print the peak RSS (MiB) before and after one forward."""
     module, _, _ = layers(length)[name]
     if module is not None:
         module.eval()
     q, k, v = make_inputs(length, requires_grad=False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mib()
     with torch.no_grad():
         run(module, q, k, v)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{before:.0f} {after:.0f}")
+    print(f"{before:.0f} {peak_rss_mib():.0f}")
 
 
 def peak_memory(names, length: int) -> dict[str, tuple[float, float]]:
