@@ -123,9 +123,8 @@ def scatter_slots(out_slots: Tensor, q_index: Tensor, length: int) -> tuple[Tens
     rows = ((torch.arange(B * H, device=q_index.device).view(B, H, 1, 1) * length) + q_index.clamp(min=0)).reshape(-1)
     # Sum in at least float32 so bf16 outputs are not rounded twice.
     acc = torch.promote_types(out_slots.dtype, torch.float32)
-    values = out_slots.reshape(-1, Dv).to(acc)
-    if not bool(valid.all()):
-        values = values * valid.unsqueeze(-1)
+    # No data-dependent branch (e.g. skipping this when every slot is valid): it must trace.
+    values = out_slots.reshape(-1, Dv).to(acc) * valid.unsqueeze(-1)
     total = torch.zeros((B * H * length, Dv), dtype=acc, device=out_slots.device).index_add_(0, rows, values)
     count = torch.zeros(B * H * length, dtype=torch.int64, device=q_index.device).index_add_(
         0, rows, valid.to(torch.int64)).view(B, H, length)
