@@ -5,7 +5,9 @@
 
 Prints the attention sites attnpass finds, rewrites every site to the canonical attention op
 (method="dense"), and checks the rewritten model against the original on a batch of real
-sentences of different lengths (with padding), and at a second batch size and length.
+sentences of different lengths (with padding), and at a second batch size and length. Then
+applies two sparse methods (Combiner, routing) to the same model and prints how close their
+sentence embeddings stay, and the sympy cost of a site under each.
 """
 from __future__ import annotations
 
@@ -59,6 +61,16 @@ def main():
         other = dict(tokenizer(SENTENCES[:2] * 3, padding="max_length", max_length=40, return_tensors="pt"))
         ref, out = embed(model, other), embed(dense, other)
         print(f"other batch/length {tuple(other['input_ids'].shape)}: max |diff| {(out - ref).abs().max().item():.2e}")
+
+    # The sparse methods on the same model: an approximation of the pretrained attention (no tuning).
+    print("\nsparse methods (cosine of each sentence embedding to the original's; the site's cost):")
+    for options in (dict(method="combiner", variant="fixed", block=4), dict(method="routing", clusters=3)):
+        sparse = attnpass.sparsify(model, kwargs=batch, **options)
+        with torch.no_grad():
+            cosine = torch.cosine_similarity(embed(sparse, batch), embed(model, batch))
+        name = ", ".join(f"{k}={v}" for k, v in options.items())
+        print(f"  {name}: cosine {' '.join(f'{c:.3f}' for c in cosine.tolist())}")
+        print(f"    {attnpass.cost(report.sites[0], **options)}")
 
 
 if __name__ == "__main__":
