@@ -171,7 +171,9 @@ def region_key_batches(layout: CombinerLayout) -> Iterator[tuple[int, Tensor]]:
     """The key positions of every region, as (first region id, keys (n, W) -1 padded) batches.
 
     Batches cover region ids 0 .. num_regions-1 in order; regions of one batch have the same
-    width, so each batch is one grouped_attention call (one query slot per region).
+    width, so each batch is one grouped_attention call (one query slot per region). Axial summary
+    values are computed per column instead (`_axial_summary_values`); for axial this listing is
+    the definition of its regions, which the coverage tests read.
     """
     block, len_k, G = layout.block, layout.len_k, layout.num_groups
     if layout.variant == "fixed":
@@ -286,6 +288,8 @@ def summary_values(pooled_q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | No
     One grouped_attention call per batch of equal-width regions (groups = regions, one query
     slot each), so GQA and autograd come from the kernel. Regions without a real key get zeros.
     """
+    if layout.variant == "axial":
+        return _axial_summary_values(pooled_q, k, v, key_keep, layout, scale)
     B, H = pooled_q.shape[:2]
     parts = []
     for first, keys in region_key_batches(layout):
@@ -297,6 +301,46 @@ def summary_values(pooled_q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | No
         )
         parts.append(out.squeeze(3))
     return torch.cat(parts, 2)
+
+
+def _axial_summary_values(pooled_q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None,
+                          layout: CombinerLayout, scale: float) -> Tensor:
+    """Axial summary values with one kernel group per COLUMN: (rows x rows) tiles, not one tiny
+    group per region.
+
+    Region (r, c)'s pooled query sits at grid position r * cols + c of `pooled_q`; column c's keys
+    are at r' * cols + c. Causal regions (rows r' < r) are the kernel's causal rule with offset
+    -cols. Bidirectional regions (rows r' != r) are the rows above plus the rows below, two
+    calls (the second held to r' > r by key_range) merged exactly through their logsumexps.
+    """
+    B, H, N, _ = pooled_q.shape
+    cols, rows, len_k = layout.block, layout.num_groups, layout.len_k
+    dev = k.device
+    grid = (torch.arange(rows, device=dev).view(1, rows) * cols + torch.arange(cols, device=dev).view(cols, 1))
+    q_index = grid.expand(B, H, cols, rows)                                   # group c: regions (r, c)
+    k_index = grid.masked_fill(grid >= len_k, -1).expand(B, H, cols, rows)    # group c: column c's keys
+    common = {"scale": scale, "key_padding_mask": key_keep}
+    above, above_stat = grouped_attention(pooled_q, k, v, q_index, k_index, causal=True, causal_offset=-cols, **common)
+    if layout.causal:
+        out = above
+    else:
+        low = (grid + cols).expand(B, H, cols, rows)  # keys strictly below the region's row
+        key_range = torch.stack([low, torch.full_like(low, len_k)], dim=-1)
+        below, below_stat = grouped_attention(pooled_q, k, v, q_index, k_index, key_range=key_range, **common)
+        # Emptiness from structure (real keys above / below in the column), not from values.
+        real = torch.ones(B, len_k, dtype=torch.bool, device=dev) if key_keep is None else key_keep
+        real = F.pad(real, (0, rows * cols - len_k)).view(B, 1, rows, cols).transpose(2, 3).to(_I64)
+        count_above = real.cumsum(-1) - real
+        count_below = real.sum(-1, keepdim=True) - real.cumsum(-1)
+        has_above, has_below = count_above > 0, count_below > 0
+        top = torch.maximum(torch.where(has_above, above_stat, -math.inf), torch.where(has_below, below_stat, -math.inf))
+        top = torch.where(has_above | has_below, top, 0.0)
+        w_above = torch.where(has_above, torch.exp(above_stat - top), 0.0)
+        w_below = torch.where(has_below, torch.exp(below_stat - top), 0.0)
+        total = (w_above + w_below).clamp(min=torch.finfo(w_above.dtype).tiny)
+        out = ((w_above / total).unsqueeze(-1) * above + (w_below / total).unsqueeze(-1) * below).to(above.dtype)
+    # slot (c, r) holds region r * cols + c
+    return out.transpose(2, 3).reshape(B, H, rows * cols, -1)[:, :, :N]
 
 
 def region_summaries(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None, layout: CombinerLayout,
