@@ -162,6 +162,40 @@ def test_matches_dense_reference(case, normalizer, chunk_elements):
         assert rel_err(a, b) <= 1e-10, name
 
 
+@pytest.mark.parametrize("normalizer", ["softmax", "entmax15"])
+@pytest.mark.parametrize("case", ["unsorted_cols", "causal_offset_pos", "everything"])
+def test_edge_bias_equals_a_dense_bias_placed_at_the_edges(case, normalizer, chunk_elements):
+    """edge_bias[e] acts as bias[b, h, i, col_index[e]]; its gradient is that bias's gradient at the
+    edge, and 0 for edges the causal/padding rules dropped."""
+    B, Hq, Hkv, Lq, Lk, causal, offset, padding, bias_code, shuffle = CASES[case]
+    gen = torch.Generator().manual_seed(100 + list(CASES).index(case))
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, 4, 3, gen)
+    row_ptr, col_index = random_csr(B * Hq * Lq, Lk, gen, shuffle=shuffle)
+    kpm = None
+    if padding:
+        kpm = torch.ones(B, Lk, dtype=torch.bool)
+        kpm[0, -3:] = False
+    edge_bias = torch.randn(col_index.shape, generator=gen, dtype=F64).requires_grad_()
+    rows = torch.repeat_interleave(torch.arange(B * Hq * Lq), row_ptr.diff())
+    dense_bias = torch.zeros(B * Hq * Lq, Lk, dtype=F64)
+    dense_bias = dense_bias.index_put((rows, col_index), edge_bias).view(B, Hq, Lq, Lk)
+    mask = allowed_mask(row_ptr, col_index, B, Hq, Lq, Lk, causal, offset, kpm)
+
+    out, stat = edge_attention(q, k, v, row_ptr, col_index, scale=0.6, causal=causal, causal_offset=offset,
+                               key_padding_mask=kpm, edge_bias=edge_bias, normalizer=normalizer)
+    ref_out, ref_stat = dense_reference(q, k, v, mask, scale=0.6, bias=dense_bias, normalizer=normalizer)
+    assert rel_err(out, ref_out) <= 1e-10 and rel_err(stat, ref_stat) <= 1e-10
+
+    g_out = torch.randn(out.shape, generator=gen, dtype=F64)
+    got = torch.autograd.grad((out * g_out).sum() + stat.sum(), (q, k, edge_bias))
+    want = torch.autograd.grad((ref_out * g_out).sum() + ref_stat.sum(), (q, k, edge_bias))
+    for name, a, b in zip(("q", "k", "edge_bias"), got, want):
+        assert rel_err(a, b) <= 1e-10, name
+    allowed = mask.view(-1, Lk)[rows, col_index]
+    assert (~allowed).any() if (causal or padding) else allowed.all()
+    assert torch.all(got[2][~allowed] == 0)
+
+
 def test_entmax15_full_graph_equals_entmax_package():
     gen = torch.Generator().manual_seed(1)
     B, Hq, Hkv, L, D = 2, 2, 1, 16, 8
@@ -235,11 +269,13 @@ def test_gradcheck(normalizer):
     row_ptr, col_index = random_csr(B * Hq * Lq, Lk, gen)
     kpm = torch.tensor([[True, True, True, True, False]])
 
-    def f(q, k, v, bias):
-        return edge_attention(q, k, v, row_ptr, col_index, scale=0.8, causal=True, causal_offset=1,
-                              key_padding_mask=kpm, bias=bias, normalizer=normalizer)
+    edge_bias = torch.randn(col_index.shape, generator=gen, dtype=F64, requires_grad=True)
 
-    assert torch.autograd.gradcheck(f, (q, k, v, bias))
+    def f(q, k, v, bias, edge_bias):
+        return edge_attention(q, k, v, row_ptr, col_index, scale=0.8, causal=True, causal_offset=1,
+                              key_padding_mask=kpm, bias=bias, edge_bias=edge_bias, normalizer=normalizer)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias, edge_bias))
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,9 +397,10 @@ def test_memory_never_quadratic(normalizer):
     # probe above only sees the op's inputs and outputs. Run the implementations directly to probe
     # every intermediate.
     with torch.no_grad(), no_square_tensor(L, L) as probe:
-        out, stat = ea._forward_impl(q, k, v, row_ptr, col_index, kpm, bias, **settings)
+        edge_bias = torch.zeros(col_index.shape)
+        out, stat = ea._forward_impl(q, k, v, row_ptr, col_index, kpm, bias, edge_bias, **settings)
         ea._backward_impl(torch.ones_like(out), torch.ones_like(stat), stat, q, k, v, row_ptr, col_index,
-                          kpm, bias, **settings, bias_grad=True)
+                          kpm, bias, edge_bias, **settings, bias_grad=True, edge_bias_grad=True)
     # The probe did look inside: it saw a chunk's gathered rows (thousands of edges x D).
     assert probe.op != torch.ops.attnpass.edge_attention.default and probe.numel >= 1000 * D
 
@@ -412,9 +449,12 @@ def _opcheck_samples():
             bias.requires_grad_()), dict(base, causal=True, causal_offset=1, normalizer="entmax15"))
     yield ((q, k, v, row_ptr, col_index, None, bias),
            dict(base, dropout_p=0.2, dropout_seed=5, normalizer="softmax"))
+    edge_bias = torch.randn(col_index.shape, generator=gen).requires_grad_()
+    yield ((q, k, v, row_ptr, col_index, kpm, None, edge_bias),
+           dict(base, causal=True, causal_offset=0, normalizer="softmax"))
 
 
-@pytest.mark.parametrize("sample", list(range(3)))
+@pytest.mark.parametrize("sample", list(range(4)))
 def test_opcheck(sample):
     args, kwargs = list(_opcheck_samples())[sample]
     torch.library.opcheck(torch.ops.attnpass.edge_attention.default, args, kwargs)
@@ -480,6 +520,8 @@ def _valid_inputs():
     (dict(key_padding_mask=torch.ones(1, 3, dtype=torch.bool)), ValueError, r"key_padding_mask must be \(B=1, Lk=4\)"),
     (dict(bias=torch.zeros(2, 2, 3, 4)), ValueError, "not broadcastable"),
     (dict(dropout_p=1.0, dropout_seed=0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(edge_bias=torch.zeros(5)), ValueError, "edge_bias must have one entry per edge"),
+    (dict(edge_bias=torch.zeros(6, dtype=torch.int64)), TypeError, "edge_bias must be floating point"),
 ])
 def test_validation_errors(change, error, match):
     kw = _valid_inputs()

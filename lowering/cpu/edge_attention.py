@@ -13,6 +13,9 @@ Shapes::
     col_index   (nnz,) int64         key position j in [0, Lk) of each edge, unique within a row
     key_padding_mask (B, Lk) bool    True = real key; edges to padding are dropped
     bias        broadcastable to (B, Hq, Lq, Lk); only read (gathered) at the edges
+    edge_bias   (nnz,) float         an additive logit per edge, in col_index order (SBM's
+                                     straight-through estimator reads its gradient: at weight
+                                     A = 1, d loss / d A = d loss / d log A = d loss / d edge_bias)
 
     out         (B, Hq, Lq, Dv)      in q's dtype
     row_stat    (B, Hq, Lq)          softmax: logsumexp of the row's scores;
@@ -20,8 +23,8 @@ Shapes::
                                      0 for rows without allowed edges (whose output is 0).
                                      float32, or float64 when q is float64 (so float64 stays exact).
 
-The score of edge (r, j) is ``scale * <q_r, k_j> + bias[b, h, i, j]``. With ``causal``, edges with
-``j > i + causal_offset`` are dropped (not an error), like edges to padding keys.
+The score of edge e = (r, j) is ``scale * <q_r, k_j> + bias[b, h, i, j] + edge_bias[e]``. With
+``causal``, edges with ``j > i + causal_offset`` are dropped (not an error), like edges to padding keys.
 
 Work is done on chunks of whole rows holding a bounded number of edges, so peak memory is
 O(edges_per_chunk * (D + Dv)) on top of the O(nnz) index arrays and the outputs. Per-edge
@@ -77,6 +80,7 @@ def edge_attention(
     causal_offset: int = 0,
     key_padding_mask: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
+    edge_bias: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None,
     normalizer: str = "softmax",
@@ -93,7 +97,7 @@ def edge_attention(
         # backward regenerates the very same mask.
         dropout_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
     return torch.ops.attnpass.edge_attention(
-        q, k, v, row_ptr, col_index, key_padding_mask, bias,
+        q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias,
         scale=float(scale), causal=bool(causal), causal_offset=causal_offset,
         dropout_p=float(dropout_p), dropout_seed=dropout_seed, normalizer=normalizer,
     )
@@ -154,7 +158,7 @@ def _check_pairs(row: Tensor, col: Tensor, num_rows: int) -> None:
         raise ValueError(f"edges_from_pairs: col values must be >= 0, got min {int(col.min())}")
 
 
-def _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale, causal_offset,
+def _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
                   dropout_p, dropout_seed, normalizer) -> None:
     """Checks on shapes, dtypes and settings only, so the fake (meta) kernel can run them too."""
     _check(normalizer in NORMALIZERS, f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
@@ -194,6 +198,11 @@ def _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale, ca
         _check(bias.dim() >= 1 and _broadcastable(tuple(bias.shape), (B, Hq, Lq, Lk)),
                f"bias shape {tuple(bias.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}")
         _check(bias.device == q.device, f"bias is on {bias.device} but q is on {q.device}")
+    if edge_bias is not None:
+        _check(edge_bias.is_floating_point(), f"edge_bias must be floating point, got {edge_bias.dtype}", TypeError)
+        _check(tuple(edge_bias.shape) == tuple(col_index.shape),
+               f"edge_bias must have one entry per edge, shape {tuple(col_index.shape)}, got {tuple(edge_bias.shape)}")
+        _check(edge_bias.device == q.device, f"edge_bias is on {edge_bias.device} but q is on {q.device}")
 
 
 def _check_edges(row_ptr: Tensor, col_index: Tensor, Lk: int) -> Tensor:
@@ -240,6 +249,8 @@ class _Problem:
     k2: Tensor              # (B*Hkv*Lk, D)  key row (b*Hkv + g)*Lk + j
     v2: Tensor              # (B*Hkv*Lk, Dv)
     bias4: Optional[Tensor]  # bias viewed with 4 dims (leading size-1 dims added), never expanded
+    edge_bias: Optional[Tensor]  # (n,) per allowed edge
+    edge_id: Optional[Tensor]    # (n,) position of each allowed edge in the caller's col_index (None: all kept)
     dims: tuple             # (B, Hq, Hkv, Lq, Lk, D, Dv)
     row_ptr: Tensor         # (R + 1,) CSR over the ALLOWED edges
     row: Tensor             # (n,) query row of each allowed edge
@@ -266,10 +277,10 @@ class _Problem:
         return [(r0, r1, e0, e1) for r0, r1, e0, e1 in zip(bounds, bounds[1:], ptr, ptr[1:]) if e1 > e0]
 
 
-def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, *, scale, causal, causal_offset,
+def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, scale, causal, causal_offset,
              dropout_p, dropout_seed, normalizer, validate: bool = True) -> _Problem:
     """Validate (the backward skips the data checks the forward already did) and prepare."""
-    _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale, causal_offset,
+    _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
                   dropout_p, dropout_seed, normalizer)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -287,9 +298,13 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, *, scale, caus
     if key_padding_mask is not None:
         real = key_padding_mask.reshape(-1)[(row // (Hq * Lq)) * Lk + col]
         keep = real if keep is None else keep & real
+    edge_id = None
     if keep is not None:
         row, col = row[keep], col[keep]
         row_ptr = _ptr_from_counts(torch.bincount(row, minlength=B * Hq * Lq))
+        if edge_bias is not None:
+            edge_id = keep.nonzero().squeeze(1)
+            edge_bias = edge_bias[edge_id]
 
     bias4 = None
     if bias is not None:
@@ -298,7 +313,8 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, *, scale, caus
             bias4 = bias4.unsqueeze(0)
     return _Problem(
         q2=q.reshape(B * Hq * Lq, D), k2=k.reshape(B * Hkv * Lk, D), v2=v.reshape(B * Hkv * Lk, Dv),
-        bias4=bias4, dims=(B, Hq, Hkv, Lq, Lk, D, Dv), row_ptr=row_ptr, row=row, col=col,
+        bias4=bias4, edge_bias=edge_bias, edge_id=edge_id, dims=(B, Hq, Hkv, Lq, Lk, D, Dv),
+        row_ptr=row_ptr, row=row, col=col,
         scale=float(scale), dropout_p=float(dropout_p), dropout_seed=dropout_seed, normalizer=normalizer,
         # float32 accumulation for half types; float64 inputs stay float64 (exact tests, gradcheck).
         acc=torch.float64 if q.dtype == torch.float64 else torch.float32,
@@ -349,6 +365,8 @@ def _chunk(p: _Problem, r0: int, r1: int, e0: int, e1: int) -> _Chunk:
     if p.bias4 is not None:
         bias_index = _bias_index(p.bias4, (b, h, i, col))
         logits = logits + p.bias4[bias_index].to(p.acc)
+    if p.edge_bias is not None:
+        logits = logits + p.edge_bias[e0:e1].to(p.acc)
     keep = None
     if p.dropout_p > 0:
         keep = dropout_keep(p.dropout_seed, p.dropout_p, (bh, i, col), p.acc)  # same pair coords as the other kernels
@@ -458,11 +476,11 @@ def _logits_grad(c: _Chunk, stat_e: Tensor, probs: Tensor, d_probs: Tensor, d_st
 
 def _forward_impl(
     q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_index: Tensor,
-    key_padding_mask: Optional[Tensor], bias: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], bias: Optional[Tensor], edge_bias: Optional[Tensor] = None,
     *, scale: float, causal: bool, causal_offset: int, dropout_p: float,
     dropout_seed: Optional[int], normalizer: str,
 ) -> tuple[Tensor, Tensor]:
-    p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale=scale, causal=causal,
+    p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
                  causal_offset=causal_offset, dropout_p=dropout_p, dropout_seed=dropout_seed,
                  normalizer=normalizer)
     B, Hq, Hkv, Lq, Lk, D, Dv = p.dims
@@ -482,12 +500,12 @@ def _forward_impl(
 def _backward_impl(
     grad_out: Tensor, grad_stat: Optional[Tensor], row_stat: Tensor,
     q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_index: Tensor,
-    key_padding_mask: Optional[Tensor], bias: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], bias: Optional[Tensor], edge_bias: Optional[Tensor],
     *, scale: float, causal: bool, causal_offset: int, dropout_p: float,
-    dropout_seed: Optional[int], normalizer: str, bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv, dbias); dbias is a 0-element tensor unless bias_grad."""
-    p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale=scale, causal=causal,
+    dropout_seed: Optional[int], normalizer: str, bias_grad: bool, edge_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias, dedge_bias); the last two are 0-element tensors unless asked for."""
+    p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
                  causal_offset=causal_offset, dropout_p=dropout_p, dropout_seed=dropout_seed,
                  normalizer=normalizer, validate=False)
     B, Hq, Hkv, Lq, Lk, D, Dv = p.dims
@@ -500,6 +518,9 @@ def _backward_impl(
     dv = torch.zeros_like(p.v2, dtype=acc)
     bias_grad = bias_grad and bias is not None
     dbias = torch.zeros(p.bias4.shape, dtype=acc, device=q.device) if bias_grad else None
+    edge_bias_grad = edge_bias_grad and edge_bias is not None
+    # edges the causal/padding rules dropped get no gradient: they took no part in the output
+    dedge = torch.zeros(col_index.shape, dtype=acc, device=q.device) if edge_bias_grad else None
 
     for r0, r1, e0, e1 in p.chunks():
         c = _chunk(p, r0, r1, e0, e1)
@@ -520,11 +541,17 @@ def _backward_impl(
         if bias_grad:
             # accumulate=True also sums over bias's broadcast dims (they all index 0).
             dbias.index_put_(c.bias_index, d_logits, accumulate=True)
+        if edge_bias_grad:
+            if p.edge_id is None:
+                dedge[e0:e1] = d_logits
+            else:
+                dedge[p.edge_id[e0:e1]] = d_logits
 
     # Custom ops cannot return None; a fresh 0-element tensor stands for "not computed".
     return (
         dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
         dbias.view(bias.shape).to(bias.dtype) if bias_grad else q.new_empty(0),
+        dedge.to(edge_bias.dtype) if edge_bias_grad else q.new_empty(0),
     )
 
 
@@ -543,10 +570,10 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
 
 
 @_edge_attention_op.register_fake
-def _forward_fake(q, k, v, row_ptr, col_index, key_padding_mask, bias, *, scale, causal, causal_offset,
-                  dropout_p, dropout_seed, normalizer):
+def _forward_fake(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias=None, *, scale, causal,
+                  causal_offset, dropout_p, dropout_seed, normalizer):
     # Output shapes do not depend on nnz, so no data-dependent sizes arise under tracing.
-    _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, scale, causal_offset,
+    _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
                   dropout_p, dropout_seed, normalizer)
     B, Hq, Lq, _ = q.shape
     return q.new_empty((B, Hq, Lq, v.shape[3])), q.new_empty((B, Hq, Lq), dtype=_acc_dtype(q))
@@ -554,10 +581,12 @@ def _forward_fake(q, k, v, row_ptr, col_index, key_padding_mask, bias, *, scale,
 
 @_edge_attention_backward_op.register_fake
 def _backward_fake(grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, key_padding_mask, bias,
-                   *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer, bias_grad):
+                   edge_bias, *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer, bias_grad,
+                   edge_bias_grad):
     return (
         q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
         bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0),
+        edge_bias.new_empty(edge_bias.shape) if edge_bias_grad and edge_bias is not None else q.new_empty(0),
     )
 
 
@@ -567,16 +596,16 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 
 
 def _backward(ctx, grad_out, grad_stat):
-    q, k, v, row_ptr, col_index, key_padding_mask, bias, row_stat = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    dq, dk, dv, dbias = _edge_attention_backward_op(
-        grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, key_padding_mask, bias,
-        **ctx.settings, bias_grad=bool(needs[6]),
+    q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, row_stat = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad) + (False,)  # edge_bias may have been left out (its default)
+    dq, dk, dv, dbias, dedge = _edge_attention_backward_op(
+        grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias,
+        **ctx.settings, bias_grad=bool(needs[6]), edge_bias_grad=bool(needs[7]),
     )
     return (
         dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-        None, None, None, dbias if needs[6] else None,
-    )
+        None, None, None, dbias if needs[6] else None, dedge if needs[7] else None,
+    )[:len(ctx.needs_input_grad)]
 
 
 _edge_attention_op.register_autograd(_backward, setup_context=_setup_context)
