@@ -13,6 +13,8 @@ _CLASSES = {
     "dense": "attnpass.methods.dense:DenseAttention",
     "combiner": "attnpass.methods.combiner:CombinerAttention",
     "routing": "attnpass.methods.routing:RoutingAttention",
+    "sbm": "attnpass.methods.sbm:SBMAttention",
+    "sparsefinder": "attnpass.methods.sparsefinder:SparsefinderAttention",
 }
 
 # The names a user can pass as `method=`.
@@ -20,7 +22,7 @@ METHODS: tuple[str, ...] = tuple(_CLASSES)
 
 # Methods described in the design whose kernels are being built (see the issues); named here so
 # the error for them says so rather than "unknown".
-PLANNED = ("sbm", "sparsefinder")
+PLANNED: tuple[str, ...] = ()
 
 
 def method_class(name: str) -> type[SiteAttention]:

@@ -30,7 +30,6 @@ Nothing of size Lq x Lk is built.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ from attnpass import cost_model
 from attnpass.lowering.cpu.grouped_attention import grouped_attention, scatter_slots
 from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
+from attnpass.methods.options import check_int, check_known, check_real
 
 _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window")
 DEFAULT_LOCAL_WINDOW = 64
@@ -150,25 +150,6 @@ def _head_slice(t: Tensor | None, start: int, stop: int) -> Tensor | None:
     return t[..., start:stop, :, :]
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"method 'routing': option {name}={value!r} must be an int >= {minimum}, "
-                        f"got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"method 'routing': option {name}={value!r} must be an int >= {minimum}")
-
-
-def _check_real(name: str, value, low: float, high: float, low_open: bool) -> None:
-    """A number in (low, high) or [low, high) (NaN and bool refused)."""
-    bounds = f"{'(' if low_open else '['}{low}, {high})"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"method 'routing': option {name}={value!r} must be a number in {bounds}, "
-                        f"got {type(value).__name__}")
-    above_low = value > low if low_open else value >= low
-    if not (above_low and value < high):  # also refuses NaN
-        raise ValueError(f"method 'routing': option {name}={value!r} must be in {bounds}")
-
-
 # --------------------------------------------------------------------------------------------
 # The site module
 # --------------------------------------------------------------------------------------------
@@ -211,18 +192,16 @@ class RoutingAttention(SiteAttention):
 
     @classmethod
     def validate_options(cls, **options) -> None:
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise ValueError(f"method 'routing' got unknown option(s) {unknown}; it takes {list(_OPTIONS)}")
+        check_known("routing", options, _OPTIONS)
         for name in ("clusters", "local_window"):
             if options.get(name) is not None:
-                _check_int(name, options[name], 1)
+                check_int("routing", name, options[name], 1)
         if "local_heads" in options:
-            _check_int("local_heads", options["local_heads"], 0)
+            check_int("routing", "local_heads", options["local_heads"], 0)
         if "decay" in options:
-            _check_real("decay", options["decay"], 0.0, 1.0, low_open=True)
+            check_real("routing", "decay", options["decay"], 0.0, 1.0, low_open=True)
         if "commitment" in options:
-            _check_real("commitment", options["commitment"], 0.0, math.inf, low_open=False)
+            check_real("routing", "commitment", options["commitment"], 0.0, math.inf, low_open=False)
 
     @classmethod
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:

@@ -1,0 +1,172 @@
+"""method="sbm": SBM attention (Cho et al. 2022, "Transformers meet Stochastic Block Models").
+
+Per site, new parameters (they show in `parameters()` and `state_dict()` of the sparse model):
+
+    clusters   (Hq, k, D)   per query head, k cluster embeddings C_h
+    phi        MLP D -> D -> D (Linear, ReLU, Linear), shared by queries, keys and heads
+
+Per head, the block matrix B_h = softmax over the k*k entries of C_h C_h^T, the memberships
+Y_Q = sigmoid(phi(Q) C_h^T) and Y_K = sigmoid(phi(K) C_h^T) (independent sigmoids), and the edge
+probabilities P = Y_Q B_h Y_K^T. A graph is sampled from P without forming it (`sbm_sampling`:
+fastRG, cost linear in the edges; a pair is an edge with probability 1 - exp(-P_ij)), and the site
+attends over the sampled edges only: softmax of the site's own scores (scale, bias, mask, causal,
+padding, GQA, dropout as in the original) over each query's edges, on the edge-list kernel.
+
+Choices (the paper leaves them open):
+- A query that drew no edge gets one edge to the key at its own position (causal: i + offset, the
+  last key it may see; otherwise floor(i * Lk / Lq); with padding, the nearest real key before it).
+  The paper gives such a row zeros; a zero attention output wipes the token's attention
+  contribution, while its own position is always allowed (also under causal) and costs one edge.
+  This edge is not a sample of P, so it carries no straight-through gradient.
+- Attention uses the site's q, k as they are; phi and the clusters only decide the graph.
+- Training: a fresh graph per call, drawn from torch's global RNG (so `torch.manual_seed` makes
+  runs reproducible). Gradients reach q, k, v as in ordinary attention and reach the clusters and phi
+  through the straight-through estimator on the sampled edges (`EdgeProbabilitySTE`). `aux_loss()`
+  holds density_weight * (expected edge density), the paper's density regulariser.
+- Eval: the graph is drawn from a generator seeded with the `seed` option, so the same input gives
+  the same graph (and output) on every call; a different seed gives another draw.
+- `floor` (default 0) adds the uniform edge rate the authors' training script adds to P.
+Nothing of size Lq x Lk is built.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnpass.lowering.cpu.edge_attention import edge_attention
+from attnpass.methods.base import SiteAttention, SiteSpec
+from attnpass.methods.options import check_int, check_known, check_real
+from attnpass.methods.sbm_sampling import EdgeProbabilitySTE, SBMGraph, block_matrix, expected_density, sample_graph
+
+_OPTIONS = ("clusters", "density_weight", "floor", "seed")
+DEFAULT_CLUSTERS = 128        # the authors' LRA setting
+DEFAULT_DENSITY_WEIGHT = 1e-4  # lambda of the LRA scripts
+
+
+class SBMAttention(SiteAttention):
+    method_name = "sbm"
+
+    def __init__(self, spec: SiteSpec, **options):
+        self.validate_options(**options)
+        reason = self.unsupported_reason(spec, **options)
+        if reason:
+            raise ValueError(f"method 'sbm' cannot serve site {spec.name!r}: {reason}")
+        super().__init__(spec)
+        heads, dim = spec.heads_q, spec.head_dim
+        self.num_clusters: int = int(options.get("clusters", DEFAULT_CLUSTERS))
+        self.density_weight: float = float(options.get("density_weight", DEFAULT_DENSITY_WEIGHT))
+        self.floor: float = float(options.get("floor", 0.0))
+        self.seed: int = int(options.get("seed", 0))
+        # N(0, 1/D) entries: C_h C_h^T and phi(x) C_h^T start at unit scale, neither saturated nor flat
+        self.clusters = nn.Parameter(torch.randn(heads, self.num_clusters, dim) / math.sqrt(dim))
+        self.phi = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self._last_aux_loss: Tensor | None = None
+        self.last_graph: SBMGraph | None = None
+
+    @classmethod
+    def validate_options(cls, **options) -> None:
+        check_known("sbm", options, _OPTIONS)
+        if "clusters" in options:
+            check_int("sbm", "clusters", options["clusters"], 1)
+        if "density_weight" in options:
+            check_real("sbm", "density_weight", options["density_weight"], 0.0, math.inf, low_open=False)
+        if "floor" in options:
+            check_real("sbm", "floor", options["floor"], 0.0, 1.0, low_open=False)
+        if "seed" in options:
+            check_int("sbm", "seed", options["seed"], 0)
+
+    @classmethod
+    def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
+        if spec.heads_q is None or spec.head_dim is None:
+            return "the site's query head count and head dim are unknown; SBM sizes its clusters and MLP by them"
+        return None
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, clusters={self.num_clusters}, density_weight={self.density_weight:g}, "
+                f"floor={self.floor:g}, seed={self.seed}")
+
+    def aux_loss(self) -> Tensor | None:
+        """density_weight * expected edge density of the last training call (None before any)."""
+        return self._last_aux_loss
+
+    # ---------------------------------------------------------------------------------------
+
+    def memberships(self, q: Tensor, k: Tensor, key_keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(Y_Q (B*Hq, Lq, k), Y_K (B*Hq, Lk, k), block (B*Hq, k, k)) in float32 (float64 for float64 q).
+
+        Query head h reads kv head h // (Hq // Hkv) (GQA): its keys get head h's memberships.
+        Padding keys get all-zero memberships, so they are never sampled.
+        """
+        B, Hq, Lq, D = q.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        C = self.clusters.to(acc)
+        y_q = torch.sigmoid(self._phi(q, acc) @ C.transpose(-1, -2))                       # (B, Hq, Lq, k)
+        grouped = C.view(Hkv, Hq // Hkv, self.num_clusters, D)
+        y_k = torch.sigmoid(self._phi(k, acc).unsqueeze(2) @ grouped.transpose(-1, -2))   # (B, Hkv, g, Lk, k)
+        y_k = y_k.reshape(B, Hq, Lk, self.num_clusters)
+        if key_keep is not None:
+            y_k = y_k * key_keep.view(B, 1, Lk, 1).to(acc)
+        block = block_matrix(C).unsqueeze(0).expand(B, -1, -1, -1)
+        k_ = self.num_clusters
+        return y_q.reshape(B * Hq, Lq, k_), y_k.reshape(B * Hq, Lk, k_), block.reshape(B * Hq, k_, k_)
+
+    def _phi(self, x: Tensor, acc: torch.dtype) -> Tensor:
+        """phi in the accumulation dtype, without converting the module's own parameters."""
+        first, _, second = self.phi
+        hidden = F.relu(F.linear(x.to(acc), first.weight.to(acc), first.bias.to(acc)))
+        return F.linear(hidden, second.weight.to(acc), second.bias.to(acc))
+
+    def sample(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None,
+               generator: torch.Generator | None = None) -> SBMGraph:
+        """The graph this site would attend over for (q, k): a fresh draw in training, the `seed`
+        draw in eval (or from `generator` when given)."""
+        with torch.no_grad():
+            y_q, y_k, block = self.memberships(q, k, key_keep)
+        return self._sample(q, k, y_q, y_k, block, key_keep, generator)
+
+    def _sample(self, q, k, y_q, y_k, block, key_keep, generator) -> SBMGraph:
+        if generator is None:
+            # train: from the global RNG (torch.manual_seed reproduces a run); eval: fixed per site
+            seed = int(torch.randint(0, 2**62, (), device="cpu")) if self.training else self.seed
+            generator = torch.Generator(device=q.device).manual_seed(seed)
+        causal = self.spec.causal
+        return sample_graph(y_q.detach(), y_k.detach(), block.detach(), generator, heads=q.shape[1],
+                            causal=causal, causal_offset=self.causal_offset(q, k) if causal else 0,
+                            key_keep=key_keep, floor=self.floor)
+
+    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+        if q.shape[1] != self.spec.heads_q or q.shape[3] != self.spec.head_dim:
+            raise ValueError(f"sbm site {self.spec.name!r} was built for {self.spec.heads_q} query heads of dim "
+                             f"{self.spec.head_dim}, got q of shape {tuple(q.shape)}")
+        B, Hq, Lq, _ = q.shape
+        if Lq == 0 or k.shape[2] == 0:
+            return q.new_zeros(B, Hq, Lq, v.shape[3])
+        causal = self.spec.causal
+        offset = self.causal_offset(q, k) if causal else 0
+        y_q, y_k, block = self.memberships(q, k, key_keep)
+        graph = self._sample(q, k, y_q, y_k, block, key_keep, None)
+        self.last_graph = graph
+
+        edge_bias = None
+        if torch.is_grad_enabled() and self.clusters.requires_grad:
+            edge_bias = EdgeProbabilitySTE.apply(y_q, y_k, block, graph.edge_row, graph.col_index, graph.sampled)
+        if self.training:
+            density = expected_density(y_q, y_k, block, causal=causal, causal_offset=offset,
+                                       key_keep=key_keep, heads=Hq)
+            self._last_aux_loss = self.density_weight * density
+
+        if mask is not None:
+            # a bool mask becomes -inf logits at its own (already built) shape; the kernel reads it at the edges
+            mask_bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
+            bias = mask_bias if bias is None else bias + mask_bias
+        p = dropout_p if self.training else 0.0
+        out, _ = edge_attention(
+            q, k, v, graph.row_ptr, graph.col_index, scale=self.scale(q), causal=causal, causal_offset=offset,
+            key_padding_mask=key_keep, bias=bias, edge_bias=edge_bias, dropout_p=p,
+            dropout_seed=self.dropout_seed(p), normalizer="softmax",
+        )
+        return out

@@ -1,0 +1,225 @@
+"""Sampling an SBM attention graph without forming the Lq x Lk edge-probability matrix.
+
+SBM attention (Cho et al. 2022) draws, per head, an adjacency A ~ Bernoulli(P) with
+P = Y_Q B Y_K^T: memberships Y_Q (Lq x k), Y_K (Lk x k) in (0, 1) and a block matrix B (k x k, entries
+summing to 1), so every P_ij <= 1. Forming P costs Lq*Lk; this module samples the graph in time
+linear in the number of edges instead, the fastRG way (Rohe, Tao, Han & Rohe 2018):
+
+    with cx = column sums of Y_Q, cy = column sums of Y_K and S = diag(cx) B diag(cy),
+    P = (Y_Q / cx) S (Y_K / cy)^T, so a Poisson(P) multigraph is drawn as
+      m ~ Poisson(sum S) edges;  each edge's cluster pair (u, v) ~ S / sum S;
+      its query i ~ Y_Q[:, u] / cx_u;  its key j ~ Y_K[:, v] / cy_v.
+
+Each pair (i, j) then carries an independent Poisson(P_ij) number of edges, so after merging
+duplicates the graph has edge (i, j) with probability 1 - exp(-P_ij) (= P_ij to first order; the
+exact law is what the statistical test checks). All N = B*H heads are sampled together: every
+categorical draw is an inverse-CDF lookup (`searchsorted`) in one float64 cumulative sum over the
+concatenated distributions, so there is no per-head or per-cluster Python loop.
+
+Also here: the straight-through estimator that lets the attention's gradient reach Y_Q, B and Y_K
+through the sampled edges only (`EdgeProbabilitySTE`), and the expected edge density used by the
+density regulariser.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnpass.lowering.cpu.edge_attention import edges_from_pairs
+
+# Edges per step of the straight-through backward: bounds its gathered (edges x k) rows.
+_STE_CHUNK = 1 << 16
+
+
+def block_matrix(clusters: Tensor) -> Tensor:
+    """(H, k, D) cluster embeddings -> (H, k, k) block matrix: softmax over all k*k entries of C C^T."""
+    H, k, _ = clusters.shape
+    logits = clusters @ clusters.transpose(-1, -2)
+    return torch.softmax(logits.reshape(H, k * k), dim=-1).view(H, k, k)
+
+
+def _categorical(cdf: Tensor, start: Tensor, mass: Tensor, size: int, u: Tensor) -> Tensor:
+    """Draw from the distributions laid end to end in `cdf` (a float64 inclusive cumsum).
+
+    Draw e picks from the block [start[e], start[e] + size): the value at `start + u * mass` (mass
+    = the block's total) is looked up; the clamp guards the last ulp at block ends. Returns the
+    index inside the block.
+    """
+    base = torch.where(start > 0, cdf[(start - 1).clamp(min=0)], torch.zeros_like(mass))
+    pos = torch.searchsorted(cdf, base + u * mass, right=True)
+    return (torch.minimum(torch.maximum(pos, start), start + size - 1) - start)
+
+
+def sample_edge_pairs(y_q: Tensor, y_k: Tensor, block: Tensor, generator: torch.Generator,
+                      floor: float = 0.0, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A Poisson multigraph with E[#edges(i, j)] = P_ij (+ floor), for N independent heads.
+
+    y_q (N, Lq, k), y_k (N, Lk, k) memberships (padding keys must have zero rows), block (N, k, k).
+    `floor` adds a uniform Erdos-Renyi part with rate `floor` on every (query, real key) pair
+    (`key_keep` (N, Lk) bool names the real keys; None = all). Returns (row, col): row = n*Lq + i
+    in [0, N*Lq), col = j in [0, Lk); duplicates included (merge them with `edges_from_pairs`).
+    """
+    N, Lq, k = y_q.shape
+    Lk = y_k.shape[1]
+    y_q, y_k, block = y_q.double(), y_k.double(), block.double()
+    cx, cy = y_q.sum(1), y_k.sum(1)                                   # (N, k)
+    S = cx.unsqueeze(2) * block * cy.unsqueeze(1)                     # (N, k, k)
+    total = S.sum((1, 2))                                             # (N,) = sum_ij P_ij
+    counts = torch.poisson(total, generator=generator).long()
+    n = torch.repeat_interleave(torch.arange(N, device=y_q.device), counts)
+    M = n.numel()
+
+    # cluster pair per edge, then an endpoint from each side's column distribution
+    u = torch.rand(3, M, generator=generator, dtype=torch.float64, device=y_q.device)
+    pair = _categorical(S.reshape(-1).cumsum(0), n * k * k, total[n], k * k, u[0])
+    cu, cv = pair // k, pair % k
+    q_cols = y_q.transpose(1, 2).reshape(-1).cumsum(0)                # (N*k*Lq,) column blocks of Y_Q
+    k_cols = y_k.transpose(1, 2).reshape(-1).cumsum(0)
+    i = _categorical(q_cols, (n * k + cu) * Lq, cx[n, cu], Lq, u[1])
+    j = _categorical(k_cols, (n * k + cv) * Lk, cy[n, cv], Lk, u[2])
+    row, col = n * Lq + i, j
+
+    if floor > 0:
+        keep = torch.ones(N, Lk, dtype=torch.bool, device=y_q.device) if key_keep is None else key_keep
+        real = keep.sum(1)                                            # (N,)
+        extra = torch.poisson(floor * Lq * real.double(), generator=generator).long()
+        fn = torch.repeat_interleave(torch.arange(N, device=y_q.device), extra)
+        fi = (torch.rand(fn.numel(), generator=generator, dtype=torch.float64, device=y_q.device) * Lq).long()
+        rank = (torch.rand(fn.numel(), generator=generator, dtype=torch.float64, device=y_q.device)
+                * real[fn]).long()
+        # the rank-th real key of head n: real positions first, in order (stable sort of ~keep)
+        real_pos = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+        row = torch.cat([row, fn * Lq + fi.clamp(max=Lq - 1)])
+        col = torch.cat([col, real_pos[fn, rank.clamp(max=Lk - 1)]])
+    return row, col
+
+
+@dataclass
+class SBMGraph:
+    """One call's sampled attention graph, in the edge kernel's CSR form (rows r = n*Lq + i)."""
+
+    row_ptr: Tensor    # (N*Lq + 1,)
+    col_index: Tensor  # (nnz,) key position of each edge, sorted within a row
+    edge_row: Tensor   # (nnz,) the row of each edge
+    sampled: Tensor    # (nnz,) bool: True = drawn from P; False = the one edge given to an otherwise empty row
+
+    @property
+    def nnz(self) -> int:
+        return self.col_index.numel()
+
+
+def _fallback_keys(len_q: int, len_k: int, causal: bool, offset: int, key_keep: Tensor | None) -> Tensor:
+    """(Nb, Lq) key each query falls back on when it drew no edge, -1 = none (Nb = key_keep's rows or 1).
+
+    Its own position in key space (causal: i + offset, the last key it may see; otherwise
+    floor(i * Lk / Lq)); with padding, the nearest real key at or before it, else (not causal)
+    the first real key after it.
+    """
+    i = torch.arange(len_q, device=key_keep.device if key_keep is not None else None)
+    anchor = (i + offset).clamp(max=len_k - 1) if causal else i * len_k // len_q
+    if key_keep is None:
+        return torch.where(anchor >= 0, anchor, -1).unsqueeze(0)
+    pos = torch.arange(len_k, device=key_keep.device).expand_as(key_keep)
+    last_real = torch.cummax(torch.where(key_keep, pos, -1), dim=1).values              # (Nb, Lk)
+    next_real = torch.flip(torch.cummin(torch.flip(torch.where(key_keep, pos, len_k), [1]), dim=1).values, [1])
+    a = anchor.clamp(min=0).expand(key_keep.shape[0], -1)
+    before = last_real.gather(1, a)
+    key = before if causal else torch.where(before >= 0, before, next_real.gather(1, a))
+    key = torch.where((anchor >= 0) & (key < len_k), key, -1)
+    return key
+
+
+def sample_graph(y_q: Tensor, y_k: Tensor, block: Tensor, generator: torch.Generator, *, heads: int,
+                 causal: bool, causal_offset: int, key_keep: Tensor | None, floor: float = 0.0) -> SBMGraph:
+    """Sample, drop the pairs the causal rule forbids, merge duplicates, and give each query that
+    drew nothing one edge to its own position (see `_fallback_keys`), marked as not sampled.
+
+    y_q (N, Lq, k) with N = B*heads, y_k (N, Lk, k) (zero rows at padding keys), block (N, k, k),
+    key_keep (B, Lk) or None.
+    """
+    N, Lq, _ = y_q.shape
+    Lk = y_k.shape[1]
+    keep_n = None if key_keep is None else key_keep.repeat_interleave(heads, dim=0)
+    row, col = sample_edge_pairs(y_q, y_k, block, generator, floor, keep_n)
+    if causal:
+        allowed = col <= row % Lq + causal_offset
+        row, col = row[allowed], col[allowed]
+    row_ptr, col_index = edges_from_pairs(row, col, N * Lq)
+
+    drew = row_ptr.diff() > 0
+    fallback = _fallback_keys(Lq, Lk, causal, causal_offset, key_keep)                  # (B or 1, Lq)
+    fallback = fallback.repeat_interleave(heads, dim=0) if key_keep is not None else fallback.expand(N, -1)
+    need = (~drew) & (fallback.reshape(-1) >= 0)
+    if bool(need.any()):
+        extra_row = need.nonzero().squeeze(1)
+        row = torch.repeat_interleave(torch.arange(N * Lq, device=row_ptr.device), row_ptr.diff())
+        row_ptr, col_index = edges_from_pairs(torch.cat([row, extra_row]),
+                                              torch.cat([col_index, fallback.reshape(-1)[extra_row]]), N * Lq)
+    edge_row = torch.repeat_interleave(torch.arange(N * Lq, device=row_ptr.device), row_ptr.diff())
+    return SBMGraph(row_ptr, col_index, edge_row, sampled=drew[edge_row])
+
+
+class EdgeProbabilitySTE(torch.autograd.Function):
+    """Straight-through estimator for the sampled adjacency (Cho et al. 2022, Eq. 8).
+
+    Forward: a zero additive logit per edge (the edge weight A_e = 1, i.e. log A_e = 0), to be
+    passed to the edge kernel as `edge_bias`. Backward: the kernel's gradient for it is
+    dL/d log A_e = dL/dA_e at A_e = 1, and the estimator sets dL/dP_e = hardtanh(A_e * dL/dA_e) on
+    sampled edges (0 elsewhere), then back-propagates P_e = Y_Q[i] B Y_K[j]^T to the memberships and
+    the block matrix with sparse-times-dense products, O(nnz * k + L * k^2), never Lq x Lk.
+    """
+
+    @staticmethod
+    def forward(ctx, y_q: Tensor, y_k: Tensor, block: Tensor, edge_row: Tensor, col_index: Tensor,
+                sampled: Tensor) -> Tensor:
+        ctx.save_for_backward(y_q, y_k, block, edge_row, col_index, sampled)
+        return y_q.new_zeros(col_index.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y_q, y_k, block, edge_row, col_index, sampled = ctx.saved_tensors
+        N, Lq, k = y_q.shape
+        Lk = y_k.shape[1]
+        g = torch.clamp(grad, -1.0, 1.0) * sampled.to(grad.dtype)
+        key_row = (edge_row // Lq) * Lk + col_index
+        yq2, yk2 = y_q.reshape(N * Lq, k), y_k.reshape(N * Lk, k)
+        T = torch.zeros_like(yq2)   # G Y_K   (G = the sparse dL/dP)
+        U = torch.zeros_like(yk2)   # G^T Y_Q
+        for e0 in range(0, g.numel(), _STE_CHUNK):
+            e1 = e0 + _STE_CHUNK
+            ge, r, c = g[e0:e1].unsqueeze(1), edge_row[e0:e1], key_row[e0:e1]
+            T.index_add_(0, r, ge * yk2[c])
+            U.index_add_(0, c, ge * yq2[r])
+        T, U = T.view(N, Lq, k), U.view(N, Lk, k)
+        d_yq = T @ block.transpose(-1, -2)          # dP/dY_Q = G Y_K B^T
+        d_yk = U @ block                            # dP/dY_K = G^T Y_Q B
+        d_block = y_q.transpose(-1, -2) @ T         # dP/dB   = Y_Q^T G Y_K
+        return d_yq, d_yk, d_block, None, None, None
+
+
+def expected_density(y_q: Tensor, y_k: Tensor, block: Tensor, *, causal: bool, causal_offset: int,
+                     key_keep: Tensor | None, heads: int) -> Tensor:
+    """Mean over heads of E[edges] / allowed pairs, i.e. sum of P over allowed pairs / their count.
+
+    Differentiable and O(L * k^2): sum_ij P_ij = cx^T B cy; under causal, row i sums P against the
+    prefix sum of Y_K up to i + offset. (The fallback edges and the merge of duplicates are left
+    out: this is the density of the model's P, which is what the regulariser controls.)
+    """
+    N, Lq, k = y_q.shape
+    Lk = y_k.shape[1]
+    if key_keep is None:
+        real_upto = torch.arange(1, Lk + 1, device=y_q.device).expand(N, Lk)
+    else:
+        real_upto = key_keep.long().cumsum(1).repeat_interleave(heads, dim=0)             # (N, Lk)
+    if not causal:
+        mass = torch.einsum("nu,nuv,nv->n", y_q.sum(1), block, y_k.sum(1))
+        pairs = Lq * real_upto[:, -1]
+    else:
+        last = (torch.arange(Lq, device=y_q.device) + causal_offset).clamp(max=Lk - 1)    # (Lq,)
+        visible = last >= 0
+        prefix = y_k.cumsum(1)[:, last.clamp(min=0)] * visible.view(1, Lq, 1)             # (N, Lq, k)
+        mass = torch.einsum("niu,nuv,niv->n", y_q, block, prefix)
+        pairs = (real_upto[:, last.clamp(min=0)] * visible).sum(1)
+    return (mass / pairs.clamp(min=1)).mean()
