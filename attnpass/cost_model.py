@@ -2,7 +2,8 @@
 
 The expressions are in the symbols B (batch), H (query heads), Lq, Lk (query and key lengths),
 D (head dim; values have the same dim) and each method's parameter: `c` (routing's cluster
-count) or `s` (Combiner's block). They serve three purposes:
+count), `s` (Combiner's block), or SBM's cluster count `k` and edge density `rho` (the expected share
+of pairs its graph holds: learned, so it is an input here, not a minimiser). They serve three purposes:
 
 - reports: `attnpass.cost(site, "routing")` prints what a site costs dense and sparse;
 - defaults: the cluster count and the block size that minimise the FLOPs (solved symbolically
@@ -20,6 +21,9 @@ Counting conventions (per batch element and query head, then times B*H):
 Routing counts its fallback: with balanced top-w each query is left out by every cluster with
 probability about (1 - 1/c)^c ~ 1/e, and those queries attend to `local_window` keys instead.
 Routing's optional local heads are not counted.
+SBM counts phi on every query and key (two D x D layers), the memberships (k per token), fastRG
+sampling (three inverse-CDF lookups per edge, log2 of the table size each, and the merge sort of the
+edges) and attention over rho * Lq * Lk edges, whose q, k, v rows the edge kernel gathers.
 """
 from __future__ import annotations
 
@@ -32,13 +36,17 @@ import sympy
 B, H, Lq, Lk, D = sympy.symbols("B H L_q L_k D", positive=True)
 c = sympy.Symbol("c", positive=True)   # routing: clusters
 s = sympy.Symbol("s", positive=True)   # combiner: block (axial: columns)
+k = sympy.Symbol("k", positive=True)   # sbm: clusters
+rho = sympy.Symbol("rho", positive=True)  # sbm: edge density (share of the Lq*Lk pairs)
 PAIR = 4 * D + 5
 INDEX_BYTES = 8
 
-METHODS = ("dense", "routing", "combiner")
+METHODS = ("dense", "routing", "combiner", "sbm")
 COMBINER_VARIANTS = ("fixed", "axial", "logsparse")
-_OPTIONS = {"dense": (), "routing": ("clusters", "local_window"), "combiner": ("variant", "block")}
+_OPTIONS = {"dense": (), "routing": ("clusters", "local_window"), "combiner": ("variant", "block"),
+            "sbm": ("clusters", "density")}
 DEFAULT_LOCAL_WINDOW = 64  # routing's default fallback window (attnpass.methods.routing)
+_SBM_DEFAULT_CLUSTERS = 128  # attnpass.methods.sbm.DEFAULT_CLUSTERS (not imported: methods import this module)
 
 # Logsparse's FLOPs are minimised by a constant block of ~3 keys (d/ds of Lq*s - (Lq+Lk)*log2(Lk/s)),
 # far too small for tiled kernels; this block keeps tiles efficient and is what the default uses.
@@ -59,6 +67,13 @@ def _per_head(method: str, variant: str, itemsize: int,
                  + sympy.exp(-1) * Lq * local_window * PAIR)
         gathered = itemsize * (Lq + 2 * Lk) * D + INDEX_BYTES * (Lq + Lk)
         return flops, io + gathered + itemsize * c * D
+    if method == "sbm":
+        edges = rho * Lq * Lk
+        sampling = 3 * sympy.log(Lk * k, 2) + sympy.log(edges, 2)  # per edge: lookups + merge sort
+        flops = ((Lq + Lk) * (4 * D**2 + 2 * D * k) + 2 * k**2 * D + (Lq + Lk) * k
+                 + edges * (sampling + PAIR))
+        gathered = edges * (itemsize * 3 * D + 2 * INDEX_BYTES) + 8 * (Lq + Lk) * k  # + float64 CDFs
+        return flops, io + gathered + itemsize * (k * D + 2 * D**2)
     regions = Lk / s
     if variant == "fixed":
         # own block directly, one summary per other block; pooling; each summary value is the
@@ -110,7 +125,7 @@ class Cost:
         return f"{self.method}{f' ({params})' if params else ''}: flops {flops}, bytes {sympy.factor_terms(self.bytes)}"
 
 
-_SYMBOLS = {"B": B, "H": H, "Lq": Lq, "Lk": Lk, "D": D, "c": c, "s": s}
+_SYMBOLS = {"B": B, "H": H, "Lq": Lq, "Lk": Lk, "D": D, "c": c, "s": s, "k": k, "rho": rho}
 
 
 def _check_options(method: str, options: dict) -> None:
@@ -127,8 +142,9 @@ def _check_options(method: str, options: dict) -> None:
 def cost_expr(method: str, **options) -> Cost:
     """The cost of `method` as expressions of B, H, Lq, Lk, D and the method's parameter.
 
-    Options: routing `clusters` and `local_window`, combiner `variant` and `block` (ints or sympy expressions; left
-    as the symbols c / s when absent), and `itemsize` (bytes per element, default 4).
+    Options: routing `clusters` and `local_window`, combiner `variant` and `block`, sbm `clusters` and `density`
+    (ints/floats or sympy expressions; left as the symbols c / s / k / rho when absent), and `itemsize` (bytes per
+    element, default 4).
     """
     _check_options(method, options)
     variant = options.get("variant", "fixed")
@@ -138,6 +154,11 @@ def cost_expr(method: str, **options) -> Cost:
     if method == "routing" and options.get("clusters") is not None:
         params["clusters"] = options["clusters"]
         flops, nbytes = flops.subs(c, options["clusters"]), nbytes.subs(c, options["clusters"])
+    if method == "sbm":
+        for name, symbol in (("clusters", k), ("density", rho)):
+            if options.get(name) is not None:
+                params[name] = options[name]
+                flops, nbytes = flops.subs(symbol, options[name]), nbytes.subs(symbol, options[name])
     if method == "combiner":
         params["variant"] = variant
         if options.get("block") is not None:
@@ -206,6 +227,8 @@ def cost(site=None, method: str = "dense", **options) -> Cost:
     options = dict(options)
     if lengths_known and method == "routing" and options.get("clusters") is None:
         options["clusters"] = default_clusters(values[Lq], values[Lk], values[D])
+    if method == "sbm" and options.get("clusters") is None:
+        options["clusters"] = _SBM_DEFAULT_CLUSTERS
     if lengths_known and method == "combiner" and options.get("block") is None:
         options["block"] = default_block(values[Lq], values[Lk], values[D], options.get("variant", "fixed"))
     result = cost_expr(method, **options)

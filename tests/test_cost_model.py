@@ -100,6 +100,27 @@ def test_growth_exponents():
     assert cost_model.growth_exponent("combiner") == pytest.approx(1.5, abs=0.01)
 
 
+def test_sbm_hand_count_and_order():
+    """SBM is linear in its edges: at a fixed density it stays quadratic (its saving is the density
+    factor), and at a density falling as 1/L it is L log L."""
+    Lq_, Lk_, D_, k_, rho_ = 16, 32, 2, 4, 0.25
+    flops, _ = cost_model.cost_expr("sbm", clusters=k_, density=rho_).evaluate(B=1, H=1, Lq=Lq_, Lk=Lk_, D=D_)
+    edges = rho_ * Lq_ * Lk_
+    phi_and_memberships = (Lq_ + Lk_) * (2 * 2 * D_ * D_ + 2 * D_ * k_) + (Lq_ + Lk_) * k_
+    block = 2 * k_ * k_ * D_
+    sampling = edges * (3 * math.log2(Lk_ * k_) + math.log2(edges))
+    attention = edges * (4 * D_ + 5)
+    assert flops == pytest.approx(phi_and_memberships + block + sampling + attention)
+    fixed = cost_model.cost_expr("sbm", clusters=128, density=0.01)
+    assert sympy.limit(sympy.log(fixed.flops.subs({Lq: L, Lk: L})) / sympy.log(L), L, sympy.oo) == 2
+    falling = cost_model.cost_expr("sbm", clusters=128, density=64 / L)
+    ratio = falling.flops.subs({Lq: L, Lk: L}) / (L * sympy.log(L))
+    assert sympy.limit(ratio, L, sympy.oo).is_finite and sympy.limit(ratio, L, sympy.oo) > 0
+    dense = cost_model.cost_expr("dense").evaluate(B=1, H=8, Lq=4096, Lk=4096, D=64)[0]
+    sparse = fixed.evaluate(B=1, H=8, Lq=4096, Lk=4096, D=64)[0]
+    assert 0.02 < sparse / dense < 0.15  # 1% of the pairs, plus sampling and phi
+
+
 def test_cost_of_a_found_site_uses_its_dims_and_the_method_defaults():
     case = by_name("hand-sdpa-causal")
     args, kwargs = case.inputs(2, 8)
