@@ -372,10 +372,12 @@ def test_dropout_gradcheck(normalizer):
 
 
 @pytest.mark.parametrize("normalizer", ["softmax", "entmax15"])
-def test_memory_never_quadratic(normalizer):
+def test_memory_never_quadratic(normalizer, monkeypatch):
     gen = torch.Generator().manual_seed(9)
     # nnz * D ~ 2 * 1024 * 16 * 64 = 2 * L^2: gathering q or k for all edges at once would trip
-    # the probe, so this also checks the chunking.
+    # the probe, so this also checks the tiling (with a tile budget well under L^2; the default
+    # budget is a fixed number of elements, independent of L, so it is far below L^2 at long L).
+    monkeypatch.setattr(ea, "_CHUNK_ELEMENTS", 1 << 18)
     B, Hq, Hkv, L, D, deg = 1, 2, 1, 1024, 64, 16
     q, k, v = make_qkv(B, Hq, Hkv, L, L, D, D, gen, dtype=torch.float32)
     bias = torch.randn(1, 1, 1, L, generator=gen, requires_grad=True)

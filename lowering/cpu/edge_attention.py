@@ -26,10 +26,11 @@ Shapes::
 The score of edge e = (r, j) is ``scale * <q_r, k_j> + bias[b, h, i, j] + edge_bias[e]``. With
 ``causal``, edges with ``j > i + causal_offset`` are dropped (not an error), like edges to padding keys.
 
-Work is done on chunks of whole rows holding a bounded number of edges, so peak memory is
-O(edges_per_chunk * (D + Dv)) on top of the O(nnz) index arrays and the outputs. Per-edge
-rows of q and k are gathered with index arithmetic over the flattened (B*Hq*Lq) and (B*Hkv*Lk)
-row spaces; row reductions are scatter_reduce / index_add over the chunk's rows.
+Work is done on tiles: rows of similar degree (padded to the next power of two, so under half a
+tile is padding), each row's key and value rows gathered into (rows, width, D) blocks, logits and
+outputs as batched matmuls, the normalisers row by row along the width. A tile's size is bounded,
+so peak memory is O(tile) on top of the O(nnz) index arrays and the outputs, whatever nnz is.
+Each query row is read once per tile (not once per edge), which is what makes it fast on CPU.
 
 ``edge_attention`` is the public entry point; the core is the custom op
 ``attnpass::edge_attention`` (backward: ``attnpass::edge_attention_backward``), so it is one node
@@ -60,7 +61,7 @@ def _check(condition: bool, message: str, error: type = ValueError) -> None:
 # Sets the chunk size: edges per chunk = this / (2*D + 2*Dv + 8), so the gathered per-edge rows
 # (q, k, v, grad-out, ...) of one chunk stay around this many elements. Forward and backward hold a
 # few such tensors at once, so the extra peak memory is a small multiple of it, whatever nnz is.
-_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS = 1 << 23
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,20 +262,32 @@ class _Problem:
     normalizer: str
     acc: torch.dtype
 
-    def chunks(self) -> list[tuple[int, int, int, int]]:
-        """(r0, r1, e0, e1): rows [r0, r1) own edges [e0, e1); no row is split between chunks.
+    def row_groups(self) -> list[tuple[Tensor, int]]:
+        """(rows, width) groups covering every row that has edges, each row exactly once.
 
-        Cuts are placed at the row holding every `step`-th edge, so a chunk holds at most
-        step + (its first row's degree) <= step + Lk edges.
+        A row of degree d goes to width W = the next power of two >= d, so padding stays under
+        half of a tile; rows of one width are cut into groups of at most
+        _CHUNK_ELEMENTS / (W * (D + Dv + 4)) rows, which bounds the gathered (rows, W, D) key and
+        value tiles whatever nnz is. Rows keep their order inside a group.
         """
         D, Dv = self.dims[5], self.dims[6]
-        step = max(1, _CHUNK_ELEMENTS // (2 * D + 2 * Dv + 8))
-        nnz, R = self.col.numel(), self.row_ptr.numel() - 1
-        targets = torch.arange(step, nnz, step, device=self.row_ptr.device) if nnz > step else self.row_ptr[:0]
-        cuts = torch.searchsorted(self.row_ptr, targets, right=True) - 1
-        bounds = sorted(set([0, R] + cuts.tolist()))
-        ptr = self.row_ptr[bounds].tolist()
-        return [(r0, r1, e0, e1) for r0, r1, e0, e1 in zip(bounds, bounds[1:], ptr, ptr[1:]) if e1 > e0]
+        degree = self.row_ptr.diff()
+        rows = degree.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return []
+        d = degree.index_select(0, rows)
+        exponent = torch.ceil(torch.log2(d.to(torch.float64))).long()
+        exponent = exponent + (torch.pow(2, exponent) < d).long()  # guard log2 rounding
+        exponent, order = torch.sort(exponent, stable=True)
+        rows = rows.index_select(0, order)
+        groups, start = [], 0
+        values, counts = torch.unique_consecutive(exponent, return_counts=True)
+        for e, count in zip(values.tolist(), counts.tolist()):
+            width = 1 << e
+            per = max(1, _CHUNK_ELEMENTS // (width * (D + Dv + 4)))
+            groups += [(rows[s0:min(s0 + per, start + count)], width) for s0 in range(start, start + count, per)]
+            start += count
+        return groups
 
 
 def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, scale, causal, causal_offset,
@@ -322,155 +335,144 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, 
 
 
 # --------------------------------------------------------------------------------------------
-# One chunk: per-edge gathers and logits
+# One tile: a group of rows, each row's edges padded to the tile's width
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Chunk:
-    lrow: Tensor       # (E,) row of each edge, local to the chunk (0 .. n-1), nondecreasing
-    local_ptr: Tensor  # (n + 1,) CSR of the chunk
-    row: Tensor        # (E,) global query row
-    kv_row: Tensor     # (E,) global key/value row
-    q: Tensor          # (E, D)  acc dtype
-    k: Tensor          # (E, D)
-    v: Tensor          # (E, Dv)
-    logits: Tensor     # (E,)
-    keep: Optional[Tensor]  # (E,) inverted-dropout multiplier, None without dropout
-    bias_index: Optional[tuple]  # index tuple into bias4 for every edge (gather / scatter)
+class _Tile:
+    rows: Tensor       # (n,) global query rows (each row is in exactly one tile)
+    valid: Tensor      # (n, W) bool: the slot holds an edge (the rest is padding)
+    edge: Tensor       # (n, W) the slot's position among the allowed edges (padding: the row's first edge)
+    kv_row: Tensor     # (n, W) key/value row of the slot
+    q: Tensor          # (n, D)     acc dtype
+    k: Tensor          # (n, W, D)
+    v: Tensor          # (n, W, Dv)
+    logits: Tensor     # (n, W), -inf on padding
+    keep: Optional[Tensor]       # (n, W) inverted-dropout multiplier, None without dropout
+    bias_index: Optional[tuple]  # index tuple into bias4 for every slot (gather / scatter)
 
 
 def _bias_index(bias4: Tensor, coords: tuple) -> tuple:
-    """Index tuple reading bias4[b, h, i, j] per edge; broadcast (size-1) dims read index 0.
+    """Index tuple reading bias4[b, h, i, j] per slot; broadcast (size-1) dims read index 0.
 
     Indexing the caller's bias directly, never an expanded copy, keeps it O(edges) even when bias
     broadcasts to Lq x Lk.
     """
     # An expanded (stride-0) zero index, not a 0-d one: a 0-d tensor index is turned into a select,
-    # i.e. a view of the whole remaining bias, and this way every dim is a plain per-edge gather.
+    # i.e. a view of the whole remaining bias, and this way every dim is a plain per-slot gather.
     zero = coords[0].new_zeros(1).expand(coords[0].shape)
     return tuple(c if size != 1 else zero for c, size in zip(coords, bias4.shape))
 
 
-def _chunk(p: _Problem, r0: int, r1: int, e0: int, e1: int) -> _Chunk:
+def _tile(p: _Problem, rows: Tensor, width: int) -> _Tile:
     B, Hq, Hkv, Lq, Lk, D, Dv = p.dims
-    row, col = p.row[e0:e1], p.col[e0:e1]
-    bh, i = row // Lq, row % Lq
+    n = rows.numel()
+    first = p.row_ptr.index_select(0, rows)
+    degree = p.row_ptr.index_select(0, rows + 1) - first
+    slot = torch.arange(width, device=rows.device)
+    valid = slot < degree.unsqueeze(1)
+    edge = torch.where(valid, first.unsqueeze(1) + slot, first.unsqueeze(1))
+    col = p.col[edge]
+    bh, i = rows // Lq, rows % Lq
     b, h = bh // Hq, bh % Hq
-    kv_row = (b * Hkv + h // (Hq // Hkv)) * Lk + col  # GQA: head h reads kv head h // group
-    # Upcast after gathering (only E rows are copied); bf16 dot products lose ~3 digits.
-    q_e, k_e, v_e = p.q2[row].to(p.acc), p.k2[kv_row].to(p.acc), p.v2[kv_row].to(p.acc)
-    logits = torch.einsum("ed,ed->e", q_e, k_e) * p.scale
+    kv_row = ((b * Hkv + h // (Hq // Hkv)) * Lk).unsqueeze(1) + col  # GQA: head h reads kv head h // group
+    # index_select, then upcast: only the gathered rows are copied (bf16 dot products lose ~3 digits)
+    flat = kv_row.reshape(-1)
+    q_t = p.q2.index_select(0, rows).to(p.acc)
+    k_t = p.k2.index_select(0, flat).view(n, width, D).to(p.acc)
+    v_t = p.v2.index_select(0, flat).view(n, width, Dv).to(p.acc)
+    logits = torch.bmm(k_t, q_t.unsqueeze(-1)).squeeze(-1) * p.scale
     bias_index = None
     if p.bias4 is not None:
-        bias_index = _bias_index(p.bias4, (b, h, i, col))
+        coords = tuple(x.unsqueeze(1).expand(n, width) for x in (b, h, i)) + (col,)
+        bias_index = _bias_index(p.bias4, coords)
         logits = logits + p.bias4[bias_index].to(p.acc)
     if p.edge_bias is not None:
-        logits = logits + p.edge_bias[e0:e1].to(p.acc)
+        logits = logits + p.edge_bias[edge].to(p.acc)
+    logits = logits.masked_fill(~valid, -math.inf)
     keep = None
     if p.dropout_p > 0:
-        keep = dropout_keep(p.dropout_seed, p.dropout_p, (bh, i, col), p.acc)  # same pair coords as the other kernels
-    return _Chunk(
-        lrow=row - r0, local_ptr=p.row_ptr[r0:r1 + 1] - e0, row=row, kv_row=kv_row,
-        q=q_e, k=k_e, v=v_e, logits=logits, keep=keep, bias_index=bias_index,
-    )
+        # the same pair coordinates as the other kernels: the mask does not depend on tiling
+        keep = dropout_keep(p.dropout_seed, p.dropout_p, (bh.unsqueeze(1), i.unsqueeze(1), col), p.acc)
+    return _Tile(rows=rows, valid=valid, edge=edge, kv_row=kv_row, q=q_t, k=k_t, v=v_t, logits=logits,
+                 keep=keep, bias_index=bias_index)
 
 
 # --------------------------------------------------------------------------------------------
-# Segment helpers and normalisers (one segment = one row's edges, contiguous)
+# Normalisers over each tile row (padding slots hold -inf logits and get probability 0)
 # --------------------------------------------------------------------------------------------
 
 
-def _segment_sum(x: Tensor, lrow: Tensor, n: int) -> Tensor:
-    return x.new_zeros(n).index_add_(0, lrow, x)
-
-
-def _segment_max(x: Tensor, lrow: Tensor, n: int) -> Tensor:
-    """Row maximum; rows without edges, or whose edges are all -inf (bias masks), give 0."""
-    m = x.new_zeros(n).scatter_reduce_(0, lrow, x, "amax", include_self=False)
+def _finite_max(x: Tensor) -> Tensor:
+    """Row maximum; rows whose logits are all -inf (bias masks) give 0."""
+    m = x.amax(-1)
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def _segment_cumsum(x: Tensor, start: Tensor) -> Tensor:
-    """Inclusive cumulative sum restarting at each segment; start[e] = first position of e's row."""
-    c = torch.cumsum(x, 0)
-    return c - torch.cat([c.new_zeros(1), c])[start]
-
-
-def _softmax_stat(logits: Tensor, lrow: Tensor, n: int) -> Tensor:
-    """logsumexp per row; 0 for rows with no edges."""
-    m = _segment_max(logits, lrow, n)
-    z = _segment_sum(torch.exp(logits - m[lrow]), lrow, n)
+def _softmax_stat(logits: Tensor) -> Tensor:
+    """logsumexp per row; 0 for rows without a finite logit."""
+    m = _finite_max(logits)
+    z = torch.exp(logits - m.unsqueeze(1)).sum(-1)
     return torch.where(z > 0, m + torch.log(z), torch.zeros_like(z))
 
 
-def _entmax15_stat(logits: Tensor, lrow: Tensor, local_ptr: Tensor) -> Tensor:
+def _entmax15_stat(logits: Tensor) -> Tensor:
     """Exact entmax-1.5 threshold tau per row: sum over the row of relu(logits / 2 - tau)^2 == 1.
 
     Within a row sorted descending (z_1 >= z_2 >= ...), if the support is the top r entries then
     tau_r = mean_r - sqrt((1 - ss_r) / r), with mean_r and ss_r (sum of squared deviations) of the
-    top r; the support is the largest r with tau_r <= z_r. All rows are done at once: a stable sort
-    by value then a stable sort by row gives the (row, -value) order, and cumulative sums restart
-    at each row's first position. Rows without edges give 0.
+    top r; the support is the largest r with tau_r <= z_r. Rows without a finite logit give 0.
     """
-    n = local_ptr.numel() - 1
     x = logits * 0.5
-    mx = _segment_max(x, lrow, n)
+    mx = _finite_max(x)
     # tau >= max - 1 (the top entry alone has mass <= 1), so entries below max - 1 are never in the
-    # support: clipping at max - 2 changes no tau but keeps the cumulative sums small even with
-    # -1e9 / -inf bias masks. float64 keeps the cross-row cumsum cancellation negligible.
-    z = (x - mx[lrow]).clamp(min=-2.0).to(torch.float64)
-    order = torch.sort(z, descending=True, stable=True).indices
-    order = order[torch.sort(lrow[order], stable=True).indices]
-    zs = z[order]  # sorted by (row, -value); position e still belongs to row lrow[e]
-    start = local_ptr[lrow]
-    rank = (torch.arange(zs.numel(), device=zs.device) - start + 1).to(torch.float64)
-    s1 = _segment_cumsum(zs, start)
-    s2 = _segment_cumsum(zs * zs, start)
+    # support: clipping at max - 2 changes no tau but keeps the sums small with -1e9 bias masks, and
+    # padding (-inf) lands there too. float64 keeps the cumulative sums exact enough.
+    z = (x - mx.unsqueeze(1)).clamp(min=-2.0).to(torch.float64)
+    zs = torch.sort(z, dim=-1, descending=True).values
+    rank = torch.arange(1, zs.shape[1] + 1, device=zs.device, dtype=torch.float64)
+    s1 = zs.cumsum(-1)
     mean = s1 / rank
-    ss = s2 - s1 * mean
+    ss = (zs * zs).cumsum(-1) - s1 * mean
     tau_r = mean - torch.sqrt(torch.clamp((1.0 - ss) / rank, min=0.0))
-    support = torch.zeros(n, dtype=torch.int64, device=zs.device).index_add_(0, lrow, (tau_r <= zs).long())
-    last = (local_ptr[:-1] + support - 1).clamp(0, zs.numel() - 1)
-    tau = torch.where(support > 0, tau_r[last] + mx.to(torch.float64), torch.zeros_like(tau_r[last]))
-    return tau.to(logits.dtype)
+    support = (tau_r <= zs).sum(-1, keepdim=True).clamp(min=1)
+    tau = tau_r.gather(-1, support - 1).squeeze(-1) + mx.to(torch.float64)
+    finite = torch.isfinite(x).any(-1)
+    return torch.where(finite, tau, torch.zeros_like(tau)).to(logits.dtype)
 
 
-def _row_stat(c: _Chunk, normalizer: str) -> Tensor:
-    n = c.local_ptr.numel() - 1
+def _row_stat(logits: Tensor, normalizer: str) -> Tensor:
+    return _softmax_stat(logits) if normalizer == "softmax" else _entmax15_stat(logits)
+
+
+def _probs(logits: Tensor, stat: Tensor, normalizer: str) -> Tensor:
+    """Normalised probabilities from the logits (n, W) and their row's statistic (n,)."""
     if normalizer == "softmax":
-        return _softmax_stat(c.logits, c.lrow, n)
-    return _entmax15_stat(c.logits, c.lrow, c.local_ptr)
+        return torch.exp(logits - stat.unsqueeze(1))
+    return torch.clamp(logits * 0.5 - stat.unsqueeze(1), min=0).square()
 
 
-def _probs(logits: Tensor, stat_e: Tensor, normalizer: str) -> Tensor:
-    """Normalised probabilities from the logits and their row's statistic (forward and backward)."""
-    if normalizer == "softmax":
-        return torch.exp(logits - stat_e)
-    return torch.clamp(logits * 0.5 - stat_e, min=0).square()
-
-
-def _logits_grad(c: _Chunk, stat_e: Tensor, probs: Tensor, d_probs: Tensor, d_stat: Optional[Tensor],
+def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor, d_stat: Optional[Tensor],
                  normalizer: str) -> Tensor:
     """Vector-Jacobian product through the normaliser, for both outputs (probs and row_stat)."""
-    n = c.local_ptr.numel() - 1
     if normalizer == "softmax":
         # d softmax: p * (dp - <p, dp>_row);  d logsumexp / d logits = p.
-        grad = probs * (d_probs - _segment_sum(probs * d_probs, c.lrow, n)[c.lrow])
-        return grad if d_stat is None else grad + probs * d_stat[c.lrow]
+        grad = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))
+        return grad if d_stat is None else grad + probs * d_stat.unsqueeze(1)
     # entmax15: p = s^2, s = relu(logits/2 - tau). Differentiating sum(p) = 1 gives
     # d tau = <s, d logits> / (2 sum(s)), hence d logits = s * (dp - <s, dp> / sum(s)) and
     # d tau / d logits = s / (2 sum(s)).
-    s = torch.clamp(c.logits * 0.5 - stat_e, min=0)
-    s_sum = _segment_sum(s, c.lrow, n)[c.lrow]
+    s = torch.clamp(logits * 0.5 - stat.unsqueeze(1), min=0)
+    s_sum = s.sum(-1, keepdim=True)
     # sum(s) > 0 in every row with a finite logit; rows whose logits are all -inf have s == 0.
     s_sum = torch.where(s_sum > 0, s_sum, torch.ones_like(s_sum))
-    grad = s * (d_probs - _segment_sum(s * d_probs, c.lrow, n)[c.lrow] / s_sum)
-    return grad if d_stat is None else grad + s * d_stat[c.lrow] / (2 * s_sum)
+    grad = s * (d_probs - (s * d_probs).sum(-1, keepdim=True) / s_sum)
+    return grad if d_stat is None else grad + s * d_stat.unsqueeze(1) / (2 * s_sum)
 
 
 # --------------------------------------------------------------------------------------------
-# Forward and backward over chunks of rows
+# Forward and backward over tiles
 # --------------------------------------------------------------------------------------------
 
 
@@ -486,14 +488,14 @@ def _forward_impl(
     B, Hq, Hkv, Lq, Lk, D, Dv = p.dims
     out = torch.zeros(B * Hq * Lq, Dv, dtype=p.acc, device=q.device)  # empty rows stay 0
     row_stat = torch.zeros(B * Hq * Lq, dtype=p.acc, device=q.device)
-    for r0, r1, e0, e1 in p.chunks():
-        c = _chunk(p, r0, r1, e0, e1)
-        stat = _row_stat(c, normalizer)
-        probs = _probs(c.logits, stat[c.lrow], normalizer)
-        if c.keep is not None:
-            probs = probs * c.keep
-        out[r0:r1].index_add_(0, c.lrow, probs.unsqueeze(-1) * c.v)
-        row_stat[r0:r1] = stat
+    for rows, width in p.row_groups():
+        t = _tile(p, rows, width)
+        stat = _row_stat(t.logits, normalizer)
+        probs = _probs(t.logits, stat, normalizer)
+        if t.keep is not None:
+            probs = probs * t.keep
+        out.index_copy_(0, rows, torch.bmm(probs.unsqueeze(1), t.v).squeeze(1))
+        row_stat.index_copy_(0, rows, stat)
     return out.view(B, Hq, Lq, Dv).to(q.dtype), row_stat.view(B, Hq, Lq)
 
 
@@ -522,30 +524,30 @@ def _backward_impl(
     # edges the causal/padding rules dropped get no gradient: they took no part in the output
     dedge = torch.zeros(col_index.shape, dtype=acc, device=q.device) if edge_bias_grad else None
 
-    for r0, r1, e0, e1 in p.chunks():
-        c = _chunk(p, r0, r1, e0, e1)
-        stat_e = stat_all[r0:r1][c.lrow]
-        probs = _probs(c.logits, stat_e, normalizer)
-        dropped = probs if c.keep is None else probs * c.keep
-        d_o = g_out[c.row].to(acc)  # (E, Dv)
-        # out_r = sum_e dropped_e v_e
-        dv.index_add_(0, c.kv_row, dropped.unsqueeze(-1) * d_o)
-        d_probs = torch.einsum("ed,ed->e", d_o, c.v)
-        if c.keep is not None:
-            d_probs = d_probs * c.keep
-        d_stat = None if g_stat is None else g_stat[r0:r1]
-        d_logits = _logits_grad(c, stat_e, probs, d_probs, d_stat, normalizer)
-        # logits_e = scale * <q_row, k_kvrow> + bias_e; GQA heads sharing a kv head add up here.
-        dq.index_add_(0, c.row, (d_logits * p.scale).unsqueeze(-1) * c.k)
-        dk.index_add_(0, c.kv_row, (d_logits * p.scale).unsqueeze(-1) * c.q)
+    for rows, width in p.row_groups():
+        t = _tile(p, rows, width)
+        stat = stat_all.index_select(0, rows)
+        probs = _probs(t.logits, stat, normalizer)
+        dropped = probs if t.keep is None else probs * t.keep
+        d_o = g_out.index_select(0, rows).to(acc)  # (n, Dv)
+        flat = t.kv_row.reshape(-1)
+        # out_r = sum_slots dropped * v; padding slots add exact zeros to a real row
+        dv.index_add_(0, flat, (dropped.unsqueeze(-1) * d_o.unsqueeze(1)).reshape(-1, Dv))
+        d_probs = torch.bmm(t.v, d_o.unsqueeze(-1)).squeeze(-1)
+        if t.keep is not None:
+            d_probs = d_probs * t.keep
+        d_stat = None if g_stat is None else g_stat.index_select(0, rows)
+        d_logits = _logits_grad(t.logits, stat, probs, d_probs, d_stat, normalizer)
+        # logits = scale * <q_row, k_slot> + bias; GQA heads sharing a kv head add up in dk
+        d_scaled = d_logits * p.scale
+        dq.index_copy_(0, rows, torch.bmm(d_scaled.unsqueeze(1), t.k).squeeze(1))
+        dk.index_add_(0, flat, (d_scaled.unsqueeze(-1) * t.q.unsqueeze(1)).reshape(-1, D))
         if bias_grad:
             # accumulate=True also sums over bias's broadcast dims (they all index 0).
-            dbias.index_put_(c.bias_index, d_logits, accumulate=True)
+            dbias.index_put_(tuple(ix[t.valid] for ix in t.bias_index), d_logits[t.valid], accumulate=True)
         if edge_bias_grad:
-            if p.edge_id is None:
-                dedge[e0:e1] = d_logits
-            else:
-                dedge[p.edge_id[e0:e1]] = d_logits
+            edge = t.edge[t.valid]
+            dedge[edge if p.edge_id is None else p.edge_id[edge]] = d_logits[t.valid]
 
     # Custom ops cannot return None; a fresh 0-element tensor stands for "not computed".
     return (
