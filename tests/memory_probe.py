@@ -20,7 +20,9 @@ class LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+            # a sparse tensor's numel is its logical size; its storage (indices, values) is seen
+            # as the outputs of the ops that built it
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() > self.numel:
                 self.numel, self.op, self.shape = t.numel(), func, tuple(t.shape)
         return out
 
