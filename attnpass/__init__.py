@@ -4,6 +4,7 @@
     sparse = attnpass.sparsify(model, args=(input_ids,), kwargs={"attention_mask": mask}, method="dense")
 """
 from attnpass.api import NoAttentionFound, aux_loss, find_attention, sparsify
+from attnpass.compile_backend import backend, explain
 from attnpass.capture import CaptureError
 from attnpass.cost_model import cost
 from attnpass.methods import METHODS
@@ -12,6 +13,6 @@ from attnpass.sparse_module import SparseModel
 
 __all__ = [
     "METHODS", "AttentionReport", "AttentionSite", "CaptureError", "NoAttentionFound", "SkippedSite",
-    "SparseModel", "aux_loss", "cost", "find_attention", "sparsify",
+    "SparseModel", "aux_loss", "backend", "cost", "explain", "find_attention", "sparsify",
 ]
 __version__ = "0.1.0"

@@ -24,7 +24,9 @@ def module_path(node: fx.Node) -> tuple[str, str]:
     if not stack:
         return "", ""
     path, cls = list(stack.values())[-1]
-    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    # export: "layers.0"; dynamo: "L['self'].layers[0]", or "L['args'][0].layers[0]" when dynamo
+    # entered through a wrapper (e.g. a decorated forward) that received the module as an argument
+    path = re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", str(path))
     path = re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "")
     cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
     return path.strip("."), cls_name
@@ -33,7 +35,7 @@ def module_path(node: fx.Node) -> tuple[str, str]:
 def _projection_source(node, steps: int = 16):
     """The input of the linear layer a q/k tensor was projected by, to tell self from cross attention."""
     for _ in range(steps):
-        if not isinstance(node, fx.Node) or node.op != "call_function":
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):  # dynamo: x.view(...)
             return node
         if node.target in (torch.ops.aten.linear.default, torch.nn.functional.linear, torch._C._nn.linear):
             return node.args[0]

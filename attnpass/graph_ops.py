@@ -38,7 +38,7 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 
 def _dim_list(dims):
-    if isinstance(dims, int):
+    if isinstance(dims, (int, fx.Node)):  # dynamo: x.view(size) with the size as one traced value
         return [dims]
     return list(dims)
 

@@ -23,6 +23,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from attnpass.graph_ops import meta_val
 from attnpass.site import MaskInfo, MaskPiece, SiteMatch
 
 _MASKING = -1e4
@@ -50,7 +51,7 @@ class ProbeSet:
     def _symbol_sizes(self) -> dict:
         sizes = {}
         for name, t in self.example.items():
-            val = self.placeholders[name].meta.get("val")
+            val = meta_val(self.placeholders[name])  # export: "val"; dynamo: "example_value"
             if not isinstance(val, torch.Tensor) or not isinstance(t, torch.Tensor):
                 continue
             for d, n in zip(val.shape, t.shape):
@@ -75,8 +76,14 @@ class ProbeSet:
     def _random_inputs(self, assignment: dict, gen: torch.Generator) -> dict:
         out = {}
         for name, t in self.example.items():
+            val = meta_val(self.placeholders[name])
             if isinstance(t, torch.Tensor):
-                t = _random_like(t, _concrete(self.placeholders[name].meta["val"].shape, assignment), gen)
+                t = _random_like(t, _concrete(val.shape, assignment), gen)
+            elif isinstance(val, torch.SymInt):  # a dynamo graph takes its symbolic sizes as inputs
+                try:
+                    t = _concrete((val,), assignment)[0]
+                except TypeError:  # not a function of the input sizes (e.g. a value read with .item())
+                    pass
             out[name] = t
         return out
 
@@ -214,7 +221,7 @@ def _bias_note(bias: list[MaskPiece], probes: ProbeSet) -> str:
         return ""
     notes = []
     for piece in bias:
-        val = piece.node.meta.get("val")
+        val = meta_val(piece.node)
         shape = "x".join(str(d) for d in val.shape) if isinstance(val, torch.Tensor) else "?"
         try:
             masked = bool((probes.evaluate(piece.node, 0) <= _MASKING).any())
