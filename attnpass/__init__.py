@@ -8,11 +8,12 @@ from attnpass.compile_backend import backend, explain
 from attnpass.capture import CaptureError
 from attnpass.cost_model import cost
 from attnpass.methods import METHODS
+from attnpass.methods.sparsefinder import sparsefinder_metrics
 from attnpass.site import AttentionReport, AttentionSite, SkippedSite
 from attnpass.sparse_module import SparseModel
 
 __all__ = [
     "METHODS", "AttentionReport", "AttentionSite", "CaptureError", "NoAttentionFound", "SkippedSite",
-    "SparseModel", "aux_loss", "backend", "cost", "explain", "find_attention", "sparsify",
+    "SparseModel", "aux_loss", "backend", "cost", "explain", "find_attention", "sparsefinder_metrics", "sparsify",
 ]
 __version__ = "0.1.0"

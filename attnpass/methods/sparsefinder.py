@@ -1,0 +1,403 @@
+"""method="sparsefinder": entmax-1.5 attention over a predicted sparse graph (Treviso et al. 2022).
+
+The site's normaliser becomes entmax-1.5 (alpha = 1.5), computed only over the (query, key) pairs
+a cheap predictor expects to be nonzero, with the CSR kernel `edge_attention(normalizer="entmax15")`.
+Each query head has learnable projections W_Q, W_K: head dim -> `rank` (nn.Parameters; GQA: the
+keys of kv head h // (Hq // Hkv) are projected with query head h's W_K). The predictors live in
+`sparsefinder_predict` (distance, quantization, clustering, plus window / first-token edges).
+
+Options (validated before capture):
+    predictor     "clustering" (default), "distance" or "quantization". Clustering is the default
+                  because it had the best recall at a given graph sparsity among the predictors
+                  that are not all-pairs (tests/test_sparsefinder.py acceptance, L=512: recall
+                  0.75 at graph sparsity 0.78, against 0.30 at 0.88 for quantization with buckets
+                  of 16); distance reached recall 0.96 at sparsity 0.55 there but costs
+                  O(Lq Lk r) by nature. Centroids start from the first batch's projected tokens.
+    rank          r, projected dim (default 4, the paper's)
+    threshold     distance predictor: ||W_Q q - W_K k|| < threshold. Default None = calibrated:
+                  the hinge loss is invariant to shifting all squared distances, so no fixed
+                  number is meaningful; each training call moves an EMA (`decay`) towards the
+                  0.95-quantile of the gold pairs' projected distances (buffer `threshold_`,
+                  +inf before any training: an untrained distance predictor keeps every pair)
+    bucket_size   quantization predictor: keys per bucket (default 16)
+    clusters      clustering predictor: centroids per query head (default 16)
+    top_clusters  clustering predictor: a token's nearest centroids that count (default 2)
+    window        local edges |anchor(i) - j| <= window in key space (default 1; None: none)
+    first_token   edge to key 0 (default True)
+    margin        hinge margin gamma (default 1.0)
+    decay         EMA decay of the centroid updates (clustering) and of the calibrated distance
+                  threshold (default 0.9)
+
+Defaults window=1, first_token=True: a row with no predicted edge gets zeros (the kernel's rule),
+which silently drops that query's information. With both, every query whose own position (or
+neighbour) or key 0 is allowed has an edge (causal self-attention: always), for 4 edges per query.
+
+Training: in train mode each call leaves in `aux_loss()` the hinge loss of `projection_loss` on the
+call's detached q, k (so it trains W_Q, W_K only), and the clustering predictor takes one EMA
+k-means step on the projected tokens. The loss needs the gold graph, i.e. each row's entmax
+threshold over all keys: O(Lq Lk D) work per training call (in chunks, never Lq x Lk at once),
+the price of supervising the predictor. Eval calls compute only the predicted pairs.
+
+A general bool `mask` becomes an additive -inf bias of the mask's own shape (read only at the
+edges by the kernel); when the site also has a bias, the mask is merged into it if that does not
+grow the bias, otherwise the predicted edges the mask forbids are removed instead (a per-edge
+gather), so nothing bigger than what the model already built is allocated.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from attnpass.lowering.cpu.common import broadcastable
+from attnpass.lowering.cpu.edge_attention import edge_attention
+from attnpass.methods import sparsefinder_predict as sp
+from attnpass.methods.base import SiteAttention, SiteSpec
+
+_OPTIONS = ("predictor", "rank", "threshold", "bucket_size", "clusters", "top_clusters", "window",
+            "first_token", "margin", "decay")
+THRESHOLD_QUANTILE = 0.95
+DEFAULTS = dict(predictor="clustering", rank=4, threshold=None, bucket_size=16, clusters=16, top_clusters=2,
+                window=1, first_token=True, margin=1.0, decay=0.9)
+
+
+def _fail(message: str, error: type = ValueError):
+    raise error(f"method 'sparsefinder': {message}")
+
+
+def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(f"option {name}={value!r} must be an int >= {minimum}{' or None' if allow_none else ''}, "
+              f"got {type(value).__name__}", TypeError)
+    if value < minimum:
+        _fail(f"option {name}={value!r} must be an int >= {minimum}")
+
+
+def _check_real(name: str, value, positive: bool, allow_inf: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(f"option {name}={value!r} must be a number, got {type(value).__name__}", TypeError)
+    if math.isnan(value) or (positive and value <= 0) or (not positive and value < 0) or \
+            (not allow_inf and math.isinf(value)):
+        _fail(f"option {name}={value!r} must be {'> 0' if positive else '>= 0'}"
+              f"{'' if allow_inf else ' and finite'}")
+
+
+def _mask_merge(bias: Tensor | None, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """(bias to pass to the kernel, mask still to apply at the edges) -- see the module docstring."""
+    if mask is None:
+        return bias, None
+    as_bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
+    if bias is None:
+        return as_bias, None
+    if broadcastable(tuple(mask.shape), tuple(bias.shape)):
+        return bias + as_bias, None
+    return bias, mask
+
+
+def _drop_masked_edges(row_ptr: Tensor, col: Tensor, mask: Tensor, H: int, Lq: int) -> tuple[Tensor, Tensor]:
+    R = row_ptr.numel() - 1
+    row = torch.repeat_interleave(torch.arange(R, device=col.device), row_ptr.diff(), output_size=col.numel())
+    bh, i = row // Lq, row % Lq
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    coords = (bh // H, bh % H, i, col)
+    zero = col.new_zeros(1).expand(col.shape)
+    ok = m[tuple(c if s != 1 else zero for c, s in zip(coords, m.shape))]
+    row, col = row[ok], col[ok]
+    return torch.cat([row_ptr.new_zeros(1), torch.bincount(row, minlength=R).cumsum(0)]), col
+
+
+class SparsefinderAttention(SiteAttention):
+    method_name = "sparsefinder"
+
+    def __init__(self, spec: SiteSpec, **options):
+        self.validate_options(**options)
+        reason = self.unsupported_reason(spec, **options)
+        if reason:
+            raise ValueError(f"method 'sparsefinder' cannot serve site {spec.name!r}: {reason}")
+        super().__init__(spec)
+        opts = {**DEFAULTS, **options}
+        self.predictor: str = opts["predictor"]
+        self.rank: int = int(opts["rank"])
+        self.margin: float = float(opts["margin"])
+        self._calibrate_threshold = opts["threshold"] is None
+        if self.predictor == "distance":
+            # +inf until calibrated: an untrained distance predictor keeps every pair (exact, not sparse)
+            start = math.inf if opts["threshold"] is None else float(opts["threshold"])
+            self.register_buffer("threshold_", torch.tensor(start, dtype=torch.float64))
+        self.bucket_size: int = int(opts["bucket_size"])
+        self.clusters: int = int(opts["clusters"])
+        self.top_clusters: int = int(opts["top_clusters"])
+        self.window: int | None = None if opts["window"] is None else int(opts["window"])
+        self.first_token: bool = bool(opts["first_token"])
+        self.decay: float = float(opts["decay"])
+        H, D = spec.heads_q, spec.head_dim
+        # N(0, 1/D) entries: projected coordinates start with the scale of the inputs
+        self.w_q = nn.Parameter(torch.randn(H, D, self.rank) / math.sqrt(D))
+        self.w_k = nn.Parameter(torch.randn(H, D, self.rank) / math.sqrt(D))
+        if self.predictor == "clustering":
+            self.register_buffer("centroids", torch.zeros(H, self.clusters, self.rank))
+            self.register_buffer("ema_sum", torch.zeros(H, self.clusters, self.rank))
+            self.register_buffer("ema_count", torch.zeros(H, self.clusters))
+            self.register_buffer("initialized", torch.tensor(False))
+        self._last_aux_loss: Tensor | None = None
+        self._collect_metrics = False
+        self.last_metrics: sp.GraphMetrics | None = None
+
+    # ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def validate_options(cls, **options) -> None:
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            _fail(f"got unknown option(s) {unknown}; it takes {list(_OPTIONS)}")
+        predictor = options.get("predictor", DEFAULTS["predictor"])
+        if not isinstance(predictor, str) or predictor not in sp.PREDICTORS:
+            _fail(f"option predictor={predictor!r} must be one of {list(sp.PREDICTORS)}")
+        for name in ("rank", "bucket_size", "clusters", "top_clusters"):
+            if name in options:
+                _check_int(name, options[name], 1)
+        if "window" in options:
+            _check_int("window", options["window"], 0, allow_none=True)
+        if "first_token" in options and not isinstance(options["first_token"], bool):
+            _fail(f"option first_token={options['first_token']!r} must be a bool", TypeError)
+        if options.get("threshold") is not None:
+            _check_real("threshold", options["threshold"], positive=True, allow_inf=True)
+        if "margin" in options:
+            _check_real("margin", options["margin"], positive=False, allow_inf=False)
+        if "decay" in options:
+            _check_real("decay", options["decay"], positive=False, allow_inf=False)
+            if not options["decay"] < 1:
+                _fail(f"option decay={options['decay']!r} must be in [0, 1)")
+        top, clusters = options.get("top_clusters", 1), options.get("clusters", DEFAULTS["clusters"])
+        if top > clusters:
+            _fail(f"option top_clusters={top} is more than clusters={clusters}")
+
+    @classmethod
+    def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
+        if spec.heads_q is None or spec.head_dim is None:
+            return "the site's query head count and head dim are unknown; sparsefinder sizes its projections by them"
+        return None
+
+    def extra_repr(self) -> str:
+        detail = {"distance": f"threshold={self.threshold:.4g}", "quantization": f"bucket_size={self.bucket_size}",
+                  "clustering": f"clusters={self.clusters}, top_clusters={self.top_clusters}"}[self.predictor]
+        return (f"{super().extra_repr()}, predictor={self.predictor}, rank={self.rank}, {detail}, "
+                f"window={self.window}, first_token={self.first_token}")
+
+    @property
+    def threshold(self) -> float:
+        """The distance predictor's threshold (given, or calibrated in training; inf before)."""
+        return float(self.threshold_) if hasattr(self, "threshold_") else math.nan
+
+    def aux_loss(self) -> Tensor | None:
+        """The hinge loss of the last training call (None before any)."""
+        return self._last_aux_loss
+
+    # ---------------------------------------------------------------------------------------
+    # Prediction
+    # ---------------------------------------------------------------------------------------
+
+    def _check_shapes(self, q: Tensor, k: Tensor) -> None:
+        if q.shape[1] != self.spec.heads_q or q.shape[3] != self.spec.head_dim:
+            raise ValueError(
+                f"sparsefinder site {self.spec.name!r} was built for {self.spec.heads_q} query heads of dim "
+                f"{self.spec.head_dim}, got q of shape {tuple(q.shape)}")
+
+    def project(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """(W_Q q, W_K k) per query head: (B, Hq, Lq, r), (B, Hq, Lk, r)."""
+        return sp.project(q, k, self.w_q, self.w_k)
+
+    def predict(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+        """The predicted graph for (q, k): CSR (row_ptr, col_index) and the candidate count."""
+        self._check_shapes(q, k)
+        with torch.no_grad():
+            qp, kp = self.project(q, k)
+            if self.predictor == "clustering" and not bool(self.initialized):
+                self._init_centroids(qp, kp, key_keep)
+            return sp.predict_edges(
+                qp, kp, self.predictor, threshold=self.threshold, bucket_size=self.bucket_size,
+                centroids=getattr(self, "centroids", None), top_clusters=self.top_clusters, window=self.window,
+                first_token=self.first_token, causal=self.spec.causal, causal_offset=self.causal_offset(q, k),
+                key_keep=key_keep)
+
+    def predictor_ops(self, q: Tensor, k: Tensor, candidates: int) -> float:
+        """Projection + predictor FLOPs of one call (all batch rows and heads)."""
+        B, H, Lq, D = q.shape
+        per_head = sp.predictor_flops(self.predictor, Lq=Lq, Lk=k.shape[2], head_dim=D, rank=self.rank,
+                                      candidates=candidates // max(B * H, 1), bucket_size=self.bucket_size,
+                                      clusters=self.clusters)
+        return per_head * B * H
+
+    # ---------------------------------------------------------------------------------------
+    # Clustering state: EMA k-means in the projected space
+    # ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _tokens(qp: Tensor, kp: Tensor, key_keep: Tensor | None) -> Tensor:
+        """Projected real tokens per head: (H, N, r) (queries, then real keys)."""
+        B, H, _, r = qp.shape
+        qs = qp.detach().transpose(0, 1).reshape(H, -1, r)
+        ks = kp.detach().transpose(0, 1)  # (H, B, Lk, r)
+        ks = ks.reshape(H, -1, r) if key_keep is None else ks[:, key_keep]
+        return torch.cat([qs, ks], dim=1).float()
+
+    @torch.no_grad()
+    def _init_centroids(self, qp: Tensor, kp: Tensor, key_keep: Tensor | None) -> None:
+        """Centroids := distinct random tokens of this batch per head (torch's global RNG)."""
+        pool = self._tokens(qp, kp, key_keep)
+        H, N, _ = pool.shape
+        if N == 0:
+            return
+        c = self.clusters
+        picks = torch.rand(H, N, device=pool.device).argsort(-1)[:, :c]
+        if N < c:
+            picks = torch.cat([picks, torch.randint(0, N, (H, c - N), device=pool.device)], dim=-1)
+        chosen = pool.gather(1, picks.unsqueeze(-1).expand(H, c, pool.shape[2]))
+        self.centroids.copy_(chosen)
+        self.ema_sum.copy_(chosen)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def update_centroids_(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None) -> None:
+        """One EMA k-means step on the projected tokens of (q, k) (initialises on the first call)."""
+        qp, kp = self.project(q, k)
+        if not bool(self.initialized):
+            self._init_centroids(qp, kp, key_keep)
+            return
+        pool = self._tokens(qp, kp, key_keep)  # (H, N, r)
+        H, c = self.centroids.shape[0], self.clusters
+        nearest = sp.nearest_clusters(pool.unsqueeze(0), self.centroids, 1)[0, ..., 0]  # (H, N)
+        n = torch.zeros(H, c, device=pool.device).scatter_add_(1, nearest, torch.ones_like(nearest, dtype=pool.dtype))
+        sums = torch.zeros(H, c, self.rank, device=pool.device).scatter_add_(
+            1, nearest.unsqueeze(-1).expand_as(pool), pool)
+        d = self.decay
+        self.ema_count.mul_(d).add_(n * (1 - d))
+        self.ema_sum.mul_(d).add_(sums * (1 - d))
+        self.centroids.copy_(self.ema_sum / (self.ema_count + 1e-5).unsqueeze(-1))
+
+    # ---------------------------------------------------------------------------------------
+    # Projection training
+    # ---------------------------------------------------------------------------------------
+
+    def projection_loss(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None, bias: Tensor | None = None,
+                        mask: Tensor | None = None, gold: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Hinge loss of the projections against the gold entmax-1.5 graph of (q, k) (both detached).
+
+        Per query with at least one gold key and one sampled negative:
+        relu(margin + mean_pos ||W_Q q - W_K k+||^2 - mean_neg ||W_Q q - W_K k-||^2). Negatives: one
+        uniform draw among the query's allowed keys per gold pair, draws that hit a gold key (or a
+        key the mask / a -inf bias forbids) rejected, so about as many as positives, uniform over
+        the non-gold allowed keys (with replacement), in O(|gold|) work. Means rather than the
+        paper's sums keep `margin` on the scale of one squared distance whatever the row's support
+        size. The loss is the mean over such queries. `gold`: the (row, col) pairs of
+        `sparsefinder_predict.gold_pairs` for these q, k, if already computed (calibration loops).
+        """
+        self._check_shapes(q, k)
+        q, k = q.detach(), k.detach()
+        B, Hq, Lq, D = q.shape
+        Lk = k.shape[2]
+        causal, offset = self.spec.causal, self.causal_offset(q, k)
+        if gold is None:
+            gold = sp.gold_pairs(q, k, scale=self.scale(q), causal=causal, causal_offset=offset,
+                                 key_keep=key_keep, bias=bias, mask=mask)
+        g_row, g_col = gold
+        neg_row, neg_col = sp.sample_negatives(g_row, g_col, B=B, H=Hq, Lq=Lq, Lk=Lk, causal=causal,
+                                               causal_offset=offset, key_keep=key_keep, bias=bias, mask=mask)
+        R = B * Hq * Lq
+        n_pos = torch.bincount(g_row, minlength=R)
+        n_neg = torch.bincount(neg_row, minlength=R)
+        usable = (n_pos > 0) & (n_neg > 0)
+        qp, kp = self.project(q, k)
+        qf, kf = qp.reshape(R, -1), kp.reshape(B * Hq * Lk, -1)
+
+        def sq_dist(row, col):
+            return (qf[row] - kf[(row // Lq) * Lk + col]).square().sum(-1)  # kp is per query head
+
+        pos_d2 = sq_dist(g_row, g_col)
+        if self.predictor == "distance" and self._calibrate_threshold and g_row.numel():
+            self._track_threshold(pos_d2.detach())
+        mean_pos = qf.new_zeros(R).index_add_(0, g_row, pos_d2) / n_pos.clamp(min=1)
+        mean_neg = qf.new_zeros(R).index_add_(0, neg_row, sq_dist(neg_row, neg_col)) / n_neg.clamp(min=1)
+        if not bool(usable.any()):
+            return (qp.sum() + kp.sum()) * 0.0  # no query to learn from: a zero still connected to W_Q, W_K
+        return torch.relu(self.margin + mean_pos - mean_neg)[usable].mean()
+
+    @torch.no_grad()
+    def _track_threshold(self, pos_d2: Tensor) -> None:
+        """Distance threshold by default: EMA of the 0.95-quantile of the gold pairs' distances."""
+        value = pos_d2.float().kthvalue(int(THRESHOLD_QUANTILE * (pos_d2.numel() - 1)) + 1).values.sqrt()
+        if torch.isinf(self.threshold_):
+            self.threshold_.fill_(value)
+        else:
+            self.threshold_.mul_(self.decay).add_(value * (1 - self.decay))
+
+    # ---------------------------------------------------------------------------------------
+    # Forward
+    # ---------------------------------------------------------------------------------------
+
+    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+        self._check_shapes(q, k)
+        B, Hq, Lq, _ = q.shape
+        Lk = k.shape[2]
+        if Lq == 0 or Lk == 0:
+            return q.new_zeros(B, Hq, Lq, v.shape[3])
+        p = dropout_p if self.training else 0.0
+        row_ptr, col, candidates = self.predict(q, k, key_keep)
+        kernel_bias, edge_mask = _mask_merge(bias, mask, q.dtype if bias is None else bias.dtype)
+        if edge_mask is not None:
+            row_ptr, col = _drop_masked_edges(row_ptr, col, edge_mask, Hq, Lq)
+        out, _ = edge_attention(
+            q, k, v, row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
+            causal_offset=self.causal_offset(q, k), key_padding_mask=key_keep, bias=kernel_bias,
+            dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer="entmax15")
+        if self._collect_metrics:
+            self.last_metrics = sp.graph_metrics(
+                q.detach(), k.detach(), row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
+                causal_offset=self.causal_offset(q, k), key_keep=key_keep,
+                bias=None if bias is None else bias.detach(), mask=mask,
+                predictor_ops=self.predictor_ops(q, k, candidates))
+        elif self.training:
+            self._last_aux_loss = self.projection_loss(q, k, key_keep, None if bias is None else bias.detach(), mask)
+            if self.predictor == "clustering":
+                self.update_centroids_(q.detach(), k.detach(), key_keep)
+        return out
+
+
+def sparsefinder_metrics(sparse_model: nn.Module, args=(), kwargs=None) -> dict:
+    """Run one no-grad forward of `sparse_model(*args, **kwargs)` and return Sparsefinder's metrics.
+
+    Returns ``{site module name: metrics dict, ..., "overall": metrics dict}``; each dict holds
+    recall, graph_sparsity, exact_fraction, computation_sparsity and the counts behind them
+    (`sparsefinder_predict.GraphMetrics`); "overall" pools the counts of every site. The call
+    leaves no training state behind (no aux loss, no centroid update), whatever the model's mode.
+    """
+    if not isinstance(sparse_model, nn.Module):
+        raise TypeError(f"sparsefinder_metrics expects the nn.Module sparsify returned, got {type(sparse_model).__name__}")
+    sites = {name: m for name, m in sparse_model.named_modules() if isinstance(m, SparsefinderAttention)}
+    if not sites:
+        raise ValueError("sparsefinder_metrics: the model has no method='sparsefinder' attention site")
+    for m in sites.values():
+        m._collect_metrics, m.last_metrics = True, None
+    try:
+        with torch.no_grad():
+            sparse_model(*args, **(kwargs or {}))
+    finally:
+        for m in sites.values():
+            m._collect_metrics = False
+    result, total = {}, None
+    for name, m in sites.items():
+        if m.last_metrics is None:
+            continue  # the site was not called by this forward
+        result[name] = m.last_metrics.as_dict()
+        total = m.last_metrics if total is None else total + m.last_metrics
+    if total is None:
+        raise ValueError("sparsefinder_metrics: the forward call reached no sparsefinder site")
+    result["overall"] = total.as_dict()
+    return result

@@ -1,0 +1,542 @@
+"""Sparsefinder's graph predictors, its gold entmax-1.5 graph and its metrics (Treviso et al. 2022).
+
+Sparsefinder projects each query and key to r dims (per query head: W_Q, W_K of shape (D, r)) and
+predicts which (query, key) pairs entmax-1.5 will give a nonzero probability from the projected
+points alone. Every predictor here returns (row, col) pairs over the R = B*Hq*Lq query rows
+(r = (b*Hq + h)*Lq + i), never a Lq x Lk tensor; `predict_edges` unions and dedupes them into the
+CSR that `attnpass.lowering.cpu.edge_attention` reads.
+
+Predictors (qp (B, H, Lq, r) and kp (B, H, Lk, r) are the projected queries / keys; GQA keys are
+projected once per query head, with that head's W_K):
+
+- distance: ||qp_i - kp_j|| < threshold. All pairs in r dims: O(Lq*Lk*r) FLOPs, done over chunks
+  of query rows so the peak extra memory is O(chunk * Lk). Quadratic in time by nature.
+- quantization: per projected dim, queries and real keys are sorted *separately* by their
+  coordinate; keys are cut into buckets of `bucket_size` consecutive ranks (n_b = ceil(real keys /
+  bucket_size) buckets), and query rank i goes to bucket floor(i * n_b / Lq): q and k buckets are
+  aligned by quantile, so bucket t holds the same slice of the distribution on both sides (this is
+  robust to W_Q and W_K placing queries and keys at different offsets, and it serves Lq != Lk).
+  Edge if q and k share a bucket in any dim. O(r (Lq log Lq + Lk log Lk)) for the sorts plus at
+  most r * Lq * bucket_size candidate pairs, produced as a fixed-width (rows, r * bucket_size)
+  slot matrix and deduplicated by a sort along each row (`csr_from_slots`), not a global unique.
+- clustering: k-means centroids (H, c, r) in the projected space; a token's clusters are its
+  `top_clusters` nearest centroids (Euclidean); edge if q and k share one. O((Lq + Lk) c r) plus
+  the candidate pairs.
+- window: |anchor(i) - j| <= window, anchor(i) = i + causal_offset when causal, else
+  floor(i * Lk / Lq) (the query's position in key space); first token: the edge (i, 0).
+
+Causal pairs j > i + offset and padding keys are dropped here already (the kernel would drop them
+too, but not generating them keeps the edge list small).
+
+The gold graph (pairs with nonzero entmax-1.5 probability over the allowed keys) and the metrics
+need each row's exact entmax threshold over all keys; `gold_edges` computes it in chunks of query
+rows (sort-based formula in float64), so peak memory is O(chunk * Lk), never Lq x Lk at once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnpass import cost_model
+from attnpass.lowering.cpu.edge_attention import edges_from_pairs
+
+PREDICTORS = ("distance", "quantization", "clustering")
+
+# Rows of a chunk times Lk stay around this many elements (distance predictor, gold graph).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Projection
+# --------------------------------------------------------------------------------------------
+
+
+def project(q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), w_q / w_k (Hq, D, r) -> qp (B, Hq, Lq, r), kp (B, Hq, Lk, r).
+
+    Query head h projects the keys of kv head h // (Hq // Hkv) with its own W_K[h].
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    r = w_q.shape[-1]
+    qp = torch.matmul(q, w_q.to(q.dtype))
+    kp = torch.matmul(k.unsqueeze(2), w_k.to(k.dtype).view(Hkv, Hq // Hkv, D, r))  # (B, Hkv, g, Lk, r)
+    return qp, kp.reshape(B, Hq, Lk, r)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _allowed(row: Tensor, col: Tensor, H: int, Lq: int, Lk: int, causal: bool, offset: int,
+             key_keep: Tensor | None) -> Tensor:
+    """Which (row, col) pairs the causal rule and key padding allow."""
+    ok = torch.ones_like(row, dtype=torch.bool)
+    if causal:
+        ok &= col <= row % Lq + offset
+    if key_keep is not None:
+        ok &= key_keep.reshape(-1)[(row // (H * Lq)) * Lk + col]
+    return ok
+
+
+def _expand_groups(query_group: Tensor, query_row: Tensor, key_group: Tensor, key_col: Tensor,
+                   num_groups: int) -> tuple[Tensor, Tensor]:
+    """Every (query row, key col) pair whose group ids match.
+
+    query_group / query_row: one entry per (query, group) membership; key_group / key_col the same
+    for keys (group ids in [0, num_groups)). Work and memory are O(memberships + pairs).
+    """
+    order = torch.argsort(key_group, stable=True)
+    sorted_col = key_col[order]
+    counts = torch.bincount(key_group, minlength=num_groups)
+    ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    n = counts[query_group]
+    total = int(n.sum())
+    member = torch.repeat_interleave(torch.arange(query_group.numel(), device=n.device), n, output_size=total)
+    first = torch.cat([n.new_zeros(1), n.cumsum(0)[:-1]])
+    within = torch.arange(total, device=n.device) - first[member]
+    return query_row[member], sorted_col[ptr[query_group[member]] + within]
+
+
+def _key_anchor(i: Tensor, Lq: int, Lk: int, causal: bool, offset: int) -> Tensor:
+    return i + offset if causal else i * Lk // max(Lq, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Predictors: each returns (row, col) pairs, allowed by causal rule and padding, maybe repeated
+# --------------------------------------------------------------------------------------------
+
+
+def distance_pairs(qp: Tensor, kp: Tensor, threshold: float, *, causal: bool = False, causal_offset: int = 0,
+                   key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """||qp_i - kp_j|| < threshold, over chunks of query rows (O(Lq Lk r) FLOPs, O(chunk Lk) memory)."""
+    B, H, Lq, r = qp.shape
+    Lk = kp.shape[2]
+    acc = torch.promote_types(qp.dtype, torch.float32)
+    qp, kp = qp.to(acc), kp.to(acc)
+    chunk = max(1, _CHUNK_ELEMENTS // max(Lk, 1))
+    k_sq = kp.square().sum(-1)  # (B, H, Lk)
+    t2 = float(threshold) ** 2 if math.isfinite(threshold) else math.inf
+    rows, cols = [], []
+    cols_all = torch.arange(Lk, device=qp.device)
+    for b in range(B):
+        keep = None if key_keep is None else key_keep[b]
+        for h in range(H):
+            base = (b * H + h) * Lq
+            for i0 in range(0, Lq, chunk):
+                i1 = min(i0 + chunk, Lq)
+                qc = qp[b, h, i0:i1]
+                d2 = qc.square().sum(-1, keepdim=True) + k_sq[b, h] - 2 * qc @ kp[b, h].T  # (chunk, Lk)
+                hit = d2 < t2
+                if causal:
+                    hit &= cols_all <= torch.arange(i0, i1, device=qp.device).unsqueeze(-1) + causal_offset
+                if keep is not None:
+                    hit &= keep
+                i, j = hit.nonzero(as_tuple=True)
+                rows.append(base + i0 + i)
+                cols.append(j)
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.int64, device=qp.device)
+        return empty, empty
+    return torch.cat(rows), torch.cat(cols)
+
+
+def quantization_slots(qp: Tensor, kp: Tensor, bucket_size: int, *, causal: bool = False, causal_offset: int = 0,
+                       key_keep: Tensor | None = None) -> Tensor:
+    """Shared quantile bucket in any projected dim (see the module docstring for the alignment).
+
+    Returns (B*H*Lq, r * bucket_size) key positions, one row per query row, -1 = no edge (repeats
+    across dims are possible; `csr_from_slots` removes them).
+    """
+    B, H, Lq, r = qp.shape
+    Lk = kp.shape[2]
+    dev = qp.device
+    if Lq == 0 or Lk == 0:
+        return torch.full((B * H * Lq, 0), -1, dtype=torch.int64, device=dev)
+    keep = torch.ones(B, Lk, dtype=torch.bool, device=dev) if key_keep is None else key_keep
+    n_real = keep.sum(-1).view(B, 1, 1, 1)  # (B, 1, 1, 1)
+    n_buckets = (n_real + bucket_size - 1) // bucket_size
+    # keys sorted by coordinate per (b, h, dim), padding keys last (they never take a bucket)
+    kc = kp.transpose(-1, -2)  # (B, H, r, Lk)
+    kc = torch.where(keep.view(B, 1, 1, Lk), kc, torch.inf)
+    key_order = torch.argsort(kc, dim=-1, stable=True)  # rank -> key position
+    # query rank -> bucket; queries sorted separately
+    qc = qp.transpose(-1, -2)  # (B, H, r, Lq)
+    q_order = torch.argsort(qc, dim=-1, stable=True)
+    q_rank = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(Lq, device=dev).expand_as(q_order))
+    q_bucket = (q_rank * n_buckets // Lq).transpose(-1, -2)  # (B, H, Lq, r)
+    # candidate slots: key ranks bucket*bs + s, s < bucket_size, that exist among the real keys
+    slot = q_bucket.unsqueeze(-1) * bucket_size + torch.arange(bucket_size, device=dev)  # (B, H, Lq, r, bs)
+    valid = slot < n_real.unsqueeze(-1)
+    # gather from key_order (B, H, r, Lk) at [b, h, d, slot]
+    flat = key_order.reshape(B * H * r, Lk)
+    base = (torch.arange(B * H, device=dev).view(B, H, 1, 1, 1) * r + torch.arange(r, device=dev).view(1, 1, 1, r, 1)) * Lk
+    col = flat.reshape(-1)[(base + slot.clamp(max=Lk - 1)).reshape(-1)].view(slot.shape)
+    if causal:
+        valid &= col <= torch.arange(Lq, device=dev).view(1, 1, Lq, 1, 1) + causal_offset
+    return torch.where(valid, col, -1).view(B * H * Lq, r * bucket_size)
+
+
+def quantization_pairs(qp: Tensor, kp: Tensor, bucket_size: int, **kwargs) -> tuple[Tensor, Tensor]:
+    """`quantization_slots` as (row, col) pairs (repeats possible)."""
+    return _slots_to_pairs(quantization_slots(qp, kp, bucket_size, **kwargs))
+
+
+def _slots_to_pairs(slots: Tensor) -> tuple[Tensor, Tensor]:
+    row = torch.arange(slots.shape[0], device=slots.device).unsqueeze(-1).expand_as(slots)
+    ok = slots >= 0
+    return row[ok], slots[ok]
+
+
+def csr_from_slots(slots: Tensor) -> tuple[Tensor, Tensor]:
+    """(R, W) key positions per row (-1 = none, repeats allowed) -> CSR (row_ptr, col_index), columns
+    sorted and unique per row. A sort along each short row, not a global unique over all pairs."""
+    cols = torch.where(slots >= 0, slots, torch.iinfo(torch.int64).max).sort(dim=-1).values
+    keep = cols != torch.iinfo(torch.int64).max
+    keep[:, 1:] &= cols[:, 1:] != cols[:, :-1]
+    counts = keep.sum(-1)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), cols[keep]
+
+
+def nearest_clusters(x: Tensor, centroids: Tensor, top: int) -> Tensor:
+    """x (B, H, L, r), centroids (H, c, r) -> (B, H, L, top) indices of the nearest centroids (Euclidean)."""
+    mu = centroids.to(x.dtype)
+    d2 = x.square().sum(-1, keepdim=True) + mu.square().sum(-1).unsqueeze(1) - 2 * torch.matmul(x, mu.transpose(-1, -2))
+    return d2.topk(top, dim=-1, largest=False).indices
+
+
+def clustering_pairs(qp: Tensor, kp: Tensor, centroids: Tensor, top_clusters: int, *, causal: bool = False,
+                     causal_offset: int = 0, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Edge if q and k share one of their `top_clusters` nearest centroids (pairs repeat when they share several)."""
+    B, H, Lq, r = qp.shape
+    Lk = kp.shape[2]
+    dev = qp.device
+    c = centroids.shape[1]
+    bh = torch.arange(B * H, device=dev).view(B, H, 1, 1)
+    q_group = (bh * c + nearest_clusters(qp, centroids, top_clusters)).reshape(-1)
+    q_row = (bh * Lq + torch.arange(Lq, device=dev).view(1, 1, Lq, 1)).expand(B, H, Lq, top_clusters).reshape(-1)
+    k_group = bh * c + nearest_clusters(kp, centroids, top_clusters)  # (B, H, Lk, top)
+    k_col = torch.arange(Lk, device=dev).view(1, 1, Lk, 1).expand_as(k_group)
+    if key_keep is not None:
+        real = key_keep.view(B, 1, Lk, 1).expand_as(k_group)
+        k_group, k_col = k_group[real], k_col[real]
+    row, col = _expand_groups(q_group, q_row, k_group.reshape(-1), k_col.reshape(-1), B * H * c)
+    if causal:
+        ok = col <= row % Lq + causal_offset
+        row, col = row[ok], col[ok]
+    return row, col
+
+
+def window_slots(B: int, H: int, Lq: int, Lk: int, window: int | None, first_token: bool, *, causal: bool = False,
+                 causal_offset: int = 0, key_keep: Tensor | None = None, device=None) -> Tensor:
+    """|anchor(i) - j| <= window (None: no window edges), plus (i, 0) with first_token, as
+    (B*H*Lq, W) key positions (-1 = none), only pairs the causal rule and key padding allow."""
+    i = torch.arange(Lq, device=device)
+    cols = []
+    if window is not None and Lk > 0:
+        low = -window
+        high = 0 if causal else window  # causal: keys after the anchor are never allowed
+        cols.append(_key_anchor(i, Lq, Lk, causal, causal_offset).unsqueeze(-1) + torch.arange(low, high + 1, device=device))
+    if first_token and Lk > 0:
+        cols.append(torch.zeros(Lq, 1, dtype=torch.int64, device=device))
+    if not cols:
+        return torch.full((B * H * Lq, 0), -1, dtype=torch.int64, device=device)
+    col = torch.cat(cols, dim=-1)  # (Lq, W)
+    ok = (col >= 0) & (col < Lk)
+    if causal:
+        ok &= col <= i.unsqueeze(-1) + causal_offset
+    col = torch.where(ok, col, -1).expand(B, H, Lq, col.shape[-1])
+    if key_keep is not None:
+        real = key_keep.gather(1, col.clamp(min=0).reshape(B, -1)).view(col.shape)
+        col = torch.where(real, col, -1)
+    return col.reshape(B * H * Lq, -1)
+
+
+def window_pairs(B: int, H: int, Lq: int, Lk: int, window: int | None, first_token: bool, **kwargs) -> tuple[Tensor, Tensor]:
+    """`window_slots` as (row, col) pairs."""
+    return _slots_to_pairs(window_slots(B, H, Lq, Lk, window, first_token, **kwargs))
+
+
+def predict_edges(qp: Tensor, kp: Tensor, predictor: str, *, threshold: float = 1.0, bucket_size: int = 16,
+                  centroids: Tensor | None = None, top_clusters: int = 1, window: int | None = None,
+                  first_token: bool = False, causal: bool = False, causal_offset: int = 0,
+                  key_keep: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """The predicted graph as CSR ``(row_ptr (B*H*Lq + 1,), col_index)`` (deduplicated, sorted per
+    row) and the number of candidate pairs generated before deduplication (for the cost)."""
+    B, H, Lq, _ = qp.shape
+    Lk = kp.shape[2]
+    common = dict(causal=causal, causal_offset=causal_offset, key_keep=key_keep)
+    with torch.no_grad():
+        local = window_slots(B, H, Lq, Lk, window, first_token, device=qp.device, **common)
+        if predictor == "quantization":
+            # fixed width per row: dedupe with a sort along each row (no global unique)
+            slots = torch.cat([quantization_slots(qp, kp, bucket_size, **common), local], dim=-1)
+            row_ptr, col_index = csr_from_slots(slots)
+            return row_ptr, col_index, int((slots >= 0).sum())
+        if predictor == "distance":
+            row, col = distance_pairs(qp, kp, threshold, **common)
+        elif predictor == "clustering":
+            if centroids is None:
+                raise ValueError("predict_edges: predictor 'clustering' needs centroids")
+            row, col = clustering_pairs(qp, kp, centroids, top_clusters, **common)
+        else:
+            raise ValueError(f"predict_edges: unknown predictor {predictor!r}; expected one of {list(PREDICTORS)}")
+        w_row, w_col = _slots_to_pairs(local)
+        row, col = torch.cat([row, w_row]), torch.cat([col, w_col])
+        row_ptr, col_index = edges_from_pairs(row, col, B * H * Lq)
+    return row_ptr, col_index, row.numel()
+
+
+# --------------------------------------------------------------------------------------------
+# Gold graph: the pairs with nonzero entmax-1.5 probability over the allowed keys
+# --------------------------------------------------------------------------------------------
+
+
+def _block(t: Tensor | None, b: int, h0: int, h1: int, i0: int, i1: int) -> Tensor | None:
+    """bias / mask broadcastable to (B, H, Lq, Lk) -> its slice for batch row b, heads [h0, h1) and
+    queries [i0, i1), broadcastable to (h1 - h0, i1 - i0, Lk) (broadcast dims stay size 1)."""
+    if t is None:
+        return None
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    t = t[b if t.shape[0] > 1 else 0]
+    t = t[h0:h1] if t.shape[0] > 1 else t
+    return t[:, i0:i1] if t.shape[1] > 1 else t
+
+
+def _row_blocks(B: int, H: int, Lq: int, Lk: int):
+    """(b, h0, h1, i0, i1) blocks of query rows holding about _CHUNK_ELEMENTS scores each, in row order."""
+    rows = max(1, _CHUNK_ELEMENTS // max(Lk, 1))
+    if rows >= Lq:  # whole heads per block
+        heads = max(1, rows // max(Lq, 1))
+        for b in range(B):
+            for h0 in range(0, H, heads):
+                yield b, h0, min(h0 + heads, H), 0, Lq
+    else:
+        for b in range(B):
+            for h in range(H):
+                for i0 in range(0, Lq, rows):
+                    yield b, h, h + 1, i0, min(i0 + rows, Lq)
+
+
+def gold_pairs(q: Tensor, k: Tensor, *, scale: float, causal: bool = False, causal_offset: int = 0,
+               key_keep: Tensor | None = None, bias: Tensor | None = None, mask: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """(row, col) pairs, sorted, with nonzero entmax-1.5 probability over the allowed keys (no grad).
+
+    Row threshold: with x = score / 2 sorted descending, tau_r = mean_r - sqrt((1 - ss_r) / r) over
+    the top r, support = largest r with tau_r <= x_r; gold = allowed and x > tau. Done on blocks of
+    query rows (whole heads when short) in float64: O(_CHUNK_ELEMENTS) memory, never Lq x Lk at once.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dev = q.device
+    cols_all = torch.arange(Lk, device=dev)
+    rows, cols = [], []
+    with torch.no_grad():
+        for b, h0, h1, i0, i1 in _row_blocks(B, Hq, Lq, Lk):
+            heads = torch.arange(h0, h1, device=dev)
+            kk = k[b].index_select(0, heads // group).to(torch.float64)  # (h, Lk, D)
+            x = torch.matmul(q[b, h0:h1, i0:i1].to(torch.float64), kk.transpose(-1, -2)) * scale
+            bias_c = _block(bias, b, h0, h1, i0, i1)
+            if bias_c is not None:
+                x = x + bias_c.to(torch.float64)
+            x = x * 0.5
+            allowed = torch.ones_like(x, dtype=torch.bool)
+            if causal:
+                allowed &= cols_all <= torch.arange(i0, i1, device=dev).unsqueeze(-1) + causal_offset
+            if key_keep is not None:
+                allowed &= key_keep[b]
+            mask_c = _block(mask, b, h0, h1, i0, i1)
+            if mask_c is not None:
+                allowed &= mask_c
+            allowed &= x > -math.inf  # a -inf bias masks too
+            tau = _entmax15_threshold(x, allowed)
+            hit = allowed & (x > tau.unsqueeze(-1))
+            hh, i, j = hit.nonzero(as_tuple=True)
+            rows.append((b * Hq + h0 + hh) * Lq + i0 + i)
+            cols.append(j)
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        return empty, empty
+    return torch.cat(rows), torch.cat(cols)
+
+
+def _entmax15_threshold(x: Tensor, allowed: Tensor) -> Tensor:
+    """(..., Lk) half-scores and allowed mask -> (...) entmax-1.5 threshold (rows with none allowed: +inf)."""
+    has_any = allowed.any(-1)
+    mx = torch.where(allowed, x, -torch.inf).amax(-1)
+    mx = torch.where(has_any, mx, 0.0)
+    # tau >= max - 1, so entries below max - 1 are never in the support: parking disallowed entries at
+    # max - 3 keeps them out and keeps the cumulative sums finite
+    z = torch.where(allowed, (x - mx.unsqueeze(-1)).clamp(min=-2.0), -3.0)
+    zs = z.sort(dim=-1, descending=True).values
+    rank = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    s1 = zs.cumsum(-1)
+    mean = s1 / rank
+    ss = (zs * zs).cumsum(-1) - s1 * mean
+    tau_r = mean - torch.sqrt(torch.clamp((1.0 - ss) / rank, min=0.0))
+    support = (tau_r <= zs).sum(-1).clamp(min=1)
+    tau = tau_r.gather(-1, (support - 1).unsqueeze(-1)).squeeze(-1) + mx
+    return torch.where(has_any, tau, torch.inf)
+
+
+def sample_negatives(g_row: Tensor, g_col: Tensor, *, B: int, H: int, Lq: int, Lk: int, causal: bool = False,
+                     causal_offset: int = 0, key_keep: Tensor | None = None, bias: Tensor | None = None,
+                     mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One uniform draw among each gold pair's row's allowed keys; draws that land on a gold key or
+    on a pair the mask (or a -inf bias) forbids are rejected. O(|gold|) work, no Lq x Lk tensor.
+
+    The allowed keys of row (b, h, i) are the real keys at positions <= i + offset (causal) or all
+    real keys: the first n of them in position order, so rank u maps to a position through the real
+    keys sorted by position.
+    """
+    dev = g_row.device
+    if g_row.numel() == 0:
+        return g_row, g_col
+    keep = torch.ones(B, Lk, dtype=torch.bool, device=dev) if key_keep is None else key_keep
+    real_in_order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # (B, Lk) real positions first
+    real_upto = torch.cat([keep.new_zeros(B, 1, dtype=torch.int64), keep.long().cumsum(-1)], dim=-1)
+    b = g_row // (H * Lq)
+    i = g_row % Lq
+    limit = (i + causal_offset + 1).clamp(0, Lk) if causal else torch.full_like(i, Lk)
+    n_allowed = real_upto[b, limit]
+    u = (torch.rand(g_row.shape, device=dev) * n_allowed).long().clamp(max=Lk - 1)
+    col = real_in_order[b, u]
+    ok = n_allowed > 0
+    gold_key = g_row * Lk + g_col  # sorted: gold_pairs emits rows in order, columns sorted
+    key = g_row * Lk + col
+    pos = torch.searchsorted(gold_key, key).clamp(max=gold_key.numel() - 1)
+    ok &= gold_key[pos] != key
+    bh = g_row // Lq
+    coords = (b, bh % H, i, col)
+    for t, forbidden in ((mask, lambda x: ~x), (bias, lambda x: x == -math.inf)):
+        if t is not None:
+            t4 = t
+            while t4.dim() < 4:
+                t4 = t4.unsqueeze(0)
+            zero = col.new_zeros(1).expand(col.shape)
+            ok &= ~forbidden(t4[tuple(c if s != 1 else zero for c, s in zip(coords, t4.shape))])
+    return g_row[ok], col[ok]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GraphMetrics:
+    """Counts behind Sparsefinder's metrics (summable over sites) and the ratios (METHODS.md).
+
+    recall = |pred ∩ gold| / |gold|; graph sparsity = 1 - |pred| / |valid| (valid: allowed by the
+    causal rule and key padding; pred counts valid predicted pairs); exact fraction = share of
+    queries with a nonempty gold row all of whose gold pairs are predicted; computation sparsity
+    = 1 - ops / dense ops, ops = projection + predictor + |pred| * PAIR, dense = Lq*Lk*PAIR per head.
+    """
+
+    gold: int
+    predicted: int
+    hit: int
+    valid: int
+    queries: int        # queries with a nonempty gold row
+    exact_queries: int
+    ops: float
+    dense_ops: float
+
+    @property
+    def recall(self) -> float:
+        return self.hit / self.gold if self.gold else 1.0
+
+    @property
+    def graph_sparsity(self) -> float:
+        return 1.0 - self.predicted / self.valid if self.valid else 0.0
+
+    @property
+    def exact_fraction(self) -> float:
+        return self.exact_queries / self.queries if self.queries else 1.0
+
+    @property
+    def computation_sparsity(self) -> float:
+        return 1.0 - self.ops / self.dense_ops if self.dense_ops else 0.0
+
+    def __add__(self, other: GraphMetrics) -> GraphMetrics:
+        return GraphMetrics(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+
+    def as_dict(self) -> dict:
+        counts = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return {"recall": self.recall, "graph_sparsity": self.graph_sparsity, "exact_fraction": self.exact_fraction,
+                "computation_sparsity": self.computation_sparsity, **counts}
+
+
+def pair_flops(head_dim: int) -> float:
+    """cost_model's PAIR = 4*D + 5 FLOPs for one computed (query, key) pair."""
+    return float(cost_model.PAIR.subs(cost_model.D, head_dim))
+
+
+def predictor_flops(predictor: str, *, Lq: int, Lk: int, head_dim: int, rank: int, candidates: int = 0,
+                    bucket_size: int = 16, clusters: int = 1) -> float:
+    """FLOPs of one (batch element, query head): projection + predictor (without the attention).
+
+    projection 2*D*r*(Lq + Lk); distance 3*r*Lq*Lk (diffs, squares, sums; the compare is 1 more per
+    pair); quantization r*(Lq log2 Lq + Lk log2 Lk) comparisons for the sorts + r*Lq*bucket_size
+    candidate slots; clustering (Lq + Lk)*c*(3r + 1) for distances to centroids and selection.
+    `candidates` (pairs generated before dedupe, per head) adds n*log2(n) for the dedupe sort.
+    """
+    flops = 2.0 * head_dim * rank * (Lq + Lk)
+    if predictor == "distance":
+        flops += (3 * rank + 1) * Lq * Lk
+    elif predictor == "quantization":
+        flops += rank * (Lq * math.log2(max(Lq, 2)) + Lk * math.log2(max(Lk, 2))) + rank * Lq * bucket_size
+    elif predictor == "clustering":
+        flops += (Lq + Lk) * clusters * (3 * rank + 1)
+    else:
+        raise ValueError(f"predictor_flops: unknown predictor {predictor!r}")
+    if candidates > 1:
+        flops += candidates * math.log2(candidates)
+    return flops
+
+
+def graph_metrics(q: Tensor, k: Tensor, row_ptr: Tensor, col_index: Tensor, *, scale: float, causal: bool = False,
+                  causal_offset: int = 0, key_keep: Tensor | None = None, bias: Tensor | None = None,
+                  mask: Tensor | None = None, predictor_ops: float = 0.0,
+                  gold: tuple[Tensor, Tensor] | None = None) -> GraphMetrics:
+    """Metrics of a predicted CSR graph against the gold entmax-1.5 graph of (q, k).
+
+    `predictor_ops` is the projection + predictor FLOPs of the whole call (all heads and batch
+    rows); the attention over the predicted pairs is added here. `gold`: the `gold_pairs` of these
+    inputs if already computed (comparing several predictors on the same q, k).
+    """
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    R = B * Hq * Lq
+    pred_row = torch.repeat_interleave(torch.arange(R, device=q.device), row_ptr.diff(), output_size=col_index.numel())
+    ok = _allowed(pred_row, col_index, Hq, Lq, Lk, causal, causal_offset, key_keep)
+    pred_key = pred_row[ok] * Lk + col_index[ok]  # sorted (CSR, columns sorted per row)
+    if gold is None:
+        gold = gold_pairs(q, k, scale=scale, causal=causal, causal_offset=causal_offset, key_keep=key_keep,
+                          bias=bias, mask=mask)
+    g_row, g_col = gold
+    g_key = g_row * Lk + g_col
+    pos = torch.searchsorted(pred_key, g_key).clamp(max=max(pred_key.numel() - 1, 0))
+    found = (pred_key[pos] == g_key) if pred_key.numel() else torch.zeros_like(g_key, dtype=torch.bool)
+    gold_per_row = torch.bincount(g_row, minlength=R)
+    hit_per_row = torch.bincount(g_row[found], minlength=R)
+    has_gold = gold_per_row > 0
+    # valid pairs per row: causal limit times real keys up to it
+    keep = torch.ones(B, Lk, dtype=torch.bool, device=q.device) if key_keep is None else key_keep
+    real_upto = torch.cat([keep.new_zeros(B, 1, dtype=torch.int64), keep.long().cumsum(-1)], dim=-1)  # (B, Lk + 1)
+    i = torch.arange(Lq, device=q.device)
+    limit = (i + causal_offset + 1).clamp(0, Lk) if causal else torch.full_like(i, Lk)
+    valid = int(real_upto[:, limit].sum()) * Hq
+    n_pred = int(pred_key.numel())
+    return GraphMetrics(
+        gold=int(g_key.numel()), predicted=n_pred, hit=int(found.sum()), valid=valid,
+        queries=int(has_gold.sum()), exact_queries=int((has_gold & (hit_per_row == gold_per_row)).sum()),
+        ops=float(predictor_ops) + n_pred * pair_flops(D), dense_ops=float(B * Hq * Lq * Lk) * pair_flops(D),
+    )
