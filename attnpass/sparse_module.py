@@ -12,6 +12,8 @@ mode (from that call's inputs) and rewritten with the *same* site modules.
 """
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from attnpass.capture import Program
@@ -67,6 +69,16 @@ class SparseModel(nn.Module):
         program = capture_and_rewrite(source, args, kwargs, self._site_modules, self._declined)
         self._programs[training] = program
         return program
+
+    def __deepcopy__(self, memo):
+        """An independent copy: the model with its site modules is copied; the captured graphs are
+        not (they hold fake tensors, which cannot be copied) and are captured again on the copy's
+        first call in each mode, rewritten with the copied site modules."""
+        source = copy.deepcopy(self._source, memo)
+        site_modules = copy.deepcopy(self._site_modules, memo)  # the same memo: the copies attached to source
+        clone = SparseModel(source, self.method, site_modules, dict(self._declined), {}, self.report)
+        clone.training = self.training
+        return clone
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, sites={len(self._site_modules)}"

@@ -30,7 +30,7 @@ from attnpass.methods.sbm import SBMAttention
 B, H, D, CLUSTERS = 1, 8, 64, 128
 # membership logit shift -> roughly the density it samples (sigmoid(shift)^2)
 CONFIGS = {"as initialised": None, "~5%": -1.5, "~1%": -2.3, "~0.1%": -3.5}
-MAX_EDGES = 150_000_000  # ~ 10 GB of edge arrays and gathered rows: beyond it a run is skipped
+MAX_EDGES = 50_000_000  # beyond this many expected edges a run is skipped (several GB of edge arrays, minutes per call)
 
 
 def make_site(length: int, shift: float | None) -> SBMAttention:

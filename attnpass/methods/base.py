@@ -71,6 +71,17 @@ class SiteAttention(nn.Module):
         """The method's training loss term from the last forward call (e.g. routing's commitment loss)."""
         return None
 
+    # Results of the last call, not state: the aux loss holds its autograd graph, which neither
+    # deepcopy nor pickle can take, and a copy of a trained model should not inherit either.
+    _PER_CALL = ("_last_aux_loss", "last_graph", "last_metrics")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for name in self._PER_CALL:
+            if name in state:
+                state[name] = None
+        return state
+
     def extra_repr(self) -> str:
         causal = ("causal (bottom-right)" if self.spec.causal_bottom_right else "causal") if self.spec.causal else "non-causal"
         scale = "1/sqrt(d)" if self.spec.scale is None else f"{self.spec.scale:.4g}"

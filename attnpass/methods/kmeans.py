@@ -18,6 +18,10 @@ Everything is done on normalised tokens x_hat = layer_norm(x) (no affine paramet
 paper's routing normalisation), which lie near a sphere of radius sqrt(D). Similarity is
 x_hat . mu, and a token's "nearest" centroid is its most similar one: the same score routing
 ranks by, so the clusters the EMA learns are the ones routing uses.
+
+Under torch.distributed (e.g. DDP), the first batch's centroids are broadcast from rank 0 and every
+EMA step all-reduces the per-cluster token counts and sums, so each step uses every rank's tokens
+and all replicas hold the same centroids without relying on DDP's buffer broadcast.
 """
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _distributed() -> bool:
+    """True inside an initialised torch.distributed process group (state updates are then synchronised)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class Tokens(NamedTuple):
@@ -121,6 +130,9 @@ class OnlineKMeans(nn.Module):
             extra = torch.randint(0, N, (H, c - N), device=pool.device)
             picks = torch.cat([every, extra], dim=-1)
         chosen = pool.gather(1, picks.unsqueeze(-1).expand(H, c, pool.shape[2]))
+        if _distributed():
+            # every rank starts from rank 0's draw, so the replicas' centroids agree from step one
+            torch.distributed.broadcast(chosen, src=0)
         self.centroids.copy_(chosen)
         self.ema_sum.copy_(chosen)
         self.ema_count.fill_(1.0)
@@ -155,6 +167,11 @@ class OnlineKMeans(nn.Module):
             weight = real.to(acc).view(B, 1, L).expand(B, H, L).reshape(-1)
             n.index_add_(0, cell, weight)
             sum_x.index_add_(0, cell, tokens.x_hat.detach().reshape(-1, D).to(acc) * weight.unsqueeze(-1))
+        if _distributed():
+            # data parallel: the step uses the tokens of every rank's batch (like SyncBatchNorm), so
+            # all replicas make the same update and their centroids stay identical
+            torch.distributed.all_reduce(n)
+            torch.distributed.all_reduce(sum_x)
         d = self.decay
         count = self.ema_count.to(acc) * d + n.view(H, c) * (1 - d)
         total = self.ema_sum.to(acc) * d + sum_x.view(H, c, D) * (1 - d)

@@ -55,6 +55,7 @@ from attnpass.lowering.cpu.common import broadcastable
 from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.methods import sparsefinder_predict as sp
 from attnpass.methods.base import SiteAttention, SiteSpec
+from attnpass.methods.kmeans import _distributed
 
 _OPTIONS = ("predictor", "rank", "threshold", "bucket_size", "clusters", "top_clusters", "window",
             "first_token", "margin", "decay")
@@ -259,6 +260,8 @@ class SparsefinderAttention(SiteAttention):
         if N < c:
             picks = torch.cat([picks, torch.randint(0, N, (H, c - N), device=pool.device)], dim=-1)
         chosen = pool.gather(1, picks.unsqueeze(-1).expand(H, c, pool.shape[2]))
+        if _distributed():
+            torch.distributed.broadcast(chosen, src=0)  # replicas start from rank 0's draw
         self.centroids.copy_(chosen)
         self.ema_sum.copy_(chosen)
         self.ema_count.fill_(1.0)
@@ -277,6 +280,10 @@ class SparsefinderAttention(SiteAttention):
         n = torch.zeros(H, c, device=pool.device).scatter_add_(1, nearest, torch.ones_like(nearest, dtype=pool.dtype))
         sums = torch.zeros(H, c, self.rank, device=pool.device).scatter_add_(
             1, nearest.unsqueeze(-1).expand_as(pool), pool)
+        if _distributed():
+            # every rank's tokens in every step (as routing's k-means does): replicas stay identical
+            torch.distributed.all_reduce(n)
+            torch.distributed.all_reduce(sums)
         d = self.decay
         self.ema_count.mul_(d).add_(n * (1 - d))
         self.ema_sum.mul_(d).add_(sums * (1 - d))
