@@ -120,6 +120,8 @@ class OnlineKMeans(nn.Module):
         pool = torch.cat([self._rows(t, real_only=True) for t in token_sets], dim=1)  # (H, N, D)
         if pool.shape[1] == 0:  # a batch of padding only: any token beats an uninitialised centroid
             pool = torch.cat([self._rows(t, real_only=False) for t in token_sets], dim=1)
+        if pool.shape[1] == 0:  # nothing finite at all: stay uninitialised until a usable batch comes
+            return
         H, N, _ = pool.shape
         c = self.clusters
         if N >= c:
@@ -143,9 +145,11 @@ class OnlineKMeans(nn.Module):
         """(B, H, L, D) tokens -> (H, N, D): the (real) tokens of every batch row, per head."""
         B, H, L, D = tokens.x_hat.shape
         rows = tokens.x_hat.detach().transpose(0, 1).reshape(H, B * L, D)
-        if tokens.keep is None or not real_only:
-            return rows
-        return rows[:, tokens.keep.reshape(-1)]
+        # a NaN / inf token (a broken input) must never become a centroid
+        usable = torch.isfinite(rows).all(-1).all(0)
+        if tokens.keep is not None and real_only:
+            usable = usable & tokens.keep.reshape(-1)
+        return rows if bool(usable.all()) else rows[:, usable]
 
     @torch.no_grad()
     def update_(self, token_sets: list[Tokens]) -> None:
@@ -164,9 +168,13 @@ class OnlineKMeans(nn.Module):
             cell = (head * c + tokens.nearest).reshape(-1)  # row of (head, cluster) in the flat sums
             # padding tokens take part with weight 0
             real = torch.ones(B, L, device=n.device) if tokens.keep is None else tokens.keep
-            weight = real.to(acc).view(B, 1, L).expand(B, H, L).reshape(-1)
+            # non-finite tokens take part with weight 0 too: one broken batch must not poison the state
+            x = tokens.x_hat.detach().to(acc)
+            finite = torch.isfinite(x).all(-1)
+            weight = (real.to(acc).view(B, 1, L) * finite).reshape(-1)
+            x = torch.where(finite.unsqueeze(-1), x, 0.0)
             n.index_add_(0, cell, weight)
-            sum_x.index_add_(0, cell, tokens.x_hat.detach().reshape(-1, D).to(acc) * weight.unsqueeze(-1))
+            sum_x.index_add_(0, cell, x.reshape(-1, D) * weight.unsqueeze(-1))
         if _distributed():
             # data parallel: the step uses the tokens of every rank's batch (like SyncBatchNorm), so
             # all replicas make the same update and their centroids stay identical

@@ -134,7 +134,9 @@ class SBMAttention(SiteAttention):
             seed = int(torch.randint(0, 2**62, (), device="cpu")) if self.training else self.seed
             generator = torch.Generator(device=q.device).manual_seed(seed)
         causal = self.spec.causal
-        return sample_graph(y_q.detach(), y_k.detach(), block.detach(), generator, heads=q.shape[1],
+        # a NaN / inf token (a broken input) draws no edges; its own output is NaN through attention
+        y_q, y_k = (torch.nan_to_num(y.detach(), nan=0.0, posinf=0.0, neginf=0.0) for y in (y_q, y_k))
+        return sample_graph(y_q, y_k, block.detach(), generator, heads=q.shape[1],
                             causal=causal, causal_offset=self.causal_offset(q, k) if causal else 0,
                             key_keep=key_keep, floor=self.floor)
 

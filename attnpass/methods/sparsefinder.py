@@ -246,7 +246,9 @@ class SparsefinderAttention(SiteAttention):
         qs = qp.detach().transpose(0, 1).reshape(H, -1, r)
         ks = kp.detach().transpose(0, 1)  # (H, B, Lk, r)
         ks = ks.reshape(H, -1, r) if key_keep is None else ks[:, key_keep]
-        return torch.cat([qs, ks], dim=1).float()
+        pool = torch.cat([qs, ks], dim=1).float()
+        finite = torch.isfinite(pool).all(-1).all(0)  # a NaN / inf token must never reach the centroids
+        return pool if bool(finite.all()) else pool[:, finite]
 
     @torch.no_grad()
     def _init_centroids(self, qp: Tensor, kp: Tensor, key_keep: Tensor | None) -> None:
@@ -339,6 +341,9 @@ class SparsefinderAttention(SiteAttention):
     @torch.no_grad()
     def _track_threshold(self, pos_d2: Tensor) -> None:
         """Distance threshold by default: EMA of the 0.95-quantile of the gold pairs' distances."""
+        pos_d2 = pos_d2[torch.isfinite(pos_d2)]  # non-finite tokens must not move the threshold
+        if pos_d2.numel() == 0:
+            return
         value = pos_d2.float().kthvalue(int(THRESHOLD_QUANTILE * (pos_d2.numel() - 1)) + 1).values.sqrt()
         if torch.isinf(self.threshold_):
             self.threshold_.fill_(value)
