@@ -332,7 +332,8 @@ def site_cost(site, method: str, opts: dict, length: int | None, batch: int | No
         d_flops, d_bytes = dense_n.evaluate()
         s_flops, s_bytes = sparse_n.evaluate()
     except ValueError as e:
-        out["numbers_error"] = str(e) + (" (SBM's density is learned: pass --opt density=RHO)" if method == "sbm" else "")
+        learned = " (its graph density is learned: pass --opt density=RHO)" if method in ("sbm", "sparsefinder") else ""
+        out["numbers_error"] = str(e) + learned
         return out
     out["numbers"] = {"dense_flops": d_flops, "flops": s_flops, "dense_bytes": d_bytes, "bytes": s_bytes,
                       "flops_ratio": d_flops / s_flops, "bytes_ratio": d_bytes / s_bytes}

@@ -3,7 +3,8 @@
 The expressions are in the symbols B (batch), H (query heads), Lq, Lk (query and key lengths),
 D (head dim; values have the same dim) and each method's parameter: `c` (routing's cluster
 count), `s` (Combiner's block), or SBM's cluster count `k` and edge density `rho` (the expected share
-of pairs its graph holds: learned, so it is an input here, not a minimiser). They serve three purposes:
+of pairs its graph holds: learned, so it is an input here, not a minimiser); Sparsefinder's
+projected rank `r` and the density `rho` of its predicted graph (also an input). They serve three purposes:
 
 - reports: `attnpass.cost(site, "routing")` prints what a site costs dense and sparse;
 - defaults: the cluster count and the block size that minimise the FLOPs (solved symbolically
@@ -24,6 +25,10 @@ Routing's optional local heads are not counted.
 SBM counts phi on every query and key (two D x D layers), the memberships (k per token), fastRG
 sampling (three inverse-CDF lookups per edge, log2 of the table size each, and the merge sort of the
 edges) and attention over rho * Lq * Lk edges, whose q, k, v rows the edge kernel gathers.
+Sparsefinder counts the projections (D -> r for every query and key), its predictor (distance:
+all Lq*Lk pairs in r dims; quantization: a sort per projected dim and each query's r buckets;
+clustering: every token against every centroid), the merge sort of the predicted pairs and
+entmax-1.5 attention over rho * Lq * Lk of them.
 """
 from __future__ import annotations
 
@@ -37,20 +42,40 @@ B, H, Lq, Lk, D = sympy.symbols("B H L_q L_k D", positive=True)
 c = sympy.Symbol("c", positive=True)   # routing: clusters
 s = sympy.Symbol("s", positive=True)   # combiner: block (axial: columns)
 k = sympy.Symbol("k", positive=True)   # sbm: clusters
-rho = sympy.Symbol("rho", positive=True)  # sbm: edge density (share of the Lq*Lk pairs)
+rho = sympy.Symbol("rho", positive=True)  # sbm / sparsefinder: graph density (share of the Lq*Lk pairs)
+r = sympy.Symbol("r", positive=True)   # sparsefinder: projected rank
 PAIR = 4 * D + 5
 INDEX_BYTES = 8
 
-METHODS = ("dense", "routing", "combiner", "sbm")
+METHODS = ("dense", "routing", "combiner", "sbm", "sparsefinder")
+SPARSEFINDER_PREDICTORS = ("distance", "quantization", "clustering")
 COMBINER_VARIANTS = ("fixed", "axial", "logsparse")
 _OPTIONS = {"dense": (), "routing": ("clusters", "local_window"), "combiner": ("variant", "block"),
-            "sbm": ("clusters", "density")}
+            "sbm": ("clusters", "density"),
+            "sparsefinder": ("predictor", "rank", "density", "clusters", "bucket_size")}
 DEFAULT_LOCAL_WINDOW = 64  # routing's default fallback window (attnpass.methods.routing)
 _SBM_DEFAULT_CLUSTERS = 128  # attnpass.methods.sbm.DEFAULT_CLUSTERS (not imported: methods import this module)
 
 # Logsparse's FLOPs are minimised by a constant block of ~3 keys (d/ds of Lq*s - (Lq+Lk)*log2(Lk/s)),
 # far too small for tiled kernels; this block keeps tiles efficient and is what the default uses.
 LOGSPARSE_BLOCK = 64
+
+
+def _sparsefinder(predictor: str, itemsize: int, clusters, bucket_size) -> tuple[sympy.Expr, sympy.Expr]:
+    """(flops, bytes) of Sparsefinder per batch element and query head (see the module docstring)."""
+    edges = rho * Lq * Lk
+    projection = 2 * D * r * (Lq + Lk)
+    if predictor == "distance":
+        predict = (3 * r + 1) * Lq * Lk
+    elif predictor == "quantization":
+        predict = r * (Lq * sympy.log(Lq, 2) + Lk * sympy.log(Lk, 2)) + r * Lq * bucket_size
+    elif predictor == "clustering":
+        predict = (Lq + Lk) * clusters * (3 * r + 1)
+    else:
+        raise ValueError(f"unknown sparsefinder predictor {predictor!r}; expected one of {list(SPARSEFINDER_PREDICTORS)}")
+    flops = projection + predict + edges * sympy.log(edges, 2) + edges * PAIR
+    io = itemsize * (2 * Lq * D + 2 * Lk * D)
+    return flops, io + edges * (itemsize * 2 * D + 2 * INDEX_BYTES) + itemsize * 2 * D * r
 
 
 def _per_head(method: str, variant: str, itemsize: int,
@@ -125,7 +150,7 @@ class Cost:
         return f"{self.method}{f' ({params})' if params else ''}: flops {flops}, bytes {sympy.factor_terms(self.bytes)}"
 
 
-_SYMBOLS = {"B": B, "H": H, "Lq": Lq, "Lk": Lk, "D": D, "c": c, "s": s, "k": k, "rho": rho}
+_SYMBOLS = {"B": B, "H": H, "Lq": Lq, "Lk": Lk, "D": D, "c": c, "s": s, "k": k, "rho": rho, "r": r}
 
 
 def _check_options(method: str, options: dict) -> None:
@@ -148,6 +173,18 @@ def cost_expr(method: str, **options) -> Cost:
     """
     _check_options(method, options)
     variant = options.get("variant", "fixed")
+    if method == "sparsefinder":
+        # defaults of attnpass.methods.sparsefinder (not imported: methods import this module)
+        predictor = options.get("predictor") or "clustering"
+        flops, nbytes = _sparsefinder(predictor, options.get("itemsize", 4), options.get("clusters") or 16,
+                                      options.get("bucket_size") or 16)
+        params = {"predictor": predictor}
+        for name, symbol, default in (("rank", r, 4), ("density", rho, None)):
+            value = options.get(name, default)
+            if value is not None:
+                params[name] = value
+                flops, nbytes = flops.subs(symbol, value), nbytes.subs(symbol, value)
+        return Cost(method, B * H * flops, B * H * nbytes, params)
     flops, nbytes = _per_head(method, variant, options.get("itemsize", 4),
                               options.get("local_window") or DEFAULT_LOCAL_WINDOW)
     params = {}

@@ -121,6 +121,27 @@ def test_sbm_hand_count_and_order():
     assert 0.02 < sparse / dense < 0.15  # 1% of the pairs, plus sampling and phi
 
 
+def test_sparsefinder_hand_count_per_predictor():
+    Lq_, Lk_, D_, r_, rho_ = 16, 32, 2, 4, 0.25
+    edges = rho_ * Lq_ * Lk_
+    common = 2 * D_ * r_ * (Lq_ + Lk_) + edges * math.log2(edges) + edges * (4 * D_ + 5)
+    predictors = {
+        "distance": (3 * r_ + 1) * Lq_ * Lk_,
+        "quantization": r_ * (Lq_ * math.log2(Lq_) + Lk_ * math.log2(Lk_)) + r_ * Lq_ * 8,
+        "clustering": (Lq_ + Lk_) * 5 * (3 * r_ + 1),
+    }
+    for predictor, predict in predictors.items():
+        cost = cost_model.cost_expr("sparsefinder", predictor=predictor, rank=r_, density=rho_, clusters=5,
+                                    bucket_size=8)
+        flops, _ = cost.evaluate(B=1, H=1, Lq=Lq_, Lk=Lk_, D=D_)
+        assert flops == pytest.approx(common + predict), predictor
+    # distance is all-pairs: quadratic whatever the density; the others follow the density
+    assert sympy.limit(sympy.log(cost_model.cost_expr("sparsefinder", predictor="distance", density=1 / L)
+                                 .flops.subs({Lq: L, Lk: L})) / sympy.log(L), L, sympy.oo) == 2
+    with pytest.raises(ValueError, match="unknown sparsefinder predictor 'lsh'"):
+        cost_model.cost_expr("sparsefinder", predictor="lsh")
+
+
 def test_cost_of_a_found_site_uses_its_dims_and_the_method_defaults():
     case = by_name("hand-sdpa-causal")
     args, kwargs = case.inputs(2, 8)
