@@ -1,10 +1,12 @@
 """The torch.compile backend: `torch.compile(model, backend="attnpass")`.
 
-For each graph dynamo hands it, the backend finds the attention sites with the same pattern
-library and mask analysis as `sparsify` (`detect.find_sites`, on probes built from the graph's
-example inputs), binds each to a site module of the chosen method (`SiteAttention`, checked with
-the method's `unsupported_reason`, exactly as `sparsify` does), rewrites it (`rewrite.rewrite_site`),
-and compiles the rest.
+For each graph dynamo hands it, the backend inlines the attention dynamo keeps as one call
+(`inline_mha`: `F.multi_head_attention_forward` of nn.MultiheadAttention / nn.Transformer*Layer,
+and nn.TransformerEncoderLayer's fused no_grad fast path), finds the attention sites with the same
+pattern library and mask analysis as `sparsify` (`detect.find_sites`, on probes built from the
+graph's example inputs), binds each to a site module of the chosen method (`SiteAttention`,
+checked with the method's `unsupported_reason`, exactly as `sparsify` does), rewrites it
+(`rewrite.rewrite_site`), and compiles the rest.
 
 Why the graph is split at the sites. A site module builds its layout in Python from the sequence
 length (Combiner's block is ~sqrt(L), region counts, index tables). Traced by AOT autograd with a
@@ -40,6 +42,7 @@ from torch.fx.passes.split_module import split_module
 from attnpass.api import _site_spec
 from attnpass.capture import check_call_inputs
 from attnpass.detect import find_sites, module_path
+from attnpass.inline_mha import inline_mha
 from attnpass.mask_analysis import ProbeSet
 from attnpass.methods import SiteAttention, method_class
 from attnpass.rewrite import remove_dead_code, rewrite_site
@@ -141,9 +144,12 @@ class AttnpassBackend:
         graph_report = GraphReport(len(self.report.graphs))
         self.report.graphs.append(graph_report)
         graph_report.already_sparse = _attnpass_ops(gm)
+        inlined, declined = inline_mha(gm)
+        if inlined:
+            remove_dead_code(gm)  # e.g. averaged attention weights the model does not read
         probes = _probes(gm, example_inputs)
         sites, skipped = find_sites(gm, probes)
-        graph_report.skipped.extend(skipped + _opaque_attention(gm))
+        graph_report.skipped.extend(skipped + _opaque_attention(gm, declined))
         calls = []
         for site in sites:
             made = self._make_site(site)
@@ -228,26 +234,29 @@ def _attnpass_ops(gm: fx.GraphModule) -> list[str]:
             if node.op == "call_function" and str(node.target).startswith("attnpass.")]
 
 
-# Attention dynamo keeps as one opaque call, with no chain left in the graph to rewrite:
-# PyTorch's fused inference fast path (nn.MultiheadAttention / nn.TransformerEncoderLayer under
-# no_grad), and F.multi_head_attention_forward, which dynamo puts in the graph without tracing into.
+# Attention dynamo keeps as one opaque call, with no chain left in the graph to rewrite: PyTorch's
+# fused inference fast path (nn.MultiheadAttention / nn.TransformerEncoderLayer in eval mode under
+# no_grad), native ops with no decomposition. `inline_mha` lowers the encoder layer's op to the
+# layer's slow path and inlines F.multi_head_attention_forward (which dynamo does not trace into);
+# what it declines is reported with its reason, and so is nn.MultiheadAttention's own fast path.
 _FAST_PATH = ("PyTorch's fused inference fast path (taken under no_grad) hides the attention in one native op; "
               "call the model with grad enabled (or in train mode) for attnpass to see it")
 _OPAQUE = {getattr(torch, name): (name, _FAST_PATH)
            for name in ("_transformer_encoder_layer_fwd", "_native_multi_head_attention") if hasattr(torch, name)}
-_OPAQUE[torch.nn.functional.multi_head_attention_forward] = (
-    "multi_head_attention_forward",
-    "dynamo keeps nn.MultiheadAttention as one call to F.multi_head_attention_forward (not traced into), so "
-    "the backend cannot rewrite it; use attnpass.sparsify(model, ...) (torch.export traces into it), then compile")
 
 
-def _opaque_attention(gm: fx.GraphModule) -> list[SkippedSite]:
+def _opaque_attention(gm: fx.GraphModule, declined: dict[fx.Node, str]) -> list[SkippedSite]:
     skipped = []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _OPAQUE:
-            path, _ = module_path(node)
+        if node in declined:
+            op, hint = _OPAQUE.get(node.target, ("multi_head_attention_forward", ""))
+            reason = f"not inlined: {declined[node]}" + (f"; {hint}" if hint else "")
+        elif node.op == "call_function" and node.target in _OPAQUE:
             op, reason = _OPAQUE[node.target]
-            skipped.append(SkippedSite(path or node.name, path, op, reason))
+        else:
+            continue
+        path, _ = module_path(node)
+        skipped.append(SkippedSite(path or node.name, path, op, reason))
     return skipped
 
 

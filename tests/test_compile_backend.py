@@ -2,13 +2,16 @@
 gradients included; new lengths do not recompile each time; the report says what was rewritten and
 skipped; an already sparsified model is lowered without a second rewrite; stateful methods asked of
 the backend directly fail with a pointer to the documented way; the entry point works without
-importing attnpass.
+importing attnpass; nn.MultiheadAttention / nn.Transformer* layers, whose attention dynamo keeps as
+one call (F.multi_head_attention_forward, or the encoder layer's fused no_grad fast path), are
+inlined and rewritten as sparsify rewrites them.
 
 Most equality tests run the graph between sites with aot_eager (same AOT autograd path as Inductor,
 no C++ compile); a few use Inductor itself.
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -19,12 +22,15 @@ import torch
 import torch._dynamo
 
 import attnpass
+from attnpass.compile_backend import _opaque_attention
+from attnpass.detect import module_path
+from attnpass.inline_mha import inline_mha
 from tests.helpers import max_relative_error, same_state, snapshot, tensors
 from tests.zoo import by_name
 
-# nn.TransformerEncoder is not here: dynamo keeps its attention as one opaque call (see
-# test_transformer_encoder_attention_is_reported_as_skipped)
-ZOO = ["bert-eager", "gpt2-eager", "llama-eager", "t5-eager", "hand-matmul-div-mask"]
+# the nn.* cases: dynamo keeps F.multi_head_attention_forward as one call, which the backend inlines
+ZOO = ["bert-eager", "gpt2-eager", "llama-eager", "t5-eager", "hand-matmul-div-mask",
+       "nn-transformer-encoder", "nn-mha-noweights"]
 TOL = 2e-5
 
 
@@ -69,7 +75,8 @@ def test_dense_equals_eager_with_gradients(name):
     _assert_same_grads(_grads(compiled_src), _grads(eager))
 
 
-@pytest.mark.parametrize("name", ZOO)
+# nn-mha-weights: need_weights=True, the averaged weights dropped by the model (dead code, as in sparsify)
+@pytest.mark.parametrize("name", ZOO + ["nn-mha-weights"])
 def test_combiner_equals_sparsify_with_gradients(name):
     case = by_name(name)
     model, compiled_src = case.build(), case.build()
@@ -155,18 +162,158 @@ def test_backend_logs_rewritten_sites(caplog):
     assert any("rewrote <root>" in r.getMessage() and "dense" in r.getMessage() for r in caplog.records)
 
 
-def test_transformer_encoder_attention_is_reported_as_skipped():
+def test_encoder_fast_path_and_multi_head_attention_forward_are_inlined_with_metadata():
+    case = by_name("nn-transformer-encoder")
+    graphs = []
+
+    def keep(gm, example_inputs):
+        before = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        inlined, declined = inline_mha(gm)
+        graphs.append((before, gm, len(inlined), declined))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():  # eval + no_grad: PyTorch's fused fast path, one native op per layer
+        torch.compile(case.build(), backend=keep)(*case.inputs(2, 8)[0])
+    (before, gm, inlined, declined), = graphs
+    assert before.count(torch._transformer_encoder_layer_fwd) == 2, before
+    assert inlined == 4 and not declined  # 2 fast-path layers lowered, their 2 attention calls inlined
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert not {torch._transformer_encoder_layer_fwd, torch.nn.functional.multi_head_attention_forward} & {
+        n.target for n in calls}
+    assert all("example_value" in n.meta for n in calls)
+    paths = {module_path(n)[0] for n in calls if n.target is torch.ops.aten.scaled_dot_product_attention.default}
+    assert paths == {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn"}, paths
+
+
+def test_encoder_fast_path_with_an_unknown_mask_type_is_reported_not_guessed():
+    case = by_name("nn-transformer-encoder")
+    found = []
+
+    def keep(gm, example_inputs):
+        runnable = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # the graph as dynamo made it
+        layer = next(n for n in gm.graph.nodes if n.target is torch._transformer_encoder_layer_fwd)
+        assert layer.args[19] == 1  # mask_type: key padding
+        layer.update_arg(19, 0)  # a mask type `merge_masks` never produces
+        inlined, declined = inline_mha(gm)
+        found.append((len(inlined), _opaque_attention(gm, declined)))
+        return runnable.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(case.build(), backend=keep)(*case.inputs(2, 8)[0])
+    (inlined, skipped), = found
+    assert inlined == 2  # the other layer: lowered, then its attention inlined
+    assert [(s.name, s.pattern) for s in skipped] == [("encoder.layers.0", "_transformer_encoder_layer_fwd")]
+    assert "mask type 0" in skipped[0].reason and "fast path" in skipped[0].reason, skipped[0].reason
+
+
+class _MHAReturningWeights(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, key_padding_mask):
+        return self.attn(x, x, x, key_padding_mask=key_padding_mask)  # (output, averaged weights)
+
+
+def test_mha_returning_its_weights_is_skipped_as_sparsify_skips_it():
+    torch.manual_seed(0)
+    model = _MHAReturningWeights().eval()
+    args, kwargs = by_name("nn-mha-weights").inputs(2, 8)
+    expected = attnpass.find_attention(model, args, kwargs)
+    compiled, compiler = _compile(model, "combiner", inner="eager", block=3)
+    got = compiled(*args, **kwargs)
+    assert not compiler.report.rewritten and not expected.sites
+    assert [(s.name, s.reason) for s in compiler.report.skipped] == [(s.name, s.reason) for s in expected.skipped]
+    assert "also used" in compiler.report.skipped[0].reason
+    assert max_relative_error(got, model(*args, **kwargs)) < TOL
+
+
+class _Decoder(torch.nn.Module):
+    """nn.TransformerDecoder (sequence first, causal self-attention, cross-attention) and an
+    nn.MultiheadAttention with its own key and value sizes (separate projection weights)."""
+
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerDecoderLayer(32, 4, dim_feedforward=64, dropout=0.0)
+        self.decoder = torch.nn.TransformerDecoder(layer, num_layers=1)
+        self.cross = torch.nn.MultiheadAttention(32, 4, kdim=16, vdim=24)
+
+    def forward(self, tgt, memory, kv):
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt.shape[0])
+        y = self.decoder(tgt, memory, tgt_mask=causal, tgt_is_causal=True)
+        return self.cross(y, kv[..., :16], kv, need_weights=False)[0]
+
+
+def test_decoder_and_separate_projections_equal_eager_with_masks_recovered():
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    args = (torch.randn(8, 2, 32), torch.randn(12, 2, 32), torch.randn(12, 2, 24))
+    compiled, compiler = _compile(model, "dense", inner="eager")
+    got = compiled(*args)
+    rows = [(r["site"], r["kind"], r["mask"]) for g in compiler.report.graphs for r in g.rewritten]
+    assert rows == [("decoder.layers.0.self_attn", "self", "causal"), ("decoder.layers.0.multihead_attn", "cross", "none"),
+                    ("cross", "cross", "none")], compiler.report
+    assert max_relative_error(got, model(*args)) < TOL
+
+
+def test_transformer_encoder_new_lengths_compile_at_most_twice():
+    case = by_name("nn-transformer-encoder")
+    reference = attnpass.sparsify(case.build(), *case.inputs(2, 8), method="combiner")
+    compiled, compiler = _compile(case.build(), "combiner", inner="aot_eager")  # AOT could add guards on L
+    with torch.no_grad():  # the fast path, lowered and inlined (with grad: the parametrized tests above)
+        for length in (8, 11, 16):
+            args, kwargs = case.inputs(2, length)
+            assert max_relative_error(compiled(*args, **kwargs), reference(*args, **kwargs)) < TOL, length
+    assert compiler.report.compilations <= 2, compiler.report
+    # the (B*H, 1, L) float mask the function builds from key_padding_mask is read as key padding
+    rows = [r for g in compiler.report.graphs for r in g.rewritten]
+    assert len(rows) == 2 * compiler.report.compilations and all(r["mask"] == "key_padding" for r in rows), rows
+
+
+class _EncoderLayers(torch.nn.Module):
+    """Fast-path variants: pre-norm with GELU (layer 0), post-norm with ReLU and a causal src_mask
+    merged with the padding (layer 1: mask type 2). Layers called directly: nn.TransformerEncoder
+    reads its mask with .item() (is it causal?), a graph break that leaves the layers out of any graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = torch.nn.TransformerEncoderLayer(32, 4, 64, activation="gelu", batch_first=True, norm_first=True)
+        self.post = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+
+    def forward(self, x, key_padding_mask):
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        padding = torch.zeros_like(key_padding_mask, dtype=x.dtype).masked_fill(key_padding_mask, float("-inf"))
+        x = self.pre(x, src_key_padding_mask=padding)
+        return self.post(x, src_mask=causal, src_key_padding_mask=padding)
+
+
+def test_encoder_fast_path_under_no_grad_equals_eager_and_sparsify():
     case = by_name("nn-transformer-encoder")
     args, kwargs = case.inputs(2, 8)
     model = case.build()
-    compiled, compiler = _compile(model, "dense", inner="eager")
-    with torch.no_grad():  # PyTorch's fused fast path
-        assert max_relative_error(compiled(*args, **kwargs), model(*args, **kwargs)) < TOL
-    report = attnpass.explain(case.build().train(), args, kwargs, method="dense")  # no fast path in train mode
-    for r in (compiler.report, report):
-        assert not r.rewritten and len(r.skipped) == 2, r
-    assert all("fast path" in s.reason for s in compiler.report.skipped)
-    assert all("multi_head_attention_forward" in s.reason for s in report.skipped)
+    reference = attnpass.sparsify(model, args, kwargs, method="combiner", block=3)
+    for method, expected in (("dense", model), ("combiner", reference)):
+        compiled, compiler = _compile(model, method, inner="eager", **({"block": 3} if method == "combiner" else {}))
+        with torch.no_grad():  # the eager model takes PyTorch's fused fast path too
+            assert max_relative_error(compiled(*args, **kwargs), expected(*args, **kwargs)) < TOL, method
+        assert compiler.report.rewritten == [s.name for s in reference.sites] and not compiler.report.skipped
+    torch.manual_seed(0)
+    layers = _EncoderLayers().eval()
+    compiled, compiler = _compile(layers, "dense", inner="eager")
+    with torch.no_grad():
+        assert max_relative_error(compiled(*args), layers(*args)) < TOL
+    rows = [(r["site"], r["mask"]) for g in compiler.report.graphs for r in g.rewritten]
+    assert rows == [("pre.self_attn", "key_padding"), ("post.self_attn", "causal+key_padding")], compiler.report
+
+
+def test_transformer_encoder_in_train_mode_reads_dropout():
+    # train mode takes no fast path: F.multi_head_attention_forward, inlined, dropout read as sparsify reads it
+    case = by_name("nn-transformer-encoder")
+    report = attnpass.explain(case.build().train(), *case.inputs(2, 8), method="dense")
+    assert report.rewritten == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"], report
+    assert not report.skipped and all(r["dropout"] == "0.1" for g in report.graphs for r in g.rewritten), report
 
 
 def test_already_sparse_model_is_lowered_without_a_second_rewrite():
