@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.utils._pytree as pytree
+import transformers
 
 
 def tensors(out) -> list[torch.Tensor]:
@@ -34,3 +35,13 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def same_state(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
     now = model.state_dict()
     return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+
+
+def tiny_gpt2(vocab_size: int = 50, n_head: int = 4, dropout: float = 0.0) -> torch.nn.Module:
+    """A 2-layer GPT-2 LM (embedding 32, SDPA attention, no KV cache), seeded, in eval mode:
+    small enough to train for a few dozen steps in a test."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=n_head,
+                                     use_cache=False, attn_implementation="sdpa", bos_token_id=0, eos_token_id=0,
+                                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return transformers.GPT2LMHeadModel(config).eval()

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import transformers
 
 import attnpass
+from tests.helpers import tiny_gpt2
 
 STEPS = 3
 
@@ -29,12 +29,7 @@ def _free_port() -> int:
 
 
 def _tiny_lm():
-    torch.manual_seed(0)  # the same initial weights on every rank
-    config = transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                     use_cache=False, attn_implementation="sdpa", bos_token_id=0, eos_token_id=0,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config)
-
+    return tiny_gpt2().train()  # seeded: the same initial weights on every rank
 
 def _worker(rank: int, world: int, port: int, method: str, options: dict, out_dir: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)

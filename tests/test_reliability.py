@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
-import transformers
 
 import attnpass
-from tests.helpers import same_state, snapshot
+from tests.helpers import tiny_gpt2, same_state, snapshot
 
 METHODS = {
     "dense": {},
@@ -21,12 +20,7 @@ METHODS = {
 
 
 def _tiny_lm():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                     use_cache=False, attn_implementation="sdpa", bos_token_id=0, eos_token_id=0,
-                                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
-    return transformers.GPT2LMHeadModel(config).eval()
-
+    return tiny_gpt2(dropout=0.1)
 
 def _ids(seed=0, batch=2, length=16):
     return torch.randint(0, 50, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -20,7 +20,7 @@ from attnpass.methods.sbm_sampling import (
     SBMGraph, _fallback_keys, block_matrix, expected_density, sample_edge_pairs, sample_graph,
 )
 from memory_probe import no_square_tensor
-from tests.helpers import max_relative_error, same_state, snapshot
+from tests.helpers import tiny_gpt2, max_relative_error, same_state, snapshot
 from tests.zoo import by_name
 
 F64 = torch.float64
@@ -361,14 +361,7 @@ def test_with_the_complete_graph_the_rewritten_model_equals_the_original(name, m
 
 
 def _tiny_gpt2():
-    import transformers
-
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=64,
-                                     use_cache=False, attn_implementation="sdpa", bos_token_id=0, eos_token_id=0,
-                                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config)
-
+    return tiny_gpt2(vocab_size=64, n_head=2)
 
 def test_sparsify_trains_reaches_all_parameters_and_round_trips_state():
     model = _tiny_gpt2()

@@ -13,10 +13,9 @@ import copy
 
 import pytest
 import torch
-import transformers
 
 import attnpass
-from tests.helpers import max_relative_error, same_state, snapshot
+from tests.helpers import tiny_gpt2, max_relative_error, same_state, snapshot
 from tests.zoo import by_name
 
 # One configuration per method that computes every allowed pair (see the module docstring).
@@ -132,12 +131,7 @@ def test_clusters_larger_than_the_example_length_is_refused():
 
 
 def _tiny_lm():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                     use_cache=False, attn_implementation="sdpa",
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config).eval()
-
+    return tiny_gpt2()
 
 def _lm_batch(batch=4, length=32, seed=0):
     # a learnable task: each sequence repeats a random 8-token motif

@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-import transformers
 from entmax import entmax15
 
 import attnpass
@@ -23,7 +22,7 @@ from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
 from attnpass.methods import SiteSpec, method_class
 from attnpass.methods import sparsefinder_predict as sp
 from attnpass.methods.sparsefinder import SparsefinderAttention, sparsefinder_metrics
-from tests.helpers import same_state, snapshot
+from tests.helpers import tiny_gpt2, same_state, snapshot
 from tests.memory_probe import no_square_tensor
 from tests.zoo import by_name
 
@@ -390,12 +389,7 @@ def test_sparsify_zoo_models_full_coverage_is_entmax15_of_each_site(name):
 
 
 def _tiny_lm():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                     use_cache=False, attn_implementation="sdpa",
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config).eval()
-
+    return tiny_gpt2()
 
 def _lm_batch(batch=4, length=32, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -67,6 +67,14 @@ class SiteAttention(nn.Module):
         """Why this method cannot serve the site (it is then left unchanged and reported), or None."""
         return None
 
+    @classmethod
+    def check_site(cls, spec: SiteSpec, **options) -> None:
+        """Both checks as one error, for a module constructed directly (sparsify asks them separately)."""
+        cls.validate_options(**options)
+        reason = cls.unsupported_reason(spec, **options)
+        if reason:
+            raise ValueError(f"method {cls.method_name!r} cannot serve site {spec.name!r}: {reason}")
+
     def aux_loss(self) -> torch.Tensor | None:
         """The method's training loss term from the last forward call (e.g. routing's commitment loss)."""
         return None

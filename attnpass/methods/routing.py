@@ -159,10 +159,7 @@ class RoutingAttention(SiteAttention):
     method_name = "routing"
 
     def __init__(self, spec: SiteSpec, **options):
-        self.validate_options(**options)
-        reason = self.unsupported_reason(spec, **options)
-        if reason:
-            raise ValueError(f"method 'routing' cannot serve site {spec.name!r}: {reason}")
+        self.check_site(spec, **options)
         super().__init__(spec)
         heads, head_dim = spec.heads_q, spec.head_dim
         group = heads // spec.heads_kv if spec.heads_kv else 1

@@ -50,10 +50,7 @@ class SBMAttention(SiteAttention):
     method_name = "sbm"
 
     def __init__(self, spec: SiteSpec, **options):
-        self.validate_options(**options)
-        reason = self.unsupported_reason(spec, **options)
-        if reason:
-            raise ValueError(f"method 'sbm' cannot serve site {spec.name!r}: {reason}")
+        self.check_site(spec, **options)
         super().__init__(spec)
         heads, dim = spec.heads_q, spec.head_dim
         self.num_clusters: int = int(options.get("clusters", DEFAULT_CLUSTERS))

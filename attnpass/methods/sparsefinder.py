@@ -117,10 +117,7 @@ class SparsefinderAttention(SiteAttention):
     method_name = "sparsefinder"
 
     def __init__(self, spec: SiteSpec, **options):
-        self.validate_options(**options)
-        reason = self.unsupported_reason(spec, **options)
-        if reason:
-            raise ValueError(f"method 'sparsefinder' cannot serve site {spec.name!r}: {reason}")
+        self.check_site(spec, **options)
         super().__init__(spec)
         opts = {**DEFAULTS, **options}
         self.predictor: str = opts["predictor"]
