@@ -41,7 +41,7 @@ from torch.fx.passes.split_module import split_module
 
 from attnpass.api import _site_spec
 from attnpass.capture import check_call_inputs
-from attnpass.detect import find_sites, module_path
+from attnpass.detect import capture_sites, find_sites, module_path
 from attnpass.inline_mha import inline_mha
 from attnpass.mask_analysis import ProbeSet
 from attnpass.methods import SiteAttention, method_class
@@ -74,6 +74,10 @@ class CompileReport:
 
     method: str
     graphs: list[GraphReport] = field(default_factory=list)
+    # filled by `explain` only: sites torch.export finds in the model that no graph handed to the
+    # backend contained (dynamo ran that code outside any compiled graph)
+    not_reached: list[SkippedSite] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def compilations(self) -> int:
@@ -106,6 +110,10 @@ class CompileReport:
                 parts.append(format_table([s.row() for s in g.skipped]))
             if g.already_sparse:
                 parts.append("already sparse, lowered as is: " + ", ".join(g.already_sparse))
+        if self.not_reached:
+            parts.append("never reached the backend (left as they are):")
+            parts.append(format_table([s.row() for s in self.not_reached]))
+        parts += [f"note: {n}" for n in self.notes]
         return "\n".join(parts)
 
     __repr__ = __str__
@@ -207,6 +215,13 @@ def explain(model: nn.Module, args=(), kwargs=None, method: str = "combiner", **
     reason, and the attnpass ops of an already sparsified model it lowered as they were. The graph
     between sites runs eagerly here (nothing is sent to Inductor), so this is quick; dynamo's
     caches are reset first so that the report covers a fresh compilation.
+
+    It also captures the model with torch.export (as `find_attention` does) and lists, under
+    `not_reached`, the attention sites no graph handed to the backend contained: code dynamo ran
+    outside any compiled graph (a `torch.compiler.disable`d module, a graph break dynamo does not
+    resume from), which the backend cannot see and so leaves dense without a word of its own. When
+    torch.export cannot capture the model either (e.g. nn.TransformerEncoder checking a mask with
+    `.item()`), `notes` says so.
     """
     args, kwargs = check_call_inputs(model, args, kwargs)
     compiler = AttnpassBackend(method, inner="eager", **options)
@@ -214,7 +229,22 @@ def explain(model: nn.Module, args=(), kwargs=None, method: str = "combiner", **
     with torch.no_grad():
         torch.compile(model, backend=compiler)(*args, **kwargs)
     torch._dynamo.reset()
-    return compiler.report
+    report = compiler.report
+    seen = set(report.rewritten) | {s.name for s in report.skipped}
+    try:
+        exported = capture_sites(model, args, kwargs)
+    except Exception as e:  # noqa: BLE001 - the cross-check is best effort; say why it is missing
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        report.notes.append("sites outside the compiled graphs could not be listed: torch.export could not "
+                            f"capture the model either ({first})")
+        return report
+    for site in exported.sites:
+        if site.name not in seen:
+            report.not_reached.append(SkippedSite(
+                site.name, site.module_path, site.pattern,
+                "never reached the backend: dynamo ran this code outside its compiled graphs (a disabled "
+                "module, or a graph break it does not resume from); attnpass.sparsify rewrites it"))
+    return report
 
 
 def _log(report: GraphReport, method: str) -> None:

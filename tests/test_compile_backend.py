@@ -369,3 +369,50 @@ def test_registered_backend_name_works_without_importing_attnpass():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                             cwd="/")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+class _PartlyDisabled(torch.nn.Module):
+    """Two attention blocks; dynamo is told not to compile the second (torch.compiler.disable), so
+    it runs outside every graph the backend sees. torch.export traces through both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.second = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    @torch.compiler.disable
+    def _second(self, x):
+        return self.second(x, x, x, need_weights=False)[0]
+
+    def forward(self, x):
+        x = self.first(x, x, x, need_weights=False)[0]
+        return self._second(x)
+
+
+class _CausalEncoder(torch.nn.Module):
+    """nn.TransformerEncoder called with a causal mask but no is_causal: it checks the mask with
+    .item(); dynamo then runs the layers outside its graphs and torch.export cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x):
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.encoder(x, mask=mask)
+
+
+def test_explain_names_sites_that_never_reached_the_backend():
+    model = _PartlyDisabled()
+    x = torch.randn(2, 8, 16)
+    report = attnpass.explain(model, (x,))
+    assert report.rewritten == ["first"]
+    assert [s.name for s in report.not_reached] == ["second"]
+    assert "never reached the backend" in report.not_reached[0].reason and "second" in str(report)
+    # when torch.export cannot capture the model either, the report says the list is unavailable
+    encoder = attnpass.explain(_CausalEncoder(), (x,))
+    assert not encoder.rewritten and not encoder.not_reached
+    assert any("could not be listed" in n for n in encoder.notes) and "note:" in str(encoder)
