@@ -400,9 +400,9 @@ class _CausalEncoder(torch.nn.Module):
         layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
         self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
-    def forward(self, x):
+    def forward(self, x, is_causal=None):
         mask = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-        return self.encoder(x, mask=mask)
+        return self.encoder(x, mask=mask, is_causal=is_causal)
 
 
 def test_explain_names_sites_that_never_reached_the_backend():
@@ -416,3 +416,6 @@ def test_explain_names_sites_that_never_reached_the_backend():
     encoder = attnpass.explain(_CausalEncoder(), (x,))
     assert not encoder.rewritten and not encoder.not_reached
     assert any("could not be listed" in n for n in encoder.notes) and "note:" in str(encoder)
+    # with is_causal=True there is no .item() check: both layers reach the backend and are rewritten
+    told = attnpass.explain(_CausalEncoder(), (x,), {"is_causal": True})
+    assert told.rewritten == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"] and not told.not_reached
