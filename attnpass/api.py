@@ -29,7 +29,7 @@ def find_attention(model: nn.Module, args=(), kwargs=None) -> AttentionReport:
     return AttentionReport(type(model).__name__, program.sites, program.skipped)
 
 
-def _example_int(x) -> int | None:
+def example_int(x) -> int | None:
     """A dim as an int: itself, or the example's value behind a symbolic size; None if unknown."""
     if isinstance(x, int):
         return x
@@ -39,7 +39,7 @@ def _example_int(x) -> int | None:
     return None
 
 
-def _site_spec(site: AttentionSite) -> SiteSpec:
+def site_spec(site: AttentionSite) -> SiteSpec:
     info = site.mask_info
 
     def as_int(x):
@@ -48,7 +48,7 @@ def _site_spec(site: AttentionSite) -> SiteSpec:
     return SiteSpec(
         name=site.name, scale=site.scale, causal=info.causal, causal_bottom_right=info.causal_bottom_right,
         heads_q=as_int(site.heads_q), heads_kv=as_int(site.heads_kv), head_dim=as_int(site.head_dim),
-        example_len_q=_example_int(site.len_q), example_len_k=_example_int(site.len_k), cross=site.cross,
+        example_len_q=example_int(site.len_q), example_len_k=example_int(site.len_k), cross=site.cross,
         has_bias=bool(info.general_bias), has_mask=bool(info.general_bool),
     )
 
@@ -84,7 +84,7 @@ def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **op
     declined: dict[str, str] = {}
 
     def make_site(site: AttentionSite) -> nn.Module | str:
-        spec = _site_spec(site)
+        spec = site_spec(site)
         reason = site_class.unsupported_reason(spec, **options)
         if reason:
             return f"method {method!r}: {reason}"

@@ -296,12 +296,12 @@ def _first_line(e: BaseException) -> str:
 def _example_dims(site, length: int | None, batch: int | None) -> dict:
     """The site's dims as ints for the cost numbers: concrete ones as they are, symbolic lengths at
     --length (when given) else at the example call's value, symbolic batch at the example's."""
-    from attnpass.api import _example_int
+    from attnpass.api import example_int
 
     def dim(value, override):
         if isinstance(value, int):
             return value
-        return override if override is not None else _example_int(value)
+        return override if override is not None else example_int(value)
 
     return {"batch": dim(site.batch, batch), "len_q": dim(site.len_q, length), "len_k": dim(site.len_k, length)}
 
@@ -310,7 +310,7 @@ def site_cost(site, method: str, opts: dict, length: int | None, batch: int | No
     """Dense and `method` cost of one site: formulas (the site's symbolic dims kept) and numbers."""
     from attnpass import cost_model
 
-    cost_opts = {k: v for k, v in opts.items() if k in cost_model._OPTIONS.get(method, ())}
+    cost_opts = {k: v for k, v in opts.items() if k in cost_model.cost_options(method)}
     out = {"method": method, "options": cost_opts}
     if method not in cost_model.METHODS:
         out["error"] = f"no cost model for method {method!r} (cost models: {list(cost_model.METHODS)})"
@@ -342,10 +342,10 @@ def site_cost(site, method: str, opts: dict, length: int | None, batch: int | No
 
 def method_status(site, method: str, opts: dict) -> str | None:
     """Why `method` would decline this site (sparsify leaves it unchanged), or None."""
-    from attnpass.api import _site_spec
+    from attnpass.api import site_spec
     from attnpass.methods import method_class
 
-    return method_class(method).unsupported_reason(_site_spec(site), **opts)
+    return method_class(method).unsupported_reason(site_spec(site), **opts)
 
 
 def _num(x: float) -> str:
@@ -366,7 +366,7 @@ def cmd_inspect(args) -> int:
     from attnpass import cost_model
 
     # an option is the method's (checked by its class) or the cost model's (e.g. SBM's learned density)
-    method_keys, cost_keys = _method_keys(method), set(cost_model._OPTIONS.get(method, ()))
+    method_keys, cost_keys = _method_keys(method), set(cost_model.cost_options(method))
     unknown = sorted(set(opts) - method_keys - cost_keys)
     if unknown:
         raise CliError(f"method {method!r} got unknown option(s) {unknown}; it takes {sorted(method_keys | cost_keys)}")
@@ -392,12 +392,9 @@ def cmd_inspect(args) -> int:
 
 def _method_keys(method: str) -> set[str]:
     """Option names the method's module accepts (from its class; empty if it takes none)."""
-    import inspect as _inspect
-
     from attnpass.methods import method_class
 
-    module = _inspect.getmodule(method_class(method))
-    return set(getattr(module, "_OPTIONS", ()))
+    return set(method_class(method).options)
 
 
 def _print_inspect(doc: dict, rich_out: bool) -> None:

@@ -250,7 +250,7 @@ def _pick_site(report, wanted: str | None):
 
 def run(args) -> int:
     import attnpass
-    from attnpass.api import _site_spec
+    from attnpass.api import site_spec
     from attnpass.methods import METHODS, method_class
 
     try:
@@ -285,7 +285,7 @@ def run(args) -> int:
     probs = dense_probabilities(site_module, inputs, args.row, args.head, allowed)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    spec = _site_spec(site)
+    spec = site_spec(site)
     results = []
     for m in methods:
         opts = options_for(m, options)

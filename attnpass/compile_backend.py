@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.split_module import split_module
 
-from attnpass.api import _site_spec
+from attnpass.api import site_spec
 from attnpass.capture import check_call_inputs
 from attnpass.detect import capture_sites, find_sites, module_path
 from attnpass.inline_mha import inline_mha
@@ -175,7 +175,7 @@ class AttnpassBackend:
         return compiled
 
     def _make_site(self, site: AttentionSite) -> nn.Module | str:
-        spec = _site_spec(site)
+        spec = site_spec(site)
         reason = self._site_class.unsupported_reason(spec, **self.options)
         if reason:
             return f"method {self.method!r}: {reason}"

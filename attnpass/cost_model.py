@@ -153,6 +153,11 @@ class Cost:
 _SYMBOLS = {"B": B, "H": H, "Lq": Lq, "Lk": Lk, "D": D, "c": c, "s": s, "k": k, "rho": rho, "r": r}
 
 
+def cost_options(method: str) -> tuple[str, ...]:
+    """The options `cost_expr` / `cost` take for `method` (besides `itemsize`); () for an unknown method."""
+    return _OPTIONS.get(method, ())
+
+
 def _check_options(method: str, options: dict) -> None:
     if method not in METHODS:
         raise ValueError(f"no cost model for method {method!r}; known: {list(METHODS)}")

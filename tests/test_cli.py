@@ -22,7 +22,7 @@ from entmax import entmax15
 
 import attnpass
 from attnpass import cli, cli_plot
-from attnpass.api import _site_spec
+from attnpass.api import site_spec
 from attnpass.methods import method_class
 
 MODELS = textwrap.dedent('''
@@ -251,7 +251,7 @@ def test_drawn_pairs_are_the_pairs_the_method_computes(site_inputs, model_name, 
     site, dense_module, inputs = site_inputs[model_name]
     B, Hq = inputs["q"].shape[:2]
     torch.manual_seed(0)
-    module = method_class(method)(_site_spec(site), **opts).eval()
+    module = method_class(method)(site_spec(site), **opts).eval()
     weights = _effective_weights(module, inputs)  # the first call initialises the method's state
     leaves_some_out = False
     for row in range(B):

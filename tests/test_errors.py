@@ -100,3 +100,18 @@ def test_keyword_inputs_may_come_in_another_order_than_the_example():
     assert list(reordered) != list(kwargs)
     with torch.no_grad():
         torch.testing.assert_close(sparse(*args, **reordered)[0], model(*args, **kwargs)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_each_method_declares_the_options_it_validates():
+    """`method_class(m).options` (what the CLI and docs read) is exactly what validate_options takes."""
+    from attnpass.methods import METHODS as NAMES
+    from attnpass.methods import method_class
+
+    for name in NAMES:
+        cls = method_class(name)
+        with pytest.raises(ValueError) as refused:
+            cls.validate_options(no_such_option=1)
+        message = str(refused.value)
+        assert "no_such_option" in message and all(repr(o) in message for o in cls.options), (name, message)
+    assert method_class("dense").options == ()
+    assert set(method_class("routing").options) >= {"clusters", "local_window"}

@@ -39,6 +39,7 @@ class SiteSpec:
 
 class SiteAttention(nn.Module):
     method_name = "base"
+    options: tuple[str, ...] = ()  # the option names the method takes (validate_options checks them)
 
     def __init__(self, spec: SiteSpec):
         super().__init__()

@@ -157,6 +157,7 @@ def _head_slice(t: Tensor | None, start: int, stop: int) -> Tensor | None:
 
 class RoutingAttention(SiteAttention):
     method_name = "routing"
+    options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
         self.check_site(spec, **options)

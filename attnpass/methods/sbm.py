@@ -48,6 +48,7 @@ DEFAULT_DENSITY_WEIGHT = 1e-4  # lambda of the LRA scripts
 
 class SBMAttention(SiteAttention):
     method_name = "sbm"
+    options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
         self.check_site(spec, **options)

@@ -115,6 +115,7 @@ def _drop_masked_edges(row_ptr: Tensor, col: Tensor, mask: Tensor, H: int, Lq: i
 
 class SparsefinderAttention(SiteAttention):
     method_name = "sparsefinder"
+    options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
         self.check_site(spec, **options)
