@@ -598,3 +598,12 @@ def test_model_level_metrics_pool_the_sites():
     assert all(m.aux_loss() is None for m in sparse.modules() if isinstance(m, SparsefinderAttention))
     with pytest.raises(ValueError, match="no method='sparsefinder'"):
         sparsefinder_metrics(model, args, kwargs)
+
+
+def test_one_cluster_without_top_clusters_uses_a_valid_default():
+    """The default top_clusters (2) is capped at the cluster count, in validation and in the module."""
+    SF.validate_options(clusters=1)
+    module = SF(SiteSpec(name="s", scale=None, heads_q=2, heads_kv=2, head_dim=8), clusters=1).eval()
+    assert module.top_clusters == 1
+    q = torch.randn(1, 2, 10, 8)
+    assert torch.isfinite(module(q, q, q)).all()

@@ -13,14 +13,16 @@ def check_int(method: str, name: str, value, minimum: int) -> None:
         raise ValueError(f"method {method!r}: option {name}={value!r} must be an int >= {minimum}")
 
 
-def check_real(method: str, name: str, value, low: float, high: float, low_open: bool) -> None:
-    """A number in (low, high) or [low, high) (NaN and bool refused)."""
-    bounds = f"{'(' if low_open else '['}{low}, {high})"
+def check_real(method: str, name: str, value, low: float, high: float, low_open: bool,
+               high_open: bool = True) -> None:
+    """A number in (low, high), [low, high), or with high included (NaN and bool refused)."""
+    bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"method {method!r}: option {name}={value!r} must be a number in {bounds}, "
                         f"got {type(value).__name__}")
     above_low = value > low if low_open else value >= low
-    if not (above_low and value < high):  # also refuses NaN
+    below_high = value < high if high_open else value <= high
+    if not (above_low and below_high):  # also refuses NaN
         raise ValueError(f"method {method!r}: option {name}={value!r} must be in {bounds}")
 
 

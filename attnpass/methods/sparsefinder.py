@@ -46,7 +46,6 @@ gather), so nothing bigger than what the model already built is allocated.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +55,7 @@ from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.methods import sparsefinder_predict as sp
 from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.kmeans import _distributed
+from attnpass.methods.options import check_int, check_known, check_real
 
 _OPTIONS = ("predictor", "rank", "threshold", "bucket_size", "clusters", "top_clusters", "window",
             "first_token", "margin", "decay")
@@ -68,23 +68,11 @@ def _fail(message: str, error: type = ValueError):
     raise error(f"method 'sparsefinder': {message}")
 
 
-def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _fail(f"option {name}={value!r} must be an int >= {minimum}{' or None' if allow_none else ''}, "
-              f"got {type(value).__name__}", TypeError)
-    if value < minimum:
-        _fail(f"option {name}={value!r} must be an int >= {minimum}")
-
-
-def _check_real(name: str, value, positive: bool, allow_inf: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        _fail(f"option {name}={value!r} must be a number, got {type(value).__name__}", TypeError)
-    if math.isnan(value) or (positive and value <= 0) or (not positive and value < 0) or \
-            (not allow_inf and math.isinf(value)):
-        _fail(f"option {name}={value!r} must be {'> 0' if positive else '>= 0'}"
-              f"{'' if allow_inf else ' and finite'}")
+def _top_clusters(options: dict) -> int:
+    """top_clusters as given, else the default capped at the cluster count (clusters=1 stays valid)."""
+    if "top_clusters" in options:
+        return options["top_clusters"]
+    return min(DEFAULTS["top_clusters"], options.get("clusters", DEFAULTS["clusters"]))
 
 
 def _mask_merge(bias: Tensor | None, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
@@ -131,7 +119,7 @@ class SparsefinderAttention(SiteAttention):
             self.register_buffer("threshold_", torch.tensor(start, dtype=torch.float64))
         self.bucket_size: int = int(opts["bucket_size"])
         self.clusters: int = int(opts["clusters"])
-        self.top_clusters: int = int(opts["top_clusters"])
+        self.top_clusters: int = int(_top_clusters(options))
         self.window: int | None = None if opts["window"] is None else int(opts["window"])
         self.first_token: bool = bool(opts["first_token"])
         self.decay: float = float(opts["decay"])
@@ -152,28 +140,24 @@ class SparsefinderAttention(SiteAttention):
 
     @classmethod
     def validate_options(cls, **options) -> None:
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            _fail(f"got unknown option(s) {unknown}; it takes {list(_OPTIONS)}")
+        check_known("sparsefinder", options, _OPTIONS)
         predictor = options.get("predictor", DEFAULTS["predictor"])
         if not isinstance(predictor, str) or predictor not in sp.PREDICTORS:
             _fail(f"option predictor={predictor!r} must be one of {list(sp.PREDICTORS)}")
         for name in ("rank", "bucket_size", "clusters", "top_clusters"):
             if name in options:
-                _check_int(name, options[name], 1)
-        if "window" in options:
-            _check_int("window", options["window"], 0, allow_none=True)
+                check_int("sparsefinder", name, options[name], 1)
+        if options.get("window") is not None:
+            check_int("sparsefinder", "window", options["window"], 0)
         if "first_token" in options and not isinstance(options["first_token"], bool):
             _fail(f"option first_token={options['first_token']!r} must be a bool", TypeError)
         if options.get("threshold") is not None:
-            _check_real("threshold", options["threshold"], positive=True, allow_inf=True)
+            check_real("sparsefinder", "threshold", options["threshold"], 0.0, math.inf, low_open=True, high_open=False)
         if "margin" in options:
-            _check_real("margin", options["margin"], positive=False, allow_inf=False)
+            check_real("sparsefinder", "margin", options["margin"], 0.0, math.inf, low_open=False)
         if "decay" in options:
-            _check_real("decay", options["decay"], positive=False, allow_inf=False)
-            if not options["decay"] < 1:
-                _fail(f"option decay={options['decay']!r} must be in [0, 1)")
-        top, clusters = options.get("top_clusters", 1), options.get("clusters", DEFAULTS["clusters"])
+            check_real("sparsefinder", "decay", options["decay"], 0.0, 1.0, low_open=False)
+        top, clusters = _top_clusters(options), options.get("clusters", DEFAULTS["clusters"])
         if top > clusters:
             _fail(f"option top_clusters={top} is more than clusters={clusters}")
 
