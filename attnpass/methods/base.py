@@ -16,6 +16,14 @@ import torch
 from torch import nn
 
 
+def key_anchor(query_pos: torch.Tensor, len_q: int, len_k: int, causal: bool, offset: int) -> torch.Tensor:
+    """A query's position in key space, which methods use for windows and fallbacks: its last
+    visible key when causal (i + offset, at most Lk - 1), else floor(i * Lk / Lq)."""
+    if causal:
+        return (query_pos + offset).clamp(max=len_k - 1)
+    return query_pos * len_k // max(len_q, 1)
+
+
 @dataclass(frozen=True)
 class SiteSpec:
     """The facts of a site a method needs at run time."""

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from attnpass import cost_model
 from attnpass.lowering.cpu.grouped_attention import grouped_attention, scatter_slots
-from attnpass.methods.base import SiteAttention, SiteSpec
+from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
 from attnpass.methods.options import check_int, check_known, check_real
 
@@ -92,13 +92,6 @@ class RoutingLayout:
         return f"RoutingLayout({routed}; {local})"
 
 
-def _key_anchor(query_pos: Tensor, len_q: int, len_k: int, causal: bool, offset: int) -> Tensor:
-    """A query's position in key space: its last visible key when causal, else i * Lk / Lq (rounded down)."""
-    if causal:
-        return (query_pos + offset).clamp(max=len_k - 1)
-    return query_pos * len_k // len_q
-
-
 def _window_ranks(query_pos: Tensor, real_up_to: Tensor, num_real: Tensor, len_q: int, len_k: int,
                   window: int, causal: bool, offset: int) -> tuple[Tensor, Tensor]:
     """First and last RANK among the real keys of each query's window (last < first: empty).
@@ -110,7 +103,7 @@ def _window_ranks(query_pos: Tensor, real_up_to: Tensor, num_real: Tensor, len_q
     """
     B = query_pos.shape[0]
     W = min(window, len_k)
-    anchor = _key_anchor(query_pos.clamp(min=0), len_q, len_k, causal, offset)
+    anchor = key_anchor(query_pos.clamp(min=0), len_q, len_k, causal, offset)
     seen = real_up_to.gather(1, anchor.clamp(min=0).reshape(B, -1)).view(anchor.shape)
     seen = torch.where(anchor < 0, 0, seen)  # real keys at or before the anchor
     num_real = num_real.view((B,) + (1,) * (query_pos.dim() - 1))
@@ -133,8 +126,8 @@ def _block_local_layout(len_q: int, len_k: int, window: int, causal: bool, offse
     q_index = torch.where(q < len_q, q, -1)
     first_query = torch.arange(blocks, device=device) * window
     last_query = (first_query + window - 1).clamp(max=len_q - 1)
-    first = _key_anchor(first_query, len_q, len_k, causal, offset)
-    last = _key_anchor(last_query, len_q, len_k, causal, offset)
+    first = key_anchor(first_query, len_q, len_k, causal, offset)
+    last = key_anchor(last_query, len_q, len_k, causal, offset)
     if causal:
         start, width = last - 2 * window + 1, 2 * window
     else:

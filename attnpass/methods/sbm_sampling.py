@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from attnpass.lowering.cpu.edge_attention import edges_from_pairs
+from attnpass.methods.base import key_anchor
 
 def block_matrix(clusters: Tensor) -> Tensor:
     """(H, k, D) cluster embeddings -> (H, k, k) block matrix: softmax over all k*k entries of C C^T."""
@@ -131,7 +132,7 @@ def _fallback_keys(len_q: int, len_k: int, causal: bool, offset: int, key_keep: 
     the first real key after it.
     """
     i = torch.arange(len_q, device=key_keep.device if key_keep is not None else None)
-    anchor = (i + offset).clamp(max=len_k - 1) if causal else i * len_k // len_q
+    anchor = key_anchor(i, len_q, len_k, causal, offset)
     if key_keep is None:
         return torch.where(anchor >= 0, anchor, -1).unsqueeze(0)
     pos = torch.arange(len_k, device=key_keep.device).expand_as(key_keep)

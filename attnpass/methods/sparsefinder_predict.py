@@ -42,6 +42,7 @@ from torch import Tensor
 
 from attnpass import cost_model
 from attnpass.lowering.cpu.edge_attention import edges_from_pairs
+from attnpass.methods.base import key_anchor
 
 PREDICTORS = ("distance", "quantization", "clustering")
 
@@ -100,10 +101,6 @@ def _expand_groups(query_group: Tensor, query_row: Tensor, key_group: Tensor, ke
     first = torch.cat([n.new_zeros(1), n.cumsum(0)[:-1]])
     within = torch.arange(total, device=n.device) - first[member]
     return query_row[member], sorted_col[ptr[query_group[member]] + within]
-
-
-def _key_anchor(i: Tensor, Lq: int, Lk: int, causal: bool, offset: int) -> Tensor:
-    return i + offset if causal else i * Lk // max(Lq, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +237,7 @@ def window_slots(B: int, H: int, Lq: int, Lk: int, window: int | None, first_tok
     if window is not None and Lk > 0:
         low = -window
         high = 0 if causal else window  # causal: keys after the anchor are never allowed
-        cols.append(_key_anchor(i, Lq, Lk, causal, causal_offset).unsqueeze(-1) + torch.arange(low, high + 1, device=device))
+        cols.append(key_anchor(i, Lq, Lk, causal, causal_offset).unsqueeze(-1) + torch.arange(low, high + 1, device=device))
     if first_token and Lk > 0:
         cols.append(torch.zeros(Lq, 1, dtype=torch.int64, device=device))
     if not cols:
