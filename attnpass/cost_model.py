@@ -54,7 +54,6 @@ _OPTIONS = {"dense": (), "routing": ("clusters", "local_window"), "combiner": ("
             "sbm": ("clusters", "density"),
             "sparsefinder": ("predictor", "rank", "density", "clusters", "bucket_size")}
 DEFAULT_LOCAL_WINDOW = 64  # routing's default fallback window (attnpass.methods.routing)
-_SBM_DEFAULT_CLUSTERS = 128  # attnpass.methods.sbm.DEFAULT_CLUSTERS (not imported: methods import this module)
 
 # Logsparse's FLOPs are minimised by a constant block of ~3 keys (d/ds of Lq*s - (Lq+Lk)*log2(Lk/s)),
 # far too small for tiled kernels; this block keeps tiles efficient and is what the default uses.
@@ -179,12 +178,14 @@ def cost_expr(method: str, **options) -> Cost:
     _check_options(method, options)
     variant = options.get("variant", "fixed")
     if method == "sparsefinder":
-        # defaults of attnpass.methods.sparsefinder (not imported: methods import this module)
-        predictor = options.get("predictor") or "clustering"
-        flops, nbytes = _sparsefinder(predictor, options.get("itemsize", 4), options.get("clusters") or 16,
-                                      options.get("bucket_size") or 16)
+        # the method's own defaults (imported here: the methods import this module at load time)
+        from attnpass.methods.sparsefinder import DEFAULTS
+
+        predictor = options.get("predictor") or DEFAULTS["predictor"]
+        flops, nbytes = _sparsefinder(predictor, options.get("itemsize", 4), options.get("clusters") or DEFAULTS["clusters"],
+                                      options.get("bucket_size") or DEFAULTS["bucket_size"])
         params = {"predictor": predictor}
-        for name, symbol, default in (("rank", r, 4), ("density", rho, None)):
+        for name, symbol, default in (("rank", r, DEFAULTS["rank"]), ("density", rho, None)):
             value = options.get(name, default)
             if value is not None:
                 params[name] = value
@@ -270,7 +271,9 @@ def cost(site=None, method: str = "dense", **options) -> Cost:
     if lengths_known and method == "routing" and options.get("clusters") is None:
         options["clusters"] = default_clusters(values[Lq], values[Lk], values[D])
     if method == "sbm" and options.get("clusters") is None:
-        options["clusters"] = _SBM_DEFAULT_CLUSTERS
+        from attnpass.methods.sbm import DEFAULT_CLUSTERS  # here: the methods import this module
+
+        options["clusters"] = DEFAULT_CLUSTERS
     if lengths_known and method == "combiner" and options.get("block") is None:
         options["block"] = default_block(values[Lq], values[Lk], values[D], options.get("variant", "fixed"))
     result = cost_expr(method, **options)
