@@ -9,10 +9,10 @@ keys of kv head h // (Hq // Hkv) are projected with query head h's W_K). The pre
 Options (validated before capture):
     predictor     "clustering" (default), "distance" or "quantization". Clustering is the default
                   because it had the best recall at a given graph sparsity among the predictors
-                  that are not all-pairs (tests/test_sparsefinder.py acceptance, L=512: recall
-                  0.75 at graph sparsity 0.78, against 0.30 at 0.88 for quantization with buckets
-                  of 16); distance reached recall 0.96 at sparsity 0.55 there but costs
-                  O(Lq Lk r) by nature. Centroids start from the first batch's projected tokens.
+                  that are not all-pairs (tests/test_sparsefinder.py acceptance, L=512, printed by
+                  that test: recall 0.725 at graph sparsity 0.779, against 0.288 at 0.875 for
+                  quantization with buckets of 16); distance reached recall 0.953 at sparsity 0.533
+                  there but costs O(Lq Lk r) by nature. Centroids start from the first batch's projected tokens.
     rank          r, projected dim (default 4, the paper's)
     threshold     distance predictor: ||W_Q q - W_K k|| < threshold. Default None = calibrated:
                   the hinge loss is invariant to shifting all squared distances, so no fixed
