@@ -5,8 +5,8 @@ exact rewrite) and run once on the input; a forward pre-hook on the site module 
 canonical q, k, v and the site's masking (bias, bool mask, key padding). Each requested method's
 site module is then built for that site (as `sparsify` would: same spec, same options, fresh
 state seeded by `--seed`), run once on the captured tensors, and asked for its layout through the
-method's own API: Combiner `build_layout`, routing `RoutingAttention.layout()`, SBM the CSR graph
-of that call (`last_graph`), Sparsefinder `predict()`. Every method therefore sees the
+method's own API: Combiner `build_layout`, routing `RoutingAttention.layout()`, SBM `sample()` (in eval the
+same seeded graph the call attended over), Sparsefinder `predict()`. Every method therefore sees the
 *original* model's q and k at that site (in a fully sparsified model later layers would see
 inputs changed by the earlier sparse layers).
 
@@ -175,7 +175,8 @@ def method_pairs(method: str, module, inputs: dict, row: int, head: int) -> tupl
                                   layout.fallback_key_range[row, h])
         return pairs, None
     if method == "sbm":
-        graph = module.last_graph  # the graph that forward call attended over
+        # the graph the eval call attended over: eval draws it from the site's seed, so sample() repeats it
+        graph = module.last_graph if module.last_graph is not None else module.sample(q, k, key_keep)
         return _csr_pairs(graph.row_ptr, graph.col_index, (row * Hq + head) * Lq, Lq, Lk), None
     if method == "sparsefinder":
         row_ptr, col_index, _ = module.predict(q, k, key_keep)

@@ -168,6 +168,7 @@ def make_site(case, clusters=4, seed=0):
     Hq, Hkv, Lq, Lk, causal, br, padding, has_bias, has_mask = CASES[case]
     torch.manual_seed(seed)
     site = SBMAttention(spec(Hq, Hkv, 6, causal, br, Lq), clusters=clusters).double()
+    site.keep_graph = True
     gen = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(2, Hq, Lq, 6, generator=gen, dtype=F64, requires_grad=True)
     k = torch.randn(2, Hkv, Lk, 6, generator=gen, dtype=F64, requires_grad=True)
@@ -318,6 +319,7 @@ def test_no_quadratic_tensor_forward_and_backward():
     L, D = 1024, 16
     torch.manual_seed(0)
     site = SBMAttention(spec(2, 2, D, causal=True, L=L), clusters=8)
+    site.keep_graph = True
     with torch.no_grad():
         site.phi[2].weight.zero_()
         site.phi[2].bias.fill_(1.0)
@@ -408,3 +410,14 @@ def test_bad_options_are_refused_before_capture(monkeypatch):
     args, kwargs = case.inputs(1, 8)
     with pytest.raises(ValueError, match="clusters=0"):
         attnpass.sparsify(case.build(), args, kwargs, method="sbm", clusters=0)
+
+
+def test_graphs_are_not_kept_between_calls_unless_asked():
+    """A long sequence's graph is hundreds of MB per site: by default a call does not keep it."""
+    site = SBMAttention(spec(), clusters=4).eval()
+    q = torch.randn(1, 2, 16, 8)
+    site(q, q, q)
+    assert site.last_graph is None
+    site.keep_graph = True
+    site(q, q, q)
+    assert site.last_graph is not None and site.last_graph.nnz > 0

@@ -62,6 +62,9 @@ class SBMAttention(SiteAttention):
         self.clusters = nn.Parameter(torch.randn(heads, self.num_clusters, dim) / math.sqrt(dim))
         self.phi = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         self._last_aux_loss: Tensor | None = None
+        # Set keep_graph to keep each call's graph in last_graph (for inspection and plots): off by
+        # default, since a long sequence's graph is hundreds of MB per site.
+        self.keep_graph = False
         self.last_graph: SBMGraph | None = None
 
     @classmethod
@@ -149,7 +152,7 @@ class SBMAttention(SiteAttention):
         offset = self.causal_offset(q, k) if causal else 0
         y_q, y_k, block = self.memberships(q, k, key_keep)
         graph = self._sample(q, k, y_q, y_k, block, key_keep, None)
-        self.last_graph = graph
+        self.last_graph = graph if self.keep_graph else None
 
         edge_bias = None
         if torch.is_grad_enabled() and self.clusters.requires_grad:

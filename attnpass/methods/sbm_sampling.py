@@ -166,12 +166,19 @@ def sample_graph(y_q: Tensor, y_k: Tensor, block: Tensor, generator: torch.Gener
     fallback = _fallback_keys(Lq, Lk, causal, causal_offset, key_keep)                  # (B or 1, Lq)
     fallback = fallback.repeat_interleave(heads, dim=0) if key_keep is not None else fallback.expand(N, -1)
     need = (~drew) & (fallback.reshape(-1) >= 0)
+    counts = row_ptr.diff()
+    edge_row = torch.repeat_interleave(torch.arange(N * Lq, device=row_ptr.device), counts, output_size=col_index.numel())
     if bool(need.any()):
+        # the rows that get a fallback edge have none, so it is an insertion into the CSR (no re-sort):
+        # each old edge moves by the number of fallback edges in the rows before its own
+        new_ptr = torch.cat([row_ptr.new_zeros(1), torch.cumsum(counts + need, 0)])
+        merged = col_index.new_empty(int(new_ptr[-1]))
+        merged[new_ptr[edge_row] + torch.arange(col_index.numel(), device=row_ptr.device) - row_ptr[edge_row]] = col_index
         extra_row = need.nonzero().squeeze(1)
-        row = torch.repeat_interleave(torch.arange(N * Lq, device=row_ptr.device), row_ptr.diff())
-        row_ptr, col_index = edges_from_pairs(torch.cat([row, extra_row]),
-                                              torch.cat([col_index, fallback.reshape(-1)[extra_row]]), N * Lq)
-    edge_row = torch.repeat_interleave(torch.arange(N * Lq, device=row_ptr.device), row_ptr.diff())
+        merged[new_ptr[extra_row]] = fallback.reshape(-1)[extra_row]
+        row_ptr, col_index = new_ptr, merged
+        edge_row = torch.repeat_interleave(torch.arange(N * Lq, device=row_ptr.device), row_ptr.diff(),
+                                           output_size=col_index.numel())
     return SBMGraph(row_ptr, col_index, edge_row, sampled=drew[edge_row])
 
 
