@@ -53,23 +53,15 @@ def inline_mha(gm: fx.GraphModule) -> tuple[list[fx.Node], dict[fx.Node, str]]:
     node left as it was, the reason. The caller runs dead-code elimination.
     """
     inlined, declined = [], {}
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is ENCODER_LAYER_FAST_PATH:
+    # fast-path layers first: lowering one leaves an F.multi_head_attention_forward call to inline
+    for target, replace in ((ENCODER_LAYER_FAST_PATH, _lower_encoder_layer), (MHA_FORWARD, _inline)):
+        for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]:
             try:
-                _lower_encoder_layer(gm, node)
+                replace(gm, node)
             except _Decline as reason:
                 declined[node] = str(reason)
                 continue
             inlined.append(node)
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not MHA_FORWARD:
-            continue
-        try:
-            _inline(gm, node)
-        except _Decline as reason:
-            declined[node] = str(reason)
-            continue
-        inlined.append(node)
     if inlined:
         gm.graph.lint()
         gm.recompile()

@@ -254,7 +254,6 @@ class _Problem:
     edge_id: Optional[Tensor]    # (n,) position of each allowed edge in the caller's col_index (None: all kept)
     dims: tuple             # (B, Hq, Hkv, Lq, Lk, D, Dv)
     row_ptr: Tensor         # (R + 1,) CSR over the ALLOWED edges
-    row: Tensor             # (n,) query row of each allowed edge
     col: Tensor             # (n,) key position of each allowed edge
     scale: float
     dropout_p: float
@@ -299,8 +298,8 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, 
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if validate:
         row = _check_edges(row_ptr, col_index, Lk)
-    else:
-        row = _edge_rows(row_ptr, col_index.numel())
+    elif causal or key_padding_mask is not None:
+        row = _edge_rows(row_ptr, col_index.numel())  # the rules below need each edge's row; tiles do not
 
     # Drop disallowed edges once, up front: afterwards every edge is live, so no -inf logits from
     # masking and no special cases in the normalisers. Filtering keeps the order, so it is CSR again.
@@ -327,7 +326,7 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, 
     return _Problem(
         q2=q.reshape(B * Hq * Lq, D), k2=k.reshape(B * Hkv * Lk, D), v2=v.reshape(B * Hkv * Lk, Dv),
         bias4=bias4, edge_bias=edge_bias, edge_id=edge_id, dims=(B, Hq, Hkv, Lq, Lk, D, Dv),
-        row_ptr=row_ptr, row=row, col=col,
+        row_ptr=row_ptr, col=col,
         scale=float(scale), dropout_p=float(dropout_p), dropout_seed=dropout_seed, normalizer=normalizer,
         # float32 accumulation for half types; float64 inputs stay float64 (exact tests, gradcheck).
         acc=torch.float64 if q.dtype == torch.float64 else torch.float32,
