@@ -49,6 +49,7 @@ from torch import Tensor
 
 from attnpass.lowering.cpu.common import broadcastable as _broadcastable
 from attnpass.lowering.cpu.common import check, dropout_keep
+from attnpass.lowering.triton.switch import triton_call, use_triton
 
 __all__ = ["NORMALIZERS", "edge_attention", "edges_from_pairs", "edges_to_dense_mask"]
 
@@ -502,6 +503,8 @@ def _forward_impl(
     *, scale: float, causal: bool, causal_offset: int, dropout_p: float,
     dropout_seed: Optional[int], normalizer: str,
 ) -> tuple[Tensor, Tensor]:
+    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
+        return triton_call("edge_forward", locals())
     p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
                  causal_offset=causal_offset, dropout_p=dropout_p, dropout_seed=dropout_seed,
                  normalizer=normalizer)
@@ -527,6 +530,8 @@ def _backward_impl(
     dropout_seed: Optional[int], normalizer: str, bias_grad: bool, edge_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dedge_bias); the last two are 0-element tensors unless asked for."""
+    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
+        return triton_call("edge_backward", locals())
     p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
                  causal_offset=causal_offset, dropout_p=dropout_p, dropout_seed=dropout_seed,
                  normalizer=normalizer, validate=False)

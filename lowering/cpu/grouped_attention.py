@@ -43,6 +43,7 @@ from torch import Tensor
 
 from attnpass.lowering.cpu.common import broadcastable as _broadcastable
 from attnpass.lowering.cpu.common import check, dropout_keep
+from attnpass.lowering.triton.switch import triton_call, use_triton
 
 __all__ = ["grouped_attention", "scatter_slots"]
 
@@ -482,6 +483,8 @@ def _forward_impl(
     key_range: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None, normalizer: str = "softmax",
 ) -> tuple[Tensor, Tensor]:
+    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
+        return triton_call("grouped_forward", locals())
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
                  pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
@@ -513,6 +516,8 @@ def _backward_impl(
     bias_grad: bool = False, summary_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dsummary_k, dsummary_v); ungrad'ed ones are empty (numel 0)."""
+    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
+        return triton_call("grouped_backward", locals())
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
                  pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
