@@ -4,16 +4,18 @@
     sparse = attnpass.sparsify(model, args=(input_ids,), kwargs={"attention_mask": mask}, method="dense")
 """
 from attnpass.api import NoAttentionFound, aux_loss, find_attention, sparsify
+from attnpass.calibrate import CalibrationReport, calibrate
 from attnpass.compile_backend import backend, explain
 from attnpass.capture import CaptureError
 from attnpass.cost_model import cost
+from attnpass.fidelity import FidelityReport, fidelity
 from attnpass.methods import METHODS
 from attnpass.methods.sparsefinder import sparsefinder_metrics
 from attnpass.site import AttentionReport, AttentionSite, SkippedSite
 from attnpass.sparse_module import SparseModel
 
 __all__ = [
-    "METHODS", "AttentionReport", "AttentionSite", "CaptureError", "NoAttentionFound", "SkippedSite",
-    "SparseModel", "aux_loss", "backend", "cost", "explain", "find_attention", "sparsefinder_metrics", "sparsify",
+    "METHODS", "AttentionReport", "CalibrationReport", "FidelityReport", "AttentionSite", "CaptureError", "NoAttentionFound", "SkippedSite",
+    "SparseModel", "aux_loss", "backend", "calibrate", "cost", "explain", "fidelity", "find_attention", "sparsefinder_metrics", "sparsify",
 ]
 __version__ = "0.1.0"

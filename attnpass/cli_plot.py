@@ -20,13 +20,13 @@ only through a region summary, pairs it leaves out, and pairs the site's own mas
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from attnpass import site_probe
 from attnpass.cli import (
     EXIT_CAPTURE,
     EXIT_OK,
@@ -58,88 +58,25 @@ CATEGORY_COLORS = {FORBIDDEN: "#d9d9d9", LEFT_OUT: "#ffffff", VIA_SUMMARY: "#9ec
 
 def capture_site_inputs(sparse_model, site_name: str, args: tuple, kwargs: dict) -> dict:
     """Run the (dense-rewritten) model once; return what its site module `site_name` was called with."""
-    import inspect
-
-    module = sparse_model.site_modules()[site_name]
-    signature = inspect.signature(module.forward)
-    captured = {}
-
-    def hook(_module, hook_args, hook_kwargs):
-        bound = signature.bind(*hook_args, **hook_kwargs)
-        bound.apply_defaults()
-        captured.update(bound.arguments)
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            sparse_model(*args, **kwargs)
-    finally:
-        handle.remove()
-    if not captured:
+    recorded = site_probe.record_site_inputs(sparse_model, args, kwargs)
+    if site_name not in recorded:
         raise CliError(f"site {site_name!r} was not called when the model ran on the example input", EXIT_CAPTURE)
-    return captured
+    return recorded[site_name]
 
 
 def allowed_pairs(site_module, inputs: dict, row: int, head: int) -> Tensor:
     """(Lq, Lk) bool: the pairs the site's own masking allows (causal, key padding, bool mask, -inf bias)."""
-    q, k = inputs["q"], inputs["k"]
-    B, Hq, Lq, _ = q.shape
-    Lk = k.shape[2]
-    allowed = torch.ones(Lq, Lk, dtype=torch.bool)
-    if site_module.spec.causal:
-        offset = site_module.causal_offset(q, k)
-        allowed &= torch.arange(Lk).view(1, Lk) <= torch.arange(Lq).view(Lq, 1) + offset
-    if inputs.get("key_keep") is not None:
-        allowed &= inputs["key_keep"][row].view(1, Lk).bool()
-    if inputs.get("mask") is not None:
-        allowed &= torch.broadcast_to(inputs["mask"], (B, Hq, Lq, Lk))[row, head].bool()
-    if inputs.get("bias") is not None:
-        allowed &= torch.broadcast_to(inputs["bias"], (B, Hq, Lq, Lk))[row, head] > -math.inf
-    return allowed
+    return site_probe.allowed_pairs(site_module, inputs)[row, head].cpu()
 
 
 def dense_probabilities(site_module, inputs: dict, row: int, head: int, allowed: Tensor) -> Tensor:
     """(Lq, Lk) float64 softmax probabilities of the site as the original model computes them."""
-    q, k = inputs["q"], inputs["k"]
-    B, Hq, Lq, _ = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    qh = q[row, head].double()
-    kh = k[row, head // (Hq // Hkv)].double()
-    scores = (qh @ kh.T) * site_module.scale(q)
-    if inputs.get("bias") is not None:
-        scores = scores + torch.broadcast_to(inputs["bias"], (B, Hq, Lq, Lk))[row, head].double()
-    scores = scores.masked_fill(~allowed, -math.inf)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)  # a row with no allowed key: zeros, as the kernels give
+    return site_probe.dense_probabilities(site_module, inputs)[row, head].cpu()
 
 
 # --------------------------------------------------------------------------------------------
 # Which pairs each method computes (from the method's layout API)
 # --------------------------------------------------------------------------------------------
-
-
-def _group_pairs(q_index: Tensor, k_index: Tensor, len_q: int, len_k: int, key_range: Tensor | None = None) -> Tensor:
-    """(Lq, Lk) bool from groups: every query slot of group g with every key slot of g (-1 = empty);
-    with key_range (G, Wq, 2), a query slot only with keys whose position is in [low, high]."""
-    out = torch.zeros(len_q, len_k, dtype=torch.bool)
-    G, Wq = q_index.shape
-    Wk = k_index.shape[1]
-    qi = q_index.view(G, Wq, 1).expand(G, Wq, Wk)
-    ki = k_index.view(G, 1, Wk).expand(G, Wq, Wk)
-    keep = (qi >= 0) & (ki >= 0)
-    if key_range is not None:
-        keep &= (ki >= key_range[..., :1]) & (ki <= key_range[..., 1:])
-    out[qi[keep], ki[keep]] = True
-    return out
-
-
-def _csr_pairs(row_ptr: Tensor, col_index: Tensor, first_row: int, len_q: int, len_k: int) -> Tensor:
-    out = torch.zeros(len_q, len_k, dtype=torch.bool)
-    start, stop = int(row_ptr[first_row]), int(row_ptr[first_row + len_q])
-    counts = row_ptr[first_row + 1:first_row + len_q + 1] - row_ptr[first_row:first_row + len_q]
-    rows = torch.repeat_interleave(torch.arange(len_q), counts)
-    out[rows, col_index[start:stop]] = True
-    return out
 
 
 def method_pairs(method: str, module, inputs: dict, row: int, head: int) -> tuple[Tensor, Tensor | None]:
@@ -148,40 +85,12 @@ def method_pairs(method: str, module, inputs: dict, row: int, head: int) -> tupl
     `module` has already run forward on `inputs` (so learned state such as routing centroids is
     initialised exactly as in that call).
     """
-    q, k, key_keep = inputs["q"], inputs["k"], inputs.get("key_keep")
-    Hq, Lq, D = q.shape[1], q.shape[2], q.shape[3]
-    Lk = k.shape[2]
-    if method == "dense":
-        return torch.ones(Lq, Lk, dtype=torch.bool), None
-    if method == "combiner":
-        from attnpass.methods.combiner import _default_block
-        from attnpass.methods.combiner_layout import build_layout
-
-        causal = module.spec.causal
-        offset = module.causal_offset(q, k) if causal else 0
-        block = module.block if module.block is not None else _default_block(Lq, Lk, D, module.variant)
-        layout = build_layout(module.variant, Lq, Lk, block, causal, offset, q.device)
-        direct = _group_pairs(layout.q_index, layout.k_index, Lq, Lk)
-        # Combiner reaches every allowed key exactly once: what is not direct goes through a summary
-        return direct, ~direct
-    if method == "routing":
-        layout = module.layout(q, k, key_keep)
-        if head < module.local_heads:
-            return _group_pairs(layout.local_q_index, layout.local_k_index, Lq, Lk), None
-        h = head - module.local_heads
-        pairs = _group_pairs(layout.q_index[row, h], layout.k_index[row, h], Lq, Lk)
-        if layout.fallback_q_index is not None:
-            pairs |= _group_pairs(layout.fallback_q_index[row, h], layout.fallback_k_index[row, h], Lq, Lk,
-                                  layout.fallback_key_range[row, h])
-        return pairs, None
-    if method == "sbm":
-        # the graph the eval call attended over: eval draws it from the site's seed, so sample() repeats it
-        graph = module.last_graph if module.last_graph is not None else module.sample(q, k, key_keep)
-        return _csr_pairs(graph.row_ptr, graph.col_index, (row * Hq + head) * Lq, Lq, Lk), None
-    if method == "sparsefinder":
-        row_ptr, col_index, _ = module.predict(q, k, key_keep)
-        return _csr_pairs(row_ptr, col_index, (row * Hq + head) * Lq, Lq, Lk), None
-    raise CliError(f"attnpass plot has no pair layout for method {method!r}")
+    if method != module.method_name:
+        raise CliError(f"attnpass plot: site module is {module.method_name!r}, not {method!r}")
+    computed, summaries = site_probe.computed_pairs(module, inputs)
+    computed = computed[row, head].cpu()
+    # Combiner reaches every allowed key exactly once: what is not direct goes through a summary
+    return computed, (None if summaries is None else ~computed)
 
 
 def categories(allowed: Tensor, computed: Tensor, via_summary: Tensor | None) -> Tensor:

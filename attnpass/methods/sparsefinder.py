@@ -2,6 +2,8 @@
 
 The site's normaliser becomes entmax-1.5 (alpha = 1.5), computed only over the (query, key) pairs
 a cheap predictor expects to be nonzero, with the CSR kernel `edge_attention(normalizer="entmax15")`.
+For a trained softmax model converted after the fact, `normalizer="softmax"` keeps the model's
+softmax and predicts instead the keys that hold most of each row's softmax mass (see `mass`).
 Each query head has learnable projections W_Q, W_K: head dim -> `rank` (nn.Parameters; GQA: the
 keys of kv head h // (Hq // Hkv) are projected with query head h's W_K). The predictors live in
 `sparsefinder_predict` (distance, quantization, clustering, plus window / first-token edges).
@@ -25,6 +27,11 @@ Options (validated before capture):
     window        local edges |anchor(i) - j| <= window in key space (default 1; None: none)
     first_token   edge to key 0 (default True)
     margin        hinge margin gamma (default 1.0)
+    normalizer    "entmax15" (default, the paper's) or "softmax": keep the site's softmax, over the
+                  predicted pairs only; the gold graph the projections learn is then the smallest
+                  set of each row's keys holding `mass` of its softmax probability
+    mass          share of a row's softmax probability its gold keys hold (normalizer="softmax";
+                  default 0.9)
     decay         EMA decay of the centroid updates (clustering) and of the calibrated distance
                   threshold (default 0.9)
 
@@ -58,10 +65,11 @@ from attnpass.methods.kmeans import _distributed
 from attnpass.methods.options import check_int, check_known, check_real
 
 _OPTIONS = ("predictor", "rank", "threshold", "bucket_size", "clusters", "top_clusters", "window",
-            "first_token", "margin", "decay")
+            "first_token", "margin", "decay", "normalizer", "mass")
 THRESHOLD_QUANTILE = 0.95
 DEFAULTS = dict(predictor="clustering", rank=4, threshold=None, bucket_size=16, clusters=16, top_clusters=2,
-                window=1, first_token=True, margin=1.0, decay=0.9)
+                window=1, first_token=True, margin=1.0, decay=0.9, normalizer="entmax15", mass=0.9)
+NORMALIZERS = ("entmax15", "softmax")
 
 
 def _fail(message: str, error: type = ValueError):
@@ -112,6 +120,8 @@ class SparsefinderAttention(SiteAttention):
         self.predictor: str = opts["predictor"]
         self.rank: int = int(opts["rank"])
         self.margin: float = float(opts["margin"])
+        self.normalizer: str = opts["normalizer"]
+        self.mass: float = float(opts["mass"])
         self._calibrate_threshold = opts["threshold"] is None
         if self.predictor == "distance":
             # +inf until calibrated: an untrained distance predictor keeps every pair (exact, not sparse)
@@ -157,6 +167,11 @@ class SparsefinderAttention(SiteAttention):
             check_real("sparsefinder", "margin", options["margin"], 0.0, math.inf, low_open=False)
         if "decay" in options:
             check_real("sparsefinder", "decay", options["decay"], 0.0, 1.0, low_open=False)
+        normalizer = options.get("normalizer", DEFAULTS["normalizer"])
+        if not isinstance(normalizer, str) or normalizer not in NORMALIZERS:
+            _fail(f"option normalizer={normalizer!r} must be one of {list(NORMALIZERS)}")
+        if "mass" in options:
+            check_real("sparsefinder", "mass", options["mass"], 0.0, 1.0, low_open=True, high_open=False)
         top, clusters = _top_clusters(options), options.get("clusters", DEFAULTS["clusters"])
         if top > clusters:
             _fail(f"option top_clusters={top} is more than clusters={clusters}")
@@ -170,8 +185,14 @@ class SparsefinderAttention(SiteAttention):
     def extra_repr(self) -> str:
         detail = {"distance": f"threshold={self.threshold:.4g}", "quantization": f"bucket_size={self.bucket_size}",
                   "clustering": f"clusters={self.clusters}, top_clusters={self.top_clusters}"}[self.predictor]
+        normalizer = "entmax15" if self.normalizer == "entmax15" else f"softmax, mass={self.mass:g}"
         return (f"{super().extra_repr()}, predictor={self.predictor}, rank={self.rank}, {detail}, "
-                f"window={self.window}, first_token={self.first_token}")
+                f"window={self.window}, first_token={self.first_token}, normalizer={normalizer}")
+
+    @property
+    def gold_rule(self) -> dict:
+        """How this site's gold graph is defined: `gold_pairs` keyword arguments (rule, mass)."""
+        return {"rule": "entmax15" if self.normalizer == "entmax15" else "mass", "mass": self.mass}
 
     @property
     def threshold(self) -> float:
@@ -279,7 +300,8 @@ class SparsefinderAttention(SiteAttention):
 
     def projection_loss(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None, bias: Tensor | None = None,
                         mask: Tensor | None = None, gold: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Hinge loss of the projections against the gold entmax-1.5 graph of (q, k) (both detached).
+        """Hinge loss of the projections against the gold graph of (q, k) (both detached): the
+        entmax-1.5 graph, or with normalizer="softmax" the keys holding `mass` of each row's softmax.
 
         Per query with at least one gold key and one sampled negative:
         relu(margin + mean_pos ||W_Q q - W_K k+||^2 - mean_neg ||W_Q q - W_K k-||^2). Negatives: one
@@ -297,7 +319,7 @@ class SparsefinderAttention(SiteAttention):
         causal, offset = self.spec.causal, self.causal_offset(q, k)
         if gold is None:
             gold = sp.gold_pairs(q, k, scale=self.scale(q), causal=causal, causal_offset=offset,
-                                 key_keep=key_keep, bias=bias, mask=mask)
+                                 key_keep=key_keep, bias=bias, mask=mask, **self.gold_rule)
         g_row, g_col = gold
         neg_row, neg_col = sp.sample_negatives(g_row, g_col, B=B, H=Hq, Lq=Lq, Lk=Lk, causal=causal,
                                                causal_offset=offset, key_keep=key_keep, bias=bias, mask=mask)
@@ -350,13 +372,13 @@ class SparsefinderAttention(SiteAttention):
         out, _ = edge_attention(
             q, k, v, row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
             causal_offset=self.causal_offset(q, k), key_padding_mask=key_keep, bias=kernel_bias,
-            dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer="entmax15")
+            dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer=self.normalizer)
         if self._collect_metrics:
             self.last_metrics = sp.graph_metrics(
                 q.detach(), k.detach(), row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
                 causal_offset=self.causal_offset(q, k), key_keep=key_keep,
                 bias=None if bias is None else bias.detach(), mask=mask,
-                predictor_ops=self.predictor_ops(q, k, candidates))
+                predictor_ops=self.predictor_ops(q, k, candidates), **self.gold_rule)
         elif self.training:
             self._last_aux_loss = self.projection_loss(q, k, key_keep, None if bias is None else bias.detach(), mask)
             if self.predictor == "clustering":

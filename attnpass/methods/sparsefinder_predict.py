@@ -320,15 +320,24 @@ def _row_blocks(B: int, H: int, Lq: int, Lk: int):
                     yield b, h, h + 1, i0, min(i0 + rows, Lq)
 
 
-def gold_pairs(q: Tensor, k: Tensor, *, scale: float, causal: bool = False, causal_offset: int = 0,
-               key_keep: Tensor | None = None, bias: Tensor | None = None, mask: Tensor | None = None
-               ) -> tuple[Tensor, Tensor]:
-    """(row, col) pairs, sorted, with nonzero entmax-1.5 probability over the allowed keys (no grad).
+GOLD_RULES = ("entmax15", "mass")
 
-    Row threshold: with x = score / 2 sorted descending, tau_r = mean_r - sqrt((1 - ss_r) / r) over
-    the top r, support = largest r with tau_r <= x_r; gold = allowed and x > tau. Done on blocks of
-    query rows (whole heads when short) in float64: O(_CHUNK_ELEMENTS) memory, never Lq x Lk at once.
+
+def gold_pairs(q: Tensor, k: Tensor, *, scale: float, causal: bool = False, causal_offset: int = 0,
+               key_keep: Tensor | None = None, bias: Tensor | None = None, mask: Tensor | None = None,
+               rule: str = "entmax15", mass: float = 0.9) -> tuple[Tensor, Tensor]:
+    """(row, col) pairs, sorted, of the gold graph of (q, k) over the allowed keys (no grad).
+
+    rule "entmax15": the pairs with nonzero entmax-1.5 probability. Row threshold: with
+    x = score / 2 sorted descending, tau_r = mean_r - sqrt((1 - ss_r) / r) over the top r,
+    support = largest r with tau_r <= x_r; gold = allowed and x > tau.
+    rule "mass" (a softmax model kept softmax): the smallest set of each row's keys holding at least
+    `mass` of the row's softmax probability (its most probable keys, taken in order).
+    Done on blocks of query rows (whole heads when short) in float64: O(_CHUNK_ELEMENTS) memory,
+    never Lq x Lk at once.
     """
+    if rule not in GOLD_RULES:
+        raise ValueError(f"gold graph rule {rule!r} must be one of {list(GOLD_RULES)}")
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -353,8 +362,11 @@ def gold_pairs(q: Tensor, k: Tensor, *, scale: float, causal: bool = False, caus
             if mask_c is not None:
                 allowed &= mask_c
             allowed &= x > -math.inf  # a -inf bias masks too
-            tau = _entmax15_threshold(x, allowed)
-            hit = allowed & (x > tau.unsqueeze(-1))
+            if rule == "mass":
+                hit = allowed & _top_mass(x, allowed, mass)
+            else:
+                tau = _entmax15_threshold(x, allowed)
+                hit = allowed & (x > tau.unsqueeze(-1))
             hh, i, j = hit.nonzero(as_tuple=True)
             rows.append((b * Hq + h0 + hh) * Lq + i0 + i)
             cols.append(j)
@@ -362,6 +374,15 @@ def gold_pairs(q: Tensor, k: Tensor, *, scale: float, causal: bool = False, caus
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         return empty, empty
     return torch.cat(rows), torch.cat(cols)
+
+
+def _top_mass(half_scores: Tensor, allowed: Tensor, mass: float) -> Tensor:
+    """(..., Lk) bool: each row's most probable keys (softmax over the allowed ones) until their
+    probabilities sum to at least `mass`; the key that crosses the line is included."""
+    probs = torch.softmax(torch.where(allowed, 2.0 * half_scores, -torch.inf), dim=-1).nan_to_num(0.0)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    before = ordered.cumsum(-1) - ordered  # mass of the keys ranked above each key
+    return torch.zeros_like(allowed).scatter_(-1, order, before < mass)
 
 
 def _entmax15_threshold(x: Tensor, allowed: Tensor) -> Tensor:
@@ -502,8 +523,8 @@ def predictor_flops(predictor: str, *, Lq: int, Lk: int, head_dim: int, rank: in
 def graph_metrics(q: Tensor, k: Tensor, row_ptr: Tensor, col_index: Tensor, *, scale: float, causal: bool = False,
                   causal_offset: int = 0, key_keep: Tensor | None = None, bias: Tensor | None = None,
                   mask: Tensor | None = None, predictor_ops: float = 0.0,
-                  gold: tuple[Tensor, Tensor] | None = None) -> GraphMetrics:
-    """Metrics of a predicted CSR graph against the gold entmax-1.5 graph of (q, k).
+                  gold: tuple[Tensor, Tensor] | None = None, rule: str = "entmax15", mass: float = 0.9) -> GraphMetrics:
+    """Metrics of a predicted CSR graph against the gold graph of (q, k) (`gold_pairs` rule/mass).
 
     `predictor_ops` is the projection + predictor FLOPs of the whole call (all heads and batch
     rows); the attention over the predicted pairs is added here. `gold`: the `gold_pairs` of these
@@ -517,7 +538,7 @@ def graph_metrics(q: Tensor, k: Tensor, row_ptr: Tensor, col_index: Tensor, *, s
     pred_key = pred_row[ok] * Lk + col_index[ok]  # sorted (CSR, columns sorted per row)
     if gold is None:
         gold = gold_pairs(q, k, scale=scale, causal=causal, causal_offset=causal_offset, key_keep=key_keep,
-                          bias=bias, mask=mask)
+                          bias=bias, mask=mask, rule=rule, mass=mass)
     g_row, g_col = gold
     g_key = g_row * Lk + g_col
     pos = torch.searchsorted(pred_key, g_key).clamp(max=max(pred_key.numel() - 1, 0))
