@@ -11,11 +11,12 @@ from attnpass.cost_model import cost
 from attnpass.fidelity import FidelityReport, fidelity
 from attnpass.methods import METHODS
 from attnpass.methods.sparsefinder import sparsefinder_metrics
+from attnpass.onnx_export import export_onnx
 from attnpass.site import AttentionReport, AttentionSite, SkippedSite
 from attnpass.sparse_module import SparseModel
 
 __all__ = [
     "METHODS", "AttentionReport", "CalibrationReport", "FidelityReport", "AttentionSite", "CaptureError", "NoAttentionFound", "SkippedSite",
-    "SparseModel", "aux_loss", "backend", "calibrate", "cost", "explain", "fidelity", "find_attention", "sparsefinder_metrics", "sparsify",
+    "SparseModel", "aux_loss", "backend", "calibrate", "cost", "explain", "export_onnx", "fidelity", "find_attention", "sparsefinder_metrics", "sparsify",
 ]
 __version__ = "0.1.0"

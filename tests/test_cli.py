@@ -326,11 +326,12 @@ def test_bench_table_and_progress_bar(capsys):
 
 
 def test_export_is_not_available(models, tmp_path, capsys):
+    # export itself is tested in tests/test_onnx_export.py; a method without an ONNX lowering exits 4
     onnx_file = tmp_path / "model.onnx"
-    code, out, err = run(capsys, "export", target(models, "bert"), "--method", "combiner", "-o", onnx_file)
+    code, out, err = run(capsys, "export", target(models, "bert"), "--method", "sbm", "-o", onnx_file)
     assert code == cli.EXIT_UNAVAILABLE
     assert out == "" and err.count("\n") == 1
-    assert "ONNX exporter (attnpass.export_onnx) is not available in this version" in err
+    assert "method 'sbm' cannot be exported to ONNX in this version" in err
     assert not onnx_file.exists()
 
 

@@ -1,0 +1,132 @@
+"""ONNX lowering: attnpass ops as custom-domain nodes with model-local function bodies.
+
+One node per rewritten attention site, of domain ``attnpass`` (version 1):
+
+==============================  ==========================  ====================================
+method                          node                        body (standard ONNX ops)
+==============================  ==========================  ====================================
+dense                           ``attnpass.Attention``      dense scores (L x L: dense by
+                                                            definition), masked softmax
+combiner (variant "fixed")      ``attnpass.Combiner``       blocks of ``block`` keys + one
+                                                            summary per block, no L x L tensor
+routing (no local heads)        ``attnpass.Routing``        trained centroids (an initializer):
+                                                            TopK members, per-cluster MatMul,
+                                                            ScatterND mean, NonZero orphans'
+                                                            local windows; no L x L tensor
+sbm, sparsefinder,              -                           not lowered yet: export_onnx raises
+combiner axial / logsparse,                                 a clear error (see docs/onnx.md)
+routing local_heads > 0
+==============================  ==========================  ====================================
+
+Why method-level nodes for Combiner and routing rather than one node per kernel call: a Combiner site calls
+the grouped kernel more than once (summary values, then the main call) and builds its layout with
+host-side integer code (block = round(sqrt(L)), bucket tables) that torch.export cannot keep
+symbolic; one ``attnpass.Combiner`` node per site whose body derives the layout from the run-time
+shapes keeps the file dynamic in L and the node count equal to the site count. Routing likewise
+calls the kernel twice (clusters, then the orphans' windows) and sizes its fallback with host-side
+`int(...)` reads; its node takes the centroids as an input.
+
+`translation_table()` is the exporter's ``custom_translation_table``; `bind_export_forward(module)`
+makes a site module call its export op; `attach_functions(model)` appends the bodies.
+"""
+from __future__ import annotations
+
+from attnpass.lowering.onnx.common import DOMAIN, DOMAIN_VERSION, ONNX_OPSET
+
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "bind_export_forward", "check_method",
+           "needs_first_call", "translation_table"]
+
+_NOT_LOWERED = {
+    "sbm": "its eval graph is sampled from a seeded torch.Generator (Poisson counts, inverse-CDF endpoints), which "
+           "ONNX cannot reproduce, and no deterministic inference rule is implemented yet",
+    "sparsefinder": "its predicted graph (bucketing / clustering / distance on the learned projections) and the "
+                    "entmax-1.5 edge kernel have no ONNX body yet",
+}
+
+
+def check_method(method: str, options: dict) -> None:
+    """Raise if `method` (with `options`) has no ONNX lowering, saying why."""
+    if method in _NOT_LOWERED:
+        raise NotImplementedError(f"export_onnx: method {method!r} cannot be exported to ONNX in this version: "
+                                  f"{_NOT_LOWERED[method]}; methods that export: 'dense', 'combiner' (variant 'fixed'), 'routing' (no local heads)")
+    if method == "combiner":
+        from attnpass.lowering.onnx.combiner import check_options
+
+        check_options(options)
+    elif method == "routing":
+        from attnpass.lowering.onnx.routing import check_options
+
+        check_options(options)
+    elif method != "dense":
+        raise ValueError(f"export_onnx: unknown method {method!r}")
+
+
+def bind_export_forward(module) -> None:
+    """Make a site module (of a private copy) call its method's export op."""
+    if module.method_name == "dense":
+        return  # already one attnpass::attention call
+    if module.method_name == "combiner":
+        from attnpass.lowering.onnx.combiner import bind
+
+        bind(module)
+        return
+    if module.method_name == "routing":
+        from attnpass.lowering.onnx.routing import bind
+
+        bind(module)
+        return
+    check_method(module.method_name, {})
+
+
+def needs_first_call(module) -> bool:
+    """A site whose state the first call initialises (routing's centroids, from that call's tokens)."""
+    kmeans = getattr(module, "kmeans", None) if module.method_name == "routing" else None
+    return kmeans is not None and not bool(kmeans.initialized)
+
+
+def translation_table() -> dict:
+    import torch
+
+    import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+    from attnpass.lowering.onnx.combiner import translate_combiner
+    from attnpass.lowering.onnx.dense import translate_attention
+    from attnpass.lowering.onnx.routing import translate_routing
+
+    return {
+        torch.ops.attnpass.attention.default: translate_attention,
+        torch.ops.attnpass.combiner.default: translate_combiner,
+        torch.ops.attnpass.routing.default: translate_routing,
+    }
+
+
+def _all_functions():
+    from attnpass.lowering.onnx import combiner, dense, routing
+
+    return {(f.function_ir.domain, f.name): f for f in (*dense.FUNCTIONS, *combiner.FUNCTIONS, *routing.FUNCTIONS)}
+
+
+def attach_functions(model):
+    """Append the bodies of the attnpass ops `model` (a ModelProto) uses, and their helpers, as
+    model-local functions, and import the attnpass domain. Returns the model."""
+    import onnx
+
+    versions = {o.domain: o.version for o in model.opset_import}
+    if versions.get("", ONNX_OPSET) != ONNX_OPSET:
+        raise RuntimeError(f"export_onnx: the exported model uses ONNX opset {versions['']}, but the attnpass "
+                           f"function bodies are written for opset {ONNX_OPSET}")
+    available = _all_functions()
+    needed, todo = {}, [n.op_type for n in model.graph.node if n.domain == DOMAIN]
+    while todo:
+        name = todo.pop()
+        if (DOMAIN, name) in needed:
+            continue
+        if (DOMAIN, name) not in available:
+            raise RuntimeError(f"export_onnx: no ONNX function body for node {DOMAIN}.{name}")
+        proto = available[(DOMAIN, name)].to_function_proto()
+        needed[(DOMAIN, name)] = proto
+        todo.extend(n.op_type for n in proto.node if n.domain == DOMAIN)
+    present = {(fn.domain, fn.name) for fn in model.functions}
+    model.functions.extend(p for key, p in needed.items() if key not in present)
+    if DOMAIN not in versions:
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return model

@@ -1,0 +1,390 @@
+"""`attnpass.export_onnx`: ONNX files with one attnpass custom node per site that plain onnxruntime runs.
+
+What is pinned down:
+- for BERT, GPT-2, Llama (GQA) configs and the real all-MiniLM-L6-v2, with dense, Combiner and
+  routing (its trained centroids: the model's own after its first call): the written file has one
+  ``attnpass`` node per site (and no other op of that domain), carries the bodies as model-local
+  functions, passes ``check_model(full_check=True)``, runs in onnxruntime at two sequence lengths
+  (and batches) other than the export's, and matches the PyTorch rewritten model within 1e-4
+  (max relative);
+- the node bodies alone against the PyTorch ops on random inputs in float64 (causal with an
+  offset, bias, mask, key padding, GQA, explicit and default block, L not a multiple of the block,
+  routing's fallback windows);
+- no L x L tensor in the Combiner and routing exports: every intermediate's run-time shape at two
+  lengths (all functions inlined, every value made an output), and the shapes ONNX shape inference
+  resolves, have at most one axis growing with L (the same check finds the dense export's scores);
+- export leaves the user's model (state, mode) unchanged, takes a SparseModel as it is, refuses
+  methods without a lowering with a clear error, and the `attnpass export` command drives it.
+"""
+from __future__ import annotations
+
+import copy
+import textwrap
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx.inliner
+import onnxruntime as ort
+import pytest
+import torch
+
+import attnpass
+import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+from attnpass import cli
+import attnpass.lowering.onnx.combiner  # noqa: F401 - registers torch.ops.attnpass.combiner
+import attnpass.lowering.onnx.routing  # noqa: F401 - registers torch.ops.attnpass.routing
+from attnpass.lowering.onnx.common import DOMAIN, DOMAIN_VERSION, ONNX_OPSET
+from helpers import max_relative_error, same_state, snapshot
+from zoo import by_name
+
+CASES = ["bert-sdpa", "gpt2-sdpa", "llama-eager", "minilm-l6-v2-sdpa"]
+METHODS = ["dense", "combiner", "routing"]
+NODE = {"dense": "Attention", "combiner": "Combiner", "routing": "Routing"}
+EXPORT_SIZE = (2, 12)
+RUN_SIZES = [(3, 16), (1, 40)]
+
+
+def session(proto: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def feeds(sess: ort.InferenceSession, kwargs: dict) -> dict:
+    return {i.name: kwargs[i.name].numpy() for i in sess.get_inputs()}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(case, method) -> (written file, the PyTorch rewritten model in eval mode), exported once."""
+    folder = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name in CASES:
+        case = by_name(name)
+        model = case.build()
+        args, kwargs = case.inputs(*EXPORT_SIZE)
+        for method in METHODS:
+            path = folder / f"{name}-{method}.onnx"
+            sparse = attnpass.sparsify(model, args, kwargs, method=method).eval()
+            if method == "routing":
+                # centroids are initialised by the first call (from torch's RNG): export this model
+                # as it is, so the file holds the very centroids the reference uses
+                with torch.no_grad():
+                    sparse(*args, **kwargs)
+                attnpass.export_onnx(sparse, args, kwargs, f=path)
+            else:  # the plain-model path: export_onnx sparsifies its own copy
+                attnpass.export_onnx(model, args, kwargs, f=path, method=method)
+            out[name, method] = path, sparse
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# whole models
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", CASES)
+def test_file_has_one_custom_node_per_site_and_their_bodies(exported, name, method):
+    path, sparse = exported[name, method]
+    proto = onnx.load(path)
+    custom = Counter(n.op_type for n in proto.graph.node if n.domain == DOMAIN)
+    assert custom == {NODE[method]: by_name(name).attention_count} == {NODE[method]: len(sparse.site_modules())}
+    functions = {(f.domain, f.name): f for f in proto.functions}
+    assert (DOMAIN, NODE[method]) in functions
+    for f in functions.values():  # bodies: standard ops, or helper functions that are themselves in the file
+        assert all(n.domain in ("", "ai.onnx") or (n.domain, n.op_type) in functions for n in f.node)
+    imports = {o.domain: o.version for o in proto.opset_import}
+    assert imports[DOMAIN] == DOMAIN_VERSION and imports[""] == ONNX_OPSET
+    onnx.checker.check_model(proto, full_check=True)
+    node = next(n for n in proto.graph.node if n.domain == DOMAIN)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["causal"] == int(name.startswith(("gpt2", "llama")))
+    spec = next(iter(sparse.site_modules().values())).spec
+    assert attrs["scale"] == pytest.approx(spec.scale if spec.scale is not None else spec.head_dim ** -0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", CASES)
+def test_onnxruntime_matches_the_rewritten_model_at_other_sizes(exported, name, method):
+    path, sparse = exported[name, method]
+    sess = session(onnx.load(path))
+    case = by_name(name)
+    for batch, length in RUN_SIZES:
+        args, kwargs = case.inputs(batch, length)
+        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
+        with torch.no_grad():
+            expected = sparse(*args, **kwargs)
+        assert max_relative_error(got, expected) < 1e-4, (name, method, batch, length)
+
+
+# --------------------------------------------------------------------------------------------
+# no L x L tensor
+# --------------------------------------------------------------------------------------------
+
+
+def _with_every_value_as_output(proto: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.inliner.inline_local_functions(proto)
+    have = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in have:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
+                have.add(name)
+    return model
+
+
+def runtime_shapes(proto: onnx.ModelProto, kwargs: dict) -> dict[str, tuple]:
+    """The shape of every intermediate value (functions inlined) in one onnxruntime run."""
+    sess = session(_with_every_value_as_output(proto), optimize=False)
+    values = sess.run(None, feeds(sess, kwargs))
+    return {o.name: np.shape(v) for o, v in zip(sess.get_outputs(), values)}
+
+
+def inferred_shapes(proto: onnx.ModelProto, batch: int, length: int) -> dict[str, tuple]:
+    """ONNX shape inference (with data propagation) at concrete input sizes; unknown dims are None."""
+    model = onnx.inliner.inline_local_functions(proto)
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        dims[0].dim_value, dims[1].dim_value = batch, length
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    out = {}
+    for value in list(model.graph.value_info) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        out[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return out
+
+
+def square_values(short: dict, long: dict, lengths: tuple[int, int]) -> list[str]:
+    """Values with two axes that grow with L and are >= L at both lengths (an L x L tensor)."""
+    found = []
+    for name in short.keys() & long.keys():
+        a, b = short[name], long[name]
+        if len(a) != len(b):
+            continue
+        growing = [i for i in range(len(a)) if a[i] is not None and b[i] is not None
+                   and a[i] >= lengths[0] and b[i] >= lengths[1] and b[i] > a[i]]
+        if len(growing) >= 2:
+            found.append(f"{name} {a} -> {b}")
+    return found
+
+
+# Routing's fallback windows hold min(local_window, L) keys (64 by default): below that length a
+# window is every key, by design, so routing is checked at lengths above it (MiniLM takes 512).
+@pytest.mark.parametrize("name,lengths,methods", [
+    ("gpt2-sdpa", (24, 40), ("combiner",)),
+    ("minilm-l6-v2-sdpa", (72, 96), ("combiner", "routing")),
+])
+def test_no_square_tensor_in_the_sparse_exports(exported, name, lengths, methods):
+    case = by_name(name)
+    for method, expect_square in [(m, False) for m in methods] + [("dense", True)]:
+        proto = onnx.load(exported[name, method][0])
+        run = [runtime_shapes(proto, case.inputs(2, n)[1]) for n in lengths]
+        found = square_values(*run, lengths)
+        assert bool(found) == expect_square, (method, found[:5])
+        inferred = [inferred_shapes(proto, 2, n) for n in lengths]
+        assert len(inferred[0]) > 50
+        if not expect_square:
+            assert square_values(*inferred, lengths) == []
+
+
+# --------------------------------------------------------------------------------------------
+# the node bodies against the PyTorch ops (float64, one node per model)
+# --------------------------------------------------------------------------------------------
+
+
+def single_node_model(node_op, inputs: dict, attributes: dict) -> onnx.ModelProto:
+    """A model with one attnpass node fed by graph inputs, plus the bodies as local functions."""
+    from attnpass.lowering.onnx import attach_functions
+
+    elem = {np.dtype("float64"): onnx.TensorProto.DOUBLE, np.dtype("bool"): onnx.TensorProto.BOOL,
+            np.dtype("int64"): onnx.TensorProto.INT64}
+    graph_inputs = [onnx.helper.make_tensor_value_info(k, elem[v.dtype], v.shape) for k, v in inputs.items()]
+    node = onnx.helper.make_node(node_op, list(inputs), ["out"], domain=DOMAIN, **attributes)
+    graph = onnx.helper.make_graph([node], "one_node", graph_inputs,
+                                   [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.DOUBLE, [None] * 4)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", ONNX_OPSET)])
+    model = attach_functions(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+# ONNX float attributes are float32: scales exactly representable in float32 keep float64 exact.
+def random_qkv(seed: int, B: int, hq: int, hkv: int, lq: int, lk: int, d: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, hq, lq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, hkv, lk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(B, hkv, lk, d + 2, generator=g, dtype=torch.float64)
+    keep = torch.ones(B, lk, dtype=torch.bool)
+    keep[-1, lk - lk // 3:] = False
+    keep[0, 1] = False
+    return g, q, k, v, keep
+
+
+@pytest.mark.parametrize("causal,offset,hkv,with_bias,with_mask", [
+    (False, 0, 4, False, False), (True, 0, 2, True, False), (True, 3, 1, False, True), (True, -2, 4, True, True),
+])
+def test_attention_node_equals_the_dense_op(causal, offset, hkv, with_bias, with_mask):
+    lq, lk = 7, 7 + max(offset, 0)
+    g, q, k, v, keep = random_qkv(1, 2, 4, hkv, lq, lk)
+    bias = torch.randn(1, 4, lq, lk, generator=g, dtype=torch.float64) if with_bias else torch.zeros((), dtype=torch.float64)
+    mask = torch.rand(2, 1, lq, lk, generator=g) > 0.3 if with_mask else torch.ones((), dtype=torch.bool)
+    expected = torch.ops.attnpass.attention(q, k, v, bias if with_bias else None, mask if with_mask else None, keep,
+                                            0.375, causal, offset, 0.0, 0)
+    inputs = dict(q=q, k=k, v=v, bias=bias, mask=mask, key_keep=keep, causal_offset=torch.tensor(offset))
+    inputs = {name: t.numpy() for name, t in inputs.items()}
+    model = single_node_model("Attention", inputs, dict(scale=0.375, causal=int(causal)))
+    got = session(model).run(None, inputs)[0]
+    assert np.abs(got - expected.numpy()).max() < 1e-12
+
+
+@pytest.mark.parametrize("length,block,causal,hkv", [
+    (13, 0, False, 4), (13, 0, True, 2), (20, 6, False, 1), (20, 6, True, 4), (5, 9, True, 4), (30, 1, False, 2),
+])
+def test_combiner_node_equals_the_pytorch_combiner(length, block, causal, hkv):
+    _, q, k, v, keep = random_qkv(2, 2, 4, hkv, length, length)
+    expected = torch.ops.attnpass.combiner(q, k, v, keep, 0.25, causal, block, "fixed")
+    inputs = {name: t.numpy() for name, t in dict(q=q, k=k, v=v, key_keep=keep).items()}
+    model = single_node_model("Combiner", inputs, dict(scale=0.25, causal=int(causal), block=block))
+    got = session(model).run(None, inputs)[0]
+    assert np.abs(got - expected.numpy()).max() < 1e-12
+
+
+@pytest.mark.parametrize("causal,cross,hkv,with_bias,with_mask,window", [
+    (False, False, 4, False, False, 64), (True, False, 2, True, False, 3), (False, True, 1, False, True, 2),
+    (True, True, 4, True, True, 4),
+])
+def test_routing_node_equals_the_pytorch_routing(causal, cross, hkv, with_bias, with_mask, window):
+    from attnpass.methods.base import SiteSpec
+    from attnpass.methods.routing import RoutingAttention
+
+    lq, lk = (9, 14) if cross else (17, 17)
+    g, q, k, v, keep = random_qkv(3, 2, 4, hkv, lq, lk)
+    bias = torch.randn(2, 1, lq, lk, generator=g, dtype=torch.float64) if with_bias else None
+    mask = torch.rand(1, 4, lq, lk, generator=g) > 0.2 if with_mask else None
+    centroids = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+    expected = torch.ops.attnpass.routing(q, k, v, bias, mask, keep, centroids, 0.25, causal, cross, cross, window)
+    # the case reaches the fallback: some query is in no filled cluster row
+    site = RoutingAttention(SiteSpec(name="t", scale=0.25, causal=causal, causal_bottom_right=cross, heads_q=4,
+                                     heads_kv=hkv, head_dim=8, cross=cross), clusters=3, local_window=window).eval()
+    site.kmeans.centroids.copy_(centroids)
+    site.kmeans.initialized.fill_(True)
+    assert (site.layout(q, k, keep).fallback_q_index >= 0).any()
+    assert torch.equal(site(q, k, v, bias, mask, keep), expected)
+
+    inputs = dict(q=q, k=k, v=v, bias=torch.zeros(1, 1, 1, 1, dtype=torch.float64) if bias is None else bias,
+                  mask=torch.ones(1, 1, 1, 1, dtype=torch.bool) if mask is None else mask, key_keep=keep,
+                  query_keep=torch.ones(2, lq, dtype=torch.bool) if cross else keep, centroids=centroids)
+    inputs = {name: t.numpy() for name, t in inputs.items()}
+    model = single_node_model("Routing", inputs, dict(scale=0.25, causal=int(causal), bottom_right=int(cross),
+                                                      local_window=window))
+    got = session(model).run(None, inputs)[0]
+    assert np.abs(got - expected.numpy()).max() < 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# the caller's model, SparseModel input, errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert():
+    case = by_name("bert-eager")
+    model = case.build()
+    return case, model, *case.inputs(*EXPORT_SIZE)
+
+
+def test_export_leaves_the_model_unchanged_and_takes_a_sparse_model_as_is(bert, tmp_path):
+    case, model, args, kwargs = bert
+    model.train()
+    before = snapshot(model)
+    sparse = attnpass.sparsify(model, args, kwargs, method="combiner", block=3)  # train mode, block given
+    sparse_before = snapshot(sparse)
+    proto = attnpass.export_onnx(sparse, args, kwargs, f=tmp_path / "m.onnx")
+    assert model.training and same_state(model, before)
+    assert sparse.training and same_state(sparse, sparse_before)
+    node = next(n for n in proto.graph.node if n.domain == DOMAIN)
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["block"] == 3
+    sess = session(onnx.load(tmp_path / "m.onnx"))
+    args, kwargs = case.inputs(2, 20)
+    with torch.no_grad():
+        expected = copy.deepcopy(sparse).eval()(*args, **kwargs)
+    assert max_relative_error([torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))], expected) < 1e-4
+    model.eval()
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("routing", {"local_heads": 2}, "routing with local_heads > 0 cannot be exported"),
+    ("sbm", {}, "method 'sbm' cannot be exported to ONNX"),
+    ("sparsefinder", {}, "method 'sparsefinder' cannot be exported to ONNX"),
+    ("combiner", {"variant": "axial"}, "combiner variant 'axial' cannot be exported"),
+])
+def test_methods_without_a_lowering_are_refused_clearly(bert, method, options, message):
+    _, model, args, kwargs = bert
+    with pytest.raises(NotImplementedError, match=message):
+        attnpass.export_onnx(model, args, kwargs, method=method, **options)
+
+
+def test_sparse_model_with_another_method_or_options_is_refused(bert):
+    _, model, args, kwargs = bert
+    sparse = attnpass.sparsify(model, args, kwargs, method="dense")
+    with pytest.raises(ValueError, match="rewritten with method 'dense' and method='combiner'"):
+        attnpass.export_onnx(sparse, args, kwargs, method="combiner")
+    with pytest.raises(ValueError, match=r"options \['block'\] apply when sparsifying"):
+        attnpass.export_onnx(sparse, args, kwargs, block=4)
+
+
+def test_static_routing_export_of_a_fresh_model(bert):
+    # a never-run routing model: export initialises the centroids of its own copy from the example
+    case, model, args, kwargs = bert
+    model.train()
+    before = snapshot(model)
+    proto = attnpass.export_onnx(model, args, kwargs, method="routing", dynamic=False)
+    assert model.training and same_state(model, before)
+    model.eval()
+    dims = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
+    assert dims == [list(EXPORT_SIZE)] * 2
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    centroids = [initializers[n.input[7]] for n in proto.graph.node if n.domain == DOMAIN]  # stored in the file
+    assert len(centroids) == 2 and all(c.shape[::2] == (4, 8) and np.abs(c).sum() > 0 for c in centroids)
+    sess = session(proto)
+    assert np.isfinite(sess.run(None, feeds(sess, kwargs))[0]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+CLI_MODELS = textwrap.dedent('''
+    import torch
+    import transformers
+
+
+    def gpt2():
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        ids = torch.randint(0, 50, (2, 20))
+        return transformers.GPT2Model(cfg).eval(), (ids,), {"use_cache": False}
+''')
+
+
+def test_cli_export_writes_a_file_onnxruntime_runs(tmp_path, capsys):
+    (tmp_path / "cli_onnx_models.py").write_text(CLI_MODELS)
+    target = f"{tmp_path / 'cli_onnx_models.py'}:gpt2"
+    out_file = tmp_path / "gpt2.onnx"
+    code = cli.main(["export", target, "--method", "combiner", "--opt", "block=4", "-o", str(out_file)])
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_OK, err
+    assert f"wrote {out_file}: GPT2Model, method combiner, 2 attnpass.Combiner node(s)" in out
+    sess = session(onnx.load(out_file))
+    ids = torch.randint(0, 50, (3, 33))
+    (hidden,) = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})
+    assert hidden.shape == (3, 33, 32) and np.isfinite(hidden).all()
+
+    code = cli.main(["export", target, "--method", "sbm", "-o", str(tmp_path / "sbm.onnx")])
+    _, err = capsys.readouterr()
+    assert code == cli.EXIT_UNAVAILABLE
+    assert "method 'sbm' cannot be exported to ONNX" in err and "nothing was written" in err
+    assert not (tmp_path / "sbm.onnx").exists()
