@@ -188,6 +188,16 @@ def grouped_forward(q, k, v, q_index, k_index, key_padding_mask=None, bias=None,
     return out, row_stat
 
 
+def _grad_buffers(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, acc: torch.dtype):
+    """Zeroed accumulators (dq, dk, dv, dbias or None) in `acc` for the atomic-add backward
+    kernels, and dbias's strides broadcast to (B, Hq, Lq, Lk)."""
+    dev = q.device
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=dev) for t in (q, k, v))
+    dbias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=dev)
+    _, db = _broadcast_strides(dbias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    return dq, dk, dv, dbias, db
+
+
 def grouped_backward(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, key_padding_mask=None,
                      bias=None, summary_k=None, summary_v=None, summary_mask=None, pair_mask=None,
                      key_range=None, *, scale, causal=False, causal_offset=0, dropout_p=0.0,
@@ -208,11 +218,7 @@ def grouped_backward(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, k
     acc, dev = _acc(q), q.device
     bias_grad = bool(bias_grad) and bias is not None
     summary_grad = bool(summary_grad) and summary_k is not None
-    dq = torch.zeros(q.shape, dtype=acc, device=dev)
-    dk = torch.zeros(k.shape, dtype=acc, device=dev)
-    dv = torch.zeros(v.shape, dtype=acc, device=dev)
-    dbias = torch.zeros(bias.shape, dtype=acc, device=dev) if bias_grad else None
-    _, db = _broadcast_strides(dbias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    dq, dk, dv, dbias, db = _grad_buffers(q, k, v, bias if bias_grad else None, acc)
     dsk = torch.zeros(summary_k.shape, dtype=acc, device=dev) if summary_grad else None
     dsv = torch.zeros(summary_v.shape, dtype=acc, device=dev) if summary_grad else None
     dummy = dq
@@ -307,11 +313,7 @@ def edge_backward(grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, ke
     acc, dev = _acc(q), q.device
     bias_grad = bool(bias_grad) and bias is not None
     edge_bias_grad = bool(edge_bias_grad) and edge_bias is not None
-    dq = torch.zeros(q.shape, dtype=acc, device=dev)
-    dk = torch.zeros(k.shape, dtype=acc, device=dev)
-    dv = torch.zeros(v.shape, dtype=acc, device=dev)
-    dbias = torch.zeros(bias.shape, dtype=acc, device=dev) if bias_grad else None
-    _, db = _broadcast_strides(dbias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    dq, dk, dv, dbias, db = _grad_buffers(q, k, v, bias if bias_grad else None, acc)
     dedge = torch.zeros(col_index.shape, dtype=acc, device=dev) if edge_bias_grad else None
     dummy = dq
     tail = (grad_out.contiguous(), row_stat.contiguous(), dummy if grad_stat is None else grad_stat.contiguous(),
