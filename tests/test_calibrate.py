@@ -318,3 +318,20 @@ def test_sparsefinder_softmax_options_are_validated(bert, options, words):
     model, batches = bert
     with pytest.raises(ValueError, match=words):
         attnpass.sparsify(model, kwargs=batches[0], method="sparsefinder", **options)
+
+
+def test_recorded_site_inputs_are_the_original_models(bert):
+    """Sites run dense while recording, so a later layer's q, k, v are the original model's, not
+    the ones a sparse earlier layer would produce."""
+    model, batches = bert
+    exact = site_probe.record_site_inputs(_sparse(model, batches, "dense"), (), batches[0])
+    sparse = _sparse(model, batches, "combiner", block=4)
+    recorded = site_probe.record_site_inputs(sparse, (), batches[0])
+    assert recorded.keys() == exact.keys() and len(recorded) == 2
+    for name in exact:
+        for key in ("q", "k", "v", "key_keep"):
+            torch.testing.assert_close(recorded[name][key], exact[name][key], rtol=1e-6, atol=1e-6)
+    # and the sparse model itself is untouched afterwards: its sites compute Combiner again
+    with torch.no_grad():
+        out = sparse(**batches[0])[0]
+        assert not torch.allclose(out, model(**batches[0])[0], atol=1e-3)
