@@ -1,15 +1,16 @@
 """`attnpass.export_onnx`: ONNX files with one attnpass custom node per site that plain onnxruntime runs.
 
 What is pinned down:
-- for BERT, GPT-2, Llama (GQA) configs and the real all-MiniLM-L6-v2, with dense, Combiner and
-  routing (its trained centroids: the model's own after its first call): the written file has one
+- for BERT, GPT-2, Llama (GQA) configs and the real all-MiniLM-L6-v2, with dense, Combiner,
+  routing and Sparsefinder (clustering; their centroids: the model's own after its first call): the written file has one
   ``attnpass`` node per site (and no other op of that domain), carries the bodies as model-local
   functions, passes ``check_model(full_check=True)``, runs in onnxruntime at two sequence lengths
   (and batches) other than the export's, and matches the PyTorch rewritten model within 1e-4
   (max relative);
 - the node bodies alone against the PyTorch ops on random inputs in float64 (causal with an
   offset, bias, mask, key padding, GQA, explicit and default block, L not a multiple of the block,
-  routing's fallback windows);
+  routing's fallback windows; Sparsefinder's softmax / entmax-1.5, windows, first token, top
+  clusters 1-3, duplicated centroids, and its predicted pair set itself);
 - no L x L tensor in the Combiner and routing exports: every intermediate's run-time shape at two
   lengths (all functions inlined, every value made an output), and the shapes ONNX shape inference
   resolves, have at most one axis growing with L (the same check finds the dense export's scores);
@@ -34,13 +35,16 @@ import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.
 from attnpass import cli
 import attnpass.lowering.onnx.combiner  # noqa: F401 - registers torch.ops.attnpass.combiner
 import attnpass.lowering.onnx.routing  # noqa: F401 - registers torch.ops.attnpass.routing
+import attnpass.lowering.onnx.sparsefinder  # noqa: F401 - registers torch.ops.attnpass.sparsefinder
 from attnpass.lowering.onnx.common import DOMAIN, DOMAIN_VERSION, ONNX_OPSET
 from helpers import max_relative_error, same_state, snapshot
 from zoo import by_name
 
 CASES = ["bert-sdpa", "gpt2-sdpa", "llama-eager", "minilm-l6-v2-sdpa"]
-METHODS = ["dense", "combiner", "routing"]
-NODE = {"dense": "Attention", "combiner": "Combiner", "routing": "Routing"}
+METHODS = ["dense", "combiner", "routing", "sparsefinder"]
+NODE = {"dense": "Attention", "combiner": "Combiner", "routing": "Routing", "sparsefinder": "Sparsefinder"}
+# methods whose centroids the first call initialises (from torch's RNG)
+FIRST_CALL = ("routing", "sparsefinder")
 EXPORT_SIZE = (2, 12)
 RUN_SIZES = [(3, 16), (1, 40)]
 
@@ -68,7 +72,7 @@ def exported(tmp_path_factory):
         for method in METHODS:
             path = folder / f"{name}-{method}.onnx"
             sparse = attnpass.sparsify(model, args, kwargs, method=method).eval()
-            if method == "routing":
+            if method in FIRST_CALL:
                 # centroids are initialised by the first call (from torch's RNG): export this model
                 # as it is, so the file holds the very centroids the reference uses
                 with torch.no_grad():
@@ -284,6 +288,119 @@ def test_routing_node_equals_the_pytorch_routing(causal, cross, hkv, with_bias, 
     assert np.abs(got - expected.numpy()).max() < 1e-12
 
 
+def sparsefinder_site(seed: int, hkv: int, causal: bool, cross: bool, normalizer: str, top: int, window, first_token):
+    """A float64 eval Sparsefinder site (clustering, 5 centroids of rank 3) with random trained state;
+    centroid 3 is a copy of centroid 1, so every token is at the same distance from both (exact ties)."""
+    from attnpass.methods.base import SiteSpec
+    from attnpass.methods.sparsefinder import SparsefinderAttention
+
+    g = torch.Generator().manual_seed(seed)
+    spec = SiteSpec(name="t", scale=0.25, causal=causal, causal_bottom_right=cross, heads_q=4, heads_kv=hkv,
+                    head_dim=8, cross=cross)
+    site = SparsefinderAttention(spec, predictor="clustering", rank=3, clusters=5, top_clusters=top, window=window,
+                                 first_token=first_token, normalizer=normalizer).double().eval()
+    with torch.no_grad():
+        site.w_q.copy_(torch.randn(4, 8, 3, generator=g, dtype=torch.float64))
+        site.w_k.copy_(torch.randn(4, 8, 3, generator=g, dtype=torch.float64))
+        centroids = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
+        centroids[:, 3] = centroids[:, 1]
+        site.centroids.copy_(centroids)
+        site.initialized.fill_(True)
+    return site
+
+
+def sparsefinder_node(site, inputs: dict, normalizer: str) -> onnx.ModelProto:
+    return single_node_model("Sparsefinder", inputs, dict(
+        scale=0.25, causal=int(site.spec.causal), bottom_right=int(site.spec.causal_bottom_right),
+        entmax15=int(normalizer == "entmax15"), top_clusters=site.top_clusters,
+        window=-1 if site.window is None else site.window, first_token=int(site.first_token)))
+
+
+@pytest.mark.parametrize("causal,cross,hkv,with_bias,with_mask,normalizer,top,window,first_token", [
+    (False, False, 4, False, False, "entmax15", 2, 1, True),
+    (True, False, 2, True, False, "softmax", 2, 2, False),
+    (False, True, 1, False, True, "entmax15", 1, None, True),
+    (True, True, 4, True, True, "softmax", 3, 0, True),
+    (True, False, 4, True, True, "entmax15", 2, 3, True),
+])
+def test_sparsefinder_node_equals_the_pytorch_sparsefinder_and_predicts_the_same_pairs(
+        causal, cross, hkv, with_bias, with_mask, normalizer, top, window, first_token):
+    from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
+
+    lq, lk = (9, 14) if cross else (17, 17)
+    g, q, k, v, keep = random_qkv(4, 2, 4, hkv, lq, lk)
+    bias = torch.randn(2, 1, lq, lk, generator=g, dtype=torch.float64) if with_bias else None
+    mask = torch.rand(1, 4, lq, lk, generator=g) > 0.2 if with_mask else None
+    site = sparsefinder_site(5, hkv, causal, cross, normalizer, top, window, first_token)
+    with torch.no_grad():
+        expected = torch.ops.attnpass.sparsefinder(
+            q, k, v, bias, mask, keep, site.w_q, site.w_k, site.centroids, 0.25, causal, cross, cross, normalizer,
+            top, -1 if window is None else window, first_token)
+        assert torch.equal(site(q, k, v, bias, mask, keep), expected)  # the custom op is the site's computation
+    row_ptr, col, candidates = site.predict(q, k, keep)
+    assert candidates > col.numel()  # some pair is predicted twice (shared clusters, window): dedupe is exercised
+
+    inputs = dict(q=q, k=k, v=v, bias=torch.zeros(1, 1, 1, 1, dtype=torch.float64) if bias is None else bias,
+                  mask=torch.ones(1, 1, 1, 1, dtype=torch.bool) if mask is None else mask, key_keep=keep,
+                  w_q=site.w_q.detach(), w_k=site.w_k.detach(), centroids=site.centroids)
+    inputs = {name: t.numpy() for name, t in inputs.items()}
+    got = session(sparsefinder_node(site, inputs, normalizer)).run(None, inputs)[0]
+    assert np.abs(got - expected.numpy()).max() < 1e-12
+
+    # the pair set itself: under softmax every pair the body keeps has probability > 0, so with one-hot
+    # values (v[j] = e_j) the output row is the row's probabilities and its support is the pair set
+    inputs["v"] = torch.eye(lk, dtype=torch.float64).expand(2, hkv, lk, lk).numpy()
+    probs = session(sparsefinder_node(site, inputs, "softmax")).run(None, inputs)[0]
+    pairs = edges_to_dense_mask(row_ptr, col, 2, 4, lq, lk)
+    if mask is not None:
+        pairs &= mask
+    assert pairs.sum() > 0 and np.array_equal(probs > 0, pairs.numpy())
+
+
+@pytest.mark.parametrize("clusters,expect_square", [(16, False), (1, True)])
+def test_sparsefinder_body_is_as_wide_as_its_largest_clusters(clusters, expect_square):
+    # The candidate axis is top_clusters x the largest cluster (+ window and first token): with 16
+    # centroids over random tokens no value of the body has two axes growing with L (run-time shapes at
+    # L 64 and 128); with one cluster the predicted graph is every pair and the same check finds L x L.
+    def shapes(length):
+        _, q, k, v, keep = random_qkv(6, 2, 4, 2, length, length)
+        site = sparsefinder_site(7, 2, False, False, "entmax15", 1, 1, True)
+        g = torch.Generator().manual_seed(8)
+        with torch.no_grad():
+            site.centroids = torch.randn(4, clusters, 3, generator=g, dtype=torch.float64)
+        inputs = dict(q=q, k=k, v=v, bias=torch.zeros(1, 1, 1, 1, dtype=torch.float64),
+                      mask=torch.ones(1, 1, 1, 1, dtype=torch.bool), key_keep=keep, w_q=site.w_q.detach(),
+                      w_k=site.w_k.detach(), centroids=site.centroids)
+        model = sparsefinder_node(site, {name: t.numpy() for name, t in inputs.items()}, "entmax15")
+        return runtime_shapes(model, inputs)
+
+    assert bool(square_values(shapes(64), shapes(128), (64, 128))) == expect_square
+
+
+def test_sparsefinder_softmax_export_of_a_fresh_model_and_of_a_run_one(bert):
+    # a never-run model: export initialises its own copy's centroids; a run one: its file matches it
+    case, model, args, kwargs = bert
+    before = snapshot(model)
+    proto = attnpass.export_onnx(model, args, kwargs, method="sparsefinder", normalizer="softmax", window=None)
+    assert same_state(model, before)
+    nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert len(nodes) == 2 and attrs["entmax15"] == 0 and attrs["window"] == -1 and attrs["first_token"] == 1
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert [initializers[n.input[8]].shape for n in nodes] == [(4, 16, 4)] * 2  # centroids stored in the file
+
+    sparse = attnpass.sparsify(model, args, kwargs, method="sparsefinder", normalizer="softmax", top_clusters=1).eval()
+    with torch.no_grad():
+        sparse(*args, **kwargs)
+    sess = session(attnpass.export_onnx(sparse, args, kwargs))
+    for batch, length in RUN_SIZES:
+        args, kwargs = case.inputs(batch, length)
+        with torch.no_grad():
+            expected = sparse(*args, **kwargs)
+        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
+        assert max_relative_error(got, expected) < 1e-4, (batch, length)
+
+
 # --------------------------------------------------------------------------------------------
 # the caller's model, SparseModel input, errors
 # --------------------------------------------------------------------------------------------
@@ -318,7 +435,8 @@ def test_export_leaves_the_model_unchanged_and_takes_a_sparse_model_as_is(bert, 
 @pytest.mark.parametrize("method,options,message", [
     ("routing", {"local_heads": 2}, "routing with local_heads > 0 cannot be exported"),
     ("sbm", {}, "method 'sbm' cannot be exported to ONNX"),
-    ("sparsefinder", {}, "method 'sparsefinder' cannot be exported to ONNX"),
+    ("sparsefinder", {"predictor": "distance"}, "sparsefinder predictor 'distance' cannot be exported .* all-pairs"),
+    ("sparsefinder", {"predictor": "quantization"}, "sparsefinder predictor 'quantization' cannot be exported"),
     ("combiner", {"variant": "axial"}, "combiner variant 'axial' cannot be exported"),
 ])
 def test_methods_without_a_lowering_are_refused_clearly(bert, method, options, message):

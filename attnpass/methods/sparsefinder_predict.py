@@ -203,7 +203,10 @@ def nearest_clusters(x: Tensor, centroids: Tensor, top: int) -> Tensor:
     """x (B, H, L, r), centroids (H, c, r) -> (B, H, L, top) indices of the nearest centroids (Euclidean)."""
     mu = centroids.to(x.dtype)
     d2 = x.square().sum(-1, keepdim=True) + mu.square().sum(-1).unsqueeze(1) - 2 * torch.matmul(x, mu.transpose(-1, -2))
-    return d2.topk(top, dim=-1, largest=False).indices
+    # Exact ties (two identical centroids, e.g. both seeded from every row's [CLS] / zero pad token)
+    # go to the lowest index: a defined rule, the one ONNX TopK has, so the ONNX export predicts the
+    # same pairs (torch.topk's tie order is unspecified). Without ties it is topk's set.
+    return d2.argsort(dim=-1, stable=True)[..., :top]
 
 
 def clustering_pairs(qp: Tensor, kp: Tensor, centroids: Tensor, top_clusters: int, *, causal: bool = False,

@@ -13,9 +13,14 @@ routing (no local heads)        ``attnpass.Routing``        trained centroids (a
                                                             TopK members, per-cluster MatMul,
                                                             ScatterND mean, NonZero orphans'
                                                             local windows; no L x L tensor
-sbm, sparsefinder,              -                           not lowered yet: export_onnx raises
-combiner axial / logsparse,                                 a clear error (see docs/onnx.md)
-routing local_heads > 0
+sparsefinder (clustering)       ``attnpass.Sparsefinder``   trained W_Q, W_K, centroids: member
+                                                            lists of a query's top clusters (TopK),
+                                                            + window / first token, deduplicated
+                                                            by a per-row sort; softmax or exact
+                                                            entmax-1.5 over those candidates
+sbm, sparsefinder distance /    -                           not lowered: export_onnx raises a
+quantization, combiner axial /                              clear error (see docs/onnx.md)
+logsparse, routing local_heads
 ==============================  ==========================  ====================================
 
 Why method-level nodes for Combiner and routing rather than one node per kernel call: a Combiner site calls
@@ -39,8 +44,6 @@ __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "bind_e
 _NOT_LOWERED = {
     "sbm": "its eval graph is sampled from a seeded torch.Generator (Poisson counts, inverse-CDF endpoints), which "
            "ONNX cannot reproduce, and no deterministic inference rule is implemented yet",
-    "sparsefinder": "its predicted graph (bucketing / clustering / distance on the learned projections) and the "
-                    "entmax-1.5 edge kernel have no ONNX body yet",
 }
 
 
@@ -48,13 +51,18 @@ def check_method(method: str, options: dict) -> None:
     """Raise if `method` (with `options`) has no ONNX lowering, saying why."""
     if method in _NOT_LOWERED:
         raise NotImplementedError(f"export_onnx: method {method!r} cannot be exported to ONNX in this version: "
-                                  f"{_NOT_LOWERED[method]}; methods that export: 'dense', 'combiner' (variant 'fixed'), 'routing' (no local heads)")
+                                  f"{_NOT_LOWERED[method]}; methods that export: 'dense', 'combiner' (variant 'fixed'), 'routing' (no local heads), "
+                                  "'sparsefinder' (predictor 'clustering')")
     if method == "combiner":
         from attnpass.lowering.onnx.combiner import check_options
 
         check_options(options)
     elif method == "routing":
         from attnpass.lowering.onnx.routing import check_options
+
+        check_options(options)
+    elif method == "sparsefinder":
+        from attnpass.lowering.onnx.sparsefinder import check_options
 
         check_options(options)
     elif method != "dense":
@@ -75,11 +83,18 @@ def bind_export_forward(module) -> None:
 
         bind(module)
         return
+    if module.method_name == "sparsefinder":
+        from attnpass.lowering.onnx.sparsefinder import bind
+
+        bind(module)
+        return
     check_method(module.method_name, {})
 
 
 def needs_first_call(module) -> bool:
-    """A site whose state the first call initialises (routing's centroids, from that call's tokens)."""
+    """A site whose state the first call initialises (routing's and Sparsefinder's centroids, from that call's tokens)."""
+    if module.method_name == "sparsefinder":
+        return module.predictor == "clustering" and not bool(module.initialized)
     kmeans = getattr(module, "kmeans", None) if module.method_name == "routing" else None
     return kmeans is not None and not bool(kmeans.initialized)
 
@@ -91,18 +106,21 @@ def translation_table() -> dict:
     from attnpass.lowering.onnx.combiner import translate_combiner
     from attnpass.lowering.onnx.dense import translate_attention
     from attnpass.lowering.onnx.routing import translate_routing
+    from attnpass.lowering.onnx.sparsefinder import translate_sparsefinder
 
     return {
         torch.ops.attnpass.attention.default: translate_attention,
         torch.ops.attnpass.combiner.default: translate_combiner,
         torch.ops.attnpass.routing.default: translate_routing,
+        torch.ops.attnpass.sparsefinder.default: translate_sparsefinder,
     }
 
 
 def _all_functions():
-    from attnpass.lowering.onnx import combiner, dense, routing
+    from attnpass.lowering.onnx import combiner, dense, routing, sparsefinder
 
-    return {(f.function_ir.domain, f.name): f for f in (*dense.FUNCTIONS, *combiner.FUNCTIONS, *routing.FUNCTIONS)}
+    return {(f.function_ir.domain, f.name): f for f in (*dense.FUNCTIONS, *combiner.FUNCTIONS, *routing.FUNCTIONS,
+                                                        *sparsefinder.FUNCTIONS)}
 
 
 def attach_functions(model):

@@ -1,0 +1,288 @@
+"""ONNX lowering of a Sparsefinder site (clustering predictor): node ``attnpass.Sparsefinder``, one per site.
+
+Node: ``Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids) -> out`` with attributes
+``scale`` (float), ``causal`` (int), ``bottom_right`` (int: causal offset Lk - Lq, derived from the
+shapes in the body, else 0), ``entmax15`` (int: 1 = entmax-1.5, 0 = softmax; the method's
+``normalizer``), ``top_clusters`` (int), ``window`` (int, -1 = no window edges) and ``first_token``
+(int 0/1). q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); bias (float) and mask (bool)
+4-D, broadcastable to (B, Hq, Lq, Lk) (0.0 / True when the site has none; read only at the
+candidate pairs); key_keep (B, Lk) bool; w_q, w_k (Hq, D, r) the trained projections and
+centroids (Hq, c, r) the site's k-means centroids, stored in the file as initializers.
+
+Semantics = `methods/sparsefinder.py` in eval mode with predictor "clustering" (centroids frozen):
+qp = q W_Q, kp = k W_K per query head (GQA: kv head h // (Hq / Hkv) with query head h's W_K); a
+token's clusters are its `top_clusters` nearest centroids (squared Euclidean, the same formula as
+`sparsefinder_predict.nearest_clusters`); query i and real key j are a predicted pair when they
+share a cluster, plus the window pairs |anchor(i) - j| <= window (causal: j in [anchor - window,
+anchor]) and the first-token pair (i, 0); pairs the causal rule or key padding forbid are dropped,
+the rest is a set (each key once per query). The normaliser (softmax or entmax-1.5) runs over
+exactly those pairs, with the bias and mask read at them (a masked pair or a -inf bias gets zero
+probability); a query with no allowed pair gets zeros.
+
+Body, without an Lq x Lk tensor: the key clusters as a (B, Hq, c, Lk) membership, each cluster's
+member list (keys by position, TopK) padded to the largest cluster M; per query the lists of its
+top clusters (GatherND, (B, Hq, Lq, top * M)), then the window and first-token candidates, sorted
+per row (TopK over the row's candidates) so that a key listed twice (shared by two of the query's
+clusters, or also a window key) is kept once; the key / value rows of the candidates are gathered
+((B, Hq, Lq, W, D), W = top * M + window slots) and normalised along W. Entmax-1.5 is the exact
+sort-based threshold of the CPU kernel (`_entmax15_stat`: float64 cumulative sums over the sorted
+row, the largest r with tau_r <= z_r), not a bisection: W is the candidate count, so sorting it
+is cheap. The largest intermediate is (B, Hq, Lq, W, max(D, Dv)); W is at most top * the largest
+cluster + 2 window + 2, i.e. the method's own per-query work (a cluster holding most keys makes
+the predicted graph itself dense).
+
+Ties: a token's cluster *set* is what matters, so ties in order are harmless; an exact tie between
+its top_clusters-th and next centroid distance is broken by TopK's rule (lowest index) in ONNX and
+by torch.topk's (unspecified) in PyTorch. Near ties also depend on the last bits of the projected
+distances, which onnxruntime's MatMul may round differently from torch's in float32. Either case
+changes a token's clusters, hence its predicted pairs; it needs two centroids at the same distance
+to within float32 rounding (identical tokens, or chance).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import onnx
+import torch
+from onnxscript import script
+from onnxscript import opset18 as op
+from torch import Tensor
+
+from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, static_float
+from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
+from attnpass.lowering.onnx.routing import _as_4d, pair_values
+
+_INT64, _DOUBLE = onnx.TensorProto.INT64, onnx.TensorProto.DOUBLE
+EXPORTABLE_PREDICTORS = ("clustering",)
+_WHY_NOT = {
+    "distance": "it tests every (query, key) pair against the threshold, all-pairs by nature, so its ONNX body "
+                "would be the Lq x Lk tensor the sparse export exists to avoid",
+    "quantization": "its per-dimension quantile buckets (separate sorts of queries and keys) have no ONNX body yet",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch side
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnpass::sparsefinder", mutates_args=())
+def sparsefinder(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+                 key_keep: Optional[Tensor], w_q: Tensor, w_k: Tensor, centroids: Tensor, scale: float, causal: bool,
+                 bottom_right: bool, cross: bool, normalizer: str, top_clusters: int, window: int,
+                 first_token: bool) -> Tensor:
+    """A Sparsefinder site's eval-mode attention (clustering predictor) with these projections and
+    centroids, exactly as the site module computes it (window -1 = None)."""
+    from attnpass.methods.base import SiteSpec
+    from attnpass.methods.sparsefinder import SparsefinderAttention
+
+    heads, dim, rank = w_q.shape
+    spec = SiteSpec(name="attnpass::sparsefinder", scale=scale, causal=causal, causal_bottom_right=bottom_right,
+                    heads_q=heads, heads_kv=k.shape[1], head_dim=dim, cross=cross)
+    site = SparsefinderAttention(spec, predictor="clustering", rank=rank, clusters=centroids.shape[1],
+                                 top_clusters=top_clusters, window=None if window < 0 else window,
+                                 first_token=first_token, normalizer=normalizer)
+    site = site.to(w_q.dtype).eval()  # float64 weights stay float64
+    with torch.no_grad():
+        site.w_q.copy_(w_q)
+        site.w_k.copy_(w_k)
+        site.centroids.copy_(centroids)
+        site.initialized.fill_(True)
+    return site(q, k, v, bias, mask, key_keep)
+
+
+@sparsefinder.register_fake
+def _(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale, causal, bottom_right, cross, normalizer,
+      top_clusters, window, first_token):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def check_options(options: dict) -> None:
+    predictor = options.get("predictor", "clustering")
+    if predictor not in EXPORTABLE_PREDICTORS:
+        raise NotImplementedError(f"export_onnx: sparsefinder predictor {predictor!r} cannot be exported to ONNX "
+                                  f"in this version: {_WHY_NOT.get(predictor, 'unknown predictor')}; predictors "
+                                  f"that export: {list(EXPORTABLE_PREDICTORS)}")
+
+
+def bind(module) -> None:
+    """Make a Sparsefinder site module (of a private copy, in eval mode) call `attnpass::sparsefinder` when exported."""
+    check_options({"predictor": module.predictor})
+    if not bool(module.initialized):
+        raise ValueError(f"export_onnx: sparsefinder site {module.spec.name!r} has no centroids yet (they are "
+                         "initialised by the first call); run or train the model before exporting it")
+    module.forward = functools.partial(_export_forward, module)
+
+
+def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+    module._check_shapes(q, k)
+    return torch.ops.attnpass.sparsefinder(
+        q, k, v, bias, mask, key_keep, module.w_q, module.w_k, module.centroids, float(module.scale(q)),
+        bool(module.spec.causal), bool(module.spec.causal_bottom_right), bool(module.spec.cross), module.normalizer,
+        int(module.top_clusters), -1 if module.window is None else int(module.window), bool(module.first_token))
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX side
+# --------------------------------------------------------------------------------------------
+
+
+@script(ATTNPASS, default_opset=op)
+def nearest_clusters(x, mu, top):
+    """x (B, H, L, r), mu (H, c, r), top (1,) int64 -> (B, H, L, top) indices of the nearest centroids,
+    by |x|^2 + |mu|^2 - 2 x.mu as `sparsefinder_predict.nearest_clusters` computes it."""
+    x2 = op.ReduceSum(op.Mul(x, x), [-1], keepdims=1)                              # (B, H, L, 1)
+    m2 = op.Unsqueeze(op.ReduceSum(op.Mul(mu, mu), [-1], keepdims=0), [1])       # (H, 1, c)
+    dot = op.MatMul(x, op.Transpose(mu, perm=[0, 2, 1]))                          # (B, H, L, c)
+    d2 = op.Sub(op.Add(x2, m2), op.Mul(op.CastLike(op.Constant(value_float=2.0), x), dot))
+    values, index = op.TopK(d2, top, axis=-1, largest=0, sorted=0)
+    return index
+
+
+@script(ATTNPASS, default_opset=op)
+def masked_entmax15(logits, allowed):
+    """entmax-1.5 over the last axis restricted to `allowed` (rows with nothing allowed give zeros):
+    p = relu(x / 2 - tau)^2 with the exact threshold of the CPU edge kernel (sorted row, float64
+    cumulative sums, largest r with tau_r <= z_r)."""
+    neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), logits)
+    zero = op.CastLike(op.Constant(value_float=0.0), logits)
+    x = op.Mul(op.Where(allowed, logits, neg_inf), op.CastLike(op.Constant(value_float=0.5), logits))
+    top = op.ReduceMax(x, [-1], keepdims=1)
+    finite_top = op.Not(op.Or(op.IsInf(top), op.IsNaN(top)))
+    mx = op.Where(finite_top, top, zero)
+    # entries below max - 1 are never in the support; clipping at max - 2 (as the kernel) parks -inf there
+    z = op.Cast(op.Max(op.Sub(x, mx), op.CastLike(op.Constant(value_float=-2.0), x)), to=_DOUBLE)
+    width = op.Shape(z, start=-1)
+    zs, order = op.TopK(z, width, axis=-1, largest=1, sorted=1)
+    rank = op.Cast(op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(width, [0]), op.Constant(value_int=1)),
+                            op.Constant(value_int=1)), to=_DOUBLE)
+    s1 = op.CumSum(zs, op.Constant(value_int=-1))
+    mean = op.Div(s1, rank)
+    ss = op.Sub(op.CumSum(op.Mul(zs, zs), op.Constant(value_int=-1)), op.Mul(s1, mean))
+    one_d = op.Constant(value=onnx.helper.make_tensor("one", _DOUBLE, [], [1.0]))
+    zero_d = op.Constant(value=onnx.helper.make_tensor("zero", _DOUBLE, [], [0.0]))
+    tau_r = op.Sub(mean, op.Sqrt(op.Max(op.Div(op.Sub(one_d, ss), rank), zero_d)))
+    support = op.ReduceSum(op.Cast(op.LessOrEqual(tau_r, zs), to=_INT64), [-1], keepdims=1)
+    support = op.Max(support, op.Constant(value_ints=[1]))
+    tau = op.Add(op.GatherElements(tau_r, op.Sub(support, op.Constant(value_ints=[1])), axis=-1),
+                 op.Cast(mx, to=_DOUBLE))
+    any_finite = op.Greater(op.ReduceMax(op.Cast(op.Not(op.Or(op.IsInf(x), op.IsNaN(x))), to=_INT64), [-1],
+                                         keepdims=1), op.Constant(value_ints=[0]))
+    tau = op.CastLike(op.Where(any_finite, tau, zero_d), logits)
+    s = op.Relu(op.Sub(x, tau))  # -inf (not allowed) -> 0
+    return op.Mul(s, s)
+
+
+@script(ATTNPASS, default_opset=op)
+def Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale: float, causal: int, bottom_right: int,
+                 entmax15: int, top_clusters: int, window: int, first_token: int):
+    hq = op.Shape(q, start=1, end=2)
+    k4 = repeat_kv(k, hq)
+    v4 = repeat_kv(v, hq)
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    zero_i = op.Constant(value_int=0)
+    one_i = op.Constant(value_int=1)
+    batch = op.Shape(q, start=0, end=1)
+    lq = op.Shape(q, start=2, end=3)
+    lk = op.Shape(k, start=2, end=3)
+    offset = op.Where(op.Equal(op.Unsqueeze(op.Constant(value_int=bottom_right), [0]), zero), zero, op.Sub(lk, lq))
+    not_causal = op.Equal(op.Unsqueeze(op.Constant(value_int=causal), [0]), zero)
+    scale_t = op.CastLike(op.Constant(value_float=scale), q)
+
+    # --- projections and clusters (the query head's W_K projects its kv head's keys)
+    qp = op.MatMul(q, op.CastLike(w_q, q))                                       # (B, H, Lq, r)
+    kp = op.MatMul(k4, op.CastLike(w_k, q))                                      # (B, H, Lk, r)
+    mu = op.CastLike(centroids, q)
+    top = op.Unsqueeze(op.Constant(value_int=top_clusters), [0])
+    q_clusters = nearest_clusters(qp, mu, top)                                   # (B, H, Lq, t)
+    k_clusters = nearest_clusters(kp, mu, top)                                   # (B, H, Lk, t)
+    clusters = op.Shape(mu, start=1, end=2)
+    ids = op.Range(zero_i, op.Squeeze(clusters, [0]), one_i)                      # (c,)
+    in_cluster = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(k_clusters, [4]), ids), to=_INT64), [3], keepdims=0)
+    real = op.Cast(op.Unsqueeze(key_keep, [1, 2]), to=_INT64)                    # (B, 1, 1, Lk)
+    member = op.Mul(op.Transpose(in_cluster, perm=[0, 1, 3, 2]), real)           # (B, H, c, Lk) 0/1, real keys
+
+    # --- each cluster's real keys by position, padded to the largest cluster (Lk = no key)
+    largest = op.Max(op.Reshape(op.ReduceMax(op.ReduceSum(member, [3], keepdims=0), keepdims=0), [1]), one)
+    positions = op.Range(zero_i, op.Squeeze(lk, [0]), one_i)                      # (Lk,)
+    rank_key = op.Add(positions, op.Mul(op.Sub(one, member), lk))                # members first, by position
+    listed, unused = op.TopK(rank_key, largest, axis=-1, largest=0, sorted=1)    # (B, H, c, M)
+    cluster_keys = op.GatherND(listed, op.Unsqueeze(q_clusters, [4]), batch_dims=2)  # (B, H, Lq, t, M)
+    cand_shape = op.Concat(op.Shape(cluster_keys, start=0, end=3), op.Constant(value_ints=[-1]), axis=0)
+    cluster_keys = op.Reshape(cluster_keys, cand_shape)                          # (B, H, Lq, t*M), >= Lk: none
+
+    # --- window keys around the query's anchor in key space, and key 0
+    i_pos = op.Range(zero_i, op.Squeeze(lq, [0]), one_i)                          # (Lq,)
+    anchor = op.Where(not_causal, op.Div(op.Mul(i_pos, lk), op.Max(lq, one)), op.Min(op.Add(i_pos, offset), op.Sub(lk, one)))
+    w = op.Constant(value_int=window)
+    has_window = op.GreaterOrEqual(w, zero_i)
+    low = op.Where(has_window, op.Neg(w), zero_i)
+    high = op.Where(has_window, op.Where(op.Squeeze(not_causal, [0]), op.Add(w, one_i), one_i), zero_i)
+    steps = op.Range(low, high, one_i)                                            # (2w + 1,), (w + 1,) causal, or ()
+    first = op.Mul(op.Range(zero_i, op.Constant(value_int=first_token), one_i), zero_i)  # (1,) = [0] or ()
+    local = op.Concat(op.Add(op.Unsqueeze(anchor, [1]), steps),
+                      op.Expand(op.Unsqueeze(first, [0]), op.Concat(lq, one, axis=0)), axis=1)  # (Lq, Wl)
+    local = op.Where(op.Or(op.Less(local, zero), op.GreaterOrEqual(local, lk)), lk, local)
+    local = op.Expand(local, op.Concat(batch, hq, op.Shape(local), axis=0))
+
+    # --- the candidate set: allowed by the causal rule and key padding, each key once per row
+    cand = op.Concat(cluster_keys, local, axis=3)                                # (B, H, Lq, W)
+    b4 = op.Reshape(op.Range(zero_i, op.Squeeze(batch, [0]), one_i), op.Constant(value_ints=[-1, 1, 1, 1]))
+    h4 = op.Reshape(op.Range(zero_i, op.Squeeze(hq, [0]), one_i), op.Constant(value_ints=[1, -1, 1, 1]))
+    i4 = op.Reshape(i_pos, op.Constant(value_ints=[1, 1, -1, 1]))
+    inside = op.Less(cand, lk)
+    j_safe = op.Where(inside, cand, zero)
+    ok = op.And(inside, op.Or(not_causal, op.LessOrEqual(cand, op.Add(i4, offset))))
+    ok = op.And(ok, pair_values(op.Unsqueeze(key_keep, [1, 2]), b4, h4, i4, j_safe))
+    cand = op.Where(ok, cand, lk)
+    width = op.Shape(cand, start=3, end=4)
+    ordered, unused2 = op.TopK(cand, width, axis=-1, largest=0, sorted=1)
+    before = op.Concat(op.Expand(op.Constant(value_ints=[-1]), op.Concat(op.Shape(ordered, start=0, end=3), one, axis=0)),
+                       op.Slice(ordered, zero, op.Sub(width, one), op.Constant(value_ints=[3])), axis=3)
+    edge = op.And(op.Less(ordered, lk), op.Not(op.Equal(ordered, before)))       # (B, H, Lq, W)
+    j = op.Where(edge, ordered, zero)
+
+    # --- attention over the candidates
+    k_g = op.GatherND(k4, op.Unsqueeze(j, [4]), batch_dims=2)                   # (B, H, Lq, W, D)
+    v_g = op.GatherND(v4, op.Unsqueeze(j, [4]), batch_dims=2)                   # (B, H, Lq, W, Dv)
+    dots = op.Squeeze(op.MatMul(op.Unsqueeze(q, [3]), op.Transpose(k_g, perm=[0, 1, 2, 4, 3])), [3])
+    logits = op.Add(op.Mul(dots, scale_t), pair_values(bias, b4, h4, i4, j))    # (B, H, Lq, W)
+    allowed = op.And(edge, pair_values(mask, b4, h4, i4, j))
+    use_entmax = op.Equal(op.Constant(value_int=entmax15), one_i)
+    probs = op.Where(use_entmax, masked_entmax15(logits, allowed), masked_softmax(logits, allowed))
+    return op.Squeeze(op.MatMul(op.Unsqueeze(probs, [3]), v_g), [3])            # (B, H, Lq, Dv)
+
+
+SPARSEFINDER_NODE = node_op(
+    "Sparsefinder",
+    inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("bias", "T"), ("mask", "B"), ("key_keep", "B"),
+            ("w_q", "T"), ("w_k", "T"), ("centroids", "T")],
+    attributes=[("scale", "float"), ("causal", "int"), ("bottom_right", "int"), ("entmax15", "int"),
+                ("top_clusters", "int"), ("window", "int"), ("first_token", "int")],
+    outputs=[("out", "T")],
+)
+
+FUNCTIONS = (Sparsefinder, nearest_clusters, masked_entmax15)
+
+
+def translate_sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale, causal, bottom_right, cross,
+                           normalizer, top_clusters, window, first_token):
+    """custom_translation_table entry for torch.ops.attnpass.sparsefinder.default."""
+    check_float("attnpass.Sparsefinder", q, k, v)
+    if normalizer not in ("entmax15", "softmax"):
+        raise ValueError(f"export_onnx: attnpass.Sparsefinder got normalizer {normalizer!r}; expected 'entmax15' "
+                         "or 'softmax'")
+    return SPARSEFINDER_NODE(
+        q, k, v,
+        op.Reshape(op.CastLike(op.Constant(value_float=0.0), q), op.Constant(value_ints=[1, 1, 1, 1]))
+        if bias is None else op.CastLike(_as_4d(bias), q),
+        op.Reshape(op.Constant(value=onnx.helper.make_tensor("true", onnx.TensorProto.BOOL, [], [True])),
+                   op.Constant(value_ints=[1, 1, 1, 1])) if mask is None else _as_4d(mask),
+        all_keys(q, k) if key_keep is None else key_keep,
+        op.CastLike(w_q, q), op.CastLike(w_k, q), op.CastLike(centroids, q),
+        scale=static_float("attnpass.Sparsefinder", "scale", scale), causal=int(bool(causal)),
+        bottom_right=int(bool(bottom_right)), entmax15=int(normalizer == "entmax15"),
+        top_clusters=int(top_clusters), window=int(window), first_token=int(bool(first_token)),
+    )
