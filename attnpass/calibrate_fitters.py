@@ -21,7 +21,8 @@ module's own state, never the model's weights:
   about that share of pairs (window / first-token edges come on top).
 - sbm: the cluster embeddings and phi by Adam on
       loss = -(expected recall of the dense attention mass) + density_weight * (expected density),
-  recall = sum_ij A_ij (1 - exp(-P_ij)) / rows, density = mean_ij P_ij over allowed pairs, where A
+  recall = sum_ij A_ij (1 - exp(-P_ij)) / rows, density = the method's `expected_density` (mean P
+  over the pairs the causal rule and padding allow, as its training regulariser), where A
   is the site's dense softmax and 1 - exp(-P_ij) the probability that the sampler draws (i, j).
   A pair is worth an edge when A_ij > density_weight / (allowed keys of the row): with the
   default 1, when its attention is above uniform. Builds P densely (calibration lengths only).
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from attnpass import site_probe
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
+from attnpass.methods.sbm_sampling import expected_density
 
 
 class Fitter:
@@ -166,21 +168,17 @@ class SparsefinderFitter(Fitter):
         self.seen.append(data)
         return data
 
-    def _loss(self, data: dict, gold: tuple[Tensor, Tensor]) -> Tensor:
+    def _loss(self, data: dict, gold: tuple[Tensor, Tensor], track: bool) -> Tensor:
         return self.module.projection_loss(data["q"], data["k"], data.get("key_keep"), data.get("bias"),
-                                           data.get("mask"), gold=gold)
+                                           data.get("mask"), gold=gold, track_threshold=track)
 
     def objective(self, data: dict) -> float:
-        tracking, self.module._calibrate_threshold = self.module._calibrate_threshold, False
-        try:  # measuring must not move the distance threshold (the loss call would track it)
-            with torch.no_grad():
-                return float(self._loss(data, data["eval_gold"]))
-        finally:
-            self.module._calibrate_threshold = tracking
+        with torch.no_grad():  # measuring must not move the distance threshold
+            return float(self._loss(data, data["eval_gold"], track=False))
 
     def step(self, data: dict) -> float:
         with torch.enable_grad():
-            loss = self._loss(data, _rows_subset(data["gold"], data["rows"]))
+            loss = self._loss(data, _rows_subset(data["gold"], data["rows"]), track=True)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
@@ -221,21 +219,23 @@ class SBMFitter(Fitter):
 
     def prepare(self, inputs: dict) -> dict:
         m = self.module
-        probs = site_probe.dense_probabilities(m, inputs, dtype=torch.float32)
-        return {**inputs, "probs": probs, "allowed": site_probe.allowed_pairs(m, inputs)}
+        return {**inputs, "probs": site_probe.dense_probabilities(m, inputs, dtype=torch.float32)}
 
     def _loss(self, data: dict) -> Tensor:
         m = self.module
         q, k = data["q"], data["k"]
         B, Hq, Lq, _ = q.shape
-        y_q, y_k, block = m.memberships(q, k, data.get("key_keep"))            # (N, L, c), (N, c, c)
+        key_keep = data.get("key_keep")
+        y_q, y_k, block = m.memberships(q, k, key_keep)                         # (N, L, c), (N, c, c)
         P = torch.matmul(torch.matmul(y_q, block), y_k.transpose(-1, -2)).view(B, Hq, Lq, -1) + m.floor
-        allowed = data["allowed"]
         drawn = -torch.expm1(-P)                                                # P(edge (i, j) is sampled)
         probs = data["probs"].to(P.dtype)
         rows = (probs.sum(-1) > 0).sum().clamp(min=1)
         recall = (probs * drawn).sum() / rows
-        density = (P * allowed).sum() / allowed.sum().clamp(min=1)
+        # the method's own density regulariser (O(L k^2), without the constant floor)
+        causal = m.spec.causal
+        density = expected_density(y_q, y_k, block, causal=causal, causal_offset=m.causal_offset(q, k) if causal else 0,
+                                   key_keep=key_keep, heads=Hq)
         return -recall + self.density_weight * density
 
     def objective(self, data: dict) -> float:

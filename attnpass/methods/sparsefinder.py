@@ -299,7 +299,8 @@ class SparsefinderAttention(SiteAttention):
     # ---------------------------------------------------------------------------------------
 
     def projection_loss(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None, bias: Tensor | None = None,
-                        mask: Tensor | None = None, gold: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                        mask: Tensor | None = None, gold: tuple[Tensor, Tensor] | None = None,
+                        track_threshold: bool | None = None) -> Tensor:
         """Hinge loss of the projections against the gold graph of (q, k) (both detached): the
         entmax-1.5 graph, or with normalizer="softmax" the keys holding `mass` of each row's softmax.
 
@@ -311,6 +312,8 @@ class SparsefinderAttention(SiteAttention):
         paper's sums keep `margin` on the scale of one squared distance whatever the row's support
         size. The loss is the mean over such queries. `gold`: the (row, col) pairs of
         `sparsefinder_predict.gold_pairs` for these q, k, if already computed (calibration loops).
+        `track_threshold` (default: in train mode): also move a calibrated distance threshold towards
+        these gold distances; measuring the loss (eval) leaves the threshold alone.
         """
         self._check_shapes(q, k)
         q, k = q.detach(), k.detach()
@@ -334,7 +337,8 @@ class SparsefinderAttention(SiteAttention):
             return (qf[row] - kf[(row // Lq) * Lk + col]).square().sum(-1)  # kp is per query head
 
         pos_d2 = sq_dist(g_row, g_col)
-        if self.predictor == "distance" and self._calibrate_threshold and g_row.numel():
+        track = self.training if track_threshold is None else track_threshold
+        if track and self.predictor == "distance" and self._calibrate_threshold and g_row.numel():
             self._track_threshold(pos_d2.detach())
         mean_pos = qf.new_zeros(R).index_add_(0, g_row, pos_d2) / n_pos.clamp(min=1)
         mean_neg = qf.new_zeros(R).index_add_(0, neg_row, sq_dist(neg_row, neg_col)) / n_neg.clamp(min=1)
