@@ -59,7 +59,7 @@ def export_onnx(model: nn.Module, args=(), kwargs=None, f: str | os.PathLike | N
             raise ValueError(f"export_onnx: options {sorted(options)} apply when sparsifying; this SparseModel "
                              "is exported as it is")
         method = model.method
-        lowering.check_method(method, options)
+        lowering.check_method(method, options, sparse_model=True)  # each site is checked when bound
         sparse = copy.deepcopy(model)
     else:
         method = "dense" if method is None else method

@@ -2,7 +2,8 @@
 
 What is pinned down:
 - for BERT, GPT-2, Llama (GQA) configs and the real all-MiniLM-L6-v2, with dense, Combiner,
-  routing and Sparsefinder (clustering; their centroids: the model's own after its first call): the written file has one
+  routing, Sparsefinder (clustering; their centroids: the model's own after its first call) and
+  SBM (eval_graph "clusters", its random clusters and phi): the written file has one
   ``attnpass`` node per site (and no other op of that domain), carries the bodies as model-local
   functions, passes ``check_model(full_check=True)``, runs in onnxruntime at two sequence lengths
   (and batches) other than the export's, and matches the PyTorch rewritten model within 1e-4
@@ -41,10 +42,12 @@ from helpers import max_relative_error, same_state, snapshot
 from zoo import by_name
 
 CASES = ["bert-sdpa", "gpt2-sdpa", "llama-eager", "minilm-l6-v2-sdpa"]
-METHODS = ["dense", "combiner", "routing", "sparsefinder"]
-NODE = {"dense": "Attention", "combiner": "Combiner", "routing": "Routing", "sparsefinder": "Sparsefinder"}
-# methods whose centroids the first call initialises (from torch's RNG)
-FIRST_CALL = ("routing", "sparsefinder")
+METHODS = ["dense", "combiner", "routing", "sparsefinder", "sbm"]
+NODE = {"dense": "Attention", "combiner": "Combiner", "routing": "Routing", "sparsefinder": "Sparsefinder",
+        "sbm": "SBM"}
+OPTIONS = {"sbm": dict(eval_graph="clusters", eval_clusters=2)}
+# methods with state of their own: centroids the first call initialises, SBM's random clusters and phi
+STATEFUL = ("routing", "sparsefinder", "sbm")
 EXPORT_SIZE = (2, 12)
 RUN_SIZES = [(3, 16), (1, 40)]
 
@@ -71,10 +74,10 @@ def exported(tmp_path_factory):
         args, kwargs = case.inputs(*EXPORT_SIZE)
         for method in METHODS:
             path = folder / f"{name}-{method}.onnx"
-            sparse = attnpass.sparsify(model, args, kwargs, method=method).eval()
-            if method in FIRST_CALL:
-                # centroids are initialised by the first call (from torch's RNG): export this model
-                # as it is, so the file holds the very centroids the reference uses
+            sparse = attnpass.sparsify(model, args, kwargs, method=method, **OPTIONS.get(method, {})).eval()
+            if method in STATEFUL:
+                # state drawn from torch's RNG (at sparsify or the first call): export this model
+                # as it is, so the file holds the very state the reference uses
                 with torch.no_grad():
                     sparse(*args, **kwargs)
                 attnpass.export_onnx(sparse, args, kwargs, f=path)
@@ -434,7 +437,7 @@ def test_export_leaves_the_model_unchanged_and_takes_a_sparse_model_as_is(bert, 
 
 @pytest.mark.parametrize("method,options,message", [
     ("routing", {"local_heads": 2}, "routing with local_heads > 0 cannot be exported"),
-    ("sbm", {}, "method 'sbm' cannot be exported to ONNX"),
+    ("sbm", {}, "method 'sbm' with eval_graph='sample' cannot be exported to ONNX.*pass eval_graph='clusters'"),
     ("sparsefinder", {"predictor": "distance"}, "sparsefinder predictor 'distance' cannot be exported .* all-pairs"),
     ("sparsefinder", {"predictor": "quantization"}, "sparsefinder predictor 'quantization' cannot be exported"),
     ("combiner", {"variant": "axial"}, "combiner variant 'axial' cannot be exported"),
@@ -504,5 +507,10 @@ def test_cli_export_writes_a_file_onnxruntime_runs(tmp_path, capsys):
     code = cli.main(["export", target, "--method", "sbm", "-o", str(tmp_path / "sbm.onnx")])
     _, err = capsys.readouterr()
     assert code == cli.EXIT_UNAVAILABLE
-    assert "method 'sbm' cannot be exported to ONNX" in err and "nothing was written" in err
+    assert "method 'sbm' with eval_graph='sample' cannot be exported to ONNX" in err and "nothing was written" in err
     assert not (tmp_path / "sbm.onnx").exists()
+    code = cli.main(["export", target, "--method", "sbm", "--opt", "eval_graph=clusters", "--opt", "clusters=8",
+                     "-o", str(tmp_path / "sbm.onnx")])
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_OK, err
+    assert "2 attnpass.SBM node(s)" in out and (tmp_path / "sbm.onnx").exists()

@@ -17,7 +17,7 @@ from attnpass.lowering.cpu.edge_attention import edges_from_pairs, edges_to_dens
 from attnpass.methods.base import SiteSpec
 from attnpass.methods.sbm import SBMAttention
 from attnpass.methods.sbm_sampling import (
-    SBMGraph, _fallback_keys, block_matrix, expected_density, sample_edge_pairs, sample_graph,
+    SBMGraph, fallback_keys, block_matrix, expected_density, sample_edge_pairs, sample_graph,
 )
 from memory_probe import no_square_tensor
 from tests.helpers import tiny_gpt2, max_relative_error, same_state, snapshot
@@ -113,7 +113,7 @@ def test_causal_graph_law_fallback_edges_and_csr():
 def test_fallback_key_rule(causal, offset, Lq, Lk):
     keep = torch.tensor([[True] * Lk, [False, True] + [True] * (Lk - 4) + [False, False],
                          [False] * Lk])
-    fallback = _fallback_keys(Lq, Lk, causal, offset, keep)
+    fallback = fallback_keys(Lq, Lk, causal, offset, keep)
     for b in range(3):
         for i in range(Lq):
             anchor = min(i + offset, Lk - 1) if causal else i * Lk // Lq

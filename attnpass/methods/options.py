@@ -30,3 +30,8 @@ def check_known(method: str, options: dict, known: tuple[str, ...]) -> None:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"method {method!r} got unknown option(s) {unknown}; it takes {list(known)}")
+
+
+def check_choice(method: str, name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"method {method!r}: option {name}={value!r} must be one of {list(choices)}")

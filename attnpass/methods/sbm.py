@@ -23,8 +23,14 @@ Choices (the paper leaves them open):
   runs reproducible). Gradients reach q, k, v as in ordinary attention and reach the clusters and phi
   through the straight-through estimator on the sampled edges (`EdgeProbabilitySTE`). `aux_loss()`
   holds density_weight * (expected edge density), the paper's density regulariser.
-- Eval: the graph is drawn from a generator seeded with the `seed` option, so the same input gives
-  the same graph (and output) on every call; a different seed gives another draw.
+- Eval (`eval_graph="sample"`, the default): the graph is drawn from a generator seeded with the
+  `seed` option, so the same input gives the same graph (and output) on every call; a different
+  seed gives another draw.
+- Eval with `eval_graph="clusters"`: a deterministic graph from the same memberships, no sampling
+  (`sbm_cluster_graph`): keys hard-assigned to their dominant cluster, each query attends to the
+  keys of its `eval_clusters` clusters of largest expected edge mass, plus its own position. This
+  is the rule the ONNX export computes (no runtime reproduces torch's sampler). Training always
+  samples.
 - `floor` (default 0) adds the uniform edge rate the authors' training script adds to P.
 Nothing of size Lq x Lk is built.
 """
@@ -38,10 +44,12 @@ from torch import Tensor, nn
 
 from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.methods.base import SiteAttention, SiteSpec
-from attnpass.methods.options import check_int, check_known, check_real
+from attnpass.methods.options import check_choice, check_int, check_known, check_real
+from attnpass.methods.sbm_cluster_graph import cluster_graph
 from attnpass.methods.sbm_sampling import EdgeProbabilitySTE, SBMGraph, block_matrix, expected_density, sample_graph
 
-_OPTIONS = ("clusters", "density_weight", "floor", "seed")
+_OPTIONS = ("clusters", "density_weight", "floor", "seed", "eval_graph", "eval_clusters")
+EVAL_GRAPHS = ("sample", "clusters")
 DEFAULT_CLUSTERS = 128        # the authors' LRA setting
 DEFAULT_DENSITY_WEIGHT = 1e-4  # lambda of the LRA scripts
 
@@ -58,6 +66,8 @@ class SBMAttention(SiteAttention):
         self.density_weight: float = float(options.get("density_weight", DEFAULT_DENSITY_WEIGHT))
         self.floor: float = float(options.get("floor", 0.0))
         self.seed: int = int(options.get("seed", 0))
+        self.eval_graph: str = options.get("eval_graph", "sample")
+        self.eval_clusters: int = int(options.get("eval_clusters", 1))
         # N(0, 1/D) entries: C_h C_h^T and phi(x) C_h^T start at unit scale, neither saturated nor flat
         self.clusters = nn.Parameter(torch.randn(heads, self.num_clusters, dim) / math.sqrt(dim))
         self.phi = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
@@ -78,6 +88,14 @@ class SBMAttention(SiteAttention):
             check_real("sbm", "floor", options["floor"], 0.0, 1.0, low_open=False)
         if "seed" in options:
             check_int("sbm", "seed", options["seed"], 0)
+        if "eval_graph" in options:
+            check_choice("sbm", "eval_graph", options["eval_graph"], EVAL_GRAPHS)
+        if "eval_clusters" in options:
+            check_int("sbm", "eval_clusters", options["eval_clusters"], 1)
+            clusters = options.get("clusters", DEFAULT_CLUSTERS)
+            if options["eval_clusters"] > clusters:
+                raise ValueError(f"method 'sbm': option eval_clusters={options['eval_clusters']} exceeds "
+                                 f"clusters={clusters} (the number of clusters a query can pick from)")
 
     @classmethod
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
@@ -87,7 +105,8 @@ class SBMAttention(SiteAttention):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, clusters={self.num_clusters}, density_weight={self.density_weight:g}, "
-                f"floor={self.floor:g}, seed={self.seed}")
+                f"floor={self.floor:g}, seed={self.seed}, eval_graph={self.eval_graph!r}"
+                + (f", eval_clusters={self.eval_clusters}" if self.eval_graph == "clusters" else ""))
 
     def aux_loss(self) -> Tensor | None:
         """density_weight * expected edge density of the last training call (None before any)."""
@@ -123,23 +142,27 @@ class SBMAttention(SiteAttention):
 
     def sample(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None,
                generator: torch.Generator | None = None) -> SBMGraph:
-        """The graph this site would attend over for (q, k): a fresh draw in training, the `seed`
-        draw in eval (or from `generator` when given)."""
+        """The graph this site would attend over for (q, k): a fresh draw in training; in eval the
+        `seed` draw, or the deterministic cluster graph with eval_graph="clusters" (a draw from
+        `generator` when one is given)."""
         with torch.no_grad():
             y_q, y_k, block = self.memberships(q, k, key_keep)
         return self._sample(q, k, y_q, y_k, block, key_keep, generator)
 
     def _sample(self, q, k, y_q, y_k, block, key_keep, generator) -> SBMGraph:
+        causal = self.spec.causal
+        offset = self.causal_offset(q, k) if causal else 0
+        if generator is None and not self.training and self.eval_graph == "clusters":
+            return cluster_graph(y_q.detach(), y_k.detach(), block.detach(), top=self.eval_clusters, heads=q.shape[1],
+                                 causal=causal, causal_offset=offset, key_keep=key_keep)
         if generator is None:
             # train: from the global RNG (torch.manual_seed reproduces a run); eval: fixed per site
             seed = int(torch.randint(0, 2**62, (), device="cpu")) if self.training else self.seed
             generator = torch.Generator(device=q.device).manual_seed(seed)
-        causal = self.spec.causal
         # a NaN / inf token (a broken input) draws no edges; its own output is NaN through attention
         y_q, y_k = (torch.nan_to_num(y.detach(), nan=0.0, posinf=0.0, neginf=0.0) for y in (y_q, y_k))
         return sample_graph(y_q, y_k, block.detach(), generator, heads=q.shape[1],
-                            causal=causal, causal_offset=self.causal_offset(q, k) if causal else 0,
-                            key_keep=key_keep, floor=self.floor)
+                            causal=causal, causal_offset=offset, key_keep=key_keep, floor=self.floor)
 
     def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
         if q.shape[1] != self.spec.heads_q or q.shape[3] != self.spec.head_dim:

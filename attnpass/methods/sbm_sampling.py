@@ -124,7 +124,7 @@ class SBMGraph:
         return self.col_index.numel()
 
 
-def _fallback_keys(len_q: int, len_k: int, causal: bool, offset: int, key_keep: Tensor | None) -> Tensor:
+def fallback_keys(len_q: int, len_k: int, causal: bool, offset: int, key_keep: Tensor | None) -> Tensor:
     """(Nb, Lq) key each query falls back on when it drew no edge, -1 = none (Nb = key_keep's rows or 1).
 
     Its own position in key space (causal: i + offset, the last key it may see; otherwise
@@ -148,7 +148,7 @@ def _fallback_keys(len_q: int, len_k: int, causal: bool, offset: int, key_keep: 
 def sample_graph(y_q: Tensor, y_k: Tensor, block: Tensor, generator: torch.Generator, *, heads: int,
                  causal: bool, causal_offset: int, key_keep: Tensor | None, floor: float = 0.0) -> SBMGraph:
     """Sample, drop the pairs the causal rule forbids, merge duplicates, and give each query that
-    drew nothing one edge to its own position (see `_fallback_keys`), marked as not sampled.
+    drew nothing one edge to its own position (see `fallback_keys`), marked as not sampled.
 
     y_q (N, Lq, k) with N = B*heads, y_k (N, Lk, k) (zero rows at padding keys), block (N, k, k),
     key_keep (B, Lk) or None.
@@ -163,7 +163,7 @@ def sample_graph(y_q: Tensor, y_k: Tensor, block: Tensor, generator: torch.Gener
     row_ptr, col_index = edges_from_pairs(row, col, N * Lq)
 
     drew = row_ptr.diff() > 0
-    fallback = _fallback_keys(Lq, Lk, causal, causal_offset, key_keep)                  # (B or 1, Lq)
+    fallback = fallback_keys(Lq, Lk, causal, causal_offset, key_keep)                  # (B or 1, Lq)
     fallback = fallback.repeat_interleave(heads, dim=0) if key_keep is not None else fallback.expand(N, -1)
     need = (~drew) & (fallback.reshape(-1) >= 0)
     counts = row_ptr.diff()

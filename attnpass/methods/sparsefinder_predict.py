@@ -84,7 +84,7 @@ def _allowed(row: Tensor, col: Tensor, H: int, Lq: int, Lk: int, causal: bool, o
     return ok
 
 
-def _expand_groups(query_group: Tensor, query_row: Tensor, key_group: Tensor, key_col: Tensor,
+def expand_groups(query_group: Tensor, query_row: Tensor, key_group: Tensor, key_col: Tensor,
                    num_groups: int) -> tuple[Tensor, Tensor]:
     """Every (query row, key col) pair whose group ids match.
 
@@ -224,7 +224,7 @@ def clustering_pairs(qp: Tensor, kp: Tensor, centroids: Tensor, top_clusters: in
     if key_keep is not None:
         real = key_keep.view(B, 1, Lk, 1).expand_as(k_group)
         k_group, k_col = k_group[real], k_col[real]
-    row, col = _expand_groups(q_group, q_row, k_group.reshape(-1), k_col.reshape(-1), B * H * c)
+    row, col = expand_groups(q_group, q_row, k_group.reshape(-1), k_col.reshape(-1), B * H * c)
     if causal:
         ok = col <= row % Lq + causal_offset
         row, col = row[ok], col[ok]

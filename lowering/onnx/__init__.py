@@ -18,8 +18,13 @@ sparsefinder (clustering)       ``attnpass.Sparsefinder``   trained W_Q, W_K, ce
                                                             + window / first token, deduplicated
                                                             by a per-row sort; softmax or exact
                                                             entmax-1.5 over those candidates
-sbm, sparsefinder distance /    -                           not lowered: export_onnx raises a
-quantization, combiner axial /                              clear error (see docs/onnx.md)
+sbm (eval_graph "clusters")     ``attnpass.SBM``            trained clusters and phi: memberships,
+                                                            hard key clusters, each query's top
+                                                            clusters by expected edge mass (TopK)
+                                                            + own-position key; softmax over them
+sbm (sampled eval graph),       -                           not lowered: export_onnx raises a
+sparsefinder distance /                                     clear error (see docs/onnx.md)
+quantization, combiner axial /
 logsparse, routing local_heads
 ==============================  ==========================  ====================================
 
@@ -41,18 +46,13 @@ from attnpass.lowering.onnx.common import DOMAIN, DOMAIN_VERSION, ONNX_OPSET
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "bind_export_forward", "check_method",
            "needs_first_call", "translation_table"]
 
-_NOT_LOWERED = {
-    "sbm": "its eval graph is sampled from a seeded torch.Generator (Poisson counts, inverse-CDF endpoints), which "
-           "ONNX cannot reproduce, and no deterministic inference rule is implemented yet",
-}
-
-
-def check_method(method: str, options: dict) -> None:
-    """Raise if `method` (with `options`) has no ONNX lowering, saying why."""
-    if method in _NOT_LOWERED:
-        raise NotImplementedError(f"export_onnx: method {method!r} cannot be exported to ONNX in this version: "
-                                  f"{_NOT_LOWERED[method]}; methods that export: 'dense', 'combiner' (variant 'fixed'), 'routing' (no local heads), "
-                                  "'sparsefinder' (predictor 'clustering')")
+def check_method(method: str, options: dict, sparse_model: bool = False) -> None:
+    """Raise if `method` (with `options`) has no ONNX lowering, saying why. For a SparseModel
+    (options already applied) the per-site checks happen when its sites are bound."""
+    if sparse_model:
+        if method not in ("dense", "combiner", "routing", "sparsefinder", "sbm"):
+            raise ValueError(f"export_onnx: unknown method {method!r}")
+        return
     if method == "combiner":
         from attnpass.lowering.onnx.combiner import check_options
 
@@ -63,6 +63,10 @@ def check_method(method: str, options: dict) -> None:
         check_options(options)
     elif method == "sparsefinder":
         from attnpass.lowering.onnx.sparsefinder import check_options
+
+        check_options(options)
+    elif method == "sbm":
+        from attnpass.lowering.onnx.sbm import check_options
 
         check_options(options)
     elif method != "dense":
@@ -88,6 +92,11 @@ def bind_export_forward(module) -> None:
 
         bind(module)
         return
+    if module.method_name == "sbm":
+        from attnpass.lowering.onnx.sbm import bind
+
+        bind(module)
+        return
     check_method(module.method_name, {})
 
 
@@ -106,6 +115,7 @@ def translation_table() -> dict:
     from attnpass.lowering.onnx.combiner import translate_combiner
     from attnpass.lowering.onnx.dense import translate_attention
     from attnpass.lowering.onnx.routing import translate_routing
+    from attnpass.lowering.onnx.sbm import translate_sbm
     from attnpass.lowering.onnx.sparsefinder import translate_sparsefinder
 
     return {
@@ -113,14 +123,15 @@ def translation_table() -> dict:
         torch.ops.attnpass.combiner.default: translate_combiner,
         torch.ops.attnpass.routing.default: translate_routing,
         torch.ops.attnpass.sparsefinder.default: translate_sparsefinder,
+        torch.ops.attnpass.sbm.default: translate_sbm,
     }
 
 
 def _all_functions():
-    from attnpass.lowering.onnx import combiner, dense, routing, sparsefinder
+    from attnpass.lowering.onnx import candidates, combiner, dense, routing, sbm, sparsefinder
 
-    return {(f.function_ir.domain, f.name): f for f in (*dense.FUNCTIONS, *combiner.FUNCTIONS, *routing.FUNCTIONS,
-                                                        *sparsefinder.FUNCTIONS)}
+    modules = (dense, combiner, routing, candidates, sparsefinder, sbm)
+    return {(f.function_ir.domain, f.name): f for m in modules for f in m.FUNCTIONS}
 
 
 def attach_functions(model):

@@ -49,9 +49,10 @@ from onnxscript import script
 from onnxscript import opset18 as op
 from torch import Tensor
 
+from attnpass.lowering.onnx.candidates import candidate_scores, cluster_member_keys, masked_entmax15, weighted_values
 from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
-from attnpass.lowering.onnx.routing import _as_4d, pair_values
+from attnpass.lowering.onnx.routing import _as_4d
 
 _INT64, _DOUBLE = onnx.TensorProto.INT64, onnx.TensorProto.DOUBLE
 EXPORTABLE_PREDICTORS = ("clustering",)
@@ -141,40 +142,6 @@ def nearest_clusters(x, mu, top):
 
 
 @script(ATTNPASS, default_opset=op)
-def masked_entmax15(logits, allowed):
-    """entmax-1.5 over the last axis restricted to `allowed` (rows with nothing allowed give zeros):
-    p = relu(x / 2 - tau)^2 with the exact threshold of the CPU edge kernel (sorted row, float64
-    cumulative sums, largest r with tau_r <= z_r)."""
-    neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), logits)
-    zero = op.CastLike(op.Constant(value_float=0.0), logits)
-    x = op.Mul(op.Where(allowed, logits, neg_inf), op.CastLike(op.Constant(value_float=0.5), logits))
-    top = op.ReduceMax(x, [-1], keepdims=1)
-    finite_top = op.Not(op.Or(op.IsInf(top), op.IsNaN(top)))
-    mx = op.Where(finite_top, top, zero)
-    # entries below max - 1 are never in the support; clipping at max - 2 (as the kernel) parks -inf there
-    z = op.Cast(op.Max(op.Sub(x, mx), op.CastLike(op.Constant(value_float=-2.0), x)), to=_DOUBLE)
-    width = op.Shape(z, start=-1)
-    zs, order = op.TopK(z, width, axis=-1, largest=1, sorted=1)
-    rank = op.Cast(op.Range(op.Constant(value_int=1), op.Add(op.Squeeze(width, [0]), op.Constant(value_int=1)),
-                            op.Constant(value_int=1)), to=_DOUBLE)
-    s1 = op.CumSum(zs, op.Constant(value_int=-1))
-    mean = op.Div(s1, rank)
-    ss = op.Sub(op.CumSum(op.Mul(zs, zs), op.Constant(value_int=-1)), op.Mul(s1, mean))
-    one_d = op.Constant(value=onnx.helper.make_tensor("one", _DOUBLE, [], [1.0]))
-    zero_d = op.Constant(value=onnx.helper.make_tensor("zero", _DOUBLE, [], [0.0]))
-    tau_r = op.Sub(mean, op.Sqrt(op.Max(op.Div(op.Sub(one_d, ss), rank), zero_d)))
-    support = op.ReduceSum(op.Cast(op.LessOrEqual(tau_r, zs), to=_INT64), [-1], keepdims=1)
-    support = op.Max(support, op.Constant(value_ints=[1]))
-    tau = op.Add(op.GatherElements(tau_r, op.Sub(support, op.Constant(value_ints=[1])), axis=-1),
-                 op.Cast(mx, to=_DOUBLE))
-    any_finite = op.Greater(op.ReduceMax(op.Cast(op.Not(op.Or(op.IsInf(x), op.IsNaN(x))), to=_INT64), [-1],
-                                         keepdims=1), op.Constant(value_ints=[0]))
-    tau = op.CastLike(op.Where(any_finite, tau, zero_d), logits)
-    s = op.Relu(op.Sub(x, tau))  # -inf (not allowed) -> 0
-    return op.Mul(s, s)
-
-
-@script(ATTNPASS, default_opset=op)
 def Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale: float, causal: int, bottom_right: int,
                  entmax15: int, top_clusters: int, window: int, first_token: int):
     hq = op.Shape(q, start=1, end=2)
@@ -204,14 +171,7 @@ def Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale: floa
     real = op.Cast(op.Unsqueeze(key_keep, [1, 2]), to=_INT64)                    # (B, 1, 1, Lk)
     member = op.Mul(op.Transpose(in_cluster, perm=[0, 1, 3, 2]), real)           # (B, H, c, Lk) 0/1, real keys
 
-    # --- each cluster's real keys by position, padded to the largest cluster (Lk = no key)
-    largest = op.Max(op.Reshape(op.ReduceMax(op.ReduceSum(member, [3], keepdims=0), keepdims=0), [1]), one)
-    positions = op.Range(zero_i, op.Squeeze(lk, [0]), one_i)                      # (Lk,)
-    rank_key = op.Add(positions, op.Mul(op.Sub(one, member), lk))                # members first, by position
-    listed, unused = op.TopK(rank_key, largest, axis=-1, largest=0, sorted=1)    # (B, H, c, M)
-    cluster_keys = op.GatherND(listed, op.Unsqueeze(q_clusters, [4]), batch_dims=2)  # (B, H, Lq, t, M)
-    cand_shape = op.Concat(op.Shape(cluster_keys, start=0, end=3), op.Constant(value_ints=[-1]), axis=0)
-    cluster_keys = op.Reshape(cluster_keys, cand_shape)                          # (B, H, Lq, t*M), >= Lk: none
+    cluster_keys = cluster_member_keys(member, q_clusters)                        # (B, H, Lq, t*M), >= Lk: none
 
     # --- window keys around the query's anchor in key space, and key 0
     i_pos = op.Range(zero_i, op.Squeeze(lq, [0]), one_i)                          # (Lq,)
@@ -227,32 +187,12 @@ def Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale: floa
     local = op.Where(op.Or(op.Less(local, zero), op.GreaterOrEqual(local, lk)), lk, local)
     local = op.Expand(local, op.Concat(batch, hq, op.Shape(local), axis=0))
 
-    # --- the candidate set: allowed by the causal rule and key padding, each key once per row
+    # --- the candidates (each allowed key once per row), then the normaliser over them
     cand = op.Concat(cluster_keys, local, axis=3)                                # (B, H, Lq, W)
-    b4 = op.Reshape(op.Range(zero_i, op.Squeeze(batch, [0]), one_i), op.Constant(value_ints=[-1, 1, 1, 1]))
-    h4 = op.Reshape(op.Range(zero_i, op.Squeeze(hq, [0]), one_i), op.Constant(value_ints=[1, -1, 1, 1]))
-    i4 = op.Reshape(i_pos, op.Constant(value_ints=[1, 1, -1, 1]))
-    inside = op.Less(cand, lk)
-    j_safe = op.Where(inside, cand, zero)
-    ok = op.And(inside, op.Or(not_causal, op.LessOrEqual(cand, op.Add(i4, offset))))
-    ok = op.And(ok, pair_values(op.Unsqueeze(key_keep, [1, 2]), b4, h4, i4, j_safe))
-    cand = op.Where(ok, cand, lk)
-    width = op.Shape(cand, start=3, end=4)
-    ordered, unused2 = op.TopK(cand, width, axis=-1, largest=0, sorted=1)
-    before = op.Concat(op.Expand(op.Constant(value_ints=[-1]), op.Concat(op.Shape(ordered, start=0, end=3), one, axis=0)),
-                       op.Slice(ordered, zero, op.Sub(width, one), op.Constant(value_ints=[3])), axis=3)
-    edge = op.And(op.Less(ordered, lk), op.Not(op.Equal(ordered, before)))       # (B, H, Lq, W)
-    j = op.Where(edge, ordered, zero)
-
-    # --- attention over the candidates
-    k_g = op.GatherND(k4, op.Unsqueeze(j, [4]), batch_dims=2)                   # (B, H, Lq, W, D)
-    v_g = op.GatherND(v4, op.Unsqueeze(j, [4]), batch_dims=2)                   # (B, H, Lq, W, Dv)
-    dots = op.Squeeze(op.MatMul(op.Unsqueeze(q, [3]), op.Transpose(k_g, perm=[0, 1, 2, 4, 3])), [3])
-    logits = op.Add(op.Mul(dots, scale_t), pair_values(bias, b4, h4, i4, j))    # (B, H, Lq, W)
-    allowed = op.And(edge, pair_values(mask, b4, h4, i4, j))
+    logits, allowed, v_g = candidate_scores(q, k4, v4, cand, bias, mask, key_keep, offset, not_causal, scale_t)
     use_entmax = op.Equal(op.Constant(value_int=entmax15), one_i)
     probs = op.Where(use_entmax, masked_entmax15(logits, allowed), masked_softmax(logits, allowed))
-    return op.Squeeze(op.MatMul(op.Unsqueeze(probs, [3]), v_g), [3])            # (B, H, Lq, Dv)
+    return weighted_values(probs, v_g)                                          # (B, H, Lq, Dv)
 
 
 SPARSEFINDER_NODE = node_op(
@@ -264,7 +204,7 @@ SPARSEFINDER_NODE = node_op(
     outputs=[("out", "T")],
 )
 
-FUNCTIONS = (Sparsefinder, nearest_clusters, masked_entmax15)
+FUNCTIONS = (Sparsefinder, nearest_clusters)
 
 
 def translate_sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale, causal, bottom_right, cross,
