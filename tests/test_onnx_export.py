@@ -338,7 +338,7 @@ def test_sparsefinder_node_equals_the_pytorch_sparsefinder_and_predicts_the_same
     with torch.no_grad():
         expected = torch.ops.attnpass.sparsefinder(
             q, k, v, bias, mask, keep, site.w_q, site.w_k, site.centroids, 0.25, causal, cross, cross, normalizer,
-            top, -1 if window is None else window, first_token)
+            "clustering", 16, top, -1 if window is None else window, first_token)
         assert torch.equal(site(q, k, v, bias, mask, keep), expected)  # the custom op is the site's computation
     row_ptr, col, candidates = site.predict(q, k, keep)
     assert candidates > col.numel()  # some pair is predicted twice (shared clusters, window): dedupe is exercised
@@ -354,6 +354,57 @@ def test_sparsefinder_node_equals_the_pytorch_sparsefinder_and_predicts_the_same
     # values (v[j] = e_j) the output row is the row's probabilities and its support is the pair set
     inputs["v"] = torch.eye(lk, dtype=torch.float64).expand(2, hkv, lk, lk).numpy()
     probs = session(sparsefinder_node(site, inputs, "softmax")).run(None, inputs)[0]
+    pairs = edges_to_dense_mask(row_ptr, col, 2, 4, lq, lk)
+    if mask is not None:
+        pairs &= mask
+    assert pairs.sum() > 0 and np.array_equal(probs > 0, pairs.numpy())
+
+
+@pytest.mark.parametrize("causal,cross,hkv,with_bias,with_mask,normalizer,bucket,window,first_token", [
+    (False, False, 4, False, False, "entmax15", 4, 1, True),
+    (True, False, 2, True, False, "softmax", 3, None, False),
+    (False, True, 1, False, True, "entmax15", 2, 2, True),
+    (True, True, 4, True, True, "softmax", 5, 0, True),
+])
+def test_sparsefinder_quantization_node_equals_the_pytorch_site_and_predicts_the_same_pairs(
+        causal, cross, hkv, with_bias, with_mask, normalizer, bucket, window, first_token):
+    from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
+    from attnpass.methods.base import SiteSpec
+    from attnpass.methods.sparsefinder import SparsefinderAttention
+
+    lq, lk = (9, 14) if cross else (17, 17)
+    g, q, k, v, keep = random_qkv(11, 2, 4, hkv, lq, lk)
+    k[:, :, 5:8] = k[:, :, 4:5]  # identical keys: equal coordinates, ordered by position on both sides
+    bias = torch.randn(2, 1, lq, lk, generator=g, dtype=torch.float64) if with_bias else None
+    mask = torch.rand(1, 4, lq, lk, generator=g) > 0.2 if with_mask else None
+    spec = SiteSpec(name="t", scale=0.25, causal=causal, causal_bottom_right=cross, heads_q=4, heads_kv=hkv,
+                    head_dim=8, cross=cross)
+    site = SparsefinderAttention(spec, predictor="quantization", rank=3, bucket_size=bucket, window=window,
+                                 first_token=first_token, normalizer=normalizer).double().eval()
+    with torch.no_grad():
+        site.w_q.copy_(torch.randn(4, 8, 3, generator=g, dtype=torch.float64))
+        site.w_k.copy_(torch.randn(4, 8, 3, generator=g, dtype=torch.float64))
+        expected = torch.ops.attnpass.sparsefinder(
+            q, k, v, bias, mask, keep, site.w_q, site.w_k, None, 0.25, causal, cross, cross, normalizer,
+            "quantization", bucket, 1, -1 if window is None else window, first_token)
+        assert torch.equal(site(q, k, v, bias, mask, keep), expected)
+    row_ptr, col, candidates = site.predict(q, k, keep)
+    assert candidates > col.numel()  # repeats across dims / window: the dedupe is exercised
+
+    def node(inputs, norm):
+        return single_node_model("SparsefinderQuantization", inputs, dict(
+            scale=0.25, causal=int(causal), bottom_right=int(cross), entmax15=int(norm == "entmax15"),
+            bucket_size=bucket, window=-1 if window is None else window, first_token=int(first_token)))
+
+    inputs = dict(q=q, k=k, v=v, bias=torch.zeros(1, 1, 1, 1, dtype=torch.float64) if bias is None else bias,
+                  mask=torch.ones(1, 1, 1, 1, dtype=torch.bool) if mask is None else mask, key_keep=keep,
+                  w_q=site.w_q.detach(), w_k=site.w_k.detach())
+    inputs = {name: t.numpy() for name, t in inputs.items()}
+    got = session(node(inputs, normalizer)).run(None, inputs)[0]
+    assert np.abs(got - expected.numpy()).max() < 1e-12
+    inputs["v"] = torch.eye(lk, dtype=torch.float64).expand(2, hkv, lk, lk).numpy()
+    inputs["bias"] = np.zeros((1, 1, 1, 1))
+    probs = session(node(inputs, "softmax")).run(None, inputs)[0]
     pairs = edges_to_dense_mask(row_ptr, col, 2, 4, lq, lk)
     if mask is not None:
         pairs &= mask
@@ -404,6 +455,24 @@ def test_sparsefinder_softmax_export_of_a_fresh_model_and_of_a_run_one(bert):
         assert max_relative_error(got, expected) < 1e-4, (batch, length)
 
 
+def test_sparsefinder_quantization_export_matches_the_model(bert):
+    case, model, args, kwargs = bert
+    sparse = attnpass.sparsify(model, args, kwargs, method="sparsefinder", predictor="quantization",
+                               bucket_size=4).eval()
+    proto = attnpass.export_onnx(sparse, args, kwargs)
+    assert Counter(n.op_type for n in proto.graph.node if n.domain == DOMAIN) == {"SparsefinderQuantization": 2}
+    sess = session(proto)
+    for batch, length in RUN_SIZES:
+        args, kwargs = case.inputs(batch, length)
+        with torch.no_grad():
+            expected = sparse(*args, **kwargs)
+        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
+        assert max_relative_error(got, expected) < 1e-4, (batch, length)
+    # candidates per query: rank x bucket + window + first token, whatever L: no L x L value
+    lengths = (24, 40)
+    assert square_values(*[runtime_shapes(proto, case.inputs(2, n)[1]) for n in lengths], lengths) == []
+
+
 # --------------------------------------------------------------------------------------------
 # the caller's model, SparseModel input, errors
 # --------------------------------------------------------------------------------------------
@@ -439,7 +508,6 @@ def test_export_leaves_the_model_unchanged_and_takes_a_sparse_model_as_is(bert, 
     ("routing", {"local_heads": 2}, "routing with local_heads > 0 cannot be exported"),
     ("sbm", {}, "method 'sbm' with eval_graph='sample' cannot be exported to ONNX.*pass eval_graph='clusters'"),
     ("sparsefinder", {"predictor": "distance"}, "sparsefinder predictor 'distance' cannot be exported .* all-pairs"),
-    ("sparsefinder", {"predictor": "quantization"}, "sparsefinder predictor 'quantization' cannot be exported"),
     ("combiner", {"variant": "axial"}, "combiner variant 'axial' cannot be exported"),
 ])
 def test_methods_without_a_lowering_are_refused_clearly(bert, method, options, message):

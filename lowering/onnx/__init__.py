@@ -18,14 +18,17 @@ sparsefinder (clustering)       ``attnpass.Sparsefinder``   trained W_Q, W_K, ce
                                                             + window / first token, deduplicated
                                                             by a per-row sort; softmax or exact
                                                             entmax-1.5 over those candidates
+sparsefinder (quantization)     ``attnpass.Sparsefinder     trained W_Q, W_K: per-dim quantile
+                                Quantization``              buckets (TopK sorts), r x bucket keys
+                                                            per query + window; as above
 sbm (eval_graph "clusters")     ``attnpass.SBM``            trained clusters and phi: memberships,
                                                             hard key clusters, each query's top
                                                             clusters by expected edge mass (TopK)
                                                             + own-position key; softmax over them
 sbm (sampled eval graph),       -                           not lowered: export_onnx raises a
-sparsefinder distance /                                     clear error (see docs/onnx.md)
-quantization, combiner axial /
-logsparse, routing local_heads
+sparsefinder distance,                                      clear error (see docs/onnx.md)
+combiner axial / logsparse,
+routing local_heads
 ==============================  ==========================  ====================================
 
 Why method-level nodes for Combiner and routing rather than one node per kernel call: a Combiner site calls

@@ -85,6 +85,26 @@ def all_keys(q, k):
     return op.Expand(true_scalar(), shape)
 
 
+def as_4d(t):
+    """A bias / mask broadcastable to (B, H, Lq, Lk) with leading axes added to make it 4-D."""
+    rank = len(t.shape) if t.shape is not None else None
+    if rank is None:
+        raise TypeError("export_onnx: an attnpass node needs the rank of the site's bias / mask")
+    return t if rank == 4 else op.Unsqueeze(t, list(range(4 - rank)))
+
+
+def pair_bias(bias, q):
+    """The site's bias as a 4-D input of q's dtype, or a (1, 1, 1, 1) zero when it has none."""
+    if bias is None:
+        return op.Reshape(zero_like(q), op.Constant(value_ints=[1, 1, 1, 1]))
+    return op.CastLike(as_4d(bias), q)
+
+
+def pair_mask(mask):
+    """The site's bool mask as a 4-D input, or a (1, 1, 1, 1) True when it has none."""
+    return op.Reshape(true_scalar(), op.Constant(value_ints=[1, 1, 1, 1])) if mask is None else as_4d(mask)
+
+
 def int_input(value):
     """A symbolic int (e.g. Lk - Lq under dynamic shapes) as an int64 scalar input."""
     if isinstance(value, bool):

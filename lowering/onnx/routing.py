@@ -37,7 +37,7 @@ from onnxscript import script
 from onnxscript import opset18 as op
 from torch import Tensor
 
-from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, static_float, true_scalar, zero_like
+from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, pair_bias, pair_mask, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
 
 _INT64, _BOOL = onnx.TensorProto.INT64, onnx.TensorProto.BOOL
@@ -263,14 +263,6 @@ ROUTING_NODE = node_op(
 FUNCTIONS = (Routing, layer_norm, sorted_top, pair_values, zero_like_float)
 
 
-def _as_4d(t):
-    """A bias / mask broadcastable to (B, H, Lq, Lk) with leading axes added to make it 4-D."""
-    rank = len(t.shape) if t.shape is not None else None
-    if rank is None:
-        raise TypeError("export_onnx: attnpass.Routing needs the rank of the site's bias / mask")
-    return t if rank == 4 else op.Unsqueeze(t, list(range(4 - rank)))
-
-
 def translate_routing(q, k, v, bias, mask, key_keep, centroids, scale, causal, bottom_right, cross, local_window):
     """custom_translation_table entry for torch.ops.attnpass.routing.default."""
     check_float("attnpass.Routing", q, k, v)
@@ -278,9 +270,7 @@ def translate_routing(q, k, v, bias, mask, key_keep, centroids, scale, causal, b
     query_keep = keep if (key_keep is not None and not cross) else all_keys(q, q)
     return ROUTING_NODE(
         q, k, v,
-        op.Reshape(zero_like(q), op.Constant(value_ints=[1, 1, 1, 1])) if bias is None else op.CastLike(_as_4d(bias), q),
-        op.Reshape(true_scalar(), op.Constant(value_ints=[1, 1, 1, 1])) if mask is None else _as_4d(mask),
-        keep, query_keep, centroids,
+        pair_bias(bias, q), pair_mask(mask), keep, query_keep, centroids,
         scale=static_float("attnpass.Routing", "scale", scale), causal=int(bool(causal)),
         bottom_right=int(bool(bottom_right)), local_window=int(local_window),
     )

@@ -43,9 +43,8 @@ from onnxscript import opset18 as op
 from torch import Tensor
 
 from attnpass.lowering.onnx.candidates import candidate_scores, cluster_member_keys, weighted_values
-from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, static_float
+from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, pair_bias, pair_mask, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
-from attnpass.lowering.onnx.routing import _as_4d
 
 _INT64 = onnx.TensorProto.INT64
 
@@ -214,12 +213,7 @@ def translate_sbm(q, k, v, bias, mask, key_keep, clusters, phi_w1, phi_b1, phi_w
     """custom_translation_table entry for torch.ops.attnpass.sbm.default."""
     check_float("attnpass.SBM", q, k, v)
     return SBM_NODE(
-        q, k, v,
-        op.Reshape(op.CastLike(op.Constant(value_float=0.0), q), op.Constant(value_ints=[1, 1, 1, 1]))
-        if bias is None else op.CastLike(_as_4d(bias), q),
-        op.Reshape(op.Constant(value=onnx.helper.make_tensor("true", onnx.TensorProto.BOOL, [], [True])),
-                   op.Constant(value_ints=[1, 1, 1, 1])) if mask is None else _as_4d(mask),
-        all_keys(q, k) if key_keep is None else key_keep,
+        q, k, v, pair_bias(bias, q), pair_mask(mask), all_keys(q, k) if key_keep is None else key_keep,
         *(op.CastLike(t, q) for t in (clusters, phi_w1, phi_b1, phi_w2, phi_b2)),
         scale=static_float("attnpass.SBM", "scale", scale), causal=int(bool(causal)),
         bottom_right=int(bool(bottom_right)), eval_clusters=int(eval_clusters),

@@ -1,4 +1,6 @@
-"""ONNX lowering of a Sparsefinder site (clustering predictor): node ``attnpass.Sparsefinder``, one per site.
+"""ONNX lowering of a Sparsefinder site: node ``attnpass.Sparsefinder`` (clustering predictor) or
+``attnpass.SparsefinderQuantization`` (quantization predictor), one per site. The distance
+predictor is refused: it tests every pair (its body would be the Lq x Lk tensor).
 
 Node: ``Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids) -> out`` with attributes
 ``scale`` (float), ``causal`` (int), ``bottom_right`` (int: causal offset Lk - Lq, derived from the
@@ -31,6 +33,13 @@ is cheap. The largest intermediate is (B, Hq, Lq, W, max(D, Dv)); W is at most t
 cluster + 2 window + 2, i.e. the method's own per-query work (a cluster holding most keys makes
 the predicted graph itself dense).
 
+Quantization node: ``SparsefinderQuantization(q, k, v, bias, mask, key_keep, w_q, w_k) -> out``,
+attributes as above with ``bucket_size`` instead of ``top_clusters``. The candidates are
+`sparsefinder_predict.quantization_slots`' (per projected dim, keys and queries sorted separately
+by coordinate with TopK, query rank i in key bucket i * n_buckets // Lq, the bucket's bs keys by
+GatherElements): a fixed width of r * bucket_size per query, plus the window and first token, then
+the same candidate attention. TopK sorts with ties to the lower index, as torch's stable argsort.
+
 Ties: a token's cluster *set* is what matters, so ties in order are harmless; an exact tie between
 its top_clusters-th and next centroid distance is broken by TopK's rule (lowest index) in ONNX and
 by torch.topk's (unspecified) in PyTorch. Near ties also depend on the last bits of the projected
@@ -50,16 +59,14 @@ from onnxscript import opset18 as op
 from torch import Tensor
 
 from attnpass.lowering.onnx.candidates import candidate_scores, cluster_member_keys, masked_entmax15, weighted_values
-from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, static_float
+from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, pair_bias, pair_mask, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
-from attnpass.lowering.onnx.routing import _as_4d
 
 _INT64, _DOUBLE = onnx.TensorProto.INT64, onnx.TensorProto.DOUBLE
-EXPORTABLE_PREDICTORS = ("clustering",)
+EXPORTABLE_PREDICTORS = ("clustering", "quantization")
 _WHY_NOT = {
     "distance": "it tests every (query, key) pair against the threshold, all-pairs by nature, so its ONNX body "
                 "would be the Lq x Lk tensor the sparse export exists to avoid",
-    "quantization": "its per-dimension quantile buckets (separate sorts of queries and keys) have no ONNX body yet",
 }
 
 
@@ -70,32 +77,37 @@ _WHY_NOT = {
 
 @torch.library.custom_op("attnpass::sparsefinder", mutates_args=())
 def sparsefinder(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-                 key_keep: Optional[Tensor], w_q: Tensor, w_k: Tensor, centroids: Tensor, scale: float, causal: bool,
-                 bottom_right: bool, cross: bool, normalizer: str, top_clusters: int, window: int,
-                 first_token: bool) -> Tensor:
-    """A Sparsefinder site's eval-mode attention (clustering predictor) with these projections and
-    centroids, exactly as the site module computes it (window -1 = None)."""
+                 key_keep: Optional[Tensor], w_q: Tensor, w_k: Tensor, centroids: Optional[Tensor], scale: float,
+                 causal: bool, bottom_right: bool, cross: bool, normalizer: str, predictor: str, bucket_size: int,
+                 top_clusters: int, window: int, first_token: bool) -> Tensor:
+    """A Sparsefinder site's eval-mode attention (clustering predictor with these centroids, or
+    quantization with this bucket size) with these projections, exactly as the site module
+    computes it (window -1 = None)."""
     from attnpass.methods.base import SiteSpec
     from attnpass.methods.sparsefinder import SparsefinderAttention
 
     heads, dim, rank = w_q.shape
     spec = SiteSpec(name="attnpass::sparsefinder", scale=scale, causal=causal, causal_bottom_right=bottom_right,
                     heads_q=heads, heads_kv=k.shape[1], head_dim=dim, cross=cross)
-    site = SparsefinderAttention(spec, predictor="clustering", rank=rank, clusters=centroids.shape[1],
-                                 top_clusters=top_clusters, window=None if window < 0 else window,
-                                 first_token=first_token, normalizer=normalizer)
-    site = site.to(w_q.dtype).eval()  # float64 weights stay float64
+    options = dict(predictor=predictor, rank=rank, window=None if window < 0 else window, first_token=first_token,
+                   normalizer=normalizer)
+    if predictor == "clustering":
+        options.update(clusters=centroids.shape[1], top_clusters=top_clusters)
+    else:
+        options.update(bucket_size=bucket_size)
+    site = SparsefinderAttention(spec, **options).to(w_q.dtype).eval()  # float64 weights stay float64
     with torch.no_grad():
         site.w_q.copy_(w_q)
         site.w_k.copy_(w_k)
-        site.centroids.copy_(centroids)
-        site.initialized.fill_(True)
+        if predictor == "clustering":
+            site.centroids.copy_(centroids)
+            site.initialized.fill_(True)
     return site(q, k, v, bias, mask, key_keep)
 
 
 @sparsefinder.register_fake
-def _(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale, causal, bottom_right, cross, normalizer,
-      top_clusters, window, first_token):
+def _(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale, causal, bottom_right, cross, normalizer, predictor,
+      bucket_size, top_clusters, window, first_token):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -110,7 +122,7 @@ def check_options(options: dict) -> None:
 def bind(module) -> None:
     """Make a Sparsefinder site module (of a private copy, in eval mode) call `attnpass::sparsefinder` when exported."""
     check_options({"predictor": module.predictor})
-    if not bool(module.initialized):
+    if module.predictor == "clustering" and not bool(module.initialized):
         raise ValueError(f"export_onnx: sparsefinder site {module.spec.name!r} has no centroids yet (they are "
                          "initialised by the first call); run or train the model before exporting it")
     module.forward = functools.partial(_export_forward, module)
@@ -119,8 +131,9 @@ def bind(module) -> None:
 def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
     module._check_shapes(q, k)
     return torch.ops.attnpass.sparsefinder(
-        q, k, v, bias, mask, key_keep, module.w_q, module.w_k, module.centroids, float(module.scale(q)),
-        bool(module.spec.causal), bool(module.spec.causal_bottom_right), bool(module.spec.cross), module.normalizer,
+        q, k, v, bias, mask, key_keep, module.w_q, module.w_k, getattr(module, "centroids", None),
+        float(module.scale(q)), bool(module.spec.causal), bool(module.spec.causal_bottom_right),
+        bool(module.spec.cross), module.normalizer, module.predictor, int(module.bucket_size),
         int(module.top_clusters), -1 if module.window is None else int(module.window), bool(module.first_token))
 
 
@@ -142,21 +155,81 @@ def nearest_clusters(x, mu, top):
 
 
 @script(ATTNPASS, default_opset=op)
+def quantile_bucket_keys(qp, kp, key_keep, bucket_size):
+    """qp (B, H, Lq, r), kp (B, H, Lk, r), key_keep (B, Lk), bucket_size (1,) int64 -> (B, H, Lq, r * bs)
+    key positions (>= Lk: none) as `sparsefinder_predict.quantization_slots` defines them: per
+    projected dim, real keys sorted by coordinate and cut into buckets of bs consecutive ranks, query
+    rank i (queries sorted separately) in bucket i * n_buckets // Lq. TopK sorts ascending with ties
+    to the lower index: torch's stable argsort."""
+    zero_i = op.Constant(value_int=0)
+    one_i = op.Constant(value_int=1)
+    one = op.Constant(value_ints=[1])
+    lq = op.Shape(qp, start=2, end=3)
+    lk = op.Shape(kp, start=2, end=3)
+    inf = op.CastLike(op.Constant(value_float=float("inf")), kp)
+    kc = op.Where(op.Unsqueeze(key_keep, [1, 2]), op.Transpose(kp, perm=[0, 1, 3, 2]), inf)   # (B, H, r, Lk)
+    unused1, key_order = op.TopK(kc, lk, axis=-1, largest=0, sorted=1)                        # rank -> key
+    unused2, q_order = op.TopK(op.Transpose(qp, perm=[0, 1, 3, 2]), lq, axis=-1, largest=0, sorted=1)
+    ranks = op.Expand(op.Range(zero_i, op.Squeeze(lq, [0]), one_i), op.Shape(q_order))
+    q_rank = op.ScatterElements(ranks, q_order, ranks, axis=-1)                               # (B, H, r, Lq)
+    n_real = op.Reshape(op.ReduceSum(op.Cast(key_keep, to=_INT64), [1], keepdims=1),
+                        op.Constant(value_ints=[-1, 1, 1, 1]))                                # (B, 1, 1, 1)
+    n_buckets = op.Div(op.Sub(op.Add(n_real, bucket_size), one), bucket_size)
+    q_bucket = op.Div(op.Mul(q_rank, n_buckets), lq)                                          # (B, H, r, Lq)
+    slot = op.Add(op.Mul(op.Unsqueeze(q_bucket, [4]), bucket_size),
+                  op.Range(zero_i, op.Squeeze(bucket_size, [0]), one_i))                       # (B, H, r, Lq, bs)
+    valid = op.Less(slot, op.Unsqueeze(n_real, [4]))
+    flat_shape = op.Concat(op.Shape(slot, start=0, end=3), op.Constant(value_ints=[-1]), axis=0)
+    col = op.GatherElements(key_order, op.Reshape(op.Min(slot, op.Sub(lk, one)), flat_shape), axis=3)
+    col = op.Where(valid, op.Reshape(col, op.Shape(slot)), lk)
+    col = op.Transpose(col, perm=[0, 1, 3, 2, 4])                                              # (B, H, Lq, r, bs)
+    return op.Reshape(col, op.Concat(op.Shape(col, start=0, end=3), op.Constant(value_ints=[-1]), axis=0))
+
+
+@script(ATTNPASS, default_opset=op)
+def window_keys(lq, lk, offset, not_causal, window, first_token):
+    """(Lq, Wl) key positions of the window |anchor(i) - j| <= window (causal: j in [anchor - window,
+    anchor]; window < 0: none) and of the first key (first_token 1); >= Lk or < 0 become Lk (none).
+    window, first_token: int64 scalars."""
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    zero_i = op.Constant(value_int=0)
+    one_i = op.Constant(value_int=1)
+    i_pos = op.Range(zero_i, op.Squeeze(lq, [0]), one_i)                          # (Lq,)
+    anchor = op.Where(not_causal, op.Div(op.Mul(i_pos, lk), op.Max(lq, one)), op.Min(op.Add(i_pos, offset), op.Sub(lk, one)))
+    has_window = op.GreaterOrEqual(window, zero_i)
+    low = op.Where(has_window, op.Neg(window), zero_i)
+    high = op.Where(has_window, op.Where(op.Squeeze(not_causal, [0]), op.Add(window, one_i), one_i), zero_i)
+    steps = op.Range(low, high, one_i)                                            # (2w + 1,), (w + 1,) causal, or ()
+    first = op.Mul(op.Range(zero_i, first_token, one_i), zero_i)                  # (1,) = [0] or ()
+    local = op.Concat(op.Add(op.Unsqueeze(anchor, [1]), steps),
+                      op.Expand(op.Unsqueeze(first, [0]), op.Concat(lq, one, axis=0)), axis=1)  # (Lq, Wl)
+    return op.Where(op.Or(op.Less(local, zero), op.GreaterOrEqual(local, lk)), lk, local)
+
+
+@script(ATTNPASS, default_opset=op)
+def normalised_candidates(q, k4, v4, cand, bias, mask, key_keep, offset, not_causal, scale_t, use_entmax):
+    """Entmax-1.5 (use_entmax) or softmax over each query's allowed candidates, applied to their values.
+    Both normalisers are computed and one is selected: an ONNX If inside a function would leave
+    its output untyped for the checker's shape inference."""
+    logits, allowed, v_g = candidate_scores(q, k4, v4, cand, bias, mask, key_keep, offset, not_causal, scale_t)
+    probs = op.Where(use_entmax, masked_entmax15(logits, allowed), masked_softmax(logits, allowed))
+    return weighted_values(probs, v_g)                                          # (B, H, Lq, Dv)
+
+
+@script(ATTNPASS, default_opset=op)
 def Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale: float, causal: int, bottom_right: int,
                  entmax15: int, top_clusters: int, window: int, first_token: int):
     hq = op.Shape(q, start=1, end=2)
     k4 = repeat_kv(k, hq)
     v4 = repeat_kv(v, hq)
     zero = op.Constant(value_ints=[0])
-    one = op.Constant(value_ints=[1])
     zero_i = op.Constant(value_int=0)
     one_i = op.Constant(value_int=1)
-    batch = op.Shape(q, start=0, end=1)
     lq = op.Shape(q, start=2, end=3)
     lk = op.Shape(k, start=2, end=3)
     offset = op.Where(op.Equal(op.Unsqueeze(op.Constant(value_int=bottom_right), [0]), zero), zero, op.Sub(lk, lq))
     not_causal = op.Equal(op.Unsqueeze(op.Constant(value_int=causal), [0]), zero)
-    scale_t = op.CastLike(op.Constant(value_float=scale), q)
 
     # --- projections and clusters (the query head's W_K projects its kv head's keys)
     qp = op.MatMul(q, op.CastLike(w_q, q))                                       # (B, H, Lq, r)
@@ -165,34 +238,39 @@ def Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale: floa
     top = op.Unsqueeze(op.Constant(value_int=top_clusters), [0])
     q_clusters = nearest_clusters(qp, mu, top)                                   # (B, H, Lq, t)
     k_clusters = nearest_clusters(kp, mu, top)                                   # (B, H, Lk, t)
-    clusters = op.Shape(mu, start=1, end=2)
-    ids = op.Range(zero_i, op.Squeeze(clusters, [0]), one_i)                      # (c,)
+    ids = op.Range(zero_i, op.Squeeze(op.Shape(mu, start=1, end=2), [0]), one_i)  # (c,)
     in_cluster = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(k_clusters, [4]), ids), to=_INT64), [3], keepdims=0)
     real = op.Cast(op.Unsqueeze(key_keep, [1, 2]), to=_INT64)                    # (B, 1, 1, Lk)
     member = op.Mul(op.Transpose(in_cluster, perm=[0, 1, 3, 2]), real)           # (B, H, c, Lk) 0/1, real keys
-
     cluster_keys = cluster_member_keys(member, q_clusters)                        # (B, H, Lq, t*M), >= Lk: none
 
-    # --- window keys around the query's anchor in key space, and key 0
-    i_pos = op.Range(zero_i, op.Squeeze(lq, [0]), one_i)                          # (Lq,)
-    anchor = op.Where(not_causal, op.Div(op.Mul(i_pos, lk), op.Max(lq, one)), op.Min(op.Add(i_pos, offset), op.Sub(lk, one)))
-    w = op.Constant(value_int=window)
-    has_window = op.GreaterOrEqual(w, zero_i)
-    low = op.Where(has_window, op.Neg(w), zero_i)
-    high = op.Where(has_window, op.Where(op.Squeeze(not_causal, [0]), op.Add(w, one_i), one_i), zero_i)
-    steps = op.Range(low, high, one_i)                                            # (2w + 1,), (w + 1,) causal, or ()
-    first = op.Mul(op.Range(zero_i, op.Constant(value_int=first_token), one_i), zero_i)  # (1,) = [0] or ()
-    local = op.Concat(op.Add(op.Unsqueeze(anchor, [1]), steps),
-                      op.Expand(op.Unsqueeze(first, [0]), op.Concat(lq, one, axis=0)), axis=1)  # (Lq, Wl)
-    local = op.Where(op.Or(op.Less(local, zero), op.GreaterOrEqual(local, lk)), lk, local)
-    local = op.Expand(local, op.Concat(batch, hq, op.Shape(local), axis=0))
+    local = window_keys(lq, lk, offset, not_causal, op.Constant(value_int=window), op.Constant(value_int=first_token))
+    local = op.Expand(local, op.Concat(op.Shape(q, start=0, end=2), op.Shape(local), axis=0))
+    return normalised_candidates(q, k4, v4, op.Concat(cluster_keys, local, axis=3), bias, mask, key_keep, offset,
+                                 not_causal, op.CastLike(op.Constant(value_float=scale), q),
+                                 op.Equal(op.Constant(value_int=entmax15), one_i))
 
-    # --- the candidates (each allowed key once per row), then the normaliser over them
-    cand = op.Concat(cluster_keys, local, axis=3)                                # (B, H, Lq, W)
-    logits, allowed, v_g = candidate_scores(q, k4, v4, cand, bias, mask, key_keep, offset, not_causal, scale_t)
-    use_entmax = op.Equal(op.Constant(value_int=entmax15), one_i)
-    probs = op.Where(use_entmax, masked_entmax15(logits, allowed), masked_softmax(logits, allowed))
-    return weighted_values(probs, v_g)                                          # (B, H, Lq, Dv)
+
+@script(ATTNPASS, default_opset=op)
+def SparsefinderQuantization(q, k, v, bias, mask, key_keep, w_q, w_k, scale: float, causal: int, bottom_right: int,
+                             entmax15: int, bucket_size: int, window: int, first_token: int):
+    hq = op.Shape(q, start=1, end=2)
+    k4 = repeat_kv(k, hq)
+    v4 = repeat_kv(v, hq)
+    zero = op.Constant(value_ints=[0])
+    one_i = op.Constant(value_int=1)
+    lq = op.Shape(q, start=2, end=3)
+    lk = op.Shape(k, start=2, end=3)
+    offset = op.Where(op.Equal(op.Unsqueeze(op.Constant(value_int=bottom_right), [0]), zero), zero, op.Sub(lk, lq))
+    not_causal = op.Equal(op.Unsqueeze(op.Constant(value_int=causal), [0]), zero)
+    qp = op.MatMul(q, op.CastLike(w_q, q))                                       # (B, H, Lq, r)
+    kp = op.MatMul(k4, op.CastLike(w_k, q))                                      # (B, H, Lk, r)
+    bucket_keys = quantile_bucket_keys(qp, kp, key_keep, op.Unsqueeze(op.Constant(value_int=bucket_size), [0]))  # (B, H, Lq, r*bs)
+    local = window_keys(lq, lk, offset, not_causal, op.Constant(value_int=window), op.Constant(value_int=first_token))
+    local = op.Expand(local, op.Concat(op.Shape(q, start=0, end=2), op.Shape(local), axis=0))
+    return normalised_candidates(q, k4, v4, op.Concat(bucket_keys, local, axis=3), bias, mask, key_keep, offset,
+                                 not_causal, op.CastLike(op.Constant(value_float=scale), q),
+                                 op.Equal(op.Constant(value_int=entmax15), one_i))
 
 
 SPARSEFINDER_NODE = node_op(
@@ -204,25 +282,33 @@ SPARSEFINDER_NODE = node_op(
     outputs=[("out", "T")],
 )
 
-FUNCTIONS = (Sparsefinder, nearest_clusters)
+QUANTIZATION_NODE = node_op(
+    "SparsefinderQuantization",
+    inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("bias", "T"), ("mask", "B"), ("key_keep", "B"),
+            ("w_q", "T"), ("w_k", "T")],
+    attributes=[("scale", "float"), ("causal", "int"), ("bottom_right", "int"), ("entmax15", "int"),
+                ("bucket_size", "int"), ("window", "int"), ("first_token", "int")],
+    outputs=[("out", "T")],
+)
+
+FUNCTIONS = (Sparsefinder, SparsefinderQuantization, nearest_clusters, quantile_bucket_keys, window_keys,
+             normalised_candidates)
 
 
 def translate_sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale, causal, bottom_right, cross,
-                           normalizer, top_clusters, window, first_token):
-    """custom_translation_table entry for torch.ops.attnpass.sparsefinder.default."""
+                           normalizer, predictor, bucket_size, top_clusters, window, first_token):
+    """custom_translation_table entry for torch.ops.attnpass.sparsefinder.default: an
+    attnpass.Sparsefinder (clustering) or attnpass.SparsefinderQuantization node."""
     check_float("attnpass.Sparsefinder", q, k, v)
     if normalizer not in ("entmax15", "softmax"):
         raise ValueError(f"export_onnx: attnpass.Sparsefinder got normalizer {normalizer!r}; expected 'entmax15' "
                          "or 'softmax'")
-    return SPARSEFINDER_NODE(
-        q, k, v,
-        op.Reshape(op.CastLike(op.Constant(value_float=0.0), q), op.Constant(value_ints=[1, 1, 1, 1]))
-        if bias is None else op.CastLike(_as_4d(bias), q),
-        op.Reshape(op.Constant(value=onnx.helper.make_tensor("true", onnx.TensorProto.BOOL, [], [True])),
-                   op.Constant(value_ints=[1, 1, 1, 1])) if mask is None else _as_4d(mask),
-        all_keys(q, k) if key_keep is None else key_keep,
-        op.CastLike(w_q, q), op.CastLike(w_k, q), op.CastLike(centroids, q),
-        scale=static_float("attnpass.Sparsefinder", "scale", scale), causal=int(bool(causal)),
-        bottom_right=int(bool(bottom_right)), entmax15=int(normalizer == "entmax15"),
-        top_clusters=int(top_clusters), window=int(window), first_token=int(bool(first_token)),
-    )
+    check_options({"predictor": predictor})
+    inputs = (q, k, v, pair_bias(bias, q), pair_mask(mask), all_keys(q, k) if key_keep is None else key_keep,
+              op.CastLike(w_q, q), op.CastLike(w_k, q))
+    attributes = dict(scale=static_float("attnpass.Sparsefinder", "scale", scale), causal=int(bool(causal)),
+                      bottom_right=int(bool(bottom_right)), entmax15=int(normalizer == "entmax15"),
+                      window=int(window), first_token=int(bool(first_token)))
+    if predictor == "quantization":
+        return QUANTIZATION_NODE(*inputs, bucket_size=int(bucket_size), **attributes)
+    return SPARSEFINDER_NODE(*inputs, op.CastLike(centroids, q), top_clusters=int(top_clusters), **attributes)
