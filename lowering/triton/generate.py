@@ -184,9 +184,28 @@ def kernel_module(kind: str, spec: dict):
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module  # inspect.getsource (used by triton.jit) looks modules up here
         module_spec.loader.exec_module(module)
+        if interpret:
+            _call_helpers_directly(module)
         _modules[key] = module
         _paths[key[:2]] = path
     return module
+
+
+def _call_helpers_directly(module) -> None:
+    """Interpreter mode only: bind the module's @triton.jit helpers (``_sum``, ``_mma``, ...) to
+    their interpreter-rewritten Python functions.
+
+    Triton's interpreter re-patches all of triton.language on every device-function call
+    (``InterpretedFunction.__call__``), which costs more than the helper itself and about halves
+    the speed of our kernels, whose inner loops call helpers. The kernel already runs under that
+    patch, so the rewritten helper computes the same thing. Only the binding changes: the source
+    (``kernel_source``) and what a GPU compiles are untouched.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for name, value in list(vars(module).items()):
+        if isinstance(value, InterpretedFunction) and name != "kernel":
+            setattr(module, name, value.rewrite())
 
 
 def generated_kernels() -> dict:
