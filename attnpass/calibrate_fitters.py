@@ -76,10 +76,10 @@ class RoutingFitter(Fitter):
 
     @staticmethod
     def _sums(kmeans: OnlineKMeans, token_sets: list[Tokens]) -> tuple[Tensor, Tensor, Tensor]:
-        """(count (H, c), sum (H, c, D), squared distance to the assigned centroid, summed) of real tokens."""
-        H, c, D = kmeans.centroids.shape
-        n = torch.zeros(H, c, dtype=torch.float64)
-        total = torch.zeros(H, c, D, dtype=torch.float64)
+        """(count (H, c), sum (H, c, D), mean squared distance to the assigned centroid) of the real,
+        finite tokens, in float64."""
+        H = kmeans.centroids.shape[0]
+        n, total = kmeans.cluster_sums(token_sets, torch.float64)
         dist = torch.zeros((), dtype=torch.float64)
         head = torch.arange(H).view(1, H, 1)
         for t in token_sets:
@@ -91,8 +91,6 @@ class RoutingFitter(Fitter):
             x = torch.where(weight.unsqueeze(-1) > 0, x, 0.0)
             mu = kmeans.centroids.double()[head, t.nearest]                         # (B, H, L, D)
             dist += ((x - mu).square().mean(-1) * weight).sum()
-            n.view(-1).index_add_(0, (head * c + t.nearest).reshape(-1), weight.reshape(-1))
-            total.view(-1, D).index_add_(0, (head * c + t.nearest).reshape(-1), (x * weight.unsqueeze(-1)).reshape(-1, D))
         return n, total, dist / n.sum().clamp(min=1)
 
     def objective(self, data: dict) -> float:

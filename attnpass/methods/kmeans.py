@@ -160,32 +160,55 @@ class OnlineKMeans(nn.Module):
         """
         H, c, D = self.centroids.shape
         acc = torch.promote_types(self.ema_sum.dtype, torch.float32)
-        n = torch.zeros(H * c, dtype=acc, device=self.centroids.device)
-        sum_x = torch.zeros(H * c, D, dtype=acc, device=self.centroids.device)
-        head = torch.arange(H, device=n.device).view(1, H, 1)
-        for tokens in token_sets:
-            B, _, L, _ = tokens.x_hat.shape
-            cell = (head * c + tokens.nearest).reshape(-1)  # row of (head, cluster) in the flat sums
-            # padding tokens take part with weight 0
-            real = torch.ones(B, L, device=n.device) if tokens.keep is None else tokens.keep
-            # non-finite tokens take part with weight 0 too: one broken batch must not poison the state
-            x = tokens.x_hat.detach().to(acc)
-            finite = torch.isfinite(x).all(-1)
-            weight = (real.to(acc).view(B, 1, L) * finite).reshape(-1)
-            x = torch.where(finite.unsqueeze(-1), x, 0.0)
-            n.index_add_(0, cell, weight)
-            sum_x.index_add_(0, cell, x.reshape(-1, D) * weight.unsqueeze(-1))
+        n, sum_x = self.cluster_sums(token_sets, acc)
         if _distributed():
             # data parallel: the step uses the tokens of every rank's batch (like SyncBatchNorm), so
             # all replicas make the same update and their centroids stay identical
             torch.distributed.all_reduce(n)
             torch.distributed.all_reduce(sum_x)
         d = self.decay
-        count = self.ema_count.to(acc) * d + n.view(H, c) * (1 - d)
-        total = self.ema_sum.to(acc) * d + sum_x.view(H, c, D) * (1 - d)
+        count = self.ema_count.to(acc) * d + n * (1 - d)
+        total = self.ema_sum.to(acc) * d + sum_x * (1 - d)
         self.ema_count.copy_(count)
         self.ema_sum.copy_(total)
         self.centroids.copy_(total / (count + self.eps).unsqueeze(-1))
+
+    def cluster_sums(self, token_sets: list[Tokens], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(count (H, c), sum (H, c, D)) of the real, finite tokens assigned to each centroid, in `dtype`.
+
+        Padding and non-finite tokens (a broken input) take part with weight 0, so one broken batch
+        cannot poison the state. Screening every token for finiteness costs several passes over
+        (B, H, L, D), more than the sums themselves, so the sums are taken first and the screened
+        pass runs only when they come out non-finite (a non-finite token always makes its sum so).
+        """
+        H, c, D = self.centroids.shape
+        device = self.centroids.device
+
+        def sums(screen: bool) -> tuple[Tensor, Tensor]:
+            n = torch.zeros(H * c, dtype=dtype, device=device)
+            sum_x = torch.zeros(H * c, D, dtype=dtype, device=device)
+            head = torch.arange(H, device=device).view(1, H, 1)
+            for tokens in token_sets:
+                B, _, L, _ = tokens.x_hat.shape
+                cell = (head * c + tokens.nearest).reshape(-1)  # row of (head, cluster) in the flat sums
+                x = tokens.x_hat.detach().to(dtype)
+                weight = None if tokens.keep is None else tokens.keep.to(dtype).view(B, 1, L).expand(B, H, L)
+                if screen:
+                    finite = torch.isfinite(x).all(-1)
+                    weight = finite.to(dtype) if weight is None else weight * finite
+                    x = torch.where(finite.unsqueeze(-1), x, 0.0)
+                if weight is None:
+                    n.index_add_(0, cell, torch.ones(cell.shape, dtype=dtype, device=device))
+                    sum_x.index_add_(0, cell, x.reshape(-1, D))
+                else:
+                    n.index_add_(0, cell, weight.reshape(-1))
+                    sum_x.index_add_(0, cell, x.reshape(-1, D) * weight.reshape(-1, 1))
+            return n.view(H, c), sum_x.view(H, c, D)
+
+        n, sum_x = sums(screen=False)
+        if not bool(torch.isfinite(sum_x).all()):
+            n, sum_x = sums(screen=True)
+        return n, sum_x
 
     def commitment_loss(self, token_sets: list[Tokens]) -> Tensor:
         """commitment * mean over real tokens (and heads, dims) of (x_hat - stopgrad(mu_nearest))^2.
