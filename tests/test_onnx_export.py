@@ -230,6 +230,20 @@ def random_qkv(seed: int, B: int, hq: int, hkv: int, lq: int, lk: int, d: int = 
     return g, q, k, v, keep
 
 
+def assert_output_and_pairs(run, inputs: dict, normalizer: str, expected: torch.Tensor, pairs: torch.Tensor) -> None:
+    """run(inputs, normalizer) -> a node's output (numpy). It equals `expected` (float64, < 1e-12);
+    and with one-hot values (v[j] = e_j), no bias and softmax each output row is the row's
+    probabilities, > 0 exactly on the pairs the body attends over, which must be `pairs`
+    ((B, H, Lq, Lk) bool, the PyTorch side's pairs after masks)."""
+    assert np.abs(run(inputs, normalizer) - expected.numpy()).max() < 1e-12
+    B, H, _, lk = pairs.shape
+    hkv = inputs["v"].shape[1]
+    one_hot = dict(inputs, v=torch.eye(lk, dtype=torch.float64).expand(B, hkv, lk, lk).numpy(),
+                   bias=np.zeros((1, 1, 1, 1)))
+    probs = run(one_hot, "softmax")
+    assert pairs.sum() > 0 and np.array_equal(probs > 0, pairs.numpy())
+
+
 @pytest.mark.parametrize("causal,offset,hkv,with_bias,with_mask", [
     (False, 0, 4, False, False), (True, 0, 2, True, False), (True, 3, 1, False, True), (True, -2, 4, True, True),
 ])
@@ -347,17 +361,11 @@ def test_sparsefinder_node_equals_the_pytorch_sparsefinder_and_predicts_the_same
                   mask=torch.ones(1, 1, 1, 1, dtype=torch.bool) if mask is None else mask, key_keep=keep,
                   w_q=site.w_q.detach(), w_k=site.w_k.detach(), centroids=site.centroids)
     inputs = {name: t.numpy() for name, t in inputs.items()}
-    got = session(sparsefinder_node(site, inputs, normalizer)).run(None, inputs)[0]
-    assert np.abs(got - expected.numpy()).max() < 1e-12
-
-    # the pair set itself: under softmax every pair the body keeps has probability > 0, so with one-hot
-    # values (v[j] = e_j) the output row is the row's probabilities and its support is the pair set
-    inputs["v"] = torch.eye(lk, dtype=torch.float64).expand(2, hkv, lk, lk).numpy()
-    probs = session(sparsefinder_node(site, inputs, "softmax")).run(None, inputs)[0]
     pairs = edges_to_dense_mask(row_ptr, col, 2, 4, lq, lk)
     if mask is not None:
         pairs &= mask
-    assert pairs.sum() > 0 and np.array_equal(probs > 0, pairs.numpy())
+    assert_output_and_pairs(lambda x, norm: session(sparsefinder_node(site, x, norm)).run(None, x)[0], inputs,
+                            normalizer, expected, pairs)
 
 
 @pytest.mark.parametrize("causal,cross,hkv,with_bias,with_mask,normalizer,bucket,window,first_token", [
@@ -400,15 +408,11 @@ def test_sparsefinder_quantization_node_equals_the_pytorch_site_and_predicts_the
                   mask=torch.ones(1, 1, 1, 1, dtype=torch.bool) if mask is None else mask, key_keep=keep,
                   w_q=site.w_q.detach(), w_k=site.w_k.detach())
     inputs = {name: t.numpy() for name, t in inputs.items()}
-    got = session(node(inputs, normalizer)).run(None, inputs)[0]
-    assert np.abs(got - expected.numpy()).max() < 1e-12
-    inputs["v"] = torch.eye(lk, dtype=torch.float64).expand(2, hkv, lk, lk).numpy()
-    inputs["bias"] = np.zeros((1, 1, 1, 1))
-    probs = session(node(inputs, "softmax")).run(None, inputs)[0]
     pairs = edges_to_dense_mask(row_ptr, col, 2, 4, lq, lk)
     if mask is not None:
         pairs &= mask
-    assert pairs.sum() > 0 and np.array_equal(probs > 0, pairs.numpy())
+    assert_output_and_pairs(lambda x, norm: session(node(x, norm)).run(None, x)[0], inputs, normalizer, expected,
+                            pairs)
 
 
 @pytest.mark.parametrize("clusters,expect_square", [(16, False), (1, True)])

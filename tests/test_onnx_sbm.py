@@ -14,7 +14,9 @@ import attnpass.lowering.onnx.sbm  # noqa: F401 - registers torch.ops.attnpass.s
 from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
 from attnpass.methods.base import SiteSpec
 from attnpass.methods.sbm import SBMAttention
-from test_onnx_export import random_qkv, runtime_shapes, session, single_node_model, square_values
+from test_onnx_export import (
+    assert_output_and_pairs, random_qkv, runtime_shapes, session, single_node_model, square_values,
+)
 from helpers import max_relative_error
 from zoo import by_name
 
@@ -70,22 +72,14 @@ def test_sbm_node_equals_the_pytorch_site_and_attends_over_the_same_pairs(causal
     pairs = edges_to_dense_mask(graph.row_ptr, graph.col_index, 2, 4, lq, lk)
     assert 0 < pairs.sum() < pairs.numel()  # a real selection, not every pair
 
-    inputs = node_inputs(site, q, k, v, keep, bias, mask)
-    got = session(sbm_node(site, inputs)).run(None, inputs)[0]
-    assert np.abs(got - expected.numpy()).max() < 1e-12
-
-    # the pair set: with one-hot values (v[j] = e_j) and no bias, each output row is the row's
-    # softmax probabilities, all > 0 exactly on the pairs the body attends over
-    inputs["v"] = torch.eye(lk, dtype=torch.float64).expand(2, hkv, lk, lk).numpy()
-    inputs["bias"] = np.zeros((1, 1, 1, 1))
-    probs = session(sbm_node(site, inputs)).run(None, inputs)[0]
     if mask is not None:
         pairs &= mask
     if causal:
         offset = lk - lq if cross else 0
         pairs &= torch.arange(lk).view(1, -1) <= torch.arange(lq).view(-1, 1) + offset
     pairs &= keep.view(2, 1, 1, lk)
-    assert np.array_equal(probs > 0, pairs.numpy())
+    assert_output_and_pairs(lambda x, _: session(sbm_node(site, x)).run(None, x)[0],
+                            node_inputs(site, q, k, v, keep, bias, mask), "softmax", expected, pairs)
 
 
 def test_exact_ties_follow_the_same_rule():

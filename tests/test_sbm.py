@@ -182,17 +182,23 @@ def make_site(case, clusters=4, seed=0):
     return site, (q, k, v), dict(bias=bias, mask=mask, key_keep=keep)
 
 
+def dense_on_last_graph(site, q, k, v, kw):
+    """`dense_on_graph` on the site's last graph, with the site's scale, causal rule and masks."""
+    offset = (k.shape[2] - q.shape[2]) if site.spec.causal_bottom_right else 0
+    bias = kw["bias"]
+    if kw["mask"] is not None:
+        bias = torch.zeros(kw["mask"].shape, dtype=F64).masked_fill(~kw["mask"], -math.inf)
+    return dense_on_graph(q, k, v, site.last_graph, q.shape[-1] ** -0.5, site.spec.causal, offset, kw["key_keep"],
+                          bias)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_output_equals_dense_attention_on_the_sampled_graph(case):
     site, (q, k, v), kw = make_site(case)
     site.eval()
     out = site(q, k, v, **kw)
     graph = site.last_graph
-    offset = (k.shape[2] - q.shape[2]) if site.spec.causal_bottom_right else 0
-    bias = kw["bias"]
-    if kw["mask"] is not None:
-        bias = torch.zeros(kw["mask"].shape, dtype=F64).masked_fill(~kw["mask"], -math.inf)
-    ref = dense_on_graph(q, k, v, graph, q.shape[-1] ** -0.5, site.spec.causal, offset, kw["key_keep"], bias)
+    ref = dense_on_last_graph(site, q, k, v, kw)
     assert max_relative_error(out, ref) <= 1e-10
     g = torch.randn(out.shape, dtype=F64)
     got = torch.autograd.grad((out * g).sum(), (v,))

@@ -5,6 +5,7 @@ members plus a few extra keys), of which the causal rule and key padding allow s
 possibly listed twice; the body keeps each allowed key once and normalises over them. Written once
 here, called from the method bodies as model-local functions:
 
+- `causal_rule`: the causal offset and flag from a node's attributes and the run-time lengths;
 - `cluster_member_keys`: the keys of each query's chosen clusters, from a (B, H, c, Lk) 0/1 key
   membership, padded to the largest cluster (entries >= Lk mean "no key");
 - `candidate_scores`: the set semantics (drop forbidden candidates, sort each row, drop a key
@@ -56,6 +57,17 @@ def masked_entmax15(logits, allowed):
     tau = op.CastLike(op.Where(any_finite, tau, zero_d), logits)
     s = op.Relu(op.Sub(x, tau))  # -inf (not allowed) -> 0
     return op.Mul(s, s)
+
+
+@script(ATTNPASS, default_opset=op)
+def causal_rule(q, k, causal, bottom_right):
+    """causal, bottom_right: int64 scalars (the node's attributes) -> (offset (1,) int64: Lk - Lq for a
+    bottom-right causal site, else 0; not_causal (1,) bool)."""
+    zero = op.Constant(value_ints=[0])
+    lq = op.Shape(q, start=2, end=3)
+    lk = op.Shape(k, start=2, end=3)
+    offset = op.Where(op.Equal(op.Unsqueeze(bottom_right, [0]), zero), zero, op.Sub(lk, lq))
+    return offset, op.Equal(op.Unsqueeze(causal, [0]), zero)
 
 
 @script(ATTNPASS, default_opset=op)
@@ -122,4 +134,4 @@ def weighted_values(probs, v_g):
     return op.Squeeze(op.MatMul(op.Unsqueeze(probs, [3]), v_g), [3])
 
 
-FUNCTIONS = (cluster_member_keys, candidate_scores, weighted_values, masked_entmax15)
+FUNCTIONS = (causal_rule, cluster_member_keys, candidate_scores, weighted_values, masked_entmax15)

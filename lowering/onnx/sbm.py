@@ -42,7 +42,7 @@ from onnxscript import script
 from onnxscript import opset18 as op
 from torch import Tensor
 
-from attnpass.lowering.onnx.candidates import candidate_scores, cluster_member_keys, weighted_values
+from attnpass.lowering.onnx.candidates import candidate_scores, causal_rule, cluster_member_keys, weighted_values
 from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, pair_bias, pair_mask, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
 
@@ -161,13 +161,10 @@ def SBM(q, k, v, bias, mask, key_keep, clusters, phi_w1, phi_b1, phi_w2, phi_b2,
     hq = op.Shape(q, start=1, end=2)
     k4 = repeat_kv(k, hq)
     v4 = repeat_kv(v, hq)
-    zero = op.Constant(value_ints=[0])
     zero_i = op.Constant(value_int=0)
     one_i = op.Constant(value_int=1)
     lq = op.Shape(q, start=2, end=3)
-    lk = op.Shape(k, start=2, end=3)
-    offset = op.Where(op.Equal(op.Unsqueeze(op.Constant(value_int=bottom_right), [0]), zero), zero, op.Sub(lk, lq))
-    not_causal = op.Equal(op.Unsqueeze(op.Constant(value_int=causal), [0]), zero)
+    offset, not_causal = causal_rule(q, k, op.Constant(value_int=causal), op.Constant(value_int=bottom_right))
     scale_t = op.CastLike(op.Constant(value_float=scale), q)
 
     # --- memberships and block matrix (padding keys get zero memberships)

@@ -58,7 +58,9 @@ from onnxscript import script
 from onnxscript import opset18 as op
 from torch import Tensor
 
-from attnpass.lowering.onnx.candidates import candidate_scores, cluster_member_keys, masked_entmax15, weighted_values
+from attnpass.lowering.onnx.candidates import (
+    candidate_scores, causal_rule, cluster_member_keys, masked_entmax15, weighted_values,
+)
 from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, pair_bias, pair_mask, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
 
@@ -208,10 +210,17 @@ def window_keys(lq, lk, offset, not_causal, window, first_token):
 
 
 @script(ATTNPASS, default_opset=op)
-def normalised_candidates(q, k4, v4, cand, bias, mask, key_keep, offset, not_causal, scale_t, use_entmax):
-    """Entmax-1.5 (use_entmax) or softmax over each query's allowed candidates, applied to their values.
+def predicted_attention(q, k4, v4, keys, bias, mask, key_keep, offset, not_causal, scale_t, use_entmax, window,
+                        first_token):
+    """The predictor's candidate keys (B, H, Lq, W) plus the window / first-token keys, each allowed
+    key once, normalised by entmax-1.5 (use_entmax) or softmax and applied to the values.
     Both normalisers are computed and one is selected: an ONNX If inside a function would leave
     its output untyped for the checker's shape inference."""
+    lq = op.Shape(q, start=2, end=3)
+    lk = op.Shape(k4, start=2, end=3)
+    local = window_keys(lq, lk, offset, not_causal, window, first_token)          # (Lq, Wl)
+    local = op.Expand(local, op.Concat(op.Shape(q, start=0, end=2), op.Shape(local), axis=0))
+    cand = op.Concat(keys, local, axis=3)
     logits, allowed, v_g = candidate_scores(q, k4, v4, cand, bias, mask, key_keep, offset, not_causal, scale_t)
     probs = op.Where(use_entmax, masked_entmax15(logits, allowed), masked_softmax(logits, allowed))
     return weighted_values(probs, v_g)                                          # (B, H, Lq, Dv)
@@ -222,14 +231,9 @@ def Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale: floa
                  entmax15: int, top_clusters: int, window: int, first_token: int):
     hq = op.Shape(q, start=1, end=2)
     k4 = repeat_kv(k, hq)
-    v4 = repeat_kv(v, hq)
-    zero = op.Constant(value_ints=[0])
     zero_i = op.Constant(value_int=0)
     one_i = op.Constant(value_int=1)
-    lq = op.Shape(q, start=2, end=3)
-    lk = op.Shape(k, start=2, end=3)
-    offset = op.Where(op.Equal(op.Unsqueeze(op.Constant(value_int=bottom_right), [0]), zero), zero, op.Sub(lk, lq))
-    not_causal = op.Equal(op.Unsqueeze(op.Constant(value_int=causal), [0]), zero)
+    offset, not_causal = causal_rule(q, k, op.Constant(value_int=causal), op.Constant(value_int=bottom_right))
 
     # --- projections and clusters (the query head's W_K projects its kv head's keys)
     qp = op.MatMul(q, op.CastLike(w_q, q))                                       # (B, H, Lq, r)
@@ -243,12 +247,10 @@ def Sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale: floa
     real = op.Cast(op.Unsqueeze(key_keep, [1, 2]), to=_INT64)                    # (B, 1, 1, Lk)
     member = op.Mul(op.Transpose(in_cluster, perm=[0, 1, 3, 2]), real)           # (B, H, c, Lk) 0/1, real keys
     cluster_keys = cluster_member_keys(member, q_clusters)                        # (B, H, Lq, t*M), >= Lk: none
-
-    local = window_keys(lq, lk, offset, not_causal, op.Constant(value_int=window), op.Constant(value_int=first_token))
-    local = op.Expand(local, op.Concat(op.Shape(q, start=0, end=2), op.Shape(local), axis=0))
-    return normalised_candidates(q, k4, v4, op.Concat(cluster_keys, local, axis=3), bias, mask, key_keep, offset,
-                                 not_causal, op.CastLike(op.Constant(value_float=scale), q),
-                                 op.Equal(op.Constant(value_int=entmax15), one_i))
+    return predicted_attention(q, k4, repeat_kv(v, hq), cluster_keys, bias, mask, key_keep, offset, not_causal,
+                               op.CastLike(op.Constant(value_float=scale), q),
+                               op.Equal(op.Constant(value_int=entmax15), one_i), op.Constant(value_int=window),
+                               op.Constant(value_int=first_token))
 
 
 @script(ATTNPASS, default_opset=op)
@@ -256,21 +258,15 @@ def SparsefinderQuantization(q, k, v, bias, mask, key_keep, w_q, w_k, scale: flo
                              entmax15: int, bucket_size: int, window: int, first_token: int):
     hq = op.Shape(q, start=1, end=2)
     k4 = repeat_kv(k, hq)
-    v4 = repeat_kv(v, hq)
-    zero = op.Constant(value_ints=[0])
-    one_i = op.Constant(value_int=1)
-    lq = op.Shape(q, start=2, end=3)
-    lk = op.Shape(k, start=2, end=3)
-    offset = op.Where(op.Equal(op.Unsqueeze(op.Constant(value_int=bottom_right), [0]), zero), zero, op.Sub(lk, lq))
-    not_causal = op.Equal(op.Unsqueeze(op.Constant(value_int=causal), [0]), zero)
+    offset, not_causal = causal_rule(q, k, op.Constant(value_int=causal), op.Constant(value_int=bottom_right))
     qp = op.MatMul(q, op.CastLike(w_q, q))                                       # (B, H, Lq, r)
     kp = op.MatMul(k4, op.CastLike(w_k, q))                                      # (B, H, Lk, r)
-    bucket_keys = quantile_bucket_keys(qp, kp, key_keep, op.Unsqueeze(op.Constant(value_int=bucket_size), [0]))  # (B, H, Lq, r*bs)
-    local = window_keys(lq, lk, offset, not_causal, op.Constant(value_int=window), op.Constant(value_int=first_token))
-    local = op.Expand(local, op.Concat(op.Shape(q, start=0, end=2), op.Shape(local), axis=0))
-    return normalised_candidates(q, k4, v4, op.Concat(bucket_keys, local, axis=3), bias, mask, key_keep, offset,
-                                 not_causal, op.CastLike(op.Constant(value_float=scale), q),
-                                 op.Equal(op.Constant(value_int=entmax15), one_i))
+    bucket = op.Unsqueeze(op.Constant(value_int=bucket_size), [0])
+    bucket_keys = quantile_bucket_keys(qp, kp, key_keep, bucket)                  # (B, H, Lq, r*bs)
+    return predicted_attention(q, k4, repeat_kv(v, hq), bucket_keys, bias, mask, key_keep, offset, not_causal,
+                               op.CastLike(op.Constant(value_float=scale), q),
+                               op.Equal(op.Constant(value_int=entmax15), op.Constant(value_int=1)),
+                               op.Constant(value_int=window), op.Constant(value_int=first_token))
 
 
 SPARSEFINDER_NODE = node_op(
@@ -292,7 +288,7 @@ QUANTIZATION_NODE = node_op(
 )
 
 FUNCTIONS = (Sparsefinder, SparsefinderQuantization, nearest_clusters, quantile_bucket_keys, window_keys,
-             normalised_candidates)
+             predicted_attention)
 
 
 def translate_sparsefinder(q, k, v, bias, mask, key_keep, w_q, w_k, centroids, scale, causal, bottom_right, cross,
