@@ -326,12 +326,13 @@ def test_bench_table_and_progress_bar(capsys):
 
 
 def test_export_is_not_available(models, tmp_path, capsys):
-    # export itself is tested in tests/test_onnx_export.py; a method without an ONNX lowering exits 4
+    # export itself is tested in tests/test_onnx_export.py; a method / option without an ONNX lowering exits 4
     onnx_file = tmp_path / "model.onnx"
-    code, out, err = run(capsys, "export", target(models, "bert"), "--method", "sbm", "-o", onnx_file)
+    code, out, err = run(capsys, "export", target(models, "bert"), "--method", "sparsefinder", "--opt",
+                         "predictor=distance", "-o", onnx_file)
     assert code == cli.EXIT_UNAVAILABLE
     assert out == "" and err.count("\n") == 1
-    assert "method 'sbm' cannot be exported to ONNX in this version" in err
+    assert "sparsefinder predictor 'distance' cannot be exported to ONNX" in err
     assert not onnx_file.exists()
 
 
