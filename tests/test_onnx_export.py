@@ -286,7 +286,7 @@ def test_routing_node_equals_the_pytorch_routing(causal, cross, hkv, with_bias, 
     bias = torch.randn(2, 1, lq, lk, generator=g, dtype=torch.float64) if with_bias else None
     mask = torch.rand(1, 4, lq, lk, generator=g) > 0.2 if with_mask else None
     centroids = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
-    expected = torch.ops.attnpass.routing(q, k, v, bias, mask, keep, centroids, 0.25, causal, cross, cross, window)
+    expected = torch.ops.attnpass.routing(q, k, v, bias, mask, keep, centroids, 0.25, causal, cross, cross, window, 0)
     # the case reaches the fallback: some query is in no filled cluster row
     site = RoutingAttention(SiteSpec(name="t", scale=0.25, causal=causal, causal_bottom_right=cross, heads_q=4,
                                      heads_kv=hkv, head_dim=8, cross=cross), clusters=3, local_window=window).eval()
@@ -509,7 +509,6 @@ def test_export_leaves_the_model_unchanged_and_takes_a_sparse_model_as_is(bert, 
 
 
 @pytest.mark.parametrize("method,options,message", [
-    ("routing", {"local_heads": 2}, "routing with local_heads > 0 cannot be exported"),
     ("sbm", {}, "method 'sbm' with eval_graph='sample' cannot be exported to ONNX.*pass eval_graph='clusters'"),
     ("sparsefinder", {"predictor": "distance"}, "sparsefinder predictor 'distance' cannot be exported .* all-pairs"),
     ("combiner", {"variant": "axial"}, "combiner variant 'axial' cannot be exported"),

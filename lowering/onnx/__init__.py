@@ -9,10 +9,14 @@ dense                           ``attnpass.Attention``      dense scores (L x L:
                                                             definition), masked softmax
 combiner (variant "fixed")      ``attnpass.Combiner``       blocks of ``block`` keys + one
                                                             summary per block, no L x L tensor
-routing (no local heads)        ``attnpass.Routing``        trained centroids (an initializer):
+routing                         ``attnpass.Routing``        trained centroids (an initializer):
                                                             TopK members, per-cluster MatMul,
                                                             ScatterND mean, NonZero orphans'
                                                             local windows; no L x L tensor
+routing with local_heads        ``attnpass.RoutingWith      the first local_heads heads by
+                                LocalHeads`` (all local:    block-local attention (blocks of
+                                ``attnpass.BlockLocal``)    local_window queries), the rest by
+                                                            the Routing body; concatenated
 sparsefinder (clustering)       ``attnpass.Sparsefinder``   trained W_Q, W_K, centroids: member
                                                             lists of a query's top clusters (TopK),
                                                             + window / first token, deduplicated
@@ -27,8 +31,7 @@ sbm (eval_graph "clusters")     ``attnpass.SBM``            trained clusters and
                                                             + own-position key; softmax over them
 sbm (sampled eval graph),       -                           not lowered: export_onnx raises a
 sparsefinder distance,                                      clear error (see docs/onnx.md)
-combiner axial / logsparse,
-routing local_heads
+combiner axial / logsparse
 ==============================  ==========================  ====================================
 
 Why method-level nodes for Combiner and routing rather than one node per kernel call: a Combiner site calls
@@ -52,16 +55,12 @@ __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "bind_e
 def check_method(method: str, options: dict, sparse_model: bool = False) -> None:
     """Raise if `method` (with `options`) has no ONNX lowering, saying why. For a SparseModel
     (options already applied) the per-site checks happen when its sites are bound."""
+    if method not in ("dense", "combiner", "routing", "sparsefinder", "sbm"):
+        raise ValueError(f"export_onnx: unknown method {method!r}")
     if sparse_model:
-        if method not in ("dense", "combiner", "routing", "sparsefinder", "sbm"):
-            raise ValueError(f"export_onnx: unknown method {method!r}")
         return
     if method == "combiner":
         from attnpass.lowering.onnx.combiner import check_options
-
-        check_options(options)
-    elif method == "routing":
-        from attnpass.lowering.onnx.routing import check_options
 
         check_options(options)
     elif method == "sparsefinder":
@@ -72,8 +71,6 @@ def check_method(method: str, options: dict, sparse_model: bool = False) -> None
         from attnpass.lowering.onnx.sbm import check_options
 
         check_options(options)
-    elif method != "dense":
-        raise ValueError(f"export_onnx: unknown method {method!r}")
 
 
 def bind_export_forward(module) -> None:
@@ -131,9 +128,9 @@ def translation_table() -> dict:
 
 
 def _all_functions():
-    from attnpass.lowering.onnx import candidates, combiner, dense, routing, sbm, sparsefinder
+    from attnpass.lowering.onnx import block_local, candidates, combiner, dense, routing, sbm, sparsefinder
 
-    modules = (dense, combiner, routing, candidates, sparsefinder, sbm)
+    modules = (dense, combiner, routing, block_local, candidates, sparsefinder, sbm)
     return {(f.function_ir.domain, f.name): f for m in modules for f in m.FUNCTIONS}
 
 

@@ -50,37 +50,32 @@ _INT64, _BOOL = onnx.TensorProto.INT64, onnx.TensorProto.BOOL
 
 @torch.library.custom_op("attnpass::routing", mutates_args=())
 def routing(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-            key_keep: Optional[Tensor], centroids: Tensor, scale: float, causal: bool, bottom_right: bool,
-            cross: bool, local_window: int) -> Tensor:
-    """A routing site's eval-mode attention with these centroids, exactly as the site module computes it."""
+            key_keep: Optional[Tensor], centroids: Optional[Tensor], scale: float, causal: bool, bottom_right: bool,
+            cross: bool, local_window: int, local_heads: int) -> Tensor:
+    """A routing site's eval-mode attention with these centroids (None: every head is local),
+    exactly as the site module computes it."""
     from attnpass.methods.base import SiteSpec
     from attnpass.methods.routing import RoutingAttention
 
-    heads, clusters, dim = centroids.shape
     spec = SiteSpec(name="attnpass::routing", scale=scale, causal=causal, causal_bottom_right=bottom_right,
-                    heads_q=q.shape[1], heads_kv=k.shape[1], head_dim=dim, cross=cross)
-    site = RoutingAttention(spec, clusters=clusters, local_window=local_window).eval()
-    with torch.no_grad():
-        site.kmeans.centroids.copy_(centroids)
-        site.kmeans.initialized.fill_(True)
+                    heads_q=q.shape[1], heads_kv=k.shape[1], head_dim=q.shape[3], cross=cross)
+    clusters = 1 if centroids is None else centroids.shape[1]
+    site = RoutingAttention(spec, clusters=clusters, local_window=local_window, local_heads=local_heads).eval()
+    if centroids is not None:
+        with torch.no_grad():
+            site.kmeans.centroids.copy_(centroids)
+            site.kmeans.initialized.fill_(True)
     return site(q, k, v, bias, mask, key_keep)
 
 
 @routing.register_fake
-def _(q, k, v, bias, mask, key_keep, centroids, scale, causal, bottom_right, cross, local_window):
+def _(q, k, v, bias, mask, key_keep, centroids, scale, causal, bottom_right, cross, local_window, local_heads):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-
-def check_options(options: dict) -> None:
-    if options.get("local_heads", 0):
-        raise NotImplementedError("export_onnx: routing with local_heads > 0 cannot be exported to ONNX in this "
-                                  "version (the block-local heads have no ONNX body yet)")
 
 
 def bind(module) -> None:
     """Make a routing site module (of a private copy, in eval mode) call `attnpass::routing` when exported."""
-    check_options({"local_heads": module.local_heads})
-    if not bool(module.kmeans.initialized):
+    if module.kmeans is not None and not bool(module.kmeans.initialized):
         raise ValueError(f"export_onnx: routing site {module.spec.name!r} has no centroids yet (they are "
                          "initialised by the first call); run or train the model before exporting it")
     module.forward = functools.partial(_export_forward, module)
@@ -92,8 +87,9 @@ def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropou
         torch._check(q.shape[2] == k.shape[2],
                      lambda: f"export_onnx: routing self-attention site {module.spec.name!r} needs Lq == Lk")
     return torch.ops.attnpass.routing(
-        q, k, v, bias, mask, key_keep, module.kmeans.centroids, float(module.scale(q)), bool(module.spec.causal),
-        bool(module.spec.causal_bottom_right), bool(module.spec.cross), int(module.local_window))
+        q, k, v, bias, mask, key_keep, None if module.kmeans is None else module.kmeans.centroids,
+        float(module.scale(q)), bool(module.spec.causal), bool(module.spec.causal_bottom_right),
+        bool(module.spec.cross), int(module.local_window), int(module.local_heads))
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,14 +259,21 @@ ROUTING_NODE = node_op(
 FUNCTIONS = (Routing, layer_norm, sorted_top, pair_values, zero_like_float)
 
 
-def translate_routing(q, k, v, bias, mask, key_keep, centroids, scale, causal, bottom_right, cross, local_window):
-    """custom_translation_table entry for torch.ops.attnpass.routing.default."""
+def translate_routing(q, k, v, bias, mask, key_keep, centroids, scale, causal, bottom_right, cross, local_window,
+                      local_heads):
+    """custom_translation_table entry for torch.ops.attnpass.routing.default: an attnpass.Routing
+    node, or with local heads attnpass.RoutingWithLocalHeads / attnpass.BlockLocal (all heads local)."""
+    from attnpass.lowering.onnx.block_local import BLOCK_LOCAL_NODE, ROUTING_LOCAL_NODE
+
     check_float("attnpass.Routing", q, k, v)
     keep = all_keys(q, k) if key_keep is None else key_keep
     query_keep = keep if (key_keep is not None and not cross) else all_keys(q, q)
-    return ROUTING_NODE(
-        q, k, v,
-        pair_bias(bias, q), pair_mask(mask), keep, query_keep, centroids,
-        scale=static_float("attnpass.Routing", "scale", scale), causal=int(bool(causal)),
-        bottom_right=int(bool(bottom_right)), local_window=int(local_window),
-    )
+    attributes = dict(scale=static_float("attnpass.Routing", "scale", scale), causal=int(bool(causal)),
+                      bottom_right=int(bool(bottom_right)))
+    if centroids is None:
+        return BLOCK_LOCAL_NODE(q, k, v, pair_bias(bias, q), pair_mask(mask), keep, window=int(local_window),
+                                **attributes)
+    inputs = (q, k, v, pair_bias(bias, q), pair_mask(mask), keep, query_keep, centroids)
+    if local_heads:
+        return ROUTING_LOCAL_NODE(*inputs, local_window=int(local_window), local_heads=int(local_heads), **attributes)
+    return ROUTING_NODE(*inputs, local_window=int(local_window), **attributes)
