@@ -13,8 +13,9 @@ import torch
 import attnpass
 import attnpass.lowering.onnx.routing  # noqa: F401 - registers torch.ops.attnpass.routing
 from attnpass.lowering.onnx.common import DOMAIN
-from helpers import max_relative_error
-from test_onnx_export import RUN_SIZES, feeds, random_qkv, runtime_shapes, session, single_node_model, square_values
+from test_onnx_export import (
+    assert_matches_at_run_sizes, random_qkv, runtime_shapes, session, single_node_model, square_values,
+)
 from zoo import by_name
 
 
@@ -81,9 +82,4 @@ def test_model_with_local_heads_exports_and_matches(name, local):
     op = "BlockLocal" if local == 4 else "RoutingWithLocalHeads"
     assert Counter(n.op_type for n in proto.graph.node if n.domain == DOMAIN) == {op: case.attention_count}
     sess = session(proto)
-    for batch, length in RUN_SIZES:
-        args, kwargs = case.inputs(batch, length)
-        with torch.no_grad():
-            expected = sparse(*args, **kwargs)
-        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
-        assert max_relative_error(got, expected) < 1e-4, (batch, length)
+    assert_matches_at_run_sizes(sess, sparse, case)

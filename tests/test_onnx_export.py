@@ -63,6 +63,17 @@ def feeds(sess: ort.InferenceSession, kwargs: dict) -> dict:
     return {i.name: kwargs[i.name].numpy() for i in sess.get_inputs()}
 
 
+def assert_matches_at_run_sizes(sess: ort.InferenceSession, sparse, case) -> None:
+    """onnxruntime's outputs equal the PyTorch rewritten model's within 1e-4 (max relative) at the
+    RUN_SIZES (batch, length), which differ from the export's."""
+    for batch, length in RUN_SIZES:
+        args, kwargs = case.inputs(batch, length)
+        with torch.no_grad():
+            expected = sparse(*args, **kwargs)
+        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
+        assert max_relative_error(got, expected) < 1e-4, (batch, length)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(case, method) -> (written file, the PyTorch rewritten model in eval mode), exported once."""
@@ -117,14 +128,7 @@ def test_file_has_one_custom_node_per_site_and_their_bodies(exported, name, meth
 @pytest.mark.parametrize("name", CASES)
 def test_onnxruntime_matches_the_rewritten_model_at_other_sizes(exported, name, method):
     path, sparse = exported[name, method]
-    sess = session(onnx.load(path))
-    case = by_name(name)
-    for batch, length in RUN_SIZES:
-        args, kwargs = case.inputs(batch, length)
-        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
-        with torch.no_grad():
-            expected = sparse(*args, **kwargs)
-        assert max_relative_error(got, expected) < 1e-4, (name, method, batch, length)
+    assert_matches_at_run_sizes(session(onnx.load(path)), sparse, by_name(name))
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,12 +455,7 @@ def test_sparsefinder_softmax_export_of_a_fresh_model_and_of_a_run_one(bert):
     with torch.no_grad():
         sparse(*args, **kwargs)
     sess = session(attnpass.export_onnx(sparse, args, kwargs))
-    for batch, length in RUN_SIZES:
-        args, kwargs = case.inputs(batch, length)
-        with torch.no_grad():
-            expected = sparse(*args, **kwargs)
-        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
-        assert max_relative_error(got, expected) < 1e-4, (batch, length)
+    assert_matches_at_run_sizes(sess, sparse, case)
 
 
 def test_sparsefinder_quantization_export_matches_the_model(bert):
@@ -466,12 +465,7 @@ def test_sparsefinder_quantization_export_matches_the_model(bert):
     proto = attnpass.export_onnx(sparse, args, kwargs)
     assert Counter(n.op_type for n in proto.graph.node if n.domain == DOMAIN) == {"SparsefinderQuantization": 2}
     sess = session(proto)
-    for batch, length in RUN_SIZES:
-        args, kwargs = case.inputs(batch, length)
-        with torch.no_grad():
-            expected = sparse(*args, **kwargs)
-        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
-        assert max_relative_error(got, expected) < 1e-4, (batch, length)
+    assert_matches_at_run_sizes(sess, sparse, case)
     # candidates per query: rank x bucket + window + first token, whatever L: no L x L value
     lengths = (24, 40)
     assert square_values(*[runtime_shapes(proto, case.inputs(2, n)[1]) for n in lengths], lengths) == []
