@@ -21,7 +21,6 @@ The ONNX body (`lowering/onnx/sbm.py`) computes the same graph from the same for
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attnpass.lowering.cpu.edge_attention import edges_from_pairs
@@ -40,10 +39,10 @@ def top_mass_clusters(y_q: Tensor, y_k: Tensor, block: Tensor, top: int,
     key_cluster = y_k.argmax(dim=-1)                                        # first maximum on ties
     if key_keep is not None:
         key_cluster = torch.where(key_keep, key_cluster, -1)
-    onehot = F.one_hot(key_cluster.clamp(min=0), k).to(y_k.dtype)
-    if key_keep is not None:
-        onehot = onehot * key_keep.unsqueeze(-1).to(y_k.dtype)
-    z = onehot.transpose(1, 2) @ y_k                                        # (N, V, k): Z_V
+    real_rows = y_k if key_keep is None else y_k * key_keep.unsqueeze(-1).to(y_k.dtype)
+    # Z_V = sum of the memberships of the keys in hard cluster V, without a (N, Lk, k) one-hot
+    z = torch.zeros(y_k.shape[0], k, k, dtype=y_k.dtype, device=y_k.device)
+    z.scatter_add_(1, key_cluster.clamp(min=0).unsqueeze(-1).expand_as(real_rows), real_rows)  # (N, V, k)
     mass = (y_q @ block) @ z.transpose(1, 2)                                # (N, Lq, V): m_i(V)
     # stable descending order: equal masses go to the lowest cluster index, as ONNX TopK does
     order = torch.argsort(-mass, dim=-1, stable=True)
