@@ -5,8 +5,9 @@
 One attention layer, B=1, H=8, D=64, fp32, bidirectional, forward (eval, no grad), all in one run:
 - full entmax-1.5: scores + `entmax.entmax15` + P.V on the dense graph (the thing Sparsefinder avoids);
 - dense softmax `F.scaled_dot_product_attention` (the speed reference);
-- attnpass's Sparsefinder site, per predictor: projection + predictor + edge entmax-1.5
-  (`SparsefinderAttention.forward`), with recall / graph sparsity / computation sparsity of its
+- attnpass's Sparsefinder site, per predictor: projection + predictor + entmax-1.5 over the
+  predicted pairs (`SparsefinderAttention.forward`: the CSR edge kernel; on CPU the quantization
+  predictor's buckets go through the block kernel `quantile_bucket_attention`), with recall / graph sparsity / computation sparsity of its
   graph against the gold entmax graph printed next to the timing.
 
 q, k come from an entmax-1.5 layer over token + sinusoidal position embeddings (Zipf tokens,
@@ -31,11 +32,15 @@ from attnpass.methods import SiteSpec, method_class
 from attnpass.methods import sparsefinder_predict as sp
 
 B, H, D, E, VOCAB = 1, 8, 64, 64, 512
-PREDICTORS = {
-    "distance": dict(predictor="distance"),
-    "quantization": dict(predictor="quantization", bucket_size=16),
-    "clustering": dict(predictor="clustering", clusters=128, top_clusters=2),
-}
+# (predictor, setting shown in the table, options); quantization at three bucket sizes: its
+# speed / recall trade-off
+RUNS = [
+    ("distance", None, dict(predictor="distance")),
+    ("quantization", "bucket 16", dict(predictor="quantization", bucket_size=16)),
+    ("quantization", "bucket 64", dict(predictor="quantization", bucket_size=64)),
+    ("quantization", "bucket 256", dict(predictor="quantization", bucket_size=256)),
+    ("clustering", "128 clusters, top 2", dict(predictor="clustering", clusters=128, top_clusters=2)),
+]
 
 
 def entmax_layer_qkv(length: int, seed: int):
@@ -107,7 +112,7 @@ def main() -> None:
         t_entmax = timed(full_entmax, 1)
         t_sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
         print(f"full entmax15 {t_entmax:.3f} s   dense SDPA {t_sdpa:.4f} s")
-        for name, options in PREDICTORS.items():
+        for name, detail, options in RUNS:
             module = method_class("sparsefinder")(spec, **options).eval()
             module.w_q.data.copy_(trainer.w_q.data)
             module.w_k.data.copy_(trainer.w_k.data)
@@ -121,8 +126,8 @@ def main() -> None:
             row_ptr, col, candidates = module.predict(q, k)
             metrics = sp.graph_metrics(q, k, row_ptr, col, scale=scale, gold=gold,
                                        predictor_ops=module.predictor_ops(q, k, candidates))
-            detail = {"distance": f"threshold {module.threshold:.3g}", "quantization": "bucket 16",
-                      "clustering": "128 clusters, top 2"}[name]
+            if detail is None:
+                detail = f"threshold {module.threshold:.3g}"
             rows.append((name, detail, t, t_entmax / t, t_sdpa / t, metrics))
             print(f"{name:12s} {t:.4f} s   {t_entmax / t:7.1f}x vs full entmax15   {t_sdpa / t:5.2f}x vs SDPA   "
                   f"recall {metrics.recall:.3f}  graph sparsity {metrics.graph_sparsity:.4f}  "

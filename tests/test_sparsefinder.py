@@ -171,6 +171,32 @@ def test_any_predicted_graph_equals_dense_entmax15_on_exactly_those_edges(name, 
         assert rel(a, e) < 1e-9
 
 
+@pytest.mark.parametrize("name", ["causal-left-padding", "cross-bias-mask", "gqa-padding"])
+def test_quantization_block_path_is_the_edge_kernel_on_the_predicted_csr(name):
+    """On CPU the quantization predictor runs `quantile_bucket_attention` (blocks, no per-edge
+    gathers); with its default window and first-token edges it must be the very function the edge
+    kernel computes on `predict`'s CSR."""
+    from attnpass.lowering.cpu.edge_attention import edge_attention
+
+    case, (q, k, v), keep, bias, mask = _case_tensors(name, seed=5)
+    torch.manual_seed(0)
+    module = make_site(**case["site"], predictor="quantization", bucket_size=3, rank=3).eval()
+    assert module.window == 1 and module.first_token
+    got = module(q, k, v, bias=bias, mask=mask, key_keep=keep)
+    row_ptr, col, _ = module.predict(q, k, keep)
+    allowed_bias = bias  # the mask as a -inf bias: masked pairs leave the edge kernel's rows
+    if mask is not None:
+        allowed_bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, -math.inf)
+        allowed_bias = allowed_bias if bias is None else allowed_bias + bias
+    want, _ = edge_attention(q, k, v, row_ptr, col, scale=8 ** -0.5, causal=module.spec.causal,
+                             causal_offset=module.causal_offset(q, k), key_padding_mask=keep, bias=allowed_bias,
+                             normalizer="entmax15")
+    assert rel(got, want) < 1e-10
+    inputs = [t for t in (q, k, v, bias) if t is not None]
+    for a, e in zip(torch.autograd.grad(got.square().sum(), inputs), torch.autograd.grad(want.square().sum(), inputs)):
+        assert rel(a, e) < 1e-9
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Each predictor's edge set against its dense definition
 # --------------------------------------------------------------------------------------------

@@ -58,7 +58,9 @@ import torch
 from torch import Tensor, nn
 
 from attnpass.lowering.cpu.common import broadcastable
+from attnpass.lowering.cpu.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.cpu.edge_attention import edge_attention
+from attnpass.lowering.triton.switch import use_triton
 from attnpass.methods import sparsefinder_predict as sp
 from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.kmeans import _distributed
@@ -369,14 +371,20 @@ class SparsefinderAttention(SiteAttention):
         if Lq == 0 or Lk == 0:
             return q.new_zeros(B, Hq, Lq, v.shape[3])
         p = dropout_p if self.training else 0.0
-        row_ptr, col, candidates = self.predict(q, k, key_keep)
-        kernel_bias, edge_mask = _mask_merge(bias, mask, q.dtype if bias is None else bias.dtype)
-        if edge_mask is not None:
-            row_ptr, col = _drop_masked_edges(row_ptr, col, edge_mask, Hq, Lq)
-        out, _ = edge_attention(
-            q, k, v, row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
-            causal_offset=self.causal_offset(q, k), key_padding_mask=key_keep, bias=kernel_bias,
-            dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer=self.normalizer)
+        if self.predictor == "quantization" and not use_triton(q):
+            # the buckets' queries and keys as blocks (no per-edge gathers): the CPU path
+            out = self._bucket_forward(q, k, v, bias, mask, key_keep, p)
+            if self._collect_metrics:
+                row_ptr, col, candidates = self.predict(q, k, key_keep)
+        else:
+            row_ptr, col, candidates = self.predict(q, k, key_keep)
+            kernel_bias, edge_mask = _mask_merge(bias, mask, q.dtype if bias is None else bias.dtype)
+            if edge_mask is not None:
+                row_ptr, col = _drop_masked_edges(row_ptr, col, edge_mask, Hq, Lq)
+            out, _ = edge_attention(
+                q, k, v, row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
+                causal_offset=self.causal_offset(q, k), key_padding_mask=key_keep, bias=kernel_bias,
+                dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer=self.normalizer)
         if self._collect_metrics:
             self.last_metrics = sp.graph_metrics(
                 q.detach(), k.detach(), row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
@@ -388,6 +396,22 @@ class SparsefinderAttention(SiteAttention):
             if self.predictor == "clustering":
                 self.update_centroids_(q.detach(), k.detach(), key_keep)
         return out
+
+
+    def _bucket_forward(self, q, k, v, bias, mask, key_keep, dropout_p: float) -> Tensor:
+        """The quantization predictor's graph through `quantile_bucket_attention`: the same pairs
+        and the same function as `predict` + `edge_attention` (tested), computed as blocks."""
+        B, Hq, Lq, _ = q.shape
+        offset = self.causal_offset(q, k)
+        with torch.no_grad():
+            qp, kp = self.project(q, k)
+            q_order, key_order = sp.quantization_orders(qp, kp, key_keep)
+            local = sp.window_slots(B, Hq, Lq, k.shape[2], self.window, self.first_token, causal=self.spec.causal,
+                                    causal_offset=offset, key_keep=key_keep, device=q.device)
+        return quantile_bucket_attention(
+            q, k, v, q_order, key_order, self.bucket_size, local.view(B, Hq, Lq, -1), scale=self.scale(q),
+            causal=self.spec.causal, causal_offset=offset, key_padding_mask=key_keep, bias=bias, mask=mask,
+            dropout_p=dropout_p, dropout_seed=self.dropout_seed(dropout_p), normalizer=self.normalizer)
 
 
 def sparsefinder_metrics(sparse_model: nn.Module, args=(), kwargs=None) -> dict:

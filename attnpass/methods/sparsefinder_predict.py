@@ -142,6 +142,17 @@ def distance_pairs(qp: Tensor, kp: Tensor, threshold: float, *, causal: bool = F
     return torch.cat(rows), torch.cat(cols)
 
 
+def quantization_orders(qp: Tensor, kp: Tensor, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per projected dim, query and key positions in coordinate order: q_order (B, H, r, Lq) and
+    key_order (B, H, r, Lk), padding keys last (they never take a bucket). Ties: lower position first."""
+    B, H, Lq, r = qp.shape
+    Lk = kp.shape[2]
+    kc = kp.transpose(-1, -2)  # (B, H, r, Lk)
+    if key_keep is not None:
+        kc = torch.where(key_keep.view(B, 1, 1, Lk), kc, torch.inf)
+    return torch.argsort(qp.transpose(-1, -2), dim=-1, stable=True), torch.argsort(kc, dim=-1, stable=True)
+
+
 def quantization_slots(qp: Tensor, kp: Tensor, bucket_size: int, *, causal: bool = False, causal_offset: int = 0,
                        key_keep: Tensor | None = None) -> Tensor:
     """Shared quantile bucket in any projected dim (see the module docstring for the alignment).
@@ -157,13 +168,7 @@ def quantization_slots(qp: Tensor, kp: Tensor, bucket_size: int, *, causal: bool
     keep = torch.ones(B, Lk, dtype=torch.bool, device=dev) if key_keep is None else key_keep
     n_real = keep.sum(-1).view(B, 1, 1, 1)  # (B, 1, 1, 1)
     n_buckets = (n_real + bucket_size - 1) // bucket_size
-    # keys sorted by coordinate per (b, h, dim), padding keys last (they never take a bucket)
-    kc = kp.transpose(-1, -2)  # (B, H, r, Lk)
-    kc = torch.where(keep.view(B, 1, 1, Lk), kc, torch.inf)
-    key_order = torch.argsort(kc, dim=-1, stable=True)  # rank -> key position
-    # query rank -> bucket; queries sorted separately
-    qc = qp.transpose(-1, -2)  # (B, H, r, Lq)
-    q_order = torch.argsort(qc, dim=-1, stable=True)
+    q_order, key_order = quantization_orders(qp, kp, key_keep)  # rank -> position
     q_rank = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(Lq, device=dev).expand_as(q_order))
     q_bucket = (q_rank * n_buckets // Lq).transpose(-1, -2)  # (B, H, Lq, r)
     # candidate slots: key ranks bucket*bs + s, s < bucket_size, that exist among the real keys
@@ -234,7 +239,8 @@ def clustering_pairs(qp: Tensor, kp: Tensor, centroids: Tensor, top_clusters: in
 def window_slots(B: int, H: int, Lq: int, Lk: int, window: int | None, first_token: bool, *, causal: bool = False,
                  causal_offset: int = 0, key_keep: Tensor | None = None, device=None) -> Tensor:
     """|anchor(i) - j| <= window (None: no window edges), plus (i, 0) with first_token, as
-    (B*H*Lq, W) key positions (-1 = none), only pairs the causal rule and key padding allow."""
+    (B*H*Lq, W) key positions (-1 = none; each key at most once per row), only pairs the causal
+    rule and key padding allow."""
     i = torch.arange(Lq, device=device)
     cols = []
     if window is not None and Lk > 0:
@@ -242,7 +248,10 @@ def window_slots(B: int, H: int, Lq: int, Lk: int, window: int | None, first_tok
         high = 0 if causal else window  # causal: keys after the anchor are never allowed
         cols.append(key_anchor(i, Lq, Lk, causal, causal_offset).unsqueeze(-1) + torch.arange(low, high + 1, device=device))
     if first_token and Lk > 0:
-        cols.append(torch.zeros(Lq, 1, dtype=torch.int64, device=device))
+        first = torch.zeros(Lq, 1, dtype=torch.int64, device=device)
+        if cols:  # listed once: not again when the window already holds key 0
+            first = torch.where((cols[0] == 0).any(-1, keepdim=True), -1, first)
+        cols.append(first)
     if not cols:
         return torch.full((B * H * Lq, 0), -1, dtype=torch.int64, device=device)
     col = torch.cat(cols, dim=-1)  # (Lq, W)

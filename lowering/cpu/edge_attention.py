@@ -49,12 +49,13 @@ from torch import Tensor
 
 from attnpass.lowering.cpu.common import broadcastable as _broadcastable
 from attnpass.lowering.cpu.common import check, dropout_keep
+from attnpass.lowering.cpu.row_normalizers import NORMALIZERS
+from attnpass.lowering.cpu.row_normalizers import logits_grad as _logits_grad
+from attnpass.lowering.cpu.row_normalizers import probs_from_stat as _probs
+from attnpass.lowering.cpu.row_normalizers import row_stat as _row_stat
 from attnpass.lowering.triton.switch import triton_call, use_triton
 
 __all__ = ["NORMALIZERS", "edge_attention", "edges_from_pairs", "edges_to_dense_mask"]
-
-NORMALIZERS = ("softmax", "entmax15")
-
 
 def _check(condition: bool, message: str, error: type = ValueError) -> None:
     check("edge_attention", condition, message, error)
@@ -418,78 +419,6 @@ def _tile(p: _Problem, rows: Tensor, width: int) -> _Tile:
         keep = dropout_keep(p.dropout_seed, p.dropout_p, (bh.unsqueeze(1), i.unsqueeze(1), col), p.acc)
     return _Tile(rows=rows, valid=valid, edge=edge, kv_row=kv_row, q=q_t, k=k_t, logits=logits,
                  keep=keep, bias_index=bias_index)
-
-
-# --------------------------------------------------------------------------------------------
-# Normalisers over each tile row (padding slots hold -inf logits and get probability 0)
-# --------------------------------------------------------------------------------------------
-
-
-def _finite_max(x: Tensor) -> Tensor:
-    """Row maximum; rows whose logits are all -inf (bias masks) give 0."""
-    m = x.amax(-1)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-
-
-def _softmax_stat(logits: Tensor) -> Tensor:
-    """logsumexp per row; 0 for rows without a finite logit."""
-    m = _finite_max(logits)
-    z = torch.exp(logits - m.unsqueeze(1)).sum(-1)
-    return torch.where(z > 0, m + torch.log(z), torch.zeros_like(z))
-
-
-def _entmax15_stat(logits: Tensor) -> Tensor:
-    """Exact entmax-1.5 threshold tau per row: sum over the row of relu(logits / 2 - tau)^2 == 1.
-
-    Within a row sorted descending (z_1 >= z_2 >= ...), if the support is the top r entries then
-    tau_r = mean_r - sqrt((1 - ss_r) / r), with mean_r and ss_r (sum of squared deviations) of the
-    top r; the support is the largest r with tau_r <= z_r. Rows without a finite logit give 0.
-    """
-    x = logits * 0.5
-    mx = _finite_max(x)
-    # tau >= max - 1 (the top entry alone has mass <= 1), so entries below max - 1 are never in the
-    # support: clipping at max - 2 changes no tau but keeps the sums small with -1e9 bias masks, and
-    # padding (-inf) lands there too. float64 keeps the cumulative sums exact enough.
-    z = (x - mx.unsqueeze(1)).clamp(min=-2.0).to(torch.float64)
-    zs = torch.sort(z, dim=-1, descending=True).values
-    rank = torch.arange(1, zs.shape[1] + 1, device=zs.device, dtype=torch.float64)
-    s1 = zs.cumsum(-1)
-    mean = s1 / rank
-    ss = (zs * zs).cumsum(-1) - s1 * mean
-    tau_r = mean - torch.sqrt(torch.clamp((1.0 - ss) / rank, min=0.0))
-    support = (tau_r <= zs).sum(-1, keepdim=True).clamp(min=1)
-    tau = tau_r.gather(-1, support - 1).squeeze(-1) + mx.to(torch.float64)
-    finite = torch.isfinite(x).any(-1)
-    return torch.where(finite, tau, torch.zeros_like(tau)).to(logits.dtype)
-
-
-def _row_stat(logits: Tensor, normalizer: str) -> Tensor:
-    return _softmax_stat(logits) if normalizer == "softmax" else _entmax15_stat(logits)
-
-
-def _probs(logits: Tensor, stat: Tensor, normalizer: str) -> Tensor:
-    """Normalised probabilities from the logits (n, W) and their row's statistic (n,)."""
-    if normalizer == "softmax":
-        return torch.exp(logits - stat.unsqueeze(1))
-    return torch.clamp(logits * 0.5 - stat.unsqueeze(1), min=0).square()
-
-
-def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor, d_stat: Optional[Tensor],
-                 normalizer: str) -> Tensor:
-    """Vector-Jacobian product through the normaliser, for both outputs (probs and row_stat)."""
-    if normalizer == "softmax":
-        # d softmax: p * (dp - <p, dp>_row);  d logsumexp / d logits = p.
-        grad = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))
-        return grad if d_stat is None else grad + probs * d_stat.unsqueeze(1)
-    # entmax15: p = s^2, s = relu(logits/2 - tau). Differentiating sum(p) = 1 gives
-    # d tau = <s, d logits> / (2 sum(s)), hence d logits = s * (dp - <s, dp> / sum(s)) and
-    # d tau / d logits = s / (2 sum(s)).
-    s = torch.clamp(logits * 0.5 - stat.unsqueeze(1), min=0)
-    s_sum = s.sum(-1, keepdim=True)
-    # sum(s) > 0 in every row with a finite logit; rows whose logits are all -inf have s == 0.
-    s_sum = torch.where(s_sum > 0, s_sum, torch.ones_like(s_sum))
-    grad = s * (d_probs - (s * d_probs).sum(-1, keepdim=True) / s_sum)
-    return grad if d_stat is None else grad + s * d_stat.unsqueeze(1) / (2 * s_sum)
 
 
 # --------------------------------------------------------------------------------------------

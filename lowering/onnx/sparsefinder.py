@@ -27,7 +27,7 @@ top clusters (GatherND, (B, Hq, Lq, top * M)), then the window and first-token c
 per row (TopK over the row's candidates) so that a key listed twice (shared by two of the query's
 clusters, or also a window key) is kept once; the key / value rows of the candidates are gathered
 ((B, Hq, Lq, W, D), W = top * M + window slots) and normalised along W. Entmax-1.5 is the exact
-sort-based threshold of the CPU kernel (`_entmax15_stat`: float64 cumulative sums over the sorted
+sort-based threshold of the CPU kernel (`row_normalizers.entmax15_stat`: float64 cumulative sums over the sorted
 row, the largest r with tau_r <= z_r), not a bisection: W is the candidate count, so sorting it
 is cheap. The largest intermediate is (B, Hq, Lq, W, max(D, Dv)); W is at most top * the largest
 cluster + 2 window + 2, i.e. the method's own per-query work (a cluster holding most keys makes

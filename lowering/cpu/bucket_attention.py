@@ -1,0 +1,298 @@
+"""Attention over quantile buckets: each query attends the keys sharing its bucket in any of r views.
+
+The layout of Sparsefinder's quantization predictor, computed as blocks instead of an edge list.
+In each view d (a projected dimension), queries and keys are ranked separately (`q_order`,
+`key_order`: positions in rank order); the n real keys of a batch row are cut into
+n_b = ceil(n / bucket_size) buckets of consecutive ranks, and query rank i goes to bucket
+floor(i * n_b / Lq). Query i's candidate keys are the union over views of its bucket's keys, plus
+optional per-query `extra_cols` (a local window, the first token); the row is normalised (softmax
+or entmax-1.5) over that set, each key once.
+
+Why blocks: the same pairs as a CSR cost one gathered key row and value row per edge (~r * bucket
+rows per query); here a bucket's queries and keys are gathered once per view into
+(buckets, queries per bucket, D) and (buckets, bucket_size, D) blocks, and the scores and the
+weighted values are batched matmuls of those blocks. Query ranks split evenly over the buckets, so
+a bucket holds at most ceil(Lq / n_b) queries and the padded blocks are O(r * (Lq + Lk) * D): no
+Lq x Lk tensor.
+
+Shapes::
+
+    q (B, Hq, Lq, D)   k (B, Hkv, Lk, D)   v (B, Hkv, Lk, Dv)   Hq % Hkv == 0 (GQA: head h reads h // (Hq//Hkv))
+    q_order   (B, Hq, r, Lq) int64   query positions in rank order, per view (a permutation of [0, Lq))
+    key_order (B, Hq, r, Lk) int64   key positions in rank order, per view (a permutation of [0, Lk)),
+                                     real keys first when key_padding_mask is given
+    extra_cols (B, Hq, Lq, W) int64  more keys per query, -1 = none, distinct within a row (or None)
+    key_padding_mask (B, Lk) bool    True = real key
+    bias  broadcastable to (B, Hq, Lq, Lk), read only at the candidate pairs
+    mask  broadcastable to (B, Hq, Lq, Lk) bool, True = keep; read only at the candidate pairs
+    out   (B, Hq, Lq, Dv) in q's dtype; rows without an allowed key are 0
+
+Causal pairs (j > i + causal_offset) and padding keys are dropped. Dropout uses the hash of the
+other kernels (`common.dropout_keep` on (b*Hq + h, i, j)), so a seed drops the same pairs here and
+in `edge_attention`. Built from differentiable PyTorch ops (autograd gives the backward) and the
+normalisers' exact VJP (`row_normalizers.normalize`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attnpass.lowering.cpu.common import broadcastable, check, dropout_keep
+from attnpass.lowering.cpu.row_normalizers import NORMALIZERS, normalize
+
+__all__ = ["quantile_bucket_attention", "bucket_layout"]
+
+
+def _check(condition: bool, message: str, error: type = ValueError) -> None:
+    check("quantile_bucket_attention", condition, message, error)
+
+
+def quantile_bucket_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_order: Tensor, key_order: Tensor, bucket_size: int,
+    extra_cols: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0,
+    key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0, dropout_seed: Optional[int] = None, normalizer: str = "softmax",
+) -> Tensor:
+    """Attention of each query to its buckets' keys in every view plus its extra keys (module docstring)."""
+    _validate(q, k, v, q_order, key_order, bucket_size, extra_cols, key_padding_mask, bias, mask, scale,
+              dropout_p, normalizer)
+    if dropout_seed is None and dropout_p > 0:
+        dropout_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = q.new_zeros(B, Hq, Lq, v.shape[3], dtype=acc)
+    if Lq == 0 or Lk == 0:
+        return out.to(q.dtype)
+    n_real = torch.full((B,), Lk, device=q.device) if key_padding_mask is None else key_padding_mask.sum(-1)
+    # Batch rows with the same number of real keys share one bucket count: one pass each (a pass
+    # over rows with different counts would pad every row to the largest queries-per-bucket).
+    parts = []
+    for n in torch.unique(n_real).tolist():
+        rows = (n_real == n).nonzero().squeeze(1)
+        parts.append((rows, _attend(q, k, v, q_order, key_order, bucket_size, extra_cols, rows, int(n), acc,
+                                    scale=scale, causal=causal, causal_offset=causal_offset,
+                                    key_padding_mask=key_padding_mask, bias=bias, mask=mask,
+                                    dropout_p=dropout_p, dropout_seed=dropout_seed, normalizer=normalizer)))
+    if len(parts) == 1:
+        return parts[0][1].to(q.dtype)
+    return out.index_put((torch.cat([r for r, _ in parts]),), torch.cat([o for _, o in parts])).to(q.dtype)
+
+
+def bucket_layout(Lq: int, n_real: int, bucket_size: int, device=None) -> tuple[int, Tensor, Tensor]:
+    """(n_buckets, block_rank (n_b, M), query_bucket (Lq,)) of the quantile buckets.
+
+    block_rank[t, m] is the query rank in slot m of bucket t (-1 = empty slot); query_bucket[i] the
+    bucket of query rank i. M = ceil(Lq / n_b): ranks split evenly, so no bucket holds more.
+    """
+    n_buckets = -(-n_real // bucket_size)
+    if n_buckets == 0:
+        return 0, torch.zeros(0, 0, dtype=torch.int64, device=device), torch.zeros(Lq, dtype=torch.int64, device=device)
+    rank = torch.arange(Lq, device=device)
+    query_bucket = rank * n_buckets // Lq
+    t = torch.arange(n_buckets + 1, device=device)
+    first = (t * Lq + n_buckets - 1) // n_buckets  # smallest rank i with i * n_b // Lq >= t
+    count = first[1:] - first[:-1]
+    width = -(-Lq // n_buckets)
+    slot = torch.arange(width, device=device)
+    block_rank = torch.where(slot < count.unsqueeze(1), first[:-1].unsqueeze(1) + slot, -1)
+    return n_buckets, block_rank, query_bucket
+
+
+def _attend(q, k, v, q_order, key_order, bucket_size, extra_cols, rows, n_real, acc, *, scale, causal,
+            causal_offset, key_padding_mask, bias, mask, dropout_p, dropout_seed, normalizer) -> Tensor:
+    """Output (len(rows), Hq, Lq, Dv) in `acc` for the batch rows `rows`, which all have n_real real keys."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    r = q_order.shape[2]
+    dev = q.device
+    nb_rows = rows.numel()
+    group = Hq // Hkv
+    q_order, key_order = q_order.index_select(0, rows), key_order.index_select(0, rows)
+    n_buckets, block_rank, query_bucket = bucket_layout(Lq, n_real, bucket_size, dev)
+    M = block_rank.shape[1]
+    bs = bucket_size
+
+    # global (b, h) of each local row, for gathers from q, k, v, masks and bias
+    b_idx = rows.view(-1, 1)                                       # (nb_rows, 1)
+    h_idx = torch.arange(Hq, device=dev).view(1, Hq)              # (1, Hq)
+    kv_base = ((b_idx * Hkv + h_idx // group) * Lk).view(nb_rows, Hq, 1, 1)
+
+    # each query's rank per view, and where it sits in its bucket's block
+    q_rank = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(Lq, device=dev).expand_as(q_order))
+    q_bucket = query_bucket[q_rank]                                 # (n, Hq, r, Lq)
+    q_row_in_block = (q_bucket * M + q_rank - block_rank[q_bucket, 0]) if n_buckets else q_rank
+
+    # key ranks per view -> bucket of each real key (padding keys never sit in a bucket)
+    k_rank = torch.empty_like(key_order).scatter_(-1, key_order, torch.arange(Lk, device=dev).expand_as(key_order))
+    k_bucket = torch.where(k_rank < n_real, k_rank // bs, -1)        # (n, Hq, r, Lk)
+
+    logits_parts, cols_parts = [], []
+    views = torch.arange(r, device=dev).view(1, 1, r, 1)
+    flat_view = ((torch.arange(nb_rows, device=dev).view(-1, 1, 1) * Hq + h_idx.view(1, Hq, 1)) * r
+                 + torch.arange(r, device=dev).view(1, 1, r))        # (n, Hq, r): index of the (row, head, view)
+    q_bucket_t = q_bucket.transpose(-1, -2)                               # (n, Hq, Lq, r)
+    if n_buckets:
+        # blocks: queries (n, Hq, r, n_b, M) and keys (n, Hq, r, n_b, bs) by position
+        q_pos = q_order.gather(-1, block_rank.clamp(min=0).view(1, 1, 1, -1).expand(nb_rows, Hq, r, -1))
+        q_rows = ((b_idx * Hq + h_idx) * Lq).view(nb_rows, Hq, 1, 1) + q_pos
+        q_block = q.reshape(-1, D).index_select(0, q_rows.reshape(-1)).view(nb_rows, Hq, r, n_buckets, M, D).to(acc)
+        key_rank = torch.arange(n_buckets * bs, device=dev)
+        key_slot_ok = key_rank < n_real                                # (n_b * bs,)
+        k_pos = key_order.gather(-1, key_rank.clamp(max=Lk - 1).view(1, 1, 1, -1).expand(nb_rows, Hq, r, -1))
+        kv_rows = (kv_base + k_pos).reshape(-1)
+        k_block = k.reshape(-1, D).index_select(0, kv_rows).view(nb_rows, Hq, r, n_buckets, bs, D).to(acc)
+        v_block = v.reshape(-1, Dv).index_select(0, kv_rows).view(nb_rows, Hq, r, n_buckets, bs, Dv).to(acc)
+        scores = torch.matmul(q_block, k_block.transpose(-1, -2)) * scale  # (n, Hq, r, n_b, M, bs)
+        # each query's row of scores per view: (n, Hq, Lq, r, bs)
+        q_slot = (flat_view.unsqueeze(-1) * (n_buckets * M) + q_row_in_block)  # (n, Hq, r, Lq)
+        q_slot = q_slot.transpose(-1, -2)                                  # (n, Hq, Lq, r)
+        logits_parts.append(scores.reshape(-1, bs).index_select(0, q_slot.reshape(-1)).view(nb_rows, Hq, Lq, r * bs))
+        # the key position and validity of each (view, slot)
+        slot_rank = q_bucket_t.unsqueeze(-1) * bs + torch.arange(bs, device=dev)  # (n, Hq, Lq, r, bs)
+        slot_col = k_pos.reshape(-1)[flat_view.view(nb_rows, Hq, 1, r, 1) * (n_buckets * bs) + slot_rank]
+        slot_ok = key_slot_ok[slot_rank]
+        # a key in the query's bucket of an earlier view is a candidate there already: count it once
+        dup = torch.zeros_like(slot_ok)
+        for earlier in range(r - 1):
+            later = slot_col[:, :, :, earlier + 1:]
+            in_earlier = _key_bucket_at(k_bucket[:, :, earlier], later) == q_bucket_t[..., earlier, None, None]
+            dup[:, :, :, earlier + 1:] |= in_earlier
+        cols_parts.append(torch.where(slot_ok & ~dup, slot_col, -1).reshape(nb_rows, Hq, Lq, r * bs))
+    if extra_cols is not None and extra_cols.shape[-1] > 0:
+        ext = extra_cols.index_select(0, rows)                              # (n, Hq, Lq, W)
+        W = ext.shape[-1]
+        ext_rows = (kv_base + ext.clamp(min=0)).reshape(-1)
+        k_ext = k.reshape(-1, D).index_select(0, ext_rows).view(nb_rows, Hq, Lq, W, D).to(acc)
+        q_acc = q.index_select(0, rows).to(acc)
+        logits_parts.append(torch.matmul(k_ext, q_acc.unsqueeze(-1)).squeeze(-1) * scale)
+        ok = ext >= 0
+        if n_buckets:
+            # an extra key already in one of the query's buckets is a candidate there
+            for view in range(r):
+                ok &= _key_bucket_at(k_bucket[:, :, view], ext) != q_bucket_t[..., view, None]
+        cols_parts.append(torch.where(ok, ext, -1))
+    if not logits_parts:
+        return q.new_zeros(nb_rows, Hq, Lq, Dv, dtype=acc)
+    logits = torch.cat(logits_parts, -1)                                   # (n, Hq, Lq, C)
+    cols = torch.cat(cols_parts, -1)
+    allowed = _allowed(cols, rows, Hq, Lq, causal, causal_offset, key_padding_mask, mask)
+    if bias is not None:
+        logits = logits + _pair_values(bias, cols, rows, Hq, Lq).to(acc)
+    probs = normalize(logits.masked_fill(~allowed, -math.inf), normalizer)
+    if dropout_p > 0:
+        bh = (rows.view(-1, 1) * Hq + h_idx).view(nb_rows, Hq, 1, 1)
+        i = torch.arange(Lq, device=dev).view(1, 1, Lq, 1)
+        probs = probs * dropout_keep(dropout_seed, dropout_p, (bh, i, cols.clamp(min=0)), acc)
+
+    out = q.new_zeros(nb_rows, Hq, Lq, Dv, dtype=acc)
+    if n_buckets:
+        p_bucket = probs[..., :r * bs].reshape(nb_rows, Hq, Lq, r, bs)
+        # back to blocks: slot (view, bucket, m) holds query block_rank -> its position
+        q_pos_t = q_pos.view(nb_rows, Hq, r, n_buckets * M)
+        p_index = (((torch.arange(nb_rows, device=dev).view(-1, 1, 1, 1) * Hq + h_idx.view(1, Hq, 1, 1)) * Lq
+                    + q_pos_t) * r + views)                                  # (n, Hq, r, n_b*M): row of p_bucket
+        p_block = p_bucket.reshape(-1, bs).index_select(0, p_index.reshape(-1)).view(nb_rows, Hq, r, n_buckets, M, bs)
+        p_block = p_block * (block_rank >= 0).view(1, 1, 1, n_buckets, M, 1)
+        out_block = torch.matmul(p_block, v_block).reshape(-1, Dv)            # (n*Hq*r*n_b*M, Dv)
+        out = out + out_block.index_select(0, q_slot.reshape(-1)).view(nb_rows, Hq, Lq, r, Dv).sum(3)
+    if extra_cols is not None and extra_cols.shape[-1] > 0:
+        v_ext = v.reshape(-1, Dv).index_select(0, ext_rows).view(nb_rows, Hq, Lq, W, Dv).to(acc)
+        out = out + torch.matmul(probs[..., -W:].unsqueeze(-2), v_ext).squeeze(-2)
+    return out
+
+
+def _key_bucket_at(key_bucket: Tensor, cols: Tensor) -> Tensor:
+    """key_bucket (n, Hq, Lk) read at key positions cols (n, Hq, ...) (-1 reads position 0)."""
+    n, Hq = cols.shape[:2]
+    return key_bucket.gather(-1, cols.clamp(min=0).reshape(n, Hq, -1)).view(cols.shape)
+
+
+def _pair_index(t: Tensor, rows: Tensor, Hq: int, Lq: int, cols: Tensor) -> tuple[Tensor, tuple]:
+    """t (broadcastable to (B, Hq, Lq, Lk)) as 4-D, and the index reading t[b, h, i, j] at every
+    candidate (cols (n, Hq, Lq, C), batch rows `rows`); broadcast (size-1) dims read index 0, so a
+    broadcast bias is never expanded."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    dev = cols.device
+    coords = (rows.view(-1, 1, 1, 1), torch.arange(Hq, device=dev).view(1, Hq, 1, 1),
+              torch.arange(Lq, device=dev).view(1, 1, Lq, 1), cols.clamp(min=0))
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=dev)
+    return t, tuple(c if size != 1 else zero for c, size in zip(coords, t.shape))
+
+
+def _pair_values(t: Tensor, cols: Tensor, rows: Tensor, Hq: int, Lq: int) -> Tensor:
+    t4, index = _pair_index(t, rows, Hq, Lq, cols)
+    return t4[index].expand(cols.shape)
+
+
+def _allowed(cols: Tensor, rows: Tensor, Hq: int, Lq: int, causal: bool, causal_offset: int,
+             key_padding_mask: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+    """Which candidates (n, Hq, Lq, C) are real pairs the causal rule, padding and mask allow."""
+    ok = cols >= 0
+    if causal:
+        ok &= cols <= torch.arange(Lq, device=cols.device).view(1, 1, Lq, 1) + causal_offset
+    if key_padding_mask is not None:
+        n = rows.numel()
+        ok &= key_padding_mask.index_select(0, rows).gather(1, cols.clamp(min=0).reshape(n, -1)).view(cols.shape)
+    if mask is not None:
+        ok &= _pair_values(mask, cols, rows, Hq, Lq)
+    return ok
+
+
+def _is_permutation(order: Tensor) -> bool:
+    counts = torch.zeros_like(order).scatter_add_(-1, order, torch.ones_like(order))
+    return bool((counts == 1).all())
+
+
+def _validate(q, k, v, q_order, key_order, bucket_size, extra_cols, key_padding_mask, bias, mask, scale,
+              dropout_p, normalizer) -> None:
+    _check(normalizer in NORMALIZERS, f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
+    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    _check(math.isfinite(scale), f"scale must be finite, got {scale!r}")
+    _check(isinstance(bucket_size, int) and bucket_size >= 1, f"bucket_size must be an int >= 1, got {bucket_size!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(t.dim() == 4, f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
+    _check(q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, _ = k.shape
+    _check(k.shape[0] == B and v.shape[0] == B, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    _check(k.shape[3] == D, f"q and k head dims differ: {D} vs {k.shape[3]}")
+    _check(tuple(v.shape[1:3]) == (Hkv, Lk), f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree on Hkv or Lk")
+    _check(Hkv > 0 and Hq % Hkv == 0, f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
+    for name, t, length in (("q_order", q_order, Lq), ("key_order", key_order, Lk)):
+        _check(t.dtype == torch.int64, f"{name} must be int64, got {t.dtype}", TypeError)
+        _check(t.dim() == 4 and tuple(t.shape[:2]) == (B, Hq) and t.shape[3] == length,
+               f"{name} must be (B={B}, Hq={Hq}, r, {length}), got shape {tuple(t.shape)}")
+        _check(t.numel() == 0 or _is_permutation(t), f"every row of {name} must be a permutation of [0, {length})")
+    _check(q_order.shape[2] == key_order.shape[2],
+           f"q_order and key_order have different view counts: {q_order.shape[2]} vs {key_order.shape[2]}")
+    if key_padding_mask is not None:
+        _check(key_padding_mask.dtype == torch.bool, f"key_padding_mask must be bool, got {key_padding_mask.dtype}", TypeError)
+        _check(tuple(key_padding_mask.shape) == (B, Lk), f"key_padding_mask must be (B={B}, Lk={Lk}), got {tuple(key_padding_mask.shape)}")
+        if key_order.numel():
+            n_real = key_padding_mask.sum(-1).view(B, 1, 1, 1)
+            real_at_rank = key_padding_mask.gather(1, key_order.reshape(B, -1)).view(key_order.shape)
+            rank = torch.arange(Lk, device=q.device)
+            _check(bool((real_at_rank == (rank < n_real)).all()),
+                   "key_order must list the real keys (key_padding_mask True) before the padding keys")
+    if extra_cols is not None:
+        _check(extra_cols.dtype == torch.int64, f"extra_cols must be int64, got {extra_cols.dtype}", TypeError)
+        _check(extra_cols.dim() == 4 and tuple(extra_cols.shape[:3]) == (B, Hq, Lq),
+               f"extra_cols must be (B={B}, Hq={Hq}, Lq={Lq}, W), got shape {tuple(extra_cols.shape)}")
+        if extra_cols.numel():
+            _check(int(extra_cols.min()) >= -1 and int(extra_cols.max()) < Lk,
+                   f"extra_cols values must be -1 (none) or in [0, Lk={Lk})")
+            ordered = extra_cols.sort(-1).values
+            _check(not bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()),
+                   "extra_cols repeats a key within a row")
+    for name, t in (("bias", bias), ("mask", mask)):
+        if t is not None:
+            _check(t.dim() >= 1 and broadcastable(tuple(t.shape), (B, Hq, Lq, Lk)),
+                   f"{name} shape {tuple(t.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}")
+    _check(bias is None or bias.is_floating_point(), "bias must be floating point", TypeError)
+    _check(mask is None or mask.dtype == torch.bool, "mask must be bool (True = keep)", TypeError)
