@@ -185,6 +185,12 @@ def test_rows_without_allowed_keys_are_zero_not_nan():
         out.sum().backward()
         assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
         q.grad = k.grad = v.grad = None
+    # not one real key in the whole batch: zeros that backward still runs through
+    nothing = torch.zeros(B, L, dtype=torch.bool)
+    q_order, key_order = random_orders(B, H, 2, L, L, gen, nothing)
+    out = quantile_bucket_attention(q, k, v, q_order, key_order, 3, scale=0.5, key_padding_mask=nothing)
+    out.sum().backward()
+    assert (out == 0).all() and (q.grad == 0).all() and (v.grad == 0).all()
 
 
 def test_bf16_close_to_fp32():
@@ -257,3 +263,23 @@ def test_bad_inputs_are_named():
         quantile_bucket_attention(q, k, v, q_order, key_order, 2, bias=torch.zeros(3, L), **run)
     with pytest.raises(ValueError, match="unknown normalizer"):
         quantile_bucket_attention(q, k, v, q_order, key_order, 2, normalizer="sparsemax", **run)
+
+
+def test_entmax15_threshold_of_wide_rows_equals_the_entmax_package():
+    """Rows wider than 32 are solved on their top 16 first, and on the full sort when more than 16
+    entries lie within 1 of the maximum: both branches, -inf entries and all -inf rows."""
+    from entmax import entmax15
+
+    from attnpass.lowering.cpu import row_normalizers as rn
+
+    gen = torch.Generator().manual_seed(0)
+    for width in (33, 70, 257):
+        for spread in (0.05, 0.5, 2.0, 20.0):  # flat rows need the full sort, peaked ones do not
+            x = torch.randn(300, width, generator=gen, dtype=F64) * spread
+            x[::5, width // 2:] = -math.inf
+            x[7] = -math.inf
+            x[11, :20] = x[11, 0]  # 20 tied maxima
+            probs = rn.probs_from_stat(x, rn.entmax15_stat(x), "entmax15")
+            want = entmax15(x.nan_to_num(neginf=-1e30), dim=-1)
+            want[7] = 0
+            assert (probs - want).abs().max() < 1e-12

@@ -1,7 +1,8 @@
 """Property-based tests of the CPU sparse kernels against dense references on the same pairs.
 
-Hypothesis draws the shapes and settings (B, Hq, Hkv, Lq, Lk, D, Dv, group and slot counts,
-causal rule and offset, key padding, bias, summary keys, empty rows, normaliser, tile budget) and a
+Hypothesis draws the shapes and settings (B, Hq, Hkv, Lq, Lk, D, Dv, group and slot counts, bucket
+views / sizes / extra keys, causal rule and offset, key padding, bias, mask, summary keys, empty
+rows, normaliser, tile budget) and a
 seed for the tensors; every case compares forward and gradients with the dense references of the
 kernels' own test files, in float64 (exact to 1e-9) and float32 (1e-4 against float64).
 
@@ -21,6 +22,9 @@ from hypothesis import strategies as st
 
 import attnpass.lowering.cpu.edge_attention as ea
 import attnpass.lowering.cpu.grouped_attention as ga
+from attnpass.lowering.cpu.bucket_attention import quantile_bucket_attention
+from tests.test_bucket_attention import allowed as bucket_allowed
+from tests.test_bucket_attention import random_extras, random_orders, reference_pairs
 from tests.test_edge_attention import allowed_mask, random_csr
 from tests.test_edge_attention import dense_reference as edge_reference
 from tests.test_grouped_attention import dense_reference as grouped_reference
@@ -68,7 +72,10 @@ def make_tensors(p, gen):
 
 
 def check(out, stat, ref_out, ref_stat, leaves, dtype):
+    """Output (and row statistic, unless both are None) and their gradients against the reference."""
     tol = 1e-9 if dtype == F64 else 1e-4
+    if stat is None:  # a kernel without a row statistic: a zero one keeps the checks below uniform
+        stat, ref_stat = out.new_zeros(()), ref_out.new_zeros(())
     assert torch.isfinite(out).all() and torch.isfinite(stat).all()
     assert rel_err(out, ref_out) <= tol and rel_err(stat, ref_stat) <= tol
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
@@ -147,3 +154,32 @@ def test_grouped_attention_fuzz(p, monkeypatch):
     assert torch.all(out[~nonempty] == 0)
     leaves = [t for t in (q, k, v, bias, summary_k, summary_v) if t is not None]
     check(out, stat, ref_out, ref_stat, leaves, p["dtype"])
+
+
+@st.composite
+def bucket_problems(draw):
+    p = draw(problems())
+    # r * bucket + extras reaches past 32 candidates, where entmax-1.5 first solves on the top 16
+    p.update(r=draw(st.integers(1, 4)), bucket=draw(st.integers(1, 12)), W=draw(st.integers(0, 3)),
+             mask=draw(st.booleans()))
+    return p
+
+
+@FUZZ
+@given(p=bucket_problems())
+def test_quantile_bucket_attention_fuzz(p):
+    gen = torch.Generator().manual_seed(p["seed"])
+    q, k, v, kpm, bias = make_tensors(p, gen)
+    B, Hq, Lq, Lk = p["B"], p["Hq"], p["Lq"], p["Lk"]
+    q_order, key_order = random_orders(B, Hq, p["r"], Lq, Lk, gen, kpm)
+    extras = random_extras(B, Hq, Lq, Lk, p["W"], gen) if p["W"] else None
+    mask = torch.rand(B, 1, Lq, Lk, generator=gen) < 0.8 if p["mask"] else None
+    qc, kc, vc, bc = _cast([q, k, v, bias], p["dtype"])
+    out = quantile_bucket_attention(qc, kc, vc, q_order, key_order, p["bucket"], extras, scale=0.8,
+                                    causal=p["causal"], causal_offset=p["offset"], key_padding_mask=kpm, bias=bc,
+                                    mask=mask, normalizer=p["normalizer"])
+    pairs = bucket_allowed(reference_pairs(q_order, key_order, p["bucket"], extras, kpm, Lk), p["causal"],
+                           p["offset"], kpm, mask)
+    ref_out, _ = edge_reference(q, k, v, pairs, scale=0.8, bias=bias, normalizer=p["normalizer"])
+    assert torch.all(out[~pairs.any(-1)] == 0)
+    check(out, None, ref_out, None, [t for t in (q, k, v, bias) if t is not None], p["dtype"])

@@ -64,9 +64,8 @@ def quantile_bucket_attention(
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = q.new_zeros(B, Hq, Lq, v.shape[3], dtype=acc)
     if Lq == 0 or Lk == 0:
-        return out.to(q.dtype)
+        return _zeros_connected(q, k, v, torch.arange(B, device=q.device), acc).to(q.dtype)
     n_real = torch.full((B,), Lk, device=q.device) if key_padding_mask is None else key_padding_mask.sum(-1)
     # Batch rows with the same number of real keys share one bucket count: one pass each (a pass
     # over rows with different counts would pad every row to the largest queries-per-bucket).
@@ -79,6 +78,7 @@ def quantile_bucket_attention(
                                     dropout_p=dropout_p, dropout_seed=dropout_seed, normalizer=normalizer)))
     if len(parts) == 1:
         return parts[0][1].to(q.dtype)
+    out = q.new_zeros(B, Hq, Lq, v.shape[3], dtype=acc)
     return out.index_put((torch.cat([r for r, _ in parts]),), torch.cat([o for _, o in parts])).to(q.dtype)
 
 
@@ -176,7 +176,7 @@ def _attend(q, k, v, q_order, key_order, bucket_size, extra_cols, rows, n_real, 
                 ok &= _key_bucket_at(k_bucket[:, :, view], ext) != q_bucket_t[..., view, None]
         cols_parts.append(torch.where(ok, ext, -1))
     if not logits_parts:
-        return q.new_zeros(nb_rows, Hq, Lq, Dv, dtype=acc)
+        return _zeros_connected(q, k, v, rows, acc)
     logits = torch.cat(logits_parts, -1)                                   # (n, Hq, Lq, C)
     cols = torch.cat(cols_parts, -1)
     allowed = _allowed(cols, rows, Hq, Lq, causal, causal_offset, key_padding_mask, mask)
@@ -203,6 +203,16 @@ def _attend(q, k, v, q_order, key_order, bucket_size, extra_cols, rows, n_real, 
         v_ext = v.reshape(-1, Dv).index_select(0, ext_rows).view(nb_rows, Hq, Lq, W, Dv).to(acc)
         out = out + torch.matmul(probs[..., -W:].unsqueeze(-2), v_ext).squeeze(-2)
     return out
+
+
+def _zeros_connected(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, acc: torch.dtype) -> Tensor:
+    """Zeros of the output's shape for batch rows `rows` (no candidate anywhere), computed as
+    attention over zero keys: still in the autograd graph, so backward runs and gives zero gradients
+    (a plain zeros tensor would make loss.backward() fail on such a batch)."""
+    q_rows = q.index_select(0, rows).to(acc)
+    no_keys = k.index_select(0, rows)[:, :1, :0].to(acc)     # (n, 1, 0, D)
+    no_values = v.index_select(0, rows)[:, :1, :0].to(acc)   # (n, 1, 0, Dv)
+    return torch.matmul(torch.matmul(q_rows, no_keys.transpose(-1, -2)), no_values)
 
 
 def _key_bucket_at(key_bucket: Tensor, cols: Tensor) -> Tensor:
