@@ -35,6 +35,7 @@ normalisers' exact VJP (`row_normalizers.normalize`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -102,106 +103,151 @@ def bucket_layout(Lq: int, n_real: int, bucket_size: int, device=None) -> tuple[
     return n_buckets, block_rank, query_bucket
 
 
+@dataclass
+class _Pass:
+    """The batch rows of one pass (all with n_real real keys) and their bucket layout.
+
+    Block tensors are laid out (n, Hq, r, n_b, M or bs, ...), n = len(rows); a query's candidate
+    row is (n, Hq, Lq, r * bs + extras), view by view.
+    """
+
+    rows: Tensor         # (n,) batch rows
+    n_real: int
+    n_buckets: int       # n_b
+    width: int           # M: query slots per bucket block
+    bucket_size: int     # bs
+    views: int           # r
+    block_ok: Tensor     # (n_b, M) the block slot holds a query
+    q_bucket: Tensor     # (n, Hq, Lq, r) each query's bucket per view
+    k_bucket: Tensor     # (n, Hq, r, Lk) each key's bucket per view, -1 for padding keys
+    q_pos: Tensor        # (n, Hq, r, n_b * M) query position of each block slot
+    q_slot: Tensor       # (n, Hq, Lq, r) each query's row in the flattened (.., n_b * M) blocks
+    k_pos: Tensor        # (n, Hq, r, n_b * bs) key position of each block slot (clamped past n_real)
+    kv_base: Tensor      # (n, Hq, 1, 1) first row of the head's keys in k.reshape(-1, D)
+    head_row: Tensor     # (n, Hq, 1) index of (row, head) in B * Hq order, local rows
+
+
+def _plan(q_order: Tensor, key_order: Tensor, rows: Tensor, n_real: int, bucket_size: int, Hkv: int) -> _Pass:
+    """The bucket layout of the batch rows `rows` (index tables only; no q, k, v is read)."""
+    n, (Hq, r, Lq) = rows.numel(), q_order.shape[1:]
+    Lk = key_order.shape[3]
+    dev = q_order.device
+    q_order, key_order = q_order.index_select(0, rows), key_order.index_select(0, rows)
+    n_buckets, block_rank, query_bucket = bucket_layout(Lq, n_real, bucket_size, dev)
+    width = block_rank.shape[1]
+    h = torch.arange(Hq, device=dev)
+    kv_base = ((rows.view(-1, 1) * Hkv + h // (Hq // Hkv)) * Lk).view(n, Hq, 1, 1)
+    head_row = (torch.arange(n, device=dev).view(-1, 1) * Hq + h).view(n, Hq, 1)
+
+    # each query's rank per view -> its bucket and its row in the bucket blocks
+    q_rank = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(Lq, device=dev).expand_as(q_order))
+    q_bucket = query_bucket[q_rank]                                              # (n, Hq, r, Lq)
+    in_block = q_bucket * width + q_rank - block_rank[q_bucket, 0] if n_buckets else q_rank
+    q_slot = ((head_row * r + torch.arange(r, device=dev)).unsqueeze(-1) * (n_buckets * width) + in_block)
+    # key ranks per view -> bucket of each real key (padding keys never sit in a bucket)
+    k_rank = torch.empty_like(key_order).scatter_(-1, key_order, torch.arange(Lk, device=dev).expand_as(key_order))
+    k_bucket = torch.where(k_rank < n_real, k_rank // bucket_size, -1)
+    slots = block_rank.clamp(min=0).view(1, 1, 1, -1).expand(n, Hq, r, -1)
+    key_ranks = torch.arange(n_buckets * bucket_size, device=dev).clamp(max=max(Lk - 1, 0))
+    return _Pass(
+        rows=rows, n_real=n_real, n_buckets=n_buckets, width=width, bucket_size=bucket_size, views=r,
+        block_ok=block_rank >= 0, q_bucket=q_bucket.transpose(-1, -2), k_bucket=k_bucket,
+        q_pos=q_order.gather(-1, slots), q_slot=q_slot.transpose(-1, -2),
+        k_pos=key_order.gather(-1, key_ranks.view(1, 1, 1, -1).expand(n, Hq, r, -1)),
+        kv_base=kv_base, head_row=head_row)
+
+
+def _bucket_candidates(q: Tensor, k: Tensor, v: Tensor, p: _Pass, scale: float, acc: torch.dtype):
+    """Scores of every query against its bucket's keys in each view, computed as block matmuls:
+    logits (n, Hq, Lq, r * bs), key columns (-1: no key, or counted in an earlier view) and the
+    value blocks (n, Hq, r, n_b, bs, Dv) for the output."""
+    n, Hq, Lq, r = p.q_bucket.shape
+    D, Dv = q.shape[3], v.shape[3]
+    nb, M, bs = p.n_buckets, p.width, p.bucket_size
+    dev = q.device
+    q_rows = ((p.rows.view(-1, 1) * Hq + torch.arange(Hq, device=dev)) * Lq).view(n, Hq, 1, 1) + p.q_pos
+    q_block = q.reshape(-1, D).index_select(0, q_rows.reshape(-1)).view(n, Hq, r, nb, M, D).to(acc)
+    kv_rows = (p.kv_base + p.k_pos).reshape(-1)
+    k_block = k.reshape(-1, D).index_select(0, kv_rows).view(n, Hq, r, nb, bs, D).to(acc)
+    v_block = v.reshape(-1, Dv).index_select(0, kv_rows).view(n, Hq, r, nb, bs, Dv).to(acc)
+    scores = torch.matmul(q_block, k_block.transpose(-1, -2)) * scale            # (n, Hq, r, nb, M, bs)
+    logits = scores.reshape(-1, bs).index_select(0, p.q_slot.reshape(-1)).view(n, Hq, Lq, r * bs)
+
+    slot_rank = p.q_bucket.unsqueeze(-1) * bs + torch.arange(bs, device=dev)     # (n, Hq, Lq, r, bs)
+    view_base = (p.head_row * r + torch.arange(r, device=dev)).view(n, Hq, 1, r, 1) * (nb * bs)
+    cols = p.k_pos.reshape(-1)[view_base + slot_rank]
+    ok = slot_rank < p.n_real
+    # a key in the query's bucket of an earlier view is a candidate there already: count it once
+    for earlier in range(r - 1):
+        later = cols[:, :, :, earlier + 1:]
+        in_earlier = _key_bucket_at(p.k_bucket[:, :, earlier], later) == p.q_bucket[..., earlier, None, None]
+        ok[:, :, :, earlier + 1:] &= ~in_earlier
+    return logits, torch.where(ok, cols, -1).reshape(n, Hq, Lq, r * bs), v_block
+
+
+def _extra_candidates(q: Tensor, k: Tensor, v: Tensor, extra_cols: Tensor, p: _Pass, scale: float, acc: torch.dtype):
+    """Scores of every query against its extra keys: logits (n, Hq, Lq, W), key columns (-1: none,
+    or already in one of the query's buckets) and the gathered values (n, Hq, Lq, W, Dv)."""
+    n, Hq, Lq, _ = p.q_bucket.shape
+    D, Dv = q.shape[3], v.shape[3]
+    ext = extra_cols.index_select(0, p.rows)                                     # (n, Hq, Lq, W)
+    W = ext.shape[-1]
+    rows = (p.kv_base + ext.clamp(min=0)).reshape(-1)
+    k_ext = k.reshape(-1, D).index_select(0, rows).view(n, Hq, Lq, W, D).to(acc)
+    logits = torch.matmul(k_ext, q.index_select(0, p.rows).to(acc).unsqueeze(-1)).squeeze(-1) * scale
+    ok = ext >= 0
+    if p.n_buckets:
+        for view in range(p.views):
+            ok &= _key_bucket_at(p.k_bucket[:, :, view], ext) != p.q_bucket[..., view, None]
+    v_ext = v.reshape(-1, Dv).index_select(0, rows).view(n, Hq, Lq, W, Dv).to(acc)
+    return logits, torch.where(ok, ext, -1), v_ext
+
+
+def _bucket_output(probs: Tensor, v_block: Tensor, p: _Pass) -> Tensor:
+    """sum over each query's bucket slots of probs * v, as block matmuls: (n, Hq, Lq, Dv)."""
+    n, Hq, Lq, r = p.q_bucket.shape
+    nb, M, bs = p.n_buckets, p.width, p.bucket_size
+    Dv = v_block.shape[-1]
+    # back to blocks: block slot (view, bucket, m) holds the query at q_pos -> its row of probs
+    p_rows = ((p.head_row.unsqueeze(-1) * Lq + p.q_pos) * r
+              + torch.arange(r, device=probs.device).view(1, 1, r, 1))           # (n, Hq, r, nb * M)
+    p_block = probs.reshape(-1, bs).index_select(0, p_rows.reshape(-1)).view(n, Hq, r, nb, M, bs)
+    p_block = p_block * p.block_ok.view(1, 1, 1, nb, M, 1)
+    out_block = torch.matmul(p_block, v_block).reshape(-1, Dv)
+    return out_block.index_select(0, p.q_slot.reshape(-1)).view(n, Hq, Lq, r, Dv).sum(3)
+
+
 def _attend(q, k, v, q_order, key_order, bucket_size, extra_cols, rows, n_real, acc, *, scale, causal,
             causal_offset, key_padding_mask, bias, mask, dropout_p, dropout_seed, normalizer) -> Tensor:
     """Output (len(rows), Hq, Lq, Dv) in `acc` for the batch rows `rows`, which all have n_real real keys."""
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    r = q_order.shape[2]
-    dev = q.device
-    nb_rows = rows.numel()
-    group = Hq // Hkv
-    q_order, key_order = q_order.index_select(0, rows), key_order.index_select(0, rows)
-    n_buckets, block_rank, query_bucket = bucket_layout(Lq, n_real, bucket_size, dev)
-    M = block_rank.shape[1]
-    bs = bucket_size
-
-    # global (b, h) of each local row, for gathers from q, k, v, masks and bias
-    b_idx = rows.view(-1, 1)                                       # (nb_rows, 1)
-    h_idx = torch.arange(Hq, device=dev).view(1, Hq)              # (1, Hq)
-    kv_base = ((b_idx * Hkv + h_idx // group) * Lk).view(nb_rows, Hq, 1, 1)
-
-    # each query's rank per view, and where it sits in its bucket's block
-    q_rank = torch.empty_like(q_order).scatter_(-1, q_order, torch.arange(Lq, device=dev).expand_as(q_order))
-    q_bucket = query_bucket[q_rank]                                 # (n, Hq, r, Lq)
-    q_row_in_block = (q_bucket * M + q_rank - block_rank[q_bucket, 0]) if n_buckets else q_rank
-
-    # key ranks per view -> bucket of each real key (padding keys never sit in a bucket)
-    k_rank = torch.empty_like(key_order).scatter_(-1, key_order, torch.arange(Lk, device=dev).expand_as(key_order))
-    k_bucket = torch.where(k_rank < n_real, k_rank // bs, -1)        # (n, Hq, r, Lk)
-
-    logits_parts, cols_parts = [], []
-    views = torch.arange(r, device=dev).view(1, 1, r, 1)
-    flat_view = ((torch.arange(nb_rows, device=dev).view(-1, 1, 1) * Hq + h_idx.view(1, Hq, 1)) * r
-                 + torch.arange(r, device=dev).view(1, 1, r))        # (n, Hq, r): index of the (row, head, view)
-    q_bucket_t = q_bucket.transpose(-1, -2)                               # (n, Hq, Lq, r)
-    if n_buckets:
-        # blocks: queries (n, Hq, r, n_b, M) and keys (n, Hq, r, n_b, bs) by position
-        q_pos = q_order.gather(-1, block_rank.clamp(min=0).view(1, 1, 1, -1).expand(nb_rows, Hq, r, -1))
-        q_rows = ((b_idx * Hq + h_idx) * Lq).view(nb_rows, Hq, 1, 1) + q_pos
-        q_block = q.reshape(-1, D).index_select(0, q_rows.reshape(-1)).view(nb_rows, Hq, r, n_buckets, M, D).to(acc)
-        key_rank = torch.arange(n_buckets * bs, device=dev)
-        key_slot_ok = key_rank < n_real                                # (n_b * bs,)
-        k_pos = key_order.gather(-1, key_rank.clamp(max=Lk - 1).view(1, 1, 1, -1).expand(nb_rows, Hq, r, -1))
-        kv_rows = (kv_base + k_pos).reshape(-1)
-        k_block = k.reshape(-1, D).index_select(0, kv_rows).view(nb_rows, Hq, r, n_buckets, bs, D).to(acc)
-        v_block = v.reshape(-1, Dv).index_select(0, kv_rows).view(nb_rows, Hq, r, n_buckets, bs, Dv).to(acc)
-        scores = torch.matmul(q_block, k_block.transpose(-1, -2)) * scale  # (n, Hq, r, n_b, M, bs)
-        # each query's row of scores per view: (n, Hq, Lq, r, bs)
-        q_slot = (flat_view.unsqueeze(-1) * (n_buckets * M) + q_row_in_block)  # (n, Hq, r, Lq)
-        q_slot = q_slot.transpose(-1, -2)                                  # (n, Hq, Lq, r)
-        logits_parts.append(scores.reshape(-1, bs).index_select(0, q_slot.reshape(-1)).view(nb_rows, Hq, Lq, r * bs))
-        # the key position and validity of each (view, slot)
-        slot_rank = q_bucket_t.unsqueeze(-1) * bs + torch.arange(bs, device=dev)  # (n, Hq, Lq, r, bs)
-        slot_col = k_pos.reshape(-1)[flat_view.view(nb_rows, Hq, 1, r, 1) * (n_buckets * bs) + slot_rank]
-        slot_ok = key_slot_ok[slot_rank]
-        # a key in the query's bucket of an earlier view is a candidate there already: count it once
-        dup = torch.zeros_like(slot_ok)
-        for earlier in range(r - 1):
-            later = slot_col[:, :, :, earlier + 1:]
-            in_earlier = _key_bucket_at(k_bucket[:, :, earlier], later) == q_bucket_t[..., earlier, None, None]
-            dup[:, :, :, earlier + 1:] |= in_earlier
-        cols_parts.append(torch.where(slot_ok & ~dup, slot_col, -1).reshape(nb_rows, Hq, Lq, r * bs))
+    p = _plan(q_order, key_order, rows, n_real, bucket_size, k.shape[1])
+    n, Hq, Lq, r = p.q_bucket.shape
+    bucket_width = r * bucket_size if p.n_buckets else 0
+    logits, cols, values = [], [], {}
+    if p.n_buckets:
+        bucket_logits, bucket_cols, values["bucket"] = _bucket_candidates(q, k, v, p, scale, acc)
+        logits.append(bucket_logits)
+        cols.append(bucket_cols)
     if extra_cols is not None and extra_cols.shape[-1] > 0:
-        ext = extra_cols.index_select(0, rows)                              # (n, Hq, Lq, W)
-        W = ext.shape[-1]
-        ext_rows = (kv_base + ext.clamp(min=0)).reshape(-1)
-        k_ext = k.reshape(-1, D).index_select(0, ext_rows).view(nb_rows, Hq, Lq, W, D).to(acc)
-        q_acc = q.index_select(0, rows).to(acc)
-        logits_parts.append(torch.matmul(k_ext, q_acc.unsqueeze(-1)).squeeze(-1) * scale)
-        ok = ext >= 0
-        if n_buckets:
-            # an extra key already in one of the query's buckets is a candidate there
-            for view in range(r):
-                ok &= _key_bucket_at(k_bucket[:, :, view], ext) != q_bucket_t[..., view, None]
-        cols_parts.append(torch.where(ok, ext, -1))
-    if not logits_parts:
+        extra_logits, extra_cols_ok, values["extra"] = _extra_candidates(q, k, v, extra_cols, p, scale, acc)
+        logits.append(extra_logits)
+        cols.append(extra_cols_ok)
+    if not logits:
         return _zeros_connected(q, k, v, rows, acc)
-    logits = torch.cat(logits_parts, -1)                                   # (n, Hq, Lq, C)
-    cols = torch.cat(cols_parts, -1)
+    logits, cols = torch.cat(logits, -1), torch.cat(cols, -1)                    # (n, Hq, Lq, C)
     allowed = _allowed(cols, rows, Hq, Lq, causal, causal_offset, key_padding_mask, mask)
     if bias is not None:
         logits = logits + _pair_values(bias, cols, rows, Hq, Lq).to(acc)
     probs = normalize(logits.masked_fill(~allowed, -math.inf), normalizer)
     if dropout_p > 0:
-        bh = (rows.view(-1, 1) * Hq + h_idx).view(nb_rows, Hq, 1, 1)
-        i = torch.arange(Lq, device=dev).view(1, 1, Lq, 1)
+        bh = (rows.view(-1, 1) * Hq + torch.arange(Hq, device=q.device)).view(n, Hq, 1, 1)
+        i = torch.arange(Lq, device=q.device).view(1, 1, Lq, 1)
         probs = probs * dropout_keep(dropout_seed, dropout_p, (bh, i, cols.clamp(min=0)), acc)
-
-    out = q.new_zeros(nb_rows, Hq, Lq, Dv, dtype=acc)
-    if n_buckets:
-        p_bucket = probs[..., :r * bs].reshape(nb_rows, Hq, Lq, r, bs)
-        # back to blocks: slot (view, bucket, m) holds query block_rank -> its position
-        q_pos_t = q_pos.view(nb_rows, Hq, r, n_buckets * M)
-        p_index = (((torch.arange(nb_rows, device=dev).view(-1, 1, 1, 1) * Hq + h_idx.view(1, Hq, 1, 1)) * Lq
-                    + q_pos_t) * r + views)                                  # (n, Hq, r, n_b*M): row of p_bucket
-        p_block = p_bucket.reshape(-1, bs).index_select(0, p_index.reshape(-1)).view(nb_rows, Hq, r, n_buckets, M, bs)
-        p_block = p_block * (block_rank >= 0).view(1, 1, 1, n_buckets, M, 1)
-        out_block = torch.matmul(p_block, v_block).reshape(-1, Dv)            # (n*Hq*r*n_b*M, Dv)
-        out = out + out_block.index_select(0, q_slot.reshape(-1)).view(nb_rows, Hq, Lq, r, Dv).sum(3)
-    if extra_cols is not None and extra_cols.shape[-1] > 0:
-        v_ext = v.reshape(-1, Dv).index_select(0, ext_rows).view(nb_rows, Hq, Lq, W, Dv).to(acc)
-        out = out + torch.matmul(probs[..., -W:].unsqueeze(-2), v_ext).squeeze(-2)
+    out = q.new_zeros(n, Hq, Lq, v.shape[3], dtype=acc)
+    if "bucket" in values:
+        out = out + _bucket_output(probs[..., :bucket_width], values["bucket"], p)
+    if "extra" in values:
+        out = out + torch.matmul(probs[..., bucket_width:].unsqueeze(-2), values["extra"]).squeeze(-2)
     return out
 
 
@@ -261,7 +307,8 @@ def _is_permutation(order: Tensor) -> bool:
 def _validate(q, k, v, q_order, key_order, bucket_size, extra_cols, key_padding_mask, bias, mask, scale,
               dropout_p, normalizer) -> None:
     _check(normalizer in NORMALIZERS, f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
-    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0,
+           f"dropout_p must be in [0, 1), got {dropout_p!r}")
     _check(math.isfinite(scale), f"scale must be finite, got {scale!r}")
     _check(isinstance(bucket_size, int) and bucket_size >= 1, f"bucket_size must be an int >= 1, got {bucket_size!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -282,8 +329,10 @@ def _validate(q, k, v, q_order, key_order, bucket_size, extra_cols, key_padding_
     _check(q_order.shape[2] == key_order.shape[2],
            f"q_order and key_order have different view counts: {q_order.shape[2]} vs {key_order.shape[2]}")
     if key_padding_mask is not None:
-        _check(key_padding_mask.dtype == torch.bool, f"key_padding_mask must be bool, got {key_padding_mask.dtype}", TypeError)
-        _check(tuple(key_padding_mask.shape) == (B, Lk), f"key_padding_mask must be (B={B}, Lk={Lk}), got {tuple(key_padding_mask.shape)}")
+        _check(key_padding_mask.dtype == torch.bool, f"key_padding_mask must be bool, got {key_padding_mask.dtype}",
+               TypeError)
+        _check(tuple(key_padding_mask.shape) == (B, Lk),
+               f"key_padding_mask must be (B={B}, Lk={Lk}), got {tuple(key_padding_mask.shape)}")
         if key_order.numel():
             n_real = key_padding_mask.sum(-1).view(B, 1, 1, 1)
             real_at_rank = key_padding_mask.gather(1, key_order.reshape(B, -1)).view(key_order.shape)
