@@ -397,7 +397,6 @@ class SparsefinderAttention(SiteAttention):
                 self.update_centroids_(q.detach(), k.detach(), key_keep)
         return out
 
-
     def _bucket_forward(self, q, k, v, bias, mask, key_keep, dropout_p: float) -> Tensor:
         """The quantization predictor's graph through `quantile_bucket_attention`: the same pairs
         and the same function as `predict` + `edge_attention` (tested), computed as blocks."""

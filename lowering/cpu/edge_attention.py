@@ -57,6 +57,7 @@ from attnpass.lowering.triton.switch import triton_call, use_triton
 
 __all__ = ["NORMALIZERS", "edge_attention", "edges_from_pairs", "edges_to_dense_mask"]
 
+
 def _check(condition: bool, message: str, error: type = ValueError) -> None:
     check("edge_attention", condition, message, error)
 
