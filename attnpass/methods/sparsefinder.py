@@ -57,7 +57,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnpass.lowering.cpu.common import broadcastable
+from attnpass.lowering.cpu.common import broadcastable, read_at_pairs
 from attnpass.lowering.cpu.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.lowering.triton.switch import use_triton
@@ -101,12 +101,7 @@ def _drop_masked_edges(row_ptr: Tensor, col: Tensor, mask: Tensor, H: int, Lq: i
     R = row_ptr.numel() - 1
     row = torch.repeat_interleave(torch.arange(R, device=col.device), row_ptr.diff(), output_size=col.numel())
     bh, i = row // Lq, row % Lq
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    coords = (bh // H, bh % H, i, col)
-    zero = col.new_zeros(1).expand(col.shape)
-    ok = m[tuple(c if s != 1 else zero for c, s in zip(coords, m.shape))]
+    ok = read_at_pairs(mask, (bh // H, bh % H, i, col))
     row, col = row[ok], col[ok]
     return torch.cat([row_ptr.new_zeros(1), torch.bincount(row, minlength=R).cumsum(0)]), col
 

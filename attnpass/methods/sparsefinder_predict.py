@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from attnpass import cost_model
+from attnpass.lowering.cpu.common import as_4d, read_at_pairs
 from attnpass.lowering.cpu.edge_attention import edges_from_pairs
 from attnpass.methods.base import key_anchor
 
@@ -310,8 +311,7 @@ def _block(t: Tensor | None, b: int, h0: int, h1: int, i0: int, i1: int) -> Tens
     queries [i0, i1), broadcastable to (h1 - h0, i1 - i0, Lk) (broadcast dims stay size 1)."""
     if t is None:
         return None
-    while t.dim() < 4:
-        t = t.unsqueeze(0)
+    t = as_4d(t)
     t = t[b if t.shape[0] > 1 else 0]
     t = t[h0:h1] if t.shape[0] > 1 else t
     return t[:, i0:i1] if t.shape[1] > 1 else t
@@ -447,11 +447,7 @@ def sample_negatives(g_row: Tensor, g_col: Tensor, *, B: int, H: int, Lq: int, L
     coords = (b, bh % H, i, col)
     for t, forbidden in ((mask, lambda x: ~x), (bias, lambda x: x == -math.inf)):
         if t is not None:
-            t4 = t
-            while t4.dim() < 4:
-                t4 = t4.unsqueeze(0)
-            zero = col.new_zeros(1).expand(col.shape)
-            ok &= ~forbidden(t4[tuple(c if s != 1 else zero for c, s in zip(coords, t4.shape))])
+            ok &= ~forbidden(read_at_pairs(t, coords))
     return g_row[ok], col[ok]
 
 

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnpass.lowering.cpu.common import broadcastable, check, dropout_keep
+from attnpass.lowering.cpu.common import broadcastable, check, dropout_keep, read_at_pairs
 from attnpass.lowering.cpu.row_normalizers import NORMALIZERS, normalize
 
 __all__ = ["quantile_bucket_attention", "bucket_layout"]
@@ -267,22 +267,11 @@ def _key_bucket_at(key_bucket: Tensor, cols: Tensor) -> Tensor:
     return key_bucket.gather(-1, cols.clamp(min=0).reshape(n, Hq, -1)).view(cols.shape)
 
 
-def _pair_index(t: Tensor, rows: Tensor, Hq: int, Lq: int, cols: Tensor) -> tuple[Tensor, tuple]:
-    """t (broadcastable to (B, Hq, Lq, Lk)) as 4-D, and the index reading t[b, h, i, j] at every
-    candidate (cols (n, Hq, Lq, C), batch rows `rows`); broadcast (size-1) dims read index 0, so a
-    broadcast bias is never expanded."""
-    while t.dim() < 4:
-        t = t.unsqueeze(0)
-    dev = cols.device
-    coords = (rows.view(-1, 1, 1, 1), torch.arange(Hq, device=dev).view(1, Hq, 1, 1),
-              torch.arange(Lq, device=dev).view(1, 1, Lq, 1), cols.clamp(min=0))
-    zero = torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=dev)
-    return t, tuple(c if size != 1 else zero for c, size in zip(coords, t.shape))
-
-
 def _pair_values(t: Tensor, cols: Tensor, rows: Tensor, Hq: int, Lq: int) -> Tensor:
-    t4, index = _pair_index(t, rows, Hq, Lq, cols)
-    return t4[index].expand(cols.shape)
+    """`t` (broadcastable to (B, Hq, Lq, Lk)) at every candidate (cols (n, Hq, Lq, C) of batch rows `rows`)."""
+    dev = cols.device
+    return read_at_pairs(t, (rows.view(-1, 1, 1, 1), torch.arange(Hq, device=dev).view(1, Hq, 1, 1),
+                             torch.arange(Lq, device=dev).view(1, 1, Lq, 1), cols.clamp(min=0)))
 
 
 def _allowed(cols: Tensor, rows: Tensor, Hq: int, Lq: int, causal: bool, causal_offset: int,

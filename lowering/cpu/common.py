@@ -1,4 +1,5 @@
-"""Pieces the CPU kernels share: input checks and the counter-based dropout mask."""
+"""Pieces the CPU kernels share: input checks, reading a broadcast bias / mask at pairs, and the
+counter-based dropout mask."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +17,32 @@ def check(op: str, condition: bool, message: str, error: type = ValueError) -> N
 def broadcastable(shape, target) -> bool:
     """Can a tensor of `shape` broadcast to `target` (without growing `target`)?"""
     return len(shape) <= len(target) and all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def as_4d(t: Tensor) -> Tensor:
+    """A tensor broadcastable to (B, H, Lq, Lk) with its leading size-1 dims added (a view)."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def pair_index(shape, coords: tuple) -> tuple:
+    """Index tuple reading a 4-D tensor of `shape` at pairs (b, h, i, j) given as int64 tensors that
+    broadcast together; broadcast (size-1) dims read index 0.
+
+    Indexing the caller's tensor directly, never an expanded copy, keeps it O(pairs) even when a
+    bias broadcasts to Lq x Lk. The zero index is expanded (stride 0) to the pairs' shape, not 0-d:
+    a 0-d tensor index becomes a select (a view of the whole remaining tensor), this way every dim is
+    a plain per-pair gather (and the same tuple scatters gradients back).
+    """
+    zero = coords[0].new_zeros(()).expand(torch.broadcast_shapes(*(c.shape for c in coords)))
+    return tuple(c if size != 1 else zero for c, size in zip(coords, shape))
+
+
+def read_at_pairs(t: Tensor, coords: tuple) -> Tensor:
+    """`t` (broadcastable to (B, H, Lq, Lk)) read at the pairs `coords` (see `pair_index`)."""
+    t4 = as_4d(t)
+    return t4[pair_index(t4.shape, coords)]
 
 
 def _mix32(x):

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from attnpass.lowering.cpu.common import broadcastable as _broadcastable
-from attnpass.lowering.cpu.common import check, dropout_keep
+from attnpass.lowering.cpu.common import as_4d, check, dropout_keep, pair_index
 from attnpass.lowering.cpu.row_normalizers import NORMALIZERS
 from attnpass.lowering.cpu.row_normalizers import logits_grad as _logits_grad
 from attnpass.lowering.cpu.row_normalizers import probs_from_stat as _probs
@@ -321,11 +321,7 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, 
             edge_id = keep.nonzero().squeeze(1)
             edge_bias = edge_bias[edge_id]
 
-    bias4 = None
-    if bias is not None:
-        bias4 = bias
-        while bias4.dim() < 4:
-            bias4 = bias4.unsqueeze(0)
+    bias4 = None if bias is None else as_4d(bias)
     return _Problem(
         q2=q.reshape(B * Hq * Lq, D), k2=k.reshape(B * Hkv * Lk, D), v2=v.reshape(B * Hkv * Lk, Dv),
         bias4=bias4, edge_bias=edge_bias, edge_id=edge_id, dims=(B, Hq, Hkv, Lq, Lk, D, Dv),
@@ -352,18 +348,6 @@ class _Tile:
     logits: Tensor     # (n, W), -inf on padding
     keep: Optional[Tensor]       # (n, W) inverted-dropout multiplier, None without dropout
     bias_index: Optional[tuple]  # index tuple into bias4 for every slot (gather / scatter)
-
-
-def _bias_index(bias4: Tensor, coords: tuple) -> tuple:
-    """Index tuple reading bias4[b, h, i, j] per slot; broadcast (size-1) dims read index 0.
-
-    Indexing the caller's bias directly, never an expanded copy, keeps it O(edges) even when bias
-    broadcasts to Lq x Lk.
-    """
-    # An expanded (stride-0) zero index, not a 0-d one: a 0-d tensor index is turned into a select,
-    # i.e. a view of the whole remaining bias, and this way every dim is a plain per-slot gather.
-    zero = coords[0].new_zeros(1).expand(coords[0].shape)
-    return tuple(c if size != 1 else zero for c, size in zip(coords, bias4.shape))
 
 
 def _tile_values(p: _Problem, t: _Tile) -> Tensor:
@@ -409,7 +393,7 @@ def _tile(p: _Problem, rows: Tensor, width: int) -> _Tile:
     bias_index = None
     if p.bias4 is not None:
         coords = tuple(x.unsqueeze(1).expand(n, width) for x in (b, h, i)) + (col,)
-        bias_index = _bias_index(p.bias4, coords)
+        bias_index = pair_index(p.bias4.shape, coords)
         logits = logits + p.bias4[bias_index].to(p.acc)
     if p.edge_bias is not None:
         logits = logits + p.edge_bias[edge].to(p.acc)
