@@ -7,7 +7,8 @@ One attention layer, B=1, H=8, D=64, fp32, bidirectional, forward (eval, no grad
 - dense softmax `F.scaled_dot_product_attention` (the speed reference);
 - attnpass's Sparsefinder site, per predictor: projection + predictor + entmax-1.5 over the
   predicted pairs (`SparsefinderAttention.forward`: the CSR edge kernel; on CPU the quantization
-  predictor's buckets go through the block kernel `quantile_bucket_attention`), with recall / graph sparsity / computation sparsity of its
+  predictor's buckets go through the block kernel `quantile_bucket_attention`; one more row runs
+  the same bucket-16 graph through the edge kernel, for the block kernel's gain), with recall / graph sparsity / computation sparsity of its
   graph against the gold entmax graph printed next to the timing.
 
 q, k come from an entmax-1.5 layer over token + sinusoidal position embeddings (Zipf tokens,
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from entmax import entmax15
 
+from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.methods import SiteSpec, method_class
 from attnpass.methods import sparsefinder_predict as sp
 
@@ -37,6 +39,8 @@ B, H, D, E, VOCAB = 1, 8, 64, 64, 512
 RUNS = [
     ("distance", None, dict(predictor="distance")),
     ("quantization", "bucket 16", dict(predictor="quantization", bucket_size=16)),
+    # the same graph through the CSR edge kernel (the path before the block kernel): what blocks buy
+    ("quantization", "bucket 16, edge kernel", dict(predictor="quantization", bucket_size=16)),
     ("quantization", "bucket 64", dict(predictor="quantization", bucket_size=64)),
     ("quantization", "bucket 256", dict(predictor="quantization", bucket_size=256)),
     ("clustering", "128 clusters, top 2", dict(predictor="clustering", clusters=128, top_clusters=2)),
@@ -61,6 +65,14 @@ def entmax_layer_qkv(length: int, seed: int):
         return (x @ w).view(B, length, H, D).transpose(1, 2).contiguous()
 
     return heads(w_q), heads(w_k), heads(w_v)
+
+
+def edge_kernel_forward(module):
+    """The site's prediction + entmax-1.5 on the CSR edge kernel (no bias, mask or padding here)."""
+    def forward(q, k, v):
+        row_ptr, col, _ = module.predict(q, k)
+        return edge_attention(q, k, v, row_ptr, col, scale=module.scale(q), normalizer=module.normalizer)[0]
+    return forward
 
 
 def timed(fn, repeats: int) -> float:
@@ -122,7 +134,8 @@ def main() -> None:
                 for _ in range(20):
                     module.update_centroids_(q_train, k_train)
             # distance keeps a large share of the pairs (its cost is all-pairs anyway): one call
-            t = timed(lambda m=module: m(q, k, v), 1 if name == "distance" else args.repeats)
+            forward = module if detail is None or "edge kernel" not in detail else edge_kernel_forward(module)
+            t = timed(lambda f=forward: f(q, k, v), 1 if name == "distance" else args.repeats)
             row_ptr, col, candidates = module.predict(q, k)
             metrics = sp.graph_metrics(q, k, row_ptr, col, scale=scale, gold=gold,
                                        predictor_ops=module.predictor_ops(q, k, candidates))
