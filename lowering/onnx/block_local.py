@@ -27,16 +27,9 @@ from onnxscript import opset18 as op
 from attnpass.lowering.onnx.candidates import causal_rule
 from attnpass.lowering.onnx.common import ATTNPASS, node_op
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
-from attnpass.lowering.onnx.routing import Routing, pair_values
+from attnpass.lowering.onnx.routing import Routing, key_anchor, pair_values
 
 _INT64 = onnx.TensorProto.INT64
-
-
-@script(ATTNPASS, default_opset=op)
-def key_anchor(pos, lq, lk, offset, not_causal):
-    """A query position in key space: i + offset (at most Lk - 1) when causal, else floor(i Lk / Lq)."""
-    one = op.Constant(value_ints=[1])
-    return op.Where(not_causal, op.Div(op.Mul(pos, lk), op.Max(lq, one)), op.Min(op.Add(pos, offset), op.Sub(lk, one)))
 
 
 @script(ATTNPASS, default_opset=op)
@@ -136,4 +129,4 @@ ROUTING_LOCAL_NODE = node_op(
     outputs=[("out", "T")],
 )
 
-FUNCTIONS = (BlockLocal, RoutingWithLocalHeads, key_anchor, head_range)
+FUNCTIONS = (BlockLocal, RoutingWithLocalHeads, head_range)

@@ -122,6 +122,13 @@ def sorted_top(sim, width, keep, drop: int):
 
 
 @script(ATTNPASS, default_opset=op)
+def key_anchor(pos, lq, lk, offset, not_causal):
+    """A query position in key space: i + offset (at most Lk - 1) when causal, else floor(i Lk / Lq)."""
+    one = op.Constant(value_ints=[1])
+    return op.Where(not_causal, op.Div(op.Mul(pos, lk), op.Max(lq, one)), op.Min(op.Add(pos, offset), op.Sub(lk, one)))
+
+
+@script(ATTNPASS, default_opset=op)
 def pair_values(t, b, h, i, j):
     """t[b, h, i, j] for a 4-D t broadcastable to (B, H, Lq, Lk) and broadcasting int64 index
     tensors (>= 0); broadcast axes of t (size 1) read index 0. One flat Gather."""
@@ -212,7 +219,7 @@ def Routing(q, k, v, bias, mask, key_keep, query_keep, centroids, scale: float, 
     keep_i = op.Cast(key_keep, to=_INT64)
     real_up_to = op.CumSum(keep_i, op.Constant(value_int=1))                  # (B, Lk)
     num_real = op.ReduceSum(keep_i, [1], keepdims=1)                          # (B, 1)
-    anchor = op.Where(not_causal, op.Div(op.Mul(oi, lk), lq), op.Min(op.Add(oi, offset), op.Sub(lk, one)))
+    anchor = key_anchor(oi, lq, lk, offset, not_causal)
     seen = op.GatherND(real_up_to, op.Concat(ob, op.Max(anchor, zero), axis=1))
     seen = op.Where(op.Less(anchor, zero), zero, op.Unsqueeze(seen, [1]))     # real keys at or before the anchor
     width = op.Min(op.Unsqueeze(op.Constant(value_int=local_window), [0]), lk)
@@ -256,7 +263,7 @@ ROUTING_NODE = node_op(
     outputs=[("out", "T")],
 )
 
-FUNCTIONS = (Routing, layer_norm, sorted_top, pair_values, zero_like_float)
+FUNCTIONS = (Routing, layer_norm, sorted_top, key_anchor, pair_values, zero_like_float)
 
 
 def translate_routing(q, k, v, bias, mask, key_keep, centroids, scale, causal, bottom_right, cross, local_window,

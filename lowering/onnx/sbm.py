@@ -45,6 +45,7 @@ from torch import Tensor
 from attnpass.lowering.onnx.candidates import candidate_scores, causal_rule, cluster_member_keys, weighted_values
 from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, pair_bias, pair_mask, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
+from attnpass.lowering.onnx.routing import key_anchor
 
 _INT64 = onnx.TensorProto.INT64
 
@@ -138,8 +139,7 @@ def own_key(key_keep, lq, offset, not_causal):
     one = op.Constant(value_ints=[1])
     lk = op.Shape(key_keep, start=1, end=2)
     i_pos = op.Range(zero_i, op.Squeeze(lq, [0]), one_i)                          # (Lq,)
-    anchor = op.Where(not_causal, op.Div(op.Mul(i_pos, lk), op.Max(lq, one)),
-                      op.Min(op.Add(i_pos, offset), op.Sub(lk, one)))
+    anchor = key_anchor(i_pos, lq, lk, offset, not_causal)
     keep = op.Cast(key_keep, to=_INT64)                                           # (B, Lk)
     positions = op.Range(zero_i, op.Squeeze(lk, [0]), one_i)
     real_sorted, unused = op.TopK(op.Add(positions, op.Mul(op.Sub(one, keep), lk)), lk, axis=-1, largest=0,

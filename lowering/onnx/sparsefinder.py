@@ -63,6 +63,7 @@ from attnpass.lowering.onnx.candidates import (
 )
 from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, pair_bias, pair_mask, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
+from attnpass.lowering.onnx.routing import key_anchor
 
 _INT64, _DOUBLE = onnx.TensorProto.INT64, onnx.TensorProto.DOUBLE
 EXPORTABLE_PREDICTORS = ("clustering", "quantization")
@@ -198,7 +199,7 @@ def window_keys(lq, lk, offset, not_causal, window, first_token):
     zero_i = op.Constant(value_int=0)
     one_i = op.Constant(value_int=1)
     i_pos = op.Range(zero_i, op.Squeeze(lq, [0]), one_i)                          # (Lq,)
-    anchor = op.Where(not_causal, op.Div(op.Mul(i_pos, lk), op.Max(lq, one)), op.Min(op.Add(i_pos, offset), op.Sub(lk, one)))
+    anchor = key_anchor(i_pos, lq, lk, offset, not_causal)
     has_window = op.GreaterOrEqual(window, zero_i)
     low = op.Where(has_window, op.Neg(window), zero_i)
     high = op.Where(has_window, op.Where(op.Squeeze(not_causal, [0]), op.Add(window, one_i), one_i), zero_i)
