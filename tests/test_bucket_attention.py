@@ -196,14 +196,14 @@ def test_rows_without_allowed_keys_are_zero_not_nan():
 def test_bf16_close_to_fp32():
     gen = torch.Generator().manual_seed(2)
     inputs, settings, _ = _case("gqa_bias_mask", "entmax15", gen)
-    settings["bias"] = settings["bias"].detach()
-    low = {n: (t.detach().to(torch.bfloat16) if n in ("q", "k", "v") else t) for n, t in inputs.items()}
-    out = quantile_bucket_attention(**low, **{**settings, "bias": settings["bias"].to(torch.bfloat16)})
-    want = quantile_bucket_attention(**{n: (t.detach().to(torch.float32) if n in ("q", "k", "v") else t)
-                                        for n, t in inputs.items()},
-                                     **{**settings, "bias": settings["bias"].to(torch.float32)})
+
+    def run(dtype):
+        tensors = {n: inputs[n].detach().to(dtype) for n in ("q", "k", "v")}
+        return quantile_bucket_attention(**{**inputs, **tensors}, **{**settings, "bias": settings["bias"].detach().to(dtype)})
+
+    out = run(torch.bfloat16)
     assert out.dtype == torch.bfloat16
-    assert rel_err(out.float(), want) < 3e-2
+    assert rel_err(out.float(), run(torch.float32)) < 3e-2
 
 
 def test_bucket_layout_splits_query_ranks_evenly():
