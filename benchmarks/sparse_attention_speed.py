@@ -12,10 +12,15 @@ One attention layer, B=1, H=8, D=64, fp32, bidirectional, all in one run on this
 - speed-ups at each length (targets at L=16k: routing >= 2x routing_transformer, Combiner-fixed
   >= 10x SDPA) and GFLOP/s on the pairs actually computed (FLOPs from `attnpass.cost_model`)
   next to this machine's dense matmul GFLOP/s;
-- how time grows with L: the exponent fitted to the measured forward times against the one the
+- how time grows with L: the exponent fitted to the measured forward times against the ones the
   sympy cost model predicts over the same lengths (acceptance: within 0.15), over the speed
   table's lengths and over longer ones (--growth-lengths, forward only), where the fixed per-call
-  overhead of the Python-level kernels (~10-20 ms, not in the FLOP model) no longer dominates;
+  overhead of the Python-level kernels (~10-20 ms, in neither model term) no longer dominates.
+  Two predictions: FLOPs alone, and the roofline time t = FLOPs / (dense matmul FLOP/s) +
+  bytes / (memory bandwidth), with both rates measured in the same run. The sparse kernels move
+  O(L) bytes (gathered rows, indices) against O(L^1.5) FLOPs at ~1/5-1/10 of the matmul peak,
+  so at these lengths the bytes term is a large share of the time and the FLOPs-only exponent
+  overstates the growth;
 - peak memory of one forward at L=65536 (each method in a fresh process; acceptance: < 4 GB).
 Timings are CPU timings; the Triton kernels' GPU timings are not measured here (no GPU).
 """
@@ -107,8 +112,8 @@ def measure(length: int, repeats: int) -> dict[str, dict]:
         if module is not None:
             module.train()
         fwd_bwd = timed(functools.partial(forward_backward, module, *make_inputs(length, requires_grad=True)), repeats)
-        flops, _ = cost_model.cost_expr(method, **options).evaluate(B=B, H=H, Lq=length, Lk=length, D=D)
-        results[name] = dict(fwd=fwd, fwd_bwd=fwd_bwd, flops=flops, options=options)
+        flops, nbytes = cost_model.cost_expr(method, **options).evaluate(B=B, H=H, Lq=length, Lk=length, D=D)
+        results[name] = dict(fwd=fwd, fwd_bwd=fwd_bwd, flops=flops, bytes=nbytes, options=options)
         print(f"  L={length:6d} {name:28s} fwd {fwd * 1e3:9.1f} ms  fwd+bwd {fwd_bwd * 1e3:9.1f} ms  "
               f"{flops / fwd / 1e9:6.1f} GFLOP/s", flush=True)
     return results
@@ -124,25 +129,40 @@ def growth(lengths, repeats: int) -> dict[int, dict[str, dict]]:
                 continue
             module.eval()
             fwd = timed(functools.partial(forward, module, *make_inputs(length, requires_grad=False)), repeats)
-            flops, _ = cost_model.cost_expr(method, **options).evaluate(B=B, H=H, Lq=length, Lk=length, D=D)
-            results[length][name] = dict(fwd=fwd, flops=flops, options=options)
+            flops, nbytes = cost_model.cost_expr(method, **options).evaluate(B=B, H=H, Lq=length, Lk=length, D=D)
+            results[length][name] = dict(fwd=fwd, flops=flops, bytes=nbytes, options=options)
             print(f"  L={length:6d} {name:28s} fwd {fwd * 1e3:9.1f} ms", flush=True)
     return results
 
 
-def exponent_rows(lengths, results) -> list[str]:
+def exponent_rows(lengths, results, machine) -> list[str]:
     rows = []
     for name in results[lengths[0]]:
         measured = fitted_exponent(lengths, [results[n][name]["fwd"] for n in lengths])
-        predicted = fitted_exponent(lengths, [results[n][name]["flops"] for n in lengths])
-        rows.append(f"| {name} | {lengths[0]}-{lengths[-1]} | {measured:.2f} | {predicted:.2f} | {measured - predicted:+.2f} |")
+        by_flops = fitted_exponent(lengths, [results[n][name]["flops"] for n in lengths])
+        by_time = fitted_exponent(lengths, [model_seconds(results[n][name], machine) for n in lengths])
+        rows.append(f"| {name} | {lengths[0]}-{lengths[-1]} | {measured:.2f} | {by_flops:.2f} | {measured - by_flops:+.2f} "
+                    f"| {by_time:.2f} | {measured - by_time:+.2f} |")
     return rows
+
+
+def model_seconds(result: dict, machine: dict) -> float:
+    """The cost model's roofline time: FLOPs at the dense matmul rate plus bytes at the memory bandwidth."""
+    return result["flops"] / (machine["gflops"] * 1e9) + result["bytes"] / (machine["gb_per_s"] * 1e9)
 
 
 def matmul_gflops() -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     seconds = timed(lambda: a @ b, 5)
     return 2 * 2048**3 / seconds / 1e9
+
+
+def memory_gb_per_s() -> float:
+    """Memory bandwidth as an out-of-place add of two 64M-float tensors moves it (read 2, write 1)."""
+    a, b = torch.randn(1 << 26), torch.randn(1 << 26)
+    out = torch.empty_like(a)
+    seconds = timed(lambda: torch.add(a, b, out=out), 5)
+    return 3 * a.numel() * a.element_size() / seconds / 1e9
 
 
 def fitted_exponent(lengths, values) -> float:
@@ -190,7 +210,8 @@ def peak_memory(names, length: int) -> dict[str, tuple[float, float]]:
 
 
 def report(lengths, results, growth_lengths, growth_results, machine, peaks, memory_length) -> str:
-    lines = [f"Machine: {torch.get_num_threads()} threads, dense fp32 matmul {machine:.0f} GFLOP/s. "
+    lines = [f"Machine: {torch.get_num_threads()} threads, dense fp32 matmul {machine['gflops']:.0f} GFLOP/s, "
+             f"memory bandwidth {machine['gb_per_s']:.1f} GB/s (out-of-place add of 256 MiB tensors). "
              f"B={B}, H={H}, D={D}, fp32, bidirectional; best of the repeats.", ""]
     lines += ["| L | method | options | fwd ms | fwd+bwd ms | fwd speed-up vs SDPA | fwd+bwd vs SDPA "
               "| fwd vs routing_transformer | fwd+bwd vs routing_transformer | GFLOP/s (computed pairs, fwd) |",
@@ -205,12 +226,14 @@ def report(lengths, results, growth_lengths, growth_results, machine, peaks, mem
             lines.append(f"| {n} | {name} | {opts} | {m['fwd'] * 1e3:.1f} | {m['fwd_bwd'] * 1e3:.1f} "
                          f"| {sdpa['fwd'] / m['fwd']:.2f}x | {sdpa['fwd_bwd'] / m['fwd_bwd']:.2f}x "
                          f"| {vs_rt[0]} | {vs_rt[1]} | {m['flops'] / m['fwd'] / 1e9:.1f} |")
-    lines += ["", "Growth of the forward time with L: exponent fitted to the measured times against the sympy cost "
-              "model's over the same lengths:", "",
-              "| method | lengths | measured exponent | cost-model exponent | difference |", "|---|---|---|---|---|"]
-    lines += exponent_rows(lengths, results)
+    lines += ["", "Growth of the forward time with L: the exponent fitted to the measured times, against the ones the "
+              "sympy cost model predicts over the same lengths, from its FLOPs alone and from its roofline time "
+              "(FLOPs / matmul rate + bytes / bandwidth, both rates measured above):", "",
+              "| method | lengths | measured exponent | FLOPs exponent | difference | time-model exponent | difference |",
+              "|---|---|---|---|---|---|---|"]
+    lines += exponent_rows(lengths, results, machine)
     if growth_results:
-        lines += exponent_rows(growth_lengths, growth_results)
+        lines += exponent_rows(growth_lengths, growth_results, machine)
     if peaks:
         lines += ["", f"Peak memory of one forward at L={memory_length} (fresh process; includes torch and the "
                   "q/k/v inputs):", "", "| method | peak RSS MiB | added by the forward MiB |", "|---|---|---|"]
@@ -231,8 +254,9 @@ def main():
     if opts.memory_probe:
         memory_probe(opts.memory_probe, opts.memory_length)
         return
-    machine = matmul_gflops()
-    print(f"dense fp32 matmul: {machine:.0f} GFLOP/s on {torch.get_num_threads()} threads")
+    machine = dict(gflops=matmul_gflops(), gb_per_s=memory_gb_per_s())
+    print(f"dense fp32 matmul: {machine['gflops']:.0f} GFLOP/s, memory bandwidth {machine['gb_per_s']:.1f} GB/s "
+          f"on {torch.get_num_threads()} threads")
     results = {n: measure(n, opts.repeats) for n in opts.lengths}
     growth_results = growth(opts.growth_lengths, 1) if len(opts.growth_lengths) > 1 else {}
     names = [n for n in results[opts.lengths[0]] if n.startswith("attnpass")]

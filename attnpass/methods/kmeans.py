@@ -86,7 +86,8 @@ class OnlineKMeans(nn.Module):
     @staticmethod
     def nearest(sim: Tensor) -> Tensor:
         """(B, H, c, L) scores -> (B, H, L) index of each token's most similar centroid."""
-        return sim.argmax(dim=-2)
+        # max(dim).indices, not argmax: over a non-last dim argmax takes a ~2.5x slower CPU path
+        return sim.max(dim=-2).indices
 
     @staticmethod
     def top_slots(sim: Tensor, width: int, keep: Tensor | None = None, drop_unkept: bool = True) -> Tensor:
@@ -220,8 +221,13 @@ class OnlineKMeans(nn.Module):
         for tokens in token_sets:
             x = tokens.x_hat
             B, _, L, _ = x.shape
-            mu = self.centroids.to(x.dtype)[torch.arange(H, device=x.device).view(1, H, 1), tokens.nearest]
-            squared = (x - mu).square().mean(dim=-1)  # (B, H, L); mu is a buffer: no gradient to it
+            c, D = self.clusters, x.shape[-1]
+            cell = (torch.arange(H, device=x.device).view(1, H, 1) * c + tokens.nearest).reshape(-1)
+            mu = self.centroids.to(x.dtype).view(H * c, D).index_select(0, cell).view(x.shape)
+            diff = x - mu  # mu is a buffer: no gradient to it
+            # the row-wise dot product as a batched matmul: several times faster on CPU than
+            # square().mean(), which writes a (B, H, L, D) temporary
+            squared = torch.einsum("bhld,bhld->bhl", diff, diff) / D
             if tokens.keep is not None:
                 squared = squared * tokens.keep.view(B, 1, L)
                 count += int(tokens.keep.sum()) * H
