@@ -257,6 +257,42 @@ def test_entmax_has_exact_zeros():
     assert (probs == 0).sum() > (probs.shape[0] * (Lk - 6))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_flushed_exp_is_exp_above_the_floor_and_exact_zero_below(dtype):
+    from attnpass.lowering.cpu.row_normalizers import _DEFAULT_EXP_FLOOR, _EXP_FLOOR, flushed_exp_
+    floor = _EXP_FLOOR.get(dtype, _DEFAULT_EXP_FLOOR)
+    x = torch.tensor([0.0, -1.5, -30.0, floor + 1.5, floor + 0.5, floor - 5.0, -1e30, -math.inf], dtype=dtype)
+    got = flushed_exp_(x.clone())
+    assert torch.equal(got[:4], torch.exp(x[:4]))  # bit-identical where kept
+    assert (got[4:] == 0).all()  # at most exp(floor + 1), -1e30 and -inf: exactly 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_softmax_with_finfo_min_bias_and_wide_spread_matches_dense(dtype):
+    """Additive finfo.min masks (as Hugging Face builds them) and logits far below the row maximum
+    take exp's slow path unless flushed; the result must still be dense attention's."""
+    case = make_case(summaries=None, bias="full", padding=False, empty_group=False, dtype=dtype)
+    args, kwargs = call_args(case)
+    bias = kwargs["bias"].detach().clone()
+    gen = torch.Generator().manual_seed(3)
+    bias[torch.rand(bias.shape, generator=gen) < 0.3] = torch.finfo(dtype).min
+    bias[..., 1] -= 200.0  # one key far below every row's maximum
+    kwargs["bias"] = bias
+    out, stat = grouped_attention(*args, **kwargs)
+    ref_out, ref_stat, nonempty = dense_reference(*args, **kwargs)
+    assert torch.isfinite(out).all() and torch.isfinite(stat).all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert rel_err(out, ref_out) <= tol and rel_err(stat, ref_stat) <= tol
+    # with one-hot values the outputs are the probabilities: exact zeros exactly where dense has them
+    # (the finfo.min pairs, and in float32 the key 200 below, whose exp underflows there too)
+    Lk = args[1].shape[2]
+    eye = torch.eye(Lk, dtype=dtype).expand(args[1].shape[0], args[1].shape[1], Lk, Lk)
+    probs, _ = grouped_attention(args[0], args[1], eye, *args[3:], **kwargs)
+    ref_probs, _, _ = dense_reference(args[0], args[1], eye, *args[3:], **kwargs)
+    assert torch.equal(probs == 0, ref_probs == 0)
+    assert (probs == 0).sum() > (ref_probs.numel() // 4)
+
+
 def test_scatter_slots_mean_over_groups():
     case = make_case(summaries=None, bias=None)
     args, kwargs = call_args(case)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from attnpass.lowering.cpu.common import broadcastable as _broadcastable
 from attnpass.lowering.cpu.common import check, dropout_keep
+from attnpass.lowering.cpu.row_normalizers import flushed_exp_
 from attnpass.lowering.triton.switch import triton_call, use_triton
 
 __all__ = ["grouped_attention", "scatter_slots"]
@@ -345,16 +346,24 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
     # causal rule, padding or pair mask (e.g. bidirectional routing) skips two passes over it.
     all_slots = bool(q_ok.all())
     if p.causal or p.pair_mask is not None or p.key_range is not None or not (all_slots and bool(k_ok.all())):
-        allowed = q_ok.unsqueeze(-1) & k_ok.unsqueeze(-2)
-        if p.causal:
-            allowed &= k_idx.unsqueeze(-2) <= q_idx.unsqueeze(-1) + p.causal_offset
-        if p.pair_mask is not None:
-            allowed &= p.pair_mask[_bias_index(p.pair_mask, b.unsqueeze(-1), h.unsqueeze(-1),
-                                               q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))]
+        # Every rule but the pair mask is a range of key positions per query slot, so the pairs to
+        # drop are two comparisons: key < low or key > high. An empty query slot gets an empty
+        # range and an empty or padding key slot a position past every range (4 passes over the
+        # tile instead of one per rule).
+        low = torch.zeros((), dtype=torch.int64, device=dev).expand(q_idx.shape)
+        high = torch.full((), Lk - 1, dtype=torch.int64, device=dev).expand(q_idx.shape)
         if p.key_range is not None:
-            low, high = p.key_range[:, :, g0:g1].unbind(-1)
-            allowed &= (k_idx.unsqueeze(-2) >= low.unsqueeze(-1)) & (k_idx.unsqueeze(-2) <= high.unsqueeze(-1))
-        direct.masked_fill_(~allowed, -math.inf)
+            range_low, range_high = p.key_range[:, :, g0:g1].unbind(-1)
+            low, high = torch.maximum(low, range_low), torch.minimum(high, range_high)
+        if p.causal:
+            high = torch.minimum(high, q_idx + p.causal_offset)
+        high = torch.where(q_ok, high, -1)
+        key = torch.where(k_ok, k_idx, Lk).unsqueeze(-2)
+        dropped = (key < low.unsqueeze(-1)) | (key > high.unsqueeze(-1))
+        if p.pair_mask is not None:
+            dropped |= ~p.pair_mask[_bias_index(p.pair_mask, b.unsqueeze(-1), h.unsqueeze(-1),
+                                                q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))]
+        direct.masked_fill_(dropped, -math.inf)
     if sk_t is not None and (p.summary_mask is not None or not all_slots):
         s_allowed = q_ok.unsqueeze(-1)
         if p.summary_mask is not None:
@@ -394,7 +403,7 @@ def _softmax_in_place(logits: Tensor) -> tuple[Tensor, Tensor]:
     """
     top = logits.amax(dim=-1, keepdim=True)
     top = top.masked_fill_(top == -math.inf, 0.0)
-    exp = logits.sub_(top).exp_()
+    exp = flushed_exp_(logits.sub_(top))
     total = exp.sum(dim=-1, keepdim=True)
     stat = torch.where(total > 0, top + total.log(), 0.0).squeeze(-1)
     return exp.div_(total.clamp_(min=torch.finfo(total.dtype).tiny)), stat
@@ -404,7 +413,7 @@ def _probs(logits: Tensor, stat: Tensor, normalizer: str) -> Tensor:
     """Probabilities from logits and the row statistic (used by forward and backward alike)."""
     if normalizer == "softmax":
         # Overwrites logits: the softmax backward does not need them again.
-        return logits.sub_(stat.unsqueeze(-1)).exp_()
+        return flushed_exp_(logits.sub_(stat.unsqueeze(-1)))
     return torch.clamp(logits * 0.5 - stat.unsqueeze(-1), min=0).square()
 
 
