@@ -14,8 +14,10 @@ One attention layer, B=1, H=8, D=64, fp32, bidirectional, all in one run on this
   next to this machine's dense matmul GFLOP/s;
 - how time grows with L: the exponent fitted to the measured forward times against the ones the
   sympy cost model predicts over the same lengths (acceptance: within 0.15), over the speed
-  table's lengths and over longer ones (--growth-lengths, forward only), where the fixed per-call
-  overhead of the Python-level kernels (~10-20 ms, in neither model term) no longer dominates.
+  table's lengths, over longer ones (--growth-lengths, forward only) and over the longest of those
+  (--fit-from on), where the per-call overhead of the Python-level kernels (~10-20 ms) and the
+  L-linear work (routing's local-window fallback for ~1/e of the queries, layer norms, scatters)
+  no longer dominate.
   Two predictions: FLOPs alone, and the roofline time t = FLOPs / (dense matmul FLOP/s) +
   bytes / (memory bandwidth), with both rates measured in the same run. The sparse kernels move
   O(L) bytes (gathered rows, indices) against O(L^1.5) FLOPs at ~1/5-1/10 of the matmul peak,
@@ -209,7 +211,7 @@ def peak_memory(names, length: int) -> dict[str, tuple[float, float]]:
     return peaks
 
 
-def report(lengths, results, growth_lengths, growth_results, machine, peaks, memory_length) -> str:
+def report(lengths, results, growth_lengths, growth_results, machine, peaks, memory_length, fit_from) -> str:
     lines = [f"Machine: {torch.get_num_threads()} threads, dense fp32 matmul {machine['gflops']:.0f} GFLOP/s, "
              f"memory bandwidth {machine['gb_per_s']:.1f} GB/s (out-of-place add of 256 MiB tensors). "
              f"B={B}, H={H}, D={D}, fp32, bidirectional; best of the repeats.", ""]
@@ -231,9 +233,13 @@ def report(lengths, results, growth_lengths, growth_results, machine, peaks, mem
               "(FLOPs / matmul rate + bytes / bandwidth, both rates measured above):", "",
               "| method | lengths | measured exponent | FLOPs exponent | difference | time-model exponent | difference |",
               "|---|---|---|---|---|---|---|"]
-    lines += exponent_rows(lengths, results, machine)
+    if len(lengths) > 1:
+        lines += exponent_rows(lengths, results, machine)
     if growth_results:
         lines += exponent_rows(growth_lengths, growth_results, machine)
+        tail = [n for n in growth_lengths if n >= fit_from]
+        if 2 <= len(tail) < len(growth_lengths):
+            lines += exponent_rows(tail, growth_results, machine)
     if peaks:
         lines += ["", f"Peak memory of one forward at L={memory_length} (fresh process; includes torch and the "
                   "q/k/v inputs):", "", "| method | peak RSS MiB | added by the forward MiB |", "|---|---|---|"]
@@ -245,7 +251,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--growth-lengths", type=int, nargs="*", default=[4096, 16384, 65536])
+    parser.add_argument("--growth-lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--fit-from", type=int, default=16384,
+                        help="also fit the growth exponent over the growth lengths from this one on")
     parser.add_argument("--memory-length", type=int, default=65536)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the tables (markdown) to this file")
@@ -258,10 +266,11 @@ def main():
     print(f"dense fp32 matmul: {machine['gflops']:.0f} GFLOP/s, memory bandwidth {machine['gb_per_s']:.1f} GB/s "
           f"on {torch.get_num_threads()} threads")
     results = {n: measure(n, opts.repeats) for n in opts.lengths}
-    growth_results = growth(opts.growth_lengths, 1) if len(opts.growth_lengths) > 1 else {}
+    growth_results = growth(opts.growth_lengths, opts.repeats) if len(opts.growth_lengths) > 1 else {}
     names = [n for n in results[opts.lengths[0]] if n.startswith("attnpass")]
     peaks = peak_memory(names, opts.memory_length) if opts.memory_length else {}
-    text = report(opts.lengths, results, opts.growth_lengths, growth_results, machine, peaks, opts.memory_length)
+    text = report(opts.lengths, results, opts.growth_lengths, growth_results, machine, peaks, opts.memory_length,
+                  opts.fit_from)
     print("\n" + text)
     if opts.out:
         with open(opts.out, "w") as f:
