@@ -18,11 +18,12 @@ One attention layer, B=1, H=8, D=64, fp32, bidirectional, all in one run on this
   (--fit-from on), where the per-call overhead of the Python-level kernels (~10-20 ms) and the
   L-linear work (routing's local-window fallback for ~1/e of the queries, layer norms, scatters)
   no longer dominate.
-  Two predictions: FLOPs alone, and the roofline time t = FLOPs / (dense matmul FLOP/s) +
-  bytes / (memory bandwidth), with both rates measured in the same run. The sparse kernels move
-  O(L) bytes (gathered rows, indices) against O(L^1.5) FLOPs at ~1/5-1/10 of the matmul peak,
-  so at these lengths the bytes term is a large share of the time and the FLOPs-only exponent
-  overstates the growth;
+  Predictions: FLOPs alone, and the roofline time t = FLOPs / (dense matmul FLOP/s) +
+  bytes / (memory bandwidth), with the rates measured in the same run: the streaming bandwidth,
+  and the bandwidth of writing freshly allocated tensors (what eager PyTorch ops do). The sparse
+  kernels move O(L) bytes (gathered rows, indices) against O(L^1.5) FLOPs at ~1/5-1/10 of the
+  matmul peak, so at these lengths the bytes term is a large share of the time and the
+  FLOPs-only exponent overstates the growth;
 - peak memory of one forward at L=65536 (each method in a fresh process; acceptance: < 4 GB).
 Timings are CPU timings; the Triton kernels' GPU timings are not measured here (no GPU).
 """
@@ -142,15 +143,17 @@ def exponent_rows(lengths, results, machine) -> list[str]:
     for name in results[lengths[0]]:
         measured = fitted_exponent(lengths, [results[n][name]["fwd"] for n in lengths])
         by_flops = fitted_exponent(lengths, [results[n][name]["flops"] for n in lengths])
-        by_time = fitted_exponent(lengths, [model_seconds(results[n][name], machine) for n in lengths])
-        rows.append(f"| {name} | {lengths[0]}-{lengths[-1]} | {measured:.2f} | {by_flops:.2f} | {measured - by_flops:+.2f} "
-                    f"| {by_time:.2f} | {measured - by_time:+.2f} |")
+        row = f"| {name} | {lengths[0]}-{lengths[-1]} | {measured:.2f} | {by_flops:.2f} | {measured - by_flops:+.2f} "
+        for bandwidth in ("gb_per_s", "gb_per_s_fresh"):
+            by_time = fitted_exponent(lengths, [model_seconds(results[n][name], machine, bandwidth) for n in lengths])
+            row += f"| {by_time:.2f} | {measured - by_time:+.2f} "
+        rows.append(row + "|")
     return rows
 
 
-def model_seconds(result: dict, machine: dict) -> float:
-    """The cost model's roofline time: FLOPs at the dense matmul rate plus bytes at the memory bandwidth."""
-    return result["flops"] / (machine["gflops"] * 1e9) + result["bytes"] / (machine["gb_per_s"] * 1e9)
+def model_seconds(result: dict, machine: dict, bandwidth: str) -> float:
+    """The cost model's roofline time: FLOPs at the dense matmul rate plus bytes at a memory bandwidth."""
+    return result["flops"] / (machine["gflops"] * 1e9) + result["bytes"] / (machine[bandwidth] * 1e9)
 
 
 def matmul_gflops() -> float:
@@ -159,11 +162,13 @@ def matmul_gflops() -> float:
     return 2 * 2048**3 / seconds / 1e9
 
 
-def memory_gb_per_s() -> float:
-    """Memory bandwidth as an out-of-place add of two 64M-float tensors moves it (read 2, write 1)."""
+def memory_gb_per_s(fresh_output: bool) -> float:
+    """Memory bandwidth as an add of two 64M-float tensors moves it (read 2, write 1): into a reused
+    output (streaming), or into a freshly allocated one, as every out-of-place eager op writes
+    (the allocator maps new pages for tensors this large, and the first touch of each costs)."""
     a, b = torch.randn(1 << 26), torch.randn(1 << 26)
     out = torch.empty_like(a)
-    seconds = timed(lambda: torch.add(a, b, out=out), 5)
+    seconds = timed((lambda: a + b) if fresh_output else (lambda: torch.add(a, b, out=out)), 5)
     return 3 * a.numel() * a.element_size() / seconds / 1e9
 
 
@@ -213,7 +218,8 @@ def peak_memory(names, length: int) -> dict[str, tuple[float, float]]:
 
 def report(lengths, results, growth_lengths, growth_results, machine, peaks, memory_length, fit_from) -> str:
     lines = [f"Machine: {torch.get_num_threads()} threads, dense fp32 matmul {machine['gflops']:.0f} GFLOP/s, "
-             f"memory bandwidth {machine['gb_per_s']:.1f} GB/s (out-of-place add of 256 MiB tensors). "
+             f"memory bandwidth {machine['gb_per_s']:.1f} GB/s streaming, {machine['gb_per_s_fresh']:.1f} GB/s into "
+             f"freshly allocated tensors (an add of 256 MiB tensors). "
              f"B={B}, H={H}, D={D}, fp32, bidirectional; best of the repeats.", ""]
     lines += ["| L | method | options | fwd ms | fwd+bwd ms | fwd speed-up vs SDPA | fwd+bwd vs SDPA "
               "| fwd vs routing_transformer | fwd+bwd vs routing_transformer | GFLOP/s (computed pairs, fwd) |",
@@ -230,9 +236,11 @@ def report(lengths, results, growth_lengths, growth_results, machine, peaks, mem
                          f"| {vs_rt[0]} | {vs_rt[1]} | {m['flops'] / m['fwd'] / 1e9:.1f} |")
     lines += ["", "Growth of the forward time with L: the exponent fitted to the measured times, against the ones the "
               "sympy cost model predicts over the same lengths, from its FLOPs alone and from its roofline time "
-              "(FLOPs / matmul rate + bytes / bandwidth, both rates measured above):", "",
-              "| method | lengths | measured exponent | FLOPs exponent | difference | time-model exponent | difference |",
-              "|---|---|---|---|---|---|---|"]
+              "(FLOPs / matmul rate + bytes / bandwidth, the rates measured above; with the streaming bandwidth and "
+              "with the fresh-allocation one):", "",
+              "| method | lengths | measured exponent | FLOPs exponent | difference | time-model exponent (streaming) "
+              "| difference | time-model exponent (fresh allocation) | difference |",
+              "|---|---|---|---|---|---|---|---|---|"]
     if len(lengths) > 1:
         lines += exponent_rows(lengths, results, machine)
     if growth_results:
@@ -262,9 +270,9 @@ def main():
     if opts.memory_probe:
         memory_probe(opts.memory_probe, opts.memory_length)
         return
-    machine = dict(gflops=matmul_gflops(), gb_per_s=memory_gb_per_s())
+    machine = dict(gflops=matmul_gflops(), gb_per_s=memory_gb_per_s(False), gb_per_s_fresh=memory_gb_per_s(True))
     print(f"dense fp32 matmul: {machine['gflops']:.0f} GFLOP/s, memory bandwidth {machine['gb_per_s']:.1f} GB/s "
-          f"on {torch.get_num_threads()} threads")
+          f"(fresh allocation {machine['gb_per_s_fresh']:.1f} GB/s) on {torch.get_num_threads()} threads")
     results = {n: measure(n, opts.repeats) for n in opts.lengths}
     growth_results = growth(opts.growth_lengths, opts.repeats) if len(opts.growth_lengths) > 1 else {}
     names = [n for n in results[opts.lengths[0]] if n.startswith("attnpass")]
