@@ -265,6 +265,12 @@ def test_flushed_exp_is_exp_above_the_floor_and_exact_zero_below(dtype):
     got = flushed_exp_(x.clone())
     assert torch.equal(got[:4], torch.exp(x[:4]))  # bit-identical where kept
     assert (got[4:] == 0).all()  # at most exp(floor + 1), -1e30 and -inf: exactly 0
+    # under autograd (out of place): the same values, and exp's gradient where kept, 0 where flushed
+    leaf = x.clone().requires_grad_()
+    recorded = flushed_exp_(leaf * 1.0)
+    assert torch.equal(recorded.detach(), got)
+    recorded.sum().backward()
+    assert torch.equal(leaf.grad, got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

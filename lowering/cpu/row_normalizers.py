@@ -24,9 +24,16 @@ _DEFAULT_EXP_FLOOR = -80.0
 
 
 def flushed_exp_(x: Tensor) -> Tensor:
-    """In-place exp of x <= 0 (logits minus their row max or logsumexp), tiny results flushed to 0."""
+    """exp of x <= 0 (logits minus their row max or logsumexp), tiny results flushed to 0.
+
+    In place (x is overwritten and returned), except when autograd records the call: then out of
+    place, since exp's backward needs the output the in-place flush would overwrite.
+    """
     floor = _EXP_FLOOR.get(x.dtype, _DEFAULT_EXP_FLOOR)
-    return torch.nn.functional.threshold_(x.clamp_(min=floor).exp_(), math.exp(floor + 1.0), 0.0)
+    cut = math.exp(floor + 1.0)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.nn.functional.threshold(torch.exp(x.clamp(min=floor)), cut, 0.0)
+    return torch.nn.functional.threshold_(x.clamp_(min=floor).exp_(), cut, 0.0)
 
 
 def _finite_max(x: Tensor) -> Tensor:
