@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnpass.lowering.cpu.common import broadcastable, check, dropout_keep, read_at_pairs
+from attnpass.lowering.cpu.common import broadcastable, check, check_qkv, dropout_keep, read_at_pairs
 from attnpass.lowering.cpu.row_normalizers import NORMALIZERS, normalize
 
 __all__ = ["quantile_bucket_attention", "bucket_layout"]
@@ -300,16 +300,9 @@ def _validate(q, k, v, q_order, key_order, bucket_size, extra_cols, key_padding_
            f"dropout_p must be in [0, 1), got {dropout_p!r}")
     _check(math.isfinite(scale), f"scale must be finite, got {scale!r}")
     _check(isinstance(bucket_size, int) and bucket_size >= 1, f"bucket_size must be an int >= 1, got {bucket_size!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(t.dim() == 4, f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
-        _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
-    _check(q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
-    B, Hq, Lq, D = q.shape
-    _, Hkv, Lk, _ = k.shape
-    _check(k.shape[0] == B and v.shape[0] == B, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    _check(k.shape[3] == D, f"q and k head dims differ: {D} vs {k.shape[3]}")
-    _check(tuple(v.shape[1:3]) == (Hkv, Lk), f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree on Hkv or Lk")
-    _check(Hkv > 0 and Hq % Hkv == 0, f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
+    check_qkv("quantile_bucket_attention", q, k, v)
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
     for name, t, length in (("q_order", q_order, Lq), ("key_order", key_order, Lk)):
         _check(t.dtype == torch.int64, f"{name} must be int64, got {t.dtype}", TypeError)
         _check(t.dim() == 4 and tuple(t.shape[:2]) == (B, Hq) and t.shape[3] == length,

@@ -19,6 +19,22 @@ def broadcastable(shape, target) -> bool:
     return len(shape) <= len(target) and all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
+def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): floating, one dtype and device, Hq % Hkv == 0."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check(op, t.dim() == 4, f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        check(op, t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
+        check(op, t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
+    check(op, q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    B, Hq, _, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    check(op, k.shape[0] == B and v.shape[0] == B, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    check(op, k.shape[3] == D, f"q and k head dims differ: {D} vs {k.shape[3]}")
+    check(op, v.shape[1] == Hkv and v.shape[2] == Lk,
+          f"k (B, Hkv, Lk, D) = {tuple(k.shape)} and v {tuple(v.shape)} disagree on Hkv or Lk")
+    check(op, Hkv > 0 and Hq % Hkv == 0, f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
+
+
 def as_4d(t: Tensor) -> Tensor:
     """A tensor broadcastable to (B, H, Lq, Lk) with its leading size-1 dims added (a view)."""
     while t.dim() < 4:

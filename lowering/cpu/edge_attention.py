@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from attnpass.lowering.cpu.common import broadcastable as _broadcastable
-from attnpass.lowering.cpu.common import as_4d, check, dropout_keep, pair_index
+from attnpass.lowering.cpu.common import as_4d, check, check_qkv, dropout_keep, pair_index
 from attnpass.lowering.cpu.row_normalizers import NORMALIZERS
 from attnpass.lowering.cpu.row_normalizers import logits_grad as _logits_grad
 from attnpass.lowering.cpu.row_normalizers import probs_from_stat as _probs
@@ -170,18 +170,9 @@ def _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias
     _check(dropout_p == 0 or dropout_seed is not None,
            "dropout_seed is required when dropout_p > 0 (the public wrapper draws one)")
     _check(math.isfinite(scale), f"scale must be finite, got {scale!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(t.dim() == 4, f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
-        _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
-        _check(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
-    _check(q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    check_qkv("edge_attention", q, k, v)
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
-    _check(k.shape[0] == B and v.shape[0] == B, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    _check(k.shape[3] == D, f"q and k head dims differ: {D} vs {k.shape[3]}")
-    _check(v.shape[1] == Hkv and v.shape[2] == Lk,
-           f"k (B, Hkv, Lk, D) = {tuple(k.shape)} and v {tuple(v.shape)} disagree on Hkv or Lk")
-    _check(Hkv > 0 and Hq % Hkv == 0, f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
 
     for name, t in (("row_ptr", row_ptr), ("col_index", col_index)):
         _check(t.dtype == torch.int64, f"{name} must be int64, got {t.dtype}", TypeError)

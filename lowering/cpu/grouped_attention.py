@@ -42,13 +42,11 @@ import torch
 from torch import Tensor
 
 from attnpass.lowering.cpu.common import broadcastable as _broadcastable
-from attnpass.lowering.cpu.common import check, dropout_keep
-from attnpass.lowering.cpu.row_normalizers import flushed_exp_
+from attnpass.lowering.cpu.common import as_4d, check, check_qkv, dropout_keep, pair_index, read_at_pairs
+from attnpass.lowering.cpu.row_normalizers import NORMALIZERS, entmax15_stat, flushed_exp_, logits_grad, probs_from_stat
 from attnpass.lowering.triton.switch import triton_call, use_triton
 
 __all__ = ["grouped_attention", "scatter_slots"]
-
-NORMALIZERS = ("softmax", "entmax15")
 
 
 def _check(condition: bool, message: str, error: type = ValueError) -> None:
@@ -152,18 +150,9 @@ def _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summ
            "dropout_seed is required when dropout_p > 0 (the public wrapper draws one)")
     _check(isinstance(scale, (int, float)) and math.isfinite(scale), f"scale must be a finite float, got {scale!r}")
     _check(isinstance(causal_offset, (int, torch.SymInt)), f"causal_offset must be an int, got {causal_offset!r}", TypeError)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(t.dim() == 4, f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
-        _check(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}", TypeError)
-        _check(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
-    _check(q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    check_qkv("grouped_attention", q, k, v)
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
-    _check(k.shape[0] == B and v.shape[0] == B, f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    _check(k.shape[3] == D, f"q and k head dims differ: {D} vs {k.shape[3]}")
-    _check(v.shape[1] == Hkv and v.shape[2] == Lk,
-           f"k (B, Hkv, Lk, D) = {tuple(k.shape)} and v {tuple(v.shape)} disagree on Hkv or Lk")
-    _check(Hkv > 0 and Hq % Hkv == 0, f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}")
     Dv = v.shape[3]
 
     for name, idx in (("q_index", q_index), ("k_index", k_index)):
@@ -281,7 +270,7 @@ class _Tile:
     keep: Optional[Tensor]  # same shape: 0 or 1/(1-p) per pair (inverted dropout), None without dropout
     q_row: Tensor        # (B, Hq, c, Wq) row of each query slot in p.q_rows (empty slots: a valid dummy)
     k_row: Tensor        # (B, Hq, c, Wk) row of each key slot in p.k_rows / p.v_rows
-    bias_index: Optional[tuple]  # index tuple into bias for every direct pair, for gather / scatter
+    bias_index: Optional[tuple]  # index tuple into as_4d(bias) for every direct pair (gather / scatter)
 
 
 def _slice_groups(t: Tensor, ndim: int, g0: int, g1: int) -> Tensor:
@@ -293,20 +282,6 @@ def _slice_groups(t: Tensor, ndim: int, g0: int, g1: int) -> Tensor:
 def _gather_rows(rows: Tensor, index: Tensor) -> Tensor:
     """rows (N, D) gathered at an integer tensor of any shape -> (*index.shape, D)."""
     return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[1])
-
-
-def _bias_index(bias: Tensor, b: Tensor, h: Tensor, qp: Tensor, kp: Tensor) -> tuple:
-    """Indices reading bias[b, h, i, j] for every direct pair; broadcast (size-1) dims read index 0.
-
-    Indexing the caller's bias directly (rather than expanding it to 4-D first) means no view of
-    size Lq x Lk is created even when bias broadcasts.
-    """
-    pair_shape = torch.broadcast_shapes(b.shape, h.shape, qp.shape, kp.shape)
-    coords = (b, h, qp, kp)[4 - bias.dim():]
-    return tuple(
-        (c if size != 1 else torch.zeros_like(c)).expand(pair_shape)
-        for c, size in zip(coords, bias.shape)
-    )
 
 
 def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
@@ -339,9 +314,10 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
     logits = torch.matmul(q_t * p.scale, keys.transpose(-1, -2))
     direct = logits[..., :k_t.shape[-2]]  # a view: the in-place edits below write into logits
     bias_index = None
+    pair_coords = (b.unsqueeze(-1), h.unsqueeze(-1), q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))
     if p.bias is not None:
-        bias_index = _bias_index(p.bias, b.unsqueeze(-1), h.unsqueeze(-1), q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))
-        direct += p.bias[bias_index].to(acc)
+        bias_index = pair_index(as_4d(p.bias).shape, pair_coords)
+        direct += as_4d(p.bias)[bias_index].to(acc)
     # Build the allowed-pairs mask only when something can remove a pair: a full tile with no
     # causal rule, padding or pair mask (e.g. bidirectional routing) skips two passes over it.
     all_slots = bool(q_ok.all())
@@ -361,8 +337,7 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
         key = torch.where(k_ok, k_idx, Lk).unsqueeze(-2)
         dropped = (key < low.unsqueeze(-1)) | (key > high.unsqueeze(-1))
         if p.pair_mask is not None:
-            dropped |= ~p.pair_mask[_bias_index(p.pair_mask, b.unsqueeze(-1), h.unsqueeze(-1),
-                                                q_pos.unsqueeze(-1), k_pos.unsqueeze(-2))]
+            dropped |= ~read_at_pairs(p.pair_mask, pair_coords)
         direct.masked_fill_(dropped, -math.inf)
     if sk_t is not None and (p.summary_mask is not None or not all_slots):
         s_allowed = q_ok.unsqueeze(-1)
@@ -386,20 +361,10 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
 # --------------------------------------------------------------------------------------------
 
 
-def _normalise(logits: Tensor, normalizer: str) -> Tensor:
-    """Row statistic of masked logits: logsumexp (softmax) or tau (entmax15); 0 for empty rows."""
-    if normalizer == "softmax":
-        stat = torch.logsumexp(logits, dim=-1)
-    else:
-        stat = _entmax15_threshold(logits * 0.5)
-    # Empty rows (all -inf) get a finite stat; their probabilities are 0 whatever it is.
-    return stat.masked_fill(~torch.isfinite(stat), 0.0)
-
-
 def _softmax_in_place(logits: Tensor) -> tuple[Tensor, Tensor]:
     """(probs, logsumexp) of masked logits, overwriting them: one exp pass instead of two.
 
-    Empty rows (all -inf) give zero probabilities and statistic 0, as `_normalise` does.
+    Empty rows (all -inf) give zero probabilities and statistic 0, as `entmax15_stat` does.
     """
     top = logits.amax(dim=-1, keepdim=True)
     top = top.masked_fill_(top == -math.inf, 0.0)
@@ -414,36 +379,13 @@ def _probs(logits: Tensor, stat: Tensor, normalizer: str) -> Tensor:
     if normalizer == "softmax":
         # Overwrites logits: the softmax backward does not need them again.
         return flushed_exp_(logits.sub_(stat.unsqueeze(-1)))
-    return torch.clamp(logits * 0.5 - stat.unsqueeze(-1), min=0).square()
-
-
-def _entmax15_threshold(x: Tensor) -> Tensor:
-    """Exact tau with sum_j relu(x_j - tau)**2 == 1 over the last dim (x = logits / 2).
-
-    Sort descending; if the support is the top r entries, tau solves the quadratic
-    r tau^2 - 2 tau sum(x) + sum(x^2) - 1 = 0, i.e. tau_r = mean - sqrt((1 - ss_r) / r) with ss_r
-    the sum of squared deviations of the top r. The support is the largest r with tau_r <= x_(r).
-    Masked entries (-inf) sort last and never enter the support. Rows with no finite entry give
-    -inf, which the caller replaces.
-    """
-    top = x.amax(dim=-1, keepdim=True)
-    top = top.masked_fill(~torch.isfinite(top), 0.0)
-    xs, _ = torch.sort(x - top, dim=-1, descending=True)  # shift by the max for float32 accuracy
-    finite = torch.isfinite(xs)
-    xs0 = xs.masked_fill(~finite, 0.0)
-    r = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
-    csum = torch.cumsum(xs0, dim=-1)
-    mean = csum / r
-    ss = torch.cumsum(xs0.square(), dim=-1) - csum * mean
-    tau_r = mean - torch.sqrt(torch.clamp((1.0 - ss) / r, min=0.0))
-    support = ((tau_r <= xs) & finite).sum(dim=-1, keepdim=True)
-    tau = torch.gather(tau_r, -1, (support - 1).clamp(min=0)) + top
-    return tau.squeeze(-1).masked_fill(support.squeeze(-1) == 0, -math.inf)
+    return probs_from_stat(logits, stat, normalizer)
 
 
 def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor,
                  d_stat: Optional[Tensor], normalizer: str) -> Tensor:
-    """Vector-Jacobian product through the normaliser, for both outputs (probs and row stat)."""
+    """Vector-Jacobian product through the normaliser, for both outputs (probs and row stat);
+    softmax's in place on the tile temporaries, entmax-1.5's the shared one."""
     if normalizer == "softmax":
         # d softmax: p * (dp - <p, dp>);  d logsumexp / d logits = p.
         # In place on d_probs (a temporary of the caller's): these tiles are the backward's bulk.
@@ -451,16 +393,7 @@ def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor,
         if d_stat is not None:
             row -= d_stat.unsqueeze(-1)
         return d_probs.sub_(row).mul_(probs)
-    # entmax15: p = s^2 with s = relu(x - tau), x = logits / 2. Differentiating sum(p) = 1 gives
-    # d tau = <s, dx> / sum(s), so d logits = s * (dp - <s, dp> / sum(s)) and
-    # d tau / d logits = s / (2 sum(s)).
-    s = torch.clamp(logits * 0.5 - stat.unsqueeze(-1), min=0)
-    s_sum = s.sum(dim=-1, keepdim=True)
-    s_sum = torch.where(s_sum > 0, s_sum, torch.ones_like(s_sum))  # empty rows: s == 0 anyway
-    grad = s * (d_probs - (s * d_probs).sum(dim=-1, keepdim=True) / s_sum)
-    if d_stat is not None:
-        grad = grad + s * (d_stat.unsqueeze(-1) / (2 * s_sum))
-    return grad
+    return logits_grad(logits, stat, probs, d_probs, d_stat, normalizer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +441,7 @@ def _forward_impl(
         if normalizer == "softmax":
             probs, stat = _softmax_in_place(t.logits)
         else:
-            stat = _normalise(t.logits, normalizer)
+            stat = entmax15_stat(t.logits)
             probs = _probs(t.logits, stat, normalizer)
         if t.keep is not None:
             probs = probs * t.keep
@@ -574,7 +507,7 @@ def _backward_impl(
         dv.index_add_(0, t.k_row.reshape(-1), dv_t.reshape(-1, dv.shape[1]))
         if bias_grad:
             # index_put_ with accumulate also sums over bias's broadcast dims (they index 0).
-            dbias.index_put_(t.bias_index, d_direct, accumulate=True)
+            as_4d(dbias).index_put_(t.bias_index, d_direct, accumulate=True)
 
     dq.mul_(p.scale)
     dk.mul_(p.scale)
