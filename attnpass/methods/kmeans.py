@@ -89,6 +89,11 @@ class OnlineKMeans(nn.Module):
         # max(dim).indices, not argmax: over a non-last dim argmax takes a ~2.5x slower CPU path
         return sim.max(dim=-2).indices
 
+    def cells(self, nearest: Tensor) -> Tensor:
+        """(B, H, L) nearest centroids -> flat row of each token's (head, cluster) in (H * c, ...) tables."""
+        head = torch.arange(self.heads, device=nearest.device).view(1, self.heads, 1)
+        return (head * self.clusters + nearest).reshape(-1)
+
     @staticmethod
     def top_slots(sim: Tensor, width: int, keep: Tensor | None = None, drop_unkept: bool = True) -> Tensor:
         """Each cluster's `width` most similar tokens: (B, H, c, L) scores -> (B, H, c, width) positions.
@@ -188,10 +193,9 @@ class OnlineKMeans(nn.Module):
         def sums(screen: bool) -> tuple[Tensor, Tensor]:
             n = torch.zeros(H * c, dtype=dtype, device=device)
             sum_x = torch.zeros(H * c, D, dtype=dtype, device=device)
-            head = torch.arange(H, device=device).view(1, H, 1)
             for tokens in token_sets:
                 B, _, L, _ = tokens.x_hat.shape
-                cell = (head * c + tokens.nearest).reshape(-1)  # row of (head, cluster) in the flat sums
+                cell = self.cells(tokens.nearest)
                 x = tokens.x_hat.detach().to(dtype)
                 weight = None if tokens.keep is None else tokens.keep.to(dtype).view(B, 1, L).expand(B, H, L)
                 if screen:
@@ -221,9 +225,8 @@ class OnlineKMeans(nn.Module):
         for tokens in token_sets:
             x = tokens.x_hat
             B, _, L, _ = x.shape
-            c, D = self.clusters, x.shape[-1]
-            cell = (torch.arange(H, device=x.device).view(1, H, 1) * c + tokens.nearest).reshape(-1)
-            mu = self.centroids.to(x.dtype).view(H * c, D).index_select(0, cell).view(x.shape)
+            D = x.shape[-1]
+            mu = self.centroids.to(x.dtype).view(-1, D).index_select(0, self.cells(tokens.nearest)).view(x.shape)
             diff = x - mu  # mu is a buffer: no gradient to it
             # the row-wise dot product as a batched matmul: several times faster on CPU than
             # square().mean(), which writes a (B, H, L, D) temporary
