@@ -2,9 +2,9 @@
 
 Hypothesis draws the shapes and settings (B, Hq, Hkv, Lq, Lk, D, Dv, group and slot counts, bucket
 views / sizes / extra keys, causal rule and offset, key padding, bias, mask, summary keys, empty
-rows, normaliser, tile budget) and a
-seed for the tensors; every case compares forward and gradients with the dense references of the
-kernels' own test files, in float64 (exact to 1e-9) and float32 (1e-4 against float64).
+rows, normaliser, tile budget) and a seed for the tensors; every case compares forward and
+gradients with the dense references of the kernels' own test files, in float64 (exact to 1e-9) and
+float32 (1e-4 against float64).
 
 Two profiles: the default runs a few dozen cases per kernel (CI); the long one is
 
