@@ -16,7 +16,7 @@ One attention layer, B=1, H=8, D=64, fp32, bidirectional, all in one run on this
   sympy cost model predicts over the same lengths (acceptance: within 0.15), over the speed
   table's lengths, over longer ones (--growth-lengths, forward only) and over the longest of those
   (--fit-from on), where the per-call overhead of the Python-level kernels (~10-20 ms) and the
-  L-linear work (routing's local-window fallback for ~1/e of the queries, layer norms, scatters)
+  L-linear work (routing's local-window fallback for ~1/3 of the queries, layer norms, scatters)
   no longer dominate.
   Predictions: FLOPs alone, and the roofline time t = FLOPs / (dense matmul FLOP/s) +
   bytes / (memory bandwidth), with the rates measured in the same run: the streaming bandwidth,
