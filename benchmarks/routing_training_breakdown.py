@@ -24,19 +24,10 @@ import time
 
 import torch
 from sparse_attention_speed import layers, make_inputs
+from sparse_attention_speed import timed as best
 
 from attnpass.lowering.cpu.grouped_attention import grouped_attention, scatter_slots
 from attnpass.methods.kmeans import OnlineKMeans
-
-
-def best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def step(module, q, k, v):
