@@ -12,6 +12,12 @@ every probe; otherwise the pieces stay as tensors ("general"), which is always e
 
 A mask piece that is sometimes neither 0 nor a masking value (<= -1e4) is a bias (T5's
 relative position bias, ALiBi) and always stays a tensor.
+
+Probes near the example's length cannot tell a sliding window (or a chunk) longer than the
+example from plain causal: every probe pair is inside the window. So a structure is accepted
+only after one more probe at a length past every integer the mask's subgraph holds (a window of
+24 is the constant 24 in `kv_idx > q_idx - 24`; a stored triangle buffer is its own size). Where
+that length is beyond what we can afford to evaluate, the mask stays general.
 """
 from __future__ import annotations
 
@@ -27,6 +33,11 @@ from attnpass.graph_ops import meta_val
 from attnpass.site import MaskInfo, MaskPiece, SiteMatch
 
 _MASKING = -1e4
+# The longest probe a mask is evaluated at to prove its structure beyond the example's length
+# (a (B, 1, L, L) mask at 8192 is 64 M elements per batch row: seconds, not minutes).
+LONGEST_PROBE = 8192
+# Integers at or above this are "no limit" sentinels (slice ends, int64 max), not windows.
+_SENTINEL = 2**31
 
 
 class ProbeSet:
@@ -69,6 +80,20 @@ class ProbeSet:
             out[sym] = new
         return out
 
+    def add_probe(self, lengths: dict, seed: int = 1) -> int:
+        """A probe with the symbols in `lengths` set to the given sizes (clamped to their ranges)
+        and every other symbol at the example's size; returns its index."""
+        assignment = dict(self.sizes)
+        for sym, n in lengths.items():
+            vr = self.ranges.get(sym)
+            if vr is not None:
+                n = max(_as_int(vr.lower, n), min(n, _as_int(vr.upper, n)))
+            assignment[sym] = n
+        self.probes.append(assignment)
+        self.inputs.append(self._random_inputs(assignment, torch.Generator().manual_seed(seed)))
+        self._envs.append({})
+        return len(self.probes) - 1
+
     def shape(self, dims, probe: int) -> tuple[int, ...]:
         """Concrete sizes of (possibly symbolic) `dims` on probe `probe`."""
         return _concrete(dims, self.probes[probe])
@@ -107,6 +132,13 @@ class ProbeSet:
             else:
                 env[n] = interp.run_node(n)
         return env[node]
+
+
+def _as_int(bound, default: int) -> int:
+    try:
+        return int(bound) if bool(getattr(bound, "is_finite", True)) else default
+    except (TypeError, ValueError, OverflowError, AttributeError):  # an infinite bound
+        return default
 
 
 def _concrete(dims, assignment: dict) -> tuple[int, ...]:
@@ -197,6 +229,9 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
         if causal is None and pad is None:
             continue
         if all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p), shapes[p]) for p in range(n_probes)):
+            beyond = _holds_past_its_constants(match, is_mask, causal, pad, scores_shape, probes)
+            if beyond:
+                return general_mask(match, beyond, bias_note)
             kind = "+".join(k for k in (("causal" if causal else ""), ("key_padding" if pad else "")) if k)
             heads = shapes[0][0] // probes.inputs[0][pad[0]].shape[0] if pad and match.batch_dims == 1 else 1
             return MaskInfo(
@@ -206,6 +241,57 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
                 general_bias=bias, bias_note=bias_note,
             )
     return general_mask(match, "mask is not causal / key-padding on every probe input", bias_note)
+
+
+def _mask_constants(nodes, probes: ProbeSet) -> list[int]:
+    """Integers a mask's subgraph could compare positions against: integral scalar arguments, and
+    the sizes of the stored tensors (a sliced triangle buffer) it reads."""
+    found, seen, stack = [], set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+        if n.op == "placeholder" and n.name in probes.state:
+            found.extend(int(d) for d in probes.state[n.name].shape)
+        for a in (*n.args, *n.kwargs.values()):
+            for x in (a if isinstance(a, (list, tuple)) else (a,)):
+                if isinstance(x, bool) or not isinstance(x, (int, float)):
+                    continue
+                if float(x).is_integer() and 2 <= abs(x) < _SENTINEL:
+                    found.append(abs(int(x)))
+    return found
+
+
+def _holds_past_its_constants(match: SiteMatch, is_mask, causal, pad, scores_shape, probes: ProbeSet) -> str:
+    """'' if the structure also holds at a length past every constant of the mask's subgraph
+    (see the module docstring), else why the mask must stay general."""
+    pieces = [piece for piece, m in zip(match.pieces, is_mask) if m]
+    longest = max((int(n) for p in probes.probes for n in p.values()), default=0)
+    needed = max(_mask_constants([p.node for p in pieces], probes), default=0) + 2
+    if needed <= longest:
+        return ""  # the probes already reach past every window the mask could hold
+    if needed > LONGEST_PROBE:
+        return (f"mask's subgraph holds the constant {needed - 2} (a window or chunk?) beyond the "
+                f"{LONGEST_PROBE}-token probe limit, so its structure cannot be proven; kept as a tensor")
+    symbols = set()
+    for d in scores_shape[-2:]:
+        if isinstance(d, torch.SymInt):
+            symbols |= d.node.expr.free_symbols
+    if not symbols:
+        return ""  # static lengths: the probes already ran at the only length there is
+    p = probes.add_probe({sym: needed for sym in symbols})
+    try:
+        allowed = functools.reduce(operator.and_, (_piece_keep(piece, probes.evaluate(piece.node, p))[0]
+                                                   for piece in pieces))
+    except Exception as e:  # noqa: BLE001
+        return f"mask could not be evaluated at length {needed} ({type(e).__name__})"
+    shape = probes.shape(scores_shape, p)
+    if _agrees(allowed, _candidate(causal, pad, shape, probes, p), shape):
+        return ""
+    return (f"mask is causal / key-padding near the example's length but not at length {needed} "
+            f"(a window or chunk of {needed - 2}?); kept as a tensor")
 
 
 def general_mask(match: SiteMatch, why: str = "", bias_note: str = "") -> MaskInfo:

@@ -98,3 +98,47 @@ def test_general_pieces_of_a_3d_site_keep_their_broadcasting():
     assert site.mask == "general" and site.mask_info.general_bias[0].coef == 0.5
     q2, k2, v2 = (torch.randn(4, 13, 4, generator=g) for _ in range(3))
     torch.testing.assert_close(sparse(q2, k2, v2), Bmm3D()(q2, k2, v2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("window", [6, 24])
+def test_a_sliding_window_is_never_taken_for_plain_causal(impl, window):
+    """Example length 16: a window of 24 looks causal at every length near the example; the pass
+    must not conclude "causal" (a silently different function at L > 24)."""
+    import transformers
+
+    config = transformers.MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=window, use_cache=False,
+        attn_implementation=impl)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.MistralModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 16), generator=g)
+    sparse = attnpass.sparsify(model, kwargs={"input_ids": ids})
+    assert all(s.mask != "causal" for s in sparse.sites), str(sparse.report)
+    for length in (12, 40):
+        ids = torch.randint(3, 100, (3, length), generator=g)
+        with torch.no_grad():
+            expected, got = model(input_ids=ids)[0], sparse(input_ids=ids)[0]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_past_the_probe_limit_stays_general(monkeypatch):
+    """A mask holding a constant beyond what the probes can reach is kept as a tensor, with the reason."""
+    from attnpass import mask_analysis
+
+    monkeypatch.setattr(mask_analysis, "LONGEST_PROBE", 20)
+
+    class Windowed(torch.nn.Module):
+        def forward(self, q, k, v):
+            i = torch.arange(q.shape[-2])[:, None]
+            j = torch.arange(k.shape[-2])[None, :]
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - 30))
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
+    sparse = attnpass.sparsify(Windowed(), (q, k, v))
+    assert sparse.sites[0].mask == "general"
+    assert "probe limit" in " ".join(sparse.sites[0].notes)
