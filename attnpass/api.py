@@ -50,6 +50,7 @@ def site_spec(site: AttentionSite) -> SiteSpec:
         heads_q=as_int(site.heads_q), heads_kv=as_int(site.heads_kv), head_dim=as_int(site.head_dim),
         example_len_q=example_int(site.len_q), example_len_k=example_int(site.len_k), cross=site.cross,
         has_bias=bool(info.general_bias), has_mask=bool(info.general_bool),
+        empty_rows=info.empty_rows, sdpa_semantics=site.pattern == "sdpa",
     )
 
 

@@ -57,6 +57,7 @@ class ProbeSet:
         self.inputs = [dict(self.example)] + [self._random_inputs(a, gen) for a in self.probes[1:]]
         self.padding_candidates = [name for name, t in user_inputs.items() if _is_01_matrix(t)]
         self._envs: list[dict] = [dict() for _ in self.probes]
+        self._added: dict = {}  # (kind, key) -> index of a probe added on demand
 
     # -- sizes ---------------------------------------------------------------------------------
     def _symbol_sizes(self) -> dict:
@@ -80,17 +81,45 @@ class ProbeSet:
             out[sym] = new
         return out
 
-    def add_probe(self, lengths: dict, seed: int = 1) -> int:
+    # The probes every structure must agree on (the example and two other sizes); probes past
+    # them are added on demand (`long_probe`, `empty_row_probes`).
+    STANDARD = 3
+
+    def long_probe(self, lengths: dict) -> int:
         """A probe with the symbols in `lengths` set to the given sizes (clamped to their ranges)
-        and every other symbol at the example's size; returns its index."""
+        and every other symbol at the example's size; returns its index (added once)."""
         assignment = dict(self.sizes)
         for sym, n in lengths.items():
             vr = self.ranges.get(sym)
             if vr is not None:
                 n = max(_as_int(vr.lower, n), min(n, _as_int(vr.upper, n)))
             assignment[sym] = n
+        key = ("long", tuple(sorted((str(k), v) for k, v in assignment.items())))
+        if key not in self._added:
+            self._added[key] = self._append(assignment, self._random_inputs(assignment, torch.Generator().manual_seed(1)))
+        return self._added[key]
+
+    def empty_row_probes(self) -> list[int]:
+        """Two probes at the example's sizes whose 0/1 inputs make queries with no key: row 0 padded
+        on the left half, row 1 all padding (and the complement, for inputs that mark padding with 1)."""
+        if ("empty", None) not in self._added:
+            added = []
+            for flip in (False, True):
+                inputs = dict(self.example)
+                for name in self.padding_candidates:
+                    t = self.example[name]
+                    keep = torch.ones(t.shape, dtype=torch.bool)
+                    keep[0, : (t.shape[1] + 1) // 2] = False
+                    if t.shape[0] > 1:
+                        keep[1] = False
+                    inputs[name] = (keep ^ flip).to(t.dtype)
+                added.append(self._append(dict(self.probes[0]), inputs))
+            self._added[("empty", None)] = added
+        return self._added[("empty", None)]
+
+    def _append(self, assignment: dict, inputs: dict) -> int:
         self.probes.append(assignment)
-        self.inputs.append(self._random_inputs(assignment, torch.Generator().manual_seed(seed)))
+        self.inputs.append(inputs)
         self._envs.append({})
         return len(self.probes) - 1
 
@@ -208,7 +237,7 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
     """
     if not match.pieces:
         return MaskInfo(kind="causal" if match.causal else "none")
-    n_probes = len(probes.probes)
+    n_probes = probes.STANDARD
     try:
         evaluated = [[_piece_keep(piece, probes.evaluate(piece.node, p)) for piece in match.pieces]
                      for p in range(n_probes)]
@@ -231,16 +260,80 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
         if all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p), shapes[p]) for p in range(n_probes)):
             beyond = _holds_past_its_constants(match, is_mask, causal, pad, scores_shape, probes)
             if beyond:
-                return general_mask(match, beyond, bias_note)
+                return general_mask(match, beyond, bias_note, probes)
+            empty_rows, why = _structured_empty_rows(match, is_mask, causal, pad, scores_shape, probes)
+            if why:
+                return general_mask(match, why, bias_note, probes)
             kind = "+".join(k for k in (("causal" if causal else ""), ("key_padding" if pad else "")) if k)
             heads = shapes[0][0] // probes.inputs[0][pad[0]].shape[0] if pad and match.batch_dims == 1 else 1
             return MaskInfo(
                 kind=kind, causal_bottom_right=(causal == "bottom_right"),
                 padding_input=probes.placeholders[pad[0]] if pad else None,
                 padding_keep_zero=bool(pad and pad[1]), heads_from_padding=heads,
-                general_bias=bias, bias_note=bias_note,
+                general_bias=bias, bias_note=bias_note, empty_rows=empty_rows,
             )
-    return general_mask(match, "mask is not causal / key-padding on every probe input", bias_note)
+    return general_mask(match, "mask is not causal / key-padding on every probe input", bias_note, probes)
+
+
+# -- queries with no allowed key ----------------------------------------------------------------
+
+def _structured_empty_rows(match: SiteMatch, is_mask, causal, pad, scores_shape, probes: ProbeSet) -> tuple[str, str]:
+    """(rule, "") for a structure that also holds on the empty-row probes, with what the original
+    computes at its queries with no key; ("", why) when the original differs there (e.g. a model
+    that unmasks such rows), so the mask must stay general."""
+    pieces = [piece for piece, m in zip(match.pieces, is_mask) if m]
+    indices = list(range(probes.STANDARD)) + (probes.empty_row_probes() if pad else [])
+    empty = []
+    for p in indices:
+        shape = probes.shape(scores_shape, p)
+        cand = _candidate(causal, pad, shape, probes, p)
+        try:
+            allowed = functools.reduce(operator.and_, (_piece_keep(piece, probes.evaluate(piece.node, p))[0]
+                                                       for piece in pieces))
+        except Exception:  # noqa: BLE001 - the structure holds on the standard probes; rule unknown here
+            continue
+        if not _agrees(allowed, cand, shape):
+            return "", "mask is causal / key-padding except at queries with no allowed key"
+        empty.append((p, ~cand.expand(shape).any(dim=-1)))
+    return _empty_row_rule(match, probes, empty), ""
+
+
+def _empty_row_rule(match: SiteMatch, probes: ProbeSet, empty: list) -> str:
+    """What the original computes at its queries with no allowed key, read off the score each
+    masking piece leaves at those rows (`empty`: (probe, rows) pairs): "mean" where every score of
+    the row is one finite constant (the softmax is uniform), "zero" where all are -inf (SDPA's
+    rule; eager softmax gives NaN there, which we do not reproduce: noted on the site)."""
+    rows = []
+    for p, where in empty:
+        if not bool(where.any()):
+            continue
+        value, replaced = None, None
+        for piece in reversed(match.pieces):  # from the product outwards: the order they apply in
+            t = probes.evaluate(piece.node, p)
+            if piece.kind == "add":
+                term = t.double() * piece.coef
+                value = term if value is None else value + term
+                continue
+            removed = t.bool() if piece.kind == "fill" else ~t.bool()
+            fill = torch.tensor(piece.value, dtype=torch.float64)
+            value = torch.where(removed, fill, torch.zeros((), dtype=torch.float64) if value is None else value)
+            replaced = removed if replaced is None else replaced | removed
+        shape = (*where.shape, value.shape[-1])
+        value = value.expand(shape)
+        drowned = replaced.expand(shape) if replaced is not None else torch.zeros(shape, dtype=torch.bool)
+        drowned = drowned | (value.abs() >= 1e30)  # finfo.min + a score is finfo.min
+        value = torch.where(drowned, value, torch.full((), float("nan"), dtype=torch.float64))
+        rows.append(value[where])
+    if not rows:
+        return "zero"
+    rows = torch.cat(rows)
+    if bool(torch.isneginf(rows).all()):
+        if match.pattern != "sdpa":
+            match.notes.append("queries with no allowed key: the original's softmax gives NaN there, the rewrite 0")
+        return "zero"
+    if bool(rows.isfinite().all()) and bool((rows == rows[:, :1]).all()):
+        return "mean"
+    return ""
 
 
 def _mask_constants(nodes, probes: ProbeSet) -> list[int]:
@@ -268,7 +361,7 @@ def _holds_past_its_constants(match: SiteMatch, is_mask, causal, pad, scores_sha
     """'' if the structure also holds at a length past every constant of the mask's subgraph
     (see the module docstring), else why the mask must stay general."""
     pieces = [piece for piece, m in zip(match.pieces, is_mask) if m]
-    longest = max((int(n) for p in probes.probes for n in p.values()), default=0)
+    longest = max((int(n) for p in probes.probes[:probes.STANDARD] for n in p.values()), default=0)
     needed = max(_mask_constants([p.node for p in pieces], probes), default=0) + 2
     if needed <= longest:
         return ""  # the probes already reach past every window the mask could hold
@@ -281,7 +374,7 @@ def _holds_past_its_constants(match: SiteMatch, is_mask, causal, pad, scores_sha
             symbols |= d.node.expr.free_symbols
     if not symbols:
         return ""  # static lengths: the probes already ran at the only length there is
-    p = probes.add_probe({sym: needed for sym in symbols})
+    p = probes.long_probe({sym: needed for sym in symbols})
     try:
         allowed = functools.reduce(operator.and_, (_piece_keep(piece, probes.evaluate(piece.node, p))[0]
                                                    for piece in pieces))
@@ -294,12 +387,25 @@ def _holds_past_its_constants(match: SiteMatch, is_mask, causal, pad, scores_sha
             f"(a window or chunk of {needed - 2}?); kept as a tensor")
 
 
-def general_mask(match: SiteMatch, why: str = "", bias_note: str = "") -> MaskInfo:
-    """Keep every piece as the tensor it is: always exact, never structured."""
+def general_mask(match: SiteMatch, why: str = "", bias_note: str = "", probes: ProbeSet | None = None) -> MaskInfo:
+    """Keep every piece as the tensor it is: always exact, never structured. Additive pieces
+    reproduce the original's queries with no allowed key by themselves; for bool pieces the rule
+    is read off the probes (the fill value decides)."""
     if not match.pieces:
         return MaskInfo(kind="causal" if match.causal else "none")
+    bools = [p for p in match.pieces if p.kind != "add"]
+    rule = "zero"
+    if bools and probes is not None:
+        try:
+            empty = []
+            for p in [*range(probes.STANDARD), *(probes.empty_row_probes() if probes.padding_candidates else [])]:
+                allowed = functools.reduce(operator.and_, (_piece_keep(b, probes.evaluate(b.node, p))[0] for b in bools))
+                empty.append((p, ~allowed.any(dim=-1)))
+            rule = _empty_row_rule(match, probes, empty) or "zero"
+        except Exception:  # noqa: BLE001 - a mask we cannot evaluate keeps the default rule
+            pass
     return MaskInfo(kind="general", general_bias=[p for p in match.pieces if p.kind == "add"],
-                    general_bool=[p for p in match.pieces if p.kind != "add"], why_general=why, bias_note=bias_note)
+                    general_bool=bools, why_general=why, bias_note=bias_note, empty_rows=rule)
 
 
 def _bias_note(bias: list[MaskPiece], probes: ProbeSet) -> str:

@@ -33,6 +33,7 @@ class MaskPiece:
     kind: str
     node: fx.Node
     coef: float = 1.0  # additive terms are scaled by any scale applied after them
+    value: float = float("-inf")  # "fill" / "keep": the score a removed pair gets
 
 
 @dataclass
@@ -79,6 +80,10 @@ class MaskInfo:
     general_bool: list[MaskPiece] = field(default_factory=list)   # bool pieces kept as tensors
     bias_note: str = ""
     why_general: str = ""
+    # What the original computes for a query with no allowed key: "zero" (SDPA's rule), or "mean",
+    # the mean of V over all keys (every score of the row replaced by, or drowned in, one finite
+    # masking constant such as finfo.min).
+    empty_rows: str = "zero"
 
     @property
     def causal(self) -> bool:

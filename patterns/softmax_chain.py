@@ -73,15 +73,15 @@ def _walk_back(start: fx.Node, internal: set):
         elif ov.kind == "masked_fill":
             if not is_masking_value(ov["value"]):
                 raise Skip(f"masked_fill with value {constant_scalar(ov['value'])}, not a masking value")
-            pieces.append(MaskPiece("fill", ov["mask"]))
+            pieces.append(MaskPiece("fill", ov["mask"], value=constant_scalar(ov["value"])))
             node = ov["x"]
         elif ov.kind == "where":
             cond, x, y = ov["cond"], ov["x"], ov["y"]
             if is_masking_value(y) and isinstance(x, fx.Node):
-                pieces.append(MaskPiece("keep", cond))
+                pieces.append(MaskPiece("keep", cond, value=constant_scalar(y)))
                 node = x
             elif is_masking_value(x) and isinstance(y, fx.Node):
-                pieces.append(MaskPiece("fill", cond))
+                pieces.append(MaskPiece("fill", cond, value=constant_scalar(x)))
                 node = y
             else:
                 raise NotAttention

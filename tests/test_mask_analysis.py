@@ -142,3 +142,79 @@ def test_a_window_past_the_probe_limit_stays_general(monkeypatch):
     sparse = attnpass.sparsify(Windowed(), (q, k, v))
     assert sparse.sites[0].mask == "general"
     assert "probe limit" in " ".join(sparse.sites[0].notes)
+
+
+def _qwen2(impl):
+    import transformers
+
+    config = transformers.Qwen2Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, use_cache=False, attn_implementation=impl)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.Qwen2Model(config).eval()
+
+
+def _left_padded(batch, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, : length // 3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("impl, rule", [("eager", "mean"), ("sdpa", "zero")])
+def test_queries_with_no_key_get_what_the_original_computes(impl, rule):
+    """Left padding leaves the padded queries of a causal model with no key: an additive finfo.min
+    mask (eager) averages V over all keys there, SDPA with a bool mask gives zeros. The structure
+    is kept (no L x L mask) and the rule recorded; the dense rewrite is exact on every row."""
+    model = _qwen2(impl)
+    sparse = attnpass.sparsify(model, kwargs=_left_padded(2, 16))
+    assert [(s.mask, s.mask_info.empty_rows) for s in sparse.sites] == [("causal+key_padding", rule)] * 2
+    for batch, length in ((2, 16), (3, 21)):
+        call = _left_padded(batch, length, seed=length)
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(**call)[0], model(**call)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_unmasks_rows_with_no_key_stays_general_and_exact():
+    """Causal + key padding everywhere except that a query with no key sees every key (what
+    transformers did for old torch versions): that is not the structure, so the mask stays a tensor."""
+
+    class Unmasking(torch.nn.Module):
+        def forward(self, q, k, v, attention_mask):
+            lq, lk = q.shape[-2], k.shape[-2]
+            allowed = torch.ones(lq, lk, dtype=torch.bool).tril() & attention_mask.bool()[:, None, None, :]
+            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    model = Unmasking()
+    sparse = attnpass.sparsify(model, (q, k, v, mask))
+    assert sparse.sites[0].mask == "general"
+    torch.testing.assert_close(sparse(q, k, v, mask), model(q, k, v, mask), atol=1e-6, rtol=1e-6)
+
+
+def test_eager_minus_inf_masks_note_the_nan_they_give_at_queries_with_no_key():
+    class MinusInf(torch.nn.Module):
+        def forward(self, q, k, v, attention_mask):
+            scores = q @ k.transpose(-2, -1) * 0.5
+            causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+            allowed = causal & attention_mask.bool()[:, None, None, :]
+            return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    model = MinusInf()
+    sparse = attnpass.sparsify(model, (q, k, v, mask))
+    site = sparse.sites[0]
+    assert (site.mask, site.mask_info.empty_rows) == ("causal+key_padding", "zero")
+    assert any("NaN" in n for n in site.notes)
+    got, expected = sparse(q, k, v, mask), model(q, k, v, mask)
+    assert torch.isnan(expected[0, :, :3]).all() and (got[0, :, :3] == 0).all()
+    torch.testing.assert_close(got[:, :, 3:], expected[:, :, 3:], atol=1e-6, rtol=1e-6)

@@ -43,6 +43,13 @@ class SiteSpec:
     # Masking the site keeps as tensors (after mask analysis): an additive bias, a bool mask.
     has_bias: bool = False
     has_mask: bool = False
+    # What the original computes for a query with no allowed key (see attnpass.site.MaskInfo):
+    # "zero" or "mean" (of V over all keys). The dense method reproduces it; the sparse methods
+    # give zeros there.
+    empty_rows: str = "zero"
+    # True where the model called SDPA itself (SDPA in the input dtype is its semantics); False for
+    # eager code, which takes its softmax in fp32 whatever the input dtype.
+    sdpa_semantics: bool = True
 
 
 class SiteAttention(nn.Module):
