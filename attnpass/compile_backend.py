@@ -31,7 +31,9 @@ What was rewritten and why a site was skipped: `attnpass.explain(model, args, kw
 """
 from __future__ import annotations
 
+import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -151,6 +153,18 @@ class AttnpassBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         graph_report = GraphReport(len(self.report.graphs))
         self.report.graphs.append(graph_report)
+        pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        try:
+            return self._rewrite_and_compile(gm, example_inputs, graph_report)
+        except Exception as e:  # noqa: BLE001 - a graph we cannot rewrite still runs, unchanged
+            why = f"attnpass could not rewrite this graph ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiled unchanged"
+            warnings.warn(f"attnpass backend: {why}", stacklevel=2)
+            graph_report.rewritten.clear()
+            graph_report.skipped.append(SkippedSite("<graph>", "", "-", why))
+            compiled, graph_report.pieces = _compile_split(pristine, example_inputs, set(), self.inner)
+            return compiled
+
+    def _rewrite_and_compile(self, gm: fx.GraphModule, example_inputs, graph_report):
         graph_report.already_sparse = _attnpass_ops(gm)
         inlined, declined = inline_mha(gm)
         if inlined:

@@ -86,8 +86,9 @@ def _read_einsum(node):
 
 
 def _read_baddbmm(node):
-    return {"bias": node.args[0], "x": node.args[1], "y": node.args[2],
-            "beta": node.kwargs.get("beta", 1), "alpha": node.kwargs.get("alpha", 1)}
+    # dynamo keeps the model's spelling: baddbmm(bias, batch1=q, batch2=k, beta=..., alpha=...)
+    return {"bias": _arg(node, 0, "input"), "x": _arg(node, 1, "batch1"), "y": _arg(node, 2, "batch2"),
+            "beta": _arg(node, 3, "beta", 1), "alpha": _arg(node, 4, "alpha", 1)}
 
 
 def _read_masked_fill(node):
@@ -95,7 +96,8 @@ def _read_masked_fill(node):
 
 
 def _read_where(node):
-    return {"cond": node.args[0], "x": node.args[1], "y": node.args[2]}
+    return {"cond": _arg(node, 0, "condition"), "x": _arg(node, 1, "input", _arg(node, 1, "self")),
+            "y": _arg(node, 2, "other")}
 
 
 def _read_cast(node):

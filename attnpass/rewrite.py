@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from attnpass.graph_ops import meta_val
 from attnpass.site import AttentionSite, MaskPiece
 
 aten = torch.ops.aten
@@ -42,7 +43,7 @@ def _to_canonical_rank(graph, node, piece: MaskPiece, site: AttentionSite, heads
 
     The rank is read off the model's own piece: `node` may be one we just built (no metadata).
     """
-    if site.match.batch_dims != 1 or len(piece.node.meta["val"].shape) < 3:
+    if site.match.batch_dims != 1 or len(meta_val(piece.node).shape) < 3:
         return node
     step = ("split_heads", heads) if heads > 1 else ("unsqueeze", 1)
     return _apply(graph, node, [step])
@@ -82,7 +83,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, target: str) -> fx.Nod
             keep = piece.node
             if piece.kind == "fill":
                 keep = graph.call_function(aten.logical_not.default, (keep,))
-            elif keep.meta.get("val") is not None and keep.meta["val"].dtype != torch.bool:
+            elif meta_val(keep) is not None and meta_val(keep).dtype != torch.bool:
                 keep = graph.call_function(aten.ne.Scalar, (keep, 0))
             keep = _to_canonical_rank(graph, keep, piece, site, heads)
             mask = keep if mask is None else graph.call_function(aten.logical_and.default, (mask, keep))

@@ -419,3 +419,52 @@ def test_explain_names_sites_that_never_reached_the_backend():
     # with is_causal=True there is no .item() check: both layers reach the backend and are rewritten
     told = attnpass.explain(_CausalEncoder(), (x,), {"is_causal": True})
     assert told.rewritten == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"] and not told.not_reached
+
+
+class _BaddbmmKeywords(torch.nn.Module):
+    """BLOOM's spelling: baddbmm(alibi, batch1=q, batch2=kᵀ, beta=, alpha=), a finfo.min fill, a
+    float32 softmax, bmm with v; dynamo keeps the keyword arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x, alibi):
+        b, length, _ = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, 4, 8).permute(2, 0, 3, 1, 4).reshape(3, b * 4, length, 8)
+        scores = torch.baddbmm(alibi, batch1=q, batch2=k.transpose(1, 2), beta=1.0, alpha=8 ** -0.5)
+        future = torch.ones(length, length, dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, v)
+
+
+def test_keyword_argument_spellings_are_rewritten_under_compile():
+    torch._dynamo.reset()
+    model = _BaddbmmKeywords().eval()
+    x, alibi = torch.randn(2, 10, 32), torch.randn(8, 1, 10)
+    backend = attnpass.backend(method="dense", inner="eager")
+    got = torch.compile(model, backend=backend)(x, alibi)
+    assert sum(len(g.rewritten) for g in backend.report.graphs) == 1, str(backend.report)
+    torch.testing.assert_close(got, model(x, alibi), atol=1e-5, rtol=1e-5)
+
+
+def test_a_graph_the_backend_cannot_rewrite_runs_unchanged(monkeypatch):
+    """Whatever goes wrong inside the pass, the user's graph is compiled as it was, with a warning
+    and the reason in the report."""
+    import attnpass.compile_backend as cb
+
+    def broken(*args, **kwargs):
+        raise IndexError("simulated failure inside the pass")
+
+    monkeypatch.setattr(cb, "rewrite_site", broken)
+    torch._dynamo.reset()
+    model = _BaddbmmKeywords().eval()
+    x, alibi = torch.randn(2, 10, 32), torch.randn(8, 1, 10)
+    backend = attnpass.backend(method="dense", inner="eager")
+    with pytest.warns(UserWarning, match="compiled unchanged"):
+        got = torch.compile(model, backend=backend)(x, alibi)
+    torch.testing.assert_close(got, model(x, alibi), atol=1e-6, rtol=1e-6)
+    skipped = [s for g in backend.report.graphs for s in g.skipped]
+    assert any("simulated failure" in s.reason for s in skipped)
+    assert sum(len(g.rewritten) for g in backend.report.graphs) == 0
