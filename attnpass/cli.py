@@ -386,8 +386,13 @@ def cmd_inspect(args) -> int:
            "method": method, "options": opts, "sites": sites, "skipped": [s.row() for s in report.skipped]}
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
-        return EXIT_OK
-    _print_inspect(doc, use_rich(args))
+    else:
+        _print_inspect(doc, use_rich(args))
+    # the report is printed either way; the exit code says whether the method would rewrite anything
+    if not any(entry["declined"] is None for entry in sites):
+        why = "no attention found" if not sites else f"method {method!r} declines every site"
+        print(f"attnpass inspect: error: {why}", file=sys.stderr)
+        return EXIT_CAPTURE
     return EXIT_OK
 
 

@@ -155,8 +155,9 @@ def test_inspect_with_length_evaluates_there(models, capsys):
 
 
 def test_inspect_reports_a_declined_site(models, capsys):
-    code, out, _ = run(capsys, "inspect", target(models, "biased"), "--method", "combiner", "--plain")
-    assert code == cli.EXIT_OK
+    code, out, err = run(capsys, "inspect", target(models, "biased"), "--method", "combiner", "--plain")
+    assert code == cli.EXIT_CAPTURE  # README: 3 when every site is declined; the table still prints
+    assert "declines every site" in err
     assert "1 attention site(s)" in out
     assert "declined: combiner region summaries cannot carry an arbitrary additive bias" in out
 
@@ -355,6 +356,7 @@ def test_export_is_not_available(models, tmp_path, capsys):
     (["inspect", "{models}/tiny_cli_models.py:bert", "--opt", "colours=3"], cli.EXIT_USAGE, "unknown option(s) ['colours']"),
     (["inspect", "{models}/tiny_cli_models.py:broken"], cli.EXIT_CAPTURE, "torch.export could not capture Broken"),
     (["plot", "{models}/tiny_cli_models.py:no_attention", "--out", "{tmp}"], cli.EXIT_CAPTURE, "no attention to rewrite in Linear"),
+    (["inspect", "{models}/tiny_cli_models.py:no_attention"], cli.EXIT_CAPTURE, "no attention found"),
     (["plot", "{models}/tiny_cli_models.py:bert", "--out", "{tmp}", "--head", "9"], cli.EXIT_USAGE, "has 4 query heads"),
     (["bench", "--lengths", "16,x"], cli.EXIT_USAGE, "expected comma-separated integers"),
 ])
