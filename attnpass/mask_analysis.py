@@ -7,8 +7,8 @@ not the tensor, so for each site we decide what its mask pieces (see `attnpass.s
 compute, by evaluating the subgraph that builds them on probe inputs — the example, and inputs
 at other batch sizes and lengths with random 0/1 padding vectors — and comparing the pairs they
 allow with every candidate structure (causal top-left or bottom-right, key padding read from a
-2-D 0/1 graph input with either polarity). A candidate is accepted only if it agrees exactly on
-every probe; otherwise the pieces stay as tensors ("general"), which is always exact.
+2-D 0/1 graph input with either polarity, or no masking at all: transformers hands ViT an all-True
+mask). A candidate is accepted only if it agrees exactly on every probe; otherwise the pieces stay as tensors ("general"), which is always exact.
 
 A mask piece that is sometimes neither 0 nor a masking value (<= -1e4) is a bias (T5's
 relative position bias, ALiBi) and always stays a tensor.
@@ -254,9 +254,7 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
     shapes = [probes.shape(scores_shape, p) for p in range(n_probes)]
     causal_options = ["top_left"] if match.causal else [None, "top_left", "bottom_right"]
     pad_options = [None] + [(name, kz) for name in probes.padding_candidates for kz in (False, True)]
-    for causal, pad in itertools.product(causal_options, pad_options):
-        if causal is None and pad is None:
-            continue
+    for causal, pad in itertools.product(causal_options, pad_options):  # (None, None): a mask that allows every pair
         if all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p), shapes[p]) for p in range(n_probes)):
             beyond = _holds_past_its_constants(match, is_mask, causal, pad, scores_shape, probes)
             if beyond:
@@ -264,7 +262,7 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
             empty_rows, why = _structured_empty_rows(match, is_mask, causal, pad, scores_shape, probes)
             if why:
                 return general_mask(match, why, bias_note, probes)
-            kind = "+".join(k for k in (("causal" if causal else ""), ("key_padding" if pad else "")) if k)
+            kind = "+".join(k for k in (("causal" if causal else ""), ("key_padding" if pad else "")) if k) or "none"
             heads = shapes[0][0] // probes.inputs[0][pad[0]].shape[0] if pad and match.batch_dims == 1 else 1
             return MaskInfo(
                 kind=kind, causal_bottom_right=(causal == "bottom_right"),

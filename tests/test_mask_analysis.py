@@ -218,3 +218,24 @@ def test_eager_minus_inf_masks_note_the_nan_they_give_at_queries_with_no_key():
     got, expected = sparse(q, k, v, mask), model(q, k, v, mask)
     assert torch.isnan(expected[0, :, :3]).all() and (got[0, :, :3] == 0).all()
     torch.testing.assert_close(got[:, :, 3:], expected[:, :, 3:], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vit-sdpa", "vit-eager"])
+def test_an_all_true_mask_is_no_mask_and_every_method_takes_the_site(name):
+    """transformers builds an all-True (B, 1, L, L) mask for ViT under export: that is "none", so
+    Combiner (which declines general masks) serves it, and no L x L mask is left in the graph."""
+    case = by_name(name)
+    model = case.build()
+    args, kwargs = case.inputs(2, 8)
+    dense = attnpass.sparsify(model, args, kwargs)
+    assert [s.mask for s in dense.sites] == ["none"] * case.attention_count
+    other_args, other_kwargs = case.inputs(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(*other_args, **other_kwargs)[0], model(*other_args, **other_kwargs)[0],
+                                   atol=1e-5, rtol=1e-5)
+    combiner = attnpass.sparsify(model, args, kwargs, method="combiner")
+    assert combiner.report.skipped == [] and len(combiner.sites) == case.attention_count
+    bool_square = [n for n in dense._programs[False].gm.graph.nodes
+                   if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.bool
+                   and n.meta["val"].dim() == 4]
+    assert bool_square == []
