@@ -91,8 +91,10 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, target: str) -> fx.Nod
         if info.padding_input is not None:
             test = aten.eq.Scalar if info.padding_keep_zero else aten.ne.Scalar
             key_keep = graph.call_function(test, (info.padding_input, 0))
-        call = graph.call_module(target, (q, k, v), {"bias": bias, "mask": mask, "key_keep": key_keep,
-                                                      "dropout_p": match.dropout_p})
+        kwargs = {"bias": bias, "mask": mask, "key_keep": key_keep, "dropout_p": match.dropout_p}
+        if info.empty_rows != "zero":  # a fact of this graph's masking, not of the site module
+            kwargs["empty_rows"] = info.empty_rows
+        call = graph.call_module(target, (q, k, v), kwargs)
         call.meta["nn_module_stack"] = dict(match.anchor.meta.get("nn_module_stack", {}))
         call.meta["attnpass_site"] = site.name
         out = _apply(graph, call, _with_heads(match.out_adapter, heads, True))

@@ -50,10 +50,10 @@ def site_modules(sparse_model: nn.Module) -> dict[str, nn.Module]:
 def _dense_forward(module: nn.Module):
     """The site's original attention: the canonical dense op with the site's scale, mask and causal rule."""
 
-    def forward(q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+    def forward(q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0, empty_rows: str = "zero"):
         return torch.ops.attnpass.attention(
             q, k, v, bias, mask, key_keep, module.scale(q), module.spec.causal,
-            module.causal_offset(q, k), 0.0, 0,
+            module.causal_offset(q, k), 0.0, 0, empty_rows, module.spec.sdpa_semantics,
         )
 
     return forward

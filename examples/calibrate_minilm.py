@@ -114,7 +114,7 @@ def oracle_row(model, batches: list[dict], share: float) -> dict:
     per_site: dict[str, list[float]] = {name: [0.0, 0.0] for name in modules}  # [mass kept, mass]
 
     def top_share_forward(module, name):
-        def forward(q, k, v, bias=None, mask=None, key_keep=None, dropout_p=0.0):
+        def forward(q, k, v, bias=None, mask=None, key_keep=None, dropout_p=0.0, empty_rows="zero"):
             inputs = {"q": q, "k": k, "bias": bias, "mask": mask, "key_keep": key_keep}
             scores = site_probe.dense_scores(module, inputs, dtype=torch.float32)
             allowed = torch.isfinite(scores)

@@ -41,9 +41,15 @@ def test_gradients_reach_the_models_parameters_and_match_the_original():
     model = _bert(0.0).train()
     sparse = attnpass.sparsify(model, kwargs=_inputs())
     batch = _inputs(3, 11, seed=1)
-    model(**batch).last_hidden_state.square().mean().backward()
-    sparse(**batch).last_hidden_state.square().mean().backward()
+    # a fixed random projection of the output: square().mean() of a LayerNorm output is ~1 whatever
+    # the input, so its gradients are rounding noise that only an op-for-op copy of eager BERT matches
+    weight = torch.randn(model(**batch).last_hidden_state.shape, generator=torch.Generator().manual_seed(2))
+    (model(**batch).last_hidden_state * weight).sum().backward()
+    (sparse(**batch).last_hidden_state * weight).sum().backward()
     ref = dict(model.named_parameters())
+    # key biases get zero gradient in exact arithmetic (softmax is shift-invariant): their values
+    # are rounding noise, so errors are measured against the largest gradient of the model
+    scale = max(p.grad.abs().max() for p in ref.values() if p.grad is not None)
     compared = 0
     for name, p in sparse.named_parameters():
         if ref[name].grad is None:  # e.g. the pooler, unused by this loss
@@ -51,7 +57,7 @@ def test_gradients_reach_the_models_parameters_and_match_the_original():
             continue
         assert p.grad is not None, name
         compared += 1
-        err = (p.grad - ref[name].grad).abs().max() / (ref[name].grad.abs().max() + 1e-12)
+        err = (p.grad - ref[name].grad).abs().max() / (ref[name].grad.abs().max() + 1e-3 * scale)
         assert err < 1e-4, (name, err.item())
     assert compared >= 20
 

@@ -43,10 +43,6 @@ class SiteSpec:
     # Masking the site keeps as tensors (after mask analysis): an additive bias, a bool mask.
     has_bias: bool = False
     has_mask: bool = False
-    # What the original computes for a query with no allowed key (see attnpass.site.MaskInfo):
-    # "zero" or "mean" (of V over all keys). The dense method reproduces it; the sparse methods
-    # give zeros there.
-    empty_rows: str = "zero"
     # True where the model called SDPA itself (SDPA in the input dtype is its semantics); False for
     # eager code, which takes its softmax in fp32 whatever the input dtype.
     sdpa_semantics: bool = True
@@ -111,5 +107,9 @@ class SiteAttention(nn.Module):
         scale = "1/sqrt(d)" if self.spec.scale is None else f"{self.spec.scale:.4g}"
         return f"site={self.spec.name!r}, scale={scale}, {causal}"
 
-    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                empty_rows: str = "zero"):
+        """`empty_rows`: what the original computes at a query with no allowed key, a fact of the
+        captured graph's masking (attnpass.site.MaskInfo): "zero", or "mean" (of V over all keys).
+        The dense method reproduces it; the sparse methods give zeros there."""
         raise NotImplementedError

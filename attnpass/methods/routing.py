@@ -223,7 +223,8 @@ class RoutingAttention(SiteAttention):
             return RoutingLayout(None, None, None, None, None, None, *local)
         return RoutingLayout(*routed, *local)
 
-    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
         self._check_shapes(q, k)
         B, Hq, Lq, _ = q.shape
         if Lq == 0 or k.shape[2] == 0:

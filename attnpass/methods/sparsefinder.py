@@ -359,7 +359,8 @@ class SparsefinderAttention(SiteAttention):
     # Forward
     # ---------------------------------------------------------------------------------------
 
-    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
         self._check_shapes(q, k)
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]

@@ -78,7 +78,8 @@ def bind(module) -> None:
     module.forward = functools.partial(_export_forward, module)
 
 
-def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                    empty_rows: str = "zero"):
     if bias is not None or mask is not None:
         raise ValueError(f"combiner site {module.spec.name!r} got a bias or mask tensor, which region summaries "
                          "cannot carry")

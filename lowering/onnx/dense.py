@@ -1,13 +1,15 @@
 """ONNX lowering of `attnpass::attention` (the canonical dense op): node ``attnpass.Attention``.
 
 Node: ``Attention(q, k, v, bias, mask, key_keep, causal_offset) -> out`` with attributes
-``scale`` (float) and ``causal`` (int 0/1). Shapes as the op (lowering/cpu/dense.py): q (B, Hq,
+``scale`` (float), ``causal`` (int 0/1) and ``empty_mean`` (int 0/1: the op's empty_rows rule). Shapes as the op (lowering/cpu/dense.py): q (B, Hq,
 Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), GQA query head h reads kv head h // (Hq // Hkv);
 bias broadcastable to (B, Hq, Lq, Lk) (0.0 when the site has none); mask bool broadcastable the
 same way (True when none); key_keep bool (B, Lk) (all True when none); causal_offset an int64
 scalar input, because it is Lk - Lq for a bottom-right causal site and so symbolic under dynamic
 shapes. Pair (i, j) is allowed if mask, key_keep[j] and (not causal or j <= i + causal_offset);
-a query with no allowed key gets zeros, as the PyTorch op.
+a query with no allowed key gets zeros (empty_mean=0) or the mean of v over all Lk keys of its kv
+head (empty_mean=1), as the PyTorch op's empty_rows "zero" / "mean". The op's sdpa_in_input_dtype
+does not matter here: the body computes in float32/float64 only.
 
 The body builds the (B, Hq, Lq, Lk) scores: this is the dense method, quadratic by definition.
 Inference only: dropout is not exported (export_onnx exports the eval graph).
@@ -48,7 +50,7 @@ def masked_softmax(logits, allowed):
 
 
 @script(ATTNPASS, default_opset=op)
-def Attention(q, k, v, bias, mask, key_keep, causal_offset, scale: float, causal: int):
+def Attention(q, k, v, bias, mask, key_keep, causal_offset, scale: float, causal: int, empty_mean: int = 0):
     hq = op.Shape(q, start=1, end=2)
     k4 = repeat_kv(k, hq)
     v4 = repeat_kv(v, hq)
@@ -62,14 +64,20 @@ def Attention(q, k, v, bias, mask, key_keep, causal_offset, scale: float, causal
     j = op.Range(zero, lk, one)
     causal_ok = op.Or(op.Equal(op.Constant(value_int=causal), zero), op.LessOrEqual(j, op.Add(i, causal_offset)))
     allowed = op.And(op.And(mask, op.Unsqueeze(key_keep, [1, 2])), causal_ok)
-    return op.MatMul(masked_softmax(scores, allowed), v4)
+    probs = masked_softmax(scores, allowed)
+    # empty_mean: a row with no allowed key takes 1/Lk on every key (the mean of v), else zeros
+    row_any = op.ReduceMax(op.CastLike(allowed, scores), [-1], keepdims=1)
+    uniform = op.Reciprocal(op.CastLike(lk, scores))
+    fill = op.Mul(op.Mul(op.Sub(op.CastLike(one, scores), row_any), uniform),
+                  op.CastLike(op.Constant(value_int=empty_mean), scores))
+    return op.MatMul(op.Add(probs, fill), v4)
 
 
 ATTENTION_NODE = node_op(
     "Attention",
     inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("bias", "T"), ("mask", "B"), ("key_keep", "B"),
             ("causal_offset", "I")],
-    attributes=[("scale", "float"), ("causal", "int")],
+    attributes=[("scale", "float"), ("causal", "int"), ("empty_mean", "int")],
     outputs=[("out", "T")],
 )
 
@@ -77,9 +85,14 @@ ATTENTION_NODE = node_op(
 FUNCTIONS = (Attention, repeat_kv, masked_softmax)
 
 
-def translate_attention(q, k, v, bias, mask, key_keep, scale, causal, causal_offset, dropout_p, dropout_seed):
-    """custom_translation_table entry for torch.ops.attnpass.attention.default."""
+def translate_attention(q, k, v, bias, mask, key_keep, scale, causal, causal_offset, dropout_p, dropout_seed,
+                        empty_rows="zero", sdpa_in_input_dtype=True):
+    """custom_translation_table entry for torch.ops.attnpass.attention.default.
+
+    dropout_seed is irrelevant (dropout_p must be 0); sdpa_in_input_dtype too (float32/64 only)."""
     check_float("attnpass.Attention", q, k, v)
+    if empty_rows not in ("zero", "mean"):
+        raise ValueError(f"export_onnx: attnpass.Attention got empty_rows={empty_rows!r}, expected 'zero' or 'mean'")
     if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
         raise ValueError(f"export_onnx: attnpass.Attention got dropout_p={dropout_p!r}; ONNX export is for "
                          "inference and exports the eval-mode graph (dropout off)")
@@ -90,4 +103,5 @@ def translate_attention(q, k, v, bias, mask, key_keep, scale, causal, causal_off
         all_keys(q, k) if key_keep is None else key_keep,
         int_input(causal_offset),
         scale=static_float("attnpass.Attention", "scale", scale), causal=int(bool(causal)),
+        empty_mean=int(empty_rows == "mean"),
     )

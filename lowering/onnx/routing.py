@@ -81,7 +81,8 @@ def bind(module) -> None:
     module.forward = functools.partial(_export_forward, module)
 
 
-def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                    empty_rows: str = "zero"):
     if not module.spec.cross:
         # key padding is query padding only when query i is key i
         torch._check(q.shape[2] == k.shape[2],

@@ -107,7 +107,8 @@ def bind(module) -> None:
     module.forward = functools.partial(_export_forward, module)
 
 
-def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                    empty_rows: str = "zero"):
     first, _, second = module.phi
     return torch.ops.attnpass.sbm(
         q, k, v, bias, mask, key_keep, module.clusters, first.weight, first.bias, second.weight, second.bias,

@@ -131,7 +131,8 @@ def bind(module) -> None:
     module.forward = functools.partial(_export_forward, module)
 
 
-def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                    empty_rows: str = "zero"):
     module._check_shapes(q, k)
     return torch.ops.attnpass.sparsefinder(
         q, k, v, bias, mask, key_keep, module.w_q, module.w_k, getattr(module, "centroids", None),
