@@ -8,7 +8,7 @@ from torch import nn
 
 from attnpass.capture import check_call_inputs
 from attnpass.detect import capture_sites
-from attnpass.methods import SiteAttention, SiteSpec, method_class
+from attnpass.methods import SiteAttention, SiteSpec, canonical_method, method_class
 from attnpass.site import AttentionReport, AttentionSite
 from attnpass.sparse_module import SparseModel, capture_and_rewrite
 
@@ -24,6 +24,7 @@ def find_attention(model: nn.Module, args=(), kwargs=None) -> AttentionReport:
     parameters, buffers and mode are not changed. Returns an `AttentionReport` (a list of `AttentionSite`
     plus the skipped sites with reasons) that prints as a table.
     """
+    _refuse_sparsified(model, "find_attention")
     args, kwargs = check_call_inputs(model, args, kwargs)
     program = capture_sites(model, args, kwargs)
     return AttentionReport(type(model).__name__, program.sites, program.skipped)
@@ -50,7 +51,7 @@ def site_spec(site: AttentionSite) -> SiteSpec:
         heads_q=as_int(site.heads_q), heads_kv=as_int(site.heads_kv), head_dim=as_int(site.head_dim),
         example_len_q=example_int(site.len_q), example_len_k=example_int(site.len_k), cross=site.cross,
         has_bias=bool(info.general_bias), has_mask=bool(info.general_bool),
-        empty_rows=info.empty_rows, sdpa_semantics=site.pattern == "sdpa",
+        sdpa_semantics=site.pattern == "sdpa",
     )
 
 
@@ -68,6 +69,19 @@ def _attach(root: nn.Module, site: AttentionSite, module: nn.Module) -> None:
     owner.add_module(name, module)
 
 
+def _refuse_sparsified(model, what: str) -> None:
+    """One clear line for a model sparsify already returned (or one holding such a model)."""
+    if not isinstance(model, nn.Module):
+        return  # check_call_inputs says what is wrong
+    for path, module in model.named_modules():
+        if isinstance(module, SparseModel):
+            where = f" (at {path!r})" if path else ""
+            raise ValueError(
+                f"{what}: the model is already sparsified{where} (method={module.method!r}, "
+                f"{len(module.site_modules())} site(s)); pass the original model, or read its sites from "
+                "sparse_model.report")
+
+
 def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **options) -> SparseModel:
     """Return a new module computing `model` with every attention site rewritten to `method`.
 
@@ -77,8 +91,10 @@ def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **op
     serve, e.g. Combiner with an arbitrary bias) are left as they are and listed in
     `result.report.skipped` with the reason. `options` are the method's (see `attnpass.METHODS`).
     """
+    method = canonical_method(method)  # "Combiner" -> "combiner", everywhere after this
     site_class = method_class(method)
     site_class.validate_options(**options)  # before the (slow) capture
+    _refuse_sparsified(model, "sparsify")
     args, kwargs = check_call_inputs(model, args, kwargs)
     source = copy.deepcopy(model)
     site_modules: dict[str, nn.Module] = {}

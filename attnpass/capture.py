@@ -3,7 +3,8 @@
 `torch.fx.symbolic_trace` fails on Hugging Face models; non-strict export succeeds on all the
 models we test. Every dim of every tensor input is marked `Dim.AUTO`, so export keeps a dim
 symbolic wherever the model allows (batch, sequence length) and specialises it silently where
-the model needs a fixed size (hidden size, image size).
+the model needs a fixed size (hidden size, image size); `attnpass.export_shapes` says what is
+done on top (a batch-1 example, raw q/k/v inputs).
 
 `Program` runs the *lifted* graph: parameters and buffers are graph inputs, read from an owner
 module at every call. That is what lets the returned module train, move between devices and
@@ -12,11 +13,16 @@ in train mode share one set of parameters.
 """
 from __future__ import annotations
 
+import sys
+import weakref
+
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.export import Dim, ExportedProgram
+from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+
+from attnpass import export_shapes
 
 
 class CaptureError(RuntimeError):
@@ -42,13 +48,48 @@ def check_call_inputs(model, args, kwargs) -> tuple[tuple, dict]:
     return tuple(args), dict(kwargs)
 
 
-def export_model(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
-    shapes = torch.export.ShapesCollection()
-    for t in pytree.tree_leaves((args, kwargs)):
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            shapes[t] = {d: Dim.AUTO for d in range(t.dim())}
+_cache_pytrees_registered = False
+
+
+def register_cache_pytrees() -> None:
+    """Make transformers' `DynamicCache` a pytree node, so a causal LM's default call (which returns
+    one) can be captured, and unflattened back into a `DynamicCache` at every call.
+
+    Uses transformers' own registration (`register_dynamic_cache_export_support`, the one its
+    ExecuTorch export uses); done once, and only if transformers is already imported (attnpass
+    never imports it). Without that function (older transformers), nothing is registered and a
+    model returning a cache is refused by torch.export as before.
+    """
+    global _cache_pytrees_registered
+    if _cache_pytrees_registered or "transformers" not in sys.modules:
+        return
     try:
-        return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:
+        _cache_pytrees_registered = True  # this transformers has no registration to use
+        return
+    register_dynamic_cache_export_support()  # tolerates an earlier registration of its own
+    _cache_pytrees_registered = True
+
+
+def export_model(model: torch.nn.Module, args: tuple, kwargs: dict, static=frozenset(), ties=()) -> ExportedProgram:
+    """Capture `model(*args, **kwargs)` with `Dim.AUTO` on every dim of every tensor input.
+
+    A batch-1 example is captured at batch 2 (the example repeated along dim 0), so the batch stays
+    symbolic, unless the model cannot be captured so. `static` dims are captured static and each
+    group of `ties` as one symbol (see `attnpass.export_shapes`). `ep.example_inputs` is the
+    example that was captured.
+    """
+    register_cache_pytrees()
+    args, kwargs = _unaliased(args, kwargs)
+    doubled_args, doubled_kwargs, doubled = export_shapes.double_unit_batch(args, kwargs)
+    if doubled:
+        try:
+            return _export(model, doubled_args, doubled_kwargs, static, ties)
+        except Exception:  # noqa: BLE001 - the model needs batch 1: capture the example as given
+            pass
+    try:
+        return _export(model, args, kwargs, static, ties)
     except Exception as e:  # noqa: BLE001 - report any capture failure with its cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaptureError(
@@ -58,8 +99,39 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedP
         ) from e
 
 
+def _unaliased(args, kwargs):
+    """The example with every tensor that shares storage with an earlier one cloned.
+
+    `model(**batch, labels=batch["input_ids"])` passes one tensor twice; export then reads both
+    arguments from one graph input, and a later call with other labels would run on them as
+    input_ids. Distinct tensors make distinct inputs."""
+    seen = set()
+
+    def fresh(x):
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return x
+        key = (x.device, x.untyped_storage().data_ptr())
+        if key in seen:
+            return x.clone()
+        seen.add(key)
+        return x
+
+    return pytree.tree_map(fresh, (tuple(args), dict(kwargs)))
+
+
+def _export(model, args, kwargs, static, ties) -> ExportedProgram:
+    shapes = export_shapes.dynamic_shapes(args, kwargs, static, ties)
+    return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+
 class Program:
-    """An exported program whose lifted graph we run with state read from an owner module."""
+    """An exported program whose lifted graph we run with state read from an owner module.
+
+    Each parameter/buffer input is resolved once per owner to (submodule, attribute name), and read
+    at every call as `submodule._parameters[name]` / `submodule._buffers[name]`: a Parameter
+    re-assigned on that submodule, `.to()` and `load_state_dict` are all seen, without walking the
+    dotted name at every call. (A submodule replaced after the first call is not: re-create the
+    model instead.)
+    """
 
     def __init__(self, ep: ExportedProgram):
         self.ep = ep
@@ -71,6 +143,12 @@ class Program:
         self.user_input_names = [s.arg.name for s in self.input_specs if s.kind is InputKind.USER_INPUT]
         self.sites: list = []      # filled by detect.capture_sites
         self.skipped: list = []
+        self.signature = None      # the call signature it was captured for (sparse_module.call_signature)
+        self.specialised = ""      # why the graph holds only at the example's sizes ('' if not; detect.capture_sites)
+        self.probes = None         # the capture's probes, until capture_sites is done with them
+        self._owner = None         # weakref to the owner the slots below were resolved on
+        self._in_slots: list = []
+        self._out_slots: list = []
         for spec in self.input_specs:
             if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR, InputKind.USER_INPUT):
                 raise CaptureError(f"captured program has an input of kind {spec.kind.name}, which attnpass does not run")
@@ -105,32 +183,94 @@ class Program:
             )
         return flat
 
-    def __call__(self, owner: torch.nn.Module, args, kwargs):
-        flat = iter(self._flatten(args, kwargs))
-        inputs, user = [], {}
+    def _resolve(self, owner: torch.nn.Module) -> None:
+        """Resolve every state input/output of the graph on `owner`, once: (table kind, submodule, name)."""
+
+        def slot(kind: str, target: str):
+            path, _, name = target.rpartition(".")
+            module = owner.get_submodule(path) if path else owner
+            table = module._parameters if kind == "parameter" else module._buffers
+            if name not in table:
+                raise AttributeError(f"{type(owner).__name__} has no {kind} {target!r}, which the captured graph reads")
+            return (0 if kind == "parameter" else 1, module, name)
+
+        in_slots = []
         for spec in self.input_specs:
             if spec.kind is InputKind.PARAMETER:
-                inputs.append(owner.get_parameter(spec.target))
+                in_slots.append(slot("parameter", spec.target))
             elif spec.kind is InputKind.BUFFER:
-                inputs.append(owner.get_buffer(spec.target))
+                in_slots.append(slot("buffer", spec.target))
             elif spec.kind is InputKind.CONSTANT_TENSOR:
-                inputs.append(self.ep.constants[spec.target])
+                in_slots.append((2, self.ep.constants[spec.target], None))
             else:
-                user[spec.arg.name] = next(flat)
-                inputs.append(user[spec.arg.name])
+                in_slots.append((3, spec.arg.name, None))
+        out_slots = []
+        for spec in self.output_specs:
+            if spec.kind is OutputKind.BUFFER_MUTATION:
+                out_slots.append(slot("buffer", spec.target))
+            elif spec.kind is OutputKind.USER_INPUT_MUTATION:
+                out_slots.append((3, spec.target, None))
+            elif spec.kind is OutputKind.USER_OUTPUT:
+                out_slots.append((4, None, None))
+            else:
+                raise RuntimeError(f"captured program has an output of kind {spec.kind.name}, which attnpass does not run")
+        self._in_slots, self._out_slots = in_slots, out_slots
+        self._owner = weakref.ref(owner)
+
+    def accepts(self, flat: list) -> bool:
+        """Can the graph take these user inputs (in `in_spec` order)? Each tensor's static dims must
+        match and each symbolic dim must lie in its range; other leaves must equal the constants."""
+        placeholders = {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}
+        if len(flat) != len(self.user_input_names):
+            return False
+        for name, value in zip(self.user_input_names, flat):
+            val = placeholders[name].meta.get("val") if name in placeholders else None
+            if not isinstance(value, torch.Tensor):
+                continue  # constants are part of the signature key
+            if not isinstance(val, torch.Tensor) or val.dim() != value.dim() or val.dtype != value.dtype:
+                return False
+            for want, got in zip(val.shape, value.shape):
+                if isinstance(want, int):
+                    if want != got:
+                        return False
+                    continue
+                expr = want.node.expr
+                bounds = self.ep.range_constraints.get(expr) if getattr(expr, "is_Symbol", False) else None
+                if bounds is None or not (bounds.lower <= got <= bounds.upper):
+                    return False
+        return True
+
+    def __call__(self, owner: torch.nn.Module, args, kwargs):
+        return self.run_flat(owner, self._flatten(args, kwargs))
+
+    def run_flat(self, owner: torch.nn.Module, flat: list):
+        """Run the graph on the user inputs `flat` (the call's leaves, in the order of `in_spec`)."""
+        if self._owner is None or self._owner() is not owner:
+            self._resolve(owner)
+        flat = iter(flat)
+        inputs, user = [], {}
+        for kind, a, b in self._in_slots:
+            if kind == 0:
+                inputs.append(a._parameters[b])
+            elif kind == 1:
+                inputs.append(a._buffers[b])
+            elif kind == 2:
+                inputs.append(a)
+            else:
+                value = next(flat)
+                user[a] = value
+                inputs.append(value)
         outputs = self.gm(*inputs)
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)
         results = []
-        for spec, value in zip(self.output_specs, outputs):
-            if spec.kind is OutputKind.USER_OUTPUT:
+        for (kind, a, b), value in zip(self._out_slots, outputs):
+            if kind == 4:
                 results.append(value)
-            elif spec.kind is OutputKind.BUFFER_MUTATION:
+            elif kind == 1:
                 with torch.no_grad():
-                    owner.get_buffer(spec.target).copy_(value)
-            elif spec.kind is OutputKind.USER_INPUT_MUTATION:
-                with torch.no_grad():
-                    user[spec.target].copy_(value)
+                    a._buffers[b].copy_(value)
             else:
-                raise RuntimeError(f"captured program has an output of kind {spec.kind.name}, which attnpass does not run")
+                with torch.no_grad():
+                    user[a].copy_(value)
         return pytree.tree_unflatten(results, self.out_spec)

@@ -294,6 +294,16 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _example_batch(target) -> int | None:
+    """The leading size of the example's first tensor input, if it has one."""
+    import torch
+    import torch.utils._pytree  # noqa: F401
+
+    first = next((t for t in torch.utils._pytree.tree_leaves((target.args, target.kwargs))
+                  if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    return None if first is None else int(first.shape[0])
+
+
 def _example_dims(site, length: int | None, batch: int | None) -> dict:
     """The site's dims as ints for the cost numbers: concrete ones as they are, symbolic lengths at
     --length (when given) else at the example call's value, symbolic batch at the example's."""
@@ -380,7 +390,8 @@ def cmd_inspect(args) -> int:
     for site in report.sites:
         entry = dict(site.row())
         entry["declined"] = method_status(site, method, method_opts)
-        entry["cost"] = site_cost(site, method, opts, length, None)
+        # the example's batch (a batch-1 example is captured at batch 2, which the site's hint shows)
+        entry["cost"] = site_cost(site, method, opts, length, _example_batch(target))
         sites.append(entry)
     doc = {"target": args.target, "model": report.model_name, "inputs": describe_inputs(target),
            "method": method, "options": opts, "sites": sites, "skipped": [s.row() for s in report.skipped]}

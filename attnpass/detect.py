@@ -10,12 +10,13 @@ import re
 import torch
 import torch.fx as fx
 
-from attnpass import patterns
-from attnpass.capture import Program, export_model
+from attnpass import export_shapes, patterns
+from attnpass.capture import CaptureError, Program, export_model
 from attnpass.graph_ops import shape, view
 from attnpass.mask_analysis import ProbeSet, analyse_mask, general_mask
 from attnpass.rewrite import remove_dead_code
 from attnpass.site import AttentionSite, MaskInfo, SiteMatch, SkippedSite
+from attnpass.specialisation import specialisation
 
 
 def module_path(node: fx.Node) -> tuple[str, str]:
@@ -45,14 +46,23 @@ def _projection_source(node, steps: int = 16):
                    if isinstance(a.meta.get("val", a.meta.get("example_value")), (torch.Tensor, list, tuple))]
         if not tensors:
             return node
-        node = tensors[0]
+        # cat([cached keys, new keys]): the new keys come from this call's projection
+        node = tensors[-1] if node.target in _CATS else tensors[0]
     return node
+
+
+_CATS = (torch.ops.aten.cat.default, torch.cat, torch.concat, torch.concatenate)
 
 
 def _is_cross(match: SiteMatch, lq, lk) -> bool:
     if str(lq) != str(lk):
         return True
-    return _projection_source(match.q) is not _projection_source(match.k)
+    if _projection_source(match.q) is _projection_source(match.k):
+        return False
+    # q and k given as separate inputs (no projection on the way) of one length: nothing says they are
+    # different sequences, and capture_sites tied their lengths (export_shapes), so serve it as self-attention
+    q_in, k_in = export_shapes.raw_input(match.q), export_shapes.raw_input(match.k)
+    return q_in is None or k_in is None
 
 
 def scores_shape(match: SiteMatch) -> tuple:
@@ -105,13 +115,72 @@ def _dim_after(node, adapter, dim: int):
 
 
 def capture_sites(model: torch.nn.Module, args: tuple, kwargs: dict) -> Program:
-    """Capture `model` and find its sites: the program, with `.sites` and `.skipped` filled in."""
-    program = Program(export_model(model, args, kwargs))
-    probes = ProbeSet(program.gm, program.state_inputs(), program.user_inputs(args, kwargs),
+    """Capture `model` and find its sites: the program, with `.sites` and `.skipped` filled in.
+
+    When the sites show that the capture left free what is fixed -- a site's heads or head dim, which
+    raw q/k/v inputs leave symbolic -- or split what is one -- q's and k's lengths, when q and k are
+    separate inputs of one example length --, the model is captured again with those dims static or
+    tied (`attnpass.export_shapes`); a capture that fails or finds fewer sites is not used.
+    `program.specialised` says why the graph holds only at the example's sizes ('' if it does not;
+    `attnpass.specialisation`).
+    """
+    static, ties = frozenset(), frozenset()
+    program, used_ties = _capture(model, args, kwargs, static, ties), ties
+    for _ in range(3):
+        more_static, more_ties = _refinements(program)
+        if more_static <= static and more_ties <= ties:
+            break
+        static, ties = static | more_static, ties | more_ties
+        try:
+            again = _capture(model, args, kwargs, static, ties)
+        except CaptureError:
+            break
+        if len(again.sites) < len(program.sites) or not again.sites:
+            break
+        program, used_ties = again, ties
+    program.specialised = specialisation(model, program, program.probes)
+    program.probes = None  # its memoised values are not needed past capture
+    export_shapes.insert_tie_checks(program, sorted(sorted(group) for group in used_ties))
+    return program
+
+
+def _capture(model, args, kwargs, static, ties) -> Program:
+    program = Program(export_model(model, args, kwargs, static, sorted(sorted(group) for group in ties)))
+    example = program.ep.example_inputs or (args, kwargs)  # a batch-1 example is captured at batch 2
+    probes = ProbeSet(program.gm, program.state_inputs(), program.user_inputs(*example),
                       program.ep.range_constraints)
     remove_dead_code(program.gm)  # users of the attention that the model never reads don't count
     program.sites, program.skipped = find_sites(program.gm, probes)
+    program.probes = probes
     return program
+
+
+def _refinements(program: Program) -> tuple[frozenset, frozenset]:
+    """User-input dims to capture static (heads, head dims), and groups of dims to tie (q's and k's
+    lengths when q and k are separate inputs of one example length)."""
+    symbols, ties = set(), set()
+    for site in program.sites:
+        symbols |= export_shapes.free_symbols(site.heads_q, site.heads_kv, site.head_dim, site.head_dim_v)
+        lq, lk = site.len_q, site.len_k
+        if not (isinstance(lq, torch.SymInt) and isinstance(lk, torch.SymInt)) or lq.node.expr == lk.node.expr:
+            continue
+        q_in, k_in = export_shapes.raw_input(site.match.q), export_shapes.raw_input(site.match.k)
+        if q_in is None or k_in is None or q_in is k_in or lq.node.hint != lk.node.hint:
+            continue
+        group = export_shapes.input_dims(program, {lq.node.expr, lk.node.expr})
+        if len(group) > 1:
+            ties.add(frozenset(group))
+    static = export_shapes.input_dims(program, symbols)
+    if not program.sites and any(n.target in _SOFTMAX for n in program.gm.graph.nodes):
+        # no site, but a softmax: an eager spelling on raw q/k/v scales by 1/sqrt(head dim), which a
+        # symbolic head dim hides from the patterns. The last dim of a float input of rank >= 3 is a
+        # feature dim (hidden size, head dim), never a length: capture it static and look again
+        static |= export_shapes.float_last_dims(program)
+    return frozenset(static), frozenset(ties)
+
+
+_SOFTMAX = tuple(getattr(torch.ops.aten, name).default if name != "softmax" else torch.ops.aten.softmax.int
+                 for name in ("softmax", "_softmax", "_safe_softmax") if hasattr(torch.ops.aten, name))
 
 
 def find_sites(gm: fx.GraphModule, probes: ProbeSet | None) -> tuple[list[AttentionSite], list[SkippedSite]]:

@@ -68,12 +68,19 @@ def test_malformed_args_are_named():
         attnpass.find_attention(model, args=_qkv()[:2])
 
 
-def test_a_call_with_another_structure_than_the_example_is_refused():
+def test_a_call_with_another_structure_than_the_example_is_captured_on_first_use():
+    """A new call signature (here: no padding mask, positional) is captured on first use with a
+    notice and computes what the original computes (tests/test_call_surface.py has the rest)."""
+    from attnpass.sparse_module import CaptureNotice
+
     case = by_name("bert-eager")
     args, kwargs = case.inputs(2, 8)
-    sparse = attnpass.sparsify(case.build(), args, kwargs)
-    with pytest.raises(TypeError, match="structure of the example"):
-        sparse(kwargs["input_ids"])
+    model = case.build()
+    sparse = attnpass.sparsify(model, args, kwargs)
+    with pytest.warns(CaptureNotice), torch.no_grad():
+        got = sparse(kwargs["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(got[0], model(kwargs["input_ids"])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_multi_query_attention_by_broadcasting_is_reported_with_its_kv_heads():

@@ -71,6 +71,9 @@ def _forward(model, case, batch, length):
     args, kwargs = case.inputs(batch, length)
     with torch.no_grad():
         out = model(*args, **kwargs)
+    if case.default_call:  # a causal LM called with its defaults: logits and the cache's keys/values
+        assert out.cache is not None and len(out.cache.layers) == case.attention_count, type(out)
+        return [out.logits] + [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
     # plain tensors only: no ModelOutput, no Cache objects, no None
     assert isinstance(out, torch.Tensor) or (
         isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out)), type(out)
@@ -193,6 +196,10 @@ def test_builds_runs_and_is_deterministic(case):
 
 @pytest.mark.parametrize("case", ALL, ids=lambda c: c.name)
 def test_exports_with_dynamic_shapes_and_counts_attention(case):
+    if case.default_call:  # the output holds a DynamicCache: export needs transformers' pytree registration
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+
+        register_dynamic_cache_export_support()
     model = case.build()
     ep = _export(model, case)
     exported = ep.module()

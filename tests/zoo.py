@@ -13,7 +13,9 @@ Conventions
 * ``attention_count`` is the number of softmax(QK^T)V evaluations in ONE forward pass; for
   encoder-decoders, decoder self-attention and cross-attention are counted separately.
 * Every model returns a tensor or a plain tuple of tensors (no ``ModelOutput``, no ``Cache``) and
-  every call passes tensors only.  Hugging Face encoder-only / decoder-only / ViT models are the bare
+  every call passes tensors only -- except the ``default_call=True`` cases (``*-causallm``): HF
+  ``*ForCausalLM`` models with their config defaults, called as users call them, returning a
+  ``CausalLMOutputWithPast`` with a ``DynamicCache``.  Hugging Face encoder-only / decoder-only / ViT models are the bare
   ``AutoModel`` built with ``use_cache=False, return_dict=False`` in their config; the three
   encoder-decoders (T5, BART, Whisper) need a thin wrapper (:class:`Seq2SeqAsTuple`, whose
   docstring says why) that calls them with ``return_dict=False``.
@@ -50,6 +52,10 @@ class ZooCase:
     attention_count: int
     dynamic: bool = True  # False if the model cannot run at other lengths (batch may still vary)
     notes: str = ""
+    # True for a model called as its users call it, config defaults untouched: it returns a
+    # ``ModelOutput`` holding a ``Cache`` (HF ``*ForCausalLM`` with ``use_cache`` at its default),
+    # not a tensor or tuple of tensors. Zoo-wide tests that need plain tensor outputs skip these.
+    default_call: bool = False
 
 
 SEED = 0
@@ -336,6 +342,48 @@ def _hf_cases() -> list[ZooCase]:
             build = _hf_build(cfg, impl, *wrapper)
             cases.append(ZooCase(f"{name}-{impl}", build, inputs, count, dynamic, f"HF {impl}; {notes}"))
     return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face causal LMs called as users call them: config defaults (use_cache=True, return_dict),
+# so the output is a CausalLMOutputWithPast holding a DynamicCache (default_call=True)
+# --------------------------------------------------------------------------------------------------
+
+_CAUSAL_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+
+
+def _causal_lm(cls_name: str, config_name: str, **extra) -> Callable[[], nn.Module]:
+    def fn() -> nn.Module:
+        import transformers
+
+        config = getattr(transformers, config_name)(**_CAUSAL_COMMON, **extra)
+        return getattr(transformers, cls_name)(config)
+
+    fn.__name__ = f"build_{cls_name}"
+    return _seeded(fn)
+
+
+def _causal_lm_cases() -> list[ZooCase]:
+    specs = [
+        ("llama-causallm", "LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=2),
+         "GQA 4q/2kv, RoPE, causal + padding mask"),
+        ("qwen2-causallm", "Qwen2ForCausalLM", "Qwen2Config", dict(num_key_value_heads=2),
+         "GQA 4q/2kv, q/k/v biases, RoPE, causal + padding mask (use_sliding_window False by default)"),
+        ("mistral-causallm", "MistralForCausalLM", "MistralConfig", dict(num_key_value_heads=2),
+         "GQA 4q/2kv, sliding_window 4096 by default: the cache holds DynamicSlidingWindowLayer's "
+         "(lengths here stay far below the window)"),
+        ("gpt-neox-causallm", "GPTNeoXForCausalLM", "GPTNeoXConfig", {},
+         "fused query_key_value projection, partial rotary (rotary_pct 0.25), parallel residual"),
+    ]
+    return [
+        ZooCase(name, _causal_lm(cls, cfg, **extra), _llama_inputs, 2, True,
+                f"HF {cls} (default attn implementation, sdpa) with config defaults: use_cache=True, "
+                f"return_dict; returns CausalLMOutputWithPast(logits, cache=DynamicCache). {notes}",
+                default_call=True)
+        for name, cls, cfg, extra, notes in specs
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -722,7 +770,7 @@ NEGATIVES: list[ZooCase] = [
     ZooCase("neg-mlp", _seeded(MLP), _x_inputs, 0, notes="Linear -> GELU -> Linear; no softmax"),
 ]
 
-ZOO: list[ZooCase] = _hf_cases() + _minilm_cases() + _nn_cases() + _hand_cases()
+ZOO: list[ZooCase] = _hf_cases() + _minilm_cases() + _nn_cases() + _hand_cases() + _causal_lm_cases()
 
 _BY_NAME = {c.name: c for c in ZOO + NEGATIVES}
 assert len(_BY_NAME) == len(ZOO) + len(NEGATIVES), "duplicate zoo names"

@@ -20,21 +20,20 @@ _CLASSES = {
 # The names a user can pass as `method=`.
 METHODS: tuple[str, ...] = tuple(_CLASSES)
 
-# Methods described in the design whose kernels are being built (see the issues); named here so
-# the error for them says so rather than "unknown".
-PLANNED: tuple[str, ...] = ()
 
-
-def method_class(name: str) -> type[SiteAttention]:
+def canonical_method(name: str) -> str:
+    """The registry key of a method name (`"Combiner"` -> `"combiner"`); a clear error if there is none."""
     if not isinstance(name, str):
         raise TypeError(f"method must be a string, got {type(name).__name__}")
     key = name.lower()
-    if key in _CLASSES:
-        module, cls = _CLASSES[key].split(":")
-        return getattr(importlib.import_module(module), cls)
-    if key in PLANNED:
-        raise NotImplementedError(f"method {name!r} is not available in this version yet; available: {list(METHODS)}")
-    raise ValueError(f"unknown method {name!r}; available: {list(METHODS)}")
+    if key not in _CLASSES:
+        raise ValueError(f"unknown method {name!r}; available: {list(METHODS)}")
+    return key
 
 
-__all__ = ["METHODS", "SiteAttention", "SiteSpec", "method_class"]
+def method_class(name: str) -> type[SiteAttention]:
+    module, cls = _CLASSES[canonical_method(name)].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["METHODS", "SiteAttention", "SiteSpec", "canonical_method", "method_class"]
