@@ -123,6 +123,11 @@ def _export(model, args, kwargs, static, ties) -> ExportedProgram:
     shapes = export_shapes.dynamic_shapes(args, kwargs, static, ties)
     return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
 
+
+# What each graph input / output of a Program is bound to (`Program._resolve`).
+_PARAMETER, _BUFFER, _CONSTANT, _USER, _OUTPUT = range(5)
+
+
 class Program:
     """An exported program whose lifted graph we run with state read from an owner module.
 
@@ -145,7 +150,6 @@ class Program:
         self.skipped: list = []
         self.signature = None      # the call signature it was captured for (sparse_module.call_signature)
         self.specialised = ""      # why the graph holds only at the example's sizes ('' if not; detect.capture_sites)
-        self.probes = None         # the capture's probes, until capture_sites is done with them
         self._owner = None         # weakref to the owner the slots below were resolved on
         self._in_slots: list = []
         self._out_slots: list = []
@@ -192,7 +196,7 @@ class Program:
             table = module._parameters if kind == "parameter" else module._buffers
             if name not in table:
                 raise AttributeError(f"{type(owner).__name__} has no {kind} {target!r}, which the captured graph reads")
-            return (0 if kind == "parameter" else 1, module, name)
+            return (_PARAMETER if kind == "parameter" else _BUFFER, module, name)
 
         in_slots = []
         for spec in self.input_specs:
@@ -201,17 +205,17 @@ class Program:
             elif spec.kind is InputKind.BUFFER:
                 in_slots.append(slot("buffer", spec.target))
             elif spec.kind is InputKind.CONSTANT_TENSOR:
-                in_slots.append((2, self.ep.constants[spec.target], None))
+                in_slots.append((_CONSTANT, self.ep.constants[spec.target], None))
             else:
-                in_slots.append((3, spec.arg.name, None))
+                in_slots.append((_USER, spec.arg.name, None))
         out_slots = []
         for spec in self.output_specs:
             if spec.kind is OutputKind.BUFFER_MUTATION:
                 out_slots.append(slot("buffer", spec.target))
             elif spec.kind is OutputKind.USER_INPUT_MUTATION:
-                out_slots.append((3, spec.target, None))
+                out_slots.append((_USER, spec.target, None))
             elif spec.kind is OutputKind.USER_OUTPUT:
-                out_slots.append((4, None, None))
+                out_slots.append((_OUTPUT, None, None))
             else:
                 raise RuntimeError(f"captured program has an output of kind {spec.kind.name}, which attnpass does not run")
         self._in_slots, self._out_slots = in_slots, out_slots
@@ -250,11 +254,11 @@ class Program:
         flat = iter(flat)
         inputs, user = [], {}
         for kind, a, b in self._in_slots:
-            if kind == 0:
+            if kind == _PARAMETER:
                 inputs.append(a._parameters[b])
-            elif kind == 1:
+            elif kind == _BUFFER:
                 inputs.append(a._buffers[b])
-            elif kind == 2:
+            elif kind == _CONSTANT:
                 inputs.append(a)
             else:
                 value = next(flat)
@@ -265,9 +269,9 @@ class Program:
             outputs = (outputs,)
         results = []
         for (kind, a, b), value in zip(self._out_slots, outputs):
-            if kind == 4:
+            if kind == _OUTPUT:
                 results.append(value)
-            elif kind == 1:
+            elif kind == _BUFFER:
                 with torch.no_grad():
                     a._buffers[b].copy_(value)
             else:

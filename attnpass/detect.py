@@ -114,45 +114,44 @@ def _dim_after(node, adapter, dim: int):
     return s[dim]
 
 
-def capture_sites(model: torch.nn.Module, args: tuple, kwargs: dict) -> Program:
+def capture_sites(model: torch.nn.Module, args: tuple, kwargs: dict, check_sizes: bool = False) -> Program:
     """Capture `model` and find its sites: the program, with `.sites` and `.skipped` filled in.
 
     When the sites show that the capture left free what is fixed -- a site's heads or head dim, which
     raw q/k/v inputs leave symbolic -- or split what is one -- q's and k's lengths, when q and k are
     separate inputs of one example length --, the model is captured again with those dims static or
     tied (`attnpass.export_shapes`); a capture that fails or finds fewer sites is not used.
-    `program.specialised` says why the graph holds only at the example's sizes ('' if it does not;
-    `attnpass.specialisation`).
+    With `check_sizes` (for a graph that will run, not for a report), `program.specialised` says why
+    the graph holds only at the example's sizes ('' if it does not; `attnpass.specialisation`).
     """
     static, ties = frozenset(), frozenset()
-    program, used_ties = _capture(model, args, kwargs, static, ties), ties
+    (program, probes), used_ties = _capture(model, args, kwargs, static, ties), ties
     for _ in range(3):
         more_static, more_ties = _refinements(program)
         if more_static <= static and more_ties <= ties:
             break
         static, ties = static | more_static, ties | more_ties
         try:
-            again = _capture(model, args, kwargs, static, ties)
+            again, again_probes = _capture(model, args, kwargs, static, ties)
         except CaptureError:
             break
         if len(again.sites) < len(program.sites) or not again.sites:
             break
-        program, used_ties = again, ties
-    program.specialised = specialisation(model, program, program.probes)
-    program.probes = None  # its memoised values are not needed past capture
+        program, probes, used_ties = again, again_probes, ties
+    if check_sizes:
+        program.specialised = specialisation(model, program, probes)
     export_shapes.insert_tie_checks(program, sorted(sorted(group) for group in used_ties))
     return program
 
 
-def _capture(model, args, kwargs, static, ties) -> Program:
+def _capture(model, args, kwargs, static, ties) -> tuple[Program, ProbeSet]:
     program = Program(export_model(model, args, kwargs, static, sorted(sorted(group) for group in ties)))
     example = program.ep.example_inputs or (args, kwargs)  # a batch-1 example is captured at batch 2
     probes = ProbeSet(program.gm, program.state_inputs(), program.user_inputs(*example),
                       program.ep.range_constraints)
     remove_dead_code(program.gm)  # users of the attention that the model never reads don't count
     program.sites, program.skipped = find_sites(program.gm, probes)
-    program.probes = probes
-    return program
+    return program, probes
 
 
 def _refinements(program: Program) -> tuple[frozenset, frozenset]:

@@ -203,6 +203,11 @@ def _piece_keep(piece: MaskPiece, value: torch.Tensor) -> tuple[torch.Tensor, bo
     return (~value.bool() if piece.kind == "fill" else value.bool()), True
 
 
+def _allowed(pieces: list[MaskPiece], probes: ProbeSet, probe: int) -> torch.Tensor:
+    """The pairs every one of the mask `pieces` keeps on probe `probe`."""
+    return functools.reduce(operator.and_, (_piece_keep(piece, probes.evaluate(piece.node, probe))[0] for piece in pieces))
+
+
 def _candidate(kind_causal: str | None, pad: tuple | None, scores_shape: tuple, probes: ProbeSet, probe: int):
     *batch, lq, lk = scores_shape
     offset = lk - lq if kind_causal == "bottom_right" else 0
@@ -246,6 +251,7 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
     # a piece is a mask only if it acts as one on every probe; otherwise it is a bias
     is_mask = [all(evaluated[p][i][1] for p in range(n_probes)) for i in range(len(match.pieces))]
     bias = [piece for piece, m in zip(match.pieces, is_mask) if not m]
+    masks = [piece for piece, m in zip(match.pieces, is_mask) if m]
     bias_note = _bias_note(bias, probes)
     if not any(is_mask):
         return MaskInfo(kind="causal" if match.causal else "none", general_bias=bias, bias_note=bias_note)
@@ -256,10 +262,10 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
     pad_options = [None] + [(name, kz) for name in probes.padding_candidates for kz in (False, True)]
     for causal, pad in itertools.product(causal_options, pad_options):  # (None, None): a mask that allows every pair
         if all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p), shapes[p]) for p in range(n_probes)):
-            beyond = _holds_past_its_constants(match, is_mask, causal, pad, scores_shape, probes)
+            beyond = _holds_past_its_constants(masks, causal, pad, scores_shape, probes)
             if beyond:
                 return general_mask(match, beyond, bias_note, probes)
-            empty_rows, why = _structured_empty_rows(match, is_mask, causal, pad, scores_shape, probes)
+            empty_rows, why = _structured_empty_rows(match, masks, causal, pad, scores_shape, probes)
             if why:
                 return general_mask(match, why, bias_note, probes)
             kind = "+".join(k for k in (("causal" if causal else ""), ("key_padding" if pad else "")) if k) or "none"
@@ -275,19 +281,18 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
 
 # -- queries with no allowed key ----------------------------------------------------------------
 
-def _structured_empty_rows(match: SiteMatch, is_mask, causal, pad, scores_shape, probes: ProbeSet) -> tuple[str, str]:
+def _structured_empty_rows(match: SiteMatch, pieces: list[MaskPiece], causal, pad, scores_shape,
+                           probes: ProbeSet) -> tuple[str, str]:
     """(rule, "") for a structure that also holds on the empty-row probes, with what the original
     computes at its queries with no key; ("", why) when the original differs there (e.g. a model
-    that unmasks such rows), so the mask must stay general."""
-    pieces = [piece for piece, m in zip(match.pieces, is_mask) if m]
+    that unmasks such rows), so the mask must stay general. `pieces`: the site's mask pieces."""
     indices = list(range(probes.STANDARD)) + (probes.empty_row_probes() if pad else [])
     empty = []
     for p in indices:
         shape = probes.shape(scores_shape, p)
         cand = _candidate(causal, pad, shape, probes, p)
         try:
-            allowed = functools.reduce(operator.and_, (_piece_keep(piece, probes.evaluate(piece.node, p))[0]
-                                                       for piece in pieces))
+            allowed = _allowed(pieces, probes, p)
         except Exception:  # noqa: BLE001 - the structure holds on the standard probes; rule unknown here
             continue
         if not _agrees(allowed, cand, shape):
@@ -355,10 +360,9 @@ def _mask_constants(nodes, probes: ProbeSet) -> list[int]:
     return found
 
 
-def _holds_past_its_constants(match: SiteMatch, is_mask, causal, pad, scores_shape, probes: ProbeSet) -> str:
-    """'' if the structure also holds at a length past every constant of the mask's subgraph
-    (see the module docstring), else why the mask must stay general."""
-    pieces = [piece for piece, m in zip(match.pieces, is_mask) if m]
+def _holds_past_its_constants(pieces: list[MaskPiece], causal, pad, scores_shape, probes: ProbeSet) -> str:
+    """'' if the structure of mask `pieces` also holds at a length past every constant of their
+    subgraph (see the module docstring), else why the mask must stay general."""
     longest = max((int(n) for p in probes.probes[:probes.STANDARD] for n in p.values()), default=0)
     needed = max(_mask_constants([p.node for p in pieces], probes), default=0) + 2
     if needed <= longest:
@@ -374,8 +378,7 @@ def _holds_past_its_constants(match: SiteMatch, is_mask, causal, pad, scores_sha
         return ""  # static lengths: the probes already ran at the only length there is
     p = probes.long_probe({sym: needed for sym in symbols})
     try:
-        allowed = functools.reduce(operator.and_, (_piece_keep(piece, probes.evaluate(piece.node, p))[0]
-                                                   for piece in pieces))
+        allowed = _allowed(pieces, probes, p)
     except Exception as e:  # noqa: BLE001
         return f"mask could not be evaluated at length {needed} ({type(e).__name__})"
     shape = probes.shape(scores_shape, p)
@@ -397,8 +400,7 @@ def general_mask(match: SiteMatch, why: str = "", bias_note: str = "", probes: P
         try:
             empty = []
             for p in [*range(probes.STANDARD), *(probes.empty_row_probes() if probes.padding_candidates else [])]:
-                allowed = functools.reduce(operator.and_, (_piece_keep(b, probes.evaluate(b.node, p))[0] for b in bools))
-                empty.append((p, ~allowed.any(dim=-1)))
+                empty.append((p, ~_allowed(bools, probes, p).any(dim=-1)))
             rule = _empty_row_rule(match, probes, empty) or "zero"
         except Exception:  # noqa: BLE001 - a mask we cannot evaluate keeps the default rule
             pass

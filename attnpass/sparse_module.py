@@ -380,10 +380,9 @@ def capture_and_rewrite(source: nn.Module, args, kwargs, site_modules: dict[str,
     `declined`. Keyword arguments are captured in sorted order (the order `SparseModel` flattens
     calls in).
     """
-    register_cache_pytrees()
     kwargs = dict(sorted(kwargs.items()))
     with _explicit_signature(source, args, kwargs):
-        program = capture_sites(source, args, kwargs)
+        program = capture_sites(source, args, kwargs, check_sizes=True)
     program.signature, flat = call_signature(source.training, args, kwargs)
     if program.specialised:
         program.signature = _sized(program.signature, flat)

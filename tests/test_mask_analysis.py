@@ -177,6 +177,16 @@ def test_queries_with_no_key_get_what_the_original_computes(impl, rule):
             torch.testing.assert_close(sparse(**call)[0], model(**call)[0], atol=1e-5, rtol=1e-5)
 
 
+def _qkv_left_padded():
+    """q, k, v (2, 3, 9, 4) and a padding mask whose row 0 has 3 padding keys on the left: under a
+    causal rule its first 3 queries see no key."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    return q, k, v, mask
+
+
 def test_a_model_that_unmasks_rows_with_no_key_stays_general_and_exact():
     """Causal + key padding everywhere except that a query with no key sees every key (what
     transformers did for old torch versions): that is not the structure, so the mask stays a tensor."""
@@ -188,10 +198,7 @@ def test_a_model_that_unmasks_rows_with_no_key_stays_general_and_exact():
             allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[0, :3] = 0
+    q, k, v, mask = _qkv_left_padded()
     model = Unmasking()
     sparse = attnpass.sparsify(model, (q, k, v, mask))
     assert sparse.sites[0].mask == "general"
@@ -206,10 +213,7 @@ def test_eager_minus_inf_masks_note_the_nan_they_give_at_queries_with_no_key():
             allowed = causal & attention_mask.bool()[:, None, None, :]
             return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[0, :3] = 0
+    q, k, v, mask = _qkv_left_padded()
     model = MinusInf()
     sparse = attnpass.sparsify(model, (q, k, v, mask))
     site = sparse.sites[0]
