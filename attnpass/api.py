@@ -9,6 +9,7 @@ from torch import nn
 from attnpass.capture import check_call_inputs
 from attnpass.detect import capture_sites
 from attnpass.methods import SiteAttention, SiteSpec, canonical_method, method_class
+from attnpass.prefill import check_prefill_queries
 from attnpass.site import AttentionReport, AttentionSite
 from attnpass.sparse_module import SparseModel, capture_and_rewrite
 
@@ -46,8 +47,12 @@ def site_spec(site: AttentionSite) -> SiteSpec:
     def as_int(x):
         return x if isinstance(x, int) else None
 
+    # Causal with Lq and Lk one and the same size: top-left and bottom-right are the same rule. The
+    # spec states it bottom-right, the form that also holds when the site later continues over a KV
+    # cache (Lk = cached + new keys), so the graphs of those calls compare equal (sparse_module).
+    bottom_right = info.causal_bottom_right or (info.causal and str(site.len_q) == str(site.len_k))
     return SiteSpec(
-        name=site.name, scale=site.scale, causal=info.causal, causal_bottom_right=info.causal_bottom_right,
+        name=site.name, scale=site.scale, causal=info.causal, causal_bottom_right=bottom_right,
         heads_q=as_int(site.heads_q), heads_kv=as_int(site.heads_kv), head_dim=as_int(site.head_dim),
         example_len_q=example_int(site.len_q), example_len_k=example_int(site.len_k), cross=site.cross,
         has_bias=bool(info.general_bias), has_mask=bool(info.general_bool),
@@ -89,10 +94,15 @@ def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **op
     same structure at other batch sizes and sequence lengths. `model` is not modified: the result
     owns a copy of it. Sites that cannot be rewritten (no exact match, or a site the method cannot
     serve, e.g. Combiner with an arbitrary bias) are left as they are and listed in
-    `result.report.skipped` with the reason. `options` are the method's (see `attnpass.METHODS`).
+    `result.report.skipped` with the reason. `options` are the method's (see `attnpass.METHODS`), and
+    for every method `prefill_queries`: a call continuing over a KV cache with fewer new queries than
+    this runs exact dense attention (a decode step); by default the cost model decides per call
+    (`attnpass.prefill`). `result.generate(...)` is transformers' generation on the rewritten graphs.
     """
     method = canonical_method(method)  # "Combiner" -> "combiner", everywhere after this
     site_class = method_class(method)
+    prefill_queries = options.pop("prefill_queries", None)  # every method's: which calls are decode steps
+    check_prefill_queries(prefill_queries)
     site_class.validate_options(**options)  # before the (slow) capture
     _refuse_sparsified(model, "sparsify")
     args, kwargs = check_call_inputs(model, args, kwargs)
@@ -106,6 +116,8 @@ def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **op
         if reason:
             return f"method {method!r}: {reason}"
         module = site_class(spec, **options)
+        module.prefill_queries = prefill_queries
+        module.train(source.training)  # an eval model's sites run their eval path (no EMA step, no sampling)
         _attach(source, site, module)
         return module
 

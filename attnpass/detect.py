@@ -55,10 +55,12 @@ _CATS = (torch.ops.aten.cat.default, torch.cat, torch.concat, torch.concatenate)
 
 
 def _is_cross(match: SiteMatch, lq, lk) -> bool:
-    if str(lq) != str(lk):
-        return True
+    # q and k projected from the same tensor: self-attention, also when the keys are longer because
+    # cached keys precede this call's (a decode step or a chunk continuing over a KV cache)
     if _projection_source(match.q) is _projection_source(match.k):
         return False
+    if str(lq) != str(lk):
+        return True
     # q and k given as separate inputs (no projection on the way) of one length: nothing says they are
     # different sequences, and capture_sites tied their lengths (export_shapes), so serve it as self-attention
     q_in, k_in = export_shapes.raw_input(match.q), export_shapes.raw_input(match.k)

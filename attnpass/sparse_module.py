@@ -17,7 +17,10 @@ ahead of time. Arguments a graph cannot serve are refused with an error, never d
 
 A transformers causal LM's default call returns its `DynamicCache` (the pytree registration is
 transformers' own, see `capture.register_cache_pytrees`); a cache passed in is updated in place
-and returned, as by the original.
+and returned, as by the original. A call continuing over a cache (decode steps, or a new chunk of a
+multi-turn prompt) is the same attention as the prompt's (causal, bottom-right over the cached
+keys) and is served by the same site modules. `generate()` runs transformers' generation loop on
+these graphs.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import contextlib
 import copy
 import dataclasses
 import enum
+import functools
 import inspect
 import warnings
 
@@ -48,8 +52,6 @@ class CaptureNotice(UserWarning):
 
 # Bound methods of the source model that would run the ORIGINAL (dense) forward if forwarded to it.
 _DENSE_ENTRY_POINTS = {
-    "generate": "generate() on a sparsified model is not supported yet: it would run the original dense attention "
-                "(call the model itself for the prompt's logits and cache)",
     "get_compiled_call": "get_compiled_call() on a sparsified model is not supported: it would compile the original "
                          "dense model (torch.compile the sparsified model itself instead)",
 }
@@ -203,6 +205,47 @@ class SparseModel(nn.Module):
             out = program(self, args, kwargs)
         return _adopt_caches(kwargs, out)
 
+    def generate(self, *args, **kwargs):
+        """transformers' `generate()` (same arguments: `max_new_tokens`, `streamer`, `output_scores`,
+        `return_dict_in_generate`, ...), with every forward call of the generation loop served by
+        this model's graphs: the prompt (prefill) through the method's sparse sites, each decode step
+        as exact dense attention over the KV cache (`SiteAttention.is_decode_step`), the cache reused
+        from step to step. A model without generation raises transformers' own error."""
+        source = self._source
+        generate = source.generate  # the original's attribute error for a model that cannot generate
+        with self._forward_served_here():
+            return generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _forward_served_here(self):
+        """Route the owned copy's `forward` to this model while transformers' generation loop runs
+        (it calls `self(**model_inputs)` on the model whose `generate` it is). The copy's own forward,
+        signature included (generate reads it to choose its arguments), is restored afterwards; a
+        capture during the loop sees the original forward (`_original_forward`)."""
+        source = self._source
+        if "forward" in source.__dict__:
+            raise RuntimeError("generate() is already running on this sparsified model (or its forward was replaced)")
+        original = source.forward
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return self(*args, **kwargs)
+
+        source.__dict__["forward"] = forward
+        try:
+            yield
+        finally:
+            del source.__dict__["forward"]
+
+    @contextlib.contextmanager
+    def _original_forward(self):
+        served = self._source.__dict__.pop("forward", None)
+        try:
+            yield
+        finally:
+            if served is not None:
+                self._source.__dict__["forward"] = served
+
     def prepare(self, *args, **kwargs) -> SparseModel:
         """Capture the graph for calls like `self(*args, **kwargs)` in the current mode, without running it.
 
@@ -239,7 +282,8 @@ class SparseModel(nn.Module):
             source = self._source
             source.training = key[0]
             try:
-                program = capture_and_rewrite(source, args, kwargs, self._site_modules, self._declined)
+                with self._original_forward():
+                    program = capture_and_rewrite(source, args, kwargs, self._site_modules, self._declined)
             except SignatureNotServed as e:
                 refused = (f"a call with {_describe(key, self._first_signature)} cannot be served by this sparsified "
                            f"model: its attention differs from the one it was sparsified for ({e}); sparsify with an "
@@ -326,6 +370,9 @@ def _check_same_attention(sites, site_modules: dict[str, nn.Module]) -> None:
         if built is None or not dataclasses.is_dataclass(built):
             continue
         now = site_spec(site)
+        if now.causal != built.causal and built.causal and built.causal_bottom_right and site.len_q == 1:
+            # one query over cached keys: bottom-right causal lets it see every key, as found
+            now = dataclasses.replace(now, causal=True, causal_bottom_right=True)
         differ = [f.name for f in dataclasses.fields(built)
                   if f.name not in ("name", "example_len_q", "example_len_k")
                   and getattr(now, f.name, None) != getattr(built, f.name)]

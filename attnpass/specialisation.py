@@ -11,6 +11,8 @@ to the example's sizes.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.utils._pytree as pytree
 
@@ -20,20 +22,38 @@ def specialisation(model: torch.nn.Module, program, probes: ProbeSet) -> str:
     """'' if the (not yet rewritten) `program` computes what `model` computes on a probe at other
     sizes, else a one-line reason. Only checked in eval mode (dropout draws differ).
 
-    The probe keeps the sites' batch size and moves every other symbolic size n to
-    min(2n + 3, n + 256): lengths are what models bake, and a larger batch would only cost time."""
+    The probe keeps the sites' batch size and moves the other symbolic sizes: lengths are what
+    models bake, and a larger batch would only cost time. Sizes can be tied by the model's own
+    contract without the graph knowing (a decode step's attention mask is one longer than its
+    cache), so every length first moves by the same step d = min(max length + 3, 256), which keeps
+    their differences; a graph that disagrees there is also tried with every length n moved to
+    min(2n + 3, n + 256), which keeps ratios (a model taking one input twice as long as another).
+    It is specialised when it holds on neither."""
     if model.training or not probes.sizes:
         return ""
     # by value, so that sizes equal in the example stay equal (labels' batch and input_ids' batch may
     # be separate symbols of one size: a probe that splits them is not a valid call)
     batch = {probes.sizes.get(sym) for site in program.sites if isinstance(site.batch, torch.SymInt)
              for sym in site.batch.node.expr.free_symbols}
-    probe = probes.long_probe({sym: (n if n in batch else min(2 * n + 3, n + 256)) for sym, n in probes.sizes.items()})
+    lengths = [n for n in probes.sizes.values() if n not in batch]
+    step = min(max(lengths, default=0) + 3, 256)
+    shifted = {sym: (n if n in batch else n + step) for sym, n in probes.sizes.items()}
+    scaled = {sym: (n if n in batch else min(2 * n + 3, n + 256)) for sym, n in probes.sizes.items()}
+    why = _disagreement(model, program, probes, shifted)
+    if why and scaled != shifted:
+        why = _disagreement(model, program, probes, scaled) and why
+    return why
+
+
+def _disagreement(model: torch.nn.Module, program, probes: ProbeSet, sizes: dict) -> str:
+    """'' if `program` computes what `model` computes on a probe at `sizes`, else why not."""
+    probe = probes.long_probe(sizes)
     flat = [probes.inputs[probe][name] for name in program.user_input_names]
     args, kwargs = pytree.tree_unflatten(flat, program.in_spec)
     try:
         with torch.no_grad():
-            expected = model(*args, **kwargs)
+            # on a copy: the model updates a KV cache passed in, which the graph must then see unchanged
+            expected = model(*copy.deepcopy(args), **copy.deepcopy(kwargs))
     except Exception:  # noqa: BLE001 - the model itself refuses the probe: nothing to compare
         return ""
     sizes = ", ".join(f"{sym}={n}" for sym, n in probes.probes[probe].items())

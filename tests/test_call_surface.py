@@ -160,13 +160,8 @@ def test_prepare_captures_ahead_of_time(monkeypatch):
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-5)
 
 
-def test_generate_and_other_dense_entry_points_are_refused(llama):
-    model, sparse = llama
-    ids = by_name("llama-causallm").inputs(2, 8)[1]["input_ids"]
-    assert hasattr(sparse, "generate")  # still looks like a generation model to code that checks
-    with pytest.raises(NotImplementedError, match=r"^generate\(\) on a sparsified model is not supported yet: "
-                                                  r"it would run the original dense attention"):
-        sparse.generate(ids, max_new_tokens=2)
+def test_dense_entry_points_of_the_original_are_refused(llama):
+    _, sparse = llama
     with pytest.raises(NotImplementedError, match="dense"):
         sparse.get_compiled_call()
     assert sparse.config is sparse._source.config  # plain attributes are still the original's
@@ -180,20 +175,45 @@ def test_output_attentions_is_refused_in_one_line(llama):
     assert "\n" not in str(err.value)
 
 
-def test_a_cache_passed_in_is_refused_when_its_attention_differs(monkeypatch):
-    """The sites were built for the prompt's causal self-attention; continuing from a cache is
-    causal bottom-right over the cached keys: refused, once, in one line naming the argument."""
+def test_a_cache_passed_in_continues_a_model_sparsified_on_prompts():
+    """The sites were built for the prompt's causal self-attention; a call continuing over a cache
+    is the same attention (causal bottom-right over cached + new keys) and is served."""
     case = by_name("llama-causallm")
     model, sparse = _sparsify(case)
     _, kwargs = case.inputs(2, 8)
     cache = _no_grad_call(model, **kwargs).past_key_values
-    step = dict(input_ids=kwargs["input_ids"][:, :2], past_key_values=copy.deepcopy(cache))
+    step = dict(input_ids=kwargs["input_ids"][:, :3])
+    ref_cache, ours = copy.deepcopy(cache), copy.deepcopy(cache)
+    ref = _no_grad_call(model, **step, past_key_values=ref_cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureNotice)
+        out = _no_grad_call(sparse, **step, past_key_values=ours)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+    assert out.past_key_values is ours and ours.get_seq_length() == 11
+
+
+class _CausalUnlessTold(nn.Module):
+    """Causal self-attention, or bidirectional when called with causal=False: another attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 24)
+
+    def forward(self, x, causal: bool = True):
+        q, k, v = self.proj(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def test_a_call_whose_attention_differs_is_refused_once_in_one_line(monkeypatch):
+    model = _CausalUnlessTold().eval()
+    x = torch.randn(2, 6, 8)
+    sparse = attnpass.sparsify(model, (x,))
     counter = CaptureCounter(monkeypatch)
     for _ in range(2):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CaptureNotice)
-            with pytest.raises(ValueError, match="past_key_values.*cannot be served") as err:
-                sparse(**step)
+            with pytest.raises(ValueError, match=r"causal=False \(built for True\).*cannot be served|cannot be served.*causal=False") as err:
+                sparse(x, causal=False)
         assert "\n" not in str(err.value)
     assert counter.count == 1  # the refusal is remembered
 

@@ -107,9 +107,51 @@ class SiteAttention(nn.Module):
         scale = "1/sqrt(d)" if self.spec.scale is None else f"{self.spec.scale:.4g}"
         return f"site={self.spec.name!r}, scale={scale}, {causal}"
 
+    # Calls over cached keys with fewer queries than this run exact dense attention (decode steps);
+    # None: the cost model decides per call (attnpass.prefill). Set by sparsify's `prefill_queries`.
+    prefill_queries: int | None = None
+
     def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                 empty_rows: str = "zero"):
         """`empty_rows`: what the original computes at a query with no allowed key, a fact of the
         captured graph's masking (attnpass.site.MaskInfo): "zero", or "mean" (of V over all keys).
-        The dense method reproduces it; the sparse methods give zeros there."""
+        The dense method reproduces it; the sparse methods give zeros there.
+
+        A decode step (`is_decode_step`) runs exact dense attention over the cached keys; every
+        other call runs the method (`sparse_forward`)."""
+        if self.is_decode_step(q, k):
+            return self.dense_forward(q, k, v, bias, mask, key_keep, dropout_p, empty_rows)
+        return self.sparse_forward(q, k, v, bias, mask, key_keep, dropout_p, empty_rows)
+
+    def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                       empty_rows: str = "zero"):
         raise NotImplementedError
+
+    def is_decode_step(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """A causal self-attention call continuing over cached keys (Lq < Lk) whose few queries gain
+        nothing from the method's layout (see attnpass.prefill)."""
+        len_q, len_k = q.shape[-2], k.shape[-2]
+        if self.spec.cross or not self.spec.causal or len_q >= len_k:
+            return False
+        if self.prefill_queries is not None:
+            return len_q < self.prefill_queries
+        from attnpass.prefill import sparse_pays  # the cost model imports the methods' defaults
+
+        return not sparse_pays(self.method_name, len_q, len_k, q.shape[-1], self.cost_options(len_q, len_k, q.shape[-1]))
+
+    def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
+        """This module's parameters as `attnpass.cost_model.cost_expr` options, at these lengths."""
+        return {}
+
+    def dense_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                      empty_rows: str = "zero"):
+        """The site's exact attention on the dense op (SDPA's fused kernel where it applies)."""
+        import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+
+        p = dropout_p if self.training else 0.0
+        # Training draws SDPA's own dropout (seed -1), equal in distribution to the original's.
+        return torch.ops.attnpass.attention(
+            q, k, v, bias, mask, key_keep, self.scale(q), self.spec.causal,
+            self.causal_offset(q, k), p, -1 if p > 0.0 else 0,
+            empty_rows, self.spec.sdpa_semantics,
+        )

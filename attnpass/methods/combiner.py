@@ -67,8 +67,12 @@ class CombinerAttention(SiteAttention):
         block = "auto" if self.block is None else self.block
         return f"{super().extra_repr()}, variant={self.variant}, block={block}"
 
-    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
-                empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
+    def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
+        block = self.block if self.block is not None else _default_block(len_q, len_k, head_dim, self.variant)
+        return {"variant": self.variant, "block": block}
+
+    def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                       empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
         if bias is not None or mask is not None:
             # sparsify declines such sites (unsupported_reason); reaching here is a caller error
             raise ValueError(f"combiner site {self.spec.name!r} got a bias or mask tensor, which region "

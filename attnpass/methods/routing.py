@@ -223,8 +223,11 @@ class RoutingAttention(SiteAttention):
             return RoutingLayout(None, None, None, None, None, None, *local)
         return RoutingLayout(*routed, *local)
 
-    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
-                empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
+    def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
+        return {"clusters": self.clusters, "local_window": self.local_window}
+
+    def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                       empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
         self._check_shapes(q, k)
         B, Hq, Lq, _ = q.shape
         if Lq == 0 or k.shape[2] == 0:

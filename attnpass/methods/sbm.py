@@ -164,8 +164,13 @@ class SBMAttention(SiteAttention):
         return sample_graph(y_q, y_k, block.detach(), generator, heads=q.shape[1],
                             causal=causal, causal_offset=offset, key_keep=key_keep, floor=self.floor)
 
-    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
-                empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
+    def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
+        from attnpass.prefill import NOMINAL_DENSITY
+
+        return {"clusters": self.num_clusters, "density": NOMINAL_DENSITY}
+
+    def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                       empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
         if q.shape[1] != self.spec.heads_q or q.shape[3] != self.spec.head_dim:
             raise ValueError(f"sbm site {self.spec.name!r} was built for {self.spec.heads_q} query heads of dim "
                              f"{self.spec.head_dim}, got q of shape {tuple(q.shape)}")

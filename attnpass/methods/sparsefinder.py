@@ -359,8 +359,14 @@ class SparsefinderAttention(SiteAttention):
     # Forward
     # ---------------------------------------------------------------------------------------
 
-    def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
-                empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
+    def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
+        from attnpass.prefill import NOMINAL_DENSITY
+
+        return {"predictor": self.predictor, "rank": self.rank, "density": NOMINAL_DENSITY,
+                "clusters": self.clusters, "bucket_size": self.bucket_size}
+
+    def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                       empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
         self._check_shapes(q, k)
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]

@@ -1,0 +1,42 @@
+"""Which calls of a site count as prefill (sparse) and which as decode (exact dense over the cache).
+
+A causal self-attention site continuing over cached keys (Lq new queries, Lk = cached + new keys,
+Lq < Lk) is a decode step when its few queries gain nothing from a sparse layout: the method's
+work on the keys (routing's cluster assignment, Combiner's region summaries, SBM's and
+Sparsefinder's projections) then costs more than attending to every cached key. The cost model
+(`attnpass.cost_model`) decides per call: the call is prefill when the method's FLOPs at (Lq, Lk)
+are below dense attention's. `sparsify(..., prefill_queries=n)` fixes the threshold instead (a
+call over cached keys with fewer than n queries is decode). A call with no cached keys (Lq == Lk)
+always runs the method the user asked for.
+"""
+from __future__ import annotations
+
+import functools
+
+import sympy
+
+from attnpass import cost_model
+
+# Methods whose pair count is learned (SBM's density, Sparsefinder's predicted graph) are costed at
+# this share of the pairs: their key-side work, not their pairs, decides a decode step.
+NOMINAL_DENSITY = 0.1
+
+
+@functools.cache
+def _flops(method: str, options: tuple) -> callable:
+    """FLOPs of one batch element and query head as a Python function of (Lq, Lk, D)."""
+    expr = cost_model.cost_expr(method, **dict(options)).flops.subs({cost_model.B: 1, cost_model.H: 1})
+    return sympy.lambdify((cost_model.Lq, cost_model.Lk, cost_model.D), expr, "math")
+
+
+def sparse_pays(method: str, len_q: int, len_k: int, head_dim: int, options: dict) -> bool:
+    """Whether `method` (with its cost-model `options`) costs fewer FLOPs than dense attention here."""
+    key = tuple(sorted(options.items()))
+    return _flops(method, key)(len_q, len_k, head_dim) < _flops("dense", ())(len_q, len_k, head_dim)
+
+
+def check_prefill_queries(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"prefill_queries={value!r} must be None (the cost model decides) or an int >= 1")

@@ -1,0 +1,151 @@
+"""Generation on a sparsified causal LM: transformers' generate() runs the rewritten graphs, the
+prompt through the method's sparse sites (prefill), each decode step as exact dense attention over
+the KV cache, which is reused from step to step."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import attnpass
+from attnpass.methods import SiteSpec, method_class
+from attnpass.sparse_module import CaptureNotice
+from tests.zoo import by_name
+
+GREEDY = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+def _sparsify(model, kwargs, method, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureNotice)
+        return attnpass.sparsify(model, kwargs=kwargs, method=method, **options)
+
+
+def _generate(model, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureNotice)
+        return model.generate(**kwargs, **GREEDY)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    case = by_name("llama-causallm")
+    model = case.build()
+    _, kwargs = case.inputs(2, 24)
+    # left padding, as generation batches are padded
+    kwargs = {name: t.flip(-1) for name, t in kwargs.items()}
+    assert not bool(kwargs["attention_mask"][:, -1:].eq(0).any()) and not bool(kwargs["attention_mask"].all())
+    return model, kwargs
+
+
+def test_dense_generate_returns_the_originals_tokens_and_scores(llama):
+    model, kwargs = llama
+    sparse = _sparsify(model, kwargs, "dense")
+    ref = model.generate(**kwargs, max_new_tokens=6, **GREEDY)
+    before = len(sparse._signatures)
+    out = _generate(sparse, **kwargs, max_new_tokens=6)
+    assert torch.equal(out.sequences, ref.sequences)
+    for got, want in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert len(sparse._signatures) - before == 2  # one prefill graph and one decode graph, not one per step
+
+
+def _greedy_loop(sparse, model, ids, steps):
+    """Prefill on the sparse model, then decode token by token; at each decode step the original
+    model, given a copy of the same cache, gives the reference (dense attention over the cache)."""
+    config = model.config
+    cache = transformers.DynamicCache(config=config)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureNotice)
+        logits = sparse(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+        prefill = logits
+        pairs = []
+        for _ in range(steps):
+            token = logits.argmax(-1, keepdim=True)
+            ref = model(input_ids=token, cache=copy.deepcopy(cache), use_cache=True).logits[:, -1]
+            logits = sparse(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+            pairs.append((logits, ref))
+    return prefill, pairs
+
+
+@pytest.mark.parametrize("method", ["routing", "combiner", "sparsefinder", "sbm"])
+def test_the_prompt_runs_sparse_and_decode_steps_run_dense_over_the_cache(llama, method):
+    model, _ = llama
+    ids = torch.randint(1, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))  # no pad id
+    options = {"block": 8} if method == "combiner" else {}
+    sparse = _sparsify(model, dict(input_ids=ids), method, **options)
+    out = _generate(sparse, input_ids=ids, max_new_tokens=4)
+    with torch.no_grad():
+        forward = sparse(input_ids=ids).logits[:, -1]
+        original = model(input_ids=ids).logits[:, -1]
+    # the first generated token's scores are the sparse model's forward at the last prompt position ...
+    torch.testing.assert_close(out.scores[0], forward, rtol=0, atol=1e-5)
+    assert (out.scores[0] - original).abs().max() > 1e-3  # ... which is not the original's
+    prefill, steps = _greedy_loop(sparse, model, ids, 3)
+    torch.testing.assert_close(prefill, out.scores[0], rtol=0, atol=1e-5)
+    for (got, ref), score in zip(steps, out.scores[1:], strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)  # exact dense attention over the cache
+        torch.testing.assert_close(score, got, rtol=0, atol=1e-5)
+
+
+def test_batched_generation_with_left_padding_serves_every_row(llama):
+    model, kwargs = llama
+    sparse = _sparsify(model, kwargs, "combiner", block=8)
+    out = _generate(sparse, **kwargs, max_new_tokens=3)
+    assert out.sequences.shape == (2, kwargs["input_ids"].shape[1] + 3)
+    assert all(bool(torch.isfinite(s).all()) for s in out.scores)
+
+
+def test_a_chunk_over_the_cache_is_prefill_from_prefill_queries_on(llama):
+    """Multi-turn use of the cache: a new chunk of at least `prefill_queries` tokens runs the
+    method over the cached keys (causal bottom-right); a shorter one runs dense attention."""
+    model, _ = llama
+    ids = torch.randint(1, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    prompt, long_chunk, short_chunk = ids[:, :40], ids[:, 40:52], ids[:, 52:54]
+    sparse = _sparsify(model, dict(input_ids=prompt), "combiner", block=4, prefill_queries=8)
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureNotice)
+        sparse(input_ids=prompt, cache=cache, use_cache=True)
+        ref = model(input_ids=long_chunk, cache=copy.deepcopy(cache), use_cache=True).logits
+        got = sparse(input_ids=long_chunk, cache=cache, use_cache=True).logits
+        assert (got - ref).abs().max() > 1e-3  # sparse over 40 cached + 12 new keys
+        ref = model(input_ids=short_chunk, cache=copy.deepcopy(cache), use_cache=True).logits
+        got = sparse(input_ids=short_chunk, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)  # 2 < prefill_queries: dense over the cache
+    assert cache.get_seq_length() == 54
+
+
+@pytest.mark.parametrize("method", ["routing", "combiner", "sparsefinder", "sbm"])
+def test_the_cost_model_makes_one_query_over_a_long_cache_a_decode_step(method):
+    spec = SiteSpec(name="s", scale=None, causal=True, causal_bottom_right=True, heads_q=4, heads_kv=4,
+                    head_dim=16, example_len_q=512, example_len_k=512)
+    module = method_class(method)(spec)
+    q_one, q_prompt, keys = torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 2048, 16), torch.zeros(1, 4, 2048, 16)
+    assert module.is_decode_step(q_one, keys)
+    assert not module.is_decode_step(q_prompt, keys)  # no cached keys: always the method
+    cross = method_class(method)(SiteSpec(name="x", scale=None, cross=True, heads_q=4, heads_kv=4, head_dim=16,
+                                          example_len_q=512, example_len_k=512))
+    assert not cross.is_decode_step(q_one, keys)  # cross-attention is not a cache continuation
+
+
+def test_prefill_queries_is_checked_before_the_capture(llama):
+    model, kwargs = llama
+    with pytest.raises(ValueError, match=r"prefill_queries=0 must be None .* or an int >= 1"):
+        attnpass.sparsify(model, kwargs=kwargs, method="routing", prefill_queries=0)
+
+
+def test_a_model_without_generation_gets_transformers_own_error():
+    case = by_name("bert-sdpa")
+    model = case.build()
+    _, kwargs = case.inputs(2, 8)
+    sparse = attnpass.sparsify(model, kwargs=kwargs)
+    with pytest.raises(AttributeError) as ours:
+        sparse.generate(kwargs["input_ids"])
+    with pytest.raises(AttributeError) as theirs:
+        model.generate(kwargs["input_ids"])
+    assert str(ours.value) == str(theirs.value)
+    assert "forward" not in sparse._source.__dict__  # nothing left patched
