@@ -19,9 +19,16 @@ Counting conventions (per batch element and query head, then times B*H):
 - bytes: q, k, v read and the output written once (`itemsize` each, fp32 by default), the
   working copies the sparse kernels gather (q, k, v rows), int64 index tensors (8 bytes per slot),
   and for dense attention the Lq x Lk scores written and read once (what fused kernels avoid).
-Routing counts its fallback: with balanced top-w each query is left out by every cluster with
-probability about (1 - 1/c)^c ~ 1/e, and those queries attend to `local_window` keys instead.
-Routing's optional local heads are not counted.
+Routing counts every slot of the tiles its two grouped-kernel calls compute: c clusters of Lq/c
+query slots by Lk/c key slots, and the local-window fallback, one tile per block of P = `local_window`
+query positions. A block's tile holds the block's fallback queries, those no cluster took (with
+balanced top-w every cluster leaves a query out with probability about 1 - 1/c, so about
+(1 - 1/c)^c ~ 1/e of them), as rows and the union of their windows as key slots: 2P - 1 for P
+consecutive queries, so the fallback costs Lq (2P - 1) / e pairs. The kernel pads every block's
+tile to the fullest block's fallback count, which depends on the call (causal: the first positions,
+whose clusters hold no earlier key, fall back together), so a call computes more, at most
+Lq (2P - 1); the option `fallback_share` sets the tile's rows per block as a share of P (e.g. a
+call's own, from `RoutingAttention.layout`). Routing's optional local heads are not counted.
 SBM counts phi on every query and key (two D x D layers), the memberships (k per token), fastRG
 sampling (three inverse-CDF lookups per edge, log2 of the table size each, and the merge sort of the
 edges) and attention over rho * Lq * Lk edges, whose q, k, v rows the edge kernel gathers.
@@ -50,10 +57,13 @@ INDEX_BYTES = 8
 METHODS = ("dense", "routing", "combiner", "sbm", "sparsefinder")
 SPARSEFINDER_PREDICTORS = ("distance", "quantization", "clustering")
 COMBINER_VARIANTS = ("fixed", "axial", "logsparse")
-_OPTIONS = {"dense": (), "routing": ("clusters", "local_window"), "combiner": ("variant", "block"),
+_OPTIONS = {"dense": (), "routing": ("clusters", "local_window", "fallback_share"), "combiner": ("variant", "block"),
             "sbm": ("clusters", "density"),
             "sparsefinder": ("predictor", "rank", "density", "clusters", "bucket_size")}
 DEFAULT_LOCAL_WINDOW = 64  # routing's default fallback window (attnpass.methods.routing)
+# Rows of routing's fallback tile per block of local_window queries, as a share of the block: the
+# expected share of queries no cluster takes (see the module docstring; the padded tile holds more).
+DEFAULT_FALLBACK_SHARE = sympy.exp(-1)
 
 # Logsparse's FLOPs are minimised by a constant block of ~3 keys (d/ds of Lq*s - (Lq+Lk)*log2(Lk/s)),
 # far too small for tiled kernels; this block keeps tiles efficient and is what the default uses.
@@ -77,19 +87,23 @@ def _sparsefinder(predictor: str, itemsize: int, clusters, bucket_size) -> tuple
     return flops, io + edges * (itemsize * 2 * D + 2 * INDEX_BYTES) + itemsize * 2 * D * r
 
 
-def _per_head(method: str, variant: str, itemsize: int,
-              local_window: int = DEFAULT_LOCAL_WINDOW) -> tuple[sympy.Expr, sympy.Expr]:
+def _per_head(method: str, variant: str, itemsize: int, local_window: int = DEFAULT_LOCAL_WINDOW,
+              fallback_share=DEFAULT_FALLBACK_SHARE) -> tuple[sympy.Expr, sympy.Expr]:
     """(flops, bytes) of one batch element and query head, in the method's parameter symbol."""
     io = itemsize * (2 * Lq * D + 2 * Lk * D)  # read q, k, v; write the output
     if method == "dense":
         return Lq * Lk * PAIR, io + itemsize * 2 * Lq * Lk
     if method == "routing":
         # similarities of every query and key to every centroid, top-w selection (one comparison
-        # per candidate), dense attention inside c clusters of Lq/c queries and Lk/c keys, and the
-        # local-window fallback of the ~1/e queries no cluster took
-        flops = (2 * (Lq + Lk) * c * D + (Lq + Lk) * c + (Lq / c) * (Lk / c) * c * PAIR
-                 + sympy.exp(-1) * Lq * local_window * PAIR)
-        gathered = itemsize * (Lq + 2 * Lk) * D + INDEX_BYTES * (Lq + Lk)
+        # per candidate), then the kernels' tiles (module docstring): c clusters of Lq/c query by
+        # Lk/c key slots, and per block of P = local_window positions the fallback's rows against
+        # the 2P - 1 keys of their windows
+        fallback_rows, fallback_keys = fallback_share * Lq, (2 * local_window - 1) * Lq / local_window
+        pairs = (Lq / c) * (Lk / c) * c + fallback_rows * (2 * local_window - 1)
+        flops = 2 * (Lq + Lk) * c * D + (Lq + Lk) * c + pairs * PAIR
+        # gathered rows and index slots of both calls (the fallback's key_range: two per row)
+        gathered = (itemsize * (Lq + 2 * Lk + fallback_rows + 2 * fallback_keys) * D
+                    + INDEX_BYTES * (Lq + Lk + 3 * fallback_rows + fallback_keys))
         return flops, io + gathered + itemsize * c * D
     if method == "sbm":
         edges = rho * Lq * Lk
@@ -166,12 +180,16 @@ def _check_options(method: str, options: dict) -> None:
     variant = options.get("variant", "fixed")
     if method == "combiner" and variant not in COMBINER_VARIANTS:
         raise ValueError(f"unknown combiner variant {variant!r}; expected one of {list(COMBINER_VARIANTS)}")
+    share = options.get("fallback_share")
+    if isinstance(share, (int, float)) and not 0 <= share <= 1:
+        raise ValueError(f"routing's fallback_share={share!r} must be in [0, 1] (a share of the block's queries)")
 
 
 def cost_expr(method: str, **options) -> Cost:
     """The cost of `method` as expressions of B, H, Lq, Lk, D and the method's parameter.
 
-    Options: routing `clusters` and `local_window`, combiner `variant` and `block`, sbm `clusters` and `density`
+    Options: routing `clusters`, `local_window` and `fallback_share` (rows of the fallback tile per block, as a
+    share of the block; default 1/e), combiner `variant` and `block`, sbm `clusters` and `density`
     (ints/floats or sympy expressions; left as the symbols c / s / k / rho when absent), and `itemsize` (bytes per
     element, default 4).
     """
@@ -191,12 +209,16 @@ def cost_expr(method: str, **options) -> Cost:
                 params[name] = value
                 flops, nbytes = flops.subs(symbol, value), nbytes.subs(symbol, value)
         return Cost(method, B * H * flops, B * H * nbytes, params)
+    share = options.get("fallback_share")
     flops, nbytes = _per_head(method, variant, options.get("itemsize", 4),
-                              options.get("local_window") or DEFAULT_LOCAL_WINDOW)
+                              options.get("local_window") or DEFAULT_LOCAL_WINDOW,
+                              DEFAULT_FALLBACK_SHARE if share is None else share)
     params = {}
     if method == "routing" and options.get("clusters") is not None:
         params["clusters"] = options["clusters"]
         flops, nbytes = flops.subs(c, options["clusters"]), nbytes.subs(c, options["clusters"])
+    if method == "routing" and share is not None:
+        params["fallback_share"] = share
     if method == "sbm":
         for name, symbol in (("clusters", k), ("density", rho)):
             if options.get(name) is not None:

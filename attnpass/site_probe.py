@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
 
 
 def batch_call(batch) -> tuple[tuple, dict]:
@@ -165,13 +166,6 @@ def _group_pairs(q_index: Tensor, k_index: Tensor, len_q: int, len_k: int, key_r
     return out.view(*lead, len_q, len_k)
 
 
-def _csr_pairs(row_ptr: Tensor, col_index: Tensor, B: int, Hq: int, len_q: int, len_k: int) -> Tensor:
-    rows = torch.repeat_interleave(torch.arange(B * Hq * len_q, device=col_index.device), row_ptr.diff())
-    out = torch.zeros(B * Hq * len_q, len_k, dtype=torch.bool, device=col_index.device)
-    out[rows, col_index] = True
-    return out.view(B, Hq, len_q, len_k)
-
-
 def computed_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | None]:
     """(computed (B, Hq, Lq, Lk) bool, summaries (B, Hq, Lq) int64 or None) for a site module that
     has already run forward on `inputs` (so learned state such as routing centroids is initialised
@@ -205,10 +199,10 @@ def computed_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | No
     if method == "sbm":
         # eval draws the graph from the site's seed, so sample() repeats the graph the call attended over
         graph = module.last_graph if module.last_graph is not None else module.sample(q, k, key_keep)
-        return _csr_pairs(graph.row_ptr, graph.col_index, B, Hq, Lq, Lk), None
+        return edges_to_dense_mask(graph.row_ptr, graph.col_index, B, Hq, Lq, Lk), None
     if method == "sparsefinder":
         row_ptr, col_index, _ = module.predict(q, k, key_keep)
-        return _csr_pairs(row_ptr, col_index, B, Hq, Lq, Lk), None
+        return edges_to_dense_mask(row_ptr, col_index, B, Hq, Lq, Lk), None
     raise ValueError(f"no pair layout is known for method {method!r}")
 
 

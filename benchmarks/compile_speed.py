@@ -1,10 +1,12 @@
 """Compiled sparse vs compiled dense: torch.compile(model, backend=attnpass.backend(method=...)) against
 torch.compile(model) (Inductor default), forward, on a Llama-style config on CPU.
 
-    python benchmarks/compile_speed.py --lengths 4096 16384 --out docs/compile_bench.md
+    python benchmarks/compile_speed.py --lengths 4096 16384 [--out FILE]
 
-Both models are the same randomly initialised LlamaModel (transformers, eager attention spelling);
-ratios are measured in one run (the machine's cores are shared: compare ratios, not seconds).
+It prints the table of docs/compile.md's "Benchmark" section (--out also writes it to FILE, to paste
+there: that document holds more than the table, so the script does not write it). Both models are
+the same randomly initialised LlamaModel (transformers, eager attention spelling); ratios are
+measured in one run (the machine's cores are shared: compare ratios, not seconds).
 """
 from __future__ import annotations
 

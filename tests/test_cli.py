@@ -135,7 +135,9 @@ def test_inspect_json_numbers_follow_the_cost_convention(models, capsys):
     # dense: every pair costs 4D + 5 FLOPs (cost_model's convention), per batch row and head
     assert cost["numbers"]["dense_flops"] == B * H * L * L * (4 * D + 5)
     # routing with c clusters: L/c x L/c pairs per cluster, centroid similarities, top-w, fallback
-    routing = B * H * (2 * 2 * L * 3 * D + 2 * L * 3 + (L / 3) ** 2 * 3 * (4 * D + 5) + L * 64 * (4 * D + 5) / torch.e)
+    # (1/e of the queries, each against its block's window union of 2 * 64 - 1 keys: the kernel's tile)
+    routing = B * H * (2 * 2 * L * 3 * D + 2 * L * 3 + (L / 3) ** 2 * 3 * (4 * D + 5)
+                       + L * (2 * 64 - 1) * (4 * D + 5) / torch.e)
     assert cost["numbers"]["flops"] == pytest.approx(routing, rel=1e-12)
     assert cost["numbers"]["flops_ratio"] == pytest.approx(cost["numbers"]["dense_flops"] / routing)
 

@@ -5,10 +5,12 @@ import math
 
 import pytest
 import sympy
+import torch
 
 import attnpass
 from attnpass import cost_model
 from attnpass.cost_model import D, Lk, Lq, c, s
+from attnpass.methods import SiteSpec, method_class
 from tests.zoo import by_name
 
 L = sympy.Symbol("L", positive=True)
@@ -27,7 +29,9 @@ def test_routing_and_combiner_fixed_match_a_hand_count():
     similarities = 2 * 32 * 4 * 2          # 32 tokens x 4 centroids, 2-dim dot products
     selection = 32 * 4                      # one comparison per (token, centroid)
     attention = 4 * (4 * 4) * (4 * 2 + 5)  # 4 clusters of 4 queries x 4 keys
-    fallback = 16 / math.e * 3 * (4 * 2 + 5)  # ~1/e of the queries see a window of 3 keys
+    # ~1/e of the queries fall back; the kernel's tile gives each the 2*3 - 1 keys of its block's
+    # window union (the union of 3 consecutive queries' windows of 3), not only its own 3
+    fallback = 16 / math.e * (2 * 3 - 1) * (4 * 2 + 5)
     assert flops == pytest.approx(similarities + selection + attention + fallback, rel=1e-12)
 
     flops, _ = cost_model.cost_expr("combiner", variant="fixed", block=4).evaluate(B=1, H=1, Lq=16, Lk=16, D=2)
@@ -35,6 +39,42 @@ def test_routing_and_combiner_fixed_match_a_hand_count():
     direct, summaries = 16 * 4 * pair, 16 * 4 * pair  # own block of 4 keys; 4 region summaries each
     pooling, summary_values = 32 * 2, 16 * pair        # max-pools; pooled query over each region's keys
     assert flops == direct + summaries + pooling + summary_values
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_routing_pairs_match_the_kernel_tiles_of_a_real_call(causal):
+    """The model counts every slot of the grouped kernel's tiles; a real call's layout
+    (`RoutingAttention.layout`, the index tensors forward hands the kernel) gives the tiles."""
+    B, H, L, D = 1, 4, 1024, 64
+    spec = SiteSpec(name="s", scale=None, causal=causal, heads_q=H, heads_kv=H, head_dim=D,
+                    example_len_q=L, example_len_k=L)
+    torch.manual_seed(0)
+    module = method_class("routing")(spec)
+    q, k = torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    layout = module.layout(q, k)
+    clusters, window = module.clusters, module.local_window
+    assert L % clusters == 0 and L % window == 0  # the model's L/c and L/P are then the kernel's ceilings
+
+    def tile(q_index, k_index):  # G groups of Wq query slots by Wk key slots, per batch row and head
+        return q_index.shape[2] * q_index.shape[3] * k_index.shape[3]
+
+    kernel = B * H * (tile(layout.q_index, layout.k_index) + tile(layout.fallback_q_index, layout.fallback_k_index))
+
+    def model(**options):
+        flops, _ = cost_model.cost_expr("routing", clusters=clusters, local_window=window, **options).evaluate(
+            B=B, H=H, Lq=L, Lk=L, D=D)
+        key_side = B * H * (2 * 2 * L * clusters * D + 2 * L * clusters)  # similarities, top-w selection
+        return (flops - key_side) / (4 * D + 5)
+
+    # Given the call's own fallback rows per block, the count is the kernel's up to the widest window
+    # union, 2P - 1 keys when some block's first and last positions both fall back (here: all but sure).
+    rows = layout.fallback_q_index.shape[3]
+    assert model(fallback_share=rows / window) == pytest.approx(kernel, rel=0.01)
+    # By default the model counts 1/e of each block (the mean share of queries no cluster takes); the
+    # kernel pads every block to its fullest one, so the call computes more, but never more than
+    # full blocks, and (with the cluster tiles, counted exactly) within a factor 2 here.
+    assert model() <= kernel <= model(fallback_share=1.0)
+    assert kernel < 2 * model()
 
 
 def _at_optimum(method, variant="fixed"):

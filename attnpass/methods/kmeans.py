@@ -2,7 +2,9 @@
 
 Routing attention puts each query and key in the clusters whose centroids it resembles most,
 then attends only inside clusters. This module holds the clustering state and its maths; the
-attention itself lives in `routing.py`.
+attention itself lives in `routing.py`. The state's first draw and EMA step (`register_state`,
+`start_`, `ema_step_`) are also Sparsefinder's clustering predictor's, which keeps the same buffers
+on its own module and assigns tokens to their nearest centroid by distance in its projected space.
 
 State (persistent buffers, so it is saved and loaded with the model's `state_dict()`):
 
@@ -45,16 +47,118 @@ class Tokens(NamedTuple):
     nearest: Tensor | None  # (B, H, L) int64 index of each token's nearest centroid
 
 
+def cells(nearest: Tensor, clusters: int) -> Tensor:
+    """(B, H, L) nearest centroids -> flat row of each token's (head, cluster) in (H * c, ...) tables."""
+    head = torch.arange(nearest.shape[1], device=nearest.device).view(1, -1, 1)
+    return (head * clusters + nearest).reshape(-1)
+
+
+def register_state(owner: nn.Module, heads: int, clusters: int, dim: int) -> None:
+    """The k-means state's persistent buffers on `owner` (see the module docstring): the names
+    are the state_dict keys of routing's OnlineKMeans and of Sparsefinder's clustering predictor."""
+    owner.register_buffer("centroids", torch.zeros(heads, clusters, dim))
+    owner.register_buffer("ema_sum", torch.zeros(heads, clusters, dim))
+    owner.register_buffer("ema_count", torch.zeros(heads, clusters))
+    owner.register_buffer("initialized", torch.tensor(False))
+
+
+@torch.no_grad()
+def start_(owner: nn.Module, pool: Tensor, lowest_draws: bool = False) -> None:
+    """Centroids := distinct random tokens of `pool` (H, N, D) per head (torch's global RNG).
+
+    Tokens are drawn with replacement only when a head has fewer than c. Every token gets a
+    uniform draw and the c largest are kept (`lowest_draws`: the c smallest, Sparsefinder's rule,
+    so a seed gives each method the centroids it always had; either is a uniformly random
+    c-subset). The EMA starts as if each centroid had been seen once (count 1), so a cluster that
+    gets no token keeps its centroid instead of collapsing to 0 at the first update. An empty pool
+    leaves the state uninitialised.
+    """
+    H, N, _ = pool.shape
+    if N == 0:
+        return
+    c = owner.centroids.shape[1]
+    if N >= c:
+        draws = torch.rand(H, N, device=pool.device)
+        picks = draws.argsort(dim=-1)[:, :c] if lowest_draws else draws.topk(c, dim=-1).indices
+    else:
+        every = torch.rand(H, N, device=pool.device).argsort(dim=-1)
+        extra = torch.randint(0, N, (H, c - N), device=pool.device)
+        picks = torch.cat([every, extra], dim=-1)
+    chosen = pool.gather(1, picks.unsqueeze(-1).expand(H, c, pool.shape[2]))
+    if _distributed():
+        # every rank starts from rank 0's draw, so the replicas' centroids agree from step one
+        torch.distributed.broadcast(chosen, src=0)
+    owner.centroids.copy_(chosen)
+    owner.ema_sum.copy_(chosen)
+    owner.ema_count.fill_(1.0)
+    owner.initialized.fill_(True)
+
+
+@torch.no_grad()
+def ema_step_(owner: nn.Module, token_sets: list[Tokens], decay: float, eps: float) -> None:
+    """One EMA k-means step from each real token's nearest centroid (`Tokens.nearest`):
+
+    count <- decay * count + (1 - decay) * n;  sum <- decay * sum + (1 - decay) * sum_x;
+    mu = sum / (count + eps). Done in float32 at least, whatever the tokens' dtype.
+    """
+    acc = torch.promote_types(owner.ema_sum.dtype, torch.float32)
+    n, sum_x = cluster_sums(owner.centroids, token_sets, acc)
+    if _distributed():
+        # data parallel: the step uses the tokens of every rank's batch (like SyncBatchNorm), so
+        # all replicas make the same update and their centroids stay identical
+        torch.distributed.all_reduce(n)
+        torch.distributed.all_reduce(sum_x)
+    count = owner.ema_count.to(acc) * decay + n * (1 - decay)
+    total = owner.ema_sum.to(acc) * decay + sum_x * (1 - decay)
+    owner.ema_count.copy_(count)
+    owner.ema_sum.copy_(total)
+    owner.centroids.copy_(total / (count + eps).unsqueeze(-1))
+
+
+def cluster_sums(centroids: Tensor, token_sets: list[Tokens], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(count (H, c), sum (H, c, D)) of the real, finite tokens assigned to each centroid, in `dtype`.
+
+    Padding and non-finite tokens (a broken input) take part with weight 0, so one broken batch
+    cannot poison the state. Screening every token for finiteness costs several passes over
+    (B, H, L, D), more than the sums themselves, so the sums are taken first and the screened
+    pass runs only when they come out non-finite (a non-finite token always makes its sum so).
+    """
+    H, c, D = centroids.shape
+    device = centroids.device
+
+    def sums(screen: bool) -> tuple[Tensor, Tensor]:
+        n = torch.zeros(H * c, dtype=dtype, device=device)
+        sum_x = torch.zeros(H * c, D, dtype=dtype, device=device)
+        for tokens in token_sets:
+            B, _, L, _ = tokens.x_hat.shape
+            cell = cells(tokens.nearest, c)
+            x = tokens.x_hat.detach().to(dtype)
+            weight = None if tokens.keep is None else tokens.keep.to(dtype).view(B, 1, L).expand(B, H, L)
+            if screen:
+                finite = torch.isfinite(x).all(-1)
+                weight = finite.to(dtype) if weight is None else weight * finite
+                x = torch.where(finite.unsqueeze(-1), x, 0.0)
+            if weight is None:
+                n.index_add_(0, cell, torch.ones(cell.shape, dtype=dtype, device=device))
+                sum_x.index_add_(0, cell, x.reshape(-1, D))
+            else:
+                n.index_add_(0, cell, weight.reshape(-1))
+                sum_x.index_add_(0, cell, x.reshape(-1, D) * weight.reshape(-1, 1))
+        return n.view(H, c), sum_x.view(H, c, D)
+
+    n, sum_x = sums(screen=False)
+    if not bool(torch.isfinite(sum_x).all()):
+        n, sum_x = sums(screen=True)
+    return n, sum_x
+
+
 class OnlineKMeans(nn.Module):
     def __init__(self, heads: int, clusters: int, dim: int, *, decay: float = 0.999,
                  commitment: float = 1e-4, eps: float = 1e-5):
         super().__init__()
         self.heads, self.clusters, self.dim = heads, clusters, dim
         self.decay, self.commitment, self.eps = decay, commitment, eps
-        self.register_buffer("centroids", torch.zeros(heads, clusters, dim))
-        self.register_buffer("ema_sum", torch.zeros(heads, clusters, dim))
-        self.register_buffer("ema_count", torch.zeros(heads, clusters))
-        self.register_buffer("initialized", torch.tensor(False))
+        register_state(self, heads, clusters, dim)
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, clusters={self.clusters}, dim={self.dim}, decay={self.decay}, "
@@ -91,8 +195,7 @@ class OnlineKMeans(nn.Module):
 
     def cells(self, nearest: Tensor) -> Tensor:
         """(B, H, L) nearest centroids -> flat row of each token's (head, cluster) in (H * c, ...) tables."""
-        head = torch.arange(self.heads, device=nearest.device).view(1, self.heads, 1)
-        return (head * self.clusters + nearest).reshape(-1)
+        return cells(nearest, self.clusters)
 
     @staticmethod
     def top_slots(sim: Tensor, width: int, keep: Tensor | None = None, drop_unkept: bool = True) -> Tensor:
@@ -117,34 +220,11 @@ class OnlineKMeans(nn.Module):
 
     @torch.no_grad()
     def initialize_(self, token_sets: list[Tokens]) -> None:
-        """Centroids := distinct random real tokens of this batch, per head (torch's global RNG).
-
-        Tokens are drawn with replacement only when a head has fewer real tokens than clusters.
-        The EMA starts as if each centroid had been seen once (count 1), so a cluster that gets
-        no token keeps its centroid instead of collapsing to 0 at the first update.
-        """
+        """Centroids := distinct random real tokens of this batch, per head (`start_`)."""
         pool = torch.cat([self._rows(t, real_only=True) for t in token_sets], dim=1)  # (H, N, D)
         if pool.shape[1] == 0:  # a batch of padding only: any token beats an uninitialised centroid
             pool = torch.cat([self._rows(t, real_only=False) for t in token_sets], dim=1)
-        if pool.shape[1] == 0:  # nothing finite at all: stay uninitialised until a usable batch comes
-            return
-        H, N, _ = pool.shape
-        c = self.clusters
-        if N >= c:
-            # the c largest of N uniform draws: a uniformly random c-subset, per head
-            picks = torch.rand(H, N, device=pool.device).topk(c, dim=-1).indices
-        else:
-            every = torch.rand(H, N, device=pool.device).argsort(dim=-1)
-            extra = torch.randint(0, N, (H, c - N), device=pool.device)
-            picks = torch.cat([every, extra], dim=-1)
-        chosen = pool.gather(1, picks.unsqueeze(-1).expand(H, c, pool.shape[2]))
-        if _distributed():
-            # every rank starts from rank 0's draw, so the replicas' centroids agree from step one
-            torch.distributed.broadcast(chosen, src=0)
-        self.centroids.copy_(chosen)
-        self.ema_sum.copy_(chosen)
-        self.ema_count.fill_(1.0)
-        self.initialized.fill_(True)
+        start_(self, pool)  # nothing finite at all: stays uninitialised until a usable batch comes
 
     @staticmethod
     def _rows(tokens: Tokens, real_only: bool) -> Tensor:
@@ -157,63 +237,13 @@ class OnlineKMeans(nn.Module):
             usable = usable & tokens.keep.reshape(-1)
         return rows if bool(usable.all()) else rows[:, usable]
 
-    @torch.no_grad()
     def update_(self, token_sets: list[Tokens]) -> None:
-        """One EMA k-means step from each real token's nearest centroid (see the module docstring).
-
-        count <- decay * count + (1 - decay) * n;  sum <- decay * sum + (1 - decay) * sum_x;
-        mu = sum / (count + eps). Done in float32 at least, whatever the tokens' dtype.
-        """
-        H, c, D = self.centroids.shape
-        acc = torch.promote_types(self.ema_sum.dtype, torch.float32)
-        n, sum_x = self.cluster_sums(token_sets, acc)
-        if _distributed():
-            # data parallel: the step uses the tokens of every rank's batch (like SyncBatchNorm), so
-            # all replicas make the same update and their centroids stay identical
-            torch.distributed.all_reduce(n)
-            torch.distributed.all_reduce(sum_x)
-        d = self.decay
-        count = self.ema_count.to(acc) * d + n * (1 - d)
-        total = self.ema_sum.to(acc) * d + sum_x * (1 - d)
-        self.ema_count.copy_(count)
-        self.ema_sum.copy_(total)
-        self.centroids.copy_(total / (count + self.eps).unsqueeze(-1))
+        """One EMA k-means step from each real token's nearest centroid (`ema_step_`)."""
+        ema_step_(self, token_sets, self.decay, self.eps)
 
     def cluster_sums(self, token_sets: list[Tokens], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(count (H, c), sum (H, c, D)) of the real, finite tokens assigned to each centroid, in `dtype`.
-
-        Padding and non-finite tokens (a broken input) take part with weight 0, so one broken batch
-        cannot poison the state. Screening every token for finiteness costs several passes over
-        (B, H, L, D), more than the sums themselves, so the sums are taken first and the screened
-        pass runs only when they come out non-finite (a non-finite token always makes its sum so).
-        """
-        H, c, D = self.centroids.shape
-        device = self.centroids.device
-
-        def sums(screen: bool) -> tuple[Tensor, Tensor]:
-            n = torch.zeros(H * c, dtype=dtype, device=device)
-            sum_x = torch.zeros(H * c, D, dtype=dtype, device=device)
-            for tokens in token_sets:
-                B, _, L, _ = tokens.x_hat.shape
-                cell = self.cells(tokens.nearest)
-                x = tokens.x_hat.detach().to(dtype)
-                weight = None if tokens.keep is None else tokens.keep.to(dtype).view(B, 1, L).expand(B, H, L)
-                if screen:
-                    finite = torch.isfinite(x).all(-1)
-                    weight = finite.to(dtype) if weight is None else weight * finite
-                    x = torch.where(finite.unsqueeze(-1), x, 0.0)
-                if weight is None:
-                    n.index_add_(0, cell, torch.ones(cell.shape, dtype=dtype, device=device))
-                    sum_x.index_add_(0, cell, x.reshape(-1, D))
-                else:
-                    n.index_add_(0, cell, weight.reshape(-1))
-                    sum_x.index_add_(0, cell, x.reshape(-1, D) * weight.reshape(-1, 1))
-            return n.view(H, c), sum_x.view(H, c, D)
-
-        n, sum_x = sums(screen=False)
-        if not bool(torch.isfinite(sum_x).all()):
-            n, sum_x = sums(screen=True)
-        return n, sum_x
+        """(count (H, c), sum (H, c, D)) of the real, finite tokens assigned to each centroid (`cluster_sums`)."""
+        return cluster_sums(self.centroids, token_sets, dtype)
 
     def commitment_loss(self, token_sets: list[Tokens]) -> Tensor:
         """commitment * mean over real tokens (and heads, dims) of (x_hat - stopgrad(mu_nearest))^2.

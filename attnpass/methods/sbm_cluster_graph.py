@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnpass.lowering.cpu.common import csr_rows
 from attnpass.lowering.cpu.edge_attention import edges_from_pairs
 from attnpass.methods.sbm_sampling import SBMGraph, fallback_keys
 from attnpass.methods.sparsefinder_predict import expand_groups
@@ -80,5 +81,5 @@ def cluster_graph(y_q: Tensor, y_k: Tensor, block: Tensor, *, top: int, heads: i
     row = torch.cat([row, own_row])
     col = torch.cat([col, own.reshape(-1)[has_own]])
     row_ptr, col_index = edges_from_pairs(row, col, N * Lq)
-    edge_row = torch.repeat_interleave(torch.arange(N * Lq, device=dev), row_ptr.diff(), output_size=col_index.numel())
+    edge_row = csr_rows(row_ptr, col_index.numel())
     return SBMGraph(row_ptr, col_index, edge_row, sampled=torch.zeros_like(col_index, dtype=torch.bool))

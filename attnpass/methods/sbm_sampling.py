@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnpass.lowering.cpu.common import csr_rows
 from attnpass.lowering.cpu.edge_attention import edges_from_pairs
 from attnpass.methods.base import key_anchor
 
@@ -167,7 +168,7 @@ def sample_graph(y_q: Tensor, y_k: Tensor, block: Tensor, generator: torch.Gener
     fallback = fallback.repeat_interleave(heads, dim=0) if key_keep is not None else fallback.expand(N, -1)
     need = (~drew) & (fallback.reshape(-1) >= 0)
     counts = row_ptr.diff()
-    edge_row = torch.repeat_interleave(torch.arange(N * Lq, device=row_ptr.device), counts, output_size=col_index.numel())
+    edge_row = csr_rows(row_ptr, col_index.numel())
     if bool(need.any()):
         # the rows that get a fallback edge have none, so it is an insertion into the CSR (no re-sort):
         # each old edge moves by the number of fallback edges in the rows before its own
@@ -177,8 +178,7 @@ def sample_graph(y_q: Tensor, y_k: Tensor, block: Tensor, generator: torch.Gener
         extra_row = need.nonzero().squeeze(1)
         merged[new_ptr[extra_row]] = fallback.reshape(-1)[extra_row]
         row_ptr, col_index = new_ptr, merged
-        edge_row = torch.repeat_interleave(torch.arange(N * Lq, device=row_ptr.device), row_ptr.diff(),
-                                           output_size=col_index.numel())
+        edge_row = csr_rows(row_ptr, col_index.numel())
     return SBMGraph(row_ptr, col_index, edge_row, sampled=drew[edge_row])
 
 

@@ -9,12 +9,12 @@ keys of kv head h // (Hq // Hkv) are projected with query head h's W_K). The pre
 `sparsefinder_predict` (distance, quantization, clustering, plus window / first-token edges).
 
 Options (validated before capture):
-    predictor     "clustering" (default), "distance" or "quantization". Clustering is the default
-                  because it had the best recall at a given graph sparsity among the predictors
-                  that are not all-pairs (tests/test_sparsefinder.py acceptance, L=512, printed by
-                  that test: recall 0.725 at graph sparsity 0.779, against 0.288 at 0.875 for
-                  quantization with buckets of 16); distance reached recall 0.953 at sparsity 0.533
-                  there but costs O(Lq Lk r) by nature. Centroids start from the first batch's projected tokens.
+    predictor     "clustering" (default), "distance" or "quantization". Clustering is the default:
+                  of the predictors that are not all-pairs it finds the most gold pairs for the
+                  pairs it keeps (tests/test_sparsefinder.py's acceptance test asserts it against
+                  quantization; docs/benchmarks_sparsefinder.md measures each predictor with its
+                  script). Distance finds more but tests every pair, O(Lq Lk r) by nature.
+                  Centroids start from the first batch's projected tokens.
     rank          r, projected dim (default 4, the paper's)
     threshold     distance predictor: ||W_Q q - W_K k|| < threshold. Default None = calibrated:
                   the hinge loss is invariant to shifting all squared distances, so no fixed
@@ -57,13 +57,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnpass.lowering.cpu.common import broadcastable, read_at_pairs
+from attnpass.lowering.cpu.common import broadcastable, csr_rows, read_at_pairs
 from attnpass.lowering.cpu.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.lowering.triton.switch import use_triton
+from attnpass.methods import kmeans
 from attnpass.methods import sparsefinder_predict as sp
 from attnpass.methods.base import SiteAttention, SiteSpec
-from attnpass.methods.kmeans import _distributed
 from attnpass.methods.options import check_int, check_known, check_real
 
 _OPTIONS = ("predictor", "rank", "threshold", "bucket_size", "clusters", "top_clusters", "window",
@@ -99,7 +99,7 @@ def _mask_merge(bias: Tensor | None, mask: Tensor | None, dtype: torch.dtype) ->
 
 def _drop_masked_edges(row_ptr: Tensor, col: Tensor, mask: Tensor, H: int, Lq: int) -> tuple[Tensor, Tensor]:
     R = row_ptr.numel() - 1
-    row = torch.repeat_interleave(torch.arange(R, device=col.device), row_ptr.diff(), output_size=col.numel())
+    row = csr_rows(row_ptr, col.numel())
     bh, i = row // Lq, row % Lq
     ok = read_at_pairs(mask, (bh // H, bh % H, i, col))
     row, col = row[ok], col[ok]
@@ -135,10 +135,7 @@ class SparsefinderAttention(SiteAttention):
         self.w_q = nn.Parameter(torch.randn(H, D, self.rank) / math.sqrt(D))
         self.w_k = nn.Parameter(torch.randn(H, D, self.rank) / math.sqrt(D))
         if self.predictor == "clustering":
-            self.register_buffer("centroids", torch.zeros(H, self.clusters, self.rank))
-            self.register_buffer("ema_sum", torch.zeros(H, self.clusters, self.rank))
-            self.register_buffer("ema_count", torch.zeros(H, self.clusters))
-            self.register_buffer("initialized", torch.tensor(False))
+            kmeans.register_state(self, H, self.clusters, self.rank)  # routing's EMA k-means state
         self._last_aux_loss: Tensor | None = None
         self._collect_metrics = False
         self.last_metrics: sp.GraphMetrics | None = None
@@ -253,21 +250,7 @@ class SparsefinderAttention(SiteAttention):
     @torch.no_grad()
     def _init_centroids(self, qp: Tensor, kp: Tensor, key_keep: Tensor | None) -> None:
         """Centroids := distinct random tokens of this batch per head (torch's global RNG)."""
-        pool = self._tokens(qp, kp, key_keep)
-        H, N, _ = pool.shape
-        if N == 0:
-            return
-        c = self.clusters
-        picks = torch.rand(H, N, device=pool.device).argsort(-1)[:, :c]
-        if N < c:
-            picks = torch.cat([picks, torch.randint(0, N, (H, c - N), device=pool.device)], dim=-1)
-        chosen = pool.gather(1, picks.unsqueeze(-1).expand(H, c, pool.shape[2]))
-        if _distributed():
-            torch.distributed.broadcast(chosen, src=0)  # replicas start from rank 0's draw
-        self.centroids.copy_(chosen)
-        self.ema_sum.copy_(chosen)
-        self.ema_count.fill_(1.0)
-        self.initialized.fill_(True)
+        kmeans.start_(self, self._tokens(qp, kp, key_keep), lowest_draws=True)
 
     @torch.no_grad()
     def update_centroids_(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None) -> None:
@@ -276,20 +259,10 @@ class SparsefinderAttention(SiteAttention):
         if not bool(self.initialized):
             self._init_centroids(qp, kp, key_keep)
             return
-        pool = self._tokens(qp, kp, key_keep)  # (H, N, r)
-        H, c = self.centroids.shape[0], self.clusters
-        nearest = sp.nearest_clusters(pool.unsqueeze(0), self.centroids, 1)[0, ..., 0]  # (H, N)
-        n = torch.zeros(H, c, device=pool.device).scatter_add_(1, nearest, torch.ones_like(nearest, dtype=pool.dtype))
-        sums = torch.zeros(H, c, self.rank, device=pool.device).scatter_add_(
-            1, nearest.unsqueeze(-1).expand_as(pool), pool)
-        if _distributed():
-            # every rank's tokens in every step (as routing's k-means does): replicas stay identical
-            torch.distributed.all_reduce(n)
-            torch.distributed.all_reduce(sums)
-        d = self.decay
-        self.ema_count.mul_(d).add_(n * (1 - d))
-        self.ema_sum.mul_(d).add_(sums * (1 - d))
-        self.centroids.copy_(self.ema_sum / (self.ema_count + 1e-5).unsqueeze(-1))
+        pool = self._tokens(qp, kp, key_keep).unsqueeze(0)  # (1, H, N, r): real, finite tokens
+        # nearest by distance: the predictor's rule in the projected space (routing's is similarity)
+        nearest = sp.nearest_clusters(pool, self.centroids, 1)[..., 0]
+        kmeans.ema_step_(self, [kmeans.Tokens(pool, None, nearest)], self.decay, eps=1e-5)
 
     # ---------------------------------------------------------------------------------------
     # Projection training

@@ -29,8 +29,8 @@ Causal pairs j > i + offset and padding keys are dropped here already (the kerne
 too, but not generating them keeps the edge list small).
 
 The gold graph (pairs with nonzero entmax-1.5 probability over the allowed keys) and the metrics
-need each row's exact entmax threshold over all keys; `gold_edges` computes it in chunks of query
-rows (sort-based formula in float64), so peak memory is O(chunk * Lk), never Lq x Lk at once.
+need each row's exact entmax threshold over all keys; `gold_pairs` computes it in chunks of query
+rows (the kernels' threshold, in float64), so peak memory is O(chunk * Lk), never Lq x Lk at once.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ import torch
 from torch import Tensor
 
 from attnpass import cost_model
-from attnpass.lowering.cpu.common import as_4d, read_at_pairs
+from attnpass.lowering.cpu.common import as_4d, csr_rows, read_at_pairs
 from attnpass.lowering.cpu.edge_attention import edges_from_pairs
+from attnpass.lowering.cpu.row_normalizers import entmax15_threshold
 from attnpass.methods.base import key_anchor
 
 PREDICTORS = ("distance", "quantization", "clustering")
@@ -340,9 +341,8 @@ def gold_pairs(q: Tensor, k: Tensor, *, scale: float, causal: bool = False, caus
                rule: str = "entmax15", mass: float = 0.9) -> tuple[Tensor, Tensor]:
     """(row, col) pairs, sorted, of the gold graph of (q, k) over the allowed keys (no grad).
 
-    rule "entmax15": the pairs with nonzero entmax-1.5 probability. Row threshold: with
-    x = score / 2 sorted descending, tau_r = mean_r - sqrt((1 - ss_r) / r) over the top r,
-    support = largest r with tau_r <= x_r; gold = allowed and x > tau.
+    rule "entmax15": the pairs with nonzero entmax-1.5 probability: allowed and x > tau, x = score / 2,
+    with the kernels' exact row threshold tau (`row_normalizers.entmax15_threshold`).
     rule "mass" (a softmax model kept softmax): the smallest set of each row's keys holding at least
     `mass` of the row's softmax probability (its most probable keys, taken in order).
     Done on blocks of query rows (whole heads when short) in float64: O(_CHUNK_ELEMENTS) memory,
@@ -377,7 +377,7 @@ def gold_pairs(q: Tensor, k: Tensor, *, scale: float, causal: bool = False, caus
             if rule == "mass":
                 hit = allowed & _top_mass(x, allowed, mass)
             else:
-                tau = _entmax15_threshold(x, allowed)
+                tau = entmax15_threshold(torch.where(allowed, x, -torch.inf))
                 hit = allowed & (x > tau.unsqueeze(-1))
             hh, i, j = hit.nonzero(as_tuple=True)
             rows.append((b * Hq + h0 + hh) * Lq + i0 + i)
@@ -395,25 +395,6 @@ def _top_mass(half_scores: Tensor, allowed: Tensor, mass: float) -> Tensor:
     ordered, order = probs.sort(dim=-1, descending=True)
     before = ordered.cumsum(-1) - ordered  # mass of the keys ranked above each key
     return torch.zeros_like(allowed).scatter_(-1, order, before < mass)
-
-
-def _entmax15_threshold(x: Tensor, allowed: Tensor) -> Tensor:
-    """(..., Lk) half-scores and allowed mask -> (...) entmax-1.5 threshold (rows with none allowed: +inf)."""
-    has_any = allowed.any(-1)
-    mx = torch.where(allowed, x, -torch.inf).amax(-1)
-    mx = torch.where(has_any, mx, 0.0)
-    # tau >= max - 1, so entries below max - 1 are never in the support: parking disallowed entries at
-    # max - 3 keeps them out and keeps the cumulative sums finite
-    z = torch.where(allowed, (x - mx.unsqueeze(-1)).clamp(min=-2.0), -3.0)
-    zs = z.sort(dim=-1, descending=True).values
-    rank = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-    s1 = zs.cumsum(-1)
-    mean = s1 / rank
-    ss = (zs * zs).cumsum(-1) - s1 * mean
-    tau_r = mean - torch.sqrt(torch.clamp((1.0 - ss) / rank, min=0.0))
-    support = (tau_r <= zs).sum(-1).clamp(min=1)
-    tau = tau_r.gather(-1, (support - 1).unsqueeze(-1)).squeeze(-1) + mx
-    return torch.where(has_any, tau, torch.inf)
 
 
 def sample_negatives(g_row: Tensor, g_col: Tensor, *, B: int, H: int, Lq: int, Lk: int, causal: bool = False,
@@ -541,7 +522,7 @@ def graph_metrics(q: Tensor, k: Tensor, row_ptr: Tensor, col_index: Tensor, *, s
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     R = B * Hq * Lq
-    pred_row = torch.repeat_interleave(torch.arange(R, device=q.device), row_ptr.diff(), output_size=col_index.numel())
+    pred_row = csr_rows(row_ptr, col_index.numel())
     ok = _allowed(pred_row, col_index, Hq, Lq, Lk, causal, causal_offset, key_keep)
     pred_key = pred_row[ok] * Lk + col_index[ok]  # sorted (CSR, columns sorted per row)
     if gold is None:

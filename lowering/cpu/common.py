@@ -1,5 +1,5 @@
-"""Pieces the CPU kernels share: input checks, reading a broadcast bias / mask at pairs, and the
-counter-based dropout mask."""
+"""Pieces the CPU kernels share: input checks, reading a broadcast bias / mask at pairs, the row of
+each CSR entry, and the counter-based dropout mask."""
 from __future__ import annotations
 
 import torch
@@ -59,6 +59,13 @@ def read_at_pairs(t: Tensor, coords: tuple) -> Tensor:
     """`t` (broadcastable to (B, H, Lq, Lk)) read at the pairs `coords` (see `pair_index`)."""
     t4 = as_4d(t)
     return t4[pair_index(t4.shape, coords)]
+
+
+def csr_rows(row_ptr: Tensor, nnz: int | None = None) -> Tensor:
+    """The row of every entry of a CSR structure (entries stored row after row): row_ptr (R + 1,)
+    -> (nnz,) int64. Give nnz (col_index.numel()) when known: the output size is then not read
+    back from the device."""
+    return torch.repeat_interleave(row_ptr.diff(), output_size=nnz)
 
 
 def _mix32(x):

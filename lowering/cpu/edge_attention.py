@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from attnpass.lowering.cpu.common import broadcastable as _broadcastable
-from attnpass.lowering.cpu.common import as_4d, check, check_qkv, dropout_keep, pair_index
+from attnpass.lowering.cpu.common import as_4d, check, check_qkv, csr_rows, dropout_keep, pair_index
 from attnpass.lowering.cpu.row_normalizers import NORMALIZERS
 from attnpass.lowering.cpu.row_normalizers import logits_grad as _logits_grad
 from attnpass.lowering.cpu.row_normalizers import probs_from_stat as _probs
@@ -134,7 +134,7 @@ def edges_to_dense_mask(row_ptr: Tensor, col_index: Tensor, B: int, Hq: int, Lq:
     R = B * Hq * Lq
     if row_ptr.numel() != R + 1:
         raise ValueError(f"edges_to_dense_mask: row_ptr has {row_ptr.numel()} entries, expected R + 1 = {R + 1}")
-    rows = torch.repeat_interleave(torch.arange(R, device=row_ptr.device), row_ptr.diff())
+    rows = csr_rows(row_ptr)
     mask = torch.zeros(R, Lk, dtype=torch.bool, device=row_ptr.device)
     mask[rows, col_index] = True
     return mask.view(B, Hq, Lq, Lk)
@@ -206,7 +206,7 @@ def _check_edges(row_ptr: Tensor, col_index: Tensor, Lk: int) -> Tensor:
     _check(int(row_ptr[0]) == 0, f"row_ptr[0] must be 0, got {int(row_ptr[0])}")
     _check(int(row_ptr[-1]) == nnz, f"row_ptr[-1] must equal len(col_index) = {nnz}, got {int(row_ptr[-1])}")
     _check(bool((row_ptr.diff() >= 0).all()), "row_ptr must be nondecreasing")
-    rows = _edge_rows(row_ptr, nnz)
+    rows = csr_rows(row_ptr, nnz)
     if nnz == 0:
         return rows
     lo, hi = int(col_index.min()), int(col_index.max())
@@ -228,12 +228,6 @@ def _check_edges(row_ptr: Tensor, col_index: Tensor, Lk: int) -> Tensor:
 
 def _ptr_from_counts(counts: Tensor) -> Tensor:
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-
-
-def _edge_rows(row_ptr: Tensor, nnz: int) -> Tensor:
-    """Row of every edge (edges are stored row after row)."""
-    R = row_ptr.numel() - 1
-    return torch.repeat_interleave(torch.arange(R, device=row_ptr.device), row_ptr.diff(), output_size=nnz)
 
 
 @dataclass
@@ -293,7 +287,7 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, 
     if validate:
         row = _check_edges(row_ptr, col_index, Lk)
     elif causal or key_padding_mask is not None:
-        row = _edge_rows(row_ptr, col_index.numel())  # the rules below need each edge's row; tiles do not
+        row = csr_rows(row_ptr, col_index.numel())  # the rules below need each edge's row; tiles do not
 
     # Drop disallowed edges once, up front: afterwards every edge is live, so no -inf logits from
     # masking and no special cases in the normalisers. Filtering keeps the order, so it is CSR again.

@@ -49,50 +49,68 @@ def softmax_stat(logits: Tensor) -> Tensor:
     return torch.where(z > 0, m + torch.log(z), torch.zeros_like(z))
 
 
-# Rows wider than twice this first look at their top _TOP_FIRST entries only (see entmax15_stat).
+# Rows wider than twice this first look at their top _TOP_FIRST entries only (see entmax15_threshold).
 _TOP_FIRST = 16
 
 
 def entmax15_stat(logits: Tensor) -> Tensor:
     """Exact entmax-1.5 threshold tau per row: sum over the row of relu(logits / 2 - tau)^2 == 1.
 
+    In the logits' dtype; rows without a finite logit give 0. See `entmax15_threshold`.
+    """
+    return entmax15_threshold(logits * 0.5).to(logits.dtype)
+
+
+def entmax15_threshold(x: Tensor) -> Tensor:
+    """The PyTorch backend's one entmax-1.5 threshold: tau per row of half-scores x = logits / 2
+    (-inf = masked), with sum over the row of relu(x - tau)^2 == 1; float64, 0 for rows without a
+    finite entry. The kernels' row statistic and Sparsefinder's gold graph both use it.
+
     Within a row sorted descending (z_1 >= z_2 >= ...), if the support is the top r entries then
     tau_r = mean_r - sqrt((1 - ss_r) / r), with mean_r and ss_r (sum of squared deviations) of the
-    top r; the support is the largest r with tau_r <= z_r. Rows without a finite logit give 0.
+    top r; the support is the largest r with tau_r <= z_r.
 
     tau >= max - 1 (the top entry alone has mass <= 1), so only entries within 1 of the row's
-    maximum can be in the support. Wide rows are therefore first solved on their top _TOP_FIRST
-    entries (a partial sort); a row whose _TOP_FIRST-th entry is still within 1 of its maximum may
-    have more candidates and is solved again on the full sort. Same tau either way.
+    maximum can be in the support. Wide rows are therefore solved on their top _TOP_FIRST entries
+    (a partial sort), except rows with at least _TOP_FIRST entries within 1 of their maximum, which
+    may have more candidates and are solved on the full sort. Same tau either way.
     """
-    x = logits * 0.5
-    mx = _finite_max(x)
-    width = x.shape[-1]
-    if width <= 2 * _TOP_FIRST:
-        tau = _tau_sorted(torch.sort(x, dim=-1, descending=True).values, mx)
+    row_max = x.amax(-1)
+    has_finite = torch.isfinite(row_max)
+    mx = torch.where(has_finite, row_max, 0.0)
+    broken = ~has_finite & (row_max != -math.inf)  # a +inf or NaN entry: look at each entry
+    if bool(broken.any()):
+        has_finite[broken] = torch.isfinite(x[broken]).any(-1)
+    # Shifted by the max and clipped at -2 before any sort: no tau changes (entries below max - 1
+    # are never in the support), the sums stay small with -1e9 bias masks, padding (-inf) lands at
+    # -2 too, and a row whose tail is all one value sorts faster.
+    z = (x - mx.unsqueeze(-1)).clamp_(min=-2.0)
+    width = z.shape[-1]
+    # rows with _TOP_FIRST candidates (entries within 1 of the max) may have more beyond their top
+    more = (z >= -1.0).sum(-1) >= _TOP_FIRST if width > 2 * _TOP_FIRST else None
+    n_more = 0 if more is None else int(more.sum())
+    if more is None or 2 * n_more > more.numel():
+        # narrow rows, or mostly flat ones (e.g. untrained attention): sorting every row costs less
+        # than a partial sort plus gathering most rows again
+        tau = _tau_sorted(torch.sort(z, dim=-1, descending=True).values)
     else:
-        top = torch.topk(x, _TOP_FIRST, dim=-1).values
-        tau = _tau_sorted(top, mx)
-        more = top[..., -1] >= mx - 1.0  # the row may have candidates beyond its top entries
-        if bool(more.any()):
-            tau[more] = _tau_sorted(torch.sort(x[more], dim=-1, descending=True).values, mx[more])
-    finite = torch.isfinite(x).any(-1)
-    return torch.where(finite, tau, torch.zeros_like(tau)).to(logits.dtype)
+        tau = _tau_sorted(torch.topk(z, _TOP_FIRST, dim=-1).values)
+        if n_more:
+            tau[more] = _tau_sorted(torch.sort(z[more], dim=-1, descending=True).values)
+    return torch.where(has_finite, tau + mx.to(torch.float64), 0.0)
 
 
-def _tau_sorted(top: Tensor, mx: Tensor) -> Tensor:
-    """tau from each row's leading entries sorted descending (all of those within 1 of the max)."""
-    # Clipping at max - 2 changes no tau (entries below max - 1 are never in the support) but keeps
-    # the sums small with -1e9 bias masks, and padding (-inf) lands there too. float64 keeps the
-    # cumulative sums exact enough.
-    zs = (top - mx.unsqueeze(-1)).clamp(min=-2.0).to(torch.float64)
+def _tau_sorted(zs: Tensor) -> Tensor:
+    """tau - max from each row's leading shifted entries sorted descending (all of those within 1
+    of the max); float64 keeps the cumulative sums exact enough."""
+    zs = zs.to(torch.float64)
     rank = torch.arange(1, zs.shape[-1] + 1, device=zs.device, dtype=torch.float64)
     s1 = zs.cumsum(-1)
     mean = s1 / rank
     ss = (zs * zs).cumsum(-1) - s1 * mean
     tau_r = mean - torch.sqrt(torch.clamp((1.0 - ss) / rank, min=0.0))
     support = (tau_r <= zs).sum(-1, keepdim=True).clamp(min=1)
-    return tau_r.gather(-1, support - 1).squeeze(-1) + mx.to(torch.float64)
+    return tau_r.gather(-1, support - 1).squeeze(-1)
 
 
 def row_stat(logits: Tensor, normalizer: str) -> Tensor:

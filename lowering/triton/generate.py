@@ -83,6 +83,7 @@ def _context(spec: tuple) -> dict:
     """Names a template can use: the spec in upper case plus derived constants."""
     s = {k.upper(): v for k, v in spec}
     s["FAMILY"] = "grouped" if "block_m" in dict(spec) else "edge"
+    s["ROW"] = "[BLOCK_M]" if s["FAMILY"] == "grouped" else "[]"  # shape of a program's row statistics
     s["BLOCK_D"] = _pow2_at_least(s["D"])
     s["BLOCK_DV"] = _pow2_at_least(s["DV"])
     dtype = s["DTYPE"]

@@ -218,29 +218,39 @@ p = tl.where(keep, p * drop_scale, 0.0)
 acc += _mma(p, vt)
 '''
 
-# tau for the query tile, from logits streamed N_BISECT + 2 times (see the module docstring)
-SNIPPETS["grouped_entmax_threshold"] = '''
-m_i = tl.full([BLOCK_M], float("-inf"), {{ACC}})
-#> grouped_each_row_max
+# The one entmax-1.5 threshold of this backend, for both families: tau of the program's rows (shape
+# ROW: grouped, its BLOCK_M query slots; edge, its one row), from logits streamed N_BISECT + 2 times
+# (see the module docstring). The each_* snippets are the family's loops over its tiles.
+SNIPPETS["entmax_threshold"] = '''
+m_i = tl.full({{ROW}}, float("-inf"), {{ACC}})
+#> each_row_max
 m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
 lo = m_use - 1.0
 hi = m_use
 for _ in range(N_BISECT):
     mid = (lo + hi) * 0.5
-    mass = tl.full([BLOCK_M], 0.0, {{ACC}})
-    #> grouped_each_bisect_mass
+    mass = tl.full({{ROW}}, 0.0, {{ACC}})
+    #> each_bisect_mass
     lo = tl.where(mass >= 1.0, mid, lo)
     hi = tl.where(mass >= 1.0, hi, mid)
-cnt = tl.full([BLOCK_M], 0.0, {{ACC}})
-s1 = tl.full([BLOCK_M], 0.0, {{ACC}})
-s2 = tl.full([BLOCK_M], 0.0, {{ACC}})
-#> grouped_each_support_sums
+cnt = tl.full({{ROW}}, 0.0, {{ACC}})
+s1 = tl.full({{ROW}}, 0.0, {{ACC}})
+s2 = tl.full({{ROW}}, 0.0, {{ACC}})
+#> each_support_sums
 # support of size r = cnt: tau solves r tau^2 - 2 tau sum + sumsq = 1 (shifted by the max)
 cnt_safe = tl.maximum(cnt, 1.0)
 mean = s1 / cnt_safe
 ss = s2 - s1 * mean
 tau = m_use + mean - tl.sqrt(tl.maximum((1.0 - ss) / cnt_safe, 0.0))
 tau = tl.where(cnt > 0, tau, 0.0)  # empty rows: statistic 0, as the CPU kernel
+'''
+for _body in ("row_max", "bisect_mass", "support_sums"):
+    SNIPPETS[f"each_{_body}"] = f'''
+#if FAMILY == "grouped"
+#> grouped_each_{_body}
+#else
+#> edge_each_edge_{_body}
+#endif
 '''
 
 GROUPED_FWD = _COMMON + '''
@@ -258,7 +268,7 @@ def kernel(''' + _GROUPED_SIGNATURE + '''
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     stat = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
 #else
-    #> grouped_entmax_threshold
+    #> entmax_threshold
     #> grouped_each_entmax_accumulate
     out = acc
     stat = tau
@@ -507,29 +517,6 @@ p = tl.where(keep, p * drop_scale, 0.0)
 acc += _sum(p[:, None] * vt, 0)
 '''
 
-SNIPPETS["edge_entmax_threshold"] = '''
-m_i = tl.full([], float("-inf"), {{ACC}})
-#> edge_each_edge_row_max
-m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-lo = m_use - 1.0
-hi = m_use
-for _ in range(N_BISECT):
-    mid = (lo + hi) * 0.5
-    mass = tl.full([], 0.0, {{ACC}})
-    #> edge_each_edge_bisect_mass
-    lo = tl.where(mass >= 1.0, mid, lo)
-    hi = tl.where(mass >= 1.0, hi, mid)
-cnt = tl.full([], 0.0, {{ACC}})
-s1 = tl.full([], 0.0, {{ACC}})
-s2 = tl.full([], 0.0, {{ACC}})
-#> edge_each_edge_support_sums
-cnt_safe = tl.maximum(cnt, 1.0)
-mean = s1 / cnt_safe
-ss = s2 - s1 * mean
-tau = m_use + mean - tl.sqrt(tl.maximum((1.0 - ss) / cnt_safe, 0.0))
-tau = tl.where(cnt > 0, tau, 0.0)
-'''
-
 EDGE_FWD = _COMMON + '''
 
 @triton.jit
@@ -545,7 +532,7 @@ def kernel(''' + _EDGE_SIGNATURE + '''
     out = acc / tl.where(l_i > 0, l_i, 1.0)
     stat = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
 #else
-    #> edge_entmax_threshold
+    #> entmax_threshold
     #> edge_each_edge_entmax_accumulate
     out = acc
     stat = tau
