@@ -5,6 +5,7 @@ only reads the graph. `rewrite.py` changes it.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -81,11 +82,15 @@ def _describe(name: str, path: str, cls: str, match: SiteMatch, info: MaskInfo) 
     head_dim, head_dim_v = _dim_after(match.q, match.q_adapter, -1), _dim_after(match.v, match.v_adapter, -1)
     if match.batch_dims == 2:
         batch, heads_q, layout = scores[0], scores[1], "B,H,L,D"
+    elif match.batch_dims > 2:
+        # blocked: (B, N.., H, Lq, Lk) served as (B*N.., H, Lq, Lk); the batch is still the model's B
+        # (the block count N follows the length, and specialisation tells lengths from batch by it)
+        batch, heads_q, layout = scores[0], scores[-3], "B*N,H,L,D (leading dims merged into the batch)"
     elif info.heads_from_padding > 1:
         batch, heads_q, layout = "B", info.heads_from_padding, "B*H,L,D"
     else:
         batch, heads_q, layout = scores[0], 1, "B*H,L,D (heads folded in batch)"
-    heads_kv = _dim_after(match.k, match.k_adapter, 1) if match.batch_dims == 2 else heads_q
+    heads_kv = _dim_after(match.k, match.k_adapter, 1) if match.batch_dims >= 2 else heads_q
     mask = info.kind + (" (bottom-right)" if info.causal_bottom_right else "")
     return AttentionSite(
         name=name, module_path=path, module_type=cls, pattern=match.pattern,
@@ -113,6 +118,10 @@ def _dim_after(node, adapter, dim: int):
             s[step[1]], s[step[2]] = s[step[2]], s[step[1]]
         elif step[0] == "unsqueeze":
             s.insert(step[1], 1)
+        elif step[0] == "split_heads":  # (B*H, ...) -> (B, H, ...); B itself is never asked for
+            s = [None, step[1]] + s[1:]
+        elif step[0] == "flatten":
+            s = s[:step[1]] + [math.prod(s[step[1]:step[2] + 1])] + s[step[2] + 1:]
     return s[dim]
 
 

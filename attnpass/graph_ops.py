@@ -141,7 +141,10 @@ _SPELLINGS: dict[str, tuple[Any, list]] = {
     "softmax": (_read_softmax, [aten.softmax.int, aten._softmax.default, F.softmax, torch.softmax, "softmax"]),
     "mul": (_binary, [aten.mul.Tensor, aten.mul.Scalar, operator.mul, torch.mul, "mul"]),
     "div": (_binary, [aten.div.Tensor, aten.div.Scalar, operator.truediv, torch.div, "div"]),
-    "add": (_binary, [aten.add.Tensor, aten.add.Scalar, operator.add, torch.add, "add"]),
+    # in place too: LongT5 writes `scores += position_bias`, which export keeps as add_ (the walker
+    # accepts it only where the scores are the operand written to, see softmax_chain._walk_back)
+    "add": (_binary, [aten.add.Tensor, aten.add.Scalar, operator.add, torch.add, "add",
+                      aten.add_.Tensor, operator.iadd, "add_"]),
     "masked_fill": (_read_masked_fill, [aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill, "masked_fill"]),
     "where": (_read_where, [aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar, torch.where]),
     "cast": (_read_cast, [aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
@@ -163,6 +166,9 @@ _BY_TARGET: dict[Any, tuple[str, Any]] = {}
 for _kind, (_reader, _targets) in _SPELLINGS.items():
     for _t in _targets:
         _BY_TARGET[_t] = (_kind, _reader)
+
+
+IN_PLACE = (aten.add_.Tensor, operator.iadd, "add_")
 
 
 def view(node: Any) -> OpView | None:

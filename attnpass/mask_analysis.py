@@ -203,9 +203,19 @@ def _piece_keep(piece: MaskPiece, value: torch.Tensor) -> tuple[torch.Tensor, bo
     return (~value.bool() if piece.kind == "fill" else value.bool()), True
 
 
+def _value(piece: MaskPiece, probes: ProbeSet, probe: int) -> torch.Tensor:
+    """A piece's value on probe `probe`, in the layout of the scores (its `adapter` applied)."""
+    value = probes.evaluate(piece.node, probe)
+    for step in piece.adapter:
+        if step[0] != "split_heads":
+            raise AssertionError(f"mask piece layout step {step[0]}")
+        value = value.unflatten(0, (-1, step[1]))
+    return value
+
+
 def _allowed(pieces: list[MaskPiece], probes: ProbeSet, probe: int) -> torch.Tensor:
     """The pairs every one of the mask `pieces` keeps on probe `probe`."""
-    return functools.reduce(operator.and_, (_piece_keep(piece, probes.evaluate(piece.node, probe))[0] for piece in pieces))
+    return functools.reduce(operator.and_, (_piece_keep(piece, _value(piece, probes, probe))[0] for piece in pieces))
 
 
 def _candidate(kind_causal: str | None, pad: tuple | None, scores_shape: tuple, probes: ProbeSet, probe: int):
@@ -244,7 +254,7 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
         return MaskInfo(kind="causal" if match.causal else "none")
     n_probes = probes.STANDARD
     try:
-        evaluated = [[_piece_keep(piece, probes.evaluate(piece.node, p)) for piece in match.pieces]
+        evaluated = [[_piece_keep(piece, _value(piece, probes, p)) for piece in match.pieces]
                      for p in range(n_probes)]
     except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate is kept as it is
         return general_mask(match, f"mask could not be evaluated on probes ({type(e).__name__})")
@@ -259,7 +269,9 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
                for p in range(n_probes)]
     shapes = [probes.shape(scores_shape, p) for p in range(n_probes)]
     causal_options = ["top_left"] if match.causal else [None, "top_left", "bottom_right"]
-    pad_options = [None] + [(name, kz) for name in probes.padding_candidates for kz in (False, True)]
+    # a blocked site's batch is (B*blocks): a (B, Lk) padding vector would not line up with it
+    pad_inputs = probes.padding_candidates if match.batch_dims <= 2 else []
+    pad_options = [None] + [(name, kz) for name in pad_inputs for kz in (False, True)]
     for causal, pad in itertools.product(causal_options, pad_options):  # (None, None): a mask that allows every pair
         if all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p), shapes[p]) for p in range(n_probes)):
             beyond = _holds_past_its_constants(masks, causal, pad, scores_shape, probes)
@@ -312,7 +324,7 @@ def _empty_row_rule(match: SiteMatch, probes: ProbeSet, empty: list) -> str:
             continue
         value, replaced = None, None
         for piece in reversed(match.pieces):  # from the product outwards: the order they apply in
-            t = probes.evaluate(piece.node, p)
+            t = _value(piece, probes, p)
             if piece.kind == "add":
                 term = t.double() * piece.coef
                 value = term if value is None else value + term
@@ -321,7 +333,10 @@ def _empty_row_rule(match: SiteMatch, probes: ProbeSet, empty: list) -> str:
             fill = torch.tensor(piece.value, dtype=torch.float64)
             value = torch.where(removed, fill, torch.zeros((), dtype=torch.float64) if value is None else value)
             replaced = removed if replaced is None else replaced | removed
-        shape = (*where.shape, value.shape[-1])
+        # `where` has the shape of the pieces that remove pairs (a (B, 1, L) row mask), `value` may be
+        # wider (a per-head bias added to it): read every row of both
+        shape = torch.broadcast_shapes((*where.shape, 1), value.shape)
+        where = where.expand(shape[:-1])
         value = value.expand(shape)
         drowned = replaced.expand(shape) if replaced is not None else torch.zeros(shape, dtype=torch.bool)
         drowned = drowned | (value.abs() >= 1e30)  # finfo.min + a score is finfo.min
@@ -329,12 +344,12 @@ def _empty_row_rule(match: SiteMatch, probes: ProbeSet, empty: list) -> str:
         rows.append(value[where])
     if not rows:
         return "zero"
-    rows = torch.cat(rows)
-    if bool(torch.isneginf(rows).all()):
+    # one (rows, Lk) block per probe: probes at other lengths have other Lk
+    if all(bool(torch.isneginf(r).all()) for r in rows):
         if match.pattern != "sdpa":
             match.notes.append("queries with no allowed key: the original's softmax gives NaN there, the rewrite 0")
         return "zero"
-    if bool(rows.isfinite().all()) and bool((rows == rows[:, :1]).all()):
+    if all(bool(r.isfinite().all()) and bool((r == r[:, :1]).all()) for r in rows):
         return "mean"
     return ""
 
@@ -416,7 +431,7 @@ def _bias_note(bias: list[MaskPiece], probes: ProbeSet) -> str:
         val = meta_val(piece.node)
         shape = "x".join(str(d) for d in val.shape) if isinstance(val, torch.Tensor) else "?"
         try:
-            masked = bool((probes.evaluate(piece.node, 0) <= _MASKING).any())
+            masked = bool((_value(piece, probes, 0) <= _MASKING).any())
         except Exception:  # noqa: BLE001
             masked = False
         notes.append(f"additive ({shape})" + (", mask folded in" if masked else ""))

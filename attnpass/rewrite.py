@@ -33,17 +33,32 @@ def _apply(graph: fx.Graph, node: fx.Node, adapter) -> fx.Node:
             node = graph.call_function(aten.unflatten.int, (node, 0, [-1, step[1]]))
         elif op == "merge_heads":
             node = graph.call_function(aten.flatten.using_ints, (node, 0, 1))
+        elif op == "flatten":
+            node = graph.call_function(aten.flatten.using_ints, (node, step[1], step[2]))
+        elif op == "unflatten":
+            sizes = [graph.call_function(aten.sym_size.int, size) if isinstance(size, tuple) else size
+                     for size in step[2]]
+            node = graph.call_function(aten.unflatten.int, (node, step[1], sizes))
         else:
             raise AssertionError(f"unknown adapter step {op}")
     return node
 
 
-def _to_canonical_rank(graph, node, piece: MaskPiece, site: AttentionSite, heads: int):
-    """A (B*H, Lq, Lk)-broadcastable mask/bias piece of a 3-D site, moved to (B, H, Lq, Lk).
+def _piece_rank(piece: MaskPiece) -> int:
+    """The rank of a piece in the scores' layout, read off the model's own piece (nodes built here
+    have no metadata)."""
+    rank = len(meta_val(piece.node).shape)
+    return rank + sum(step[0] == "split_heads" for step in piece.adapter)
 
-    The rank is read off the model's own piece: `node` may be one we just built (no metadata).
-    """
-    if site.match.batch_dims != 1 or len(meta_val(piece.node).shape) < 3:
+
+def _to_canonical_rank(graph, node, piece: MaskPiece, site: AttentionSite, heads: int):
+    """A mask/bias piece in the scores' layout, moved to (B, H, Lq, Lk): a 3-D site's
+    (B*H, Lq, Lk)-broadcastable piece gets its heads, a blocked site's (G1, .., Gn, H, Lq, Lk) piece
+    its leading dims merged (patterns.softmax_chain checked they are whole or 1)."""
+    rank = _piece_rank(piece)
+    if site.match.batch_dims > 2 and rank > 4:
+        return _apply(graph, node, [("flatten", 0, rank - 4)])
+    if site.match.batch_dims != 1 or rank < 3:
         return node
     step = ("split_heads", heads) if heads > 1 else ("unsqueeze", 1)
     return _apply(graph, node, [step])
@@ -75,15 +90,16 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, target: str) -> fx.Nod
         v = _apply(graph, match.v, _with_heads(match.v_adapter, heads, False))
         bias = None
         for piece in info.general_bias:
-            term = piece.node if piece.coef == 1.0 else graph.call_function(aten.mul.Tensor, (piece.node, piece.coef))
+            term = _apply(graph, piece.node, piece.adapter)
+            term = term if piece.coef == 1.0 else graph.call_function(aten.mul.Tensor, (term, piece.coef))
             term = _to_canonical_rank(graph, term, piece, site, heads)
             bias = term if bias is None else graph.call_function(aten.add.Tensor, (bias, term))
         mask = None
         for piece in info.general_bool:
-            keep = piece.node
+            keep = _apply(graph, piece.node, piece.adapter)
             if piece.kind == "fill":
                 keep = graph.call_function(aten.logical_not.default, (keep,))
-            elif meta_val(keep) is not None and meta_val(keep).dtype != torch.bool:
+            elif meta_val(piece.node) is not None and meta_val(piece.node).dtype != torch.bool:
                 keep = graph.call_function(aten.ne.Scalar, (keep, 0))
             keep = _to_canonical_rank(graph, keep, piece, site, heads)
             mask = keep if mask is None else graph.call_function(aten.logical_and.default, (mask, keep))

@@ -18,6 +18,9 @@ import torch.fx as fx
 # Steps: ("transpose", d0, d1) | ("permute", dims) | ("unsqueeze", d) | ("squeeze", d)
 #        | ("split_heads", heads)   (B*H, L, D) -> (B, H, L, D)
 #        | ("merge_heads",)         (B, H, L, D) -> (B*H, L, D)
+#        | ("flatten", start, end)  dims start..end merged into one (blocked layouts: (B, N, H, L, D) -> (B*N, H, L, D))
+#        | ("unflatten", dim, sizes)  dim split into `sizes`, each an int, -1, or (node, d): the size of
+#                                   dim d of `node` at run time (a size the graph only knows symbolically)
 Adapter = list[tuple]
 
 
@@ -34,6 +37,10 @@ class MaskPiece:
     node: fx.Node
     coef: float = 1.0  # additive terms are scaled by any scale applied after them
     value: float = float("-inf")  # "fill" / "keep": the score a removed pair gets
+    # Steps (the Adapter vocabulary) that bring the piece's value to the layout of the softmax's
+    # input, for a piece added before the scores were reshaped: BLOOM's ALiBi term of a (B*H, L, L)
+    # baddbmm whose scores are viewed as (B, H, L, L) before the mask and softmax.
+    adapter: list = field(default_factory=list)
 
 
 @dataclass
@@ -57,7 +64,10 @@ class SiteMatch:
     dropout_p: float = 0.0
     internal: set = field(default_factory=set)  # nodes of the chain that must have no outside users
     notes: list[str] = field(default_factory=list)
-    batch_dims: int = 2        # 2: scores are (B, H, Lq, Lk); 1: (B*H, Lq, Lk)
+    # Leading dims of the scores before (Lq, Lk): 2 is (B, H, Lq, Lk); 1 is (B*H, Lq, Lk); 3 or more
+    # is a blocked layout such as (B, blocks, H, Lq, Lk), whose leading dims the adapters merge into
+    # the canonical batch
+    batch_dims: int = 2
 
 
 @dataclass

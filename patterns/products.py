@@ -1,6 +1,6 @@
 """The spellings of the two products of attention: scores = Q·Kᵀ and out = P·V.
 
-matmul / bmm with an explicit or implicit transpose of K, einsum with any letter names, and
+matmul / bmm with an explicit or implicit transpose of K, einsum with any letter names (and '...'), and
 baddbmm (scores = beta·mask + alpha·Q·Kᵀ, BLOOM/OPT and nn.MultiheadAttention style). Each
 reader returns the operands together with the adapter that brings them to the layout
 (batch..., L, D), and says how many leading batch dims the scores have.
@@ -93,14 +93,37 @@ def read_score_product(node: fx.Node) -> ScoreProduct | None:
     return None
 
 
-def _parse_equation(equation: str, n_operands: int):
-    if "..." in equation or "->" not in equation:
-        raise Skip(f"einsum '{equation}' (ellipsis or implicit output) is not supported")
+def _parse_equation(equation: str, operands: list):
+    """The two input terms and the output term of a two-operand einsum, '...' spelled out."""
+    if "->" not in equation:
+        raise Skip(f"einsum '{equation}' (implicit output) is not supported")
     lhs, out = equation.split("->")
     ins = lhs.split(",")
-    if len(ins) != n_operands or n_operands != 2:
+    if len(ins) != len(operands) or len(operands) != 2:
         raise NotAttention
+    if "..." in equation:  # LongT5's blocked attention: "...qhd,...khd->...hqk" on 5-D tensors
+        ins, out = _spell_ellipsis(equation, ins, out, operands)
     return ins[0], ins[1], out
+
+
+def _spell_ellipsis(equation: str, ins: list[str], out: str, operands: list):
+    """Replace '...' by letters the equation does not use, as many as the dims it stands for in each
+    operand, right-aligned as einsum broadcasts them (an operand with fewer gets the last ones)."""
+    spans = []
+    for term, operand in zip(ins, operands):
+        s = shape(operand)
+        if s is None:
+            raise NotAttention
+        spans.append(len(s) - (len(term) - 3) if "..." in term else 0)
+    if min(spans) < 0:
+        raise NotAttention
+    width = max(spans)
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation][:width]
+
+    def spell(term: str, n: int) -> str:
+        return term.replace("...", "".join(free[width - n:]))
+
+    return [spell(t, n) for t, n in zip(ins, spans)], spell(out, width)
 
 
 def _permutation(src: str, dst: str) -> Adapter:
@@ -109,8 +132,8 @@ def _permutation(src: str, dst: str) -> Adapter:
 
 
 def _read_einsum_scores(ov, rank: int) -> ScoreProduct | None:
+    sa, sb, so = _parse_equation(ov["equation"], ov["operands"])
     a, b = ov["operands"]
-    sa, sb, so = _parse_equation(ov["equation"], len(ov["operands"]))
     contracted = [c for c in sa if c in sb and c not in so]
     batch = [c for c in so if c in sa and c in sb]
     q_letters = [c for c in so if c in sa and c not in sb]
@@ -146,7 +169,7 @@ def read_value_product(node: fx.Node, probs: fx.Node, batch_dims: int) -> ValueP
         operands = ov["operands"]
         if len(operands) != 2 or probs not in operands:
             return None
-        sa, sb, so = _parse_equation(ov["equation"], 2)
+        sa, sb, so = _parse_equation(ov["equation"], operands)
         sp, sv = (sa, sb) if operands[0] is probs else (sb, sa)
         v = operands[1] if operands[0] is probs else operands[0]
         batch, q_letter, k_letter = sp[:-2], sp[-2], sp[-1]

@@ -11,6 +11,7 @@ from tests.zoo import by_name
 
 CASES = ["bert-eager", "bert-sdpa", "gpt2-eager", "gpt2-sdpa", "llama-eager", "llama-sdpa",
          "hand-matmul-div-mask", "hand-einsum-scaled-q", "hand-baddbmm-3d", "hand-gqa-expand-reshape",
+         "bloom-eager", "deberta-v2-eager", "longt5-local-eager",
          "neg-moe-router", "neg-query-axis-softmax", "neg-softmax-gate"]
 
 

@@ -56,6 +56,9 @@ HEADS = {  # (query heads, kv heads, head dim) the report must show
     "hand-gqa-repeat-interleave": (4, 2, 8), "hand-gqa-expand-reshape": (4, 2, 8),
     "hand-einsum-scaled-q": (4, 4, 8), "bert-eager": (4, 4, 8),
     "nn-mha-weights": (4, 4, 8),  # (B*H, L, D) layout: H read off the key padding vector
+    # (B*H, L, D) products whose scores are viewed as (B, H, L, L): H read off the view
+    "bloom-eager": (4, 4, 8), "deberta-v2-eager": (4, 4, 8),
+    "longt5-local-eager": (4, 4, 8),  # blocked (B, blocks, H, l, 3l) scores: H is the dim before (l, 3l)
 }
 
 

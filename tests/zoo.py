@@ -16,8 +16,8 @@ Conventions
   every call passes tensors only -- except the ``default_call=True`` cases (``*-causallm``): HF
   ``*ForCausalLM`` models with their config defaults, called as users call them, returning a
   ``CausalLMOutputWithPast`` with a ``DynamicCache``.  Hugging Face encoder-only / decoder-only / ViT models are the bare
-  ``AutoModel`` built with ``use_cache=False, return_dict=False`` in their config; the three
-  encoder-decoders (T5, BART, Whisper) need a thin wrapper (:class:`Seq2SeqAsTuple`, whose
+  ``AutoModel`` built with ``use_cache=False, return_dict=False`` in their config; the
+  encoder-decoders (T5, BART, Whisper, ProphetNet, LongT5) need a thin wrapper (:class:`Seq2SeqAsTuple`, whose
   docstring says why) that calls them with ``return_dict=False``.
 * Padding masks: row 1 of every batch is padded at the end (its last ``length // 4`` positions,
   at least one); padded token ids are the model's pad id.
@@ -342,6 +342,115 @@ def _hf_cases() -> list[ZooCase]:
             build = _hf_build(cfg, impl, *wrapper)
             cases.append(ZooCase(f"{name}-{impl}", build, inputs, count, dynamic, f"HF {impl}; {notes}"))
     return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face classes that spell attention their own way (eager only: none has an SDPA path)
+# --------------------------------------------------------------------------------------------------
+
+
+def _bloom_config():
+    import transformers
+
+    return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2, **_HF_COMMON)
+
+
+def _deberta_v2_config():
+    import transformers
+
+    return transformers.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
+        max_relative_positions=16, pad_token_id=0, **_HF_COMMON,
+    )
+
+
+def _deberta_config():
+    import transformers
+
+    return transformers.DebertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"],
+        max_relative_positions=16, pad_token_id=0, **_HF_COMMON,
+    )
+
+
+def _prophetnet_config():
+    import transformers
+
+    return transformers.ProphetNetConfig(
+        vocab_size=VOCAB, hidden_size=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_encoder_layers=2,
+        num_decoder_layers=2, num_encoder_attention_heads=4, num_decoder_attention_heads=4, ngram=2,
+        num_buckets=8, relative_max_distance=16, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, **_SEQ2SEQ_COMMON,
+    )
+
+
+# blocks of local_radius + 1 = 5 tokens, each seeing its own and both neighbours' (15 keys). The export
+# guards on whether the length is a multiple of the block (padding to whole blocks or not): 5 divides
+# neither 8 nor 12, the sizes the zoo's own export test runs at
+LONGT5_RADIUS = 4
+LONGT5_TG_LENGTH = 16  # transient-global: the one length its inputs use (see the case's notes)
+
+
+def _longt5_config(kind: str):
+    def config():
+        import transformers
+
+        return transformers.LongT5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+            local_radius=LONGT5_RADIUS, global_block_size=4, relative_attention_num_buckets=8,
+            relative_attention_max_distance=16, encoder_attention_type=kind, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0, **_SEQ2SEQ_COMMON,
+        )
+
+    return config
+
+
+def _longt5_tg_inputs(batch, length):
+    # `length` is ignored: the captured graph bakes the example's global block count (one_hot's
+    # num_classes), so torch.export's program holds at this length only (sparsify captures per size:
+    # tests/test_specialisation.py)
+    return _seq2seq_inputs(0)(batch, LONGT5_TG_LENGTH)
+
+
+def _spelling_cases() -> list[ZooCase]:
+    specs = [
+        # name, config, inputs, attention_count, dynamic, notes[, wrapper]
+        ("bloom", _bloom_config, _bert_inputs, 2, True,
+         "scores = baddbmm(ALiBi (B*H, 1, L), q, k^T, beta=1, alpha=d**-0.5) on (B*H, L, D), viewed as "
+         "(B, H, L, L), + causal/padding mask, softmax(dtype=float32), .to(q.dtype), dropout, viewed back "
+         "to (B*H, L, L), bmm with V; padding mask"),
+        ("deberta-v2", _deberta_v2_config, _bert_inputs, 2, True,
+         "disentangled attention: bmm(q, k^T / sqrt(3d)) on (B*H, L, D) plus c2p and p2c terms "
+         "(bmm of q / k with projected relative embeddings, gathered by log-bucketed relative position, "
+         "summed in place), viewed as (B, H, L, L), masked_fill(finfo.min) with a (B, 1, L, L) "
+         "query-and-key padding mask, softmax, dropout, viewed back, bmm with V"),
+        ("deberta", _deberta_config, _bert_inputs, 2, True,
+         "disentangled attention (v1): matmul on (B, H, L, D) with q scaled by a tensor, plus c2p and p2c "
+         "terms gathered by relative position, masked_fill(finfo.min) with a (B, 1, L, L) query-and-key "
+         "padding mask (padded queries see no key: the softmax is uniform there)"),
+        ("prophetnet", _prophetnet_config, _seq2seq_inputs(0), 8, True,
+         "encoder-decoder with 2-gram prediction: per layer, encoder self (einsum bsij,bsjk->bsik, padding "
+         "mask); decoder main stream (einsum with k^T + relative-position bias gathered from a bucket table "
+         "(per-token Linear) + causal mask); decoder predict streams (5-D einsum bnhtc,bnhsc->bnhts over "
+         "(B, ngram, H, L, 2L), the same bucketed bias, the n-gram mask); cross-attention over the 3 streams "
+         "(Lq = 3 * decoder length). Wrapped in Seq2SeqAsTuple", Seq2SeqAsTuple),
+        ("longt5-local", _longt5_config("local"), _seq2seq_inputs(0), 6, True,
+         "encoder: blocked local attention, q/k/v as (B, blocks, 5, H, D), keys/values of the neighbouring "
+         "blocks concatenated (15 per block), einsum ...qhd,...khd->...hqk on 5-D tensors, `scores += "
+         "position_bias` in place (bucketed relative bias + local mask folded in, -1e10), softmax in "
+         "float32; decoder: T5 self (causal) and cross attention. Wrapped in Seq2SeqAsTuple",
+         Seq2SeqAsTuple),
+        ("longt5-tglobal", _longt5_config("transient-global"), _longt5_tg_inputs, 6, False,
+         f"as longt5-local, the encoder's keys also hold one aggregate per global block of 4 tokens, tiled "
+         f"over the local blocks (3 * 5 + 4 keys), with their own side bias. Length FIXED at "
+         f"{LONGT5_TG_LENGTH} (the graph bakes the global block count); the batch varies. Wrapped in "
+         f"Seq2SeqAsTuple", Seq2SeqAsTuple),
+    ]
+    return [ZooCase(f"{name}-eager", _hf_build(cfg, "eager", *wrapper), inputs, count, dynamic, f"HF eager; {notes}")
+            for name, cfg, inputs, count, dynamic, notes, *wrapper in specs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -770,7 +879,8 @@ NEGATIVES: list[ZooCase] = [
     ZooCase("neg-mlp", _seeded(MLP), _x_inputs, 0, notes="Linear -> GELU -> Linear; no softmax"),
 ]
 
-ZOO: list[ZooCase] = _hf_cases() + _minilm_cases() + _nn_cases() + _hand_cases() + _causal_lm_cases()
+ZOO: list[ZooCase] = (_hf_cases() + _spelling_cases() + _minilm_cases() + _nn_cases() + _hand_cases()
+                      + _causal_lm_cases())
 
 _BY_NAME = {c.name: c for c in ZOO + NEGATIVES}
 assert len(_BY_NAME) == len(ZOO) + len(NEGATIVES), "duplicate zoo names"
