@@ -211,6 +211,10 @@ def find_sites(gm: fx.GraphModule, probes: ProbeSet | None) -> tuple[list[Attent
             path, cls = module_path(node)
             name = _unique(path, used)
             info = analyse_mask(match, scores_shape(match), probes) if probes is not None else general_mask(match)
+            if not info.empty_rows:
+                skipped.append(SkippedSite(name, path, match.pattern, "cannot tell what the model computes at a query "
+                                           "with no allowed key (its mask's fill values do not give one rule on probes)"))
+                break
             sites.append(_describe(name, path, cls, match, info))
             break
     return sites, skipped

@@ -412,13 +412,15 @@ def general_mask(match: SiteMatch, why: str = "", bias_note: str = "", probes: P
     bools = [p for p in match.pieces if p.kind != "add"]
     rule = "zero"
     if bools and probes is not None:
+        # "" when the probes cannot tell what the original computes at a query with no allowed key
+        # (the site is then skipped: a guess would be a silently different function on such rows)
         try:
             empty = []
             for p in [*range(probes.STANDARD), *(probes.empty_row_probes() if probes.padding_candidates else [])]:
                 empty.append((p, ~_allowed(bools, probes, p).any(dim=-1)))
-            rule = _empty_row_rule(match, probes, empty) or "zero"
-        except Exception:  # noqa: BLE001 - a mask we cannot evaluate keeps the default rule
-            pass
+            rule = _empty_row_rule(match, probes, empty)
+        except Exception:  # noqa: BLE001 - a mask we cannot evaluate: the rule stays unknown
+            rule = ""
     return MaskInfo(kind="general", general_bias=[p for p in match.pieces if p.kind == "add"],
                     general_bool=bools, why_general=why, bias_note=bias_note, empty_rows=rule)
 

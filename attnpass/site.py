@@ -92,7 +92,7 @@ class MaskInfo:
     why_general: str = ""
     # What the original computes for a query with no allowed key: "zero" (SDPA's rule), or "mean",
     # the mean of V over all keys (every score of the row replaced by, or drowned in, one finite
-    # masking constant such as finfo.min).
+    # masking constant such as finfo.min); "" when the probes cannot tell (the site is skipped).
     empty_rows: str = "zero"
 
     @property

@@ -243,3 +243,28 @@ def test_an_all_true_mask_is_no_mask_and_every_method_takes_the_site(name):
                    if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.bool
                    and n.meta["val"].dim() == 4]
     assert bool_square == []
+
+
+class _TwoFills(torch.nn.Module):
+    """Padding filled with -1e4, the future with -inf: a query whose visible keys are all padding
+    gets a softmax uniform over those keys only, neither zeros nor the mean of V."""
+
+    def forward(self, q, k, v, keep):
+        scores = torch.matmul(q, k.transpose(-1, -2)) / 2.0
+        scores = scores.masked_fill(keep[:, None, None, :] == 0, -1e4)
+        lq, lk = scores.shape[-2:]
+        future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+        return torch.matmul(scores.softmax(-1), v)
+
+
+def test_a_site_whose_rule_at_queries_with_no_key_is_unknown_is_skipped_not_guessed():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 4, generator=g) for _ in range(3))
+    keep = torch.ones(2, 8, dtype=torch.long)
+    keep[0, :3] = 0  # left padding: queries 0-2 of row 0 see only padded keys
+    report = attnpass.find_attention(_TwoFills(), (q, k, v, keep))
+    assert not report.sites
+    assert "no allowed key" in report.skipped[0].reason
+    with pytest.raises(attnpass.api.NoAttentionFound, match="no allowed key"):
+        attnpass.sparsify(_TwoFills(), (q, k, v, keep))
