@@ -1,4 +1,6 @@
-"""The torch.compile backend: `torch.compile(model, backend="attnpass")`.
+"""The torch.compile backend: `torch.compile(model, backend="attnpass")`, or bound to the model
+whose method state it keeps: `model.forward = torch.compile(model.forward,
+backend=attnpass.backend(method="routing", model=model))`, then `model.generate(...)`.
 
 For each graph dynamo hands it, the backend inlines the attention dynamo keeps as one call
 (`inline_mha`: `F.multi_head_attention_forward` of nn.MultiheadAttention / nn.Transformer*Layer,
@@ -18,13 +20,32 @@ shapes, and the site modules run eagerly, their custom ops (`attnpass::attention
 so training works: backward runs each compiled piece's AOT backward and each op's registered
 autograd.
 
-Methods with learned state (routing, SBM, Sparsefinder) are not created by the backend: a backend
-sees one graph at a time and builds its modules anew on every recompilation, so their state would
-be reset and would never be in `model.parameters()` / `state_dict()`. `backend(method="routing")`
-raises a ValueError that says to compile `attnpass.sparsify(model, ..., method="routing")` instead.
-In such a model dynamo traces through the site modules: the graphs it hands over hold attnpass ops
-rather than softmax chains, so nothing is found to rewrite (no second rewrite); the attnpass ops
-are reported as already sparse and lowered as they are (opaque custom ops for Inductor).
+Where the site modules live. Unbound (`backend(method="combiner")`, `backend="attnpass"`), each
+graph gets fresh modules, which is only right for methods without learned state (dense, Combiner):
+a backend sees one graph at a time, so a routing module built per graph would have its centroids
+reset at every recompilation and kept out of `model.state_dict()`. Those methods need the model:
+`backend(method="routing", model=m)` binds the backend to `m`. A site's module is then created the
+first time a graph holds the site, attached to `m` as `<owning module>.attnpass` (`api._attach`,
+as `sparsify` attaches it, so the state_dict keys are sparsify's), and reused by every later graph
+holding that site (a recompilation, another length, generation's decode graph). A site is known by
+its name, the owning module's path and its order within it (`detect`'s naming); the module stores
+it as `spec.name`, so a backend bound later to the same model finds the modules already attached.
+Before reuse the graph's site must compute the attention the module was built for, by sparsify's
+rule for a new call signature (`sparse_module._check_same_attention`: a decode step's one query
+over the cache is the prompt's causal attention); a site that differs, whose path is not that
+module in the bound model (a submodule compiled on its own), or in a graph reading none of the
+model's parameters (another model) is left unchanged, reported, and warned about when it differs.
+The modules take the model's mode and then follow `m.train()` / `m.eval()`, whose flag dynamo
+guards on. Methods with state bound this way are never traced by dynamo (they run at the cuts), so
+their layout code adds no guard and no graph break either. Without a model, routing, SBM and
+Sparsefinder raise a ValueError saying to pass `model=` (or to compile `attnpass.sparsify(...)`,
+whose graphs hold attnpass ops rather than softmax chains: they are reported as already sparse and
+lowered as they are, and dynamo breaks the graph at the methods' layout code).
+
+Output layout. Inductor may return a graph output in another memory order than dynamo traced (a KV
+cache's keys in the projection's (B, L, H, D) order); a later graph taking it as input would be
+compiled again for the new strides (generation's first decode step reads the prefill's keys, the
+next steps the decode steps' own). Outputs traced as contiguous are given back contiguous.
 
 What was rewritten and why a site was skipped: `attnpass.explain(model, args, kwargs, ...)`, the
 `.report` of a backend object, or the `attnpass.compile_backend` logger at INFO level.
@@ -32,6 +53,7 @@ What was rewritten and why a site was skipped: `attnpass.explain(model, args, kw
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -41,14 +63,16 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.split_module import split_module
 
-from attnpass.api import site_spec
+from attnpass.api import _attach, _refuse_sparsified, site_spec
 from attnpass.capture import check_call_inputs
 from attnpass.detect import capture_sites, find_sites, module_path
 from attnpass.inline_mha import inline_mha
 from attnpass.mask_analysis import ProbeSet
-from attnpass.methods import SiteAttention, method_class
+from attnpass.methods import SiteAttention, canonical_method, method_class
+from attnpass.prefill import check_prefill_queries
 from attnpass.rewrite import remove_dead_code, rewrite_site
 from attnpass.site import AttentionSite, SkippedSite, format_table
+from attnpass.sparse_module import SignatureNotServed, _check_same_attention
 
 log = logging.getLogger(__name__)
 
@@ -126,43 +150,65 @@ class CompileReport:
 class AttnpassBackend:
     """A torch.compile backend: `(gm, example_inputs) -> callable`. Build it with `attnpass.backend(...)`."""
 
-    def __init__(self, method: str = "combiner", inner: str = "inductor", **options):
-        site_class = method_class(method)
-        name = method.lower()
-        if name not in STATELESS_METHODS:
+    def __init__(self, method: str = "combiner", inner: str = "inductor", model: nn.Module | None = None, **options):
+        name = canonical_method(method)
+        site_class = method_class(name)
+        prefill_queries = options.pop("prefill_queries", None)  # every method's, as in sparsify
+        check_prefill_queries(prefill_queries)
+        if model is None and name not in STATELESS_METHODS:
             raise ValueError(
-                f"attnpass backend: method {method!r} has learned state, which a torch.compile backend cannot "
-                "own (its modules would be rebuilt on every recompilation and missing from model.parameters() "
-                f"and state_dict()); compile the sparsified model instead: "
+                f"attnpass backend: method {method!r} has learned state, which a backend cannot keep on its own "
+                "(its modules would be rebuilt on every recompilation and missing from model.parameters() and "
+                f"state_dict()); bind the backend to the model that keeps it: attnpass.backend(method={method!r}, "
+                "model=model), or compile the sparsified model: "
                 f"torch.compile(attnpass.sparsify(model, args, kwargs, method={method!r}), backend='attnpass'). "
-                f"Methods the backend applies itself: {list(STATELESS_METHODS)}"
+                f"Methods the backend applies without a model: {list(STATELESS_METHODS)}"
             )
+        if model is not None:
+            if not isinstance(model, nn.Module):
+                raise TypeError("attnpass backend: model= must be the nn.Module being compiled, "
+                                f"got {type(model).__name__}")
+            _refuse_sparsified(model, "attnpass.backend(model=...)")
         site_class.validate_options(**options)
         if inner not in INNER_COMPILERS:
             raise ValueError(f"attnpass backend: inner={inner!r} must be one of {list(INNER_COMPILERS)}")
         self.method = name
         self.inner = inner
+        self.model = model
+        self.prefill_queries = prefill_queries
         self.options = dict(options)
         self._site_class = site_class
         self.report = CompileReport(name)
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"attnpass.backend(method={self.method!r}, inner={self.inner!r}{opts})"
+        if self.prefill_queries is not None:
+            opts += f", prefill_queries={self.prefill_queries!r}"
+        bound = f", model={type(self.model).__name__}" if self.model is not None else ""
+        return f"attnpass.backend(method={self.method!r}, inner={self.inner!r}{bound}{opts})"
+
+    def site_modules(self) -> dict[str, nn.Module]:
+        """Site name -> the module attached to the bound model for it (empty for an unbound backend,
+        and before the first compiled call)."""
+        if self.model is None:
+            return {}
+        return {m.spec.name: m for m in self.model.modules()
+                if isinstance(m, SiteAttention) and m.method_name == self.method}
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         graph_report = GraphReport(len(self.report.graphs))
         self.report.graphs.append(graph_report)
         pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        contiguous = _contiguous_outputs(gm)
         try:
-            return self._rewrite_and_compile(gm, example_inputs, graph_report)
+            compiled = self._rewrite_and_compile(gm, example_inputs, graph_report)
         except Exception as e:  # noqa: BLE001 - a graph we cannot rewrite still runs, unchanged
             why = f"attnpass could not rewrite this graph ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiled unchanged"
             warnings.warn(f"attnpass backend: {why}", stacklevel=2)
             graph_report.rewritten.clear()
             graph_report.skipped.append(SkippedSite("<graph>", "", "-", why))
             compiled, graph_report.pieces = _compile_split(pristine, example_inputs, set(), self.inner)
-            return compiled
+        return _with_traced_contiguity(compiled, contiguous)
 
     def _rewrite_and_compile(self, gm: fx.GraphModule, example_inputs, graph_report):
         graph_report.already_sparse = _attnpass_ops(gm)
@@ -173,42 +219,141 @@ class AttnpassBackend:
         sites, skipped = find_sites(gm, probes)
         graph_report.skipped.extend(skipped + _opaque_attention(gm, declined))
         calls = []
+        foreign = self._foreign_graph(example_inputs)
         for site in sites:
-            made = self._make_site(site)
+            made = self._make_site(site) if self.model is None else (foreign or self._bound_site(site))
             if isinstance(made, str):
                 graph_report.skipped.append(SkippedSite(site.name, site.module_path, site.pattern, made))
                 continue
             target = f"attnpass_site_{len(calls)}"
             gm.add_submodule(target, made)
             calls.append(rewrite_site(gm, site, target))
-            graph_report.rewritten.append({**site.row(), "method": self.method})
+            row = {**site.row(), "method": self.method}
+            if self.model is not None:
+                row["module"] = _attached_path(self.model, site, made)
+            graph_report.rewritten.append(row)
         if calls:
             remove_dead_code(gm)  # the replaced chains (and any L x L mask built only for them)
         _log(graph_report, self.method)
         compiled, graph_report.pieces = _compile_split(gm, example_inputs, set(calls), self.inner)
         return compiled
 
-    def _make_site(self, site: AttentionSite) -> nn.Module | str:
-        spec = site_spec(site)
+    def _new_module(self, spec) -> nn.Module | str:
         reason = self._site_class.unsupported_reason(spec, **self.options)
         if reason:
             return f"method {self.method!r}: {reason}"
         module = self._site_class(spec, **self.options)
-        # dynamo bakes the mode into the graph (dropout's training flag): the site follows the graph
-        module.train(site.dropout > 0.0)
+        module.prefill_queries = self.prefill_queries
         return module
 
+    def _make_site(self, site: AttentionSite) -> nn.Module | str:
+        """Unbound: a fresh module per graph (the methods allowed here keep no state)."""
+        module = self._new_module(_spec(site))
+        if isinstance(module, nn.Module):
+            # dynamo bakes the mode into the graph (dropout's training flag): the site follows the graph
+            module.train(site.dropout > 0.0)
+        return module
 
-def backend(method: str = "combiner", *, inner: str = "inductor", **options) -> AttnpassBackend:
+    def _foreign_graph(self, example_inputs) -> str | None:
+        """Why a graph is not the bound model's (its sites are then left as they are), or None.
+        Dynamo lifts the parameters and buffers a graph reads into its inputs, as the very tensors."""
+        if self.model is None:
+            return None
+        own = {id(t) for t in (*self.model.parameters(), *self.model.buffers())}
+        if not own or any(id(x) in own for x in example_inputs):
+            return None
+        return (f"the graph reads no parameter or buffer of the bound {type(self.model).__name__}: it is another "
+                "model's; bind a backend to each model compiled")
+
+    def _bound_site(self, site: AttentionSite) -> nn.Module | str:
+        """Bound to a model: the module attached to the model for this site, created and attached on
+        first sight (`<owning module>.attnpass`, as sparsify does), reused by every later graph
+        that computes the same attention."""
+        model = self.model
+        try:
+            owner = model.get_submodule(site.module_path) if site.module_path else model
+        except AttributeError:
+            owner = None
+        owner_class = type(owner).__name__ if owner is not None else None
+        if owner is None or (site.module_type and owner_class != site.module_type):
+            # e.g. a submodule compiled on its own: its paths are not the bound model's
+            return (f"the site's module path {site.module_path!r} ({site.module_type}) is not that module in the bound "
+                    f"{type(model).__name__}; compile the bound model or its forward")
+        existing = _attached_to(owner, site.name)
+        if existing is None:
+            spec = _spec(site)
+            if _one_query_over_keys(site) and spec.causal_bottom_right:
+                # sized from this call, the module's state would fit one query (routing: one cluster)
+                return ("a decode step before any prompt reached the backend: left as the model computes it (exact "
+                        "dense attention over the cache); the site's module is made from the first prompt's graph")
+            module = self._new_module(spec)
+            if isinstance(module, nn.Module):
+                module.train(model.training)  # then it follows model.train() / model.eval()
+                _attach(model, site, module)
+            return module
+        if existing.method_name != self.method:
+            return (f"the model already holds a {existing.method_name!r} module for this site; a model is bound to one "
+                    "method (use a fresh copy of the model for another)")
+        try:
+            # the rule sparsify applies to a new call signature: a decode step's one query over the
+            # cache is the prompt's causal attention, anything else must match the module's spec
+            _check_same_attention([site], {site.name: existing})
+        except SignatureNotServed as e:
+            why = f"its attention differs from the one its module was built for ({e}); left unchanged"
+            warnings.warn(f"attnpass backend: graph {len(self.report.graphs) - 1}: {site.name}: {why}", stacklevel=3)
+            return why
+        return existing
+
+
+def _spec(site: AttentionSite):
+    """The site's spec. A self-attention call of one query over more keys is a decode step over a KV
+    cache, whose mask analysis finds no mask (the query sees every cached key); it is stated causal
+    bottom-right, the same attention and the form the prompt's graph states, so the module serves it
+    as a decode step (exact dense attention over the cache), and a bound module built from it also
+    serves the prompt's graph (`sparse_module._check_same_attention` applies the same rule)."""
+    spec = site_spec(site)
+    if _one_query_over_keys(site) and not spec.cross and not spec.causal:
+        spec = dataclasses.replace(spec, causal=True, causal_bottom_right=True)
+    return spec
+
+
+def _one_query_over_keys(site: AttentionSite) -> bool:
+    return site.len_q == 1 and str(site.len_k) != "1" and not site.cross
+
+
+def _attached_to(owner: nn.Module, site_name: str) -> SiteAttention | None:
+    """The site module already attached to `owner` for the site named `site_name` (its spec's name:
+    the owner's path and the site's order within it), if any."""
+    for child in owner.children():
+        if isinstance(child, SiteAttention) and child.spec.name == site_name:
+            return child
+    return None
+
+
+def _attached_path(model: nn.Module, site: AttentionSite, module: nn.Module) -> str:
+    owner = model.get_submodule(site.module_path) if site.module_path else model
+    attr = next(name for name, child in owner.named_children() if child is module)
+    return f"{site.module_path}.{attr}" if site.module_path else attr
+
+
+def backend(method: str = "combiner", *, inner: str = "inductor", model: nn.Module | None = None,
+            **options) -> AttnpassBackend:
     """A configured backend: `torch.compile(model, backend=attnpass.backend(method="dense"))`.
 
-    `method`: "combiner" (default) or "dense" — methods without learned state; for routing, SBM and
-    Sparsefinder compile `attnpass.sparsify(model, ..., method=...)` instead (a ValueError says so).
+    `model`: the model being compiled, to which the backend is bound. Each site's module is then
+    created once, attached to `model` as `<owning module>.attnpass` (as `sparsify` attaches it), and
+    reused by every later graph (recompilations, other lengths, the decode graph of generation), so
+    the method's state is in `model.state_dict()`. Every method works bound; unbound, only the
+    stateless "combiner" (default) and "dense" (routing, SBM, Sparsefinder raise a ValueError
+    saying to pass `model=`). For generation: `model.forward = torch.compile(model.forward,
+    backend=attnpass.backend(method="routing", model=model))`, then `model.generate(...)`.
     `inner`: what compiles the graph between the sites — "inductor" (default), "aot_eager" or
-    "eager" (for debugging and fast tests). `options` are the method's (see `attnpass.METHODS`).
+    "eager" (for debugging and fast tests). `options` are the method's (see `attnpass.METHODS`),
+    and for every method `prefill_queries` (as in `sparsify`: which calls over a KV cache are
+    decode steps; default: the cost model decides).
     The returned object's `.report` lists every compiled graph with its rewritten and skipped sites.
     """
-    return AttnpassBackend(method, inner, **options)
+    return AttnpassBackend(method, inner, model, **options)
 
 
 _default: AttnpassBackend | None = None
@@ -228,7 +373,9 @@ def explain(model: nn.Module, args=(), kwargs=None, method: str = "combiner", **
     The report names every site the backend rewrote, every site it left unchanged with the
     reason, and the attnpass ops of an already sparsified model it lowered as they were. The graph
     between sites runs eagerly here (nothing is sent to Inductor), so this is quick; dynamo's
-    caches are reset first so that the report covers a fresh compilation.
+    caches are reset first so that the report covers a fresh compilation. A method with learned
+    state (routing, SBM, Sparsefinder) is applied by a backend bound to a copy of `model` (see
+    `backend`'s `model=`), so `model` itself is not changed.
 
     It also captures the model with torch.export (as `find_attention` does) and lists, under
     `not_reached`, the attention sites no graph handed to the backend contained: code dynamo ran
@@ -238,10 +385,12 @@ def explain(model: nn.Module, args=(), kwargs=None, method: str = "combiner", **
     `.item()`), `notes` says so.
     """
     args, kwargs = check_call_inputs(model, args, kwargs)
-    compiler = AttnpassBackend(method, inner="eager", **options)
+    # a method with state is bound to a copy: its modules are attached there, not to `model`
+    bound = copy.deepcopy(model) if canonical_method(method) not in STATELESS_METHODS else None
+    compiler = AttnpassBackend(method, "eager", bound, **options)
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, backend=compiler)(*args, **kwargs)
+        torch.compile(bound if bound is not None else model, backend=compiler)(*args, **kwargs)
     torch._dynamo.reset()
     report = compiler.report
     seen = set(report.rewritten) | {s.name for s in report.skipped}
@@ -331,6 +480,57 @@ def _probes(gm: fx.GraphModule, example_inputs) -> ProbeSet:
     if fake_mode is not None and fake_mode.shape_env is not None:
         ranges = dict(fake_mode.shape_env.var_to_range)
     return ProbeSet(gm, state, user, ranges)
+
+
+# -- output layout -------------------------------------------------------------------------------
+
+def _contiguous_outputs(gm: fx.GraphModule) -> list[int]:
+    """The graph outputs dynamo traced as contiguous tensors (read from size and stride hints: no
+    guard is added)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    found = []
+    for i, node in enumerate(values):
+        val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor) and _hinted_contiguous(val):
+            found.append(i)
+    return found
+
+
+def _hinted_contiguous(t: torch.Tensor) -> bool:
+    def hint(x):
+        return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
+
+    try:
+        sizes, strides = [hint(d) for d in t.shape], [hint(d) for d in t.stride()]
+    except (TypeError, AttributeError):  # an unbacked size has no hint
+        return False
+    expected = 1
+    for size, stride in reversed(list(zip(sizes, strides))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _with_traced_contiguity(compiled, contiguous: list[int]):
+    """Give back outputs dynamo traced as contiguous in that layout. Inductor may return another one
+    (a KV cache's keys in the projection's (B, L, H, D) order), and a later graph taking them as
+    input would be recompiled for the new strides: generation's first decode step reads the
+    prefill's keys, the next ones the decode steps' own."""
+    if not contiguous:
+        return compiled
+
+    def run(*args):
+        outs = compiled(*args)
+        if all(outs[i].is_contiguous() for i in contiguous):
+            return outs
+        fixed = list(outs)
+        for i in contiguous:
+            fixed[i] = fixed[i].contiguous()
+        return type(outs)(fixed) if isinstance(outs, tuple) else fixed
+
+    return run
 
 
 # -- split at the sites and compile the pieces ---------------------------------------------------
