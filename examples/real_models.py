@@ -14,6 +14,12 @@
   license texts in /usr/share/common-licenses/. Those texts are near-duplicates within a family
   (GPL-1/2/3 and LGPL share whole paragraphs; so do the two GFDLs), so they are grouped into
   disjoint families: calibrate on one family and evaluate on another and the texts never overlap.
+- `perplexity(model, input_ids)`: exp(mean next-token loss) in one forward (the loss taken over
+  the logits in row chunks, so L=4096 needs the logits and little more).
+- `pass_key_prompt(tokenizer, length, depth, key)` and `retrieves(model, tokenizer, prompt_ids, key)`:
+  the pass-key retrieval task (a number hidden at a relative depth in filler prose, asked for at
+  the end), checked by teacher forcing in one forward, so it runs on any model callable the way
+  `perplexity` does (an original or a sparsified model), without generate().
 """
 from __future__ import annotations
 
@@ -108,11 +114,61 @@ def long_text(tokenizer, n_tokens: int, family: str = "gpl") -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, input_ids: torch.Tensor) -> float:
-    """exp(mean next-token cross-entropy) of a causal LM over `input_ids`, in one forward."""
-    logits = model(input_ids=input_ids, use_cache=False).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:])
-    return float(loss.exp())
+def perplexity(model, input_ids: torch.Tensor, rows: int = 512) -> float:
+    """exp(mean next-token cross-entropy) of a causal LM over `input_ids`, in one forward.
+
+    The loss is summed over `rows` positions at a time: at L=4096 the (L, 49152) logits take 0.8 GB,
+    and a log-softmax over all of them at once would take as much again."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1]
+    targets = input_ids[0, 1:]
+    total = sum(torch.nn.functional.cross_entropy(logits[i:i + rows].float(), targets[i:i + rows], reduction="sum")
+                for i in range(0, len(targets), rows))
+    return float((total / len(targets)).exp())
+
+
+PASS_KEY_INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+                  "I will quiz you about the pass key.\n\n")
+PASS_KEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+PASS_KEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def pass_key_prompt(tokenizer, length: int, depth: float, key: int | str, family: str = "other") -> torch.Tensor:
+    """A (1, length) LongTensor: the pass-key task of Mohtashami & Jaggi (2023) in `length` tokens.
+
+    An instruction, filler prose (the start of `long_text(tokenizer, ., family)`) with the sentence
+    "The pass key is {key}. Remember it. {key} is the pass key." inserted at relative depth `depth`
+    of the filler (moved to the next line break, at most 64 tokens on, so no sentence is split),
+    and the question "What is the pass key? The pass key is". The parts are tokenised separately."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    intro, needle, question = ids(PASS_KEY_INTRO), ids(PASS_KEY_NEEDLE.format(key=key)), ids(PASS_KEY_QUESTION)
+    n_filler = length - len(intro) - len(needle) - len(question)
+    if n_filler < 1:
+        raise ValueError(f"length {length} leaves no room for filler")
+    filler = long_text(tokenizer, n_filler, family)[0].tolist()
+    cut = round(depth * n_filler)
+    for at in range(cut, min(cut + 64, n_filler)):
+        if "\n" in tokenizer.decode(filler[at - 1:at]):
+            cut = at
+            break
+    prompt = intro + filler[:cut] + needle + filler[cut:] + question
+    return torch.tensor(prompt, dtype=torch.long).unsqueeze(0)
+
+
+@torch.no_grad()
+def retrieves(model, tokenizer, prompt_ids: torch.Tensor, key: int | str) -> bool:
+    """Whether greedy decoding would answer " {key}" after `prompt_ids`: one forward over prompt and
+    answer (teacher forcing) in which every answer token is the argmax at the position before it."""
+    answer = torch.tensor(tokenizer(f" {key}", add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.cat([prompt_ids[0], answer]).unsqueeze(0)
+    logits = model(input_ids=ids, use_cache=False).logits[0]
+    start = prompt_ids.shape[1] - 1  # the logits at position t predict token t + 1
+    predicted = logits[start:start + len(answer)].argmax(-1)
+    return bool(torch.equal(predicted, answer))
 
 
 def main():
