@@ -50,9 +50,13 @@ def site_spec(site: AttentionSite) -> SiteSpec:
     # Causal with Lq and Lk one and the same size: top-left and bottom-right are the same rule. The
     # spec states it bottom-right, the form that also holds when the site later continues over a KV
     # cache (Lk = cached + new keys), so the graphs of those calls compare equal (sparse_module).
-    bottom_right = info.causal_bottom_right or (info.causal and str(site.len_q) == str(site.len_k))
+    # One query over more keys in self-attention (a decode step over a KV cache) sees every key: mask
+    # analysis finds no causal rule there, and causal bottom-right is the same attention, stated so.
+    one_query = type(site.len_q) is int and site.len_q == 1 and str(site.len_k) != "1" and not site.cross
+    causal = info.causal or one_query
+    bottom_right = info.causal_bottom_right or one_query or (info.causal and str(site.len_q) == str(site.len_k))
     return SiteSpec(
-        name=site.name, scale=site.scale, causal=info.causal, causal_bottom_right=bottom_right,
+        name=site.name, scale=site.scale, causal=causal, causal_bottom_right=bottom_right,
         heads_q=as_int(site.heads_q), heads_kv=as_int(site.heads_kv), head_dim=as_int(site.head_dim),
         example_len_q=example_int(site.len_q), example_len_k=example_int(site.len_k), cross=site.cross,
         has_bias=bool(info.general_bias), has_mask=bool(info.general_bool),

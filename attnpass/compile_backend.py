@@ -53,7 +53,6 @@ What was rewritten and why a site was skipped: `attnpass.explain(model, args, kw
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -248,7 +247,7 @@ class AttnpassBackend:
 
     def _make_site(self, site: AttentionSite) -> nn.Module | str:
         """Unbound: a fresh module per graph (the methods allowed here keep no state)."""
-        module = self._new_module(_spec(site))
+        module = self._new_module(site_spec(site))
         if isinstance(module, nn.Module):
             # dynamo bakes the mode into the graph (dropout's training flag): the site follows the graph
             module.train(site.dropout > 0.0)
@@ -281,7 +280,7 @@ class AttnpassBackend:
                     f"{type(model).__name__}; compile the bound model or its forward")
         existing = _attached_to(owner, site.name)
         if existing is None:
-            spec = _spec(site)
+            spec = site_spec(site)
             if _one_query_over_keys(site) and spec.causal_bottom_right:
                 # sized from this call, the module's state would fit one query (routing: one cluster)
                 return ("a decode step before any prompt reached the backend: left as the model computes it (exact "
@@ -295,8 +294,8 @@ class AttnpassBackend:
             return (f"the model already holds a {existing.method_name!r} module for this site; a model is bound to one "
                     "method (use a fresh copy of the model for another)")
         try:
-            # the rule sparsify applies to a new call signature: a decode step's one query over the
-            # cache is the prompt's causal attention, anything else must match the module's spec
+            # the rule sparsify applies to a new call signature (a decode step's one query over the
+            # cache is stated as the prompt's causal attention by site_spec)
             _check_same_attention([site], {site.name: existing})
         except SignatureNotServed as e:
             why = f"its attention differs from the one its module was built for ({e}); left unchanged"
@@ -305,20 +304,8 @@ class AttnpassBackend:
         return existing
 
 
-def _spec(site: AttentionSite):
-    """The site's spec. A self-attention call of one query over more keys is a decode step over a KV
-    cache, whose mask analysis finds no mask (the query sees every cached key); it is stated causal
-    bottom-right, the same attention and the form the prompt's graph states, so the module serves it
-    as a decode step (exact dense attention over the cache), and a bound module built from it also
-    serves the prompt's graph (`sparse_module._check_same_attention` applies the same rule)."""
-    spec = site_spec(site)
-    if _one_query_over_keys(site) and not spec.cross and not spec.causal:
-        spec = dataclasses.replace(spec, causal=True, causal_bottom_right=True)
-    return spec
-
-
 def _one_query_over_keys(site: AttentionSite) -> bool:
-    return site.len_q == 1 and str(site.len_k) != "1" and not site.cross
+    return type(site.len_q) is int and site.len_q == 1 and str(site.len_k) != "1" and not site.cross
 
 
 def _attached_to(owner: nn.Module, site_name: str) -> SiteAttention | None:

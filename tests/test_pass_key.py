@@ -10,10 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-real_models = pytest.importorskip("real_models")
-
-if not real_models.LICENSES.is_dir():
-    pytest.skip("no license texts in /usr/share/common-licenses", allow_module_level=True)
+import real_models  # noqa: E402 - examples/ holds it; the licence texts it reads are on every machine
 
 
 class CharTokenizer:
