@@ -108,7 +108,16 @@ def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **op
     prefill_queries = options.pop("prefill_queries", None)  # every method's: which calls are decode steps
     check_prefill_queries(prefill_queries)
     site_class.validate_options(**options)  # before the (slow) capture
-    _refuse_sparsified(model, "sparsify")
+    return rewrite_sites(model, args, kwargs, site_class, options, method, f"method {method!r}", "sparsify",
+                         prefill_queries=prefill_queries)
+
+
+def rewrite_sites(model: nn.Module, args, kwargs, site_class: type[SiteAttention], options: dict, label: str,
+                  reason_prefix: str, caller: str, prefill_queries: int | None = None) -> SparseModel:
+    """The steps of `sparsify` once the site class is chosen: capture a copy of `model`, bind each site
+    to `site_class(spec, **options)` (attached to the copy, in its mode) or record why the class
+    declines it, and return the `SparseModel` (`label` is its method name)."""
+    _refuse_sparsified(model, caller)
     args, kwargs = check_call_inputs(model, args, kwargs)
     source = copy.deepcopy(model)
     site_modules: dict[str, nn.Module] = {}
@@ -118,7 +127,7 @@ def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **op
         spec = site_spec(site)
         reason = site_class.unsupported_reason(spec, **options)
         if reason:
-            return f"method {method!r}: {reason}"
+            return f"{reason_prefix}: {reason}"
         module = site_class(spec, **options)
         module.prefill_queries = prefill_queries
         module.train(source.training)  # an eval model's sites run their eval path (no EMA step, no sampling)
@@ -133,7 +142,7 @@ def sparsify(model: nn.Module, args=(), kwargs=None, method: str = "dense", **op
             f"no attention to rewrite in {type(model).__name__}"
             + (f" (skipped: {reasons})" if reasons else " (no softmax(Q K^T) V or scaled_dot_product_attention in its graph)")
         )
-    return SparseModel(source, method, site_modules, declined, {source.training: program}, report)
+    return SparseModel(source, label, site_modules, declined, {source.training: program}, report)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

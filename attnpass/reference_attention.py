@@ -26,17 +26,13 @@ probabilities are kept for backward).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
 from attnpass import api
-from attnpass.capture import check_call_inputs
 from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor
 from attnpass.methods.options import check_int, check_known, check_real
-from attnpass.site import AttentionReport
-from attnpass.sparse_module import SparseModel, capture_and_rewrite
+from attnpass.sparse_module import SparseModel
 
 DEFAULT_CHUNK = 256
 # ceil(share * n) with a float share: 0.35 * 20 is 7.000000000000001 in binary, which must round to 7.
@@ -281,29 +277,8 @@ def sparsify_reference(model: nn.Module, args=(), kwargs=None, kind: str = "orac
     site_class = REFERENCES[kind]
     options = {"share": share, "chunk": chunk, **({"sinks": sinks} if kind == "sinks_local" else {})}
     site_class.validate_options(**options)  # before the (slow) capture
-    # The steps of attnpass.sparsify, with a reference class in place of a registered method.
-    api._refuse_sparsified(model, "sparsify_reference")
-    args, kwargs = check_call_inputs(model, args, kwargs)
-    source = copy.deepcopy(model)
-    site_modules: dict[str, nn.Module] = {}
-    declined: dict[str, str] = {}
-
-    def make_site(site) -> nn.Module | str:
-        spec = api.site_spec(site)
-        reason = site_class.unsupported_reason(spec, **options)
-        if reason:
-            return f"reference {kind!r}: {reason}"
-        module = site_class(spec, **options)
-        api._attach(source, site, module)
-        return module
-
-    program = capture_and_rewrite(source, args, kwargs, site_modules, declined, make_site=make_site)
-    report = AttentionReport(type(model).__name__, program.sites, program.skipped)
-    if not program.sites:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in program.skipped)
-        raise api.NoAttentionFound(f"no attention to rewrite in {type(model).__name__}"
-                                   + (f" (skipped: {reasons})" if reasons else ""))
-    return SparseModel(source, kind, site_modules, declined, {source.training: program}, report)
+    return api.rewrite_sites(model, args, kwargs, site_class, options, kind, f"reference {kind!r}",
+                             "sparsify_reference")
 
 
 def measured_share(model: nn.Module) -> float:
