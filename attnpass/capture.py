@@ -13,6 +13,7 @@ in train mode share one set of parameters.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import weakref
 
@@ -20,9 +21,11 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
+from torch.fx.graph import _BoxedCodeGen
 from torch.export.graph_signature import InputKind, OutputKind
 
 from attnpass import export_shapes
+from attnpass.kv_cache import needs_cache_unflatten, unflatten_outputs
 
 
 class CaptureError(RuntimeError):
@@ -143,6 +146,7 @@ class Program:
         self.gm: fx.GraphModule = ep.graph_module
         self.in_spec = ep.call_spec.in_spec
         self.out_spec = ep.call_spec.out_spec
+        self._returns_cache = needs_cache_unflatten(self.out_spec)
         self.input_specs = list(ep.graph_signature.input_specs)
         self.output_specs = list(ep.graph_signature.output_specs)
         self.user_input_names = [s.arg.name for s in self.input_specs if s.kind is InputKind.USER_INPUT]
@@ -152,6 +156,8 @@ class Program:
         self.specialised = ""      # why the graph holds only at the example's sizes ('' if not; detect.capture_sites)
         self._owner = None         # weakref to the owner the slots below were resolved on
         self._in_slots: list = []
+        self._boxed = None         # (gm.code it was built from, gm with the boxed calling convention)
+        self._mutated_inputs = {s.target for s in ep.graph_signature.output_specs if s.kind is OutputKind.USER_INPUT_MUTATION}
         self._out_slots: list = []
         for spec in self.input_specs:
             if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR, InputKind.USER_INPUT):
@@ -186,6 +192,16 @@ class Program:
                 f"  captured: {self.in_spec}\n  called:   {spec}"
             )
         return flat
+
+    def _boxed_graph(self) -> fx.GraphModule:
+        """`gm` with the boxed calling convention (one list argument, cleared once read), rebuilt
+        when `gm` was recompiled (a rewrite); it shares gm's submodules."""
+        code = self.gm.code
+        if self._boxed is None or self._boxed[0] is not code:
+            graph = copy.deepcopy(self.gm.graph)
+            graph.set_codegen(_BoxedCodeGen())
+            self._boxed = (code, fx.GraphModule(self.gm, graph))
+        return self._boxed[1]
 
     def _resolve(self, owner: torch.nn.Module) -> None:
         """Resolve every state input/output of the graph on `owner`, once: (table kind, submodule, name)."""
@@ -248,11 +264,15 @@ class Program:
         return self.run_flat(owner, self._flatten(args, kwargs))
 
     def run_flat(self, owner: torch.nn.Module, flat: list):
-        """Run the graph on the user inputs `flat` (the call's leaves, in the order of `in_spec`)."""
+        """Run the graph on the user inputs `flat` (the call's leaves, in the order of `in_spec`).
+
+        `flat` is consumed (emptied): the graph frees each input after its last use (the boxed
+        calling convention), so a KV cache's old keys and values are released layer by layer as in
+        the original model, not held to the end of the call."""
         if self._owner is None or self._owner() is not owner:
             self._resolve(owner)
-        flat = iter(flat)
-        inputs, user = [], {}
+        leaves = iter(flat)
+        inputs, mutated = [], {}
         for kind, a, b in self._in_slots:
             if kind == _PARAMETER:
                 inputs.append(a._parameters[b])
@@ -261,10 +281,12 @@ class Program:
             elif kind == _CONSTANT:
                 inputs.append(a)
             else:
-                value = next(flat)
-                user[a] = value
+                value = next(leaves)
+                if a in self._mutated_inputs:
+                    mutated[a] = value
                 inputs.append(value)
-        outputs = self.gm(*inputs)
+        flat.clear()
+        outputs = self._boxed_graph()(inputs)
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)
         results = []
@@ -276,5 +298,7 @@ class Program:
                     a._buffers[b].copy_(value)
             else:
                 with torch.no_grad():
-                    user[a].copy_(value)
+                    mutated[a].copy_(value)
+        if self._returns_cache:
+            return unflatten_outputs(results, self.out_spec)
         return pytree.tree_unflatten(results, self.out_spec)

@@ -38,6 +38,7 @@ from torch import nn
 
 from attnpass.capture import Program, register_cache_pytrees
 from attnpass.detect import capture_sites
+from attnpass.kv_cache import drop_empty_concatenations, lent_to_graph
 from attnpass.rewrite import remove_dead_code, rewrite_site
 from attnpass.site import AttentionReport, SkippedSite
 
@@ -60,6 +61,10 @@ _DENSE_ENTRY_POINTS = {
 _REFUSED = {
     "output_attentions": "the sparsified attention does not compute the dense attention probabilities it returns",
 }
+
+# generate() captures its graphs on a prompt this long (see SparseModel._capture_generation_graphs)
+GENERATION_CAPTURE_TOKENS = 128
+_GENERATION_LENGTHS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "streamer")
 
 _CONSTANT_TYPES = (bool, int, float, str, torch.dtype, torch.device, enum.Enum)
 
@@ -148,6 +153,7 @@ class SparseModel(nn.Module):
         object.__setattr__(self, "_first_signature", None)
         object.__setattr__(self, "_refused", {})        # call signature -> why it cannot be served
         object.__setattr__(self, "_specialised", {})    # call signature -> why its graphs hold only at one size
+        object.__setattr__(self, "_generation_captured", set())  # generate() calls whose graphs are captured
         object.__setattr__(self, "_site_modules", site_modules)
         object.__setattr__(self, "_declined", declined)  # site name -> why the method left it unchanged
         self.method = method
@@ -199,10 +205,10 @@ class SparseModel(nn.Module):
                 CaptureNotice, stacklevel=4)  # the caller of model(...)
         if program is None:
             program = self._capture(key, args, kwargs)
-        if program._sorted_leaves:
+        if not program._sorted_leaves:
+            flat = program._flatten(args, kwargs)
+        with lent_to_graph(kwargs, program._returns_cache):
             out = program.run_flat(self, flat)
-        else:
-            out = program(self, args, kwargs)
         return _adopt_caches(kwargs, out)
 
     def generate(self, *args, **kwargs):
@@ -214,7 +220,41 @@ class SparseModel(nn.Module):
         source = self._source
         generate = source.generate  # the original's attribute error for a model that cannot generate
         with self._forward_served_here():
+            self._capture_generation_graphs(generate, args, kwargs)
             return generate(*args, **kwargs)
+
+    def _capture_generation_graphs(self, generate, args, kwargs) -> None:
+        """Before a long prompt's first generation, capture its prefill and decode graphs on a short
+        one (the prompt's last `GENERATION_CAPTURE_TOKENS` tokens, two new tokens): capture and its
+        checks run the model several times at the example's length, which at a long prompt costs
+        minutes; the graphs then serve the long prompt (a graph that holds only at its capture sizes
+        is captured again at the call's, as for any call). Skipped in train mode (a stateful method
+        would take a training step) and when this call's graphs exist; the random state is restored
+        (sampling draws as without it)."""
+        prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        short = GENERATION_CAPTURE_TOKENS
+        if (self.training or not isinstance(prompt, torch.Tensor) or prompt.dim() != 2
+                or prompt.dtype.is_floating_point or prompt.shape[-1] <= 2 * short):
+            return
+        names = tuple(sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor)))
+        if names in self._generation_captured:
+            return
+        rest = {k: v for k, v in kwargs.items() if k not in _GENERATION_LENGTHS}
+        for name in ("input_ids", "inputs", "attention_mask"):
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[-1] == prompt.shape[-1]:
+                rest[name] = value[:, -short:]
+        mask = rest.get("attention_mask")
+        if mask is not None:
+            # a padded row stays padded (transformers drops an all-ones mask: another call signature)
+            mask = rest["attention_mask"] = mask.clone()
+            mask[(kwargs["attention_mask"] == 0).any(-1), 0] = 0
+        rest.pop("streamer", None)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", CaptureNotice)
+            generate(*((prompt[:, -short:],) + tuple(args[1:]) if args else ()), **rest,
+                     max_new_tokens=2, min_new_tokens=2)
+        self._generation_captured.add(names)
 
     @contextlib.contextmanager
     def _forward_served_here(self):
@@ -456,5 +496,6 @@ def capture_and_rewrite(source: nn.Module, args, kwargs, site_modules: dict[str,
         rewrite_site(program.gm, site, target)
         kept.append(site)
     program.sites = kept
+    drop_empty_concatenations(program.gm)  # a KV cache passed in is not copied at every call
     remove_dead_code(program.gm)
     return program

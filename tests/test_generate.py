@@ -149,3 +149,29 @@ def test_a_model_without_generation_gets_transformers_own_error():
         model.generate(kwargs["input_ids"])
     assert str(ours.value) == str(theirs.value)
     assert "forward" not in sparse._source.__dict__  # nothing left patched
+
+
+def test_a_long_prompts_graphs_are_captured_on_a_short_one_and_sampling_draws_as_the_originals():
+    from attnpass.sparse_module import GENERATION_CAPTURE_TOKENS
+
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 50, (2, 3 * GENERATION_CAPTURE_TOKENS))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0  # left padding
+    sparse = _sparsify(model, {"input_ids": ids[:, :16]}, "dense")
+    sample = dict(do_sample=True, top_k=0, max_new_tokens=5, attention_mask=mask)
+    torch.manual_seed(1)
+    ref = model.generate(ids, **sample)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureNotice)
+        out = sparse.generate(ids, **sample)
+    assert torch.equal(out, ref)  # the capture's short generation drew nothing from the random state
+    captured = {id(p): p for p in sparse._signatures.values()}.values()
+    lengths = [leaf.shape[-1] for p in captured for leaf in torch.utils._pytree.tree_leaves(p.ep.example_inputs)
+               if isinstance(leaf, torch.Tensor) and leaf.dtype == torch.long and leaf.dim() == 2]
+    # no graph captured at the long prompt (the decode graph's mask covers the short prompt plus one token)
+    assert lengths and max(lengths) <= GENERATION_CAPTURE_TOKENS + 1

@@ -1,0 +1,132 @@
+"""A KV cache goes through a captured graph without being copied.
+
+transformers rebuilds a `DynamicCache` from its tensors (its pytree unflatten) by calling each
+layer's `update`, which concatenates the tensors onto an empty one: a full copy of every cached key
+and value. torch.export traces that unflatten into the graph for a cache passed in, and
+`tree_unflatten` runs it again on the cache the graph returns, so a decode step would copy the whole
+cache twice per layer, the more the longer the prompt. Here the traced copies are removed from the
+graph (a concatenation with an empty tensor is its other operand) and the returned cache is rebuilt
+around the graph's tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from attnpass.graph_ops import meta_val
+
+aten = torch.ops.aten
+
+
+def drop_empty_concatenations(gm: fx.GraphModule) -> int:
+    """Replace `cat([empty, x])` by `x` (and drop empty operands of longer cats); returns how many.
+
+    `torch.cat` skips a 1-D empty operand whatever the others' shapes (legacy rule), so the result
+    equals the remaining operands' concatenation; it is only rewritten when that is exactly `x`'s
+    shape and dtype. The result then aliases `x`: nothing in a captured graph writes into it (export
+    graphs are functional)."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.cat.default:
+            continue
+        parts = node.args[0]
+        kept = [p for p in parts if not _is_empty_vector(p)]
+        if len(kept) == len(parts) or not kept:
+            continue
+        out = meta_val(node)
+        if len(kept) == 1:
+            only = meta_val(kept[0])
+            if out is None or only is None or only.dtype != out.dtype or only.shape != out.shape:
+                continue
+            node.replace_all_uses_with(kept[0])
+        else:
+            node.args = (kept, *node.args[1:])
+        dropped += 1
+    if dropped:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return dropped
+
+
+def _is_empty_vector(node) -> bool:
+    value = meta_val(node) if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == 0
+
+
+def needs_cache_unflatten(spec: pytree.TreeSpec) -> bool:
+    """Does this output structure hold a transformers `DynamicCache`?"""
+    if spec.is_leaf():
+        return False
+    return _is_dynamic_cache(spec.type) or any(needs_cache_unflatten(c) for c in spec.children())
+
+
+def unflatten_outputs(leaves: list, spec: pytree.TreeSpec):
+    """`pytree.tree_unflatten(leaves, spec)`, except that a `DynamicCache` holds the given tensors
+    instead of copies of them."""
+    it = iter(leaves)
+    return _unflatten(it, spec)
+
+
+def _unflatten(it, spec: pytree.TreeSpec):
+    if spec.is_leaf():
+        return next(it)
+    if _is_dynamic_cache(spec.type):
+        return _cache_around(spec, [next(it) for _ in range(spec.num_leaves)])
+    children = [_unflatten(it, child) for child in spec.children()]
+    return pytree.SUPPORTED_NODES[spec.type].unflatten_fn(children, spec.context)
+
+
+def _is_dynamic_cache(kind) -> bool:
+    return getattr(kind, "__name__", "") == "DynamicCache" and getattr(kind, "__module__", "").startswith("transformers")
+
+
+def _cache_around(spec: pytree.TreeSpec, values: list):
+    """The cache transformers' unflatten builds, built from zero-length slices (cheap concatenations)
+    and then pointed at the tensors themselves. Layers other than plain `DynamicLayer` (sliding-window
+    layers keep counters the update maintains) take transformers' own unflatten."""
+    placeholders = [v.narrow(-2, 0, 0) if isinstance(v, torch.Tensor) and v.dim() >= 2 else v for v in values]
+    cache = spec.unflatten(placeholders)
+    names, _layout = spec.context
+    lists, start = {}, 0
+    for name, child in zip(names, spec.children()):
+        lists[name] = values[start:start + child.num_leaves]
+        start += child.num_leaves
+    keys, vals = lists.get("key_cache", []), lists.get("value_cache", [])
+    layers = cache.layers
+    if any(type(layer).__name__ != "DynamicLayer" for layer in layers) or len(keys) > len(layers):
+        return spec.unflatten(values)
+    for layer, key, value in zip(layers, keys, vals):
+        layer.keys, layer.values = key, value
+    return cache
+
+
+@contextlib.contextmanager
+def lent_to_graph(kwargs: dict, returns_cache: bool):
+    """While the graph runs, the caller's `DynamicCache` does not hold its tensors (the graph's inputs
+    do, and free each after its last use), as the original model drops each layer's old keys once
+    it has concatenated the new ones. Only when the graph returns a cache (it is then adopted into the
+    caller's object). On an error, every tensor the graph has not yet freed is put back (a failure
+    part-way through leaves the cache part-consumed, as the original leaves it part-updated)."""
+    lent = []
+    if returns_cache:
+        for name in ("cache", "past_key_values"):
+            cache = kwargs.get(name)
+            for layer in getattr(cache, "layers", ()):
+                if type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor):
+                    lent.append((layer, weakref.ref(layer.keys), weakref.ref(layer.values)))
+                    layer.keys = layer.values = None
+    try:
+        yield
+    except BaseException as failure:
+        consumed = False
+        for layer, keys, values in lent:
+            if layer.keys is None:
+                layer.keys, layer.values = keys(), values()
+                consumed |= layer.keys is None or layer.values is None
+        if consumed:
+            failure.add_note("attnpass: the KV cache passed to this call was partly consumed by it; start again from a fresh cache")
+        raise
