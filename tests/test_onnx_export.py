@@ -210,12 +210,12 @@ def single_node_model(node_op, inputs: dict, attributes: dict) -> onnx.ModelProt
     """A model with one attnpass node fed by graph inputs, plus the bodies as local functions."""
     from attnpass.lowering.onnx import attach_functions
 
-    elem = {np.dtype("float64"): onnx.TensorProto.DOUBLE, np.dtype("bool"): onnx.TensorProto.BOOL,
-            np.dtype("int64"): onnx.TensorProto.INT64}
+    elem = {np.dtype("float64"): onnx.TensorProto.DOUBLE, np.dtype("float32"): onnx.TensorProto.FLOAT,
+            np.dtype("bool"): onnx.TensorProto.BOOL, np.dtype("int64"): onnx.TensorProto.INT64}
     graph_inputs = [onnx.helper.make_tensor_value_info(k, elem[v.dtype], v.shape) for k, v in inputs.items()]
     node = onnx.helper.make_node(node_op, list(inputs), ["out"], domain=DOMAIN, **attributes)
     graph = onnx.helper.make_graph([node], "one_node", graph_inputs,
-                                   [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.DOUBLE, [None] * 4)])
+                                   [onnx.helper.make_tensor_value_info("out", elem[inputs["q"].dtype], [None] * 4)])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", ONNX_OPSET)])
     model = attach_functions(model)
     onnx.checker.check_model(model, full_check=True)
@@ -307,6 +307,31 @@ def test_routing_node_equals_the_pytorch_routing(causal, cross, hkv, with_bias, 
                                                       local_window=window))
     got = session(model).run(None, inputs)[0]
     assert np.abs(got - expected.numpy()).max() < 1e-12
+
+
+def test_routing_node_and_pytorch_choose_the_same_members_among_identical_tokens():
+    """Identical tokens (a padded batch's padding, repeated text) tie exactly in similarity; PyTorch's
+    selection breaks the ties as ONNX TopK does (lowest position), so both compute the same pairs."""
+    from attnpass.methods.base import SiteSpec
+    from attnpass.methods.routing import RoutingAttention
+
+    _, q, k, v, _ = random_qkv(5, 2, 4, 2, 40, 40)
+    q, k, v = q.float(), k.float(), v.float()
+    q[:, :, 8:36] = q[:, :, 8:9]  # 28 identical queries and keys: more than a cluster's width
+    k[:, :, 8:36] = k[:, :, 8:9]
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    centroids = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(6))
+    site = RoutingAttention(SiteSpec(name="t", scale=0.25, causal=False, heads_q=4, heads_kv=2, head_dim=8),
+                            clusters=3, local_window=2).eval()
+    site.kmeans.centroids.copy_(centroids)
+    site.kmeans.initialized.fill_(True)
+    expected = site(q, k, v, None, None, keep)
+    inputs = dict(q=q, k=k, v=v, bias=torch.zeros(1, 1, 1, 1), mask=torch.ones(1, 1, 1, 1, dtype=torch.bool),
+                  key_keep=keep, query_keep=keep, centroids=centroids)
+    inputs = {name: t.numpy() for name, t in inputs.items()}
+    model = single_node_model("Routing", inputs, dict(scale=0.25, causal=0, bottom_right=0, local_window=2))
+    got = session(model).run(None, inputs)[0]
+    assert np.abs(got - expected.numpy()).max() < 1e-5
 
 
 def sparsefinder_site(seed: int, hkv: int, causal: bool, cross: bool, normalizer: str, top: int, window, first_token):

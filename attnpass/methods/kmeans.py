@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnpass.lowering.cpu.ordered_topk import topk_lowest_index
+
 
 def _distributed() -> bool:
     """True inside an initialised torch.distributed process group (state updates are then synchronised)."""
@@ -202,12 +204,13 @@ class OnlineKMeans(nn.Module):
         """Each cluster's `width` most similar tokens: (B, H, c, L) scores -> (B, H, c, width) positions.
 
         Tokens with keep False rank after every kept token; with drop_unkept they are never
-        chosen (their slots become -1). Slots are sorted by original position, -1 slots last.
+        chosen (their slots become -1). Equal scores go to the lowest position first. Slots are
+        sorted by original position, -1 slots last.
         """
         L = sim.shape[-1]
         if keep is not None:
             sim = sim.masked_fill(~keep[:, None, None, :], -torch.inf)
-        chosen = sim.topk(width, dim=-1, sorted=False).indices
+        chosen = topk_lowest_index(sim, width)  # ties to the lowest position, as ONNX TopK
         if keep is not None and drop_unkept:
             kept = keep[:, None, None, :].expand(sim.shape).gather(-1, chosen)
             chosen = torch.where(kept, chosen, L)  # L sorts after every real position
