@@ -25,13 +25,10 @@ def _plain_topk(sim, width):
     return sim.topk(width, dim=-1, sorted=False).indices
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main():
@@ -53,16 +50,15 @@ def main():
             site(q, k, v)  # initialises the centroids from the first batch
             sim = torch.randn(1, 8, site.kmeans.clusters, length)
             width = max(1, length // site.kmeans.clusters)
-            results = {}
-            for name, select in (("plain", _plain_topk), ("ordered", ordered)):
+            for select in (_plain_topk, ordered):
                 kmeans.topk_lowest_index = select
-                _median_time(lambda: site(q, k, v), 1)  # warm-up
+                _seconds(lambda: site(q, k, v))  # warm-up
             rounds = {"plain": [], "ordered": [], "sel_plain": [], "sel_ordered": []}
             for _ in range(args.repeats):
                 for name, select in (("plain", _plain_topk), ("ordered", ordered)):
                     kmeans.topk_lowest_index = select
-                    rounds[name].append(_median_time(lambda: site(q, k, v), 1))
-                    rounds["sel_" + name].append(_median_time(lambda: select(sim, width), 1))
+                    rounds[name].append(_seconds(lambda: site(q, k, v)))
+                    rounds["sel_" + name].append(_seconds(lambda: select(sim, width)))
             kmeans.topk_lowest_index = ordered
             results = {name: statistics.median(times) * 1e3 for name, times in rounds.items()}
         print(f"| {length} | {results['plain']:.1f} | {results['ordered']:.1f} | "
