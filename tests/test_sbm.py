@@ -428,3 +428,62 @@ def test_graphs_are_not_kept_between_calls_unless_asked():
     site.keep_graph = True
     site(q, q, q)
     assert site.last_graph is not None and site.last_graph.nnz > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: a call that would not fit is refused before its graph is drawn
+
+
+def _memory_site(**options):
+    spec = SiteSpec(name="mem", scale=None, heads_q=4, heads_kv=4, head_dim=16)
+    return SBMAttention(spec, clusters=8, **options).eval()
+
+
+def test_a_call_over_the_memory_limit_is_refused_before_sampling(monkeypatch):
+    from attnpass.memory_guard import AttentionTooLarge
+
+    site = _memory_site(memory_limit=50_000)
+    q = torch.randn(1, 4, 256, 16)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the graph was drawn although the call does not fit")
+
+    monkeypatch.setattr(sbm_module, "sample_graph", never)
+    with pytest.raises(AttentionTooLarge, match=r"sbm site 'mem': this call needs about .* sampled edges.*"
+                                                r"more than the limit given .* refused before allocating"):
+        site(q, q, q)
+
+
+def test_the_estimate_is_the_draws_size_and_a_call_within_the_limit_runs():
+    from attnpass.methods.sbm_sampling import expected_edge_count
+
+    site = _memory_site()
+    site.keep_graph = True
+    q = torch.randn(2, 4, 256, 16)
+    with torch.no_grad():
+        y_q, y_k, block = site.memberships(q, q, None)
+    expected = expected_edge_count(y_q, y_k, block)
+    site.memory_limit = int(expected * sbm_module.BYTES_PER_EDGE * 1.5)
+    row, _ = sample_edge_pairs(y_q, y_k, block, torch.Generator().manual_seed(0))
+    assert abs(row.numel() - expected) < 5 * math.sqrt(expected)  # a Poisson total: its mean is the estimate
+    assert site.last_graph is None
+    site(q, q, q)  # runs: the estimate is within the limit
+    assert site.last_graph is not None and site.last_graph.nnz <= row.numel() + 2 * 4 * 256
+
+
+def test_without_a_limit_the_machines_available_memory_is_the_limit(monkeypatch):
+    import attnpass.memory_guard as guard
+
+    site = _memory_site()
+    q = torch.randn(1, 4, 128, 16)
+    monkeypatch.setattr(guard, "available_bytes", lambda: 10_000)
+    with pytest.raises(guard.AttentionTooLarge, match="more than the memory this machine has available"):
+        site(q, q, q)
+    monkeypatch.setattr(guard, "available_bytes", lambda: None)  # unknown (not Linux): not checked
+    site(q, q, q)
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), ("8GB", TypeError), (True, TypeError)])
+def test_memory_limit_must_be_a_positive_int(value, error):
+    with pytest.raises(error, match="memory_limit"):
+        _memory_site(memory_limit=value)

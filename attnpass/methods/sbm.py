@@ -32,6 +32,9 @@ Choices (the paper leaves them open):
   is the rule the ONNX export computes (no runtime reproduces torch's sampler). Training always
   samples.
 - `floor` (default 0) adds the uniform edge rate the authors' training script adds to P.
+- `memory_limit` (bytes; default: the memory the machine has available): a sampled call whose
+  expected edge count (known from the memberships before drawing) needs more is refused with
+  `attnpass.memory_guard.AttentionTooLarge`, instead of the process being killed part-way through.
 Nothing of size Lq x Lk is built.
 """
 from __future__ import annotations
@@ -46,12 +49,19 @@ from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.options import check_choice, check_int, check_known, check_real
 from attnpass.methods.sbm_cluster_graph import cluster_graph
-from attnpass.methods.sbm_sampling import EdgeProbabilitySTE, SBMGraph, block_matrix, expected_density, sample_graph
+from attnpass.memory_guard import check_fits
+from attnpass.methods.sbm_sampling import (
+    EdgeProbabilitySTE, SBMGraph, block_matrix, expected_density, expected_edge_count, sample_graph,
+)
 
-_OPTIONS = ("clusters", "density_weight", "floor", "seed", "eval_graph", "eval_clusters")
+_OPTIONS = ("clusters", "density_weight", "floor", "seed", "eval_graph", "eval_clusters", "memory_limit")
 EVAL_GRAPHS = ("sample", "clusters")
 DEFAULT_CLUSTERS = 128        # the authors' LRA setting
 DEFAULT_DENSITY_WEIGHT = 1e-4  # lambda of the LRA scripts
+# Peak working memory of a sampled call per drawn edge (the draw's index arrays, their merge into a
+# CSR, the kernel's per-edge logits; forward and backward alike), with a margin:
+# benchmarks/sbm_memory_per_edge.py prints the measured figure.
+BYTES_PER_EDGE = 160
 
 
 class SBMAttention(SiteAttention):
@@ -68,6 +78,9 @@ class SBMAttention(SiteAttention):
         self.seed: int = int(options.get("seed", 0))
         self.eval_graph: str = options.get("eval_graph", "sample")
         self.eval_clusters: int = int(options.get("eval_clusters", 1))
+        # bytes a call may take (None: what the machine has available); a sampled graph expected to
+        # need more is refused before it is drawn (attnpass.memory_guard)
+        self.memory_limit: int | None = options.get("memory_limit")
         # N(0, 1/D) entries: C_h C_h^T and phi(x) C_h^T start at unit scale, neither saturated nor flat
         self.clusters = nn.Parameter(torch.randn(heads, self.num_clusters, dim) / math.sqrt(dim))
         self.phi = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
@@ -90,6 +103,8 @@ class SBMAttention(SiteAttention):
             check_int("sbm", "seed", options["seed"], 0)
         if "eval_graph" in options:
             check_choice("sbm", "eval_graph", options["eval_graph"], EVAL_GRAPHS)
+        if options.get("memory_limit") is not None:
+            check_int("sbm", "memory_limit", options["memory_limit"], 1)
         if "eval_clusters" in options:
             check_int("sbm", "eval_clusters", options["eval_clusters"], 1)
             clusters = options.get("clusters", DEFAULT_CLUSTERS)
@@ -161,8 +176,19 @@ class SBMAttention(SiteAttention):
             generator = torch.Generator(device=q.device).manual_seed(seed)
         # a NaN / inf token (a broken input) draws no edges; its own output is NaN through attention
         y_q, y_k = (torch.nan_to_num(y.detach(), nan=0.0, posinf=0.0, neginf=0.0) for y in (y_q, y_k))
+        self._check_memory(y_q, y_k, block.detach(), key_keep, q.shape[1])
         return sample_graph(y_q, y_k, block.detach(), generator, heads=q.shape[1],
                             causal=causal, causal_offset=offset, key_keep=key_keep, floor=self.floor)
+
+    def _check_memory(self, y_q, y_k, block, key_keep, heads: int) -> None:
+        keep_n = None if key_keep is None else key_keep.repeat_interleave(heads, dim=0)
+        edges = expected_edge_count(y_q, y_k, block, self.floor, keep_n)
+        density = edges / max(1, y_q.shape[0] * y_q.shape[1] * y_k.shape[1])
+        check_fits(f"sbm site {self.spec.name!r}", edges * BYTES_PER_EDGE,
+                   f"~{edges / 1e6:.0f}M sampled edges, {density:.0%} of all pairs, at ~{BYTES_PER_EDGE} bytes each",
+                   self.memory_limit,
+                   "Calibrate the clusters towards a lower density (attnpass.calibrate), use eval_graph='clusters', "
+                   "or shorter inputs; memory_limit=<bytes> sets the limit")
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         from attnpass.prefill import NOMINAL_DENSITY

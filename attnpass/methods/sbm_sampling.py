@@ -54,6 +54,19 @@ def _exclusive_cumsum(x: Tensor) -> Tensor:
     return torch.cumsum(x, 0) - x
 
 
+def expected_edge_count(y_q: Tensor, y_k: Tensor, block: Tensor, floor: float = 0.0,
+                        key_keep: Tensor | None = None) -> float:
+    """The expected number of edges `sample_edge_pairs` draws (duplicates included) for these
+    arguments: sum_ij P_ij = sum over heads of cx B cy^T, plus the floor's rate on every real pair.
+    O(N * (Lq + Lk) * k); it is the size of the draw's arrays, known before any is allocated."""
+    cx, cy = y_q.double().sum(1), y_k.double().sum(1)                  # (N, k)
+    expected = float((cx.unsqueeze(2) * block.double() * cy.unsqueeze(1)).sum())
+    if floor > 0:
+        real = y_k.shape[0] * y_k.shape[1] if key_keep is None else int(key_keep.sum())
+        expected += floor * y_q.shape[1] * real
+    return expected
+
+
 def sample_edge_pairs(y_q: Tensor, y_k: Tensor, block: Tensor, generator: torch.Generator,
                       floor: float = 0.0, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A Poisson multigraph with E[#edges(i, j)] = P_ij (+ floor), for N independent heads.
