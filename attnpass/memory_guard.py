@@ -39,4 +39,4 @@ def check_fits(where: str, needed: float, explain: str, limit: int | None = None
 
 
 def _gb(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -643,3 +643,52 @@ def test_one_cluster_without_top_clusters_uses_a_valid_default():
     assert module.top_clusters == 1
     q = torch.randn(1, 2, 10, 8)
     assert torch.isfinite(module(q, q, q)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: a call whose predicted pairs would not fit is refused before they are allocated
+
+
+def _memory_site(predictor: str, **options):
+    spec = SiteSpec(name="mem", scale=None, heads_q=4, heads_kv=4, head_dim=16)
+    site = SparsefinderAttention(spec, predictor=predictor, **options).eval()
+    if predictor == "distance":
+        site.threshold_.fill_(4.0)
+    return site
+
+
+@pytest.mark.parametrize("predictor", ["clustering", "distance"])
+def test_a_call_over_the_memory_limit_is_refused_before_its_pairs_exist(predictor, monkeypatch):
+    from attnpass.memory_guard import AttentionTooLarge
+    from attnpass.methods import sparsefinder as sf
+
+    q = torch.randn(1, 4, 256, 16, generator=torch.Generator().manual_seed(0))
+    site = _memory_site(predictor)
+    row_ptr, col, candidates = site.predict(q, q)  # what the call would predict (also starts the centroids)
+    window_pairs = int((sp.window_slots(1, 4, 256, 256, site.window, site.first_token) >= 0).sum())
+    site.memory_limit = (candidates - window_pairs) * sf.BYTES_PER_PAIR - 1
+    made = []
+    monkeypatch.setattr(sp, "edges_from_pairs", lambda *a, **k: made.append(1))  # the merge of all pairs
+    with pytest.raises(AttentionTooLarge, match=r"sparsefinder site 'mem': this call needs about .* predicted pairs"
+                                                r".*more than the limit given .* refused before allocating"):
+        site(q, q, q)
+    assert not made
+    monkeypatch.undo()
+    site.memory_limit = (candidates - window_pairs) * sf.BYTES_PER_PAIR  # exactly enough: runs
+    site(q, q, q)
+
+
+def test_the_quantization_predictor_has_fixed_pairs_and_is_not_checked(monkeypatch):
+    import attnpass.memory_guard as guard
+
+    monkeypatch.setattr(guard, "available_bytes", lambda: 1)
+    q = torch.randn(1, 4, 64, 16)
+    _memory_site("quantization")(q, q, q)  # runs: its pairs per query are fixed by bucket_size
+    with pytest.raises(guard.AttentionTooLarge, match="more than the memory this machine has available"):
+        _memory_site("clustering")(q, q, q)
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), (2.5, TypeError)])
+def test_memory_limit_must_be_a_positive_int(value, error):
+    with pytest.raises(error, match="memory_limit"):
+        _memory_site("clustering", memory_limit=value)

@@ -34,7 +34,8 @@ Choices (the paper leaves them open):
 - `floor` (default 0) adds the uniform edge rate the authors' training script adds to P.
 - `memory_limit` (bytes; default: the memory the machine has available): a sampled call whose
   expected edge count (known from the memberships before drawing) needs more is refused with
-  `attnpass.memory_guard.AttentionTooLarge`, instead of the process being killed part-way through.
+  `attnpass.memory_guard.AttentionTooLarge`, instead of the process being killed part-way through
+  (docs/memory.md).
 Nothing of size Lq x Lk is built.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ DEFAULT_CLUSTERS = 128        # the authors' LRA setting
 DEFAULT_DENSITY_WEIGHT = 1e-4  # lambda of the LRA scripts
 # Peak working memory of a sampled call per drawn edge (the draw's index arrays, their merge into a
 # CSR, the kernel's per-edge logits; forward and backward alike), with a margin:
-# benchmarks/sbm_memory_per_edge.py prints the measured figure.
+# benchmarks/memory_per_pair.py prints the measured figure (docs/memory.md).
 BYTES_PER_EDGE = 160
 
 

@@ -34,6 +34,9 @@ Options (validated before capture):
                   default 0.9)
     decay         EMA decay of the centroid updates (clustering) and of the calibrated distance
                   threshold (default 0.9)
+    memory_limit  bytes a call may take (default None: the memory the machine has available): a
+                  clustering / distance call predicting more pairs than fit is refused before they
+                  are allocated (`attnpass.memory_guard.AttentionTooLarge`, docs/memory.md)
 
 Defaults window=1, first_token=True: a row with no predicted edge gets zeros (the kernel's rule),
 which silently drops that query's information. With both, every query whose own position (or
@@ -52,11 +55,13 @@ gather), so nothing bigger than what the model already built is allocated.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor, nn
 
+from attnpass.memory_guard import check_fits
 from attnpass.lowering.cpu.common import broadcastable, csr_rows, read_at_pairs
 from attnpass.lowering.cpu.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.cpu.edge_attention import edge_attention
@@ -67,11 +72,15 @@ from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.options import check_int, check_known, check_real
 
 _OPTIONS = ("predictor", "rank", "threshold", "bucket_size", "clusters", "top_clusters", "window",
-            "first_token", "margin", "decay", "normalizer", "mass")
+            "first_token", "margin", "decay", "normalizer", "mass", "memory_limit")
 THRESHOLD_QUANTILE = 0.95
 DEFAULTS = dict(predictor="clustering", rank=4, threshold=None, bucket_size=16, clusters=16, top_clusters=2,
                 window=1, first_token=True, margin=1.0, decay=0.9, normalizer="entmax15", mass=0.9)
 NORMALIZERS = ("entmax15", "softmax")
+# Peak working memory of a call per candidate pair of the distance / clustering predictors (the
+# pairs, their merge into a CSR, the kernel's per-pair work; forward and backward alike), with a
+# margin: benchmarks/memory_per_pair.py prints the measured figure.
+BYTES_PER_PAIR = 80
 
 
 def _fail(message: str, error: type = ValueError):
@@ -119,6 +128,9 @@ class SparsefinderAttention(SiteAttention):
         self.margin: float = float(opts["margin"])
         self.normalizer: str = opts["normalizer"]
         self.mass: float = float(opts["mass"])
+        # bytes a call may take (None: what the machine has available); a predicted graph needing
+        # more is refused before its pairs are allocated (attnpass.memory_guard)
+        self.memory_limit: int | None = options.get("memory_limit")
         self._calibrate_threshold = opts["threshold"] is None
         if self.predictor == "distance":
             # +inf until calibrated: an untrained distance predictor keeps every pair (exact, not sparse)
@@ -164,6 +176,8 @@ class SparsefinderAttention(SiteAttention):
         normalizer = options.get("normalizer", DEFAULTS["normalizer"])
         if not isinstance(normalizer, str) or normalizer not in NORMALIZERS:
             _fail(f"option normalizer={normalizer!r} must be one of {list(NORMALIZERS)}")
+        if options.get("memory_limit") is not None:
+            check_int("sparsefinder", "memory_limit", options["memory_limit"], 1)
         if "mass" in options:
             check_real("sparsefinder", "mass", options["mass"], 0.0, 1.0, low_open=True, high_open=False)
         top, clusters = _top_clusters(options), options.get("clusters", DEFAULTS["clusters"])
@@ -222,7 +236,14 @@ class SparsefinderAttention(SiteAttention):
                 qp, kp, self.predictor, threshold=self.threshold, bucket_size=self.bucket_size,
                 centroids=getattr(self, "centroids", None), top_clusters=self.top_clusters, window=self.window,
                 first_token=self.first_token, causal=self.spec.causal, causal_offset=self.causal_offset(q, k),
-                key_keep=key_keep)
+                key_keep=key_keep, on_pairs=functools.partial(self._check_memory, q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]))
+
+    def _check_memory(self, all_pairs: int, pairs: int) -> None:
+        check_fits(f"sparsefinder site {self.spec.name!r}", pairs * BYTES_PER_PAIR,
+                   f"~{pairs / 1e6:.0f}M predicted pairs, {pairs / max(all_pairs, 1):.0%} of all pairs, at "
+                   f"~{BYTES_PER_PAIR} bytes each", self.memory_limit,
+                   "Calibrate the predictor (attnpass.calibrate), use more clusters or fewer top_clusters, "
+                   "predictor='quantization' (fixed pairs per query), or shorter inputs; memory_limit=<bytes> sets the limit")
 
     def predictor_ops(self, q: Tensor, k: Tensor, candidates: int) -> float:
         """Projection + predictor FLOPs of one call (all batch rows and heads)."""

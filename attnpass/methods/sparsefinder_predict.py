@@ -87,11 +87,12 @@ def _allowed(row: Tensor, col: Tensor, H: int, Lq: int, Lk: int, causal: bool, o
 
 
 def expand_groups(query_group: Tensor, query_row: Tensor, key_group: Tensor, key_col: Tensor,
-                   num_groups: int) -> tuple[Tensor, Tensor]:
+                   num_groups: int, on_pairs=None) -> tuple[Tensor, Tensor]:
     """Every (query row, key col) pair whose group ids match.
 
     query_group / query_row: one entry per (query, group) membership; key_group / key_col the same
     for keys (group ids in [0, num_groups)). Work and memory are O(memberships + pairs).
+    `on_pairs(n)` is called with the pair count before the pairs are allocated (it may refuse).
     """
     order = torch.argsort(key_group, stable=True)
     sorted_col = key_col[order]
@@ -99,6 +100,8 @@ def expand_groups(query_group: Tensor, query_row: Tensor, key_group: Tensor, key
     ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     n = counts[query_group]
     total = int(n.sum())
+    if on_pairs is not None:
+        on_pairs(total)
     member = torch.repeat_interleave(torch.arange(query_group.numel(), device=n.device), n, output_size=total)
     first = torch.cat([n.new_zeros(1), n.cumsum(0)[:-1]])
     within = torch.arange(total, device=n.device) - first[member]
@@ -111,8 +114,9 @@ def expand_groups(query_group: Tensor, query_row: Tensor, key_group: Tensor, key
 
 
 def distance_pairs(qp: Tensor, kp: Tensor, threshold: float, *, causal: bool = False, causal_offset: int = 0,
-                   key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """||qp_i - kp_j|| < threshold, over chunks of query rows (O(Lq Lk r) FLOPs, O(chunk Lk) memory)."""
+                   key_keep: Tensor | None = None, on_pairs=None) -> tuple[Tensor, Tensor]:
+    """||qp_i - kp_j|| < threshold, over chunks of query rows (O(Lq Lk r) FLOPs, O(chunk Lk) memory).
+    `on_pairs(n)` is called with the pairs found so far after each chunk (it may refuse)."""
     B, H, Lq, r = qp.shape
     Lk = kp.shape[2]
     acc = torch.promote_types(qp.dtype, torch.float32)
@@ -120,7 +124,7 @@ def distance_pairs(qp: Tensor, kp: Tensor, threshold: float, *, causal: bool = F
     chunk = max(1, _CHUNK_ELEMENTS // max(Lk, 1))
     k_sq = kp.square().sum(-1)  # (B, H, Lk)
     t2 = float(threshold) ** 2 if math.isfinite(threshold) else math.inf
-    rows, cols = [], []
+    rows, cols, found = [], [], 0
     cols_all = torch.arange(Lk, device=qp.device)
     for b in range(B):
         keep = None if key_keep is None else key_keep[b]
@@ -138,6 +142,9 @@ def distance_pairs(qp: Tensor, kp: Tensor, threshold: float, *, causal: bool = F
                 i, j = hit.nonzero(as_tuple=True)
                 rows.append(base + i0 + i)
                 cols.append(j)
+                found += i.numel()
+                if on_pairs is not None:
+                    on_pairs(found)
     if not rows:
         empty = torch.zeros(0, dtype=torch.int64, device=qp.device)
         return empty, empty
@@ -217,8 +224,9 @@ def nearest_clusters(x: Tensor, centroids: Tensor, top: int) -> Tensor:
 
 
 def clustering_pairs(qp: Tensor, kp: Tensor, centroids: Tensor, top_clusters: int, *, causal: bool = False,
-                     causal_offset: int = 0, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Edge if q and k share one of their `top_clusters` nearest centroids (pairs repeat when they share several)."""
+                     causal_offset: int = 0, key_keep: Tensor | None = None, on_pairs=None) -> tuple[Tensor, Tensor]:
+    """Edge if q and k share one of their `top_clusters` nearest centroids (pairs repeat when they share
+    several). `on_pairs(n)`: see `expand_groups`."""
     B, H, Lq, r = qp.shape
     Lk = kp.shape[2]
     dev = qp.device
@@ -231,7 +239,7 @@ def clustering_pairs(qp: Tensor, kp: Tensor, centroids: Tensor, top_clusters: in
     if key_keep is not None:
         real = key_keep.view(B, 1, Lk, 1).expand_as(k_group)
         k_group, k_col = k_group[real], k_col[real]
-    row, col = expand_groups(q_group, q_row, k_group.reshape(-1), k_col.reshape(-1), B * H * c)
+    row, col = expand_groups(q_group, q_row, k_group.reshape(-1), k_col.reshape(-1), B * H * c, on_pairs)
     if causal:
         ok = col <= row % Lq + causal_offset
         row, col = row[ok], col[ok]
@@ -275,9 +283,11 @@ def window_pairs(B: int, H: int, Lq: int, Lk: int, window: int | None, first_tok
 def predict_edges(qp: Tensor, kp: Tensor, predictor: str, *, threshold: float = 1.0, bucket_size: int = 16,
                   centroids: Tensor | None = None, top_clusters: int = 1, window: int | None = None,
                   first_token: bool = False, causal: bool = False, causal_offset: int = 0,
-                  key_keep: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+                  key_keep: Tensor | None = None, on_pairs=None) -> tuple[Tensor, Tensor, int]:
     """The predicted graph as CSR ``(row_ptr (B*H*Lq + 1,), col_index)`` (deduplicated, sorted per
-    row) and the number of candidate pairs generated before deduplication (for the cost)."""
+    row) and the number of candidate pairs generated before deduplication (for the cost).
+    `on_pairs(n)` is told the data-dependent predictors' pair count before it is allocated (it may
+    refuse); the quantization predictor's is fixed by its shapes."""
     B, H, Lq, _ = qp.shape
     Lk = kp.shape[2]
     common = dict(causal=causal, causal_offset=causal_offset, key_keep=key_keep)
@@ -289,11 +299,11 @@ def predict_edges(qp: Tensor, kp: Tensor, predictor: str, *, threshold: float = 
             row_ptr, col_index = csr_from_slots(slots)
             return row_ptr, col_index, int((slots >= 0).sum())
         if predictor == "distance":
-            row, col = distance_pairs(qp, kp, threshold, **common)
+            row, col = distance_pairs(qp, kp, threshold, on_pairs=on_pairs, **common)
         elif predictor == "clustering":
             if centroids is None:
                 raise ValueError("predict_edges: predictor 'clustering' needs centroids")
-            row, col = clustering_pairs(qp, kp, centroids, top_clusters, **common)
+            row, col = clustering_pairs(qp, kp, centroids, top_clusters, on_pairs=on_pairs, **common)
         else:
             raise ValueError(f"predict_edges: unknown predictor {predictor!r}; expected one of {list(PREDICTORS)}")
         w_row, w_col = _slots_to_pairs(local)
