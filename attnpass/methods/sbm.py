@@ -50,7 +50,7 @@ from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.options import check_choice, check_int, check_known, check_real
 from attnpass.methods.sbm_cluster_graph import cluster_graph
-from attnpass.memory_guard import check_fits
+from attnpass.memory_guard import PairLimit, check_limit_option
 from attnpass.methods.sbm_sampling import (
     EdgeProbabilitySTE, SBMGraph, block_matrix, expected_density, expected_edge_count, sample_graph,
 )
@@ -104,8 +104,7 @@ class SBMAttention(SiteAttention):
             check_int("sbm", "seed", options["seed"], 0)
         if "eval_graph" in options:
             check_choice("sbm", "eval_graph", options["eval_graph"], EVAL_GRAPHS)
-        if options.get("memory_limit") is not None:
-            check_int("sbm", "memory_limit", options["memory_limit"], 1)
+        check_limit_option("sbm", options)
         if "eval_clusters" in options:
             check_int("sbm", "eval_clusters", options["eval_clusters"], 1)
             clusters = options.get("clusters", DEFAULT_CLUSTERS)
@@ -183,13 +182,11 @@ class SBMAttention(SiteAttention):
 
     def _check_memory(self, y_q, y_k, block, key_keep, heads: int) -> None:
         keep_n = None if key_keep is None else key_keep.repeat_interleave(heads, dim=0)
-        edges = expected_edge_count(y_q, y_k, block, self.floor, keep_n)
-        density = edges / max(1, y_q.shape[0] * y_q.shape[1] * y_k.shape[1])
-        check_fits(f"sbm site {self.spec.name!r}", edges * BYTES_PER_EDGE,
-                   f"~{edges / 1e6:.0f}M sampled edges, {density:.0%} of all pairs, at ~{BYTES_PER_EDGE} bytes each",
-                   self.memory_limit,
-                   "Calibrate the clusters towards a lower density (attnpass.calibrate), use eval_graph='clusters', "
-                   "or shorter inputs; memory_limit=<bytes> sets the limit")
+        limit = PairLimit(f"sbm site {self.spec.name!r}", "sampled edges", BYTES_PER_EDGE,
+                          y_q.shape[0] * y_q.shape[1] * y_k.shape[1], self.memory_limit,
+                          "Calibrate the clusters towards a lower density (attnpass.calibrate), use "
+                          "eval_graph='clusters', or shorter inputs; memory_limit=<bytes> sets the limit")
+        limit(expected_edge_count(y_q, y_k, block, self.floor, keep_n))
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         from attnpass.prefill import NOMINAL_DENSITY

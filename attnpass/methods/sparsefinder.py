@@ -55,13 +55,12 @@ gather), so nothing bigger than what the model already built is allocated.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor, nn
 
-from attnpass.memory_guard import check_fits
+from attnpass.memory_guard import PairLimit, check_limit_option
 from attnpass.lowering.cpu.common import broadcastable, csr_rows, read_at_pairs
 from attnpass.lowering.cpu.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.cpu.edge_attention import edge_attention
@@ -176,8 +175,7 @@ class SparsefinderAttention(SiteAttention):
         normalizer = options.get("normalizer", DEFAULTS["normalizer"])
         if not isinstance(normalizer, str) or normalizer not in NORMALIZERS:
             _fail(f"option normalizer={normalizer!r} must be one of {list(NORMALIZERS)}")
-        if options.get("memory_limit") is not None:
-            check_int("sparsefinder", "memory_limit", options["memory_limit"], 1)
+        check_limit_option("sparsefinder", options)
         if "mass" in options:
             check_real("sparsefinder", "mass", options["mass"], 0.0, 1.0, low_open=True, high_open=False)
         top, clusters = _top_clusters(options), options.get("clusters", DEFAULTS["clusters"])
@@ -236,14 +234,12 @@ class SparsefinderAttention(SiteAttention):
                 qp, kp, self.predictor, threshold=self.threshold, bucket_size=self.bucket_size,
                 centroids=getattr(self, "centroids", None), top_clusters=self.top_clusters, window=self.window,
                 first_token=self.first_token, causal=self.spec.causal, causal_offset=self.causal_offset(q, k),
-                key_keep=key_keep, on_pairs=functools.partial(self._check_memory, q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]))
-
-    def _check_memory(self, all_pairs: int, pairs: int) -> None:
-        check_fits(f"sparsefinder site {self.spec.name!r}", pairs * BYTES_PER_PAIR,
-                   f"~{pairs / 1e6:.0f}M predicted pairs, {pairs / max(all_pairs, 1):.0%} of all pairs, at "
-                   f"~{BYTES_PER_PAIR} bytes each", self.memory_limit,
-                   "Calibrate the predictor (attnpass.calibrate), use more clusters or fewer top_clusters, "
-                   "predictor='quantization' (fixed pairs per query), or shorter inputs; memory_limit=<bytes> sets the limit")
+                key_keep=key_keep, on_pairs=None if self.predictor == "quantization" else PairLimit(
+                    f"sparsefinder site {self.spec.name!r}", "predicted pairs", BYTES_PER_PAIR,
+                    q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2], self.memory_limit,
+                    "Calibrate the predictor (attnpass.calibrate), use more clusters or fewer top_clusters, "
+                    "predictor='quantization' (fixed pairs per query), or shorter inputs; memory_limit=<bytes> "
+                    "sets the limit"))
 
     def predictor_ops(self, q: Tensor, k: Tensor, candidates: int) -> float:
         """Projection + predictor FLOPs of one call (all batch rows and heads)."""
