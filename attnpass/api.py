@@ -41,6 +41,12 @@ def example_int(x) -> int | None:
     return None
 
 
+def one_query_over_keys(site: AttentionSite) -> bool:
+    """One query over more keys in self-attention: a decode step over a KV cache. The length is
+    compared only when the capture fixed it (a symbolic length compared to 1 would add a guard)."""
+    return type(site.len_q) is int and site.len_q == 1 and str(site.len_k) != "1" and not site.cross
+
+
 def site_spec(site: AttentionSite) -> SiteSpec:
     info = site.mask_info
 
@@ -52,7 +58,7 @@ def site_spec(site: AttentionSite) -> SiteSpec:
     # cache (Lk = cached + new keys), so the graphs of those calls compare equal (sparse_module).
     # One query over more keys in self-attention (a decode step over a KV cache) sees every key: mask
     # analysis finds no causal rule there, and causal bottom-right is the same attention, stated so.
-    one_query = type(site.len_q) is int and site.len_q == 1 and str(site.len_k) != "1" and not site.cross
+    one_query = one_query_over_keys(site)
     causal = info.causal or one_query
     bottom_right = info.causal_bottom_right or one_query or (info.causal and str(site.len_q) == str(site.len_k))
     return SiteSpec(

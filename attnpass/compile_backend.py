@@ -62,7 +62,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.split_module import split_module
 
-from attnpass.api import _attach, _refuse_sparsified, site_spec
+from attnpass.api import _attach, _refuse_sparsified, one_query_over_keys, site_spec
 from attnpass.capture import check_call_inputs
 from attnpass.detect import capture_sites, find_sites, module_path
 from attnpass.inline_mha import inline_mha
@@ -281,7 +281,7 @@ class AttnpassBackend:
         existing = _attached_to(owner, site.name)
         if existing is None:
             spec = site_spec(site)
-            if _one_query_over_keys(site) and spec.causal_bottom_right:
+            if one_query_over_keys(site):
                 # sized from this call, the module's state would fit one query (routing: one cluster)
                 return ("a decode step before any prompt reached the backend: left as the model computes it (exact "
                         "dense attention over the cache); the site's module is made from the first prompt's graph")
@@ -302,10 +302,6 @@ class AttnpassBackend:
             warnings.warn(f"attnpass backend: graph {len(self.report.graphs) - 1}: {site.name}: {why}", stacklevel=3)
             return why
         return existing
-
-
-def _one_query_over_keys(site: AttentionSite) -> bool:
-    return type(site.len_q) is int and site.len_q == 1 and str(site.len_k) != "1" and not site.cross
 
 
 def _attached_to(owner: nn.Module, site_name: str) -> SiteAttention | None:

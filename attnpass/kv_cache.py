@@ -6,7 +6,8 @@ and value. torch.export traces that unflatten into the graph for a cache passed 
 `tree_unflatten` runs it again on the cache the graph returns, so a decode step would copy the whole
 cache twice per layer, the more the longer the prompt. Here the traced copies are removed from the
 graph (a concatenation with an empty tensor is its other operand) and the returned cache is rebuilt
-around the graph's tensors.
+around the graph's tensors. Also here: the caller's cache lends its tensors to the graph for the call
+and adopts the returned cache's contents (the original model updates the cache passed in).
 """
 from __future__ import annotations
 
@@ -97,11 +98,35 @@ def _cache_around(spec: pytree.TreeSpec, values: list):
         start += child.num_leaves
     keys, vals = lists.get("key_cache", []), lists.get("value_cache", [])
     layers = cache.layers
-    if any(type(layer).__name__ != "DynamicLayer" for layer in layers) or len(keys) > len(layers):
+    if not all(map(_plain_layer, layers)) or len(keys) > len(layers):
         return spec.unflatten(values)
     for layer, key, value in zip(layers, keys, vals):
         layer.keys, layer.values = key, value
     return cache
+
+
+def _callers_caches(kwargs: dict) -> list:
+    """The KV caches (objects with `.layers`) passed under transformers' argument names."""
+    return [kwargs[name] for name in ("cache", "past_key_values") if hasattr(kwargs.get(name), "layers")]
+
+
+def _plain_layer(layer) -> bool:
+    """A `DynamicLayer`: keys and values only (a sliding-window layer also keeps counters)."""
+    return type(layer).__name__ == "DynamicLayer"
+
+
+def adopt_caches(kwargs: dict, out):
+    """A cache passed in is updated in place by the original model and returned: do the same.
+
+    The graph cannot mutate a Python cache object; it returns a new one holding the updated keys
+    and values. Its contents are moved into the caller's object, which is returned in its place.
+    """
+    returned = getattr(out, "cache", None) if not isinstance(out, tuple) else None
+    for given in _callers_caches(kwargs):
+        if returned is not None and returned is not given and type(returned) is type(given):
+            given.__dict__.update(returned.__dict__)
+            out.cache = given
+    return out
 
 
 @contextlib.contextmanager
@@ -113,10 +138,9 @@ def lent_to_graph(kwargs: dict, returns_cache: bool):
     part-way through leaves the cache part-consumed, as the original leaves it part-updated)."""
     lent = []
     if returns_cache:
-        for name in ("cache", "past_key_values"):
-            cache = kwargs.get(name)
-            for layer in getattr(cache, "layers", ()):
-                if type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor):
+        for cache in _callers_caches(kwargs):
+            for layer in cache.layers:
+                if _plain_layer(layer) and isinstance(getattr(layer, "keys", None), torch.Tensor):
                     lent.append((layer, weakref.ref(layer.keys), weakref.ref(layer.values)))
                     layer.keys = layer.values = None
     try:

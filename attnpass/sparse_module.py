@@ -38,7 +38,7 @@ from torch import nn
 
 from attnpass.capture import Program, register_cache_pytrees
 from attnpass.detect import capture_sites
-from attnpass.kv_cache import drop_empty_concatenations, lent_to_graph
+from attnpass.kv_cache import adopt_caches, drop_empty_concatenations, lent_to_graph
 from attnpass.rewrite import remove_dead_code, rewrite_site
 from attnpass.site import AttentionReport, SkippedSite
 
@@ -64,7 +64,7 @@ _REFUSED = {
 
 # generate() captures its graphs on a prompt this long (see SparseModel._capture_generation_graphs)
 GENERATION_CAPTURE_TOKENS = 128
-_GENERATION_LENGTHS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "streamer")
+_NOT_FOR_CAPTURE = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "streamer")
 
 _CONSTANT_TYPES = (bool, int, float, str, torch.dtype, torch.device, enum.Enum)
 
@@ -209,7 +209,7 @@ class SparseModel(nn.Module):
             flat = program._flatten(args, kwargs)
         with lent_to_graph(kwargs, program._returns_cache):
             out = program.run_flat(self, flat)
-        return _adopt_caches(kwargs, out)
+        return adopt_caches(kwargs, out)
 
     def generate(self, *args, **kwargs):
         """transformers' `generate()` (same arguments: `max_new_tokens`, `streamer`, `output_scores`,
@@ -239,7 +239,7 @@ class SparseModel(nn.Module):
         names = tuple(sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor)))
         if names in self._generation_captured:
             return
-        rest = {k: v for k, v in kwargs.items() if k not in _GENERATION_LENGTHS}
+        rest = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_CAPTURE}
         for name in ("input_ids", "inputs", "attention_mask"):
             value = kwargs.get(name)
             if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[-1] == prompt.shape[-1]:
@@ -249,7 +249,6 @@ class SparseModel(nn.Module):
             # a padded row stays padded (transformers drops an all-ones mask: another call signature)
             mask = rest["attention_mask"] = mask.clone()
             mask[(kwargs["attention_mask"] == 0).any(-1), 0] = 0
-        rest.pop("streamer", None)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", CaptureNotice)
             generate(*((prompt[:, -short:],) + tuple(args[1:]) if args else ()), **rest,
@@ -375,23 +374,6 @@ def _refused_method(name: str, why: str):
     refused.__name__ = refused.__qualname__ = name
     refused.__doc__ = why
     return refused
-
-
-def _adopt_caches(kwargs, out):
-    """A cache passed in is updated in place by the original model and returned: do the same.
-
-    The graph cannot mutate a Python cache object; it returns a new one holding the updated keys
-    and values. Its contents are moved into the caller's object, which is returned in its place.
-    """
-    for name in ("cache", "past_key_values"):
-        given = kwargs.get(name)
-        if given is None or not hasattr(given, "layers"):
-            continue
-        returned = getattr(out, "cache", None) if not isinstance(out, tuple) else None
-        if returned is not None and returned is not given and type(returned) is type(given):
-            given.__dict__.update(returned.__dict__)
-            out.cache = given
-    return out
 
 
 class SignatureNotServed(ValueError):

@@ -28,8 +28,8 @@ def test_equal_values_are_taken_lowest_index_first(dtype, dim):
         assert torch.equal(got, want), (dtype, dim, k)
 
 
-def test_torch_topk_alone_does_not_break_ties_so():
-    # what the helper is for: on this input torch.topk picks other tied members (CPU build)
+def test_many_equal_values_at_the_cut_go_to_the_lowest_positions():
+    # 143 equal maxima for 50 slots (torch.topk's CPU build picks other ones of them here)
     x = torch.zeros(4, 3, 1000)
     x[..., ::7] = 1.0
     ours = topk_lowest_index(x, 50).sort(-1).values

@@ -37,18 +37,11 @@ def _exact(rows: Tensor, k: int) -> Tensor:
     """(n, L) -> (n, k): the lowest-index top-k of each row."""
     if rows.dtype == torch.float64:
         return torch.argsort(rows, dim=-1, descending=True, stable=True)[:, :k]
-    return _packed_keys(rows, -1).topk(k, dim=-1, sorted=False).indices
-
-
-def _packed_keys(x: Tensor, dim: int) -> Tensor:
-    """int64 keys ordered as (value, -position) are: value in the high 32 bits, n-1-position below."""
-    dim = dim % x.dim()
-    n = x.shape[dim]
     # + 0.0 turns -0.0 into +0.0 (equal values must get equal keys); half types convert exactly
-    bits = (x.to(torch.float32) + 0.0).contiguous().view(torch.int32)
+    bits = (rows.to(torch.float32) + 0.0).contiguous().view(torch.int32)
     # IEEE floats order as sign-magnitude integers: flip the magnitude of negatives to get two's complement
     ordered = bits ^ ((bits >> 31) & _LOW31)
-    shape = [1] * x.dim()
-    shape[dim] = n
-    rank = torch.arange(n - 1, -1, -1, dtype=torch.int64, device=x.device).view(shape)
-    return (ordered.to(torch.int64) << 32) | rank
+    # value in the high 32 bits, L-1-position below: distinct keys, equal values lowest position first
+    rank = torch.arange(rows.shape[-1] - 1, -1, -1, dtype=torch.int64, device=rows.device)
+    keys = (ordered.to(torch.int64) << 32) | rank
+    return keys.topk(k, dim=-1, sorted=False).indices
