@@ -75,15 +75,6 @@ def timed_generate(model, ids, new_tokens) -> tuple[float, float, torch.Tensor]:
     return clock.first_token(), clock.per_token(), out
 
 
-def parse_method(text: str) -> tuple[str, str, dict]:
-    name, _, opts = text.partition(":")
-    options = {}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
-    return text, name, options
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 7500])
@@ -97,7 +88,8 @@ def main():
     text = real_models.long_text(tokenizer, max(args.lengths), family="other")
     example = dict(input_ids=text[:, :256])
     converted = {}
-    for label, name, options in map(parse_method, args.methods):
+    for label in args.methods:
+        name, options = real_models.parse_method(label)
         t0 = time.perf_counter()
         sparse = attnpass.sparsify(model, kwargs=example, method=name, **options)
         timed_generate(sparse, text[:, :300], 2)  # captures the prefill and decode graphs

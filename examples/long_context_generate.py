@@ -32,15 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_models  # noqa: E402
 
 
-def parse_method(text: str) -> tuple[str, dict]:
-    name, _, opts = text.partition(":")
-    options = {}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
-    return name, options
-
-
 def answer(model, tokenizer, prompt: torch.Tensor, new_tokens: int) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CaptureNotice)
@@ -64,7 +55,7 @@ def main():
     models = [("original", model)]
     example = dict(input_ids=prompts[0][:, :256])
     for text in args.methods:
-        name, options = parse_method(text)
+        name, options = real_models.parse_method(text)
         start = time.perf_counter()
         models.append((text, attnpass.sparsify(model, kwargs=example, method=name, **options)))
         print(f"{text}: sparsified in {time.perf_counter() - start:.1f} s", flush=True)

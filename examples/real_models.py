@@ -16,6 +16,7 @@
   disjoint families: calibrate on one family and evaluate on another and the texts never overlap.
 - `perplexity(model, input_ids)`: exp(mean next-token loss) in one forward (the loss taken over
   the logits in row chunks, so L=4096 needs the logits and little more).
+- `parse_method("combiner:block=64")`: a method and its options as the scripts here take them.
 - `pass_key_prompt(tokenizer, length, depth, key)` and `retrieves(model, tokenizer, prompt_ids, key)`:
   the pass-key retrieval task (a number hidden at a relative depth in filler prose, asked for at
   the end), checked by teacher forcing in one forward, so it runs on any model callable the way
@@ -124,6 +125,15 @@ def perplexity(model, input_ids: torch.Tensor, rows: int = 512) -> float:
     total = sum(torch.nn.functional.cross_entropy(logits[i:i + rows].float(), targets[i:i + rows], reduction="sum")
                 for i in range(0, len(targets), rows))
     return float((total / len(targets)).exp())
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """"combiner:block=64,variant=fixed" -> ("combiner", {"block": 64, "variant": "fixed"}) (values as
+    the command line's `--opt` reads them: Python literals, else strings)."""
+    from attnpass.cli import parse_options
+
+    name, _, opts = text.partition(":")
+    return name, parse_options([item for item in opts.split(",") if item]).get(None, {})
 
 
 PASS_KEY_INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
