@@ -6,9 +6,9 @@ which size the refusal of calls that would not fit (`attnpass.memory_guard`).
 
 One layer with the method's defaults (untrained), B=1, H=8, D=64, fp32, bidirectional, each
 (method, length, mode) in a fresh process: the rise of the process's peak RSS over one call (eval:
-a no-grad forward; train: forward and backward), divided by the pairs the method drew before
-merging duplicates (SBM: the sampled edges; Sparsefinder: the predictor's candidate pairs), the
-count each method's memory check multiplies.
+a no-grad forward; train: forward and backward), divided by the count each method's memory check
+multiplies: SBM's expected number of drawn edges (duplicates included), Sparsefinder's candidate
+pairs before duplicates are merged.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main() -> None:
     if args.one:
         measure(args.one[0], int(args.one[1]), args.one[2] == "train")
         return
-    print("| method | L | mode | pairs drawn | of all pairs | peak rise (MiB) | bytes per pair |")
+    print("| method | L | mode | pairs counted | of all pairs | peak rise (MiB) | bytes per pair |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for method in args.methods:
         for length in args.lengths:
