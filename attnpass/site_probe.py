@@ -175,12 +175,40 @@ def computed_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | No
     Combiner, `summaries` counts each query's region-summary scores: the keys reached only
     through a summary are not computed pairs (the summary stands for them all at once).
     """
+    if module.method_name == "dense":
+        q, k = inputs["q"], inputs["k"]
+        return torch.ones(*q.shape[:3], k.shape[2], dtype=torch.bool, device=q.device), None
+    anchor = getattr(module, "anchor", None)
+    if not anchor:
+        return _method_pairs(module, inputs)
+    # the method ran on the keys the anchor leaves it (module.method_key_keep, layout_offset)
+    method, summaries = _method_pairs(module, {**inputs, "key_keep": module.method_key_keep(inputs.get("key_keep"), inputs["k"])})
+    return method | anchor_pairs(module, inputs), summaries
+
+
+def anchor_pairs(module: nn.Module, inputs: dict) -> Tensor:
+    """(B, Hq, Lq, Lk) bool: the pairs a site's sinks and local window add (attnpass.methods.anchor)."""
+    q, k, key_keep = inputs["q"], inputs["k"], inputs.get("key_keep")
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    anchor, causal, offset = module.anchor, module.spec.causal, module.causal_offset(q, k)
+    i = torch.arange(Lq, device=q.device).view(Lq, 1)
+    j = torch.arange(Lk, device=q.device).view(1, Lk)
+    sinks = anchor.sink_positions(key_keep, B, Lk, q.device)                       # (B, s)
+    is_sink = (j.view(1, 1, Lk) == sinks.unsqueeze(-1)).any(dim=1)                # (B, Lk)
+    pairs = is_sink.view(B, 1, 1, Lk) & ((j <= i + offset) if causal else True)
+    if anchor.local:
+        pairs = pairs | ((j <= i + offset) & (j > i + offset - anchor.local))
+    if key_keep is not None:
+        pairs = pairs & key_keep.view(B, 1, 1, Lk)
+    return pairs.expand(B, Hq, Lq, Lk)
+
+
+def _method_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | None]:
     method = module.method_name
     q, k, key_keep = inputs["q"], inputs["k"], inputs.get("key_keep")
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
-    if method == "dense":
-        return torch.ones(B, Hq, Lq, Lk, dtype=torch.bool, device=q.device), None
     if method == "combiner":
         return _combiner_pairs(module, inputs)
     if method == "routing":
@@ -214,7 +242,7 @@ def _combiner_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor]:
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     causal = module.spec.causal
-    offset = module.causal_offset(q, k) if causal else 0
+    offset = module.layout_offset(q, k) if causal else 0
     block = module.block if module.block is not None else _default_block(Lq, Lk, D, module.variant)
     layout = build_layout(module.variant, Lq, Lk, block, causal, offset, q.device)
     direct = _group_pairs(layout.q_index, layout.k_index, Lq, Lk).expand(B, Hq, Lq, Lk)

@@ -122,7 +122,10 @@ def reference_regions(variant, len_q, len_k, block, causal, offset):
 
     plan = []
     for p in positions:
-        assert 0 <= p < len_k
+        assert p < len_k
+        if p < 0:  # a causal offset below -i (the layout of a site with a local window): no key
+            plan.append(([], []))
+            continue
         own = p // block
         direct = [j for j in keys_of_blocks(own, own + 1) if not causal or j <= p]
         if variant == "fixed":
@@ -161,8 +164,11 @@ def reference_summary(q, k, v, keep, members, region, scale):
     return k[real].amax(0), p @ v[real]
 
 
-def reference_attention(q, k, v, key_keep, variant, block, causal, offset):
-    """Dense float64 Combiner from the definition: one softmax over [direct logits; summary logits]."""
+def reference_attention(q, k, v, key_keep, variant, block, causal, offset, extra_keys=None):
+    """Dense float64 Combiner from the definition: one softmax over [direct logits; summary logits].
+
+    extra_keys(b, i): more direct keys of query i in batch row b, under the same softmax (the
+    sinks and local window of attnpass.methods.anchor)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D ** -0.5
@@ -181,7 +187,7 @@ def reference_attention(q, k, v, key_keep, variant, block, causal, offset):
                                    and (key_keep is None or Lq != Lk or keep[b, m])]
                         summaries[region] = reference_summary(qh, kh, vh, keep[b], members, region, scale)
                 used = [summaries[r] for r in regions if summaries[r] is not None]
-                direct = [j for j in direct if keep[b, j]]
+                direct = [j for j in direct if keep[b, j]] + (extra_keys(b, i) if extra_keys else [])
                 keys = torch.cat([kh[direct]] + [s[0].view(1, -1) for s in used])
                 values = torch.cat([vh[direct]] + [s[1].view(1, -1) for s in used])
                 if keys.shape[0] == 0:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attnpass.methods.anchor import Anchor, merge_parts, with_mass
+
 
 def key_anchor(query_pos: torch.Tensor, len_q: int, len_k: int, causal: bool, offset: int) -> torch.Tensor:
     """A query's position in key space, which methods use for windows and fallbacks: its last
@@ -52,15 +54,23 @@ class SiteAttention(nn.Module):
     method_name = "base"
     options: tuple[str, ...] = ()  # the option names the method takes (validate_options checks them)
 
-    def __init__(self, spec: SiteSpec):
+    def __init__(self, spec: SiteSpec, anchor: Anchor | None = None):
         super().__init__()
         self.spec = spec
+        # Attention sinks and a local window added to the method's pairs (attnpass.methods.anchor).
+        self.anchor = anchor if anchor is not None else Anchor()
 
     def scale(self, q: torch.Tensor) -> float:
         return self.spec.scale if self.spec.scale is not None else q.shape[-1] ** -0.5
 
     def causal_offset(self, q: torch.Tensor, k: torch.Tensor) -> int:
+        """The site's causal rule: query i may see key j <= i + offset."""
         return k.shape[-2] - q.shape[-2] if self.spec.causal_bottom_right else 0
+
+    def layout_offset(self, q: torch.Tensor, k: torch.Tensor) -> int:
+        """The causal offset the method's own layout uses: the site's, less the local window the
+        anchor computes (keys j <= i + offset - local are the method's)."""
+        return self.causal_offset(q, k) - (self.anchor.local if self.spec.causal else 0)
 
     def dropout_seed(self, dropout_p: float) -> int:
         # Drawn from torch's global RNG so torch.manual_seed makes training runs reproducible.
@@ -105,7 +115,8 @@ class SiteAttention(nn.Module):
     def extra_repr(self) -> str:
         causal = ("causal (bottom-right)" if self.spec.causal_bottom_right else "causal") if self.spec.causal else "non-causal"
         scale = "1/sqrt(d)" if self.spec.scale is None else f"{self.spec.scale:.4g}"
-        return f"site={self.spec.name!r}, scale={scale}, {causal}"
+        anchor = f", {self.anchor}" if self.anchor else ""
+        return f"site={self.spec.name!r}, scale={scale}, {causal}{anchor}"
 
     # Calls over cached keys with fewer queries than this run exact dense attention (decode steps);
     # None: the cost model decides per call (attnpass.prefill). Set by sparsify's `prefill_queries`.
@@ -121,11 +132,35 @@ class SiteAttention(nn.Module):
         other call runs the method (`sparse_forward`)."""
         if self.is_decode_step(q, k):
             return self.dense_forward(q, k, v, bias, mask, key_keep, dropout_p, empty_rows)
+        if self.anchor:
+            return self.anchored_forward(q, k, v, bias, mask, key_keep, dropout_p)
         return self.sparse_forward(q, k, v, bias, mask, key_keep, dropout_p, empty_rows)
 
     def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                        empty_rows: str = "zero"):
         raise NotImplementedError
+
+    def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, logsumexp per row) of ONE softmax over the method's pairs (anchor.merge_parts's
+        contract: empty rows give 0 and 0); the method's layout uses `layout_offset`."""
+        raise NotImplementedError(f"method {self.method_name!r} does not run with sinks= / local=")
+
+    def method_key_keep(self, key_keep, k: torch.Tensor):
+        """The key_keep the method's own layout runs with: the site's without the anchor's sinks."""
+        return self.anchor.method_key_keep(key_keep, k.shape[0], k.shape[2], k.device)
+
+    def anchored_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+        """The method's pairs, the sinks and the local window under one softmax (attnpass.methods.anchor)."""
+        B, Hq, Lq, _ = q.shape
+        if Lq == 0 or k.shape[2] == 0:
+            return q.new_zeros(B, Hq, Lq, v.shape[3])
+        p = dropout_p if self.training else 0.0
+        v_mass = with_mass(v)
+        parts = [self.sparse_attention(q, k, v_mass, bias, mask, self.method_key_keep(key_keep, k), p)]
+        parts += self.anchor.parts(
+            q, k, v_mass, key_keep=key_keep, bias=bias, mask=mask, scale=self.scale(q), causal=self.spec.causal,
+            offset=self.causal_offset(q, k), dropout_p=p, dropout_seed=self.dropout_seed(p))
+        return merge_parts(parts)
 
     def is_decode_step(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         """A causal self-attention call continuing over cached keys (Lq < Lk) whose few queries gain

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import numbers
 
+import torch
+
 from attnpass import cost_model
 from attnpass.lowering.cpu.grouped_attention import grouped_attention
+from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
 from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.combiner_layout import VARIANTS, build_layout, region_summaries
 
-_OPTIONS = ("variant", "block")
+_OPTIONS = ("variant", "block") + ANCHOR_OPTIONS
 
 
 def _default_block(len_q: int, len_k: int, head_dim: int, variant: str) -> int:
@@ -33,7 +36,7 @@ class CombinerAttention(SiteAttention):
 
     def __init__(self, spec: SiteSpec, **options):
         self.validate_options(**options)
-        super().__init__(spec)
+        super().__init__(spec, Anchor.from_options(options))
         self.variant: str = options.get("variant", "fixed")
         block = options.get("block")
         self.block: int | None = None if block is None else int(block)
@@ -43,6 +46,7 @@ class CombinerAttention(SiteAttention):
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             raise ValueError(f"method 'combiner' got unknown option(s) {unknown}; it takes {list(_OPTIONS)}")
+        check_anchor_options("combiner", options)
         variant = options.get("variant", "fixed")
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise ValueError(f"method 'combiner': option variant={variant!r} must be one of {list(VARIANTS)}")
@@ -57,6 +61,9 @@ class CombinerAttention(SiteAttention):
 
     @classmethod
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
+        reason = anchor_reason(spec, options)
+        if reason:
+            return reason
         kinds = [name for name, present in (("additive bias", spec.has_bias), ("mask", spec.has_mask)) if present]
         if not kinds:
             return None
@@ -73,29 +80,34 @@ class CombinerAttention(SiteAttention):
 
     def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                        empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
+        return self.sparse_attention(q, k, v, bias, mask, key_keep, dropout_p)[0]
+
+    def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float):
         if bias is not None or mask is not None:
             # sparsify declines such sites (unsupported_reason); reaching here is a caller error
             raise ValueError(f"combiner site {self.spec.name!r} got a bias or mask tensor, which region "
                              "summaries cannot carry; use method='routing' or method='dense'")
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
-        if Lq == 0 or Lk == 0:
-            return q.new_zeros(B, Hq, Lq, v.shape[3])  # no key to see: zeros, as dense attention gives
+        if Lq == 0 or Lk == 0:  # no key to see: zeros, as dense attention gives
+            return q.new_zeros(B, Hq, Lq, v.shape[3]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
         causal = self.spec.causal
-        offset = self.causal_offset(q, k) if causal else 0
+        offset = self.layout_offset(q, k) if causal else 0
         block = self.block if self.block is not None else _default_block(Lq, Lk, q.shape[3], self.variant)
         layout = build_layout(self.variant, Lq, Lk, block, causal, offset, q.device)
         scale = self.scale(q)
+        # Summaries pool the values: with the anchor's mass column they pool ones, i.e. stay ones.
         summaries = region_summaries(q, k, v, key_keep, layout, scale)
         summary_k, summary_v, summary_mask = summaries if summaries is not None else (None, None, None)
 
         G, Wq = layout.q_index.shape
         p = dropout_p if self.training else 0.0
-        out_slots, _ = grouped_attention(
+        out_slots, stat = grouped_attention(
             q, k, v, layout.q_index.expand(B, Hq, -1, -1), layout.k_index.expand(B, Hq, -1, -1),
             scale=scale, causal=causal, causal_offset=offset, key_padding_mask=key_keep,
             summary_k=summary_k, summary_v=summary_v, summary_mask=summary_mask,
             dropout_p=p, dropout_seed=self.dropout_seed(p),
         )
         # Every query sits in exactly one slot: read it back instead of scattering.
-        return out_slots.reshape(B, Hq, G * Wq, -1).index_select(2, layout.query_slot)
+        return (out_slots.reshape(B, Hq, G * Wq, -1).index_select(2, layout.query_slot),
+                stat.reshape(B, Hq, G * Wq).index_select(2, layout.query_slot))

@@ -37,11 +37,12 @@ from torch import Tensor
 
 from attnpass import cost_model
 from attnpass.lowering.cpu.grouped_attention import grouped_attention, scatter_slots
+from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options, scatter_merge
 from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
 from attnpass.methods.options import check_int, check_known, check_real
 
-_OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window")
+_OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window") + ANCHOR_OPTIONS
 DEFAULT_LOCAL_WINDOW = 64
 
 
@@ -154,7 +155,7 @@ class RoutingAttention(SiteAttention):
 
     def __init__(self, spec: SiteSpec, **options):
         self.check_site(spec, **options)
-        super().__init__(spec)
+        super().__init__(spec, Anchor.from_options(options))
         heads, head_dim = spec.heads_q, spec.head_dim
         group = heads // spec.heads_kv if spec.heads_kv else 1
         self.local_heads: int = int(options.get("local_heads", 0))
@@ -193,9 +194,13 @@ class RoutingAttention(SiteAttention):
             check_real("routing", "decay", options["decay"], 0.0, 1.0, low_open=True)
         if "commitment" in options:
             check_real("routing", "commitment", options["commitment"], 0.0, math.inf, low_open=False)
+        check_anchor_options("routing", options)
 
     @classmethod
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
+        reason = anchor_reason(spec, options)
+        if reason:
+            return reason
         if spec.heads_q is None or spec.head_dim is None:
             return "the site's query head count and head dim are unknown; routing sizes its centroids by them"
         if options.get("clusters") is None and spec.example_len_q is None and spec.example_len_k is None:
@@ -228,22 +233,34 @@ class RoutingAttention(SiteAttention):
 
     def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                        empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
+        return self._attend(q, k, v, bias, mask, key_keep, dropout_p, one_softmax=False)[0]
+
+    def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float):
+        """As `sparse_forward`, except that a query in several clusters gets one softmax over all
+        their pairs (a key two of them share counts twice) instead of the average of their outputs."""
+        return self._attend(q, k, v, bias, mask, key_keep, dropout_p, one_softmax=True)
+
+    def _attend(self, q, k, v, bias, mask, key_keep, dropout_p: float, one_softmax: bool):
+        """(out, logsumexp per row, or None when averaging over clusters)."""
         self._check_shapes(q, k)
         B, Hq, Lq, _ = q.shape
-        if Lq == 0 or k.shape[2] == 0:
-            return q.new_zeros(B, Hq, Lq, v.shape[3])  # no key to see: zeros, as dense attention gives
+        if Lq == 0 or k.shape[2] == 0:  # no key to see: zeros, as dense attention gives
+            return q.new_zeros(B, Hq, Lq, v.shape[3]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
         p = dropout_p if self.training else 0.0
         n_local, n_kv_local = self.local_heads, self.local_heads // (Hq // k.shape[1])
-        outs = []
+        parts = []
         if n_local:
-            outs.append(self._local_forward(
+            parts.append(self._local_forward(
                 q[:, :n_local], k[:, :n_kv_local], v[:, :n_kv_local], _head_slice(bias, 0, n_local),
                 _head_slice(mask, 0, n_local), key_keep, p))
         if n_local < Hq:
-            outs.append(self._routed_forward(
+            parts.append(self._routed_forward(
                 q[:, n_local:], k[:, n_kv_local:], v[:, n_kv_local:], _head_slice(bias, n_local, Hq),
-                _head_slice(mask, n_local, Hq), key_keep, p))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+                _head_slice(mask, n_local, Hq), key_keep, p, one_softmax))
+        if len(parts) == 1:
+            return parts[0]
+        stat = None if parts[1][1] is None else torch.cat([parts[0][1], parts[1][1]], dim=1)
+        return torch.cat([parts[0][0], parts[1][0]], dim=1), stat
 
     # ---------------------------------------------------------------------------------------
 
@@ -275,7 +292,7 @@ class RoutingAttention(SiteAttention):
         Returns ((routed_q_index, q_index, k_index, fallback_q_index, fallback_k_index), token_sets).
         """
         H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
-        causal, offset = self.spec.causal, self.causal_offset(q, k)
+        causal, offset = self.spec.causal, self.layout_offset(q, k)
         query_keep = self._query_keep(key_keep, Lq, Lk)
         # Differentiable (outside no_grad): the commitment loss reaches q and k through these.
         q_hat, k_hat = OnlineKMeans.normalise(q), OnlineKMeans.normalise(k)
@@ -343,40 +360,43 @@ class RoutingAttention(SiteAttention):
         key_range = torch.stack([torch.where(has_window, low, 0), torch.where(has_window, high, -1)], dim=-1)
         return fallback_q, fallback_k, key_range
 
-    def _routed_forward(self, q, k, v, bias, mask, key_keep, p):
+    def _routed_forward(self, q, k, v, bias, mask, key_keep, p, one_softmax: bool):
         Lq = q.shape[2]
         (_, q_index, k_index, fallback_q, fallback_k, fallback_range), token_sets = self._route(
             q, k, key_keep, self.training)
-        causal, offset, scale = self.spec.causal, self.causal_offset(q, k), self.scale(q)
+        causal, offset, scale = self.spec.causal, self.layout_offset(q, k), self.scale(q)
         seed = self.dropout_seed(p)
         # No key_padding_mask: padding keys never get a slot (routing and windows pick real keys).
         common = {"scale": scale, "causal": causal, "causal_offset": offset, "bias": bias, "pair_mask": mask,
                   "dropout_p": p, "dropout_seed": seed}
-        out_slots, _ = grouped_attention(q, k, v, q_index, k_index, **common)
-        out, _ = scatter_slots(out_slots, q_index, Lq)
+        gather = (lambda slots, index: scatter_merge(*slots, index, Lq)) if one_softmax \
+            else (lambda slots, index: (scatter_slots(slots[0], index, Lq)[0], None))
+        out, stat = gather(grouped_attention(q, k, v, q_index, k_index, **common), q_index)
         if bool((fallback_q >= 0).any()):
             # fallback queries are exactly the ones with no routed output, so adding is a merge
-            fallback_slots, _ = grouped_attention(q, k, v, fallback_q, fallback_k, key_range=fallback_range, **common)
-            out = out + scatter_slots(fallback_slots, fallback_q, Lq)[0]
+            fallback_out, fallback_stat = gather(
+                grouped_attention(q, k, v, fallback_q, fallback_k, key_range=fallback_range, **common), fallback_q)
+            out = out + fallback_out
+            stat = None if stat is None else stat + fallback_stat
         if self.training:
             self._last_aux_loss = self.kmeans.commitment_loss(token_sets)
             self.kmeans.update_(token_sets)
-        return out
+        return out, stat
 
     def _local_layout(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return _block_local_layout(q.shape[2], k.shape[2], self.local_window, self.spec.causal,
-                                   self.causal_offset(q, k), q.device)
+                                   self.layout_offset(q, k), q.device)
 
     def _local_forward(self, q, k, v, bias, mask, key_keep, p):
         B, H, Lq, _ = q.shape
         q_index, k_index = self._local_layout(q, k)
-        out_slots, _ = grouped_attention(
+        out_slots, stat = grouped_attention(
             q, k, v, q_index.expand(B, H, -1, -1), k_index.expand(B, H, -1, -1), scale=self.scale(q),
-            causal=self.spec.causal, causal_offset=self.causal_offset(q, k), key_padding_mask=key_keep,
+            causal=self.spec.causal, causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep,
             bias=bias, pair_mask=mask, dropout_p=p, dropout_seed=self.dropout_seed(p),
         )
         # every query sits in exactly one slot, in order: read them back instead of scattering
-        return out_slots.reshape(B, H, -1, v.shape[3])[:, :, :Lq]
+        return out_slots.reshape(B, H, -1, v.shape[3])[:, :, :Lq], stat.reshape(B, H, -1)[:, :, :Lq]
 
 
 def _per_query_head(k: Tensor, heads: int) -> Tensor:

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.methods.base import SiteAttention, SiteSpec
+from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
 from attnpass.methods.options import check_choice, check_int, check_known, check_real
 from attnpass.methods.sbm_cluster_graph import cluster_graph
 from attnpass.memory_guard import PairLimit, check_limit_option
@@ -55,7 +56,7 @@ from attnpass.methods.sbm_sampling import (
     EdgeProbabilitySTE, SBMGraph, block_matrix, expected_density, expected_edge_count, sample_graph,
 )
 
-_OPTIONS = ("clusters", "density_weight", "floor", "seed", "eval_graph", "eval_clusters", "memory_limit")
+_OPTIONS = ("clusters", "density_weight", "floor", "seed", "eval_graph", "eval_clusters", "memory_limit") + ANCHOR_OPTIONS
 EVAL_GRAPHS = ("sample", "clusters")
 DEFAULT_CLUSTERS = 128        # the authors' LRA setting
 DEFAULT_DENSITY_WEIGHT = 1e-4  # lambda of the LRA scripts
@@ -71,7 +72,7 @@ class SBMAttention(SiteAttention):
 
     def __init__(self, spec: SiteSpec, **options):
         self.check_site(spec, **options)
-        super().__init__(spec)
+        super().__init__(spec, Anchor.from_options(options))
         heads, dim = spec.heads_q, spec.head_dim
         self.num_clusters: int = int(options.get("clusters", DEFAULT_CLUSTERS))
         self.density_weight: float = float(options.get("density_weight", DEFAULT_DENSITY_WEIGHT))
@@ -94,6 +95,7 @@ class SBMAttention(SiteAttention):
     @classmethod
     def validate_options(cls, **options) -> None:
         check_known("sbm", options, _OPTIONS)
+        check_anchor_options("sbm", options)
         if "clusters" in options:
             check_int("sbm", "clusters", options["clusters"], 1)
         if "density_weight" in options:
@@ -114,6 +116,9 @@ class SBMAttention(SiteAttention):
 
     @classmethod
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
+        reason = anchor_reason(spec, options)
+        if reason:
+            return reason
         if spec.heads_q is None or spec.head_dim is None:
             return "the site's query head count and head dim are unknown; SBM sizes its clusters and MLP by them"
         return None
@@ -166,7 +171,7 @@ class SBMAttention(SiteAttention):
 
     def _sample(self, q, k, y_q, y_k, block, key_keep, generator) -> SBMGraph:
         causal = self.spec.causal
-        offset = self.causal_offset(q, k) if causal else 0
+        offset = self.layout_offset(q, k) if causal else 0
         if generator is None and not self.training and self.eval_graph == "clusters":
             return cluster_graph(y_q.detach(), y_k.detach(), block.detach(), top=self.eval_clusters, heads=q.shape[1],
                                  causal=causal, causal_offset=offset, key_keep=key_keep)
@@ -195,14 +200,17 @@ class SBMAttention(SiteAttention):
 
     def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                        empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
+        return self.sparse_attention(q, k, v, bias, mask, key_keep, dropout_p)[0]
+
+    def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float):
         if q.shape[1] != self.spec.heads_q or q.shape[3] != self.spec.head_dim:
             raise ValueError(f"sbm site {self.spec.name!r} was built for {self.spec.heads_q} query heads of dim "
                              f"{self.spec.head_dim}, got q of shape {tuple(q.shape)}")
         B, Hq, Lq, _ = q.shape
-        if Lq == 0 or k.shape[2] == 0:
-            return q.new_zeros(B, Hq, Lq, v.shape[3])
+        if Lq == 0 or k.shape[2] == 0:  # no key to see: zeros, as dense attention gives
+            return q.new_zeros(B, Hq, Lq, v.shape[3]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
         causal = self.spec.causal
-        offset = self.causal_offset(q, k) if causal else 0
+        offset = self.layout_offset(q, k) if causal else 0
         y_q, y_k, block = self.memberships(q, k, key_keep)
         graph = self._sample(q, k, y_q, y_k, block, key_keep, None)
         self.last_graph = graph if self.keep_graph else None
@@ -220,9 +228,8 @@ class SBMAttention(SiteAttention):
             mask_bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
             bias = mask_bias if bias is None else bias + mask_bias
         p = dropout_p if self.training else 0.0
-        out, _ = edge_attention(
+        return edge_attention(
             q, k, v, graph.row_ptr, graph.col_index, scale=self.scale(q), causal=causal, causal_offset=offset,
             key_padding_mask=key_keep, bias=bias, edge_bias=edge_bias, dropout_p=p,
             dropout_seed=self.dropout_seed(p), normalizer="softmax",
         )
-        return out

@@ -68,10 +68,11 @@ from attnpass.lowering.triton.switch import use_triton
 from attnpass.methods import kmeans
 from attnpass.methods import sparsefinder_predict as sp
 from attnpass.methods.base import SiteAttention, SiteSpec
+from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
 from attnpass.methods.options import check_int, check_known, check_real
 
 _OPTIONS = ("predictor", "rank", "threshold", "bucket_size", "clusters", "top_clusters", "window",
-            "first_token", "margin", "decay", "normalizer", "mass", "memory_limit")
+            "first_token", "margin", "decay", "normalizer", "mass", "memory_limit") + ANCHOR_OPTIONS
 THRESHOLD_QUANTILE = 0.95
 DEFAULTS = dict(predictor="clustering", rank=4, threshold=None, bucket_size=16, clusters=16, top_clusters=2,
                 window=1, first_token=True, margin=1.0, decay=0.9, normalizer="entmax15", mass=0.9)
@@ -120,7 +121,7 @@ class SparsefinderAttention(SiteAttention):
 
     def __init__(self, spec: SiteSpec, **options):
         self.check_site(spec, **options)
-        super().__init__(spec)
+        super().__init__(spec, Anchor.from_options(options))
         opts = {**DEFAULTS, **options}
         self.predictor: str = opts["predictor"]
         self.rank: int = int(opts["rank"])
@@ -156,6 +157,7 @@ class SparsefinderAttention(SiteAttention):
     @classmethod
     def validate_options(cls, **options) -> None:
         check_known("sparsefinder", options, _OPTIONS)
+        check_anchor_options("sparsefinder", {"normalizer": DEFAULTS["normalizer"], **options})
         predictor = options.get("predictor", DEFAULTS["predictor"])
         if not isinstance(predictor, str) or predictor not in sp.PREDICTORS:
             _fail(f"option predictor={predictor!r} must be one of {list(sp.PREDICTORS)}")
@@ -184,6 +186,9 @@ class SparsefinderAttention(SiteAttention):
 
     @classmethod
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
+        reason = anchor_reason(spec, options)
+        if reason:
+            return reason
         if spec.heads_q is None or spec.head_dim is None:
             return "the site's query head count and head dim are unknown; sparsefinder sizes its projections by them"
         return None
@@ -233,7 +238,7 @@ class SparsefinderAttention(SiteAttention):
             return sp.predict_edges(
                 qp, kp, self.predictor, threshold=self.threshold, bucket_size=self.bucket_size,
                 centroids=getattr(self, "centroids", None), top_clusters=self.top_clusters, window=self.window,
-                first_token=self.first_token, causal=self.spec.causal, causal_offset=self.causal_offset(q, k),
+                first_token=self.first_token, causal=self.spec.causal, causal_offset=self.layout_offset(q, k),
                 key_keep=key_keep, on_pairs=None if self.predictor == "quantization" else PairLimit(
                     f"sparsefinder site {self.spec.name!r}", "predicted pairs", BYTES_PER_PAIR,
                     q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2], self.memory_limit,
@@ -306,7 +311,7 @@ class SparsefinderAttention(SiteAttention):
         q, k = q.detach(), k.detach()
         B, Hq, Lq, D = q.shape
         Lk = k.shape[2]
-        causal, offset = self.spec.causal, self.causal_offset(q, k)
+        causal, offset = self.spec.causal, self.layout_offset(q, k)
         if gold is None:
             gold = sp.gold_pairs(q, k, scale=self.scale(q), causal=causal, causal_offset=offset,
                                  key_keep=key_keep, bias=bias, mask=mask, **self.gold_rule)
@@ -357,13 +362,22 @@ class SparsefinderAttention(SiteAttention):
 
     def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                        empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
+        return self._attend(q, k, v, bias, mask, key_keep, dropout_p, with_stat=False)[0]
+
+    def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float):
+        return self._attend(q, k, v, bias, mask, key_keep, dropout_p, with_stat=True)
+
+    def _attend(self, q, k, v, bias, mask, key_keep, dropout_p: float, with_stat: bool):
+        """(out, row statistic or None); the quantization predictor's block path returns no
+        statistic, so a call that needs one takes the edge path (the same pairs, tested)."""
         self._check_shapes(q, k)
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
-        if Lq == 0 or Lk == 0:
-            return q.new_zeros(B, Hq, Lq, v.shape[3])
+        if Lq == 0 or Lk == 0:  # no key to see: zeros, as dense attention gives
+            return q.new_zeros(B, Hq, Lq, v.shape[3]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
         p = dropout_p if self.training else 0.0
-        if self.predictor == "quantization" and not use_triton(q):
+        stat = None
+        if self.predictor == "quantization" and not use_triton(q) and not with_stat:
             # the buckets' queries and keys as blocks (no per-edge gathers): the CPU path
             out = self._bucket_forward(q, k, v, bias, mask, key_keep, p)
             if self._collect_metrics:
@@ -373,27 +387,27 @@ class SparsefinderAttention(SiteAttention):
             kernel_bias, edge_mask = _mask_merge(bias, mask, q.dtype if bias is None else bias.dtype)
             if edge_mask is not None:
                 row_ptr, col = _drop_masked_edges(row_ptr, col, edge_mask, Hq, Lq)
-            out, _ = edge_attention(
+            out, stat = edge_attention(
                 q, k, v, row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
-                causal_offset=self.causal_offset(q, k), key_padding_mask=key_keep, bias=kernel_bias,
+                causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep, bias=kernel_bias,
                 dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer=self.normalizer)
         if self._collect_metrics:
             self.last_metrics = sp.graph_metrics(
                 q.detach(), k.detach(), row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
-                causal_offset=self.causal_offset(q, k), key_keep=key_keep,
+                causal_offset=self.layout_offset(q, k), key_keep=key_keep,
                 bias=None if bias is None else bias.detach(), mask=mask,
                 predictor_ops=self.predictor_ops(q, k, candidates), **self.gold_rule)
         elif self.training:
             self._last_aux_loss = self.projection_loss(q, k, key_keep, None if bias is None else bias.detach(), mask)
             if self.predictor == "clustering":
                 self.update_centroids_(q.detach(), k.detach(), key_keep)
-        return out
+        return out, stat
 
     def _bucket_forward(self, q, k, v, bias, mask, key_keep, dropout_p: float) -> Tensor:
         """The quantization predictor's graph through `quantile_bucket_attention`: the same pairs
         and the same function as `predict` + `edge_attention` (tested), computed as blocks."""
         B, Hq, Lq, _ = q.shape
-        offset = self.causal_offset(q, k)
+        offset = self.layout_offset(q, k)
         with torch.no_grad():
             qp, kp = self.project(q, k)
             q_order, key_order = sp.quantization_orders(qp, kp, key_keep)
