@@ -120,7 +120,10 @@ def calibrate(sparse_model: nn.Module, batches: Iterable, steps: int = 200, *, l
         fitters = {name: fitter_for(m, lr=lr, gold=gold, mass=mass, density_weight=density_weight, budget=budget)
                    for name, m in modules.items()}
         fitters = {name: f for name, f in fitters.items() if f is not None}
-        data = {name: [f.prepare(r[name]) for r in recorded if name in r] for name, f in fitters.items()}
+        # each method fits the keys it computes: without the sinks= its anchor computes (its layout
+        # offset, below any local= window, the method's own code applies)
+        data = {name: [f.prepare(_method_inputs(f.module, r[name])) for r in recorded if name in r]
+                for name, f in fitters.items()}
         fitters = {name: f for name, f in fitters.items() if data[name]}  # sites no batch reached
 
         def mean_objective(name):
@@ -179,3 +182,10 @@ def _progress(total: int, show: bool):
 
 
 __all__ = ["CalibrationReport", "SiteCalibration", "calibrate"]
+
+
+def _method_inputs(module: nn.Module, inputs: dict) -> dict:
+    """A site's recorded inputs as its method's own layout sees them (`SiteAttention.method_key_keep`)."""
+    if not getattr(module, "anchor", None):
+        return inputs
+    return {**inputs, "key_keep": module.method_key_keep(inputs.get("key_keep"), inputs["k"])}

@@ -158,7 +158,7 @@ class SparsefinderFitter(Fitter):
 
         m = self.module
         q, k = inputs["q"], inputs["k"]
-        gold = sp.gold_pairs(q, k, scale=m.scale(q), causal=m.spec.causal, causal_offset=m.causal_offset(q, k),
+        gold = sp.gold_pairs(q, k, scale=m.scale(q), causal=m.spec.causal, causal_offset=m.layout_offset(q, k),
                              key_keep=inputs.get("key_keep"), bias=inputs.get("bias"), mask=inputs.get("mask"),
                              **self.rule)
         rows = q.shape[0] * q.shape[1] * q.shape[2]
@@ -209,6 +209,11 @@ class SparsefinderFitter(Fitter):
 # --------------------------------------------------------------------------------------------
 
 
+# Query rows per batch and site whose dense probabilities the SBM fitter keeps: the recall is
+# estimated on them, so memory is O(rows * Lk) per batch and site instead of O(Lq * Lk).
+SBM_ROWS_PER_BATCH = 128
+
+
 class SBMFitter(Fitter):
     def __init__(self, module: nn.Module, *, lr: float, density_weight: float):
         super().__init__(module)
@@ -217,7 +222,10 @@ class SBMFitter(Fitter):
 
     def prepare(self, inputs: dict) -> dict:
         m = self.module
-        return {**inputs, "probs": site_probe.dense_probabilities(m, inputs, dtype=torch.float32)}
+        len_q = inputs["q"].shape[2]
+        rows = torch.randperm(len_q, device=inputs["q"].device)[:SBM_ROWS_PER_BATCH].sort().values
+        probs = site_probe.dense_probabilities(m, inputs, dtype=torch.float32).index_select(2, rows)
+        return {**inputs, "rows": rows, "probs": probs}
 
     def _loss(self, data: dict) -> Tensor:
         m = self.module
@@ -225,14 +233,15 @@ class SBMFitter(Fitter):
         B, Hq, Lq, _ = q.shape
         key_keep = data.get("key_keep")
         y_q, y_k, block = m.memberships(q, k, key_keep)                         # (N, L, c), (N, c, c)
-        P = torch.matmul(torch.matmul(y_q, block), y_k.transpose(-1, -2)).view(B, Hq, Lq, -1) + m.floor
+        y_rows = y_q.index_select(1, data["rows"])
+        P = torch.matmul(torch.matmul(y_rows, block), y_k.transpose(-1, -2)).view(B, Hq, len(data["rows"]), -1) + m.floor
         drawn = -torch.expm1(-P)                                                # P(edge (i, j) is sampled)
         probs = data["probs"].to(P.dtype)
         rows = (probs.sum(-1) > 0).sum().clamp(min=1)
         recall = (probs * drawn).sum() / rows
         # the method's own density regulariser (O(L k^2), without the constant floor)
         causal = m.spec.causal
-        density = expected_density(y_q, y_k, block, causal=causal, causal_offset=m.causal_offset(q, k) if causal else 0,
+        density = expected_density(y_q, y_k, block, causal=causal, causal_offset=m.layout_offset(q, k) if causal else 0,
                                    key_keep=key_keep, heads=Hq)
         return -recall + self.density_weight * density
 

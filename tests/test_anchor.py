@@ -213,3 +213,24 @@ def test_dropout_keeps_the_merge_unbiased():
     draws = torch.stack([site(x["q"], x["k"], x["v"], dropout_p=0.3) for _ in range(400)])
     assert not torch.allclose(draws[0], clean)
     assert (draws.mean(0) - clean).abs().mean() < 0.05 * clean.abs().mean()
+
+
+@pytest.mark.parametrize("len_q, len_k, offset, local, sinks, padded", [
+    (100, 100, 0, 16, 3, False), (100, 100, 0, 16, 3, True), (37, 120, 83, 10, 4, True),
+    (5, 5, 0, 64, 2, False), (300, 300, 0, 200, 0, True), (300, 300, 0, 20, 8, True),
+])
+def test_the_inference_path_on_the_flash_kernel_equals_the_grouped_kernels(len_q, len_k, offset, local, sinks, padded):
+    """Without a gradient the sinks and window are one flash-kernel part; with one, two grouped
+    calls: the merged results agree (float64), chunk edges, padding and sinks inside the window included."""
+    from attnpass.methods.anchor import Anchor, merge_parts, with_mass
+
+    x = inputs(len_q, len_k, padded)
+    v = with_mass(x["v"])
+    anchor = Anchor(sinks, local)
+    call = dict(key_keep=x["key_keep"], bias=None, mask=None, scale=0.3, causal=True, offset=offset,
+                dropout_p=0.0, dropout_seed=0)
+    with torch.no_grad():
+        fast = anchor.parts(x["q"], x["k"], v, **call)
+    grouped = anchor.parts(x["q"].clone().requires_grad_(), x["k"], v, **call)
+    assert len(fast) == 1 and len(grouped) == (2 if sinks else 1)
+    assert torch.allclose(merge_parts(fast), merge_parts(grouped), atol=1e-12)

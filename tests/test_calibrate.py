@@ -335,3 +335,23 @@ def test_recorded_site_inputs_are_the_original_models(bert):
     with torch.no_grad():
         out = sparse(**batches[0])[0]
         assert not torch.allclose(out, model(**batches[0])[0], atol=1e-3)
+
+
+def test_sbm_keeps_a_bounded_sample_of_rows_and_fits_on_it(bert, monkeypatch):
+    """At long inputs the SBM fitter keeps O(rows * Lk) probabilities per batch and site, not
+    O(Lq * Lk), and the objective it estimates on those rows still falls."""
+    from attnpass import calibrate_fitters
+
+    monkeypatch.setattr(calibrate_fitters, "SBM_ROWS_PER_BATCH", 7)
+    model, batches = bert
+    sparse = _sparse(model, batches, "sbm", clusters=4)
+    module = next(iter(sparse.site_modules().values()))
+    fitter = calibrate_fitters.fitter_for(module, lr=0.05, gold=None, mass=None, density_weight=0.0)
+    inputs = site_probe.record_site_inputs(sparse, (), batches[0])[module.spec.name]
+    data = fitter.prepare(inputs)
+    B, H, L = inputs["q"].shape[:3]
+    assert data["probs"].shape == (B, H, 7, inputs["k"].shape[2]) and len(set(data["rows"].tolist())) == 7
+    full = site_probe.dense_probabilities(module, inputs, dtype=torch.float32)
+    assert torch.equal(data["probs"], full[:, :, data["rows"]])
+    report = attnpass.calibrate(sparse, batches, steps=30, progress=False)
+    assert all(s.objective_after < s.objective_before for s in report.sites if s.fitted)

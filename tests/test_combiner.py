@@ -96,7 +96,7 @@ def test_every_allowed_pair_is_reached_exactly_once(variant, len_q, len_k, block
     assert torch.equal(layout.q_index.view(-1)[layout.query_slot], torch.arange(len_q))
     assert (layout.q_index >= 0).sum() == len_q
     if variant == "logsparse":
-        assert layout.summary_region.shape[1] <= 2 * math.log2(max(layout.num_groups, 1)) + 2
+        assert layout.summary_region.shape[1] <= 2 * math.log2(max(layout.num_blocks, 1)) + 2
 
 
 # ----------------------------------------------------------------------------------------------

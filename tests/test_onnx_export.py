@@ -531,11 +531,19 @@ def test_export_leaves_the_model_unchanged_and_takes_a_sparse_model_as_is(bert, 
     ("sbm", {}, "method 'sbm' with eval_graph='sample' cannot be exported to ONNX.*pass eval_graph='clusters'"),
     ("sparsefinder", {"predictor": "distance"}, "sparsefinder predictor 'distance' cannot be exported .* all-pairs"),
     ("combiner", {"variant": "axial"}, "combiner variant 'axial' cannot be exported"),
+    ("routing", {"sinks": 2}, "sinks= / local= .* have no ONNX lowering"),
 ])
 def test_methods_without_a_lowering_are_refused_clearly(bert, method, options, message):
     _, model, args, kwargs = bert
     with pytest.raises(NotImplementedError, match=message):
         attnpass.export_onnx(model, args, kwargs, method=method, **options)
+
+
+def test_a_sparse_model_with_sinks_is_refused_not_exported_without_them(bert):
+    _, model, args, kwargs = bert
+    sparse = attnpass.sparsify(model, args, kwargs, method="combiner", sinks=2)
+    with pytest.raises(NotImplementedError, match="sinks= / local= .* have no ONNX lowering"):
+        attnpass.export_onnx(sparse, args, kwargs)
 
 
 def test_sparse_model_with_another_method_or_options_is_refused(bert):

@@ -17,7 +17,10 @@ column is the row's probability mass, 0 exactly when the row is empty.
 
 Only a softmax merges this way: a method run with an entmax-1.5 normaliser refuses these options.
 Nothing of size Lq x Lk is built: the sinks part is (queries, sinks), the local part groups of
-`_QUERIES_PER_GROUP` queries over their shared (group + local) keys.
+`_QUERIES_PER_GROUP` queries over their shared (group + local) keys. At inference (no gradient
+asked, no dropout, no bias or mask tensor) a causal site computes sinks and window together as one
+part on CPU SDPA's flash kernel, which returns the logsumexp too (`_anchor_flash`); training takes
+the grouped kernel, whose statistic has a gradient.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from attnpass.methods.options import check_int
 
 ANCHOR_OPTIONS = ("sinks", "local")
 _QUERIES_PER_GROUP = 64
+_FLASH_QUERIES_PER_CHUNK = 128
 
 
 def check_anchor_options(method: str, options: dict) -> None:
@@ -93,6 +97,10 @@ class Anchor:
         q_index = torch.where(query < Lq, query, -1).expand(B, Hq, -1, -1)
         common = {"scale": scale, "key_padding_mask": key_keep, "bias": bias, "pair_mask": mask,
                   "dropout_p": dropout_p, "dropout_seed": dropout_seed}
+        if self.local and bias is None and mask is None and not dropout_p and not _needs_grad(q, k, v_mass):
+            # inference at a causal site: sinks and window as one part on the flash kernel
+            sinks = self.sink_positions(key_keep, B, Lk, dev) if self.sinks else None
+            return [_anchor_flash(q, k, v_mass, key_keep, scale, offset, self.local, sinks)]
         parts = []
         if self.sinks:
             sinks = self.sink_positions(key_keep, B, Lk, dev).view(B, 1, 1, -1).expand(B, Hq, groups, -1)
@@ -108,6 +116,67 @@ class Anchor:
             parts.append(_read_slots(grouped_attention(
                 q, k, v_mass, q_index, k_index, causal=True, causal_offset=offset, key_range=key_range, **common), Lq))
         return parts
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _anchor_flash(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None, scale: float, offset: int,
+                  local: int, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Sinks and local window as one part on CPU SDPA's flash kernel, which also returns the
+    logsumexp (inference only: that output has no gradient). Queries in chunks; chunk n's keys are
+    the sinks (B, s) and the union of its queries' windows, gathered once per kv head (the query
+    heads sharing it are stacked along the query axis); a mask holds each query to its own window
+    and to the sinks before it."""
+    B, Hq, Lq, D = q.shape
+    v = v[..., :-1]  # the flash kernel takes v's head size equal to q's: the mass column is rebuilt below
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    # chunks shorter than the window: a chunk computes (chunk + local - 1) keys per query for `local` used
+    group, chunk = Hq // Hkv, min(local, _FLASH_QUERIES_PER_CHUNK)
+    chunks = -(-Lq // chunk)
+    dev = q.device
+    # window slot t of chunk n is position n * chunk + offset - local + 1 + t
+    window = (torch.arange(chunks, device=dev).view(-1, 1) * chunk + offset - local + 1
+              + torch.arange(chunk + local - 1, device=dev).view(1, -1)).expand(B, chunks, -1)
+    r = torch.arange(chunk, device=dev).view(1, 1, chunk, 1)
+    t = torch.arange(chunk + local - 1, device=dev).view(1, 1, 1, -1)
+    in_window = (t >= r) & (t <= r + local - 1)                                        # (1, 1, chunk, W)
+    pos, allowed = window, in_window
+    if sinks is not None:
+        # a sink is seen while it is before the query's window: position <= i + offset - local
+        sink_pos = sinks.view(B, 1, -1).expand(B, chunks, -1)
+        query_pos = torch.arange(chunks, device=dev).view(1, -1, 1, 1) * chunk + r + offset
+        before = sink_pos.unsqueeze(2) <= query_pos - local                           # (B, chunks, chunk, s)
+        pos, allowed = torch.cat([sink_pos, window], dim=-1), torch.cat([before, in_window.expand(B, chunks, -1, -1)], -1)
+    width = pos.shape[-1]
+    valid = (pos >= 0) & (pos < Lk)
+    index = pos.clamp(0, Lk - 1)                                                      # (B, chunks, width)
+    allowed = allowed & valid.unsqueeze(2)
+    if key_keep is not None:
+        allowed = allowed & key_keep.gather(1, index.reshape(B, -1)).view(B, chunks, 1, width)
+    allowed = allowed.expand(B, chunks, chunk, width)
+
+    def gather_rows(x: Tensor) -> Tensor:  # (B, Hkv, Lk, d) -> (B * chunks, Hkv, width, d)
+        rows = x.gather(2, index.view(B, 1, -1, 1).expand(B, Hkv, -1, x.shape[3]))
+        return rows.view(B, Hkv, chunks, width, -1).transpose(1, 2).reshape(B * chunks, Hkv, width, -1)
+
+    q_pad = torch.nn.functional.pad(q, (0, 0, 0, chunks * chunk - Lq))
+    q_chunks = q_pad.view(B, Hkv, group, chunks, chunk, D).permute(0, 3, 1, 2, 4, 5).reshape(
+        B * chunks, Hkv, group * chunk, D)
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill_(~allowed, -math.inf)
+    bias = bias.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(-1, 1, group * chunk, width)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_chunks, gather_rows(k), gather_rows(v), 0.0, False, attn_mask=bias, scale=scale)
+    # the mass column: 1 where the row has an allowed key; an empty row's output and statistic are
+    # set to 0 (the kernels' convention), whatever the flash kernel leaves there
+    filled = allowed.any(-1)                                                          # (B, chunks, chunk)
+    filled = filled.view(B, 1, 1, chunks, chunk).expand(B, Hkv, group, chunks, chunk).reshape(B, Hq, -1)
+    out = out.view(B, chunks, Hkv, group, chunk, Dv).permute(0, 2, 3, 1, 4, 5).reshape(B, Hq, chunks * chunk, Dv)
+    lse = lse.view(B, chunks, Hkv, group, chunk).permute(0, 2, 3, 1, 4).reshape(B, Hq, chunks * chunk)
+    out = torch.cat([out.masked_fill(~filled.unsqueeze(-1), 0.0), filled.unsqueeze(-1).to(out.dtype)], dim=-1)
+    lse = torch.where(filled, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32), 0.0)
+    return out[:, :, :Lq], lse[:, :, :Lq]
 
 
 def _read_slots(result: tuple[Tensor, Tensor], len_q: int) -> tuple[Tensor, Tensor]:

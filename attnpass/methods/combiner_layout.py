@@ -54,8 +54,8 @@ class CombinerLayout:
     len_k: int
     causal: bool
     causal_offset: int
-    q_index: Tensor         # (G, Wq) queries of group g (those whose p_i falls in block g)
-    k_index: Tensor         # (G, Wk) direct keys of group g: block g's keys
+    q_index: Tensor         # (G, Wq) queries of group g (those whose p_i falls in its block)
+    k_index: Tensor         # (G, Wk) direct keys of group g: its block's keys (first groups: p_i < 0, none)
     query_slot: Tensor      # (Lq,) flat slot g * Wq + w holding query i (to read the kernel output)
     summary_region: Tensor  # (G, S) region read by summary slot s of group g; -1 = none
     num_regions: int
@@ -64,6 +64,16 @@ class CombinerLayout:
     @property
     def num_groups(self) -> int:
         return self.q_index.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        """Key blocks (the last num_blocks groups; groups before them hold queries that see no key)."""
+        return -(-self.len_k // self.block)
+
+    @property
+    def key_blocks(self) -> Tensor:
+        """(num_blocks, block) key positions of each block, -1 past the keys."""
+        return self.k_index[self.num_groups - self.num_blocks:]
 
     @property
     def shared_summaries(self) -> bool:
@@ -131,10 +141,15 @@ def build_layout(variant: str, len_q: int, len_k: int, block: int, causal: bool,
         causal_offset = 0
     block = min(block, len_k)  # one block already covers every key
     G = -(-len_k // block)
-    # Queries with p_i outside [0, Lk) (causal, Lq != Lk) join the nearest block: before the keys
-    # they see nothing (no key j <= p_i, no earlier block), after them they see every key.
-    pos = query_positions(len_q, len_k, causal, causal_offset).clamp(0, len_k - 1)
-    q_index, query_slot = _bucket_table(pos // block, torch.arange(len_q, dtype=_I64), G)
+    # Queries with p_i past the keys (causal, Lq > Lk + offset) join the last block: they see every
+    # key. Queries with p_i < 0 see nothing (an offset below -i: Lq > Lk, or the layout of a site
+    # whose local window the anchor computes); they fill `empty` groups of `block` slots placed
+    # first, with no keys and no summaries, instead of widening block 0's group to all of them.
+    pos = query_positions(len_q, len_k, causal, causal_offset).clamp(max=len_k - 1)
+    before = int((pos < 0).sum())  # the first queries (p_i grows with i)
+    empty = -(-before // block)
+    bucket = torch.where(pos < 0, torch.arange(len_q, dtype=_I64) // block, empty + pos.clamp(min=0) // block)
+    q_index, query_slot = _bucket_table(bucket, torch.arange(len_q, dtype=_I64), empty + G)
     k_index = torch.arange(G * block, dtype=_I64).view(G, block)
     k_index = k_index.masked_fill(k_index >= len_k, -1)
 
@@ -161,6 +176,9 @@ def build_layout(variant: str, len_q: int, len_k: int, block: int, causal: bool,
             summary_region = summary_region.masked_fill(sibling > (g >> level), -1)
         num_regions = (2 << num_levels) - 2  # sum over levels of 2**num_levels >> l
 
+    if empty:
+        k_index = torch.cat([k_index.new_full((empty, k_index.shape[1]), -1), k_index])
+        summary_region = torch.cat([summary_region.new_full((empty, summary_region.shape[1]), -1), summary_region])
     device = device or torch.device("cpu")
     return CombinerLayout(variant, block, len_q, len_k, causal, causal_offset, q_index.to(device),
                           k_index.to(device), query_slot.to(device), summary_region.to(device), num_regions,
@@ -175,9 +193,9 @@ def region_key_batches(layout: CombinerLayout) -> Iterator[tuple[int, Tensor]]:
     values are computed per column instead (`_axial_summary_values`); for axial this listing is
     the definition of its regions, which the coverage tests read.
     """
-    block, len_k, G = layout.block, layout.len_k, layout.num_groups
+    block, len_k, G = layout.block, layout.len_k, layout.num_blocks
     if layout.variant == "fixed":
-        yield 0, layout.k_index
+        yield 0, layout.key_blocks
     elif layout.variant == "logsparse":
         first = 0
         for level in range(layout.num_levels):
@@ -218,7 +236,7 @@ def pool_regions(x: Tensor, layout: CombinerLayout) -> Tensor:
     Entries to leave out must already be -inf; a region with nothing left gets -inf.
     """
     B, H, _, C = x.shape
-    G, block = layout.num_groups, layout.block
+    G, block = layout.num_blocks, layout.block
     if layout.variant == "logsparse":
         G = 1 << layout.num_levels
     x = F.pad(x, (0, 0, 0, G * block - layout.len_k), value=-math.inf).view(B, H, G, block, C)
@@ -314,7 +332,7 @@ def _axial_summary_values(pooled_q: Tensor, k: Tensor, v: Tensor, key_keep: Tens
     calls (the second held to r' > r by key_range) merged exactly through their logsumexps.
     """
     B, H, N, _ = pooled_q.shape
-    cols, rows, len_k = layout.block, layout.num_groups, layout.len_k
+    cols, rows, len_k = layout.block, layout.num_blocks, layout.len_k
     dev = k.device
     grid = (torch.arange(rows, device=dev).view(1, rows) * cols + torch.arange(cols, device=dev).view(cols, 1))
     q_index = grid.expand(B, H, cols, rows)                                   # group c: regions (r, c)

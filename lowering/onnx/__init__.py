@@ -59,6 +59,8 @@ def check_method(method: str, options: dict, sparse_model: bool = False) -> None
         raise ValueError(f"export_onnx: unknown method {method!r}")
     if sparse_model:
         return
+    if options.get("sinks") or options.get("local"):
+        raise NotImplementedError(_ANCHOR_NOT_LOWERED)
     if method == "combiner":
         from attnpass.lowering.onnx.combiner import check_options
 
@@ -73,8 +75,14 @@ def check_method(method: str, options: dict, sparse_model: bool = False) -> None
         check_options(options)
 
 
+_ANCHOR_NOT_LOWERED = ("export_onnx: sinks= / local= (attnpass/methods/anchor.py) have no ONNX lowering in this "
+                       "version; the method's node would compute its own pairs without them")
+
+
 def bind_export_forward(module) -> None:
     """Make a site module (of a private copy) call its method's export op."""
+    if getattr(module, "anchor", None):
+        raise NotImplementedError(_ANCHOR_NOT_LOWERED)
     if module.method_name == "dense":
         return  # already one attnpass::attention call
     if module.method_name == "combiner":
