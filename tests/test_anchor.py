@@ -234,3 +234,23 @@ def test_the_inference_path_on_the_flash_kernel_equals_the_grouped_kernels(len_q
     grouped = anchor.parts(x["q"].clone().requires_grad_(), x["k"], v, **call)
     assert len(fast) == 1 and len(grouped) == (2 if sinks else 1)
     assert torch.allclose(merge_parts(fast), merge_parts(grouped), atol=1e-12)
+
+
+def test_through_sparsify_and_the_compile_backend_on_a_causal_lm():
+    """The options reach every site both ways, and both compute the same function (not the original's)."""
+    import attnpass
+    from helpers import tiny_gpt2
+
+    torch.manual_seed(0)
+    model = tiny_gpt2().eval()
+    ids = torch.randint(0, 50, (2, 40))
+    options = dict(method="combiner", block=8, sinks=2, local=6)
+    sparse = attnpass.sparsify(model, kwargs=dict(input_ids=ids), **options)
+    assert all(m.anchor.sinks == 2 and m.anchor.local == 6 for m in sparse.site_modules().values())
+    compiled = tiny_gpt2().eval()
+    compiled.load_state_dict(model.state_dict())
+    compiled.forward = torch.compile(compiled.forward, backend=attnpass.backend(model=compiled, **options))
+    with torch.no_grad():
+        want, got, original = (m(input_ids=ids)[0] for m in (sparse, compiled, model))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(want, original, atol=1e-3)
