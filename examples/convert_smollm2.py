@@ -105,7 +105,7 @@ def main(argv=None):
                         help="lengths at which forward time is compared with the original's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keys", type=int, default=10)
-    parser.add_argument("--methods", nargs="*", default=[r[0] for r in RECIPES])
+    parser.add_argument("--methods", nargs="*", default=[r[0] for r in RECIPES], help="recipes to run, in this order")
     parser.add_argument("--out", default="docs/convert_smollm2.md", help="markdown file ('' for none)")
     parser.add_argument("--png", default="docs/img/convert_smollm2.png", help="plot file ('' for none)")
     args = parser.parse_args(argv)
@@ -137,9 +137,11 @@ def main(argv=None):
     log(f"original: perplexity {base_ppl:.3f}, pass keys {sorted(base_keys)}, forward "
         + ", ".join(f"{t:.2f} s at {n}" for n, t in base_time.items()))
     rows = []
-    for label, method, options, calibrate in RECIPES:
-        if label not in args.methods:
-            continue
+    recipes = {r[0]: r for r in RECIPES}
+    unknown = sorted(set(args.methods) - set(recipes))
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(recipes)}")
+    for label, method, options, calibrate in (recipes[name] for name in args.methods):
         sparse = attnpass.sparsify(model, kwargs=dict(input_ids=ids[:, :64], use_cache=False), method=method, **options)
         calibrate_s = None
         if calibrate is not None:
@@ -156,16 +158,14 @@ def main(argv=None):
         log(f"{label}: share {share:.4f}, perplexity {ppl:.3f} ({100 * (ppl / base_ppl - 1):+.1f}%), pass keys "
             f"{sorted(found)}, speed " + ", ".join(f"{s:.2f}x at {n}" for n, s in speed.items()))
         del sparse
-
-    table = _table(rows, base_ppl, base_keys, args)
-    print(table)
-    runtime = time.perf_counter() - started
-    if args.out:
-        Path(args.out).write_text(_doc(table, args, base_ppl, base_keys, base_time, runtime))
-        log(f"wrote {args.out}")
-    if args.png:
-        _plot(rows, base_ppl, args.png)
-        log(f"wrote {args.png}")
+        # written after every method, so a long run leaves what it has measured
+        table = _table(rows, base_ppl, base_keys, args)
+        if args.out:
+            Path(args.out).write_text(_doc(table, args, base_ppl, base_keys, base_time, time.perf_counter() - started))
+        if args.png:
+            _plot(rows, base_ppl, args.png)
+    print(_table(rows, base_ppl, base_keys, args))
+    log(f"wrote {args.out or '-'} and {args.png or '-'}")
 
 
 def _options_text(options: dict) -> str:
@@ -191,7 +191,7 @@ def _doc(table, args, base_ppl, base_keys, base_time, runtime) -> str:
     original = ", ".join(f"{t:.2f} s at L={n}" for n, t in base_time.items())
     return f"""# Converting SmolLM2 to each sparse method: quality, pairs and speed
 
-Produced by `python examples/convert_smollm2.py`: {runtime / 60:.0f} min in total on this machine's 2 cores.
+Produced by `{_command(args)}`: {runtime / 60:.0f} min in total on this machine's 2 cores.
 
 {doc}
 
@@ -202,6 +202,15 @@ The original: perplexity {base_ppl:.3f}, {len(base_keys)} of {args.keys} pass ke
 
 ![perplexity vs share of pairs](img/{Path(args.png).name})
 """
+
+
+def _command(args) -> str:
+    command = "python examples/convert_smollm2.py"
+    if args.methods != [r[0] for r in RECIPES]:
+        command += " --methods " + " ".join(args.methods)
+    if args.repeats != 3:
+        command += f" --repeats {args.repeats}"
+    return command
 
 
 def _plot(rows, base_ppl, path: str) -> None:
