@@ -29,10 +29,14 @@ def _flops(method: str, options: tuple) -> callable:
     return sympy.lambdify((cost_model.Lq, cost_model.Lk, cost_model.D), expr, "math")
 
 
-def sparse_pays(method: str, len_q: int, len_k: int, head_dim: int, options: dict) -> bool:
-    """Whether `method` (with its cost-model `options`) costs fewer FLOPs than dense attention here."""
+def sparse_pays(method: str, len_q: int, len_k: int, head_dim: int, options: dict, anchor_keys: int = 0) -> bool:
+    """Whether `method` (with its cost-model `options`) costs fewer FLOPs than dense attention here;
+    `anchor_keys`: the sinks and window each query also attends (attnpass.methods.anchor), costed
+    as dense attention over that many keys."""
     key = tuple(sorted(options.items()))
-    return _flops(method, key)(len_q, len_k, head_dim) < _flops("dense", ())(len_q, len_k, head_dim)
+    dense = _flops("dense", ())
+    anchor = dense(len_q, min(anchor_keys, len_k), head_dim) if anchor_keys else 0.0
+    return _flops(method, key)(len_q, len_k, head_dim) + anchor < dense(len_q, len_k, head_dim)
 
 
 def check_prefill_queries(value) -> None:

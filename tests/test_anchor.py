@@ -254,3 +254,20 @@ def test_through_sparsify_and_the_compile_backend_on_a_causal_lm():
         want, got, original = (m(input_ids=ids)[0] for m in (sparse, compiled, model))
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(want, original, atol=1e-3)
+
+
+def test_the_prefill_decision_counts_the_anchors_keys():
+    """A chunk over cached keys that the method alone would run sparse is a decode step (exact
+    dense attention) once its window costs nearly what attending to every key does."""
+    spec = SiteSpec("s", None, causal=True, causal_bottom_right=True, heads_q=HQ, heads_kv=HKV, head_dim=D,
+                    example_len_q=64, example_len_k=64)
+    plain = method_class("combiner")(spec).to(F64)
+    anchored = method_class("combiner")(spec, sinks=4, local=1024).to(F64)
+    x = inputs(64, 1100, padded=False)
+    q, k, v = x["q"], x["k"], x["v"]
+    assert not plain.is_decode_step(q, k) and anchored.is_decode_step(q, k)
+    rep = HQ // HKV
+    mask = torch.ones(64, 1100, dtype=torch.bool).tril(1100 - 64)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+    assert torch.allclose(anchored(q, k, v), want, atol=1e-12)

@@ -172,7 +172,8 @@ class SiteAttention(nn.Module):
             return len_q < self.prefill_queries
         from attnpass.prefill import sparse_pays  # the cost model imports the methods' defaults
 
-        return not sparse_pays(self.method_name, len_q, len_k, q.shape[-1], self.cost_options(len_q, len_k, q.shape[-1]))
+        return not sparse_pays(self.method_name, len_q, len_k, q.shape[-1], self.cost_options(len_q, len_k, q.shape[-1]),
+                               anchor_keys=self.anchor.sinks + self.anchor.local)
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         """This module's parameters as `attnpass.cost_model.cost_expr` options, at these lengths."""
