@@ -186,6 +186,4 @@ __all__ = ["CalibrationReport", "SiteCalibration", "calibrate"]
 
 def _method_inputs(module: nn.Module, inputs: dict) -> dict:
     """A site's recorded inputs as its method's own layout sees them (`SiteAttention.method_key_keep`)."""
-    if not getattr(module, "anchor", None):
-        return inputs
     return {**inputs, "key_keep": module.method_key_keep(inputs.get("key_keep"), inputs["k"])}

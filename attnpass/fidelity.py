@@ -100,13 +100,8 @@ def measure_site(module: nn.Module, inputs: dict, name: str) -> SiteFidelity:
     with torch.no_grad():
         sparse_out = module(q, k, v, **call)
         dense_out = site_probe._dense_forward(module)(q, k, v, **call)
-        computed, summaries = site_probe.computed_pairs(module, inputs)
-        allowed = site_probe.allowed_pairs(module, inputs)
+        computed, allowed, n_computed = site_probe.counted_pairs(module, inputs)
         probs = site_probe.dense_probabilities(module, inputs, dtype=torch.float32)
-    computed = computed & allowed
-    n_computed = float(computed.sum())
-    if summaries is not None:
-        n_computed += float(summaries.sum())
     diff = (sparse_out.double() - dense_out.double())
     return SiteFidelity(
         name=name, method=module.method_name, pairs_allowed=int(allowed.sum()), pairs_computed=n_computed,

@@ -186,6 +186,15 @@ def computed_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | No
     return method | anchor_pairs(module, inputs), summaries
 
 
+def counted_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor, float]:
+    """(computed & allowed, allowed, pairs computed): the pairs as `fidelity` counts them, Combiner's
+    summary scores included in the count."""
+    computed, summaries = computed_pairs(module, inputs)
+    allowed = allowed_pairs(module, inputs)
+    computed = computed & allowed
+    return computed, allowed, float(computed.sum()) + (float(summaries.sum()) if summaries is not None else 0.0)
+
+
 def anchor_pairs(module: nn.Module, inputs: dict) -> Tensor:
     """(B, Hq, Lq, Lk) bool: the pairs a site's sinks and local window add (attnpass.methods.anchor)."""
     q, k, key_keep = inputs["q"], inputs["k"], inputs.get("key_keep")

@@ -11,7 +11,7 @@ which shares no text with it:
 
 - share of pairs computed: pairs the sites compute directly (Combiner's summary scores included)
   over the pairs the causal rule allows, summed over every layer and head of the perplexity forward,
-  counted as `attnpass.fidelity` counts them (site_probe.computed_pairs, one site call at a time);
+  counted as `attnpass.fidelity` counts them (site_probe.counted_pairs, one site call at a time);
 - perplexity over the first L tokens of that text (one forward);
 - pass keys: 10 prompts of L tokens with a 5-digit key at depths spread over 0.1-0.9 (retrieved when
   every answer token is the argmax in one teacher-forced forward), counted against the original's;
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_models import load_smollm2, long_text, pass_key_prompt, perplexity, retrieves  # noqa: E402
 
 import attnpass  # noqa: E402
-from attnpass.site_probe import allowed_pairs, computed_pairs  # noqa: E402
+from attnpass.site_probe import counted_pairs  # noqa: E402
 
 # (label, method, sparsify options, calibrate options or None for a method with nothing to fit)
 RECIPES = [
@@ -62,9 +62,8 @@ class PairCounter:
         names = ("q", "k", "v", "bias", "mask", "key_keep")
         inputs = {**dict(zip(names, args)), **{n: kwargs[n] for n in names if n in kwargs}}
         with torch.no_grad():
-            computed, summaries = computed_pairs(module, inputs)
-            allowed = allowed_pairs(module, inputs)
-        self.computed += int((computed & allowed).sum()) + (int(summaries.sum()) if summaries is not None else 0)
+            _, allowed, computed = counted_pairs(module, inputs)
+        self.computed += computed
         self.allowed += int(allowed.sum())
 
     def close(self) -> float:

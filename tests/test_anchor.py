@@ -15,7 +15,7 @@ from test_combiner import reference_attention as combiner_reference_attention
 
 from attnpass.methods import method_class
 from attnpass.methods.base import SiteSpec
-from attnpass.site_probe import _group_pairs, allowed_pairs, anchor_pairs, computed_pairs
+from attnpass.site_probe import _group_pairs, _method_pairs, allowed_pairs, anchor_pairs
 
 F64 = torch.float64
 B, HQ, HKV, D = 2, 4, 2, 16
@@ -60,8 +60,7 @@ def pair_counts(site, x: dict) -> torch.Tensor:
         counts += _group_pairs(layout.fallback_q_index, layout.fallback_k_index, Lq, Lk,
                                layout.fallback_key_range).to(F64)
     else:
-        counts = computed_pairs(site, x)[0].to(F64) - anchor_pairs(site, x).to(F64)  # the method's own
-        counts = counts.clamp(min=0)
+        counts = _method_pairs(site, method_x)[0].to(F64)
     # the method sees only keys before the window (its layout offset) and not the sinks
     method_rule = allowed_pairs(site, method_x)
     if site.spec.causal:

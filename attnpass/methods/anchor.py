@@ -92,15 +92,15 @@ class Anchor:
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
         dev = q.device
+        if self.local and bias is None and mask is None and not dropout_p and not _needs_grad(q, k, v_mass):
+            # inference at a causal site: sinks and window as one part on the flash kernel
+            sinks = self.sink_positions(key_keep, B, Lk, dev) if self.sinks else None
+            return [_anchor_flash(q, k, v_mass, key_keep, scale, offset, self.local, sinks)]
         groups = -(-Lq // _QUERIES_PER_GROUP)
         query = torch.arange(groups * _QUERIES_PER_GROUP, device=dev).view(groups, _QUERIES_PER_GROUP)
         q_index = torch.where(query < Lq, query, -1).expand(B, Hq, -1, -1)
         common = {"scale": scale, "key_padding_mask": key_keep, "bias": bias, "pair_mask": mask,
                   "dropout_p": dropout_p, "dropout_seed": dropout_seed}
-        if self.local and bias is None and mask is None and not dropout_p and not _needs_grad(q, k, v_mass):
-            # inference at a causal site: sinks and window as one part on the flash kernel
-            sinks = self.sink_positions(key_keep, B, Lk, dev) if self.sinks else None
-            return [_anchor_flash(q, k, v_mass, key_keep, scale, offset, self.local, sinks)]
         parts = []
         if self.sinks:
             sinks = self.sink_positions(key_keep, B, Lk, dev).view(B, 1, 1, -1).expand(B, Hq, groups, -1)
