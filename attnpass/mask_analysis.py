@@ -218,12 +218,15 @@ def _allowed(pieces: list[MaskPiece], probes: ProbeSet, probe: int) -> torch.Ten
     return functools.reduce(operator.and_, (_piece_keep(piece, _value(piece, probes, probe))[0] for piece in pieces))
 
 
-def _candidate(kind_causal: str | None, pad: tuple | None, scores_shape: tuple, probes: ProbeSet, probe: int):
+def _candidate(kind_causal: str | None, pad: tuple | None, scores_shape: tuple, probes: ProbeSet, probe: int,
+               window: int = 0):
     *batch, lq, lk = scores_shape
     offset = lk - lq if kind_causal == "bottom_right" else 0
     cand = torch.ones(lq, lk, dtype=torch.bool)
     if kind_causal is not None:
         cand = cand.tril(offset)
+        if window:  # a causal band (sliding window): also j > i + offset - window
+            cand &= ~torch.ones(lq, lk, dtype=torch.bool).tril(offset - window)
     if pad is None:
         return cand
     name, keep_zero = pad
@@ -272,29 +275,37 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
     # a blocked site's batch is (B*blocks): a (B, Lk) padding vector would not line up with it
     pad_inputs = probes.padding_candidates if match.batch_dims <= 2 else []
     pad_options = [None] + [(name, kz) for name in pad_inputs for kz in (False, True)]
+    # a causal band (sliding window) of w keys reads w as a constant of its subgraph: w - 1, w, w + 1
+    # cover `j > i - w`, `i - j < w` and `j >= i - w`
+    windows = [0] + sorted({w for c in _mask_constants([m.node for m in masks], probes) for w in (c - 1, c, c + 1)})
+    not_beyond = ""
     for causal, pad in itertools.product(causal_options, pad_options):  # (None, None): a mask that allows every pair
-        if all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p), shapes[p]) for p in range(n_probes)):
-            beyond = _holds_past_its_constants(masks, causal, pad, scores_shape, probes)
+        for window in windows if causal else [0]:
+            if not all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p, window), shapes[p])
+                       for p in range(n_probes)):
+                continue
+            beyond = _holds_past_its_constants(masks, causal, pad, scores_shape, probes, window)
             if beyond:
-                return general_mask(match, beyond, bias_note, probes)
-            empty_rows, why = _structured_empty_rows(match, masks, causal, pad, scores_shape, probes)
+                not_beyond = not_beyond or beyond
+                continue
+            empty_rows, why = _structured_empty_rows(match, masks, causal, pad, scores_shape, probes, window)
             if why:
                 return general_mask(match, why, bias_note, probes)
             kind = "+".join(k for k in (("causal" if causal else ""), ("key_padding" if pad else "")) if k) or "none"
             heads = shapes[0][0] // probes.inputs[0][pad[0]].shape[0] if pad and match.batch_dims == 1 else 1
             return MaskInfo(
-                kind=kind, causal_bottom_right=(causal == "bottom_right"),
+                kind=kind, causal_bottom_right=(causal == "bottom_right"), window=window,
                 padding_input=probes.placeholders[pad[0]] if pad else None,
                 padding_keep_zero=bool(pad and pad[1]), heads_from_padding=heads,
                 general_bias=bias, bias_note=bias_note, empty_rows=empty_rows,
             )
-    return general_mask(match, "mask is not causal / key-padding on every probe input", bias_note, probes)
+    return general_mask(match, not_beyond or "mask is not causal / key-padding on every probe input", bias_note, probes)
 
 
 # -- queries with no allowed key ----------------------------------------------------------------
 
 def _structured_empty_rows(match: SiteMatch, pieces: list[MaskPiece], causal, pad, scores_shape,
-                           probes: ProbeSet) -> tuple[str, str]:
+                           probes: ProbeSet, window: int = 0) -> tuple[str, str]:
     """(rule, "") for a structure that also holds on the empty-row probes, with what the original
     computes at its queries with no key; ("", why) when the original differs there (e.g. a model
     that unmasks such rows), so the mask must stay general. `pieces`: the site's mask pieces."""
@@ -302,7 +313,7 @@ def _structured_empty_rows(match: SiteMatch, pieces: list[MaskPiece], causal, pa
     empty = []
     for p in indices:
         shape = probes.shape(scores_shape, p)
-        cand = _candidate(causal, pad, shape, probes, p)
+        cand = _candidate(causal, pad, shape, probes, p, window)
         try:
             allowed = _allowed(pieces, probes, p)
         except Exception:  # noqa: BLE001 - the structure holds on the standard probes; rule unknown here
@@ -375,7 +386,8 @@ def _mask_constants(nodes, probes: ProbeSet) -> list[int]:
     return found
 
 
-def _holds_past_its_constants(pieces: list[MaskPiece], causal, pad, scores_shape, probes: ProbeSet) -> str:
+def _holds_past_its_constants(pieces: list[MaskPiece], causal, pad, scores_shape, probes: ProbeSet,
+                              window: int = 0) -> str:
     """'' if the structure of mask `pieces` also holds at a length past every constant of their
     subgraph (see the module docstring), else why the mask must stay general."""
     longest = max((int(n) for p in probes.probes[:probes.STANDARD] for n in p.values()), default=0)
@@ -397,7 +409,7 @@ def _holds_past_its_constants(pieces: list[MaskPiece], causal, pad, scores_shape
     except Exception as e:  # noqa: BLE001
         return f"mask could not be evaluated at length {needed} ({type(e).__name__})"
     shape = probes.shape(scores_shape, p)
-    if _agrees(allowed, _candidate(causal, pad, shape, probes, p), shape):
+    if _agrees(allowed, _candidate(causal, pad, shape, probes, p, window), shape):
         return ""
     return (f"mask is causal / key-padding near the example's length but not at length {needed} "
             f"(a window or chunk of {needed - 2}?); kept as a tensor")

@@ -65,6 +65,8 @@ class ReferenceAttention(SiteAttention):
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
         if spec.has_bias or spec.has_mask:
             return "the references take causal masking and key padding only, not an additive bias or a general mask"
+        if spec.window:
+            return f"the references take plain causal masking, not a causal band (sliding window of {spec.window})"
         return None
 
     @property

@@ -105,8 +105,8 @@ def record_site_inputs(sparse_model: nn.Module, args=(), kwargs=None) -> dict[st
 
 
 def allowed_pairs(module: nn.Module, inputs: dict) -> Tensor:
-    """(B, Hq, Lq, Lk) bool: the pairs the site's own masking allows (causal rule, key padding,
-    bool mask, -inf bias)."""
+    """(B, Hq, Lq, Lk) bool: the pairs the site's own masking allows (causal rule or band, key
+    padding, bool mask, -inf bias)."""
     q, k = inputs["q"], inputs["k"]
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
@@ -114,7 +114,10 @@ def allowed_pairs(module: nn.Module, inputs: dict) -> Tensor:
     if module.spec.causal:
         offset = module.causal_offset(q, k)
         rows = torch.arange(Lq, device=q.device).view(Lq, 1)
-        allowed = allowed & (torch.arange(Lk, device=q.device).view(1, Lk) <= rows + offset)
+        keys = torch.arange(Lk, device=q.device).view(1, Lk)
+        allowed = allowed & (keys <= rows + offset)
+        if module.spec.window:  # a causal band (sliding window)
+            allowed = allowed & (keys > rows + offset - module.spec.window)
     if inputs.get("key_keep") is not None:
         allowed = allowed & inputs["key_keep"].view(B, 1, 1, Lk).bool()
     if inputs.get("mask") is not None:
@@ -181,6 +184,8 @@ def computed_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | No
     anchor = getattr(module, "anchor", None)
     if not anchor:
         return _method_pairs(module, inputs)
+    if not module.method_has_pairs():  # a band site whose band the anchor's window covers
+        return anchor_pairs(module, inputs), None
     # the method ran on the keys the anchor leaves it (module.method_key_keep, layout_offset)
     method, summaries = _method_pairs(module, {**inputs, "key_keep": module.method_key_keep(inputs.get("key_keep"), inputs["k"])})
     return method | anchor_pairs(module, inputs), summaries
@@ -245,7 +250,7 @@ def _method_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | Non
 
 def _combiner_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor]:
     from attnpass.methods.combiner import _default_block
-    from attnpass.methods.combiner_layout import build_layout
+    from attnpass.methods.combiner_layout import build_layout, regions_in_band
 
     q, k = inputs["q"], inputs["k"]
     B, Hq, Lq, D = q.shape
@@ -257,7 +262,9 @@ def _combiner_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor]:
     direct = _group_pairs(layout.q_index, layout.k_index, Lq, Lk).expand(B, Hq, Lq, Lk)
     # a query reads the summaries of its group's regions; a summary of a region with no key it may
     # see is not read (causal: regions after the query's own block are never listed)
-    regions = (layout.summary_region >= 0).sum(-1)                      # (G,)
-    group_of_query = layout.query_slot // layout.q_index.shape[1]        # (Lq,)
-    summaries = regions[group_of_query].view(1, 1, Lq).expand(B, Hq, Lq)
+    read = (layout.summary_region >= 0).unsqueeze(1)                   # (G, 1, S)
+    if module.layout_window():  # at a band site, only summaries of regions inside the band
+        read = read & regions_in_band(layout, offset, module.layout_window())[0, 0]
+    per_slot = read.expand(*layout.q_index.shape, -1).sum(-1).reshape(-1)  # (G * Wq,)
+    summaries = per_slot[layout.query_slot].view(1, 1, Lq).expand(B, Hq, Lq)
     return direct, summaries

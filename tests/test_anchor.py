@@ -28,9 +28,10 @@ METHOD_OPTIONS = {
 }
 
 
-def make_site(method: str, L: int, causal: bool = True, bottom_right: bool = False, **options):
-    spec = SiteSpec("layers.0.attn", None, causal=causal, causal_bottom_right=bottom_right, heads_q=HQ,
-                    heads_kv=HKV, head_dim=D, example_len_q=L, example_len_k=L)
+def make_site(method: str, L: int, causal: bool = True, bottom_right: bool = False, window: int = 0, **options):
+    """A site module in float64; `window`: a causal band site (sliding window)."""
+    spec = SiteSpec("layers.0.attn", None, causal=causal, causal_bottom_right=bottom_right, window=window,
+                    heads_q=HQ, heads_kv=HKV, head_dim=D, example_len_q=L, example_len_k=L)
     torch.manual_seed(0)
     site = method_class(method)(spec, **{**METHOD_OPTIONS[method], **options}).to(F64)
     site.prefill_queries = 1  # a chunk over cached keys runs the method too
@@ -85,7 +86,7 @@ def _group_counts(q_index, k_index, Lq, Lk) -> torch.Tensor:
 
 
 def reference(site, x: dict) -> torch.Tensor:
-    if site.method_name == "combiner":
+    if site.method_name == "combiner" and site.method_has_pairs():
         return combiner_reference(site, x)
     q, k, v = x["q"], x["k"].repeat_interleave(HQ // HKV, 1), x["v"].repeat_interleave(HQ // HKV, 1)
     counts = pair_counts(site, x)
@@ -104,9 +105,10 @@ def combiner_reference(site, x: dict) -> torch.Tensor:
     def extra_keys(b, i):
         return anchor[b, 0, i].nonzero().view(-1).tolist()
 
+    band_low = site.causal_offset(q, k) - site.spec.window if site.spec.window else None
     return combiner_reference_attention(
         q, k, x["v"], site.method_key_keep(x.get("key_keep"), k), site.variant, site.block, site.spec.causal,
-        site.layout_offset(q, k), extra_keys)
+        site.layout_offset(q, k), extra_keys, band_low)
 
 
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))

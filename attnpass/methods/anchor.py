@@ -86,33 +86,38 @@ class Anchor:
         return keep.scatter_(1, sinks.clamp(min=0), sinks < 0)  # a -1 slot writes True at 0: no change
 
     def parts(self, q: Tensor, k: Tensor, v_mass: Tensor, *, key_keep, bias, mask, scale: float, causal: bool,
-              offset: int, dropout_p: float, dropout_seed: int) -> list[tuple[Tensor, Tensor]]:
+              offset: int, dropout_p: float, dropout_seed: int, band: int = 0) -> list[tuple[Tensor, Tensor]]:
         """The sinks and local parts as (out (B, Hq, Lq, Dv + 1), logsumexp (B, Hq, Lq)), v_mass being
-        `with_mass(v)`; `offset` is the site's own causal offset."""
+        `with_mass(v)`; `offset` is the site's own causal offset. At a causal band site (`band` w > 0:
+        query i sees only keys j > i + offset - w) both parts keep to the band: the window is at most
+        w keys, and a sink is seen only while inside the band."""
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
         dev = q.device
-        if self.local and bias is None and mask is None and not dropout_p and not _needs_grad(q, k, v_mass):
+        local = min(self.local, band) if band else self.local
+        sinks_seen = self.sinks and not (band and local >= band)  # else the window is the whole band
+        if local and bias is None and mask is None and not dropout_p and not _needs_grad(q, k, v_mass):
             # inference at a causal site: sinks and window as one part on the flash kernel
-            sinks = self.sink_positions(key_keep, B, Lk, dev) if self.sinks else None
-            return [_anchor_flash(q, k, v_mass, key_keep, scale, offset, self.local, sinks)]
+            sinks = self.sink_positions(key_keep, B, Lk, dev) if sinks_seen else None
+            return [_anchor_flash(q, k, v_mass, key_keep, scale, offset, local, sinks, band)]
         groups = -(-Lq // _QUERIES_PER_GROUP)
         query = torch.arange(groups * _QUERIES_PER_GROUP, device=dev).view(groups, _QUERIES_PER_GROUP)
         q_index = torch.where(query < Lq, query, -1).expand(B, Hq, -1, -1)
         common = {"scale": scale, "key_padding_mask": key_keep, "bias": bias, "pair_mask": mask,
                   "dropout_p": dropout_p, "dropout_seed": dropout_seed}
         parts = []
-        if self.sinks:
+        if sinks_seen:
             sinks = self.sink_positions(key_keep, B, Lk, dev).view(B, 1, 1, -1).expand(B, Hq, groups, -1)
             # causal: a sink inside the query's window is the local part's, so stop at i + off - local
             parts.append(_read_slots(grouped_attention(
-                q, k, v_mass, q_index, sinks, causal=causal, causal_offset=offset - self.local, **common), Lq))
-        if self.local:
+                q, k, v_mass, q_index, sinks, causal=causal, causal_offset=offset - local,
+                window=band - local if band else 0, **common), Lq))
+        if local:
             # group g's keys: the union of its queries' windows; each query held to its own by key_range
-            first_key = query[:, :1] + offset - self.local + 1
-            keys = first_key + torch.arange(_QUERIES_PER_GROUP + self.local - 1, device=dev)
+            first_key = query[:, :1] + offset - local + 1
+            keys = first_key + torch.arange(_QUERIES_PER_GROUP + local - 1, device=dev)
             k_index = torch.where((keys >= 0) & (keys < Lk), keys, -1).expand(B, Hq, -1, -1)
-            key_range = torch.stack([query + offset - self.local + 1, query + offset], dim=-1).expand(B, Hq, -1, -1, -1)
+            key_range = torch.stack([query + offset - local + 1, query + offset], dim=-1).expand(B, Hq, -1, -1, -1)
             parts.append(_read_slots(grouped_attention(
                 q, k, v_mass, q_index, k_index, causal=True, causal_offset=offset, key_range=key_range, **common), Lq))
         return parts
@@ -123,7 +128,7 @@ def _needs_grad(*tensors: Tensor) -> bool:
 
 
 def _anchor_flash(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None, scale: float, offset: int,
-                  local: int, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+                  local: int, sinks: Tensor | None, band: int = 0) -> tuple[Tensor, Tensor]:
     """Sinks and local window as one part on CPU SDPA's flash kernel, which also returns the
     logsumexp (inference only: that output has no gradient). Queries in chunks; chunk n's keys are
     the sinks (B, s) and the union of its queries' windows, gathered once per kv head (the query
@@ -148,6 +153,8 @@ def _anchor_flash(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None, scal
         sink_pos = sinks.view(B, 1, -1).expand(B, chunks, -1)
         query_pos = torch.arange(chunks, device=dev).view(1, -1, 1, 1) * chunk + r + offset
         before = sink_pos.unsqueeze(2) <= query_pos - local                           # (B, chunks, chunk, s)
+        if band:  # and while inside the site's band
+            before = before & (sink_pos.unsqueeze(2) > query_pos - band)
         pos, allowed = torch.cat([sink_pos, window], dim=-1), torch.cat([before, in_window.expand(B, chunks, -1, -1)], -1)
     width = pos.shape[-1]
     valid = (pos >= 0) & (pos < Lk)

@@ -34,6 +34,8 @@ class SiteSpec:
     scale: float | None          # None: 1/sqrt(head dim) at run time (SDPA's default)
     causal: bool = False
     causal_bottom_right: bool = False
+    # A causal band (a sliding window): query i also sees only keys j > i + offset - window. 0: none.
+    window: int = 0
     heads_q: int | None = None
     heads_kv: int | None = None
     head_dim: int | None = None
@@ -67,10 +69,31 @@ class SiteAttention(nn.Module):
         """The site's causal rule: query i may see key j <= i + offset."""
         return k.shape[-2] - q.shape[-2] if self.spec.causal_bottom_right else 0
 
+    def band_mask(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The site's causal band as a (Lq, Lk) bool mask (True = allowed), for the dense path only."""
+        offset, len_q, len_k = self.causal_offset(q, k), q.shape[-2], k.shape[-2]
+        keys = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device)
+        return keys.tril(offset) & ~keys.tril(offset - self.spec.window)
+
+    def anchor_local(self) -> int:
+        """The anchor's local window at this site: within the site's band, if it has one."""
+        if not self.spec.causal:
+            return 0
+        return min(self.anchor.local, self.spec.window) if self.spec.window else self.anchor.local
+
     def layout_offset(self, q: torch.Tensor, k: torch.Tensor) -> int:
         """The causal offset the method's own layout uses: the site's, less the local window the
         anchor computes (keys j <= i + offset - local are the method's)."""
-        return self.causal_offset(q, k) - (self.anchor.local if self.spec.causal else 0)
+        return self.causal_offset(q, k) - self.anchor_local()
+
+    def layout_window(self) -> int:
+        """The band the method's pairs are held to, counted back from `layout_offset` (the kernels'
+        `window`): keys j > i + layout_offset - layout_window. 0: the site has no band. At a band site
+        whose whole band the anchor's window covers the method has no pairs (`method_has_pairs`)."""
+        return self.spec.window - self.anchor_local() if self.spec.window and self.spec.causal else 0
+
+    def method_has_pairs(self) -> bool:
+        return not (self.spec.window and self.spec.causal and self.anchor_local() >= self.spec.window)
 
     def dropout_seed(self, dropout_p: float) -> int:
         # Drawn from torch's global RNG so torch.manual_seed makes training runs reproducible.
@@ -156,10 +179,12 @@ class SiteAttention(nn.Module):
             return q.new_zeros(B, Hq, Lq, v.shape[3])
         p = dropout_p if self.training else 0.0
         v_mass = with_mass(v)
-        parts = [self.sparse_attention(q, k, v_mass, bias, mask, self.method_key_keep(key_keep, k), p)]
+        parts = [self.sparse_attention(q, k, v_mass, bias, mask, self.method_key_keep(key_keep, k), p)] \
+            if self.method_has_pairs() else []
         parts += self.anchor.parts(
             q, k, v_mass, key_keep=key_keep, bias=bias, mask=mask, scale=self.scale(q), causal=self.spec.causal,
-            offset=self.causal_offset(q, k), dropout_p=p, dropout_seed=self.dropout_seed(p))
+            offset=self.causal_offset(q, k), dropout_p=p, dropout_seed=self.dropout_seed(p),
+            band=self.spec.window if self.spec.causal else 0)
         return merge_parts(parts)
 
     def is_decode_step(self, q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -185,6 +210,9 @@ class SiteAttention(nn.Module):
         import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
 
         p = dropout_p if self.training else 0.0
+        if self.spec.window:  # the band as the (Lq, Lk) bool mask the original builds too
+            band = self.band_mask(q, k)
+            mask = band if mask is None else mask & band
         # Training draws SDPA's own dropout (seed -1), equal in distribution to the original's.
         return torch.ops.attnpass.attention(
             q, k, v, bias, mask, key_keep, self.scale(q), self.spec.causal,

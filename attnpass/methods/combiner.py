@@ -19,7 +19,7 @@ from attnpass import cost_model
 from attnpass.lowering.cpu.grouped_attention import grouped_attention
 from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
 from attnpass.methods.base import SiteAttention, SiteSpec
-from attnpass.methods.combiner_layout import VARIANTS, build_layout, region_summaries
+from attnpass.methods.combiner_layout import VARIANTS, build_layout, region_summaries, regions_in_band
 
 _OPTIONS = ("variant", "block") + ANCHOR_OPTIONS
 
@@ -99,12 +99,15 @@ class CombinerAttention(SiteAttention):
         # Summaries pool the values: with the anchor's mass column they pool ones, i.e. stay ones.
         summaries = region_summaries(q, k, v, key_keep, layout, scale)
         summary_k, summary_v, summary_mask = summaries if summaries is not None else (None, None, None)
+        window = self.layout_window()
+        if window and summary_mask is not None:
+            summary_mask = summary_mask & regions_in_band(layout, offset, window)
 
         G, Wq = layout.q_index.shape
         p = dropout_p if self.training else 0.0
         out_slots, stat = grouped_attention(
             q, k, v, layout.q_index.expand(B, Hq, -1, -1), layout.k_index.expand(B, Hq, -1, -1),
-            scale=scale, causal=causal, causal_offset=offset, key_padding_mask=key_keep,
+            scale=scale, causal=causal, causal_offset=offset, window=window, key_padding_mask=key_keep,
             summary_k=summary_k, summary_v=summary_v, summary_mask=summary_mask,
             dropout_p=p, dropout_seed=self.dropout_seed(p),
         )

@@ -367,7 +367,8 @@ class RoutingAttention(SiteAttention):
         causal, offset, scale = self.spec.causal, self.layout_offset(q, k), self.scale(q)
         seed = self.dropout_seed(p)
         # No key_padding_mask: padding keys never get a slot (routing and windows pick real keys).
-        common = {"scale": scale, "causal": causal, "causal_offset": offset, "bias": bias, "pair_mask": mask,
+        common = {"scale": scale, "causal": causal, "causal_offset": offset, "window": self.layout_window(),
+                  "bias": bias, "pair_mask": mask,
                   "dropout_p": p, "dropout_seed": seed}
         gather = (lambda slots, index: scatter_merge(*slots, index, Lq)) if one_softmax \
             else (lambda slots, index: (scatter_slots(slots[0], index, Lq)[0], None))
@@ -392,8 +393,8 @@ class RoutingAttention(SiteAttention):
         q_index, k_index = self._local_layout(q, k)
         out_slots, stat = grouped_attention(
             q, k, v, q_index.expand(B, H, -1, -1), k_index.expand(B, H, -1, -1), scale=self.scale(q),
-            causal=self.spec.causal, causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep,
-            bias=bias, pair_mask=mask, dropout_p=p, dropout_seed=self.dropout_seed(p),
+            causal=self.spec.causal, causal_offset=self.layout_offset(q, k), window=self.layout_window(),
+            key_padding_mask=key_keep, bias=bias, pair_mask=mask, dropout_p=p, dropout_seed=self.dropout_seed(p),
         )
         # every query sits in exactly one slot, in order: read them back instead of scattering
         return out_slots.reshape(B, H, -1, v.shape[3])[:, :, :Lq], stat.reshape(B, H, -1)[:, :, :Lq]

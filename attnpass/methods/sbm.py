@@ -230,6 +230,6 @@ class SBMAttention(SiteAttention):
         p = dropout_p if self.training else 0.0
         return edge_attention(
             q, k, v, graph.row_ptr, graph.col_index, scale=self.scale(q), causal=causal, causal_offset=offset,
-            key_padding_mask=key_keep, bias=bias, edge_bias=edge_bias, dropout_p=p,
+            window=self.layout_window(), key_padding_mask=key_keep, bias=bias, edge_bias=edge_bias, dropout_p=p,
             dropout_seed=self.dropout_seed(p), normalizer="softmax",
         )

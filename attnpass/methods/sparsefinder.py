@@ -389,7 +389,8 @@ class SparsefinderAttention(SiteAttention):
                 row_ptr, col = _drop_masked_edges(row_ptr, col, edge_mask, Hq, Lq)
             out, stat = edge_attention(
                 q, k, v, row_ptr, col, scale=self.scale(q), causal=self.spec.causal,
-                causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep, bias=kernel_bias,
+                causal_offset=self.layout_offset(q, k), window=self.layout_window(), key_padding_mask=key_keep,
+                bias=kernel_bias,
                 dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer=self.normalizer)
         if self._collect_metrics:
             self.last_metrics = sp.graph_metrics(
@@ -415,8 +416,8 @@ class SparsefinderAttention(SiteAttention):
                                     causal_offset=offset, key_keep=key_keep, device=q.device)
         return quantile_bucket_attention(
             q, k, v, q_order, key_order, self.bucket_size, local.view(B, Hq, Lq, -1), scale=self.scale(q),
-            causal=self.spec.causal, causal_offset=offset, key_padding_mask=key_keep, bias=bias, mask=mask,
-            dropout_p=dropout_p, dropout_seed=self.dropout_seed(dropout_p), normalizer=self.normalizer)
+            causal=self.spec.causal, causal_offset=offset, window=self.layout_window(), key_padding_mask=key_keep,
+            bias=bias, mask=mask, dropout_p=dropout_p, dropout_seed=self.dropout_seed(dropout_p), normalizer=self.normalizer)
 
 
 def sparsefinder_metrics(sparse_model: nn.Module, args=(), kwargs=None) -> dict:

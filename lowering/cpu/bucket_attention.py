@@ -27,7 +27,7 @@ Shapes::
     mask  broadcastable to (B, Hq, Lq, Lk) bool, True = keep; read only at the candidate pairs
     out   (B, Hq, Lq, Dv) in q's dtype; rows without an allowed key are 0
 
-Causal pairs (j > i + causal_offset) and padding keys are dropped. Dropout uses the hash of the
+Causal pairs (j > i + causal_offset; with a window w, also j <= i + causal_offset - w) and padding keys are dropped. Dropout uses the hash of the
 other kernels (`common.dropout_keep` on (b*Hq + h, i, j)), so a seed drops the same pairs here and
 in `edge_attention`. Built from differentiable PyTorch ops (autograd gives the backward) and the
 normalisers' exact VJP (`row_normalizers.normalize`).
@@ -53,7 +53,7 @@ def _check(condition: bool, message: str, error: type = ValueError) -> None:
 
 def quantile_bucket_attention(
     q: Tensor, k: Tensor, v: Tensor, q_order: Tensor, key_order: Tensor, bucket_size: int,
-    extra_cols: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0,
+    extra_cols: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, window: int = 0,
     key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
     dropout_p: float = 0.0, dropout_seed: Optional[int] = None, normalizer: str = "softmax",
 ) -> Tensor:
@@ -74,7 +74,7 @@ def quantile_bucket_attention(
     for n in torch.unique(n_real).tolist():
         rows = (n_real == n).nonzero().squeeze(1)
         parts.append((rows, _attend(q, k, v, q_order, key_order, bucket_size, extra_cols, rows, int(n), acc,
-                                    scale=scale, causal=causal, causal_offset=causal_offset,
+                                    scale=scale, causal=causal, causal_offset=causal_offset, window=window,
                                     key_padding_mask=key_padding_mask, bias=bias, mask=mask,
                                     dropout_p=dropout_p, dropout_seed=dropout_seed, normalizer=normalizer)))
     if len(parts) == 1:
@@ -218,7 +218,7 @@ def _bucket_output(probs: Tensor, v_block: Tensor, p: _Pass) -> Tensor:
 
 
 def _attend(q, k, v, q_order, key_order, bucket_size, extra_cols, rows, n_real, acc, *, scale, causal,
-            causal_offset, key_padding_mask, bias, mask, dropout_p, dropout_seed, normalizer) -> Tensor:
+            causal_offset, window, key_padding_mask, bias, mask, dropout_p, dropout_seed, normalizer) -> Tensor:
     """Output (len(rows), Hq, Lq, Dv) in `acc` for the batch rows `rows`, which all have n_real real keys."""
     p = _plan(q_order, key_order, rows, n_real, bucket_size, k.shape[1])
     n, Hq, Lq, r = p.q_bucket.shape
@@ -235,7 +235,7 @@ def _attend(q, k, v, q_order, key_order, bucket_size, extra_cols, rows, n_real, 
     if not logits:
         return _zeros_connected(q, k, v, rows, acc)
     logits, cols = torch.cat(logits, -1), torch.cat(cols, -1)                    # (n, Hq, Lq, C)
-    allowed = _allowed(cols, rows, Hq, Lq, causal, causal_offset, key_padding_mask, mask)
+    allowed = _allowed(cols, rows, Hq, Lq, causal, causal_offset, window, key_padding_mask, mask)
     if bias is not None:
         logits = logits + _pair_values(bias, cols, rows, Hq, Lq).to(acc)
     probs = normalize(logits.masked_fill(~allowed, -math.inf), normalizer)
@@ -274,12 +274,15 @@ def _pair_values(t: Tensor, cols: Tensor, rows: Tensor, Hq: int, Lq: int) -> Ten
                              torch.arange(Lq, device=dev).view(1, 1, Lq, 1), cols.clamp(min=0)))
 
 
-def _allowed(cols: Tensor, rows: Tensor, Hq: int, Lq: int, causal: bool, causal_offset: int,
+def _allowed(cols: Tensor, rows: Tensor, Hq: int, Lq: int, causal: bool, causal_offset: int, window: int,
              key_padding_mask: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
     """Which candidates (n, Hq, Lq, C) are real pairs the causal rule, padding and mask allow."""
     ok = cols >= 0
     if causal:
-        ok &= cols <= torch.arange(Lq, device=cols.device).view(1, 1, Lq, 1) + causal_offset
+        query_pos = torch.arange(Lq, device=cols.device).view(1, 1, Lq, 1)
+        ok &= cols <= query_pos + causal_offset
+        if window:  # a causal band
+            ok &= cols > query_pos + (causal_offset - window)
     if key_padding_mask is not None:
         n = rows.numel()
         ok &= key_padding_mask.index_select(0, rows).gather(1, cols.clamp(min=0).reshape(n, -1)).view(cols.shape)

@@ -24,7 +24,8 @@ Shapes::
                                      float32, or float64 when q is float64 (so float64 stays exact).
 
 The score of edge e = (r, j) is ``scale * <q_r, k_j> + bias[b, h, i, j] + edge_bias[e]``. With
-``causal``, edges with ``j > i + causal_offset`` are dropped (not an error), like edges to padding keys.
+``causal``, edges with ``j > i + causal_offset`` are dropped (not an error), like edges to padding keys;
+with a ``window`` w > 0 (a causal band) also edges with ``j <= i + causal_offset - w``.
 
 Work is done on tiles: rows of similar degree (padded to the next power of two, so under half a
 tile is padding), each row's key and value rows gathered into (rows, width, D) blocks, logits and
@@ -82,6 +83,7 @@ def edge_attention(
     scale: float,
     causal: bool = False,
     causal_offset: int = 0,
+    window: int = 0,
     key_padding_mask: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     edge_bias: Optional[Tensor] = None,
@@ -102,7 +104,7 @@ def edge_attention(
         dropout_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
     return torch.ops.attnpass.edge_attention(
         q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias,
-        scale=float(scale), causal=bool(causal), causal_offset=causal_offset,
+        scale=float(scale), causal=bool(causal), causal_offset=causal_offset, window=int(window),
         dropout_p=float(dropout_p), dropout_seed=dropout_seed, normalizer=normalizer,
     )
 
@@ -277,7 +279,7 @@ class _Problem:
         return groups
 
 
-def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, scale, causal, causal_offset,
+def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, scale, causal, causal_offset, window,
              dropout_p, dropout_seed, normalizer, validate: bool = True) -> _Problem:
     """Validate (the backward skips the data checks the forward already did) and prepare."""
     _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
@@ -295,6 +297,8 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, 
     keep = None
     if causal:
         keep = col <= row % Lq + causal_offset
+        if window:  # a causal band: also j > i + offset - window
+            keep &= col > row % Lq + (causal_offset - window)
     if key_padding_mask is not None:
         real = key_padding_mask.reshape(-1)[(row // (Hq * Lq)) * Lk + col]
         keep = real if keep is None else keep & real
@@ -399,13 +403,13 @@ def _tile(p: _Problem, rows: Tensor, width: int) -> _Tile:
 def _forward_impl(
     q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_index: Tensor,
     key_padding_mask: Optional[Tensor], bias: Optional[Tensor], edge_bias: Optional[Tensor] = None,
-    *, scale: float, causal: bool, causal_offset: int, dropout_p: float,
+    *, scale: float, causal: bool, causal_offset: int, window: int = 0, dropout_p: float,
     dropout_seed: Optional[int], normalizer: str,
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
+    if use_triton(q) and not window:  # CUDA with triton installed, or forced: lowering/triton/switch.py
         return triton_call("edge_forward", locals())
     p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
-                 causal_offset=causal_offset, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                 causal_offset=causal_offset, window=window, dropout_p=dropout_p, dropout_seed=dropout_seed,
                  normalizer=normalizer)
     B, Hq, Hkv, Lq, Lk, D, Dv = p.dims
     out = torch.zeros(B * Hq * Lq, Dv, dtype=p.acc, device=q.device)  # empty rows stay 0
@@ -425,14 +429,14 @@ def _backward_impl(
     grad_out: Tensor, grad_stat: Optional[Tensor], row_stat: Tensor,
     q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_index: Tensor,
     key_padding_mask: Optional[Tensor], bias: Optional[Tensor], edge_bias: Optional[Tensor],
-    *, scale: float, causal: bool, causal_offset: int, dropout_p: float,
+    *, scale: float, causal: bool, causal_offset: int, window: int = 0, dropout_p: float,
     dropout_seed: Optional[int], normalizer: str, bias_grad: bool, edge_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dedge_bias); the last two are 0-element tensors unless asked for."""
-    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
+    if use_triton(q) and not window:  # the Triton kernels take no window: the PyTorch kernel runs it
         return triton_call("edge_backward", locals())
     p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
-                 causal_offset=causal_offset, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                 causal_offset=causal_offset, window=window, dropout_p=dropout_p, dropout_seed=dropout_seed,
                  normalizer=normalizer, validate=False)
     B, Hq, Hkv, Lq, Lk, D, Dv = p.dims
     acc = p.acc
@@ -497,7 +501,7 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
 
 @_edge_attention_op.register_fake
 def _forward_fake(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias=None, *, scale, causal,
-                  causal_offset, dropout_p, dropout_seed, normalizer):
+                  causal_offset, window=0, dropout_p, dropout_seed, normalizer):
     # Output shapes do not depend on nnz, so no data-dependent sizes arise under tracing.
     _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
                   dropout_p, dropout_seed, normalizer)
@@ -507,7 +511,7 @@ def _forward_fake(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias
 
 @_edge_attention_backward_op.register_fake
 def _backward_fake(grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, key_padding_mask, bias,
-                   edge_bias, *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer, bias_grad,
+                   edge_bias, *, scale, causal, causal_offset, window=0, dropout_p, dropout_seed, normalizer, bias_grad,
                    edge_bias_grad):
     return (
         q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),

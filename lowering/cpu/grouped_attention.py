@@ -71,7 +71,7 @@ def grouped_attention(
     *,
     scale: float,
     causal: bool = False,
-    causal_offset: int = 0,
+    causal_offset: int = 0, window: int = 0,
     key_padding_mask: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     summary_k: Optional[Tensor] = None,
@@ -86,7 +86,8 @@ def grouped_attention(
     """Attention of each group's query slots to the group's key slots plus its summary keys.
 
     Returns ``(out_slots, row_stat)``; see the module docstring for shapes. When causal, pair
-    (i, j) of ORIGINAL positions is allowed only if ``j <= i + causal_offset``. Dropout acts on the
+    (i, j) of ORIGINAL positions is allowed only if ``j <= i + causal_offset``, and with a
+    ``window`` > 0 (a causal band, a sliding window) only if also ``j > i + causal_offset - window``. Dropout acts on the
     normalised probabilities (inverted dropout); its mask is a deterministic function of
     ``dropout_seed``, drawn from torch's global RNG when None and ``dropout_p > 0``.
     """
@@ -96,7 +97,7 @@ def grouped_attention(
         dropout_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
     return torch.ops.attnpass.grouped_attention(
         q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask, pair_mask,
-        key_range, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+        key_range, scale=scale, causal=causal, causal_offset=causal_offset, window=window, dropout_p=dropout_p,
         dropout_seed=dropout_seed, normalizer=normalizer,
     )
 
@@ -223,6 +224,7 @@ class _Problem:
     scale: float
     causal: bool
     causal_offset: int
+    window: int  # causal band: also j > i + causal_offset - window (0: none)
     dropout_p: float
     dropout_seed: Optional[int]
     normalizer: str
@@ -333,6 +335,8 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
             low, high = torch.maximum(low, range_low), torch.minimum(high, range_high)
         if p.causal:
             high = torch.minimum(high, q_idx + p.causal_offset)
+            if p.window:
+                low = torch.maximum(low, q_idx + (p.causal_offset - p.window + 1))
         high = torch.where(q_ok, high, -1)
         key = torch.where(k_ok, k_idx, Lk).unsqueeze(-2)
         dropped = (key < low.unsqueeze(-1)) | (key > high.unsqueeze(-1))
@@ -402,11 +406,11 @@ def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor,
 
 
 def _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-             pair_mask, key_range, *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer) -> _Problem:
+             pair_mask, key_range, *, scale, causal, causal_offset, window, dropout_p, dropout_seed, normalizer) -> _Problem:
     _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
               pair_mask, key_range, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     return _Problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
-                    summary_mask, pair_mask, key_range, float(scale), bool(causal), int(causal_offset), float(dropout_p),
+                    summary_mask, pair_mask, key_range, float(scale), bool(causal), int(causal_offset), int(window), float(dropout_p),
                     dropout_seed, normalizer)
 
 
@@ -425,13 +429,13 @@ def _forward_impl(
     key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
     summary_k: Optional[Tensor] = None, summary_v: Optional[Tensor] = None,
     summary_mask: Optional[Tensor] = None, pair_mask: Optional[Tensor] = None,
-    key_range: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
+    key_range: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, window: int = 0, dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None, normalizer: str = "softmax",
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
+    if use_triton(q) and not window:  # CUDA with triton installed, or forced: lowering/triton/switch.py
         return triton_call("grouped_forward", locals())
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-                 pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+                 pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, window=window, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
     out_shape, stat_shape = _out_shapes(v, q_index)
     out = q.new_empty(out_shape)
@@ -456,15 +460,15 @@ def _backward_impl(
     key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
     summary_k: Optional[Tensor] = None, summary_v: Optional[Tensor] = None,
     summary_mask: Optional[Tensor] = None, pair_mask: Optional[Tensor] = None,
-    key_range: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, dropout_p: float = 0.0,
+    key_range: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, window: int = 0, dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None, normalizer: str = "softmax",
     bias_grad: bool = False, summary_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dsummary_k, dsummary_v); ungrad'ed ones are empty (numel 0)."""
-    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
+    if use_triton(q) and not window:  # the Triton kernels take no window: the PyTorch kernel runs it
         return triton_call("grouped_backward", locals())
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
-                 pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
+                 pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, window=window, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
     acc, Wk = p.acc, k_index.shape[3]
     # Flat (rows, D) accumulators matching p.q_rows / p.k_rows / p.v_rows, for index_add_.
@@ -532,7 +536,7 @@ _grouped_attention_backward_op = torch.library.custom_op(
 
 @_grouped_attention_op.register_fake
 def _forward_fake(q, k, v, q_index, k_index, key_padding_mask=None, bias=None, summary_k=None,
-                  summary_v=None, summary_mask=None, pair_mask=None, key_range=None, *, scale, causal=False, causal_offset=0,
+                  summary_v=None, summary_mask=None, pair_mask=None, key_range=None, *, scale, causal=False, causal_offset=0, window=0,
                   dropout_p=0.0, dropout_seed=None, normalizer="softmax"):
     _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
               pair_mask, key_range, scale, causal_offset, dropout_p, dropout_seed, normalizer)
@@ -543,7 +547,7 @@ def _forward_fake(q, k, v, q_index, k_index, key_padding_mask=None, bias=None, s
 @_grouped_attention_backward_op.register_fake
 def _backward_fake(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, key_padding_mask=None,
                    bias=None, summary_k=None, summary_v=None, summary_mask=None, pair_mask=None, key_range=None,
-                   *, scale, causal=False, causal_offset=0, dropout_p=0.0, dropout_seed=None,
+                   *, scale, causal=False, causal_offset=0, window=0, dropout_p=0.0, dropout_seed=None,
                    normalizer="softmax", bias_grad=False, summary_grad=False):
     with_summary = summary_grad and summary_k is not None
     return (

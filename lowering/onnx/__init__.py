@@ -84,7 +84,11 @@ def bind_export_forward(module) -> None:
     if getattr(module, "anchor", None):
         raise NotImplementedError(_ANCHOR_NOT_LOWERED)
     if module.method_name == "dense":
-        return  # already one attnpass::attention call
+        return  # already one attnpass::attention call (a band site's band as its mask)
+    if getattr(module.spec, "window", 0):
+        raise NotImplementedError(
+            f"export_onnx: site {module.spec.name!r} is a causal band (sliding window of {module.spec.window}); "
+            f"the {module.method_name} ONNX node has no band in this version (method='dense' exports it)")
     if module.method_name == "combiner":
         from attnpass.lowering.onnx.combiner import bind
 

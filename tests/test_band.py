@@ -1,0 +1,166 @@
+"""Causal band (sliding-window) sites: mask analysis recognises the band, and every method computes
+its own pairs intersected with it, exactly, without an L x L tensor.
+
+Mistral-style models mask `kv_idx > q_idx - window` on top of the causal rule. Mask analysis proves
+the band past every constant of the mask's subgraph (attnpass/mask_analysis.py); the site's
+`SiteSpec.window` then reaches the kernels' `window` argument. The references are test_anchor's: a
+float64 dense softmax over the pairs the method lists, intersected with the site's allowed pairs
+(`site_probe.allowed_pairs`, which holds the band); Combiner's is test_combiner's definition-level
+reference with the band applied to direct keys and to whole regions.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from memory_probe import no_square_tensor
+from test_anchor import METHOD_OPTIONS, inputs, make_site, reference
+from test_routing import reference as routing_reference
+
+import attnpass
+from attnpass.lowering.cpu.edge_attention import edge_attention
+from attnpass.lowering.cpu.grouped_attention import grouped_attention
+
+F64 = torch.float64
+
+
+def band_attention(q, k, v, window, offset=0, key_keep=None):
+    """Dense float64 softmax over j in (i + offset - window, i + offset]; empty rows give 0."""
+    Hq, Hkv, Lq, Lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+    i, j = torch.arange(Lq).view(-1, 1), torch.arange(Lk).view(1, -1)
+    allowed = (j <= i + offset) & (j > i + offset - window)
+    if key_keep is not None:
+        allowed = allowed & key_keep.view(-1, 1, 1, Lk)
+    scores = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).masked_fill(~allowed, float("-inf"))
+    return torch.nan_to_num(torch.softmax(scores, -1), nan=0.0) @ v
+
+
+# -- the kernels' window ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_kernels_hold_every_pair_to_the_band(offset):
+    """All pairs listed, the window drops those before the band: equal to dense band attention."""
+    x = inputs(20, 20 + offset, padded=True)
+    q, k, v, keep = x["q"], x["k"], x["v"], x["key_keep"]
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    want = band_attention(q, k, v, 6, offset, keep)
+    q_index = torch.arange(Lq).view(1, 1, 1, Lq).expand(B, Hq, 1, Lq)
+    k_index = torch.arange(Lk).view(1, 1, 1, Lk).expand(B, Hq, 1, Lk)
+    grouped, _ = grouped_attention(q, k, v, q_index, k_index, scale=q.shape[-1] ** -0.5, causal=True,
+                                   causal_offset=offset, window=6, key_padding_mask=keep)
+    row_ptr = torch.arange(0, B * Hq * Lq * Lk + 1, Lk)
+    col = torch.arange(Lk).repeat(B * Hq * Lq)
+    edges, _ = edge_attention(q, k, v, row_ptr, col, scale=q.shape[-1] ** -0.5, causal=True, causal_offset=offset,
+                              window=6, key_padding_mask=keep)
+    real = slice(5, None)  # batch row 0's first queries see only padding
+    for got in (grouped.view(B, Hq, Lq, -1), edges):
+        assert torch.allclose(got[:, :, real], want[:, :, real], atol=1e-12)
+        assert torch.allclose(got[1], want[1], atol=1e-12)
+
+
+# -- every method on a band site ----------------------------------------------------------------
+
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+@pytest.mark.parametrize("window", [10, 40], ids=["window10", "window40"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_each_method_is_its_layout_intersected_with_the_band(method, window, padded):
+    site = make_site(method, 96, window=window)
+    x = inputs(96, 96, padded)
+    got = site(x["q"], x["k"], x["v"], key_keep=x["key_keep"])
+    if method == "routing":  # the plain method averages a query's clusters: test_routing's reference,
+        # with the band as a mask that removes pairs (a cluster slot stays, as under a general mask)
+        q, k = x["q"], x["k"]
+        band = site.band_mask(q, k).expand(q.shape[0], q.shape[1], -1, -1)
+        want = routing_reference(site, site.layout(q, k, x["key_keep"]), q, k, x["v"], mask=band,
+                                 key_keep=x["key_keep"])
+    else:
+        want = reference(site, x)
+    rows = slice(5, None) if padded else slice(None)
+    assert torch.allclose(got[:, :, rows], want[:, :, rows], atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+def test_sinks_and_window_keep_to_the_band(method):
+    """A window shorter than the band: sinks are seen only while inside the band."""
+    site = make_site(method, 96, window=30, sinks=3, local=8)
+    x = inputs(96, 96, padded=True)
+    got = site(x["q"], x["k"], x["v"], key_keep=x["key_keep"])
+    assert torch.allclose(got[:, :, 5:], reference(site, x)[:, :, 5:], atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+def test_a_window_covering_the_band_is_the_band_attention_exactly(method):
+    site = make_site(method, 64, window=12, sinks=2, local=16)
+    assert not site.method_has_pairs()
+    x = inputs(64, 64, padded=False)
+    got = site(x["q"], x["k"], x["v"])
+    assert torch.allclose(got, band_attention(x["q"], x["k"], x["v"], 12), atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["combiner", "routing"])
+def test_the_grouped_path_of_the_anchor_keeps_to_the_band(method):
+    """Training (gradients) takes the grouped kernels instead of the flash path: same function."""
+    site = make_site(method, 96, window=30, sinks=3, local=8)
+    x = inputs(96, 96, padded=False)
+    q = x["q"].clone().requires_grad_(True)
+    got = site(q, x["k"], x["v"])
+    assert torch.allclose(got, reference(site, x), atol=1e-10, rtol=1e-9)
+
+
+def test_the_sparse_path_builds_no_square_tensor_at_a_band_site():
+    site = make_site("routing", 256, window=64, sinks=2, local=16).float()
+    x = inputs(256, 256, padded=False)
+    with no_square_tensor(256, 256):
+        site(x["q"].float(), x["k"].float(), x["v"].float())
+
+
+# -- through a model ----------------------------------------------------------------------------
+
+def _mistral(window: int, impl: str = "sdpa"):
+    import transformers
+
+    config = transformers.MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=window, use_cache=False,
+        attn_implementation=impl)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.MistralModel(config).eval()
+
+
+def _ids(batch, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, :3] = 0
+    return {"input_ids": torch.randint(3, 100, (batch, length), generator=g), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("window", [6, 24], ids=["shorter-than-example", "longer-than-example"])
+def test_mistral_sites_are_bands_and_dense_is_exact_beyond_the_window(impl, window):
+    model = _mistral(window, impl)
+    sparse = attnpass.sparsify(model, kwargs=_ids(2, 16))
+    assert [s.mask for s in sparse.sites] == [f"causal+key_padding band (window {window})"] * 2, str(sparse.report)
+    assert all(m.spec.window == window for m in sparse.site_modules().values())
+    for length in (12, 40):
+        x = _ids(3, length, seed=length)
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(**x)[0], model(**x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["combiner", "routing", "sbm", "sparsefinder"])
+def test_every_method_serves_mistral_and_a_covering_window_is_the_original(method):
+    """Every method runs at the band sites (none declines them); with sinks + a local window as long as
+    the band, the method has nothing left and the model is the original, at lengths past the window."""
+    model = _mistral(6)
+    options = {"normalizer": "softmax"} if method == "sparsefinder" else {}
+    sparse = attnpass.sparsify(model, kwargs=_ids(2, 16), method=method, **options)
+    modules = sparse.site_modules().values()
+    assert len(modules) == 2 and all(m.method_name == method for m in modules), str(sparse.report)
+    x = _ids(3, 40, seed=1)
+    with torch.no_grad():
+        assert torch.isfinite(sparse(**x)[0]).all()
+    covered = attnpass.sparsify(model, kwargs=_ids(2, 16), method=method, sinks=2, local=6, **options)
+    with torch.no_grad():
+        torch.testing.assert_close(covered(**x)[0][:, 3:], model(**x)[0][:, 3:], atol=1e-5, rtol=1e-5)
