@@ -63,7 +63,7 @@ def site_spec(site: AttentionSite) -> SiteSpec:
     bottom_right = info.causal_bottom_right or one_query or (info.causal and str(site.len_q) == str(site.len_k))
     return SiteSpec(
         name=site.name, scale=site.scale, causal=causal, causal_bottom_right=bottom_right,
-        window=info.window if info.causal else 0,
+        window=info.window,
         heads_q=as_int(site.heads_q), heads_kv=as_int(site.heads_kv), head_dim=as_int(site.head_dim),
         example_len_q=example_int(site.len_q), example_len_k=example_int(site.len_k), cross=site.cross,
         has_bias=bool(info.general_bias), has_mask=bool(info.general_bool),

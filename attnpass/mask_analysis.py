@@ -1,4 +1,4 @@
-"""Recover causal / key-padding structure from the masks a model builds as L x L tensors.
+"""Recover causal / band / key-padding structure from the masks a model builds as L x L tensors.
 
 Models rarely hand attention a flag: Hugging Face builds a (B, 1, L, L) tensor from a causal
 rule and the attention_mask vector, nn.MultiheadAttention folds key_padding_mask into a
@@ -6,16 +6,18 @@ rule and the attention_mask vector, nn.MultiheadAttention folds key_padding_mask
 not the tensor, so for each site we decide what its mask pieces (see `attnpass.site.MaskPiece`)
 compute, by evaluating the subgraph that builds them on probe inputs — the example, and inputs
 at other batch sizes and lengths with random 0/1 padding vectors — and comparing the pairs they
-allow with every candidate structure (causal top-left or bottom-right, key padding read from a
-2-D 0/1 graph input with either polarity, or no masking at all: transformers hands ViT an all-True
-mask). A candidate is accepted only if it agrees exactly on every probe; otherwise the pieces stay as tensors ("general"), which is always exact.
+allow with every candidate structure (causal top-left or bottom-right, a band of keys at distance
+< w from the query — causal, the w keys ending at it (Mistral's sliding window), or both sides
+(ModernBERT's local layers) — key padding read from a 2-D 0/1 graph input with either polarity, or
+no masking at all: transformers hands ViT an all-True mask). A band's w is read from the constants of
+the mask's subgraph (w - 1, w, w + 1 for each). A candidate is accepted only if it agrees exactly on every probe; otherwise the pieces stay as tensors ("general"), which is always exact.
 
 A mask piece that is sometimes neither 0 nor a masking value (<= -1e4) is a bias (T5's
 relative position bias, ALiBi) and always stays a tensor.
 
 Probes near the example's length cannot tell a sliding window (or a chunk) longer than the
-example from plain causal: every probe pair is inside the window. So a structure is accepted
-only after one more probe at a length past every integer the mask's subgraph holds (a window of
+example from plain causal: every probe pair is inside the window. So a structure (a band included)
+is accepted only after one more probe at a length past every integer the mask's subgraph holds (a window of
 24 is the constant 24 in `kv_idx > q_idx - 24`; a stored triangle buffer is its own size). Where
 that length is beyond what we can afford to evaluate, the mask stays general.
 """
@@ -225,8 +227,10 @@ def _candidate(kind_causal: str | None, pad: tuple | None, scores_shape: tuple, 
     cand = torch.ones(lq, lk, dtype=torch.bool)
     if kind_causal is not None:
         cand = cand.tril(offset)
-        if window:  # a causal band (sliding window): also j > i + offset - window
-            cand &= ~torch.ones(lq, lk, dtype=torch.bool).tril(offset - window)
+    if window:  # a band (sliding window): keys at distance < window, causal: j > i + offset - window
+        cand &= ~torch.ones(lq, lk, dtype=torch.bool).tril(offset - window)
+        if kind_causal is None:
+            cand &= torch.ones(lq, lk, dtype=torch.bool).tril(window - 1)
     if pad is None:
         return cand
     name, keep_zero = pad
@@ -237,6 +241,11 @@ def _candidate(kind_causal: str | None, pad: tuple | None, scores_shape: tuple, 
     keep = (vec == 0) if keep_zero else (vec != 0)
     keep = keep.repeat_interleave(rows // keep.shape[0], dim=0)  # (B*H, Lk) rows for 3-D layouts
     return cand & keep.reshape(rows, *([1] * (len(batch) - 1)), 1, lk)
+
+
+def lq_is_lk(shapes) -> bool:
+    """Self-attention lengths on every probe: where a bidirectional band (|i - j| < w) is defined."""
+    return all(shape[-2] == shape[-1] for shape in shapes)
 
 
 def _agrees(allowed, cand, scores_shape) -> bool:
@@ -275,12 +284,12 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
     # a blocked site's batch is (B*blocks): a (B, Lk) padding vector would not line up with it
     pad_inputs = probes.padding_candidates if match.batch_dims <= 2 else []
     pad_options = [None] + [(name, kz) for name in pad_inputs for kz in (False, True)]
-    # a causal band (sliding window) of w keys reads w as a constant of its subgraph: w - 1, w, w + 1
-    # cover `j > i - w`, `i - j < w` and `j >= i - w`
+    # a band (sliding window) of w keys reads w as a constant of its subgraph: w - 1, w, w + 1 cover
+    # `j > i - w`, `i - j < w`, `j >= i - w` and (bidirectional) `|i - j| <= w`
     windows = [0] + sorted({w for c in _mask_constants([m.node for m in masks], probes) for w in (c - 1, c, c + 1)})
     not_beyond = ""
     for causal, pad in itertools.product(causal_options, pad_options):  # (None, None): a mask that allows every pair
-        for window in windows if causal else [0]:
+        for window in windows if causal or lq_is_lk(shapes) else [0]:
             if not all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p, window), shapes[p])
                        for p in range(n_probes)):
                 continue

@@ -105,10 +105,11 @@ def combiner_reference(site, x: dict) -> torch.Tensor:
     def extra_keys(b, i):
         return anchor[b, 0, i].nonzero().view(-1).tolist()
 
-    band_low = site.causal_offset(q, k) - site.spec.window if site.spec.window else None
+    offset, window = site.causal_offset(q, k), site.spec.window
+    band = (offset - window, offset + (1 if site.spec.causal else window)) if window else None
     return combiner_reference_attention(
         q, k, x["v"], site.method_key_keep(x.get("key_keep"), k), site.variant, site.block, site.spec.causal,
-        site.layout_offset(q, k), extra_keys, band_low)
+        site.layout_offset(q, k), extra_keys, band)
 
 
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))

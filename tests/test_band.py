@@ -16,6 +16,9 @@ from memory_probe import no_square_tensor
 from test_anchor import METHOD_OPTIONS, inputs, make_site, reference
 from test_routing import reference as routing_reference
 
+from tests.helpers import tensors
+from tests.zoo import by_name
+
 import attnpass
 from attnpass.lowering.cpu.edge_attention import edge_attention
 from attnpass.lowering.cpu.grouped_attention import grouped_attention
@@ -81,6 +84,23 @@ def test_each_method_is_its_layout_intersected_with_the_band(method, window, pad
 
 
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+@pytest.mark.parametrize("sinks", [0, 3], ids=["plain", "sinks"])
+def test_a_bidirectional_band_holds_each_method_to_keys_at_distance_below_the_window(method, sinks):
+    """ModernBERT-style local layers: |i - j| < window, both sides; sinks only while inside it."""
+    site = make_site(method, 96, causal=False, window=20, **({"sinks": sinks} if sinks else {}))
+    x = inputs(96, 96, padded=True)
+    got = site(x["q"], x["k"], x["v"], key_keep=x["key_keep"])
+    if method == "routing" and not sinks:
+        q, k = x["q"], x["k"]
+        band = site.band_mask(q, k).expand(q.shape[0], q.shape[1], -1, -1)
+        want = routing_reference(site, site.layout(q, k, x["key_keep"]), q, k, x["v"], mask=band,
+                                 key_keep=x["key_keep"])
+    else:
+        want = reference(site, x)
+    assert torch.allclose(got, want, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
 def test_sinks_and_window_keep_to_the_band(method):
     """A window shorter than the band: sinks are seen only while inside the band."""
     site = make_site(method, 96, window=30, sinks=3, local=8)
@@ -141,7 +161,7 @@ def _ids(batch, length, seed=0):
 def test_mistral_sites_are_bands_and_dense_is_exact_beyond_the_window(impl, window):
     model = _mistral(window, impl)
     sparse = attnpass.sparsify(model, kwargs=_ids(2, 16))
-    assert [s.mask for s in sparse.sites] == [f"causal+key_padding band (window {window})"] * 2, str(sparse.report)
+    assert [s.mask for s in sparse.sites] == [f"causal band (window {window})+key_padding"] * 2, str(sparse.report)
     assert all(m.spec.window == window for m in sparse.site_modules().values())
     for length in (12, 40):
         x = _ids(3, length, seed=length)
@@ -164,3 +184,47 @@ def test_every_method_serves_mistral_and_a_covering_window_is_the_original(metho
     covered = attnpass.sparsify(model, kwargs=_ids(2, 16), method=method, sinks=2, local=6, **options)
     with torch.no_grad():
         torch.testing.assert_close(covered(**x)[0][:, 3:], model(**x)[0][:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_the_compile_backend_serves_band_sites():
+    """The backend reads the same band: routing with a covering window is the original at L=40."""
+    model = _mistral(6)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=attnpass.backend(method="routing", model=model, sinks=2, local=6),
+                             dynamic=True)
+    x = _ids(3, 40, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**x)[0][:, 3:], model(**x)[0][:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_exports_a_band_site_dense_and_refuses_a_sparse_node_without_a_band():
+    ort = pytest.importorskip("onnxruntime")
+    model = _mistral(6)
+    x = _ids(2, 16)
+    proto = attnpass.export_onnx(model, kwargs=x)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    longer = _ids(3, 40, seed=3)
+    feeds = {i.name: longer[i.name].numpy() for i in session.get_inputs()}
+    with torch.no_grad():
+        want = model(**longer)[0]
+    got = torch.from_numpy(session.run(None, feeds)[0])
+    torch.testing.assert_close(got[:, 3:], want[:, 3:], atol=1e-4, rtol=1e-4)
+    with pytest.raises(NotImplementedError, match="causal band .* has no band in this version"):
+        attnpass.export_onnx(model, kwargs=x, method="routing")
+
+
+@pytest.mark.parametrize("method", attnpass.METHODS)
+@pytest.mark.parametrize("name", ["mistral-sliding-sdpa", "modernbert-eager"])
+def test_every_method_serves_the_band_sites_of_the_zoo(name, method):
+    """tests/zoo.py's band families: no method declines a band site, and each runs at two sizes
+    (the dense rewrite's exactness there is tests/test_zoo_rewrite.py's)."""
+    case = by_name(name)
+    model = case.build()
+    sparse = attnpass.sparsify(model, *case.inputs(2, 8), method=method)
+    assert not sparse.report.skipped and len(sparse.sites) == case.attention_count, str(sparse.report)
+    assert any("band (window" in s.mask for s in sparse.sites), str(sparse.report)
+    for batch, length in [(2, 8), (3, 12)]:
+        args, kwargs = case.inputs(batch, length)
+        with torch.no_grad():
+            got = tensors(sparse(*args, **kwargs))
+        assert all(torch.isfinite(t).all() for t in got), (name, method, batch, length)

@@ -164,12 +164,12 @@ def reference_summary(q, k, v, keep, members, region, scale):
     return k[real].amax(0), p @ v[real]
 
 
-def reference_attention(q, k, v, key_keep, variant, block, causal, offset, extra_keys=None, band_low=None):
+def reference_attention(q, k, v, key_keep, variant, block, causal, offset, extra_keys=None, band=None):
     """Dense float64 Combiner from the definition: one softmax over [direct logits; summary logits].
 
     extra_keys(b, i): more direct keys of query i in batch row b, under the same softmax (the
-    sinks and local window of attnpass.methods.anchor). band_low: at a causal band site, query i
-    keeps only direct keys j > i + band_low and the summaries of regions lying wholly there."""
+    sinks and local window of attnpass.methods.anchor). band (low, high): at a band site, query i
+    keeps only direct keys i + low < j < i + high and the summaries of regions lying wholly there."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D ** -0.5
@@ -182,9 +182,10 @@ def reference_attention(q, k, v, key_keep, variant, block, causal, offset, extra
             summaries = {}
             per_query = []
             for i, (direct, regions) in enumerate(plan):
-                if band_low is not None:
-                    direct = [j for j in direct if j > i + band_low]
-                    regions = [r for r in regions if not r or min(r) > i + band_low]
+                if band is not None:
+                    low, high = i + band[0], i + band[1]
+                    direct = [j for j in direct if low < j < high]
+                    regions = [r for r in regions if not r or (min(r) > low and max(r) < high)]
                 for region in regions:
                     if region not in summaries:
                         members = [m for m in range(Lq) if positions[m] in region

@@ -44,23 +44,28 @@ def test_structure_is_recovered_and_no_square_tensor_remains(name):
     assert _square_nodes(gm, sparse.sites[0]) == [], "L x L tensors left in the rewritten graph"
 
 
-def test_a_mask_that_is_not_structured_stays_general_and_exact():
-    class Banded(torch.nn.Module):
-        """Attention restricted to a band |i - j| <= 1: neither causal nor padding."""
+class _Masked(torch.nn.Module):
+    def __init__(self, rule):
+        super().__init__()
+        self.rule = rule
 
-        def forward(self, q, k, v):
-            lq, lk = q.shape[-2], k.shape[-2]
-            i = torch.arange(lq)[:, None]
-            j = torch.arange(lk)[None, :]
-            mask = (i - j).abs() <= 1
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2])[:, None]
+        j = torch.arange(k.shape[-2])[None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.rule(i, j))
 
+
+@pytest.mark.parametrize("rule,mask", [
+    (lambda i, j: (i - j).abs() <= 1, "band (window 2)"),   # a bidirectional band: |i - j| < 2
+    (lambda i, j: ((i * j) % 3 != 1) | (i == j), "general"),  # no structure
+], ids=["bidirectional-band", "unstructured"])
+def test_a_band_is_found_and_any_other_mask_stays_general_both_exact(rule, mask):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
-    sparse = attnpass.sparsify(Banded(), (q, k, v))
-    assert sparse.sites[0].mask == "general"
+    sparse = attnpass.sparsify(_Masked(rule), (q, k, v))
+    assert sparse.sites[0].mask == mask
     q2, k2, v2 = (torch.randn(3, 3, 13, 4, generator=g) for _ in range(3))
-    torch.testing.assert_close(sparse(q2, k2, v2), Banded()(q2, k2, v2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse(q2, k2, v2), _Masked(rule)(q2, k2, v2), rtol=1e-5, atol=1e-6)
 
 
 def test_key_padding_polarity_is_read_from_the_input():

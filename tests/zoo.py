@@ -256,6 +256,31 @@ def _vit_config():
     )
 
 
+# Windows shorter than the zoo's lengths (8 and 12), so the band differs from causal / no mask there
+MISTRAL_WINDOW = 6
+MODERNBERT_LOCAL = 6  # distance <= 3: a band of window 4
+
+
+def _mistral_sliding_config():
+    import transformers
+
+    return transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=MISTRAL_WINDOW, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, **_HF_COMMON,
+    )
+
+
+def _modernbert_config():
+    import transformers
+
+    return transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, local_attention=MODERNBERT_LOCAL, global_attn_every_n_layers=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, **_HF_COMMON,
+    )
+
+
 def _bert_inputs(batch, length):
     ids, mask = _token_ids(batch, length, VOCAB, pad_id=0)
     return (), dict(input_ids=ids, attention_mask=mask)
@@ -331,6 +356,12 @@ def _hf_cases() -> list[ZooCase]:
          f"{WHISPER_SOURCE_POSITIONS} (input_features must have 2*max_source_positions = "
          f"{2 * WHISPER_SOURCE_POSITIONS} frames); inputs(batch, length) varies batch and the "
          "decoder length only. Wrapped in WhisperAsTuple", WhisperAsTuple),
+        ("mistral-sliding", _mistral_sliding_config, _llama_inputs, 2, True,
+         f"GQA 4q/2kv, RoPE; a sliding window of {MISTRAL_WINDOW} keys on the causal + padding mask "
+         f"(kv_idx > q_idx - {MISTRAL_WINDOW}): a causal band"),
+        ("modernbert", _modernbert_config, _bert_inputs, 2, True,
+         f"layer 0 global (padding mask), layer 1 local: |q_idx - kv_idx| <= {MODERNBERT_LOCAL // 2} on the "
+         "padding mask, a bidirectional band"),
         ("vit", _vit_config, _vit_inputs, 2, False,
          "sequence length fixed by image size (16x16 image, 4x4 patches -> 17 tokens with "
          "[CLS]); `length` is ignored, only the batch varies (interpolate_pos_encoding=True "

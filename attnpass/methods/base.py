@@ -34,7 +34,8 @@ class SiteSpec:
     scale: float | None          # None: 1/sqrt(head dim) at run time (SDPA's default)
     causal: bool = False
     causal_bottom_right: bool = False
-    # A causal band (a sliding window): query i also sees only keys j > i + offset - window. 0: none.
+    # A band (a sliding window): query i sees only keys at distance < window from i + offset; at a
+    # causal site the `window` keys ending at its own, j > i + offset - window. 0: none.
     window: int = 0
     heads_q: int | None = None
     heads_kv: int | None = None
@@ -70,10 +71,11 @@ class SiteAttention(nn.Module):
         return k.shape[-2] - q.shape[-2] if self.spec.causal_bottom_right else 0
 
     def band_mask(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The site's causal band as a (Lq, Lk) bool mask (True = allowed), for the dense path only."""
-        offset, len_q, len_k = self.causal_offset(q, k), q.shape[-2], k.shape[-2]
+        """The site's band as a (Lq, Lk) bool mask (True = allowed), for the dense path only."""
+        offset, len_q, len_k, window = self.causal_offset(q, k), q.shape[-2], k.shape[-2], self.spec.window
         keys = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device)
-        return keys.tril(offset) & ~keys.tril(offset - self.spec.window)
+        near = ~keys.tril(offset - window)  # j > i + offset - window
+        return near & (keys.tril(offset) if self.spec.causal else keys.tril(offset + window - 1))
 
     def anchor_local(self) -> int:
         """The anchor's local window at this site: within the site's band, if it has one."""
@@ -90,7 +92,7 @@ class SiteAttention(nn.Module):
         """The band the method's pairs are held to, counted back from `layout_offset` (the kernels'
         `window`): keys j > i + layout_offset - layout_window. 0: the site has no band. At a band site
         whose whole band the anchor's window covers the method has no pairs (`method_has_pairs`)."""
-        return self.spec.window - self.anchor_local() if self.spec.window and self.spec.causal else 0
+        return self.spec.window - self.anchor_local() if self.spec.window else 0
 
     def method_has_pairs(self) -> bool:
         return not (self.spec.window and self.spec.causal and self.anchor_local() >= self.spec.window)
@@ -184,7 +186,7 @@ class SiteAttention(nn.Module):
         parts += self.anchor.parts(
             q, k, v_mass, key_keep=key_keep, bias=bias, mask=mask, scale=self.scale(q), causal=self.spec.causal,
             offset=self.causal_offset(q, k), dropout_p=p, dropout_seed=self.dropout_seed(p),
-            band=self.spec.window if self.spec.causal else 0)
+            band=self.spec.window)
         return merge_parts(parts)
 
     def is_decode_step(self, q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -363,13 +363,17 @@ def _axial_summary_values(pooled_q: Tensor, k: Tensor, v: Tensor, key_keep: Tens
 
 def regions_in_band(layout: CombinerLayout, offset: int, window: int) -> Tensor:
     """(1, 1, G, Wq, S) bool: whether summary slot s of query slot (g, w) stands for keys that all lie
-    in the query's causal band (j > i + offset - window). A summary pools its whole region, so a
-    region reaching out of the band is left out rather than cut."""
+    in the query's band (distance < window from i + offset; causal: j > i + offset - window). A
+    summary pools its whole region, so a region reaching out of the band is left out rather than cut."""
     positions = torch.arange(layout.len_k, dtype=torch.float64, device=layout.q_index.device).view(1, 1, -1, 1)
-    first = -pool_regions(-positions, layout)[0, 0, :, 0]  # each region's first key (+inf: empty)
-    region_first = first[layout.summary_region.clamp(min=0)]                     # (G, S)
-    lowest = (layout.q_index + (offset - window)).to(torch.float64)               # (G, Wq)
-    return (region_first.unsqueeze(1) > lowest.unsqueeze(-1)).view(1, 1, *lowest.shape, -1)
+    region = layout.summary_region.clamp(min=0)
+    first = (-pool_regions(-positions, layout)[0, 0, :, 0])[region].unsqueeze(1)   # (G, 1, S); +inf: empty
+    centre = (layout.q_index + offset).to(torch.float64).unsqueeze(-1)            # (G, Wq, 1)
+    inside = first > centre - window
+    if not layout.causal:  # and its last key before the band's far end
+        last = pool_regions(positions, layout)[0, 0, :, 0][region].unsqueeze(1)
+        inside = inside & (last < centre + window)
+    return inside.view(1, 1, *inside.shape)
 
 
 def region_summaries(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None, layout: CombinerLayout,

@@ -27,7 +27,8 @@ Shapes::
     mask  broadcastable to (B, Hq, Lq, Lk) bool, True = keep; read only at the candidate pairs
     out   (B, Hq, Lq, Dv) in q's dtype; rows without an allowed key are 0
 
-Causal pairs (j > i + causal_offset; with a window w, also j <= i + causal_offset - w) and padding keys are dropped. Dropout uses the hash of the
+Causal pairs (j > i + causal_offset), pairs outside a band (a window w: distance >= w from i + causal_offset,
+causal: j <= i + causal_offset - w) and padding keys are dropped. Dropout uses the hash of the
 other kernels (`common.dropout_keep` on (b*Hq + h, i, j)), so a seed drops the same pairs here and
 in `edge_attention`. Built from differentiable PyTorch ops (autograd gives the backward) and the
 normalisers' exact VJP (`row_normalizers.normalize`).
@@ -278,11 +279,11 @@ def _allowed(cols: Tensor, rows: Tensor, Hq: int, Lq: int, causal: bool, causal_
              key_padding_mask: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
     """Which candidates (n, Hq, Lq, C) are real pairs the causal rule, padding and mask allow."""
     ok = cols >= 0
+    query_pos = torch.arange(Lq, device=cols.device).view(1, 1, Lq, 1) + causal_offset
     if causal:
-        query_pos = torch.arange(Lq, device=cols.device).view(1, 1, Lq, 1)
-        ok &= cols <= query_pos + causal_offset
-        if window:  # a causal band
-            ok &= cols > query_pos + (causal_offset - window)
+        ok &= cols <= query_pos
+    if window:  # a band: keys at distance < window (causal: before the query only)
+        ok &= (cols > query_pos - window) if causal else ((cols - query_pos).abs() < window)
     if key_padding_mask is not None:
         n = rows.numel()
         ok &= key_padding_mask.index_select(0, rows).gather(1, cols.clamp(min=0).reshape(n, -1)).view(cols.shape)

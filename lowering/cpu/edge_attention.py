@@ -25,7 +25,7 @@ Shapes::
 
 The score of edge e = (r, j) is ``scale * <q_r, k_j> + bias[b, h, i, j] + edge_bias[e]``. With
 ``causal``, edges with ``j > i + causal_offset`` are dropped (not an error), like edges to padding keys;
-with a ``window`` w > 0 (a causal band) also edges with ``j <= i + causal_offset - w``.
+with a ``window`` w > 0 (a band) also edges at distance >= w from i + causal_offset (causal: j <= i + causal_offset - w).
 
 Work is done on tiles: rows of similar degree (padded to the next power of two, so under half a
 tile is padding), each row's key and value rows gathered into (rows, width, D) blocks, logits and
@@ -288,7 +288,7 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, 
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if validate:
         row = _check_edges(row_ptr, col_index, Lk)
-    elif causal or key_padding_mask is not None:
+    elif causal or window or key_padding_mask is not None:
         row = csr_rows(row_ptr, col_index.numel())  # the rules below need each edge's row; tiles do not
 
     # Drop disallowed edges once, up front: afterwards every edge is live, so no -inf logits from
@@ -297,8 +297,10 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, 
     keep = None
     if causal:
         keep = col <= row % Lq + causal_offset
-        if window:  # a causal band: also j > i + offset - window
-            keep &= col > row % Lq + (causal_offset - window)
+    if window:  # a band: keys at distance < window (causal: before the query only)
+        distance = col - (row % Lq + causal_offset)
+        near = (distance > -window) if causal else (distance.abs() < window)
+        keep = near if keep is None else keep & near
     if key_padding_mask is not None:
         real = key_padding_mask.reshape(-1)[(row // (Hq * Lq)) * Lk + col]
         keep = real if keep is None else keep & real

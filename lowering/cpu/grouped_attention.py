@@ -86,8 +86,9 @@ def grouped_attention(
     """Attention of each group's query slots to the group's key slots plus its summary keys.
 
     Returns ``(out_slots, row_stat)``; see the module docstring for shapes. When causal, pair
-    (i, j) of ORIGINAL positions is allowed only if ``j <= i + causal_offset``, and with a
-    ``window`` > 0 (a causal band, a sliding window) only if also ``j > i + causal_offset - window``. Dropout acts on the
+    (i, j) of ORIGINAL positions is allowed only if ``j <= i + causal_offset``. A ``window`` w > 0 is a
+    band (a sliding window): only keys at distance < w from i + causal_offset, i.e. when causal
+    ``j > i + causal_offset - w``, otherwise ``|j - i - causal_offset| < w``. Dropout acts on the
     normalised probabilities (inverted dropout); its mask is a deterministic function of
     ``dropout_seed``, drawn from torch's global RNG when None and ``dropout_p > 0``.
     """
@@ -224,7 +225,7 @@ class _Problem:
     scale: float
     causal: bool
     causal_offset: int
-    window: int  # causal band: also j > i + causal_offset - window (0: none)
+    window: int  # a band: |j - (i + causal_offset)| < window, causal: j > i + causal_offset - window (0: none)
     dropout_p: float
     dropout_seed: Optional[int]
     normalizer: str
@@ -323,7 +324,7 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
     # Build the allowed-pairs mask only when something can remove a pair: a full tile with no
     # causal rule, padding or pair mask (e.g. bidirectional routing) skips two passes over it.
     all_slots = bool(q_ok.all())
-    if p.causal or p.pair_mask is not None or p.key_range is not None or not (all_slots and bool(k_ok.all())):
+    if p.causal or p.window or p.pair_mask is not None or p.key_range is not None or not (all_slots and bool(k_ok.all())):
         # Every rule but the pair mask is a range of key positions per query slot, so the pairs to
         # drop are two comparisons: key < low or key > high. An empty query slot gets an empty
         # range and an empty or padding key slot a position past every range (4 passes over the
@@ -335,8 +336,10 @@ def _make_tile(p: _Problem, g0: int, g1: int) -> _Tile:
             low, high = torch.maximum(low, range_low), torch.minimum(high, range_high)
         if p.causal:
             high = torch.minimum(high, q_idx + p.causal_offset)
-            if p.window:
-                low = torch.maximum(low, q_idx + (p.causal_offset - p.window + 1))
+        if p.window:  # a band: keys at distance < window (causal: before the query only)
+            low = torch.maximum(low, q_idx + (p.causal_offset - p.window + 1))
+            if not p.causal:
+                high = torch.minimum(high, q_idx + (p.causal_offset + p.window - 1))
         high = torch.where(q_ok, high, -1)
         key = torch.where(k_ok, k_idx, Lk).unsqueeze(-2)
         dropped = (key < low.unsqueeze(-1)) | (key > high.unsqueeze(-1))
