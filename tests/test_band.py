@@ -62,6 +62,24 @@ def test_kernels_hold_every_pair_to_the_band(offset):
         assert torch.allclose(got[1], want[1], atol=1e-12)
 
 
+def test_the_triton_path_hands_a_band_to_the_pytorch_kernels():
+    """The Triton kernels take no window: a band call falls back (counted), with the same result."""
+    pytest.importorskip("triton")
+    from attnpass.lowering.triton import dispatch
+    from attnpass.lowering.triton.switch import force_triton
+
+    x = inputs(20, 20, padded=False)
+    q, k, v = x["q"], x["k"], x["v"]
+    B, Hq, Lq, _ = q.shape
+    row_ptr = torch.arange(0, B * Hq * Lq * Lq + 1, Lq)
+    col = torch.arange(Lq).repeat(B * Hq * Lq)
+    before = dispatch.FALLBACKS["a band window"]
+    with force_triton():
+        got, _ = edge_attention(q, k, v, row_ptr, col, scale=q.shape[-1] ** -0.5, causal=True, window=6)
+    assert dispatch.FALLBACKS["a band window"] == before + 1
+    assert torch.allclose(got, band_attention(q, k, v, 6), atol=1e-12)
+
+
 # -- every method on a band site ----------------------------------------------------------------
 
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))

@@ -408,7 +408,7 @@ def _forward_impl(
     *, scale: float, causal: bool, causal_offset: int, window: int = 0, dropout_p: float,
     dropout_seed: Optional[int], normalizer: str,
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(q) and not window:  # CUDA with triton installed, or forced: lowering/triton/switch.py
+    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
         return triton_call("edge_forward", locals())
     p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
                  causal_offset=causal_offset, window=window, dropout_p=dropout_p, dropout_seed=dropout_seed,
@@ -435,7 +435,7 @@ def _backward_impl(
     dropout_seed: Optional[int], normalizer: str, bias_grad: bool, edge_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dedge_bias); the last two are 0-element tensors unless asked for."""
-    if use_triton(q) and not window:  # the Triton kernels take no window: the PyTorch kernel runs it
+    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
         return triton_call("edge_backward", locals())
     p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
                  causal_offset=causal_offset, window=window, dropout_p=dropout_p, dropout_seed=dropout_seed,

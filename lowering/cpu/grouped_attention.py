@@ -435,7 +435,7 @@ def _forward_impl(
     key_range: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, window: int = 0, dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None, normalizer: str = "softmax",
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(q) and not window:  # CUDA with triton installed, or forced: lowering/triton/switch.py
+    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
         return triton_call("grouped_forward", locals())
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
                  pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, window=window, dropout_p=dropout_p,
@@ -468,7 +468,7 @@ def _backward_impl(
     bias_grad: bool = False, summary_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dsummary_k, dsummary_v); ungrad'ed ones are empty (numel 0)."""
-    if use_triton(q) and not window:  # the Triton kernels take no window: the PyTorch kernel runs it
+    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
         return triton_call("grouped_backward", locals())
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
                  pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, window=window, dropout_p=dropout_p,

@@ -98,6 +98,10 @@ def _broadcast_strides(t: Optional[Tensor], shape: tuple) -> tuple[Optional[Tens
     return t, strides
 
 
+# The kernels below take no band (a sliding window, SiteSpec.window): such calls run the PyTorch kernels.
+_BAND = "a band window"
+
+
 def _fallback(reason: str, impl, *args, **kwargs):
     FALLBACKS[reason] += 1
     with bypass():
@@ -168,7 +172,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def grouped_forward(q, k, v, q_index, k_index, key_padding_mask=None, bias=None, summary_k=None,
                     summary_v=None, summary_mask=None, pair_mask=None, key_range=None, *, scale,
-                    causal=False, causal_offset=0, dropout_p=0.0, dropout_seed=None, normalizer="softmax"):
+                    causal=False, causal_offset=0, window=0, dropout_p=0.0, dropout_seed=None, normalizer="softmax"):
     """`attnpass::grouped_attention` on the Triton kernels -> (out_slots, row_stat)."""
     from attnpass.lowering.cpu import grouped_attention as cpu
 
@@ -177,9 +181,9 @@ def grouped_forward(q, k, v, q_index, k_index, key_padding_mask=None, bias=None,
     settings = dict(scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                     dropout_seed=dropout_seed, normalizer=normalizer)
     cpu._validate(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
-    reason = _grouped_decline(q, v, q_index, k_index, summary_k)
+    reason = _BAND if window else _grouped_decline(q, v, q_index, k_index, summary_k)
     if reason:
-        return _fallback(reason, cpu._forward_impl, *args, **settings)
+        return _fallback(reason, cpu._forward_impl, *args, **settings, window=window)
     require_triton(q.device)
     out_shape, stat_shape = cpu._out_shapes(v, q_index)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
@@ -200,7 +204,7 @@ def _grad_buffers(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, acc: tor
 
 def grouped_backward(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, key_padding_mask=None,
                      bias=None, summary_k=None, summary_v=None, summary_mask=None, pair_mask=None,
-                     key_range=None, *, scale, causal=False, causal_offset=0, dropout_p=0.0,
+                     key_range=None, *, scale, causal=False, causal_offset=0, window=0, dropout_p=0.0,
                      dropout_seed=None, normalizer="softmax", bias_grad=False, summary_grad=False):
     """`attnpass::grouped_attention_backward` on the Triton kernels -> (dq, dk, dv, dbias, dsk, dsv)."""
     from attnpass.lowering.cpu import grouped_attention as cpu
@@ -210,9 +214,9 @@ def grouped_backward(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, k
     settings = dict(scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                     dropout_seed=dropout_seed, normalizer=normalizer)
     cpu._validate(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
-    reason = _grouped_decline(q, v, q_index, k_index, summary_k)
+    reason = _BAND if window else _grouped_decline(q, v, q_index, k_index, summary_k)
     if reason:
-        return _fallback(reason, cpu._backward_impl, grad_out, grad_stat, row_stat, *args, **settings,
+        return _fallback(reason, cpu._backward_impl, grad_out, grad_stat, row_stat, *args, **settings, window=window,
                          bias_grad=bias_grad, summary_grad=summary_grad)
     require_triton(q.device)
     acc, dev = _acc(q), q.device
@@ -275,7 +279,7 @@ def _edge_launch(kind, extra_spec, q, k, v, row_ptr, col_index, key_padding_mask
 
 
 def edge_forward(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias=None, *, scale, causal,
-                 causal_offset, dropout_p, dropout_seed, normalizer):
+                 causal_offset, window=0, dropout_p, dropout_seed, normalizer):
     """`attnpass::edge_attention` on the Triton kernels -> (out, row_stat)."""
     from attnpass.lowering.cpu import edge_attention as cpu
 
@@ -284,9 +288,9 @@ def edge_forward(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias=
                     dropout_seed=dropout_seed, normalizer=normalizer)
     cpu._check_shapes(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     cpu._check_edges(row_ptr, col_index, k.shape[2])
-    reason = _edge_decline(q, k, v, col_index)
+    reason = _BAND if window else _edge_decline(q, k, v, col_index)
     if reason:
-        return _fallback(reason, cpu._forward_impl, *args, **settings)
+        return _fallback(reason, cpu._forward_impl, *args, **settings, window=window)
     require_triton(q.device)
     B, Hq, Lq, _ = q.shape
     out = torch.empty((B, Hq, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
@@ -296,7 +300,7 @@ def edge_forward(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias=
 
 
 def edge_backward(grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, key_padding_mask, bias,
-                  edge_bias, *, scale, causal, causal_offset, dropout_p, dropout_seed, normalizer,
+                  edge_bias, *, scale, causal, causal_offset, window=0, dropout_p, dropout_seed, normalizer,
                   bias_grad, edge_bias_grad):
     """`attnpass::edge_attention_backward` on the Triton kernels -> (dq, dk, dv, dbias, dedge_bias)."""
     from attnpass.lowering.cpu import edge_attention as cpu
@@ -305,9 +309,9 @@ def edge_backward(grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, ke
     settings = dict(scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                     dropout_seed=dropout_seed, normalizer=normalizer)
     cpu._check_shapes(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
-    reason = _edge_decline(q, k, v, col_index)
+    reason = _BAND if window else _edge_decline(q, k, v, col_index)
     if reason:
-        return _fallback(reason, cpu._backward_impl, grad_out, grad_stat, row_stat, *args, **settings,
+        return _fallback(reason, cpu._backward_impl, grad_out, grad_stat, row_stat, *args, **settings, window=window,
                          bias_grad=bias_grad, edge_bias_grad=edge_bias_grad)
     require_triton(q.device)
     acc, dev = _acc(q), q.device
