@@ -115,6 +115,66 @@ def _plain_layer(layer) -> bool:
     return type(layer).__name__ == "DynamicLayer"
 
 
+def refuse_cropped_sliding_caches(kwargs: dict) -> None:
+    """A sliding-window cache layer that has dropped keys cannot go through a captured graph: the
+    graph rebuilds the cache from its tensors alone (transformers' pytree unflatten), so the layer's
+    count of tokens seen (`cumulative_length`, which places the window) would become the number of
+    keys it still holds, and the mask would cover the wrong keys. Refused in one line instead."""
+    for cache in _callers_caches(kwargs):
+        for i, layer in enumerate(cache.layers):
+            keys = getattr(layer, "keys", None)
+            if getattr(layer, "is_sliding", False) and isinstance(keys, torch.Tensor) \
+                    and getattr(layer, "cumulative_length", keys.shape[-2]) != keys.shape[-2]:
+                raise ValueError(
+                    f"attnpass: the KV cache passed in has a sliding-window layer ({i}) that has dropped keys "
+                    f"({layer.cumulative_length} tokens seen, {keys.shape[-2]} kept); a captured graph cannot carry "
+                    "its token count. Continue with a plain transformers.DynamicCache() (it keeps every key; "
+                    "SparseModel.generate uses one for sliding-window models)")
+
+
+def plain_cache_for_sliding_windows(model, kwargs: dict):
+    """The cache `generate` should start from, or None for transformers' own choice: where that
+    choice would hold sliding-window layers (`refuse_cropped_sliding_caches` says why a graph cannot
+    carry them once they drop keys), a plain `DynamicCache()`, which keeps every key: the same
+    outputs (the band is the mask's, not the cache's), more memory past the window."""
+    if any(kwargs.get(name) is not None for name in ("past_key_values", "cache")):
+        return None
+    config = getattr(model, "config", None)
+    if config is None or kwargs.get("use_cache") is False:
+        return None
+    try:
+        from transformers import DynamicCache
+
+        default = DynamicCache(config=getattr(config, "get_text_config", lambda: config)())
+    except Exception:  # noqa: BLE001 - a config transformers' cache does not take: its own choice
+        return None
+    if not any(getattr(layer, "is_sliding", False) for layer in default.layers):
+        return None
+    return DynamicCache()
+
+
+def _new_tokens(kwargs: dict) -> int | None:
+    for name, dim in (("input_ids", -1), ("inputs_embeds", -2)):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[dim]
+    return None
+
+
+def _count_sliding_tokens(returned, given, kwargs: dict) -> None:
+    """The returned cache's sliding-window layers were rebuilt from their (cropped) tensors, which
+    sets their token counts to the keys they hold: set them to the tokens seen, the given cache's
+    count plus this call's new tokens, as the original's in-place update does."""
+    new = _new_tokens(kwargs)
+    if new is None:
+        return
+    before = getattr(given, "layers", None) or []
+    for i, layer in enumerate(getattr(returned, "layers", [])):
+        if getattr(layer, "is_sliding", False) and hasattr(layer, "cumulative_length"):
+            seen = getattr(before[i], "cumulative_length", 0) if i < len(before) else 0
+            layer.cumulative_length = seen + new
+
+
 def adopt_caches(kwargs: dict, out):
     """A cache passed in is updated in place by the original model and returned: do the same.
 
@@ -122,7 +182,10 @@ def adopt_caches(kwargs: dict, out):
     and values. Its contents are moved into the caller's object, which is returned in its place.
     """
     returned = getattr(out, "cache", None) if not isinstance(out, tuple) else None
-    for given in _callers_caches(kwargs):
+    given_caches = _callers_caches(kwargs)
+    if returned is not None:
+        _count_sliding_tokens(returned, given_caches[0] if given_caches else None, kwargs)
+    for given in given_caches:
         if returned is not None and returned is not given and type(returned) is type(given):
             given.__dict__.update(returned.__dict__)
             out.cache = given

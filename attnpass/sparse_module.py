@@ -38,7 +38,8 @@ from torch import nn
 
 from attnpass.capture import Program, register_cache_pytrees
 from attnpass.detect import capture_sites
-from attnpass.kv_cache import adopt_caches, drop_empty_concatenations, lent_to_graph
+from attnpass.kv_cache import (adopt_caches, drop_empty_concatenations, lent_to_graph, plain_cache_for_sliding_windows,
+                               refuse_cropped_sliding_caches)
 from attnpass.rewrite import remove_dead_code, rewrite_site
 from attnpass.site import AttentionReport, SkippedSite
 
@@ -184,6 +185,7 @@ class SparseModel(nn.Module):
         return dict(self._site_modules)
 
     def forward(self, *args, **kwargs):
+        refuse_cropped_sliding_caches(kwargs)
         key, flat = self._signature(args, kwargs)
         program = self._signatures.get(key)
         if program is None:
@@ -219,6 +221,9 @@ class SparseModel(nn.Module):
         from step to step. A model without generation raises transformers' own error."""
         source = self._source
         generate = source.generate  # the original's attribute error for a model that cannot generate
+        plain = plain_cache_for_sliding_windows(source, kwargs)
+        if plain is not None:
+            kwargs = {**kwargs, "past_key_values": plain}
         with self._forward_served_here():
             self._capture_generation_graphs(generate, args, kwargs)
             return generate(*args, **kwargs)
@@ -395,6 +400,8 @@ def _check_same_attention(sites, site_modules: dict[str, nn.Module]) -> None:
         differ = [f.name for f in dataclasses.fields(built)
                   if f.name not in ("name", "example_len_q", "example_len_k")
                   and getattr(now, f.name, None) != getattr(built, f.name)]
+        if set(differ) <= {"window", "has_mask"} and built.window and now.has_mask and not now.window:
+            continue  # served on the dense path with the call's own mask (SiteAttention.general_call_at_band_site)
         if differ:
             what = ", ".join(f"{n}={getattr(now, n, None)!r} (built for {getattr(built, n)!r})" for n in differ)
             raise SignatureNotServed(f"at {site.name}: {what}")

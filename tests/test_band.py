@@ -246,3 +246,44 @@ def test_every_method_serves_the_band_sites_of_the_zoo(name, method):
         with torch.no_grad():
             got = tensors(sparse(*args, **kwargs))
         assert all(torch.isfinite(t).all() for t in got), (name, method, batch, length)
+
+
+# -- generation with a sliding window -----------------------------------------------------------
+
+def _mistral_lm(window: int = 6):
+    import transformers
+
+    config = transformers.MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=window, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("method,options", [("dense", {}), ("routing", {"sinks": 2, "local": 6})],
+                         ids=["dense", "routing-covering"])
+def test_generate_past_the_window_returns_the_originals_tokens(method, options):
+    """Left-padded prompts of 20 tokens, window 6: the decode steps run over a plain cache (a sliding
+    layer's token count cannot go through a graph) and give the original's greedy tokens."""
+    model = _mistral_lm()
+    x = _ids(2, 20, seed=4)
+    want = model.generate(**x, max_new_tokens=8, do_sample=False)
+    sparse = attnpass.sparsify(model, kwargs={k: v[:, :8] for k, v in x.items()}, method=method, **options)
+    assert torch.equal(sparse.generate(**x, max_new_tokens=8, do_sample=False), want)
+
+
+def test_a_returned_sliding_cache_counts_every_token_and_a_cropped_one_is_refused():
+    model = _mistral_lm()
+    x = _ids(2, 20, seed=5)
+    sparse = attnpass.sparsify(model, kwargs={k: v[:, :8] for k, v in x.items()})
+    with torch.no_grad():
+        cache = sparse(**x, use_cache=True).past_key_values
+        assert [layer.cumulative_length for layer in cache.layers] == [20, 20]
+        # the original continues from it as from its own
+        step = {"input_ids": torch.tensor([[5], [7]]), "attention_mask": torch.cat([x["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)}
+        own = model(**x, use_cache=True).past_key_values
+        torch.testing.assert_close(model(**step, past_key_values=cache).logits, model(**step, past_key_values=own).logits)
+        with pytest.raises(ValueError, match="sliding-window layer .* has dropped keys"):
+            sparse(**step, past_key_values=cache)

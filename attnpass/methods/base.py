@@ -155,7 +155,7 @@ class SiteAttention(nn.Module):
 
         A decode step (`is_decode_step`) runs exact dense attention over the cached keys; every
         other call runs the method (`sparse_forward`)."""
-        if self.is_decode_step(q, k):
+        if self.is_decode_step(q, k) or self.general_call_at_band_site(mask):
             return self.dense_forward(q, k, v, bias, mask, key_keep, dropout_p, empty_rows)
         if self.anchor:
             return self.anchored_forward(q, k, v, bias, mask, key_keep, dropout_p)
@@ -189,6 +189,13 @@ class SiteAttention(nn.Module):
             band=self.spec.window)
         return merge_parts(parts)
 
+    def general_call_at_band_site(self, mask) -> bool:
+        """A call of another graph (e.g. a decode step over a sliding-window cache, whose keys no
+        padding input lines up with) where this band site's masking stayed a general mask: that mask
+        is the call's whole masking (a band is found only where no bool mask is left), so the call
+        runs exact dense attention with it and the band is not applied again."""
+        return bool(self.spec.window) and mask is not None
+
     def is_decode_step(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         """A causal self-attention call continuing over cached keys (Lq < Lk) whose few queries gain
         nothing from the method's layout (see attnpass.prefill)."""
@@ -212,7 +219,7 @@ class SiteAttention(nn.Module):
         import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
 
         p = dropout_p if self.training else 0.0
-        if self.spec.window:  # the band as the (Lq, Lk) bool mask the original builds too
+        if self.spec.window and mask is None:  # the band as the (Lq, Lk) bool mask the original builds too
             band = self.band_mask(q, k)
             mask = band if mask is None else mask & band
         # Training draws SDPA's own dropout (seed -1), equal in distribution to the original's.
