@@ -161,11 +161,27 @@ def capture_sites(model: torch.nn.Module, args: tuple, kwargs: dict, check_sizes
 def _capture(model, args, kwargs, static, ties) -> tuple[Program, ProbeSet]:
     program = Program(export_model(model, args, kwargs, static, sorted(sorted(group) for group in ties)))
     example = program.ep.example_inputs or (args, kwargs)  # a batch-1 example is captured at batch 2
+    _mark_constant_values(program)
     probes = ProbeSet(program.gm, program.state_inputs(), program.user_inputs(*example),
                       program.ep.range_constraints)
     remove_dead_code(program.gm)  # users of the attention that the model never reads don't count
     program.sites, program.skipped = find_sites(program.gm, probes)
     return program, probes
+
+
+def _mark_constant_values(program: Program) -> None:
+    """Give the patterns the values of the program's lifted one-element constant tensors (a masking
+    value written `torch.tensor(finfo.min)`); parameters and buffers stay unknown (they can change)."""
+    from torch.export.graph_signature import InputKind
+
+    from attnpass.patterns.common import CONSTANT_VALUE
+
+    constants = {s.arg.name: program.ep.constants[s.target] for s in program.input_specs
+                 if s.kind is InputKind.CONSTANT_TENSOR}
+    for node in program.gm.graph.nodes:
+        value = constants.get(node.name) if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            node.meta[CONSTANT_VALUE] = float(value.item())
 
 
 def _refinements(program: Program) -> tuple[frozenset, frozenset]:

@@ -145,7 +145,9 @@ _SPELLINGS: dict[str, tuple[Any, list]] = {
     # accepts it only where the scores are the operand written to, see softmax_chain._walk_back)
     "add": (_binary, [aten.add.Tensor, aten.add.Scalar, operator.add, torch.add, "add",
                       aten.add_.Tensor, operator.iadd, "add_"]),
-    "masked_fill": (_read_masked_fill, [aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill, "masked_fill"]),
+    # in place too: SEW-D zeroes the masked probabilities with masked_fill_ after the softmax
+    "masked_fill": (_read_masked_fill, [aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill, "masked_fill",
+                                        aten.masked_fill_.Scalar, aten.masked_fill_.Tensor, "masked_fill_"]),
     "where": (_read_where, [aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar, torch.where]),
     "cast": (_read_cast, [aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
                           aten.type_as.default, aten.contiguous.default, aten.clone.default, aten.alias.default,

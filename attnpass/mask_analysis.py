@@ -338,6 +338,8 @@ def _empty_row_rule(match: SiteMatch, probes: ProbeSet, empty: list) -> str:
     masking piece leaves at those rows (`empty`: (probe, rows) pairs): "mean" where every score of
     the row is one finite constant (the softmax is uniform), "zero" where all are -inf (SDPA's
     rule; eager softmax gives NaN there, which we do not reproduce: noted on the site)."""
+    if match.zeroed_where_masked:
+        return "zero"
     rows = []
     for p, where in empty:
         if not bool(where.any()):

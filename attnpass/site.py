@@ -68,6 +68,9 @@ class SiteMatch:
     # is a blocked layout such as (B, blocks, H, Lq, Lk), whose leading dims the adapters merge into
     # the canonical batch
     batch_dims: int = 2
+    # the probabilities are set to 0 after the softmax where a pre-softmax fill masked the scores
+    # (SEW-D): a query with no allowed key gives zeros, whatever the fill value
+    zeroed_where_masked: bool = False
 
 
 @dataclass

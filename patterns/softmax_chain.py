@@ -137,10 +137,13 @@ def real_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
-def _walk_forward(softmax: fx.Node, internal: set):
-    """From the softmax to the P·V product: returns (P node, product node, dropout p, merged),
-    `merged` when the walk passed a view of (B, H, Lq, Lk) probabilities as (B*H, Lq, Lk)."""
-    node, p, merged = softmax, 0.0, False
+def _walk_forward(softmax: fx.Node, internal: set, fill_masks: set):
+    """From the softmax to the P·V product: returns (P node, product node, dropout p, merged,
+    zeroed), `merged` when the walk passed a view of (B, H, Lq, Lk) probabilities as (B*H, Lq, Lk),
+    `zeroed` when it passed `masked_fill(P, m, 0)` with a mask m that also filled the scores before
+    the softmax (SEW-D's XSoftmax): P is unchanged at every row with an allowed key, and a row with
+    none gives zeros."""
+    node, p, merged, zeroed = softmax, 0.0, False, False
     while True:
         users = real_users(node)
         if len(users) != 1:
@@ -152,7 +155,7 @@ def _walk_forward(softmax: fx.Node, internal: set):
         if ov is None:
             raise NotAttention
         if ov.kind in ("matmul", "bmm", "einsum"):
-            return node, user, p, merged
+            return node, user, p, merged, zeroed
         internal.add(user)
         if ov.kind == "dropout":
             prob, train = ov["p"], ov["train"]
@@ -161,6 +164,8 @@ def _walk_forward(softmax: fx.Node, internal: set):
             p = float(prob) if train else 0.0
         elif not merged and _heads_merged(ov):
             merged = True  # BLOOM / DeBERTa-v2: viewed back to (B*H, L, L) for a bmm with (B*H, L, D) values
+        elif ov.kind == "masked_fill" and ov["mask"] in fill_masks and constant_scalar(ov["value"]) == 0.0:
+            zeroed = True
         elif ov.kind != "cast":
             raise NotAttention
         node = user
@@ -199,7 +204,8 @@ def match_softmax_chain(node: fx.Node) -> SiteMatch | None:
     if scores.batch_dims != (1 if split else batch_dims):
         raise Skip(f"scores of rank {scores.batch_dims + 2} broadcast to rank {rank} before the softmax")
     internal.add(product_node)
-    probs, pv_node, p, merged = _walk_forward(node, internal)
+    fill_masks = {piece.node for piece in pieces if piece.kind == "fill"}
+    probs, pv_node, p, merged, zeroed = _walk_forward(node, internal, fill_masks)
     value = read_value_product(pv_node, probs, 1 if merged else batch_dims)
     if value is None:
         raise NotAttention
@@ -245,7 +251,7 @@ def match_softmax_chain(node: fx.Node) -> SiteMatch | None:
         out_adapter=from_canonical + out_adapter,
         scale=scores.scale * scale, scale_note=", ".join(dict.fromkeys(scores.scale_notes)),
         pieces=pieces, dropout_p=p, internal=internal, notes=notes,
-        batch_dims=batch_dims,
+        batch_dims=batch_dims, zeroed_where_masked=zeroed,
     )
 
 

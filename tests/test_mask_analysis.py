@@ -273,3 +273,35 @@ def test_a_site_whose_rule_at_queries_with_no_key_is_unknown_is_skipped_not_gues
     assert "no allowed key" in report.skipped[0].reason
     with pytest.raises(attnpass.api.NoAttentionFound, match="no allowed key"):
         attnpass.sparsify(_TwoFills(), (q, k, v, keep))
+
+
+class _XSoftmaxAttention(torch.nn.Module):
+    """SEW-D / DeBERTa-v2's XSoftmax spelling: scores filled with a lifted constant tensor
+    (`torch.tensor(finfo.min)`), softmax, then the masked probabilities set to 0 again in place; the
+    mask is query-and-key padding, so a padded query has no key and its output is 0."""
+
+    def forward(self, q, k, v, keep):
+        pair = (keep[:, None, :, None] * keep[:, None, None, :]).bool()
+        rmask = ~pair
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        probs = torch.softmax(scores.masked_fill(rmask, torch.tensor(torch.finfo(q.dtype).min)), -1)
+        probs.masked_fill_(rmask, 0)
+        return probs @ v
+
+
+def test_probabilities_zeroed_after_the_softmax_give_zero_rows_and_are_exact():
+    g = torch.Generator().manual_seed(0)
+
+    def call(batch, length):
+        q, k, v = (torch.randn(batch, 2, length, 4, generator=g) for _ in range(3))
+        keep = torch.ones(batch, length, dtype=torch.long)
+        keep[-1, -3:] = 0
+        return q, k, v, keep
+
+    sparse = attnpass.sparsify(_XSoftmaxAttention(), call(2, 9))
+    site = sparse.sites[0]
+    assert site.mask_info.empty_rows == "zero", str(sparse.report)
+    args = call(3, 13)
+    want = _XSoftmaxAttention()(*args)
+    assert torch.count_nonzero(want[-1, :, -3:]) == 0  # the padded queries' rows
+    torch.testing.assert_close(sparse(*args), want, rtol=1e-5, atol=1e-6)

@@ -149,6 +149,10 @@ def _feeds_product_lhs(node, params, depth=0) -> bool:
             return True
         if user.target in PASS and user.args[0] is node and _feeds_product_lhs(user, params, depth + 1):
             return True
+        # SEW-D zeroes the masked probabilities again after the softmax
+        if user.target in (aten.masked_fill_.Scalar, aten.masked_fill.Scalar) and user.args[0] is node \
+                and _feeds_product_lhs(user, params, depth + 1):
+            return True
         if user.op == "call_function" and getattr(user.target, "__name__", "") == "getitem" \
                 and _feeds_product_lhs(user, params, depth + 1):  # native_dropout -> (out, mask)
             return True

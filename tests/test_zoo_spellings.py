@@ -21,7 +21,7 @@ import attnpass
 from tests.helpers import max_relative_error, tensors
 from tests.zoo import LONGT5_RADIUS, by_name
 
-CASES = ["bloom-eager", "deberta-v2-eager", "deberta-eager", "prophetnet-eager", "longt5-local-eager",
+CASES = ["bloom-eager", "deberta-v2-eager", "deberta-eager", "sew-d-eager", "prophetnet-eager", "longt5-local-eager",
          "longt5-tglobal-eager"]
 # what a method may decline a site for: the additive bias (ALiBi, relative-position terms, DeBERTa's
 # c2p / p2c) or the mask kept as a tensor

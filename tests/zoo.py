@@ -418,6 +418,22 @@ def _prophetnet_config():
     )
 
 
+def _sew_d_config():
+    import transformers
+
+    return transformers.SEWDConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        squeeze_factor=1, max_position_embeddings=64, position_buckets=8, max_relative_positions=16,
+        relative_attention=True, pos_att_type=("p2c", "c2p"), conv_dim=(32, 32), conv_stride=(2, 2),
+        conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, **_HF_COMMON,
+    )
+
+
+def _sew_d_inputs(batch, length):
+    # raw audio: two stride-2 convolutions of width 3 turn 4 * length + 7 samples into length + 1 frames
+    return (torch.randn(batch, 4 * length + 7, generator=_gen(batch, length)),), {}
+
+
 # blocks of local_radius + 1 = 5 tokens, each seeing its own and both neighbours' (15 keys). The export
 # guards on whether the length is a multiple of the block (padding to whole blocks or not): 5 divides
 # neither 8 nor 12, the sizes the zoo's own export test runs at
@@ -468,6 +484,10 @@ def _spelling_cases() -> list[ZooCase]:
          "(per-token Linear) + causal mask); decoder predict streams (5-D einsum bnhtc,bnhsc->bnhts over "
          "(B, ngram, H, L, 2L), the same bucketed bias, the n-gram mask); cross-attention over the 3 streams "
          "(Lq = 3 * decoder length). Wrapped in Seq2SeqAsTuple", Seq2SeqAsTuple),
+        ("sew-d", _sew_d_config, _sew_d_inputs, 2, True,
+         "DeBERTa-v2's disentangled attention on audio frames, spelled through its XSoftmax autograd "
+         "function: scores masked_fill'ed with a lifted constant tensor (torch.tensor(finfo.min)), softmax, "
+         "then the masked probabilities set to 0 again in place (masked_fill_(rmask, 0)); no padding"),
         ("longt5-local", _longt5_config("local"), _seq2seq_inputs(0), 6, True,
          "encoder: blocked local attention, q/k/v as (B, blocks, 5, H, D), keys/values of the neighbouring "
          "blocks concatenated (15 per block), einsum ...qhd,...khd->...hqk on 5-D tensors, `scores += "
