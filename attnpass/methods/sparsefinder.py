@@ -27,7 +27,7 @@ Options (validated before capture):
     window        local edges |anchor(i) - j| <= window in key space (default 1; None: none)
     first_token   edge to key 0 (default True)
     margin        hinge margin gamma (default 1.0)
-    normalizer    "entmax15" (default, the paper's) or "softmax": keep the site's softmax, over the
+    normalizer    "entmax15" (default, the paper's; "softmax" with sinks= / local=) or "softmax": keep the site's softmax, over the
                   predicted pairs only; the gold graph the projections learn is then the smallest
                   set of each row's keys holding `mass` of its softmax probability
     mass          share of a row's softmax probability its gold keys hold (normalizer="softmax";
@@ -122,7 +122,7 @@ class SparsefinderAttention(SiteAttention):
     def __init__(self, spec: SiteSpec, **options):
         self.check_site(spec, **options)
         super().__init__(spec, Anchor.from_options(options))
-        opts = {**DEFAULTS, **options}
+        opts = {**DEFAULTS, **_default_normalizer(options), **options}
         self.predictor: str = opts["predictor"]
         self.rank: int = int(opts["rank"])
         self.margin: float = float(opts["margin"])
@@ -157,7 +157,7 @@ class SparsefinderAttention(SiteAttention):
     @classmethod
     def validate_options(cls, **options) -> None:
         check_known("sparsefinder", options, _OPTIONS)
-        check_anchor_options("sparsefinder", {"normalizer": DEFAULTS["normalizer"], **options})
+        check_anchor_options("sparsefinder", {"normalizer": DEFAULTS["normalizer"], **_default_normalizer(options), **options})
         predictor = options.get("predictor", DEFAULTS["predictor"])
         if not isinstance(predictor, str) or predictor not in sp.PREDICTORS:
             _fail(f"option predictor={predictor!r} must be one of {list(sp.PREDICTORS)}")
@@ -418,6 +418,12 @@ class SparsefinderAttention(SiteAttention):
             q, k, v, q_order, key_order, self.bucket_size, local.view(B, Hq, Lq, -1), scale=self.scale(q),
             causal=self.spec.causal, causal_offset=offset, window=self.layout_window(), key_padding_mask=key_keep,
             bias=bias, mask=mask, dropout_p=dropout_p, dropout_seed=self.dropout_seed(dropout_p), normalizer=self.normalizer)
+
+
+def _default_normalizer(options: dict) -> dict:
+    """With sinks= / local= (parts of one softmax, attnpass.methods.anchor) the default normaliser is
+    the softmax, the only one they merge with: a pretrained model's own."""
+    return {"normalizer": "softmax"} if Anchor.from_options(options) else {}
 
 
 def sparsefinder_metrics(sparse_model: nn.Module, args=(), kwargs=None) -> dict:
