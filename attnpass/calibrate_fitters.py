@@ -224,7 +224,7 @@ class SBMFitter(Fitter):
         m = self.module
         len_q = inputs["q"].shape[2]
         rows = torch.randperm(len_q, device=inputs["q"].device)[:SBM_ROWS_PER_BATCH].sort().values
-        probs = site_probe.dense_probabilities(m, inputs, dtype=torch.float32).index_select(2, rows)
+        probs = site_probe.dense_probabilities(m, inputs, dtype=torch.float32, rows=rows)
         return {**inputs, "rows": rows, "probs": probs}
 
     def _loss(self, data: dict) -> Tensor:

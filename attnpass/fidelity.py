@@ -93,19 +93,30 @@ class FidelityReport:
         return "\n".join(lines)
 
 
+# Query rows whose dense probabilities are held at once: (B, Hq, rows, Lk) float32, whatever Lq is
+PROBABILITY_ROWS = 256
+
+
 def measure_site(module: nn.Module, inputs: dict, name: str) -> SiteFidelity:
-    """One site on one batch's recorded inputs: pairs, dense mass on them, output error (no grad)."""
+    """One site on one batch's recorded inputs: pairs, dense mass on them, output error (no grad).
+    The pair sets are (B, Hq, Lq, Lk) bools; the dense probabilities go `PROBABILITY_ROWS` query rows
+    at a time."""
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     call = {key: inputs.get(key) for key in ("bias", "mask", "key_keep")}
+    mass_total = mass_covered = 0.0
     with torch.no_grad():
         sparse_out = module(q, k, v, **call)
         dense_out = site_probe._dense_forward(module)(q, k, v, **call)
         computed, allowed, n_computed = site_probe.counted_pairs(module, inputs)
-        probs = site_probe.dense_probabilities(module, inputs, dtype=torch.float32)
+        for start in range(0, q.shape[2], PROBABILITY_ROWS):
+            rows = slice(start, start + PROBABILITY_ROWS)
+            probs = site_probe.dense_probabilities(module, inputs, dtype=torch.float32, rows=rows)
+            mass_total += float(probs.double().sum())
+            mass_covered += float((probs * computed[:, :, rows]).double().sum())
     diff = (sparse_out.double() - dense_out.double())
     return SiteFidelity(
         name=name, method=module.method_name, pairs_allowed=int(allowed.sum()), pairs_computed=n_computed,
-        mass_total=float(probs.double().sum()), mass_covered=float((probs * computed).double().sum()),
+        mass_total=mass_total, mass_covered=mass_covered,
         error_sq=float(diff.square().sum()), norm_sq=float(dense_out.double().square().sum()),
     )
 

@@ -127,21 +127,29 @@ def allowed_pairs(module: nn.Module, inputs: dict) -> Tensor:
     return allowed.expand(B, Hq, Lq, Lk)
 
 
-def dense_scores(module: nn.Module, inputs: dict, dtype: torch.dtype = torch.float64) -> Tensor:
-    """(B, Hq, Lq, Lk) scores of the site as the original computes them (-inf where not allowed)."""
+def _query_rows(t: Tensor, rows) -> Tensor:
+    """Query rows `rows` (None: all; a slice; a LongTensor) of a tensor broadcastable to (..., Lq, Lk)."""
+    if rows is None or t.dim() < 2 or t.shape[-2] == 1:
+        return t
+    return t[..., rows, :] if isinstance(rows, slice) else t.index_select(t.dim() - 2, rows)
+
+
+def dense_scores(module: nn.Module, inputs: dict, dtype: torch.dtype = torch.float64, rows=None) -> Tensor:
+    """(B, Hq, Lq, Lk) scores of the site as the original computes them (-inf where not allowed);
+    with `rows` (a slice or a LongTensor of query positions), those query rows only."""
     q, k = inputs["q"], inputs["k"]
     Hq, Hkv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(Hq // Hkv, dim=1)  # GQA: query head h reads kv head h // (Hq // Hkv)
-    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * module.scale(q)
+    scores = torch.matmul(_query_rows(q, rows).to(dtype), k.to(dtype).transpose(-1, -2)) * module.scale(q)
     if inputs.get("bias") is not None:
-        scores = scores + inputs["bias"].to(dtype)
-    return scores.masked_fill(~allowed_pairs(module, inputs), -math.inf)
+        scores = scores + _query_rows(inputs["bias"], rows).to(dtype)
+    return scores.masked_fill(~_query_rows(allowed_pairs(module, inputs), rows), -math.inf)
 
 
-def dense_probabilities(module: nn.Module, inputs: dict, dtype: torch.dtype = torch.float64) -> Tensor:
-    """(B, Hq, Lq, Lk) softmax probabilities of the site; a row with no allowed key is zeros (as
-    the kernels give)."""
-    return torch.nan_to_num(torch.softmax(dense_scores(module, inputs, dtype), dim=-1), nan=0.0)
+def dense_probabilities(module: nn.Module, inputs: dict, dtype: torch.dtype = torch.float64, rows=None) -> Tensor:
+    """(B, Hq, Lq, Lk) softmax probabilities of the site, or of query rows `rows` (see
+    `dense_scores`); a row with no allowed key is zeros (as the kernels give)."""
+    return torch.nan_to_num(torch.softmax(dense_scores(module, inputs, dtype, rows), dim=-1), nan=0.0)
 
 
 # --------------------------------------------------------------------------------------------

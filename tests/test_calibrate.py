@@ -203,7 +203,12 @@ def test_fidelity_restores_modes_and_never_changes_weights(bert):
     assert 0 < report.cosine_mean < 1
 
 
-def test_fidelity_site_measures_match_an_independent_computation(bert):
+@pytest.mark.parametrize("probability_rows", [5, 256], ids=["rows-in-chunks-of-5", "one-chunk"])
+def test_fidelity_site_measures_match_an_independent_computation(bert, monkeypatch, probability_rows):
+    import importlib
+
+    # the module (attnpass.fidelity the attribute is the function)
+    monkeypatch.setattr(importlib.import_module("attnpass.fidelity"), "PROBABILITY_ROWS", probability_rows)
     model, batches = bert
     sparse = _sparse(model, batches, "routing", clusters=3).eval()
     report = attnpass.fidelity(None, sparse, batches[:1])
