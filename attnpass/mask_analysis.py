@@ -285,29 +285,32 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
     pad_inputs = probes.padding_candidates if match.batch_dims <= 2 else []
     pad_options = [None] + [(name, kz) for name in pad_inputs for kz in (False, True)]
     # a band (sliding window) of w keys reads w as a constant of its subgraph: w - 1, w, w + 1 cover
-    # `j > i - w`, `i - j < w`, `j >= i - w` and (bidirectional) `|i - j| <= w`
-    windows = [0] + sorted({w for c in _mask_constants([m.node for m in masks], probes) for w in (c - 1, c, c + 1)})
+    # `j > i - w`, `i - j < w`, `j >= i - w` and (bidirectional) `|i - j| <= w`. Bands are tried only
+    # after every structure without one (the usual masks are decided by the first pass)
+    windows = sorted({w for c in _mask_constants([m.node for m in masks], probes) for w in (c - 1, c, c + 1)})
+    structures = [(causal, pad, 0) for causal, pad in itertools.product(causal_options, pad_options)]
+    structures += [(causal, pad, w) for w in windows for causal, pad in itertools.product(causal_options, pad_options)
+                   if causal or lq_is_lk(shapes)]
     not_beyond = ""
-    for causal, pad in itertools.product(causal_options, pad_options):  # (None, None): a mask that allows every pair
-        for window in windows if causal or lq_is_lk(shapes) else [0]:
-            if not all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p, window), shapes[p])
-                       for p in range(n_probes)):
-                continue
-            beyond = _holds_past_its_constants(masks, causal, pad, scores_shape, probes, window)
-            if beyond:
-                not_beyond = not_beyond or beyond
-                continue
-            empty_rows, why = _structured_empty_rows(match, masks, causal, pad, scores_shape, probes, window)
-            if why:
-                return general_mask(match, why, bias_note, probes)
-            kind = "+".join(k for k in (("causal" if causal else ""), ("key_padding" if pad else "")) if k) or "none"
-            heads = shapes[0][0] // probes.inputs[0][pad[0]].shape[0] if pad and match.batch_dims == 1 else 1
-            return MaskInfo(
-                kind=kind, causal_bottom_right=(causal == "bottom_right"), window=window,
-                padding_input=probes.placeholders[pad[0]] if pad else None,
-                padding_keep_zero=bool(pad and pad[1]), heads_from_padding=heads,
-                general_bias=bias, bias_note=bias_note, empty_rows=empty_rows,
-            )
+    for causal, pad, window in structures:  # (None, None, 0): a mask that allows every pair
+        if not all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p, window), shapes[p])
+                   for p in range(n_probes)):
+            continue
+        beyond = _holds_past_its_constants(masks, causal, pad, scores_shape, probes, window)
+        if beyond:
+            not_beyond = not_beyond or beyond
+            continue
+        empty_rows, why = _structured_empty_rows(match, masks, causal, pad, scores_shape, probes, window)
+        if why:
+            return general_mask(match, why, bias_note, probes)
+        kind = "+".join(k for k in (("causal" if causal else ""), ("key_padding" if pad else "")) if k) or "none"
+        heads = shapes[0][0] // probes.inputs[0][pad[0]].shape[0] if pad and match.batch_dims == 1 else 1
+        return MaskInfo(
+            kind=kind, causal_bottom_right=(causal == "bottom_right"), window=window,
+            padding_input=probes.placeholders[pad[0]] if pad else None,
+            padding_keep_zero=bool(pad and pad[1]), heads_from_padding=heads,
+            general_bias=bias, bias_note=bias_note, empty_rows=empty_rows,
+        )
     return general_mask(match, not_beyond or "mask is not causal / key-padding on every probe input", bias_note, probes)
 
 
