@@ -117,7 +117,7 @@ def allowed_pairs(module: nn.Module, inputs: dict) -> Tensor:
         keys = torch.arange(Lk, device=q.device).view(1, Lk)
         allowed = allowed & (keys <= rows + offset)
     if module.spec.window:  # a band (sliding window): keys at distance < window
-        allowed = allowed & (module.band_mask(q, k))
+        allowed = allowed & module.band_mask(q, k)
     if inputs.get("key_keep") is not None:
         allowed = allowed & inputs["key_keep"].view(B, 1, 1, Lk).bool()
     if inputs.get("mask") is not None:
