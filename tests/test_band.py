@@ -82,6 +82,17 @@ def test_the_triton_path_hands_a_band_to_the_pytorch_kernels():
 
 # -- every method on a band site ----------------------------------------------------------------
 
+def band_reference(site, x: dict) -> torch.Tensor:
+    """The method's own pairs intersected with the site's band. Plain routing averages a query's
+    clusters: test_routing's reference, with the band as a mask that removes pairs (a cluster slot
+    stays, as under a general mask); every other case is test_anchor's one-softmax reference."""
+    if site.method_name != "routing" or site.anchor:
+        return reference(site, x)
+    q, k = x["q"], x["k"]
+    band = site.band_mask(q, k).expand(q.shape[0], q.shape[1], -1, -1)
+    return routing_reference(site, site.layout(q, k, x["key_keep"]), q, k, x["v"], mask=band, key_keep=x["key_keep"])
+
+
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
 @pytest.mark.parametrize("window", [10, 40], ids=["window10", "window40"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
@@ -89,14 +100,7 @@ def test_each_method_is_its_layout_intersected_with_the_band(method, window, pad
     site = make_site(method, 96, window=window)
     x = inputs(96, 96, padded)
     got = site(x["q"], x["k"], x["v"], key_keep=x["key_keep"])
-    if method == "routing":  # the plain method averages a query's clusters: test_routing's reference,
-        # with the band as a mask that removes pairs (a cluster slot stays, as under a general mask)
-        q, k = x["q"], x["k"]
-        band = site.band_mask(q, k).expand(q.shape[0], q.shape[1], -1, -1)
-        want = routing_reference(site, site.layout(q, k, x["key_keep"]), q, k, x["v"], mask=band,
-                                 key_keep=x["key_keep"])
-    else:
-        want = reference(site, x)
+    want = band_reference(site, x)
     rows = slice(5, None) if padded else slice(None)
     assert torch.allclose(got[:, :, rows], want[:, :, rows], atol=1e-10, rtol=1e-9)
 
@@ -108,14 +112,7 @@ def test_a_bidirectional_band_holds_each_method_to_keys_at_distance_below_the_wi
     site = make_site(method, 96, causal=False, window=20, **({"sinks": sinks} if sinks else {}))
     x = inputs(96, 96, padded=True)
     got = site(x["q"], x["k"], x["v"], key_keep=x["key_keep"])
-    if method == "routing" and not sinks:
-        q, k = x["q"], x["k"]
-        band = site.band_mask(q, k).expand(q.shape[0], q.shape[1], -1, -1)
-        want = routing_reference(site, site.layout(q, k, x["key_keep"]), q, k, x["v"], mask=band,
-                                 key_keep=x["key_keep"])
-    else:
-        want = reference(site, x)
-    assert torch.allclose(got, want, atol=1e-10, rtol=1e-9)
+    assert torch.allclose(got, band_reference(site, x), atol=1e-10, rtol=1e-9)
 
 
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))

@@ -105,29 +105,7 @@ def test_general_pieces_of_a_3d_site_keep_their_broadcasting():
     torch.testing.assert_close(sparse(q2, k2, v2), Bmm3D()(q2, k2, v2), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("window", [6, 24])
-def test_a_sliding_window_is_never_taken_for_plain_causal(impl, window):
-    """Example length 16: a window of 24 looks causal at every length near the example; the pass
-    must not conclude "causal" (a silently different function at L > 24)."""
-    import transformers
-
-    config = transformers.MistralConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, sliding_window=window, use_cache=False,
-        attn_implementation=impl)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.MistralModel(config).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 100, (2, 16), generator=g)
-    sparse = attnpass.sparsify(model, kwargs={"input_ids": ids})
-    assert all(s.mask != "causal" for s in sparse.sites), str(sparse.report)
-    for length in (12, 40):
-        ids = torch.randint(3, 100, (3, length), generator=g)
-        with torch.no_grad():
-            expected, got = model(input_ids=ids)[0], sparse(input_ids=ids)[0]
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+# A sliding window longer or shorter than the example: tests/test_band.py (found as a band, exact past it)
 
 
 def test_a_window_past_the_probe_limit_stays_general(monkeypatch):
