@@ -30,6 +30,7 @@ from attnpass import site_probe
 from attnpass.calibrate_fitters import fitter_for
 from attnpass.fidelity import SiteFidelity, _EvalMode, measure_site
 from attnpass.methods.sparsefinder_predict import GOLD_RULES
+from attnpass.progress import progress_bar
 
 
 @dataclass
@@ -131,7 +132,7 @@ def calibrate(sparse_model: nn.Module, batches: Iterable, steps: int = 200, *, l
 
         before = {name: mean_objective(name) for name in fitters}
         history, converged, done = [], False, 0
-        bar = _progress(steps, progress and bool(fitters))
+        bar = progress_bar(steps, "attnpass.calibrate", "step", progress and bool(fitters))
         for step in range(steps if fitters else 0):
             values = [f.step(data[name][step % len(data[name])]) for name, f in fitters.items()]
             history.append(sum(values) / len(values))
@@ -160,25 +161,6 @@ def calibrate(sparse_model: nn.Module, batches: Iterable, steps: int = 200, *, l
     return CalibrationReport(steps=done, converged=converged, sites=sites, history=history)
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, show: bool):
-    if not show:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a small optional extra; without it calibration runs silently
-        return _NoBar()
-    return tqdm(total=total, desc="attnpass.calibrate", unit="step")
 
 
 __all__ = ["CalibrationReport", "SiteCalibration", "calibrate"]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from attnpass import site_probe
+from attnpass.progress import progress_bar
 
 
 @dataclass
@@ -158,13 +159,14 @@ class _EvalMode:
 
 
 def fidelity(original: nn.Module | None, sparse: nn.Module, batches: Iterable,
-             output_fn: Callable[[object, object], Tensor] | None = None) -> FidelityReport:
+             output_fn: Callable[[object, object], Tensor] | None = None, progress: bool = True) -> FidelityReport:
     """Measure `sparse` (a model `sparsify` returned) against `original` on `batches`.
 
     Each batch is the model's call input: a dict of keyword arguments, a tuple of positional ones,
     or a single tensor. `output_fn(output, batch) -> Tensor` turns a model output into what is
     compared (e.g. mean-pooled, normalised sentence embeddings); by default the first tensor of
-    the output. Pass `original=None` to get the per-site measures only.
+    the output. Pass `original=None` to get the per-site measures only. A tqdm bar counts the sites
+    measured (`progress=False` hides it; without tqdm installed there is none).
     """
     modules = site_probe.site_modules(sparse)
     per_site = {name: SiteFidelity(name=name, method=m.method_name) for name, m in modules.items()}
@@ -172,6 +174,8 @@ def fidelity(original: nn.Module | None, sparse: nn.Module, batches: Iterable,
     cosines: list[Tensor] = []
     count = 0
     pick = output_fn or (lambda output, batch: _first_tensor(output))
+    total = len(batches) * len(modules) if hasattr(batches, "__len__") else None
+    bar = progress_bar(total, "attnpass.fidelity", "site", progress)
     with _EvalMode(original, sparse):
         for batch in batches:
             count += 1
@@ -180,10 +184,12 @@ def fidelity(original: nn.Module | None, sparse: nn.Module, batches: Iterable,
                 measured = measure_site(modules[name], inputs, name)
                 per_site[name].add(measured)
                 overall.add(measured)
+                bar.update(1)
             if original is not None:
                 with torch.no_grad():
                     cosines.append(output_cosine(pick(original(*args, **kwargs), batch),
                                                  pick(sparse(*args, **kwargs), batch)))
+    bar.close()
     if count == 0:
         raise ValueError("fidelity: `batches` is empty; give at least one batch of model inputs")
     report = FidelityReport(sites=list(per_site.values()), overall=overall, batches=count)

@@ -122,6 +122,17 @@ def test_progress_bar_shows_steps_and_objective(bert, capsys):
     assert "attnpass.calibrate" in err and "objective=" in err and "3/3" in err
 
 
+def test_fidelity_progress_bar_counts_the_sites_measured(bert, capsys):
+    model, batches = bert
+    sparse = _sparse(model, batches, "routing", clusters=3)
+    attnpass.fidelity(model, sparse, batches[:2])
+    err = capsys.readouterr().err
+    sites = 2 * len(sparse.site_modules())
+    assert "attnpass.fidelity" in err and f"{sites}/{sites}" in err
+    attnpass.fidelity(model, sparse, batches[:2], progress=False)
+    assert "attnpass.fidelity" not in capsys.readouterr().err
+
+
 def test_combiner_has_nothing_to_fit_but_is_measured(bert):
     model, batches = bert
     sparse = _sparse(model, batches, "combiner", block=4)
