@@ -10,8 +10,8 @@ same three questions of a site:
   of the fidelity report measures, separately.)
 - Which pairs may it attend to, and with which dense probabilities? `allowed_pairs`,
   `dense_probabilities`.
-- Which pairs does a method's site module compute? `computed_pairs`, from each method's own layout
-  API (Combiner `build_layout`, routing `layout()`, SBM `sample()`, Sparsefinder `predict()`).
+- Which pairs does a method's site module compute? `computed_pairs`: each method answers
+  `SiteAttention.computed_pairs` from its own layout; the anchor's pairs are added here.
 
 These are measurement tools: unlike the sparse path they build (B, H, Lq, Lk) tensors on purpose,
 so they are meant for calibration and evaluation lengths, not for long-context inference.
@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
-from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
 
 
 def batch_call(batch) -> tuple[tuple, dict]:
@@ -157,26 +156,6 @@ def dense_probabilities(module: nn.Module, inputs: dict, dtype: torch.dtype = to
 # --------------------------------------------------------------------------------------------
 
 
-def _group_pairs(q_index: Tensor, k_index: Tensor, len_q: int, len_k: int, key_range: Tensor | None = None) -> Tensor:
-    """(..., Lq, Lk) bool from groups (..., G, Wq) / (..., G, Wk): every query slot of group g with
-    every key slot of g (-1 = empty); with key_range (..., G, Wq, 2), a query slot only with keys
-    whose position is in [low, high]."""
-    lead = q_index.shape[:-2]
-    q_index, k_index = q_index.reshape(-1, *q_index.shape[-2:]), k_index.reshape(-1, *k_index.shape[-2:])
-    N, G, Wq = q_index.shape
-    Wk = k_index.shape[-1]
-    qi = q_index.view(N, G, Wq, 1).expand(N, G, Wq, Wk)
-    ki = k_index.view(N, G, 1, Wk).expand(N, G, Wq, Wk)
-    keep = (qi >= 0) & (ki >= 0)
-    if key_range is not None:
-        key_range = key_range.reshape(N, G, Wq, 2)
-        keep &= (ki >= key_range[..., :1]) & (ki <= key_range[..., 1:])
-    n = torch.arange(N, device=q_index.device).view(N, 1, 1, 1).expand(N, G, Wq, Wk)
-    out = torch.zeros(N, len_q, len_k, dtype=torch.bool, device=q_index.device)
-    out[n[keep], qi[keep], ki[keep]] = True
-    return out.view(*lead, len_q, len_k)
-
-
 def computed_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | None]:
     """(computed (B, Hq, Lq, Lk) bool, summaries (B, Hq, Lq) int64 or None) for a site module that
     has already run forward on `inputs` (so learned state such as routing centroids is initialised
@@ -186,9 +165,6 @@ def computed_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | No
     Combiner, `summaries` counts each query's region-summary scores: the keys reached only
     through a summary are not computed pairs (the summary stands for them all at once).
     """
-    if module.method_name == "dense":
-        q, k = inputs["q"], inputs["k"]
-        return torch.ones(*q.shape[:3], k.shape[2], dtype=torch.bool, device=q.device), None
     anchor = getattr(module, "anchor", None)
     if not anchor:
         return _method_pairs(module, inputs)
@@ -227,52 +203,5 @@ def anchor_pairs(module: nn.Module, inputs: dict) -> Tensor:
 
 
 def _method_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | None]:
-    method = module.method_name
-    q, k, key_keep = inputs["q"], inputs["k"], inputs.get("key_keep")
-    B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
-    if method == "combiner":
-        return _combiner_pairs(module, inputs)
-    if method == "routing":
-        layout = module.layout(q, k, key_keep)
-        parts = []
-        if module.local_heads:
-            local = _group_pairs(layout.local_q_index, layout.local_k_index, Lq, Lk)
-            parts.append(local.expand(B, module.local_heads, Lq, Lk))
-        if layout.q_index is not None:
-            routed = _group_pairs(layout.q_index, layout.k_index, Lq, Lk)
-            if layout.fallback_q_index is not None:
-                routed |= _group_pairs(layout.fallback_q_index, layout.fallback_k_index, Lq, Lk,
-                                       layout.fallback_key_range)
-            parts.append(routed)
-        return torch.cat(parts, dim=1), None
-    if method == "sbm":
-        # eval draws the graph from the site's seed, so sample() repeats the graph the call attended over
-        graph = module.last_graph if module.last_graph is not None else module.sample(q, k, key_keep)
-        return edges_to_dense_mask(graph.row_ptr, graph.col_index, B, Hq, Lq, Lk), None
-    if method == "sparsefinder":
-        row_ptr, col_index, _ = module.predict(q, k, key_keep)
-        return edges_to_dense_mask(row_ptr, col_index, B, Hq, Lq, Lk), None
-    raise ValueError(f"no pair layout is known for method {method!r}")
-
-
-def _combiner_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor]:
-    from attnpass.methods.combiner import _default_block
-    from attnpass.methods.combiner_layout import build_layout, regions_in_band
-
-    q, k = inputs["q"], inputs["k"]
-    B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
-    causal = module.spec.causal
-    offset = module.layout_offset(q, k) if causal else 0
-    block = module.block if module.block is not None else _default_block(Lq, Lk, D, module.variant)
-    layout = build_layout(module.variant, Lq, Lk, block, causal, offset, q.device)
-    direct = _group_pairs(layout.q_index, layout.k_index, Lq, Lk).expand(B, Hq, Lq, Lk)
-    # a query reads the summaries of its group's regions; a summary of a region with no key it may
-    # see is not read (causal: regions after the query's own block are never listed)
-    read = (layout.summary_region >= 0).unsqueeze(1)                   # (G, 1, S)
-    if module.layout_window():  # at a band site, only summaries of regions inside the band
-        read = read & regions_in_band(layout, offset, module.layout_window())[0, 0]
-    per_slot = read.expand(*layout.q_index.shape, -1).sum(-1).reshape(-1)  # (G * Wq,)
-    summaries = per_slot[layout.query_slot].view(1, 1, Lq).expand(B, Hq, Lq)
-    return direct, summaries
+    """The method's own pairs (and Combiner's summary counts), from its `computed_pairs` hook."""
+    return module.computed_pairs(inputs["q"], inputs["k"], inputs.get("key_keep"))

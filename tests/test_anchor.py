@@ -15,7 +15,8 @@ from test_combiner import reference_attention as combiner_reference_attention
 
 from attnpass.methods import method_class
 from attnpass.methods.base import SiteSpec
-from attnpass.site_probe import _group_pairs, _method_pairs, allowed_pairs, anchor_pairs
+from attnpass.methods.pairs import group_pairs
+from attnpass.site_probe import _method_pairs, allowed_pairs, anchor_pairs
 
 F64 = torch.float64
 B, HQ, HKV, D = 2, 4, 2, 16
@@ -58,7 +59,7 @@ def pair_counts(site, x: dict) -> torch.Tensor:
     if site.method_name == "routing":
         layout = site.layout(q, k, method_x["key_keep"])
         counts = _group_counts(layout.q_index, layout.k_index, Lq, Lk)
-        counts += _group_pairs(layout.fallback_q_index, layout.fallback_k_index, Lq, Lk,
+        counts += group_pairs(layout.fallback_q_index, layout.fallback_k_index, Lq, Lk,
                                layout.fallback_key_range).to(F64)
     else:
         counts = _method_pairs(site, method_x)[0].to(F64)
@@ -74,7 +75,7 @@ def pair_counts(site, x: dict) -> torch.Tensor:
 
 
 def _group_counts(q_index, k_index, Lq, Lk) -> torch.Tensor:
-    """Like site_probe._group_pairs, but counting a pair once per group that lists it."""
+    """Like methods.pairs.group_pairs, but counting a pair once per group that lists it."""
     N = q_index.shape[0] * q_index.shape[1]
     qi, ki = q_index.reshape(N, -1, q_index.shape[-1]), k_index.reshape(N, -1, k_index.shape[-1])
     counts = torch.zeros(N, Lq, Lk, dtype=F64)

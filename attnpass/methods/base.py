@@ -170,6 +170,13 @@ class SiteAttention(nn.Module):
         contract: empty rows give 0 and 0); the method's layout uses `layout_offset`."""
         raise NotImplementedError(f"method {self.method_name!r} does not run with sinks= / local=")
 
+    def computed_pairs(self, q: torch.Tensor, k: torch.Tensor, key_keep=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For measurement (attnpass.site_probe), from the method's own layout, the anchor aside:
+        (B, Hq, Lq, Lk) bool, the (query, key) pairs whose scores a call on (q, k) computes directly
+        (an L x L tensor on purpose), and (B, Hq, Lq) counts of the other scores it computes per
+        query (Combiner's region summaries) or None. Stateful methods answer for their current state."""
+        raise NotImplementedError(f"no pair layout is known for method {self.method_name!r}")
+
     def method_key_keep(self, key_keep, k: torch.Tensor):
         """The key_keep the method's own layout runs with: the site's without the anchor's sinks."""
         return self.anchor.method_key_keep(key_keep, k.shape[0], k.shape[2], k.device)

@@ -20,6 +20,7 @@ from attnpass.lowering.cpu.grouped_attention import grouped_attention
 from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
 from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.combiner_layout import VARIANTS, build_layout, region_summaries, regions_in_band
+from attnpass.methods.pairs import group_pairs
 
 _OPTIONS = ("variant", "block") + ANCHOR_OPTIONS
 
@@ -73,6 +74,23 @@ class CombinerAttention(SiteAttention):
     def extra_repr(self) -> str:
         block = "auto" if self.block is None else self.block
         return f"{super().extra_repr()}, variant={self.variant}, block={block}"
+
+    def computed_pairs(self, q, k, key_keep=None):
+        """The direct pairs of the layout, and per query the summaries it reads: a summary of a
+        region with no key it may see is not read (causal: regions after the query's own block are
+        never listed; at a band site, regions reaching out of the band)."""
+        B, Hq, Lq, D = q.shape
+        Lk = k.shape[2]
+        causal = self.spec.causal
+        offset = self.layout_offset(q, k) if causal else 0
+        block = self.block if self.block is not None else _default_block(Lq, Lk, D, self.variant)
+        layout = build_layout(self.variant, Lq, Lk, block, causal, offset, q.device)
+        direct = group_pairs(layout.q_index, layout.k_index, Lq, Lk).expand(B, Hq, Lq, Lk)
+        read = (layout.summary_region >= 0).unsqueeze(1)                         # (G, 1, S)
+        if self.layout_window():
+            read = read & regions_in_band(layout, offset, self.layout_window())[0, 0]
+        per_slot = read.expand(*layout.q_index.shape, -1).sum(-1).reshape(-1)    # (G * Wq,)
+        return direct, per_slot[layout.query_slot].view(1, 1, Lq).expand(B, Hq, Lq)
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         block = self.block if self.block is not None else _default_block(len_q, len_k, head_dim, self.variant)

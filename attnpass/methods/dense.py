@@ -1,6 +1,8 @@
 """method="dense": the canonical attention op with the model's own semantics (the correctness anchor)."""
 from __future__ import annotations
 
+import torch
+
 from attnpass.methods.base import SiteAttention, SiteSpec
 
 
@@ -10,6 +12,9 @@ class DenseAttention(SiteAttention):
     def __init__(self, spec: SiteSpec, **options):
         self.validate_options(**options)
         super().__init__(spec)
+
+    def computed_pairs(self, q, k, key_keep=None):
+        return torch.ones(*q.shape[:3], k.shape[2], dtype=torch.bool, device=q.device), None
 
     def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                 empty_rows: str = "zero"):

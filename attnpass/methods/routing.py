@@ -41,6 +41,7 @@ from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check
 from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
 from attnpass.methods.options import check_int, check_known, check_real
+from attnpass.methods.pairs import group_pairs
 
 _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window") + ANCHOR_OPTIONS
 DEFAULT_LOCAL_WINDOW = 64
@@ -227,6 +228,20 @@ class RoutingAttention(SiteAttention):
         if routed is None:
             return RoutingLayout(None, None, None, None, None, None, *local)
         return RoutingLayout(*routed, *local)
+
+    def computed_pairs(self, q, k, key_keep=None):
+        B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
+        layout = self.layout(q, k, key_keep)
+        parts = []
+        if self.local_heads:
+            local = group_pairs(layout.local_q_index, layout.local_k_index, Lq, Lk)
+            parts.append(local.expand(B, self.local_heads, Lq, Lk))
+        if layout.q_index is not None:
+            routed = group_pairs(layout.q_index, layout.k_index, Lq, Lk)
+            if layout.fallback_q_index is not None:
+                routed |= group_pairs(layout.fallback_q_index, layout.fallback_k_index, Lq, Lk, layout.fallback_key_range)
+            parts.append(routed)
+        return torch.cat(parts, dim=1), None
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"clusters": self.clusters, "local_window": self.local_window}

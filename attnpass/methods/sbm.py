@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnpass.lowering.cpu.edge_attention import edge_attention
+from attnpass.lowering.cpu.edge_attention import edge_attention, edges_to_dense_mask
 from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
 from attnpass.methods.options import check_choice, check_int, check_known, check_real
@@ -192,6 +192,12 @@ class SBMAttention(SiteAttention):
                           "Calibrate the clusters towards a lower density (attnpass.calibrate), use "
                           "eval_graph='clusters', or shorter inputs; memory_limit=<bytes> sets the limit")
         limit(expected_edge_count(y_q, y_k, block, self.floor, keep_n))
+
+    def computed_pairs(self, q, k, key_keep=None):
+        # eval draws the graph from the site's seed, so sample() repeats the graph the call attended over
+        graph = self.last_graph if self.last_graph is not None else self.sample(q, k, key_keep)
+        B, Hq, Lq, _ = q.shape
+        return edges_to_dense_mask(graph.row_ptr, graph.col_index, B, Hq, Lq, k.shape[2]), None
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         from attnpass.prefill import NOMINAL_DENSITY

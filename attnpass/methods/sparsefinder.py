@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from attnpass.memory_guard import PairLimit, check_limit_option
 from attnpass.lowering.cpu.common import broadcastable, csr_rows, read_at_pairs
 from attnpass.lowering.cpu.bucket_attention import quantile_bucket_attention
-from attnpass.lowering.cpu.edge_attention import edge_attention
+from attnpass.lowering.cpu.edge_attention import edge_attention, edges_to_dense_mask
 from attnpass.lowering.triton.switch import use_triton
 from attnpass.methods import kmeans
 from attnpass.methods import sparsefinder_predict as sp
@@ -353,6 +353,11 @@ class SparsefinderAttention(SiteAttention):
     # ---------------------------------------------------------------------------------------
     # Forward
     # ---------------------------------------------------------------------------------------
+
+    def computed_pairs(self, q, k, key_keep=None):
+        row_ptr, col_index, _ = self.predict(q, k, key_keep)
+        B, Hq, Lq, _ = q.shape
+        return edges_to_dense_mask(row_ptr, col_index, B, Hq, Lq, k.shape[2]), None
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         from attnpass.prefill import NOMINAL_DENSITY
