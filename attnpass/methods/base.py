@@ -56,6 +56,9 @@ class SiteSpec:
 class SiteAttention(nn.Module):
     method_name = "base"
     options: tuple[str, ...] = ()  # the option names the method takes (validate_options checks them)
+    # The module of attnpass.lowering.onnx that lowers this method (its `bind(site_module)`, and its
+    # `check_options(options)` where some options cannot be exported); None: no ONNX lowering
+    onnx_lowering: str | None = None
 
     def __init__(self, spec: SiteSpec, anchor: Anchor | None = None):
         super().__init__()
@@ -121,6 +124,11 @@ class SiteAttention(nn.Module):
         reason = cls.unsupported_reason(spec, **options)
         if reason:
             raise ValueError(f"method {cls.method_name!r} cannot serve site {spec.name!r}: {reason}")
+
+    def needs_first_call(self) -> bool:
+        """Whether the method's state is still to be initialised by its first call (routing's and
+        Sparsefinder's centroids come from the first call's tokens)."""
+        return False
 
     def aux_loss(self) -> torch.Tensor | None:
         """The method's training loss term from the last forward call (e.g. routing's commitment loss)."""

@@ -152,6 +152,7 @@ def _head_slice(t: Tensor | None, start: int, stop: int) -> Tensor | None:
 
 class RoutingAttention(SiteAttention):
     method_name = "routing"
+    onnx_lowering = "attnpass.lowering.onnx.routing"
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
@@ -228,6 +229,9 @@ class RoutingAttention(SiteAttention):
         if routed is None:
             return RoutingLayout(None, None, None, None, None, None, *local)
         return RoutingLayout(*routed, *local)
+
+    def needs_first_call(self) -> bool:
+        return self.kmeans is not None and not bool(self.kmeans.initialized)  # None: every head is local
 
     def computed_pairs(self, q, k, key_keep=None):
         B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]

@@ -68,6 +68,7 @@ BYTES_PER_EDGE = 160
 
 class SBMAttention(SiteAttention):
     method_name = "sbm"
+    onnx_lowering = "attnpass.lowering.onnx.sbm"
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):

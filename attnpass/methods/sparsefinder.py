@@ -117,6 +117,7 @@ def _drop_masked_edges(row_ptr: Tensor, col: Tensor, mask: Tensor, H: int, Lq: i
 
 class SparsefinderAttention(SiteAttention):
     method_name = "sparsefinder"
+    onnx_lowering = "attnpass.lowering.onnx.sparsefinder"
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
@@ -353,6 +354,9 @@ class SparsefinderAttention(SiteAttention):
     # ---------------------------------------------------------------------------------------
     # Forward
     # ---------------------------------------------------------------------------------------
+
+    def needs_first_call(self) -> bool:
+        return self.predictor == "clustering" and not bool(self.initialized)
 
     def computed_pairs(self, q, k, key_keep=None):
         row_ptr, col_index, _ = self.predict(q, k, key_keep)

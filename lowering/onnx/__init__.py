@@ -55,24 +55,26 @@ __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "bind_e
 def check_method(method: str, options: dict, sparse_model: bool = False) -> None:
     """Raise if `method` (with `options`) has no ONNX lowering, saying why. For a SparseModel
     (options already applied) the per-site checks happen when its sites are bound."""
-    if method not in ("dense", "combiner", "routing", "sparsefinder", "sbm"):
-        raise ValueError(f"export_onnx: unknown method {method!r}")
+    from attnpass.methods import method_class
+
+    try:
+        cls = method_class(method)
+    except ValueError:
+        raise ValueError(f"export_onnx: unknown method {method!r}") from None
     if sparse_model:
         return
     if options.get("sinks") or options.get("local"):
         raise NotImplementedError(_ANCHOR_NOT_LOWERED)
-    if method == "combiner":
-        from attnpass.lowering.onnx.combiner import check_options
+    lowering = _lowering(cls)
+    if lowering is not None and hasattr(lowering, "check_options"):
+        lowering.check_options(options)
 
-        check_options(options)
-    elif method == "sparsefinder":
-        from attnpass.lowering.onnx.sparsefinder import check_options
 
-        check_options(options)
-    elif method == "sbm":
-        from attnpass.lowering.onnx.sbm import check_options
+def _lowering(cls):
+    """The attnpass.lowering.onnx module that lowers a method class (`SiteAttention.onnx_lowering`), or None."""
+    import importlib
 
-        check_options(options)
+    return importlib.import_module(cls.onnx_lowering) if cls.onnx_lowering else None
 
 
 _ANCHOR_NOT_LOWERED = ("export_onnx: sinks= / local= (attnpass/methods/anchor.py) have no ONNX lowering in this "
@@ -83,41 +85,19 @@ def bind_export_forward(module) -> None:
     """Make a site module (of a private copy) call its method's export op."""
     if getattr(module, "anchor", None):
         raise NotImplementedError(_ANCHOR_NOT_LOWERED)
-    if module.method_name == "dense":
-        return  # already one attnpass::attention call (a band site's band as its mask)
-    if getattr(module.spec, "window", 0):
+    lowering = _lowering(type(module))
+    if lowering is None:
+        raise NotImplementedError(f"export_onnx: method {module.method_name!r} has no ONNX lowering")
+    if getattr(module.spec, "window", 0) and not getattr(lowering, "TAKES_BAND", False):
         raise NotImplementedError(
             f"export_onnx: site {module.spec.name!r} is a causal band (sliding window of {module.spec.window}); "
             f"the {module.method_name} ONNX node has no band in this version (method='dense' exports it)")
-    if module.method_name == "combiner":
-        from attnpass.lowering.onnx.combiner import bind
-
-        bind(module)
-        return
-    if module.method_name == "routing":
-        from attnpass.lowering.onnx.routing import bind
-
-        bind(module)
-        return
-    if module.method_name == "sparsefinder":
-        from attnpass.lowering.onnx.sparsefinder import bind
-
-        bind(module)
-        return
-    if module.method_name == "sbm":
-        from attnpass.lowering.onnx.sbm import bind
-
-        bind(module)
-        return
-    check_method(module.method_name, {})
+    lowering.bind(module)
 
 
 def needs_first_call(module) -> bool:
-    """A site whose state the first call initialises (routing's and Sparsefinder's centroids, from that call's tokens)."""
-    if module.method_name == "sparsefinder":
-        return module.predictor == "clustering" and not bool(module.initialized)
-    kmeans = getattr(module, "kmeans", None) if module.method_name == "routing" else None
-    return kmeans is not None and not bool(kmeans.initialized)
+    """A site whose state the first call initialises (`SiteAttention.needs_first_call`)."""
+    return module.needs_first_call()
 
 
 def translation_table() -> dict:

@@ -24,6 +24,14 @@ from attnpass.lowering.onnx.common import (
 )
 
 
+# A band site (a sliding window) passes its band as the op's mask: the node exports it as it is
+TAKES_BAND = True
+
+
+def bind(module) -> None:
+    """Nothing to bind: the dense site module already calls `attnpass::attention`, this node."""
+
+
 @script(ATTNPASS, default_opset=op)
 def repeat_kv(x, hq):
     """(B, Hkv, L, D) -> (B, Hq, L, D): kv head g serves query heads g*r .. g*r + r - 1 (GQA)."""
