@@ -91,10 +91,11 @@ def _describe(name: str, path: str, cls: str, match: SiteMatch, info: MaskInfo) 
     else:
         batch, heads_q, layout = scores[0], 1, "B*H,L,D (heads folded in batch)"
     heads_kv = _dim_after(match.k, match.k_adapter, 1) if match.batch_dims >= 2 else heads_q
-    mask = info.kind + (" (bottom-right)" if info.causal_bottom_right else "")
-    if info.window:  # a band: "causal band (window 6)", "band (window 5)+key_padding"
-        mask = mask.replace("causal", f"causal band (window {info.window})") if info.causal else \
-            f"band (window {info.window})" + mask.replace("none", "").replace("key_padding", "+key_padding")
+    mask = info.kind
+    if info.window:  # a band: "causal band (window 6)+key_padding", "band (window 4)"
+        mask = ("causal " if info.causal else "") + f"band (window {info.window})" + \
+            ("+key_padding" if "key_padding" in info.kind else "")
+    mask += " (bottom-right)" if info.causal_bottom_right else ""
     return AttentionSite(
         name=name, module_path=path, module_type=cls, pattern=match.pattern,
         batch=batch, heads_q=heads_q, heads_kv=heads_kv, len_q=lq, len_k=lk,

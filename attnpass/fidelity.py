@@ -111,7 +111,7 @@ def measure_site(module: nn.Module, inputs: dict, name: str) -> SiteFidelity:
         computed, allowed, n_computed = site_probe.counted_pairs(module, inputs)
         for start in range(0, q.shape[2], PROBABILITY_ROWS):
             rows = slice(start, start + PROBABILITY_ROWS)
-            probs = site_probe.dense_probabilities(module, inputs, dtype=torch.float32, rows=rows)
+            probs = site_probe.dense_probabilities(module, inputs, dtype=torch.float32, rows=rows, allowed=allowed)
             mass_total += float(probs.double().sum())
             mass_covered += float((probs * computed[:, :, rows]).double().sum())
     diff = (sparse_out.double() - dense_out.double())

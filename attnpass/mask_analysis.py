@@ -243,7 +243,7 @@ def _candidate(kind_causal: str | None, pad: tuple | None, scores_shape: tuple, 
     return cand & keep.reshape(rows, *([1] * (len(batch) - 1)), 1, lk)
 
 
-def lq_is_lk(shapes) -> bool:
+def _lq_is_lk(shapes) -> bool:
     """Self-attention lengths on every probe: where a bidirectional band (|i - j| < w) is defined."""
     return all(shape[-2] == shape[-1] for shape in shapes)
 
@@ -290,7 +290,7 @@ def analyse_mask(match: SiteMatch, scores_shape: tuple, probes: ProbeSet) -> Mas
     windows = sorted({w for c in _mask_constants([m.node for m in masks], probes) for w in (c - 1, c, c + 1)})
     structures = [(causal, pad, 0) for causal, pad in itertools.product(causal_options, pad_options)]
     structures += [(causal, pad, w) for w in windows for causal, pad in itertools.product(causal_options, pad_options)
-                   if causal or lq_is_lk(shapes)]
+                   if causal or _lq_is_lk(shapes)]
     not_beyond = ""
     for causal, pad, window in structures:  # (None, None, 0): a mask that allows every pair
         if not all(_agrees(allowed[p], _candidate(causal, pad, shapes[p], probes, p, window), shapes[p])

@@ -66,7 +66,7 @@ class ReferenceAttention(SiteAttention):
         if spec.has_bias or spec.has_mask:
             return "the references take causal masking and key padding only, not an additive bias or a general mask"
         if spec.window:
-            return f"the references take plain causal masking, not a causal band (sliding window of {spec.window})"
+            return f"the references take causal masking and key padding, not a band (sliding window of {spec.window})"
         return None
 
     @property

@@ -77,8 +77,8 @@ class SiteMatch:
 class MaskInfo:
     """The masking a site applies, recovered as structure where possible.
 
-    kind: "none" | "causal" | "key_padding" | "causal+key_padding" | "general"; a causal kind with a
-    `window` is a causal band (a sliding window).
+    kind: "none" | "causal" | "key_padding" | "causal+key_padding" | "general"; with a `window`, a
+    band (a sliding window): causal, or on both sides of the query at a self-attention site.
     With structure, the L x L mask tensor is no longer needed: causal is `j <= i` (top-left, as SDPA's
     is_causal) or `j <= i + Lk - Lq` (bottom-right),
     key padding reads `padding_input` (a (B, Lk) graph input; keep where `!= 0`, or where `== 0`
@@ -87,8 +87,8 @@ class MaskInfo:
 
     kind: str = "none"
     causal_bottom_right: bool = False  # offset Lk - Lq at run time (a query sees the keys up to its own end-aligned position)
-    # A causal band (sliding window): a causal query also sees only keys j > i + offset - window
-    # (the window keys ending at its own). 0: none.
+    # A band (sliding window): keys at distance < window from the query's position; causal: the
+    # window keys ending at its own, j > i + offset - window. 0: none.
     window: int = 0
     padding_input: fx.Node | None = None
     padding_keep_zero: bool = False

@@ -133,22 +133,26 @@ def _query_rows(t: Tensor, rows) -> Tensor:
     return t[..., rows, :] if isinstance(rows, slice) else t.index_select(t.dim() - 2, rows)
 
 
-def dense_scores(module: nn.Module, inputs: dict, dtype: torch.dtype = torch.float64, rows=None) -> Tensor:
+def dense_scores(module: nn.Module, inputs: dict, dtype: torch.dtype = torch.float64, rows=None,
+                 allowed: Tensor | None = None) -> Tensor:
     """(B, Hq, Lq, Lk) scores of the site as the original computes them (-inf where not allowed);
-    with `rows` (a slice or a LongTensor of query positions), those query rows only."""
+    with `rows` (a slice or a LongTensor of query positions), those query rows only. `allowed`:
+    `allowed_pairs(module, inputs)` when the caller already holds it."""
     q, k = inputs["q"], inputs["k"]
     Hq, Hkv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(Hq // Hkv, dim=1)  # GQA: query head h reads kv head h // (Hq // Hkv)
     scores = torch.matmul(_query_rows(q, rows).to(dtype), k.to(dtype).transpose(-1, -2)) * module.scale(q)
     if inputs.get("bias") is not None:
         scores = scores + _query_rows(inputs["bias"], rows).to(dtype)
-    return scores.masked_fill(~_query_rows(allowed_pairs(module, inputs), rows), -math.inf)
+    allowed = allowed_pairs(module, inputs) if allowed is None else allowed
+    return scores.masked_fill(~_query_rows(allowed, rows), -math.inf)
 
 
-def dense_probabilities(module: nn.Module, inputs: dict, dtype: torch.dtype = torch.float64, rows=None) -> Tensor:
+def dense_probabilities(module: nn.Module, inputs: dict, dtype: torch.dtype = torch.float64, rows=None,
+                        allowed: Tensor | None = None) -> Tensor:
     """(B, Hq, Lq, Lk) softmax probabilities of the site, or of query rows `rows` (see
     `dense_scores`); a row with no allowed key is zeros (as the kernels give)."""
-    return torch.nan_to_num(torch.softmax(dense_scores(module, inputs, dtype, rows), dim=-1), nan=0.0)
+    return torch.nan_to_num(torch.softmax(dense_scores(module, inputs, dtype, rows, allowed), dim=-1), nan=0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -198,7 +198,6 @@ def test_the_anchor_takes_the_softmax_by_default_and_refuses_an_entmax_normalise
         method_class("sparsefinder").validate_options(sinks=4, normalizer="entmax15")
     method_class("sparsefinder").validate_options(sinks=4)
     assert make_site("sparsefinder", 32, sinks=4).normalizer == "softmax"
-    assert make_site("sparsefinder", 32).normalizer == "softmax"  # METHOD_OPTIONS passes it
     spec = SiteSpec("s", None, causal=True, heads_q=HQ, heads_kv=HKV, head_dim=D)
     assert method_class("sparsefinder")(spec).normalizer == "entmax15"  # the paper's, without an anchor
 

@@ -1,7 +1,8 @@
-"""Causal band (sliding-window) sites: mask analysis recognises the band, and every method computes
-its own pairs intersected with it, exactly, without an L x L tensor.
+"""Band (sliding-window) sites: mask analysis recognises the band, and every method computes its own
+pairs intersected with it, exactly, without an L x L tensor.
 
-Mistral-style models mask `kv_idx > q_idx - window` on top of the causal rule. Mask analysis proves
+Mistral-style models mask `kv_idx > q_idx - window` on top of the causal rule; ModernBERT's local
+layers `|q_idx - kv_idx| <= window'` on both sides. Mask analysis proves
 the band past every constant of the mask's subgraph (attnpass/mask_analysis.py); the site's
 `SiteSpec.window` then reaches the kernels' `window` argument. The references are test_anchor's: a
 float64 dense softmax over the pairs the method lists, intersected with the site's allowed pairs
@@ -26,12 +27,13 @@ from attnpass.lowering.cpu.grouped_attention import grouped_attention
 F64 = torch.float64
 
 
-def band_attention(q, k, v, window, offset=0, key_keep=None):
-    """Dense float64 softmax over j in (i + offset - window, i + offset]; empty rows give 0."""
+def band_attention(q, k, v, window, offset=0, key_keep=None, causal=True):
+    """Dense float64 softmax over keys at distance < window from i + offset (causal: j in
+    (i + offset - window, i + offset]); empty rows give 0."""
     Hq, Hkv, Lq, Lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
     i, j = torch.arange(Lq).view(-1, 1), torch.arange(Lk).view(1, -1)
-    allowed = (j <= i + offset) & (j > i + offset - window)
+    allowed = (j <= i + offset) & (j > i + offset - window) if causal else (j - i - offset).abs() < window
     if key_keep is not None:
         allowed = allowed & key_keep.view(-1, 1, 1, Lk)
     scores = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).masked_fill(~allowed, float("-inf"))
@@ -40,21 +42,22 @@ def band_attention(q, k, v, window, offset=0, key_keep=None):
 
 # -- the kernels' window ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("offset", [0, 5])
-def test_kernels_hold_every_pair_to_the_band(offset):
-    """All pairs listed, the window drops those before the band: equal to dense band attention."""
+@pytest.mark.parametrize("causal,offset", [(True, 0), (True, 5), (False, 0)],
+                         ids=["causal", "causal-bottom-right", "bidirectional"])
+def test_kernels_hold_every_pair_to_the_band(causal, offset):
+    """All pairs listed, the window drops those outside the band: equal to dense band attention."""
     x = inputs(20, 20 + offset, padded=True)
     q, k, v, keep = x["q"], x["k"], x["v"], x["key_keep"]
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
-    want = band_attention(q, k, v, 6, offset, keep)
+    want = band_attention(q, k, v, 6, offset, keep, causal)
     q_index = torch.arange(Lq).view(1, 1, 1, Lq).expand(B, Hq, 1, Lq)
     k_index = torch.arange(Lk).view(1, 1, 1, Lk).expand(B, Hq, 1, Lk)
-    grouped, _ = grouped_attention(q, k, v, q_index, k_index, scale=q.shape[-1] ** -0.5, causal=True,
+    grouped, _ = grouped_attention(q, k, v, q_index, k_index, scale=q.shape[-1] ** -0.5, causal=causal,
                                    causal_offset=offset, window=6, key_padding_mask=keep)
     row_ptr = torch.arange(0, B * Hq * Lq * Lk + 1, Lk)
     col = torch.arange(Lk).repeat(B * Hq * Lq)
-    edges, _ = edge_attention(q, k, v, row_ptr, col, scale=q.shape[-1] ** -0.5, causal=True, causal_offset=offset,
+    edges, _ = edge_attention(q, k, v, row_ptr, col, scale=q.shape[-1] ** -0.5, causal=causal, causal_offset=offset,
                               window=6, key_padding_mask=keep)
     real = slice(5, None)  # batch row 0's first queries see only padding
     for got in (grouped.view(B, Hq, Lq, -1), edges):
@@ -103,6 +106,15 @@ def test_each_method_is_its_layout_intersected_with_the_band(method, window, pad
     want = band_reference(site, x)
     rows = slice(5, None) if padded else slice(None)
     assert torch.allclose(got[:, :, rows], want[:, :, rows], atol=1e-10, rtol=1e-9)
+
+
+def test_sparsefinders_bucket_path_keeps_to_the_band():
+    """The quantization predictor runs `quantile_bucket_attention` (no sinks / local): its window too."""
+    for causal in (True, False):
+        site = make_site("sparsefinder", 96, causal=causal, window=20, predictor="quantization")
+        x = inputs(96, 96, padded=False)
+        got = site(x["q"], x["k"], x["v"])
+        assert torch.allclose(got, band_reference(site, x), atol=1e-10, rtol=1e-9), causal
 
 
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
@@ -224,7 +236,7 @@ def test_onnx_exports_a_band_site_dense_and_refuses_a_sparse_node_without_a_band
         want = model(**longer)[0]
     got = torch.from_numpy(session.run(None, feeds)[0])
     torch.testing.assert_close(got[:, 3:], want[:, 3:], atol=1e-4, rtol=1e-4)
-    with pytest.raises(NotImplementedError, match="causal band .* has no band in this version"):
+    with pytest.raises(NotImplementedError, match="is a band .* has no band in this version"):
         attnpass.export_onnx(model, kwargs=x, method="routing")
 
 

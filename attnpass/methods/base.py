@@ -235,8 +235,7 @@ class SiteAttention(nn.Module):
 
         p = dropout_p if self.training else 0.0
         if self.spec.window and mask is None:  # the band as the (Lq, Lk) bool mask the original builds too
-            band = self.band_mask(q, k)
-            mask = band if mask is None else mask & band
+            mask = self.band_mask(q, k)
         # Training draws SDPA's own dropout (seed -1), equal in distribution to the original's.
         return torch.ops.attnpass.attention(
             q, k, v, bias, mask, key_keep, self.scale(q), self.spec.causal,

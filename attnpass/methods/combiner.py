@@ -76,20 +76,30 @@ class CombinerAttention(SiteAttention):
         block = "auto" if self.block is None else self.block
         return f"{super().extra_repr()}, variant={self.variant}, block={block}"
 
+    def _layout(self, q, k):
+        """The layout of a call on (q, k): the site's variant and block (or its default), causal
+        rule and layout offset."""
+        Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
+        causal = self.spec.causal
+        block = self.block if self.block is not None else _default_block(Lq, Lk, D, self.variant)
+        return build_layout(self.variant, Lq, Lk, block, causal, self.layout_offset(q, k) if causal else 0, q.device)
+
+    def _summaries_in_band(self, layout):
+        """(1, 1, G, Wq, S) bool: the summaries a query slot may read at a band site; None elsewhere."""
+        window = self.layout_window()
+        return regions_in_band(layout, layout.causal_offset, window) if window else None
+
     def computed_pairs(self, q, k, key_keep=None):
         """The direct pairs of the layout, and per query the summaries it reads: a summary of a
         region with no key it may see is not read (causal: regions after the query's own block are
         never listed; at a band site, regions reaching out of the band)."""
-        B, Hq, Lq, D = q.shape
-        Lk = k.shape[2]
-        causal = self.spec.causal
-        offset = self.layout_offset(q, k) if causal else 0
-        block = self.block if self.block is not None else _default_block(Lq, Lk, D, self.variant)
-        layout = build_layout(self.variant, Lq, Lk, block, causal, offset, q.device)
-        direct = group_pairs(layout.q_index, layout.k_index, Lq, Lk).expand(B, Hq, Lq, Lk)
+        B, Hq, Lq, _ = q.shape
+        layout = self._layout(q, k)
+        direct = group_pairs(layout.q_index, layout.k_index, Lq, k.shape[2]).expand(B, Hq, Lq, -1)
         read = (layout.summary_region >= 0).unsqueeze(1)                         # (G, 1, S)
-        if self.layout_window():
-            read = read & regions_in_band(layout, offset, self.layout_window())[0, 0]
+        in_band = self._summaries_in_band(layout)
+        if in_band is not None:
+            read = read & in_band[0, 0]
         per_slot = read.expand(*layout.q_index.shape, -1).sum(-1).reshape(-1)    # (G * Wq,)
         return direct, per_slot[layout.query_slot].view(1, 1, Lq).expand(B, Hq, Lq)
 
@@ -110,23 +120,21 @@ class CombinerAttention(SiteAttention):
         Lk = k.shape[2]
         if Lq == 0 or Lk == 0:  # no key to see: zeros, as dense attention gives
             return q.new_zeros(B, Hq, Lq, v.shape[3]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
-        causal = self.spec.causal
-        offset = self.layout_offset(q, k) if causal else 0
-        block = self.block if self.block is not None else _default_block(Lq, Lk, q.shape[3], self.variant)
-        layout = build_layout(self.variant, Lq, Lk, block, causal, offset, q.device)
+        layout = self._layout(q, k)
         scale = self.scale(q)
         # Summaries pool the values: with the anchor's mass column they pool ones, i.e. stay ones.
         summaries = region_summaries(q, k, v, key_keep, layout, scale)
         summary_k, summary_v, summary_mask = summaries if summaries is not None else (None, None, None)
-        window = self.layout_window()
-        if window and summary_mask is not None:
-            summary_mask = summary_mask & regions_in_band(layout, offset, window)
+        in_band = self._summaries_in_band(layout)
+        if in_band is not None and summary_mask is not None:
+            summary_mask = summary_mask & in_band
 
         G, Wq = layout.q_index.shape
         p = dropout_p if self.training else 0.0
         out_slots, stat = grouped_attention(
             q, k, v, layout.q_index.expand(B, Hq, -1, -1), layout.k_index.expand(B, Hq, -1, -1),
-            scale=scale, causal=causal, causal_offset=offset, window=window, key_padding_mask=key_keep,
+            scale=scale, causal=layout.causal, causal_offset=layout.causal_offset, window=self.layout_window(),
+            key_padding_mask=key_keep,
             summary_k=summary_k, summary_v=summary_v, summary_mask=summary_mask,
             dropout_p=p, dropout_seed=self.dropout_seed(p),
         )

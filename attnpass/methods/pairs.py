@@ -1,17 +1,16 @@
 """Which (query, key) pairs a method computes, as dense bool masks: for measurement only.
 
-Each method answers `SiteAttention.computed_pairs` from its own layout; these helpers turn the
-layouts' two forms (groups of query and key slots; CSR edge lists) into (..., Lq, Lk) masks. They build
-L x L tensors on purpose (calibration, fidelity, tests), never on the attention path.
+Each method answers `SiteAttention.computed_pairs` from its own layout; `group_pairs` turns the
+grouped form (groups of query and key slots) into a (..., Lq, Lk) mask (the CSR form has
+`lowering.cpu.edge_attention.edges_to_dense_mask`). It builds L x L tensors on purpose (calibration,
+fidelity, tests), never on the attention path.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
-
-__all__ = ["edges_to_dense_mask", "group_pairs"]
+__all__ = ["group_pairs"]
 
 
 def group_pairs(q_index: Tensor, k_index: Tensor, len_q: int, len_k: int, key_range: Tensor | None = None) -> Tensor:

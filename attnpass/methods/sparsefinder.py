@@ -27,8 +27,8 @@ Options (validated before capture):
     window        local edges |anchor(i) - j| <= window in key space (default 1; None: none)
     first_token   edge to key 0 (default True)
     margin        hinge margin gamma (default 1.0)
-    normalizer    "entmax15" (default, the paper's; "softmax" with sinks= / local=) or "softmax": keep the site's softmax, over the
-                  predicted pairs only; the gold graph the projections learn is then the smallest
+    normalizer    "entmax15" (default, the paper's; "softmax" is the default with sinks= / local=) or
+                  "softmax": keep the site's softmax, over the predicted pairs only; the gold graph the projections learn is then the smallest
                   set of each row's keys holding `mass` of its softmax probability
     mass          share of a row's softmax probability its gold keys hold (normalizer="softmax";
                   default 0.9)

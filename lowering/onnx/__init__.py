@@ -88,9 +88,9 @@ def bind_export_forward(module) -> None:
     lowering = _lowering(type(module))
     if lowering is None:
         raise NotImplementedError(f"export_onnx: method {module.method_name!r} has no ONNX lowering")
-    if getattr(module.spec, "window", 0) and not getattr(lowering, "TAKES_BAND", False):
+    if module.spec.window and not getattr(lowering, "TAKES_BAND", False):
         raise NotImplementedError(
-            f"export_onnx: site {module.spec.name!r} is a causal band (sliding window of {module.spec.window}); "
+            f"export_onnx: site {module.spec.name!r} is a band (sliding window of {module.spec.window}); "
             f"the {module.method_name} ONNX node has no band in this version (method='dense' exports it)")
     lowering.bind(module)
 
