@@ -26,7 +26,7 @@ module's own state, never the model's weights:
   is the site's dense softmax and 1 - exp(-P_ij) the probability that the sampler draws (i, j).
   A pair is worth an edge when A_ij > density_weight / (allowed keys of the row): with the
   default 1, when its attention is above uniform. Builds P densely (calibration lengths only).
-Combiner and dense have nothing to fit.
+Combiner and dense have nothing to fit. Each method's class picks its fitter (`SiteAttention.fitter`).
 """
 from __future__ import annotations
 
@@ -260,18 +260,6 @@ class SBMFitter(Fitter):
 
 def fitter_for(module: nn.Module, *, lr: float, gold: str | None, mass: float | None,
                density_weight: float, budget: float | None = None) -> Fitter | None:
-    """The fitter of a site module, or None when its method has nothing to fit (dense, Combiner)."""
-    method = module.method_name
-    if budget is not None and method != "sparsefinder":
-        raise ValueError(f"calibrate: budget= applies to method 'sparsefinder' (distance predictor), not {method!r}")
-    if method == "routing":
-        return RoutingFitter(module) if module.kmeans is not None else None
-    if method == "sparsefinder":
-        if budget is not None and module.predictor != "distance":
-            raise ValueError(f"calibrate: budget= sets the distance predictor's threshold; site {module.spec.name!r} "
-                             f"uses predictor={module.predictor!r} (its share of pairs follows from clusters / "
-                             "top_clusters or bucket_size)")
-        return SparsefinderFitter(module, lr=lr, gold=gold, mass=mass, budget=budget)
-    if method == "sbm":
-        return SBMFitter(module, lr=lr, density_weight=density_weight)
-    return None
+    """The fitter of a site module (its method's `SiteAttention.fitter`), or None when its method has
+    nothing to fit (dense, Combiner)."""
+    return module.fitter(lr=lr, gold=gold, mass=mass, density_weight=density_weight, budget=budget)

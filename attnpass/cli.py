@@ -345,7 +345,9 @@ def site_cost(site, method: str, opts: dict, length: int | None, batch: int | No
         d_flops, d_bytes = dense_n.evaluate()
         s_flops, s_bytes = sparse_n.evaluate()
     except ValueError as e:
-        learned = " (its graph density is learned: pass --opt density=RHO)" if method in ("sbm", "sparsefinder") else ""
+        from attnpass.methods import method_class
+
+        learned = " (its graph density is learned: pass --opt density=RHO)" if method_class(method).learns_density else ""
         out["numbers_error"] = str(e) + learned
         return out
     out["numbers"] = {"dense_flops": d_flops, "flops": s_flops, "dense_bytes": d_bytes, "bytes": s_bytes,
@@ -460,9 +462,10 @@ def _print_inspect(doc: dict, rich_out: bool) -> None:
                 rich_out)
     if not formulas:
         return
-    print("\nformulas (sympy; B batch, L_q / L_k lengths when symbolic"
-          + {"routing": ", c clusters", "combiner": ", s block", "sbm": ", k clusters, rho edge density"}.get(method, "")
-          + "):")
+    from attnpass import cost_model
+
+    legend = cost_model.symbol_legend(method)
+    print(f"\nformulas (sympy; B batch, L_q / L_k lengths when symbolic{', ' + legend if legend else ''}):")
     w = max(len("dense"), len(method))
     for (d_flops, d_bytes, s_flops, s_bytes), names in formulas.items():
         where = names[0] if len(names) == 1 else f"{len(names)} sites ({names[0]} ...)"

@@ -67,7 +67,7 @@ from attnpass.capture import check_call_inputs
 from attnpass.detect import capture_sites, find_sites, module_path
 from attnpass.inline_mha import inline_mha
 from attnpass.mask_analysis import ProbeSet
-from attnpass.methods import SiteAttention, canonical_method, method_class
+from attnpass.methods import METHODS, SiteAttention, canonical_method, method_class
 from attnpass.prefill import check_prefill_queries
 from attnpass.rewrite import remove_dead_code, rewrite_site
 from attnpass.site import AttentionSite, SkippedSite, format_table
@@ -75,8 +75,10 @@ from attnpass.sparse_module import SignatureNotServed, _check_same_attention
 
 log = logging.getLogger(__name__)
 
-# Methods whose site modules hold no learned state: safe to create inside a backend.
-STATELESS_METHODS: tuple[str, ...] = ("dense", "combiner")
+
+def stateless_methods() -> tuple[str, ...]:
+    """Methods whose site modules hold no learned state: safe to create inside a backend."""
+    return tuple(name for name in METHODS if not method_class(name).has_learned_state)
 INNER_COMPILERS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 
 
@@ -154,14 +156,14 @@ class AttnpassBackend:
         site_class = method_class(name)
         prefill_queries = options.pop("prefill_queries", None)  # every method's, as in sparsify
         check_prefill_queries(prefill_queries)
-        if model is None and name not in STATELESS_METHODS:
+        if model is None and site_class.has_learned_state:
             raise ValueError(
                 f"attnpass backend: method {method!r} has learned state, which a backend cannot keep on its own "
                 "(its modules would be rebuilt on every recompilation and missing from model.parameters() and "
                 f"state_dict()); bind the backend to the model that keeps it: attnpass.backend(method={method!r}, "
                 "model=model), or compile the sparsified model: "
                 f"torch.compile(attnpass.sparsify(model, args, kwargs, method={method!r}), backend='attnpass'). "
-                f"Methods the backend applies without a model: {list(STATELESS_METHODS)}"
+                f"Methods the backend applies without a model: {list(stateless_methods())}"
             )
         if model is not None:
             if not isinstance(model, nn.Module):
@@ -369,7 +371,7 @@ def explain(model: nn.Module, args=(), kwargs=None, method: str = "combiner", **
     """
     args, kwargs = check_call_inputs(model, args, kwargs)
     # a method with state is bound to a copy: its modules are attached there, not to `model`
-    bound = copy.deepcopy(model) if canonical_method(method) not in STATELESS_METHODS else None
+    bound = copy.deepcopy(model) if method_class(method).has_learned_state else None
     compiler = AttnpassBackend(method, "eager", bound, **options)
     torch._dynamo.reset()
     with torch.no_grad():

@@ -26,6 +26,13 @@ def key_anchor(query_pos: torch.Tensor, len_q: int, len_k: int, causal: bool, of
     return query_pos * len_k // max(len_q, 1)
 
 
+def refuse_budget(method_name: str, budget: float | None) -> None:
+    """calibrate's error for a pair budget given to a method that takes none (`SiteAttention.fitter`)."""
+    if budget is not None:
+        raise ValueError(f"calibrate: budget= applies to method 'sparsefinder' (distance predictor), "
+                         f"not {method_name!r}")
+
+
 @dataclass(frozen=True)
 class SiteSpec:
     """The facts of a site a method needs at run time."""
@@ -59,6 +66,15 @@ class SiteAttention(nn.Module):
     # The module of attnpass.lowering.onnx that lowers this method (its `bind(site_module)`, and its
     # `check_options(options)` where some options cannot be exported); None: no ONNX lowering
     onnx_lowering: str | None = None
+    # The module of the method's FLOPs / bytes formulas, its part of attnpass.cost_model (which says
+    # what such a module defines); None: no cost model
+    cost_formulas: str | None = None
+    # Whether the share of pairs the method computes is learned (SBM's graph, Sparsefinder's
+    # predicted pairs): its cost is then in the density rho, which reports ask the user for
+    learns_density: bool = False
+    # Whether the method keeps learned state (centroids, projections, clusters) that must live in the
+    # model: a compile backend bound to no model cannot keep it (attnpass.compile_backend)
+    has_learned_state: bool = False
 
     def __init__(self, spec: SiteSpec, anchor: Anchor | None = None):
         super().__init__()
@@ -129,6 +145,15 @@ class SiteAttention(nn.Module):
         """Whether the method's state is still to be initialised by its first call (routing's and
         Sparsefinder's centroids come from the first call's tokens)."""
         return False
+
+    def fitter(self, *, lr: float, gold: str | None, mass: float | None, density_weight: float,
+               budget: float | None = None):
+        """What `attnpass.calibrate` fits at this site: an `attnpass.calibrate_fitters.Fitter` on the
+        module's own sparsity state, or None when the method has nothing to fit. `lr`: Adam's learning
+        rate; `gold` / `mass`: Sparsefinder's gold graph; `density_weight`: SBM's price of density;
+        `budget`: the share of pairs Sparsefinder's distance predictor keeps (no other method takes one)."""
+        refuse_budget(self.method_name, budget)
+        return None
 
     def aux_loss(self) -> torch.Tensor | None:
         """The method's training loss term from the last forward call (e.g. routing's commitment loss)."""

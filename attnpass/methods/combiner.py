@@ -34,6 +34,7 @@ def _default_block(len_q: int, len_k: int, head_dim: int, variant: str) -> int:
 class CombinerAttention(SiteAttention):
     method_name = "combiner"
     onnx_lowering = "attnpass.lowering.onnx.combiner"
+    cost_formulas = "attnpass.methods.combiner_cost"
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):

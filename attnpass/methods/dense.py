@@ -9,6 +9,7 @@ from attnpass.methods.base import SiteAttention, SiteSpec
 class DenseAttention(SiteAttention):
     method_name = "dense"
     onnx_lowering = "attnpass.lowering.onnx.dense"
+    cost_formulas = "attnpass.methods.dense_cost"
 
     def __init__(self, spec: SiteSpec, **options):
         self.validate_options(**options)

@@ -38,7 +38,7 @@ from torch import Tensor
 from attnpass import cost_model
 from attnpass.lowering.cpu.grouped_attention import grouped_attention, scatter_slots
 from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options, scatter_merge
-from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor
+from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor, refuse_budget
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
 from attnpass.methods.options import check_int, check_known, check_real
 from attnpass.methods.pairs import group_pairs
@@ -153,6 +153,8 @@ def _head_slice(t: Tensor | None, start: int, stop: int) -> Tensor | None:
 class RoutingAttention(SiteAttention):
     method_name = "routing"
     onnx_lowering = "attnpass.lowering.onnx.routing"
+    cost_formulas = "attnpass.methods.routing_cost"
+    has_learned_state = True
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
@@ -249,6 +251,16 @@ class RoutingAttention(SiteAttention):
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"clusters": self.clusters, "local_window": self.local_window}
+
+    def fitter(self, *, lr, gold, mass, density_weight, budget=None):
+        """The centroids, by mini-batch k-means (`calibrate_fitters.RoutingFitter`); None when every
+        head is local."""
+        refuse_budget(self.method_name, budget)
+        if self.kmeans is None:
+            return None
+        from attnpass.calibrate_fitters import RoutingFitter
+
+        return RoutingFitter(self)
 
     def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                        empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)

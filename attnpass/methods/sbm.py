@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnpass.lowering.cpu.edge_attention import edge_attention, edges_to_dense_mask
-from attnpass.methods.base import SiteAttention, SiteSpec
+from attnpass.methods.base import SiteAttention, SiteSpec, refuse_budget
 from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
 from attnpass.methods.options import check_choice, check_int, check_known, check_real
 from attnpass.methods.sbm_cluster_graph import cluster_graph
@@ -69,6 +69,9 @@ BYTES_PER_EDGE = 160
 class SBMAttention(SiteAttention):
     method_name = "sbm"
     onnx_lowering = "attnpass.lowering.onnx.sbm"
+    cost_formulas = "attnpass.methods.sbm_cost"
+    learns_density = True
+    has_learned_state = True
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
@@ -204,6 +207,13 @@ class SBMAttention(SiteAttention):
         from attnpass.prefill import NOMINAL_DENSITY
 
         return {"clusters": self.num_clusters, "density": NOMINAL_DENSITY}
+
+    def fitter(self, *, lr, gold, mass, density_weight, budget=None):
+        """The cluster embeddings and phi, by Adam on recall and density (`calibrate_fitters.SBMFitter`)."""
+        refuse_budget(self.method_name, budget)
+        from attnpass.calibrate_fitters import SBMFitter
+
+        return SBMFitter(self, lr=lr, density_weight=density_weight)
 
     def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                        empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)

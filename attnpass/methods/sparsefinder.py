@@ -118,6 +118,9 @@ def _drop_masked_edges(row_ptr: Tensor, col: Tensor, mask: Tensor, H: int, Lq: i
 class SparsefinderAttention(SiteAttention):
     method_name = "sparsefinder"
     onnx_lowering = "attnpass.lowering.onnx.sparsefinder"
+    cost_formulas = "attnpass.methods.sparsefinder_cost"
+    learns_density = True
+    has_learned_state = True
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
@@ -368,6 +371,17 @@ class SparsefinderAttention(SiteAttention):
 
         return {"predictor": self.predictor, "rank": self.rank, "density": NOMINAL_DENSITY,
                 "clusters": self.clusters, "bucket_size": self.bucket_size}
+
+    def fitter(self, *, lr, gold, mass, density_weight, budget=None):
+        """The projections by Adam on the hinge loss, the clustering predictor's centroids, and with a
+        pair `budget` the distance predictor's threshold (`calibrate_fitters.SparsefinderFitter`)."""
+        if budget is not None and self.predictor != "distance":
+            raise ValueError(f"calibrate: budget= sets the distance predictor's threshold; site {self.spec.name!r} "
+                             f"uses predictor={self.predictor!r} (its share of pairs follows from clusters / "
+                             "top_clusters or bucket_size)")
+        from attnpass.calibrate_fitters import SparsefinderFitter
+
+        return SparsefinderFitter(self, lr=lr, gold=gold, mass=mass, budget=budget)
 
     def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                        empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)

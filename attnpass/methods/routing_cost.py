@@ -1,0 +1,74 @@
+"""Routing's cost (attnpass.cost_model; `RoutingAttention.cost_formulas`), in its cluster count c.
+
+Routing counts every slot of the tiles its two grouped-kernel calls compute: c clusters of Lq/c
+query slots by Lk/c key slots, and the local-window fallback, one tile per block of P = `local_window`
+query positions. A block's tile holds the block's fallback queries, those no cluster took (with
+balanced top-w every cluster leaves a query out with probability about 1 - 1/c, so about
+(1 - 1/c)^c ~ 1/e of them), as rows and the union of their windows as key slots: 2P - 1 for P
+consecutive queries, so the fallback costs Lq (2P - 1) / e pairs. The kernel pads every block's
+tile to the fullest block's fallback count, which depends on the call (causal: the first positions,
+whose clusters hold no earlier key, fall back together), so a call computes more, at most
+Lq (2P - 1); the option `fallback_share` sets the tile's rows per block as a share of P (e.g. a
+call's own, from `RoutingAttention.layout`). Routing's optional local heads are not counted.
+"""
+from __future__ import annotations
+
+import sympy
+
+from attnpass import cost_model
+from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, c
+from attnpass.methods.routing import DEFAULT_LOCAL_WINDOW
+
+OPTIONS = ("clusters", "local_window", "fallback_share")
+LEGEND = "c clusters"
+# Rows of routing's fallback tile per block of local_window queries, as a share of the block: the
+# expected share of queries no cluster takes (see the module docstring; the padded tile holds more).
+DEFAULT_FALLBACK_SHARE = sympy.exp(-1)
+
+
+def check_options(options: dict) -> None:
+    share = options.get("fallback_share")
+    if isinstance(share, (int, float)) and not 0 <= share <= 1:
+        raise ValueError(f"routing's fallback_share={share!r} must be in [0, 1] (a share of the block's queries)")
+
+
+def _flops_bytes(itemsize: int, local_window: int, fallback_share) -> tuple[sympy.Expr, sympy.Expr]:
+    """(flops, bytes) of one batch element and query head, in c."""
+    io = itemsize * (2 * Lq * D + 2 * Lk * D)  # read q, k, v; write the output
+    # similarities of every query and key to every centroid, top-w selection (one comparison
+    # per candidate), then the kernels' tiles (module docstring): c clusters of Lq/c query by
+    # Lk/c key slots, and per block of P = local_window positions the fallback's rows against
+    # the 2P - 1 keys of their windows
+    fallback_rows, fallback_keys = fallback_share * Lq, (2 * local_window - 1) * Lq / local_window
+    pairs = (Lq / c) * (Lk / c) * c + fallback_rows * (2 * local_window - 1)
+    flops = 2 * (Lq + Lk) * c * D + (Lq + Lk) * c + pairs * PAIR
+    # gathered rows and index slots of both calls (the fallback's key_range: two per row)
+    gathered = (itemsize * (Lq + 2 * Lk + fallback_rows + 2 * fallback_keys) * D
+                + INDEX_BYTES * (Lq + Lk + 3 * fallback_rows + fallback_keys))
+    return flops, io + gathered + itemsize * c * D
+
+
+def per_head(itemsize: int, options: dict):
+    """(params, flops, bytes) of one batch element and query head; c unless `clusters` is given."""
+    share = options.get("fallback_share")
+    flops, nbytes = _flops_bytes(itemsize, options.get("local_window") or DEFAULT_LOCAL_WINDOW,
+                                 DEFAULT_FALLBACK_SHARE if share is None else share)
+    params = {}
+    if options.get("clusters") is not None:
+        params["clusters"] = options["clusters"]
+        flops, nbytes = flops.subs(c, options["clusters"]), nbytes.subs(c, options["clusters"])
+    if share is not None:
+        params["fallback_share"] = share
+    return params, flops, nbytes
+
+
+def default_options(len_q: int | None, len_k: int | None, head_dim: int | None, options: dict) -> dict:
+    """The cluster count minimising the FLOPs when the lengths are known and none is given."""
+    if len_q is not None and options.get("clusters") is None:
+        options = {**options, "clusters": cost_model.default_clusters(len_q, len_k, head_dim)}
+    return options
+
+
+def optimum(variant: str) -> sympy.Expr:
+    """The FLOPs' minimiser in c (about sqrt(L)); `variant` is Combiner's and changes nothing here."""
+    return cost_model.minimiser(per_head(4, {})[1], c, f"routing/{variant}")
