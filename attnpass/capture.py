@@ -26,6 +26,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from attnpass import export_shapes
 from attnpass.kv_cache import needs_cache_unflatten, unflatten_outputs
+from attnpass.lean_graph import lean_graph
 
 
 class CaptureError(RuntimeError):
@@ -131,6 +132,16 @@ def _export(model, args, kwargs, static, ties) -> ExportedProgram:
 _PARAMETER, _BUFFER, _CONSTANT, _USER, _OUTPUT = range(5)
 
 
+def _changed_dtype(owner: torch.nn.Module, module: torch.nn.Module, name: str, now: torch.dtype,
+                   captured: torch.dtype) -> TypeError:
+    path = next((p for p, m in owner.named_modules() if m is module), "?")
+    return TypeError(
+        f"attnpass: {path + '.' if path else ''}{name} is {now} now; this sparsified model's graph was "
+        f"captured with {captured} weights and holds only for them: convert the original model "
+        f"(model.to({now})) and sparsify it again"
+    )
+
+
 class Program:
     """An exported program whose lifted graph we run with state read from an owner module.
 
@@ -156,6 +167,7 @@ class Program:
         self.specialised = ""      # why the graph holds only at the example's sizes ('' if not; detect.capture_sites)
         self._owner = None         # weakref to the owner the slots below were resolved on
         self._in_slots: list = []
+        self._in_dtypes: list = []
         self._boxed = None         # (gm.code it was built from, gm with the boxed calling convention)
         self._mutated_inputs = {s.target for s in ep.graph_signature.output_specs if s.kind is OutputKind.USER_INPUT_MUTATION}
         self._out_slots: list = []
@@ -194,11 +206,13 @@ class Program:
         return flat
 
     def _boxed_graph(self) -> fx.GraphModule:
-        """`gm` with the boxed calling convention (one list argument, cleared once read), rebuilt
-        when `gm` was recompiled (a rewrite); it shares gm's submodules."""
+        """`gm` with the boxed calling convention (one list argument, cleared once read) and without
+        export's no-op calls (`attnpass.lean_graph`), rebuilt when `gm` was recompiled (a rewrite); it
+        shares gm's submodules."""
         code = self.gm.code
         if self._boxed is None or self._boxed[0] is not code:
             graph = copy.deepcopy(self.gm.graph)
+            lean_graph(graph)  # without export's run-time checks and no-op calls
             graph.set_codegen(_BoxedCodeGen())
             self._boxed = (code, fx.GraphModule(self.gm, graph))
         return self._boxed[1]
@@ -235,6 +249,10 @@ class Program:
             else:
                 raise RuntimeError(f"captured program has an output of kind {spec.kind.name}, which attnpass does not run")
         self._in_slots, self._out_slots = in_slots, out_slots
+        # the dtype each parameter / buffer had at capture: the graph is specialised to it (its
+        # conversions and the checks export wrote, which the graph that runs leaves out: lean_graph)
+        values = {n.name: n.meta.get("val") for n in self.gm.graph.nodes if n.op == "placeholder"}
+        self._in_dtypes = [getattr(values.get(spec.arg.name), "dtype", None) for spec in self.input_specs]
         self._owner = weakref.ref(owner)
 
     def accepts(self, flat: list) -> bool:
@@ -273,11 +291,12 @@ class Program:
             self._resolve(owner)
         leaves = iter(flat)
         inputs, mutated = [], {}
-        for kind, a, b in self._in_slots:
-            if kind == _PARAMETER:
-                inputs.append(a._parameters[b])
-            elif kind == _BUFFER:
-                inputs.append(a._buffers[b])
+        for (kind, a, b), dtype in zip(self._in_slots, self._in_dtypes):
+            if kind == _PARAMETER or kind == _BUFFER:
+                value = (a._parameters if kind == _PARAMETER else a._buffers)[b]
+                if value is not None and value.dtype is not dtype:
+                    raise _changed_dtype(owner, a, b, value.dtype, dtype)
+                inputs.append(value)
             elif kind == _CONSTANT:
                 inputs.append(a)
             else:
