@@ -36,7 +36,8 @@ MAX_EDGES = 50_000_000  # beyond this many expected edges a run is skipped (seve
 def make_site(length: int, shift: float | None) -> SBMAttention:
     torch.manual_seed(0)
     site = SBMAttention(SiteSpec(name="bench", scale=None, heads_q=H, heads_kv=H, head_dim=D,
-                                 example_len_q=length, example_len_k=length), clusters=CLUSTERS)
+                                 example_len_q=length, example_len_k=length), clusters=CLUSTERS,
+                        max_density=None)  # the density each configuration samples, not the default cap
     if shift is not None:
         with torch.no_grad():
             # phi's output gets a constant part along which every cluster embedding has logit `shift`,

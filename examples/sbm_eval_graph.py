@@ -94,7 +94,8 @@ def main(argv=None) -> None:
     model.eval()
     print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s")
 
-    sparse = attnpass.sparsify(model, (batch(2, gen),), method="sbm", clusters=args.clusters)
+    # the paper's P (no density cap): the sampled graph at the density calibration fits
+    sparse = attnpass.sparsify(model, (batch(2, gen),), method="sbm", clusters=args.clusters, max_density=None)
     report = attnpass.calibrate(sparse, [batch(args.batch, gen) for _ in range(8)], steps=args.calibrate_steps,
                                 density_weight=args.density_weight, lr=args.lr, tol=0.0, progress=False)
     print(report, "\n")

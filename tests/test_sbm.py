@@ -35,6 +35,26 @@ def dense_p(y_q, y_k, block):
     return y_q @ block @ y_k.transpose(-1, -2)
 
 
+def allowed_pairs(site, N, Lq, Lk, key_keep):
+    """(N, Lq, Lk) bool: the pairs the site's causal rule (top-left) and padding allow."""
+    allowed = torch.ones(N, Lq, Lk, dtype=torch.bool)
+    if site.spec.causal:
+        allowed &= torch.ones(Lq, Lk, dtype=torch.bool).tril()
+    if key_keep is not None:
+        allowed &= key_keep.repeat_interleave(N // key_keep.shape[0], dim=0).unsqueeze(1)
+    return allowed
+
+
+def dense_drawn_p(site, y_q, y_k, block, key_keep):
+    """P as the site draws its graph from it: each head's P scaled down to `max_density` of its allowed
+    pairs where it holds more (the factor is a constant, no gradient), and the factors."""
+    P = dense_p(y_q, y_k, block)
+    allowed = allowed_pairs(site, P.shape[0], P.shape[1], P.shape[2], key_keep)
+    density = (P * allowed).sum((1, 2)) / allowed.sum((1, 2))
+    factor = (site.max_density / density).clamp(max=1.0).detach()
+    return P * factor.view(-1, 1, 1), factor
+
+
 def random_memberships(N, Lq, Lk, k, gen):
     y_q = torch.rand(N, Lq, k, generator=gen, dtype=F64) * 0.9 + 0.05
     y_k = torch.rand(N, Lk, k, generator=gen, dtype=F64) * 0.9 + 0.05
@@ -238,7 +258,8 @@ def test_straight_through_gradient_equals_the_hand_derived_formula(case):
     d_A, = torch.autograd.grad(loss, A, retain_graph=True)
     d_P = torch.clamp(sampled.view(N, Lq, Lk) * d_A, -1, 1)
     y_q, y_k, block = site.memberships(q, k, kw["key_keep"])
-    P = dense_p(y_q, y_k, block)
+    P, factor = dense_drawn_p(site, y_q, y_k, block, kw["key_keep"])
+    assert (factor < 1).any()  # the density cap is active for some head: its gradient is the scaled P's
     want_attention = torch.autograd.grad(loss, params, allow_unused=True)
     want_ste = torch.autograd.grad(P, params, grad_outputs=d_P, allow_unused=True)
     for name, a, b1, b2 in zip(["clusters", "phi0.w", "phi0.b", "phi2.w", "phi2.b", "q", "k", "v"],
@@ -487,3 +508,75 @@ def test_without_a_limit_the_machines_available_memory_is_the_limit(monkeypatch)
 def test_memory_limit_must_be_a_positive_int(value, error):
     with pytest.raises(error, match="memory_limit"):
         _memory_site(memory_limit=value)
+
+
+# --------------------------------------------------------------------------------------------
+# The density cap: a call draws at most max_density of each head's allowed pairs (in expectation)
+# --------------------------------------------------------------------------------------------
+
+
+def _cap_site(max_density, causal=True):
+    torch.manual_seed(0)
+    site = SBMAttention(spec(4, 2, 16, causal, L=192), clusters=16, max_density=max_density).eval()
+    site.keep_graph = True
+    return site
+
+
+def _drawn_density(site, q, k, key_keep, seeds=range(4)):
+    """(heads,): the mean share of each head's allowed pairs its sampled edges cover, over draws."""
+    B, Hq, Lq, _ = q.shape
+    allowed = allowed_pairs(site, B * Hq, Lq, k.shape[2], key_keep).sum((1, 2))
+    shares = []
+    for seed in seeds:
+        site.seed = seed
+        with torch.no_grad():
+            site(q, k, k, key_keep=key_keep)
+        graph = site.last_graph
+        sampled_per_head = torch.zeros(B * Hq).index_add_(0, graph.edge_row // Lq, graph.sampled.float())
+        shares.append(sampled_per_head / allowed)
+    return torch.stack(shares).mean(0)
+
+
+@pytest.mark.parametrize("causal, padding", [(True, False), (True, True), (False, True)])
+def test_a_call_draws_at_most_max_density_of_each_heads_allowed_pairs(causal, padding):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 192, 16, generator=gen)
+    k = torch.randn(2, 2, 192, 16, generator=gen)
+    keep = None
+    if padding:
+        keep = torch.ones(2, 192, dtype=torch.bool)
+        keep[1, :40] = False
+    free = _drawn_density(_cap_site(None, causal), q, k, keep)
+    assert free.min() > 0.15  # an untrained site's P covers about a fifth of the pairs
+    for cap in (0.1, 0.03):
+        site = _cap_site(cap, causal)
+        drawn = _drawn_density(site, q, k, keep)
+        # merged duplicates make the drawn share a little lower than the expected one (1 - exp(-P) <= P)
+        assert drawn.max() <= cap * 1.05 and drawn.min() >= cap * 0.85, (cap, drawn)
+        with torch.no_grad():
+            y_q, y_k, block = site.memberships(q, k, keep)
+            want, factor = dense_drawn_p(site, y_q.double(), y_k.double(), block.double(), keep)
+            got = site.capped_block(q, k, y_q, y_k, block, keep)
+        assert (factor < 1).all()
+        torch.testing.assert_close(got.double(), block.double() * factor.view(-1, 1, 1), rtol=1e-5, atol=0)
+
+
+def test_a_cap_above_every_heads_density_changes_nothing():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 192, 16, generator=gen)
+    k = torch.randn(1, 2, 192, 16, generator=gen)
+    graphs = []
+    for cap in (None, 0.99):
+        site = _cap_site(cap)
+        with torch.no_grad():
+            out = site(q, k, k)
+        graphs.append((out, site.last_graph.col_index))
+    assert torch.equal(graphs[0][0], graphs[1][0]) and torch.equal(graphs[0][1], graphs[1][1])
+
+
+def test_max_density_option_is_checked():
+    with pytest.raises(ValueError, match=r"max_density=1.5 must be in"):
+        SBMAttention.validate_options(max_density=1.5)
+    with pytest.raises(ValueError, match=r"max_density=0"):
+        SBMAttention.validate_options(max_density=0)
+    SBMAttention.validate_options(max_density=None)

@@ -32,6 +32,14 @@ Choices (the paper leaves them open):
   is the rule the ONNX export computes (no runtime reproduces torch's sampler). Training always
   samples.
 - `floor` (default 0) adds the uniform edge rate the authors' training script adds to P.
+- `max_density` (default 0.1; None: the paper's P as it is) bounds the pairs a call computes: where
+  a head's P would draw more than that share of its allowed pairs in expectation, its P is scaled
+  down to it (one factor per head and call, the block matrix times max_density / density), so the
+  graph is still a draw from the model's relative edge rates. Calibration fits the clusters and phi
+  towards a density (`density_weight`); the cap holds whatever they are, e.g. for an untrained site
+  (whose P covers about a fifth of the pairs). The regulariser reads the unscaled P; the
+  straight-through gradient, the scaled P the graph was drawn from. `floor`'s rate and the one edge
+  of a row that drew none come on top.
 - `memory_limit` (bytes; default: the memory the machine has available): a sampled call whose
   expected edge count (known from the memberships before drawing) needs more is refused with
   `attnpass.memory_guard.AttentionTooLarge`, instead of the process being killed part-way through
@@ -53,13 +61,17 @@ from attnpass.methods.options import check_choice, check_int, check_known, check
 from attnpass.methods.sbm_cluster_graph import cluster_graph
 from attnpass.memory_guard import PairLimit, check_limit_option
 from attnpass.methods.sbm_sampling import (
-    EdgeProbabilitySTE, SBMGraph, block_matrix, expected_density, expected_edge_count, sample_graph,
+    EdgeProbabilitySTE, SBMGraph, block_matrix, expected_density, expected_edge_count, head_densities, sample_graph,
 )
 
-_OPTIONS = ("clusters", "density_weight", "floor", "seed", "eval_graph", "eval_clusters", "memory_limit") + ANCHOR_OPTIONS
+_OPTIONS = ("clusters", "density_weight", "floor", "max_density", "seed", "eval_graph", "eval_clusters",
+            "memory_limit") + ANCHOR_OPTIONS
 EVAL_GRAPHS = ("sample", "clusters")
 DEFAULT_CLUSTERS = 128        # the authors' LRA setting
 DEFAULT_DENSITY_WEIGHT = 1e-4  # lambda of the LRA scripts
+# The expected share of a head's allowed pairs a call may draw (the density the cost model counts for
+# a learned graph, prefill.NOMINAL_DENSITY)
+DEFAULT_MAX_DENSITY = 0.1
 # Peak working memory of a sampled call per drawn edge (the draw's index arrays, their merge into a
 # CSR, the kernel's per-edge logits; forward and backward alike), with a margin:
 # benchmarks/memory_per_pair.py prints the measured figure (docs/memory.md).
@@ -81,6 +93,8 @@ class SBMAttention(SiteAttention):
         self.num_clusters: int = int(options.get("clusters", DEFAULT_CLUSTERS))
         self.density_weight: float = float(options.get("density_weight", DEFAULT_DENSITY_WEIGHT))
         self.floor: float = float(options.get("floor", 0.0))
+        max_density = options.get("max_density", DEFAULT_MAX_DENSITY)
+        self.max_density: float | None = None if max_density is None else float(max_density)
         self.seed: int = int(options.get("seed", 0))
         self.eval_graph: str = options.get("eval_graph", "sample")
         self.eval_clusters: int = int(options.get("eval_clusters", 1))
@@ -106,6 +120,8 @@ class SBMAttention(SiteAttention):
             check_real("sbm", "density_weight", options["density_weight"], 0.0, math.inf, low_open=False)
         if "floor" in options:
             check_real("sbm", "floor", options["floor"], 0.0, 1.0, low_open=False)
+        if options.get("max_density") is not None:
+            check_real("sbm", "max_density", options["max_density"], 0.0, 1.0, low_open=True, high_open=False)
         if "seed" in options:
             check_int("sbm", "seed", options["seed"], 0)
         if "eval_graph" in options:
@@ -129,7 +145,7 @@ class SBMAttention(SiteAttention):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, clusters={self.num_clusters}, density_weight={self.density_weight:g}, "
-                f"floor={self.floor:g}, seed={self.seed}, eval_graph={self.eval_graph!r}"
+                f"floor={self.floor:g}, max_density={self.max_density}, seed={self.seed}, eval_graph={self.eval_graph!r}"
                 + (f", eval_clusters={self.eval_clusters}" if self.eval_graph == "clusters" else ""))
 
     def aux_loss(self) -> Tensor | None:
@@ -171,7 +187,22 @@ class SBMAttention(SiteAttention):
         `generator` when one is given)."""
         with torch.no_grad():
             y_q, y_k, block = self.memberships(q, k, key_keep)
+            block = self.capped_block(q, k, y_q, y_k, block, key_keep)
         return self._sample(q, k, y_q, y_k, block, key_keep, generator)
+
+    def capped_block(self, q: Tensor, k: Tensor, y_q: Tensor, y_k: Tensor, block: Tensor,
+                     key_keep: Tensor | None) -> Tensor:
+        """The block matrices the graph is drawn from: each head's scaled so that its expected
+        density over its allowed pairs is at most `max_density` (unchanged where it is already)."""
+        if self.max_density is None:
+            return block
+        causal = self.spec.causal
+        with torch.no_grad():
+            density = head_densities(y_q.detach(), y_k.detach(), block.detach(), causal=causal,
+                                     causal_offset=self.layout_offset(q, k) if causal else 0,
+                                     key_keep=key_keep, heads=q.shape[1])
+            factor = (self.max_density / density.clamp(min=torch.finfo(density.dtype).tiny)).clamp(max=1.0)
+        return block * factor.view(-1, 1, 1)
 
     def _sample(self, q, k, y_q, y_k, block, key_keep, generator) -> SBMGraph:
         causal = self.spec.causal
@@ -206,7 +237,8 @@ class SBMAttention(SiteAttention):
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         from attnpass.prefill import NOMINAL_DENSITY
 
-        return {"clusters": self.num_clusters, "density": NOMINAL_DENSITY}
+        density = NOMINAL_DENSITY if self.max_density is None else min(NOMINAL_DENSITY, self.max_density)
+        return {"clusters": self.num_clusters, "density": density}
 
     def fitter(self, *, lr, gold, mass, density_weight, budget=None):
         """The cluster embeddings and phi, by Adam on recall and density (`calibrate_fitters.SBMFitter`)."""
@@ -228,7 +260,8 @@ class SBMAttention(SiteAttention):
             return q.new_zeros(B, Hq, Lq, v.shape[3]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
         causal = self.spec.causal
         offset = self.layout_offset(q, k) if causal else 0
-        y_q, y_k, block = self.memberships(q, k, key_keep)
+        y_q, y_k, model_block = self.memberships(q, k, key_keep)
+        block = self.capped_block(q, k, y_q, y_k, model_block, key_keep)
         graph = self._sample(q, k, y_q, y_k, block, key_keep, None)
         self.last_graph = graph if self.keep_graph else None
 
@@ -236,7 +269,7 @@ class SBMAttention(SiteAttention):
         if torch.is_grad_enabled() and self.clusters.requires_grad:
             edge_bias = EdgeProbabilitySTE.apply(y_q, y_k, block, graph.edge_row, graph.col_index, graph.sampled)
         if self.training:
-            density = expected_density(y_q, y_k, block, causal=causal, causal_offset=offset,
+            density = expected_density(y_q, y_k, model_block, causal=causal, causal_offset=offset,
                                        key_keep=key_keep, heads=Hq)
             self._last_aux_loss = self.density_weight * density
 

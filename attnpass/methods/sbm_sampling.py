@@ -234,7 +234,14 @@ class EdgeProbabilitySTE(torch.autograd.Function):
 
 def expected_density(y_q: Tensor, y_k: Tensor, block: Tensor, *, causal: bool, causal_offset: int,
                      key_keep: Tensor | None, heads: int) -> Tensor:
-    """Mean over heads of E[edges] / allowed pairs, i.e. sum of P over allowed pairs / their count.
+    """Mean over heads of E[edges] / allowed pairs (`head_densities`)."""
+    return head_densities(y_q, y_k, block, causal=causal, causal_offset=causal_offset, key_keep=key_keep,
+                          heads=heads).mean()
+
+
+def head_densities(y_q: Tensor, y_k: Tensor, block: Tensor, *, causal: bool, causal_offset: int,
+                   key_keep: Tensor | None, heads: int) -> Tensor:
+    """(N,): each head's E[edges] / allowed pairs, i.e. sum of P over allowed pairs / their count.
 
     Differentiable and O(L * k^2): sum_ij P_ij = cx^T B cy; under causal, row i sums P against the
     prefix sum of Y_K up to i + offset. (The fallback edges and the merge of duplicates are left
@@ -255,4 +262,4 @@ def expected_density(y_q: Tensor, y_k: Tensor, block: Tensor, *, causal: bool, c
         prefix = y_k.cumsum(1)[:, last.clamp(min=0)] * visible.view(1, Lq, 1)             # (N, Lq, k)
         mass = torch.einsum("niu,nuv,niv->n", y_q, block, prefix)
         pairs = (real_upto[:, last.clamp(min=0)] * visible).sum(1)
-    return (mass / pairs.clamp(min=1)).mean()
+    return mass / pairs.clamp(min=1)
