@@ -4,15 +4,15 @@
     sparse = attnpass.sparsify(model, args=(input_ids,), kwargs={"attention_mask": mask}, method="dense")
 """
 from attnpass.api import NoAttentionFound, aux_loss, find_attention, sparsify
-from attnpass.calibrate import CalibrationReport, calibrate
-from attnpass.compile_backend import backend, explain
-from attnpass.capture import CaptureError
+from attnpass.tools.calibrate import CalibrationReport, calibrate
+from attnpass.backends.compile import backend, explain
+from attnpass.frontend.capture import CaptureError
 from attnpass.cost_model import cost
-from attnpass.fidelity import FidelityReport, fidelity
+from attnpass.tools.fidelity import FidelityReport, fidelity
 from attnpass.methods import METHODS
 from attnpass.methods.sparsefinder import sparsefinder_metrics
-from attnpass.onnx_export import export_onnx
-from attnpass.site import AttentionReport, AttentionSite, SkippedSite
+from attnpass.backends.onnx import export_onnx
+from attnpass.frontend.site import AttentionReport, AttentionSite, SkippedSite
 from attnpass.sparse_module import SparseModel
 
 __all__ = [

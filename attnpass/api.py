@@ -6,11 +6,11 @@ import copy
 import torch
 from torch import nn
 
-from attnpass.capture import check_call_inputs
-from attnpass.detect import capture_sites
+from attnpass.frontend.capture import check_call_inputs
+from attnpass.frontend.detect import capture_sites
 from attnpass.methods import SiteAttention, SiteSpec, canonical_method, method_class
 from attnpass.prefill import check_prefill_queries
-from attnpass.site import AttentionReport, AttentionSite
+from attnpass.frontend.site import AttentionReport, AttentionSite
 from attnpass.sparse_module import SparseModel, capture_and_rewrite
 
 

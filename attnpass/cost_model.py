@@ -22,7 +22,7 @@ Counting conventions (per batch element and query head, then times B*H):
 
 This module holds the shared vocabulary (the symbols, PAIR, INDEX_BYTES, `Cost`) and the entry
 points; each method's own formulas, with what they count, live next to the method, in the module
-its `SiteAttention` class names as `cost_formulas` (attnpass/methods/<method>_cost.py). Such a
+its `SiteAttention` class names as `cost_formulas` (attnpass/methods/<method>/cost.py). Such a
 module defines:
 
 - `OPTIONS`: the option names `cost_expr` / `cost` take for the method (besides `itemsize`);
@@ -143,7 +143,7 @@ def optimal_parameter(method: str, variant: str | None = None) -> sympy.Expr:
     """The parameter value minimising the method's FLOPs, as an expression of Lq, Lk, D.
 
     Solved with sympy (the positive root of d flops / d parameter = 0). For logsparse that root is
-    a constant block of ~3 keys, replaced by LOGSPARSE_BLOCK (see attnpass.methods.combiner_cost).
+    a constant block of ~3 keys, replaced by LOGSPARSE_BLOCK (see attnpass.methods.combiner.cost).
     """
     value = _formulas(method).optimum(variant or "fixed") if method in METHODS else None
     if value is None:

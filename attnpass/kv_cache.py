@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from attnpass.graph_ops import meta_val
+from attnpass.frontend.graph_ops import meta_val
 
 aten = torch.ops.aten
 

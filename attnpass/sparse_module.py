@@ -36,12 +36,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from attnpass.capture import Program, register_cache_pytrees
-from attnpass.detect import capture_sites
+from attnpass.frontend.capture import Program, register_cache_pytrees
+from attnpass.frontend.detect import capture_sites
 from attnpass.kv_cache import (adopt_caches, drop_empty_concatenations, lent_to_graph, plain_cache_for_sliding_windows,
                                refuse_cropped_sliding_caches)
-from attnpass.rewrite import remove_dead_code, rewrite_site
-from attnpass.site import AttentionReport, SkippedSite
+from attnpass.frontend.rewrite import remove_dead_code, rewrite_site
+from attnpass.frontend.site import AttentionReport, SkippedSite
 
 
 class CaptureNotice(UserWarning):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
 
 _KERNELS = ("flash_attention", "attention_math", "bmm", "softmax", "baddbmm")
 

@@ -32,7 +32,7 @@ def _site(method: str):
 def _pairs(method: str, site, q, k) -> int:
     import torch
 
-    from attnpass.methods.sbm_sampling import expected_edge_count
+    from attnpass.methods.sbm.sampling import expected_edge_count
 
     with torch.no_grad():
         if method == "sbm":

@@ -26,7 +26,7 @@ import torch
 from sparse_attention_speed import layers, make_inputs
 from sparse_attention_speed import timed as best
 
-from attnpass.lowering.cpu.grouped_attention import grouped_attention, scatter_slots
+from attnpass.lowering.torch.grouped_attention import grouped_attention, scatter_slots
 from attnpass.methods.kmeans import OnlineKMeans
 
 

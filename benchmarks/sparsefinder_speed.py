@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from entmax import entmax15
 
-from attnpass.lowering.cpu.edge_attention import edge_attention
+from attnpass.lowering.torch.edge_attention import edge_attention
 from attnpass.methods import SiteSpec, method_class
-from attnpass.methods import sparsefinder_predict as sp
+from attnpass.methods.sparsefinder import gold as sf_gold, metrics as sf_metrics
 
 B, H, D, E, VOCAB = 1, 8, 64, 64, 512
 # (predictor, setting shown in the table, options, through the CSR edge kernel); quantization at
@@ -100,7 +100,7 @@ def main() -> None:
     spec = SiteSpec(name="bench", scale=None, heads_q=H, heads_kv=H, head_dim=D, example_len_q=L, example_len_k=L)
     q_train, k_train, _ = entmax_layer_qkv(args.train_length, seed=1)
     trainer = method_class("sparsefinder")(spec, predictor="distance").train()
-    gold_train = sp.gold_pairs(q_train, k_train, scale=scale)
+    gold_train = sf_gold.gold_pairs(q_train, k_train, scale=scale)
     opt = torch.optim.Adam(trainer.parameters(), lr=3e-2)
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -113,7 +113,7 @@ def main() -> None:
 
     q, k, v = entmax_layer_qkv(L, seed=2)
     start = time.perf_counter()
-    gold = sp.gold_pairs(q, k, scale=scale)
+    gold = sf_gold.gold_pairs(q, k, scale=scale)
     print(f"gold entmax graph at L={L}: {gold[0].numel() / (B * H * L):.1f} keys per query "
           f"({time.perf_counter() - start:.1f} s)")
 
@@ -138,7 +138,7 @@ def main() -> None:
             forward = edge_kernel_forward(module) if on_edge_kernel else module
             t = timed(lambda f=forward: f(q, k, v), 1 if name == "distance" else args.repeats)
             row_ptr, col, candidates = module.predict(q, k)
-            metrics = sp.graph_metrics(q, k, row_ptr, col, scale=scale, gold=gold,
+            metrics = sf_metrics.graph_metrics(q, k, row_ptr, col, scale=scale, gold=gold,
                                        predictor_ops=module.predictor_ops(q, k, candidates))
             if detail is None:
                 detail = f"threshold {module.threshold:.3g}"

@@ -37,8 +37,8 @@ def _cases(L: int, args, dtype, flex) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from attnpass.lowering.cpu.edge_attention import edge_attention, edges_from_pairs
-    from attnpass.lowering.cpu.grouped_attention import grouped_attention
+    from attnpass.lowering.torch.edge_attention import edge_attention, edges_from_pairs
+    from attnpass.lowering.torch.grouped_attention import grouped_attention
 
     dev = "cuda"
     B, H, D = args.batch, args.heads, args.head_dim

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import attnpass  # noqa: E402
-from attnpass.fidelity import output_cosine  # noqa: E402
+from attnpass.tools.fidelity import output_cosine  # noqa: E402
 
 # (method, sparsify options, calibrate options) rows of the table
 SETTINGS = [
@@ -106,7 +106,7 @@ def oracle_row(model, batches: list[dict], share: float) -> dict:
     chosen with the full score matrix: an upper bound for any method that selects pairs), under the
     site's own softmax. Returns the table row (pairs computed, mass recall, cosine) and the range of
     the per-site mass recalls."""
-    from attnpass import site_probe
+    from attnpass.tools import site_probe
 
     sparse = attnpass.sparsify(model, kwargs=batches[0], method="dense")
     modules = sparse.site_modules()

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_models import load_smollm2, long_text, pass_key_prompt, perplexity, retrieves  # noqa: E402
 
 import attnpass  # noqa: E402
-from attnpass.site_probe import counted_pairs  # noqa: E402
+from attnpass.tools.site_probe import counted_pairs  # noqa: E402
 
 # (label, method, sparsify options, calibrate options or None for a method with nothing to fit)
 RECIPES = [

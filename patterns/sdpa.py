@@ -11,8 +11,8 @@ import math
 import torch
 import torch.fx as fx
 
-from attnpass.graph_ops import dtype, shape, view
-from attnpass.site import MaskPiece, SiteMatch
+from attnpass.frontend.graph_ops import dtype, shape, view
+from attnpass.frontend.site import MaskPiece, SiteMatch
 from attnpass.patterns.common import Skip
 from attnpass.patterns.kv_repeat import unrepeat_kv
 

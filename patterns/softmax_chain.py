@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from attnpass.graph_ops import IN_PLACE, same_size, shape, view
-from attnpass.site import MaskPiece, SiteMatch
+from attnpass.frontend.graph_ops import IN_PLACE, same_size, shape, view
+from attnpass.frontend.site import MaskPiece, SiteMatch
 from attnpass.patterns.common import PRODUCT_KINDS, NotAttention, Skip, constant_scalar, is_masking_value, normalise_dim
 from attnpass.patterns.kv_repeat import unrepeat_kv
 from attnpass.patterns.products import read_score_product, read_value_product

@@ -16,7 +16,7 @@ from test_combiner import reference_attention as combiner_reference_attention
 from attnpass.methods import method_class
 from attnpass.methods.base import SiteSpec
 from attnpass.methods.pairs import group_pairs
-from attnpass.site_probe import _method_pairs, allowed_pairs, anchor_pairs
+from attnpass.tools.site_probe import _method_pairs, allowed_pairs, anchor_pairs
 
 F64 = torch.float64
 B, HQ, HKV, D = 2, 4, 2, 16

@@ -3,7 +3,7 @@ pairs intersected with it, exactly, without an L x L tensor.
 
 Mistral-style models mask `kv_idx > q_idx - window` on top of the causal rule; ModernBERT's local
 layers `|q_idx - kv_idx| <= window'` on both sides. Mask analysis proves
-the band past every constant of the mask's subgraph (attnpass/mask_analysis.py); the site's
+the band past every constant of the mask's subgraph (attnpass/frontend/mask_analysis.py); the site's
 `SiteSpec.window` then reaches the kernels' `window` argument. The references are test_anchor's: a
 float64 dense softmax over the pairs the method lists, intersected with the site's allowed pairs
 (`site_probe.allowed_pairs`, which holds the band); Combiner's is test_combiner's definition-level
@@ -21,8 +21,8 @@ from tests.helpers import tensors
 from tests.zoo import by_name
 
 import attnpass
-from attnpass.lowering.cpu.edge_attention import edge_attention
-from attnpass.lowering.cpu.grouped_attention import grouped_attention
+from attnpass.lowering.torch.edge_attention import edge_attention
+from attnpass.lowering.torch.grouped_attention import grouped_attention
 
 F64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""The quantile-bucket kernel (lowering/cpu/bucket_attention.py) against dense attention on the same pairs.
+"""The quantile-bucket kernel (lowering/torch/bucket_attention.py) against dense attention on the same pairs.
 
 The reference builds each query's candidate set from the definition directly (query rank i in
 bucket floor(i * n_b / Lq), key rank j in bucket floor(j / bucket_size), a pair when the buckets
@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from attnpass.lowering.cpu.bucket_attention import bucket_layout, quantile_bucket_attention
-from attnpass.lowering.cpu.edge_attention import edge_attention
-from attnpass.methods import sparsefinder_predict as sp
+from attnpass.lowering.torch.bucket_attention import bucket_layout, quantile_bucket_attention
+from attnpass.lowering.torch.edge_attention import edge_attention
+from attnpass.methods.sparsefinder import predictors
 from memory_probe import no_square_tensor
 from tests.test_edge_attention import dense_reference, make_qkv, rel_err
 
@@ -25,7 +25,7 @@ def random_orders(B, H, r, Lq, Lk, gen, key_keep=None):
     """Random per-view rankings (real keys first) from random projections, as the predictor makes them."""
     qp = torch.randn(B, H, Lq, r, generator=gen, dtype=F64)
     kp = torch.randn(B, H, Lk, r, generator=gen, dtype=F64)
-    return sp.quantization_orders(qp, kp, key_keep)
+    return predictors.quantization_orders(qp, kp, key_keep)
 
 
 def random_extras(B, H, Lq, Lk, W, gen):
@@ -138,9 +138,9 @@ def test_same_function_as_the_edge_kernel_on_the_predictors_csr(normalizer):
     key_keep = torch.ones(B, Lk, dtype=torch.bool)
     key_keep[1, -7:] = False
     common = dict(causal=True, causal_offset=0, key_keep=key_keep)
-    local = sp.window_slots(B, H, Lq, Lk, 2, True, **common)
-    row_ptr, col = sp.csr_from_slots(torch.cat([sp.quantization_slots(qp, kp, bucket, **common), local], -1))
-    q_order, key_order = sp.quantization_orders(qp, kp, key_keep)
+    local = predictors.window_slots(B, H, Lq, Lk, 2, True, **common)
+    row_ptr, col = predictors.csr_from_slots(torch.cat([predictors.quantization_slots(qp, kp, bucket, **common), local], -1))
+    q_order, key_order = predictors.quantization_orders(qp, kp, key_keep)
     settings = dict(scale=0.3, causal=True, causal_offset=0, key_padding_mask=key_keep, normalizer=normalizer,
                     dropout_p=0.25, dropout_seed=11)
     out = quantile_bucket_attention(q, k, v, q_order, key_order, bucket, local.view(B, H, Lq, -1), **settings)
@@ -230,7 +230,7 @@ def test_memory_never_quadratic(normalizer):
     key_keep = torch.ones(B, L, dtype=torch.bool)
     key_keep[:, -10:] = False
     q_order, key_order = random_orders(B, H, 4, L, L, gen, key_keep)
-    extras = sp.window_slots(B, H, L, L, 3, True, key_keep=key_keep).view(B, H, L, -1)
+    extras = predictors.window_slots(B, H, L, L, 3, True, key_keep=key_keep).view(B, H, L, -1)
     with no_square_tensor(L, L):
         out = quantile_bucket_attention(q, k, v, q_order, key_order, 16, extras, scale=0.25, key_padding_mask=key_keep,
                                         bias=bias, dropout_p=0.1, dropout_seed=3, normalizer=normalizer)
@@ -270,7 +270,7 @@ def test_entmax15_threshold_of_wide_rows_equals_the_entmax_package():
     entries lie within 1 of the maximum: both branches, -inf entries and all -inf rows."""
     from entmax import entmax15
 
-    from attnpass.lowering.cpu import row_normalizers as rn
+    from attnpass.lowering.torch import row_normalizers as rn
 
     gen = torch.Generator().manual_seed(0)
     for width in (33, 70, 257):

@@ -16,8 +16,8 @@ import torch
 
 import attnpass
 import zoo
-from attnpass import site_probe
-from attnpass.methods import sparsefinder_predict as sp
+from attnpass.tools import site_probe
+from attnpass.methods.sparsefinder import gold as sf_gold
 from helpers import same_state, snapshot
 
 LENGTH = 24
@@ -219,7 +219,7 @@ def test_fidelity_site_measures_match_an_independent_computation(bert, monkeypat
     import importlib
 
     # the module (attnpass.fidelity the attribute is the function)
-    monkeypatch.setattr(importlib.import_module("attnpass.fidelity"), "PROBABILITY_ROWS", probability_rows)
+    monkeypatch.setattr(importlib.import_module("attnpass.tools.fidelity"), "PROBABILITY_ROWS", probability_rows)
     model, batches = bert
     sparse = _sparse(model, batches, "routing", clusters=3).eval()
     report = attnpass.fidelity(None, sparse, batches[:1])
@@ -296,7 +296,7 @@ def test_gold_mass_rule_matches_a_brute_force_reference():
     keep = torch.ones(B, L, dtype=torch.bool)
     keep[1, 8:] = False
     mass = 0.8
-    row, col = sp.gold_pairs(q, k, scale=D ** -0.5, causal=True, key_keep=keep, rule="mass", mass=mass)
+    row, col = sf_gold.gold_pairs(q, k, scale=D ** -0.5, causal=True, key_keep=keep, rule="mass", mass=mass)
     got = set(zip(row.tolist(), col.tolist()))
     expected = set()
     for b in range(B):
@@ -356,7 +356,7 @@ def test_recorded_site_inputs_are_the_original_models(bert):
 def test_sbm_keeps_a_bounded_sample_of_rows_and_fits_on_it(bert, monkeypatch):
     """At long inputs the SBM fitter keeps O(rows * Lk) probabilities per batch and site, not
     O(Lq * Lk), and the objective it estimates on those rows still falls."""
-    from attnpass import calibrate_fitters
+    from attnpass.tools import calibrate_fitters
 
     monkeypatch.setattr(calibrate_fitters, "SBM_ROWS_PER_BATCH", 7)
     model, batches = bert

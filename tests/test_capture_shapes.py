@@ -1,4 +1,4 @@
-"""Which dims a capture keeps symbolic (attnpass.export_shapes): a batch-1 example keeps the batch
+"""Which dims a capture keeps symbolic (attnpass.frontend.export_shapes): a batch-1 example keeps the batch
 dynamic, raw q/k/v inputs get static heads / head dim and (equal example lengths) one length
 symbol; plus the method name's canonical form and sparsifying a sparsified model."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 
 import attnpass
 import attnpass.methods
-from attnpass.detect import capture_sites
+from attnpass.frontend.detect import capture_sites
 from tests.helpers import max_relative_error
 from tests.zoo import by_name
 

@@ -21,7 +21,7 @@ import torch
 from entmax import entmax15
 
 import attnpass
-from attnpass import cli, cli_plot
+from attnpass.tools import cli, cli_plot
 from attnpass.api import site_spec
 from attnpass.methods import method_class
 
@@ -386,8 +386,8 @@ def test_debug_shows_the_exception(models):
 
 def test_console_script_and_usage_exit_code():
     scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
-    assert scripts.get("attnpass") == "attnpass.cli:main"
-    done = subprocess.run([sys.executable, "-m", "attnpass.cli", "inspect", "/no/such/folder"],
+    assert scripts.get("attnpass") == "attnpass.tools.cli:main"
+    done = subprocess.run([sys.executable, "-m", "attnpass.tools.cli", "inspect", "/no/such/folder"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == cli.EXIT_USAGE
     assert done.stderr.strip().splitlines() == [

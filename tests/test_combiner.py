@@ -1,4 +1,4 @@
-"""Tests for method="combiner" (attnpass/methods/combiner.py, combiner_layout.py).
+"""Tests for method="combiner" (attnpass/methods/combiner/__init__.py, combiner_layout.py).
 
 The layout is checked by counting, from its index tensors alone, how often each (query, key) pair
 is reached (directly or through a summary): exactly once if allowed, never otherwise. The numbers
@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from attnpass.lowering.cpu.dense import dense_attention_math
+from attnpass.lowering.torch.dense import dense_attention_math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from memory_probe import no_square_tensor
@@ -20,7 +20,7 @@ from attnpass import cost_model
 from attnpass.methods import method_class
 from attnpass.methods.base import SiteSpec
 from attnpass.methods.combiner import CombinerAttention
-from attnpass.methods.combiner_layout import (
+from attnpass.methods.combiner.layout import (
     build_layout,
     region_key_batches,
     region_summaries,

@@ -22,9 +22,9 @@ import torch
 import torch._dynamo
 
 import attnpass
-from attnpass.compile_backend import _opaque_attention
-from attnpass.detect import module_path
-from attnpass.inline_mha import inline_mha
+from attnpass.backends.compile import _opaque_attention
+from attnpass.frontend.detect import module_path
+from attnpass.frontend.inline_mha import inline_mha
 from tests.helpers import max_relative_error, same_state, snapshot, tensors
 from tests.zoo import by_name
 
@@ -157,7 +157,7 @@ def test_explain_names_rewritten_and_skipped_sites():
 def test_backend_logs_rewritten_sites(caplog):
     case = by_name("hand-matmul-div-mask")
     compiled, _ = _compile(case.build(), "dense", inner="eager")
-    with caplog.at_level("INFO", logger="attnpass.compile_backend"), torch.no_grad():
+    with caplog.at_level("INFO", logger="attnpass.backends.compile"), torch.no_grad():
         compiled(*case.inputs(2, 8)[0])
     assert any("rewrote <root>" in r.getMessage() and "dense" in r.getMessage() for r in caplog.records)
 
@@ -358,7 +358,7 @@ def test_registered_backend_name_works_without_importing_attnpass():
         model, x = Attention(), torch.randn(2, 10, 16)
         assert "attnpass" not in sys.modules
         out = torch.compile(model, backend="attnpass")(x)
-        backend = sys.modules["attnpass.compile_backend"]
+        backend = sys.modules["attnpass.backends.compile"]
         assert backend._default.report.rewritten == ["<root>"], backend._default.report
         import attnpass
         expected = attnpass.sparsify(model, (x,), method="combiner")(x)
@@ -452,7 +452,7 @@ def test_keyword_argument_spellings_are_rewritten_under_compile():
 def test_a_graph_the_backend_cannot_rewrite_runs_unchanged(monkeypatch):
     """Whatever goes wrong inside the pass, the user's graph is compiled as it was, with a warning
     and the reason in the report."""
-    import attnpass.compile_backend as cb
+    import attnpass.backends.compile as cb
 
     def broken(*args, **kwargs):
         raise IndexError("simulated failure inside the pass")

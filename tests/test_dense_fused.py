@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import attnpass.lowering.cpu.dense as _dense  # registers torch.ops.attnpass.attention
-from attnpass.lowering.cpu.dense import dense_attention_math
+import attnpass.lowering.torch.dense as _dense  # registers torch.ops.attnpass.attention
+from attnpass.lowering.torch.dense import dense_attention_math
 
 op = torch.ops.attnpass.attention
 

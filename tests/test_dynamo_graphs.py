@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from attnpass.detect import find_sites
+from attnpass.frontend.detect import find_sites
 from tests.zoo import by_name
 
 CASES = ["bert-eager", "bert-sdpa", "gpt2-eager", "gpt2-sdpa", "llama-eager", "llama-sdpa",

@@ -1,4 +1,4 @@
-"""Tests for attnpass.lowering.cpu.edge_attention (attention over a CSR edge list).
+"""Tests for attnpass.lowering.torch.edge_attention (attention over a CSR edge list).
 
 The reference is dense on purpose: full Lq x Lk scores masked to exactly the edge set (plus causal
 and padding rules), normalised with torch.softmax or entmax.entmax15, in float64.
@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attnpass.lowering.cpu.edge_attention as ea
-from attnpass.lowering.cpu.edge_attention import edge_attention, edges_from_pairs, edges_to_dense_mask
+import attnpass.lowering.torch.edge_attention as ea
+from attnpass.lowering.torch.edge_attention import edge_attention, edges_from_pairs, edges_to_dense_mask
 from memory_probe import no_square_tensor
 
 F64 = torch.float64

@@ -20,9 +20,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import attnpass.lowering.cpu.edge_attention as ea
-import attnpass.lowering.cpu.grouped_attention as ga
-from attnpass.lowering.cpu.bucket_attention import quantile_bucket_attention
+import attnpass.lowering.torch.edge_attention as ea
+import attnpass.lowering.torch.grouped_attention as ga
+from attnpass.lowering.torch.bucket_attention import quantile_bucket_attention
 from tests.test_bucket_attention import allowed as bucket_allowed
 from tests.test_bucket_attention import random_extras, random_orders, reference_pairs
 from tests.test_edge_attention import allowed_mask, random_csr

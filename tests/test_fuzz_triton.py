@@ -40,9 +40,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import attnpass.lowering.cpu.edge_attention as ea
-import attnpass.lowering.cpu.grouped_attention as ga
-from attnpass.lowering.cpu.common import dropout_keep
+import attnpass.lowering.torch.edge_attention as ea
+import attnpass.lowering.torch.grouped_attention as ga
+from attnpass.lowering.torch.common import dropout_keep
 from tests.test_edge_attention import allowed_mask, random_csr
 from tests.test_edge_attention import dense_reference as edge_reference
 from tests.test_fuzz_kernels import grouped_problems, make_tensors, problems, random_slots
@@ -215,7 +215,7 @@ def _dense_grads(inputs: dict, forward, stat_grad: bool):
 
 
 def _keep(p, coords):
-    """Dense inverted-dropout multipliers of lowering/cpu/common.py (1 without dropout)."""
+    """Dense inverted-dropout multipliers of lowering/torch/common.py (1 without dropout)."""
     if not p["dropout_p"]:
         return 1.0
     return dropout_keep(p["dropout_seed"], p["dropout_p"], coords, F64)

@@ -1,4 +1,4 @@
-"""Tests for attnpass.lowering.cpu.grouped_attention (grouped / block-sparse attention kernel)."""
+"""Tests for attnpass.lowering.torch.grouped_attention (grouped / block-sparse attention kernel)."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import entmax
 import pytest
 import torch
 
-from attnpass.lowering.cpu import grouped_attention as ga
-from attnpass.lowering.cpu.grouped_attention import grouped_attention, scatter_slots
+from attnpass.lowering.torch import grouped_attention as ga
+from attnpass.lowering.torch.grouped_attention import grouped_attention, scatter_slots
 from memory_probe import no_square_tensor
 
 F64 = torch.float64
@@ -259,7 +259,7 @@ def test_entmax_has_exact_zeros():
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_flushed_exp_is_exp_above_the_floor_and_exact_zero_below(dtype):
-    from attnpass.lowering.cpu.row_normalizers import _DEFAULT_EXP_FLOOR, _EXP_FLOOR, flushed_exp_
+    from attnpass.lowering.torch.row_normalizers import _DEFAULT_EXP_FLOOR, _EXP_FLOOR, flushed_exp_
     floor = _EXP_FLOOR.get(dtype, _DEFAULT_EXP_FLOOR)
     x = torch.tensor([0.0, -1.5, -30.0, floor + 1.5, floor + 0.5, floor - 5.0, -1e30, -math.inf], dtype=dtype)
     got = flushed_exp_(x.clone())

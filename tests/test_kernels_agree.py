@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
-from attnpass.lowering.cpu.edge_attention import edge_attention
-from attnpass.lowering.cpu.grouped_attention import grouped_attention
+import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+from attnpass.lowering.torch.edge_attention import edge_attention
+from attnpass.lowering.torch.grouped_attention import grouped_attention
 
 B, HQ, HKV, LQ, LK, D = 2, 4, 2, 7, 9, 5
 

@@ -12,7 +12,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnpass
-from attnpass.capture import register_cache_pytrees
+from attnpass.frontend.capture import register_cache_pytrees
 from attnpass.kv_cache import lent_to_graph, unflatten_outputs
 from attnpass.sparse_module import CaptureNotice
 from tests.zoo import by_name

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 import attnpass
-from attnpass.lean_graph import lean_graph
+from attnpass.frontend.lean_graph import lean_graph
 
 aten = torch.ops.aten
 

@@ -110,7 +110,7 @@ def test_general_pieces_of_a_3d_site_keep_their_broadcasting():
 
 def test_a_window_past_the_probe_limit_stays_general(monkeypatch):
     """A mask holding a constant beyond what the probes can reach is kept as a tensor, with the reason."""
-    from attnpass import mask_analysis
+    from attnpass.frontend import mask_analysis
 
     monkeypatch.setattr(mask_analysis, "LONGEST_PROBE", 20)
 

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 import attnpass
-import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
-from attnpass import cli
+import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+from attnpass.tools import cli
 import attnpass.lowering.onnx.combiner  # noqa: F401 - registers torch.ops.attnpass.combiner
 import attnpass.lowering.onnx.routing  # noqa: F401 - registers torch.ops.attnpass.routing
 import attnpass.lowering.onnx.sparsefinder  # noqa: F401 - registers torch.ops.attnpass.sparsefinder
@@ -371,7 +371,7 @@ def sparsefinder_node(site, inputs: dict, normalizer: str) -> onnx.ModelProto:
 ])
 def test_sparsefinder_node_equals_the_pytorch_sparsefinder_and_predicts_the_same_pairs(
         causal, cross, hkv, with_bias, with_mask, normalizer, top, window, first_token):
-    from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
+    from attnpass.lowering.torch.edge_attention import edges_to_dense_mask
 
     lq, lk = (9, 14) if cross else (17, 17)
     g, q, k, v, keep = random_qkv(4, 2, 4, hkv, lq, lk)
@@ -405,7 +405,7 @@ def test_sparsefinder_node_equals_the_pytorch_sparsefinder_and_predicts_the_same
 ])
 def test_sparsefinder_quantization_node_equals_the_pytorch_site_and_predicts_the_same_pairs(
         causal, cross, hkv, with_bias, with_mask, normalizer, bucket, window, first_token):
-    from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
+    from attnpass.lowering.torch.edge_attention import edges_to_dense_mask
     from attnpass.methods.base import SiteSpec
     from attnpass.methods.sparsefinder import SparsefinderAttention
 

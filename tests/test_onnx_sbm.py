@@ -11,7 +11,7 @@ import torch
 
 import attnpass
 import attnpass.lowering.onnx.sbm  # noqa: F401 - registers torch.ops.attnpass.sbm
-from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
+from attnpass.lowering.torch.edge_attention import edges_to_dense_mask
 from attnpass.methods.base import SiteSpec
 from attnpass.methods.sbm import SBMAttention
 from test_onnx_export import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnpass.lowering.cpu.ordered_topk import topk_lowest_index
+from attnpass.lowering.torch.ordered_topk import topk_lowest_index
 
 
 def _reference(x, k, dim):

@@ -1,4 +1,4 @@
-"""The reference site modules (attnpass.reference_attention) against masked softmax on keep masks
+"""The reference site modules (attnpass.tools.reference_attention) against masked softmax on keep masks
 built here, row by row, from the definitions: the oracle's best ceil(share * n) allowed keys, the
 first `sinks` plus the `window` nearest allowed keys; their pair counts, their chunking, their memory,
 and the public pipeline on a tiny Llama."""
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnpass.lowering.cpu.dense import dense_attention_math
+from attnpass.lowering.torch.dense import dense_attention_math
 from attnpass.methods.base import SiteSpec
-from attnpass.reference_attention import (
+from attnpass.tools.reference_attention import (
     OracleAttention, SinksLocalAttention, measured_share, sparsify_reference,
 )
 

@@ -13,10 +13,10 @@ import torch
 
 import attnpass
 import attnpass.methods.sbm as sbm_module
-from attnpass.lowering.cpu.edge_attention import edges_from_pairs, edges_to_dense_mask
+from attnpass.lowering.torch.edge_attention import edges_from_pairs, edges_to_dense_mask
 from attnpass.methods.base import SiteSpec
 from attnpass.methods.sbm import SBMAttention
-from attnpass.methods.sbm_sampling import (
+from attnpass.methods.sbm.sampling import (
     SBMGraph, fallback_keys, block_matrix, expected_density, sample_edge_pairs, sample_graph,
 )
 from memory_probe import no_square_tensor
@@ -476,7 +476,7 @@ def test_a_call_over_the_memory_limit_is_refused_before_sampling(monkeypatch):
 
 
 def test_the_estimate_is_the_draws_size_and_a_call_within_the_limit_runs():
-    from attnpass.methods.sbm_sampling import expected_edge_count
+    from attnpass.methods.sbm.sampling import expected_edge_count
 
     site = _memory_site()
     site.keep_graph = True

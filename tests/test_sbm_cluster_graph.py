@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
+from attnpass.lowering.torch.edge_attention import edges_to_dense_mask
 from attnpass.methods.sbm import SBMAttention
-from attnpass.methods.sbm_cluster_graph import cluster_graph
-from attnpass.methods.sbm_sampling import fallback_keys
+from attnpass.methods.sbm.cluster_graph import cluster_graph
+from attnpass.methods.sbm.sampling import fallback_keys
 from memory_probe import no_square_tensor
 from tests.helpers import max_relative_error
 from tests.test_sbm import CASES, dense_on_last_graph, dense_p, make_site, random_memberships, spec

@@ -1,4 +1,4 @@
-"""method="sparsefinder" (attnpass/methods/sparsefinder.py, sparsefinder_predict.py).
+"""method="sparsefinder" (attnpass/methods/sparsefinder/__init__.py, sparsefinder.predictors.py).
 
 Anchors: (1) with a predictor setting that covers every pair the site equals the `entmax`
 package's entmax15 on the dense scores, and any predicted graph equals dense entmax15 restricted
@@ -18,9 +18,9 @@ from entmax import entmax15
 
 import attnpass
 from attnpass import cost_model
-from attnpass.lowering.cpu.edge_attention import edges_to_dense_mask
+from attnpass.lowering.torch.edge_attention import edges_from_pairs, edges_to_dense_mask
 from attnpass.methods import SiteSpec, method_class
-from attnpass.methods import sparsefinder_predict as sp
+from attnpass.methods.sparsefinder import gold as sf_gold, metrics as sf_metrics, predictors
 from attnpass.methods.sparsefinder import SparsefinderAttention, sparsefinder_metrics
 from tests.helpers import tiny_gpt2, same_state, snapshot
 from tests.memory_probe import no_square_tensor
@@ -130,7 +130,7 @@ def test_full_coverage_equals_entmax15_on_the_dense_scores(name, coverage):
 
 
 def test_dropout_acts_on_the_entmax_probabilities_with_the_shared_pair_hash():
-    from attnpass.lowering.cpu.common import dropout_keep
+    from attnpass.lowering.torch.common import dropout_keep
 
     case, (q, k, v), keep, _, _ = _case_tensors("causal-left-padding")
     module = make_site(**case["site"], predictor="quantization", window=64).train()
@@ -176,7 +176,7 @@ def test_quantization_block_path_is_the_edge_kernel_on_the_predicted_csr(name):
     """On CPU the quantization predictor runs `quantile_bucket_attention` (blocks, no per-edge
     gathers); with its default window and first-token edges it must be the very function the edge
     kernel computes on `predict`'s CSR."""
-    from attnpass.lowering.cpu.edge_attention import edge_attention
+    from attnpass.lowering.torch.edge_attention import edge_attention
 
     case, (q, k, v), keep, bias, mask = _case_tensors(name, seed=5)
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def _dense_allowed(B, H, Lq, Lk, causal, offset, keep):
 
 
 def _edges(row, col, B, H, Lq, Lk):
-    row_ptr, col_index = sp.edges_from_pairs(row, col, B * H * Lq)
+    row_ptr, col_index = edges_from_pairs(row, col, B * H * Lq)
     return edges_to_dense_mask(row_ptr, col_index, B, H, Lq, Lk)
 
 
@@ -232,7 +232,7 @@ def test_predictors_equal_their_dense_definitions(causal, offset, Lq, Lk):
 
     # distance
     t = 1.3
-    got = _edges(*sp.distance_pairs(qp, kp, t, **common), B, H, Lq, Lk)
+    got = _edges(*predictors.distance_pairs(qp, kp, t, **common), B, H, Lq, Lk)
     assert torch.equal(got, (torch.cdist(qp, kp) < t) & allowed)
 
     # quantization: per dim, query rank -> bucket rank * n_buckets // Lq; real key rank -> rank // size
@@ -249,7 +249,7 @@ def test_predictors_equal_their_dense_definitions(causal, offset, Lq, Lk):
                     for j in real:
                         if q_rank[i] * n_buckets // Lq == k_rank[j] // size:
                             expected[b, h, i, j] = True
-    got = _edges(*sp.quantization_pairs(qp, kp, size, **common), B, H, Lq, Lk)
+    got = _edges(*predictors.quantization_pairs(qp, kp, size, **common), B, H, Lq, Lk)
     assert torch.equal(got, expected & allowed)
     assert 0.05 < got.float().mean() < 0.9
 
@@ -258,7 +258,7 @@ def test_predictors_equal_their_dense_definitions(causal, offset, Lq, Lk):
     q_top = torch.cdist(qp, centroids.unsqueeze(0).expand(B, -1, -1, -1)).topk(2, largest=False).indices
     k_top = torch.cdist(kp, centroids.unsqueeze(0).expand(B, -1, -1, -1)).topk(2, largest=False).indices
     share = (q_top[:, :, :, None, :, None] == k_top[:, :, None, :, None, :]).any(-1).any(-1)
-    got = _edges(*sp.clustering_pairs(qp, kp, centroids, 2, **common), B, H, Lq, Lk)
+    got = _edges(*predictors.clustering_pairs(qp, kp, centroids, 2, **common), B, H, Lq, Lk)
     assert torch.equal(got, share & allowed)
 
     # window (in key space) and first token
@@ -266,7 +266,7 @@ def test_predictors_equal_their_dense_definitions(causal, offset, Lq, Lk):
     j = torch.arange(Lk).view(1, -1)
     anchor = i + offset if causal else i * Lk // Lq
     expected = ((anchor - j).abs() <= 2) | (j == 0)
-    got = _edges(*sp.window_pairs(B, H, Lq, Lk, 2, True, device=None, **common), B, H, Lq, Lk)
+    got = _edges(*predictors.window_pairs(B, H, Lq, Lk, 2, True, device=None, **common), B, H, Lq, Lk)
     assert torch.equal(got, expected & allowed)
 
 
@@ -278,7 +278,7 @@ def test_gold_graph_is_the_support_of_entmax15():
     mask = torch.rand(B, 1, L, L) > 0.2
     allowed = _dense_allowed(B, Hq, L, L, True, 0, keep) & mask
     _, probs = dense_entmax(q, k, k, allowed, 0.3, bias)
-    row, col = sp.gold_pairs(q, k, scale=0.3, causal=True, key_keep=keep, bias=bias, mask=mask)
+    row, col = sf_gold.gold_pairs(q, k, scale=0.3, causal=True, key_keep=keep, bias=bias, mask=mask)
     assert torch.equal(_edges(row, col, B, Hq, L, L), probs > 0)
 
 
@@ -323,11 +323,11 @@ def test_acceptance_trained_projections_find_the_entmax_graph_at_512(capsys):
         m.w_q.data.copy_(init["w_q"])
         m.w_k.data.copy_(init["w_k"])
 
-    gold_test = sp.gold_pairs(q_test, k_test, scale=D ** -0.5)
+    gold_test = sf_gold.gold_pairs(q_test, k_test, scale=D ** -0.5)
 
     def metrics(m):
         row_ptr, col, candidates = m.predict(q_test, k_test)
-        return sp.graph_metrics(q_test, k_test, row_ptr, col, scale=D ** -0.5, gold=gold_test,
+        return sf_metrics.graph_metrics(q_test, k_test, row_ptr, col, scale=D ** -0.5, gold=gold_test,
                                 predictor_ops=m.predictor_ops(q_test, k_test, candidates))
 
     clustering = modules["clustering"]
@@ -339,7 +339,7 @@ def test_acceptance_trained_projections_find_the_entmax_graph_at_512(capsys):
 
     # The hinge loss does not depend on the predictor: train the projections once (Adam), then share them.
     trainer = modules["distance"].train()
-    gold = sp.gold_pairs(q, k, scale=D ** -0.5)
+    gold = sf_gold.gold_pairs(q, k, scale=D ** -0.5)
     opt = torch.optim.Adam(trainer.parameters(), lr=3e-2)
     losses = []
     for _ in range(100):
@@ -511,7 +511,7 @@ def test_training_calls_leave_a_hinge_loss_and_calibrate_the_distance_threshold(
     assert w_q.abs().max() > 0 and w_k.abs().max() > 0
     # first calibration: the 0.95-quantile of the gold pairs' projected distances
     qp, kp = module.project(q.detach(), k.detach())
-    row, col = sp.gold_pairs(q.detach(), k.detach(), scale=8 ** -0.5)
+    row, col = sf_gold.gold_pairs(q.detach(), k.detach(), scale=8 ** -0.5)
     d = (qp.reshape(-1, 4)[row] - kp.reshape(-1, 4)[(row // 32) * 32 + col]).norm(dim=-1)
     assert module.threshold == pytest.approx(d.float().kthvalue(int(0.95 * (d.numel() - 1)) + 1).values.item(), rel=1e-5)
 
@@ -593,7 +593,7 @@ def test_metrics_equal_a_brute_force_count():
     keep = padding(B, L, [24, 18])
     row_ptr, col, candidates = module.predict(q, k, keep)
     ops = module.predictor_ops(q, k, candidates)
-    got = sp.graph_metrics(q, k, row_ptr, col, scale=D ** -0.5, causal=True, key_keep=keep, predictor_ops=ops)
+    got = sf_metrics.graph_metrics(q, k, row_ptr, col, scale=D ** -0.5, causal=True, key_keep=keep, predictor_ops=ops)
 
     allowed = _dense_allowed(B, Hq, L, L, True, 0, keep)
     _, probs = dense_entmax(q, k, k, allowed, D ** -0.5)
@@ -665,10 +665,10 @@ def test_a_call_over_the_memory_limit_is_refused_before_its_pairs_exist(predicto
     q = torch.randn(1, 4, 256, 16, generator=torch.Generator().manual_seed(0))
     site = _memory_site(predictor)
     row_ptr, col, candidates = site.predict(q, q)  # what the call would predict (also starts the centroids)
-    window_pairs = int((sp.window_slots(1, 4, 256, 256, site.window, site.first_token) >= 0).sum())
+    window_pairs = int((predictors.window_slots(1, 4, 256, 256, site.window, site.first_token) >= 0).sum())
     site.memory_limit = (candidates - window_pairs) * sf.BYTES_PER_PAIR - 1
     made = []
-    monkeypatch.setattr(sp, "edges_from_pairs", lambda *a, **k: made.append(1))  # the merge of all pairs
+    monkeypatch.setattr(predictors, "edges_from_pairs", lambda *a, **k: made.append(1))  # the merge of all pairs
     with pytest.raises(AttentionTooLarge, match=r"sparsefinder site 'mem': this call needs about .* predicted pairs"
                                                 r".*more than the limit given .* refused before allocating"):
         site(q, q, q)

@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-from attnpass.lowering.cpu.edge_attention import edge_attention, edges_from_pairs
-from attnpass.lowering.cpu.grouped_attention import grouped_attention
+from attnpass.lowering.torch.edge_attention import edge_attention, edges_from_pairs
+from attnpass.lowering.torch.grouped_attention import grouped_attention
 from tests.memory_probe import no_square_tensor
 
 pytest.importorskip("triton")  # an optional extra; CI installs it with .[test]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnpass.lowering.cpu.grouped_attention import grouped_attention
+from attnpass.lowering.torch.grouped_attention import grouped_attention
 from attnpass.methods.options import check_int
 
 ANCHOR_OPTIONS = ("sinks", "local")

@@ -73,7 +73,7 @@ class SiteAttention(nn.Module):
     # predicted pairs): its cost is then in the density rho, which reports ask the user for
     learns_density: bool = False
     # Whether the method keeps learned state (centroids, projections, clusters) that must live in the
-    # model: a compile backend bound to no model cannot keep it (attnpass.compile_backend)
+    # model: a compile backend bound to no model cannot keep it (attnpass.backends.compile)
     has_learned_state: bool = False
 
     def __init__(self, spec: SiteSpec, anchor: Anchor | None = None):
@@ -148,7 +148,7 @@ class SiteAttention(nn.Module):
 
     def fitter(self, *, lr: float, gold: str | None, mass: float | None, density_weight: float,
                budget: float | None = None):
-        """What `attnpass.calibrate` fits at this site: an `attnpass.calibrate_fitters.Fitter` on the
+        """What `attnpass.calibrate` fits at this site: an `attnpass.tools.calibrate_fitters.Fitter` on the
         module's own sparsity state, or None when the method has nothing to fit. `lr`: Adam's learning
         rate; `gold` / `mass`: Sparsefinder's gold graph; `density_weight`: SBM's price of density;
         `budget`: the share of pairs Sparsefinder's distance predictor keeps (no other method takes one)."""
@@ -183,7 +183,7 @@ class SiteAttention(nn.Module):
     def forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                 empty_rows: str = "zero"):
         """`empty_rows`: what the original computes at a query with no allowed key, a fact of the
-        captured graph's masking (attnpass.site.MaskInfo): "zero", or "mean" (of V over all keys).
+        captured graph's masking (attnpass.frontend.site.MaskInfo): "zero", or "mean" (of V over all keys).
         The dense method reproduces it; the sparse methods give zeros there.
 
         A decode step (`is_decode_step`) runs exact dense attention over the cached keys; every
@@ -204,7 +204,7 @@ class SiteAttention(nn.Module):
         raise NotImplementedError(f"method {self.method_name!r} does not run with sinks= / local=")
 
     def computed_pairs(self, q: torch.Tensor, k: torch.Tensor, key_keep=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """For measurement (attnpass.site_probe), from the method's own layout, the anchor aside:
+        """For measurement (attnpass.tools.site_probe), from the method's own layout, the anchor aside:
         (B, Hq, Lq, Lk) bool, the (query, key) pairs whose scores a call on (q, k) computes directly
         (an L x L tensor on purpose), and (B, Hq, Lq) counts of the other scores it computes per
         query (Combiner's region summaries) or None. Stateful methods answer for their current state."""
@@ -256,7 +256,7 @@ class SiteAttention(nn.Module):
     def dense_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                       empty_rows: str = "zero"):
         """The site's exact attention on the dense op (SDPA's fused kernel where it applies)."""
-        import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+        import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
 
         p = dropout_p if self.training else 0.0
         if self.spec.window and mask is None:  # the band as the (Lq, Lk) bool mask the original builds too

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnpass.lowering.cpu.ordered_topk import topk_lowest_index
+from attnpass.lowering.torch.ordered_topk import topk_lowest_index
 
 
 def _distributed() -> bool:

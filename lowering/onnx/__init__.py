@@ -103,7 +103,7 @@ def needs_first_call(module) -> bool:
 def translation_table() -> dict:
     import torch
 
-    import attnpass.lowering.cpu.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+    import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
     from attnpass.lowering.onnx.combiner import translate_combiner
     from attnpass.lowering.onnx.dense import translate_attention
     from attnpass.lowering.onnx.routing import translate_routing

@@ -1,7 +1,7 @@
 """ONNX lowering of `attnpass::attention` (the canonical dense op): node ``attnpass.Attention``.
 
 Node: ``Attention(q, k, v, bias, mask, key_keep, causal_offset) -> out`` with attributes
-``scale`` (float), ``causal`` (int 0/1) and ``empty_mean`` (int 0/1: the op's empty_rows rule). Shapes as the op (lowering/cpu/dense.py): q (B, Hq,
+``scale`` (float), ``causal`` (int 0/1) and ``empty_mean`` (int 0/1: the op's empty_rows rule). Shapes as the op (lowering/torch/dense.py): q (B, Hq,
 Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), GQA query head h reads kv head h // (Hq // Hkv);
 bias broadcastable to (B, Hq, Lq, Lk) (0.0 when the site has none); mask bool broadcastable the
 same way (True when none); key_keep bool (B, Lk) (all True when none); causal_offset an int64

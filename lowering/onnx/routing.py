@@ -24,7 +24,7 @@ the orphan queries are found with NonZero and attend to their windows as (N, 1, 
 and mask are read with flat Gather indices (clamped on broadcast axes), so nothing of size Lq x Lk
 is built. Exact ties in similarity (identical tokens, e.g. padding in the first layer of a model
 without absolute positions such as T5) are broken by TopK's rule (lowest index), as PyTorch's
-routing breaks them (attnpass.lowering.cpu.ordered_topk; docs/onnx.md).
+routing breaks them (attnpass.lowering.torch.ordered_topk; docs/onnx.md).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ centroids (Hq, c, r) the site's k-means centroids, stored in the file as initial
 Semantics = `methods/sparsefinder.py` in eval mode with predictor "clustering" (centroids frozen):
 qp = q W_Q, kp = k W_K per query head (GQA: kv head h // (Hq / Hkv) with query head h's W_K); a
 token's clusters are its `top_clusters` nearest centroids (squared Euclidean, the same formula as
-`sparsefinder_predict.nearest_clusters`); query i and real key j are a predicted pair when they
+`sparsefinder.predictors.nearest_clusters`); query i and real key j are a predicted pair when they
 share a cluster, plus the window pairs |anchor(i) - j| <= window (causal: j in [anchor - window,
 anchor]) and the first-token pair (i, 0); pairs the causal rule or key padding forbid are dropped,
 the rest is a set (each key once per query). The normaliser (softmax or entmax-1.5) runs over
@@ -35,7 +35,7 @@ the predicted graph itself dense).
 
 Quantization node: ``SparsefinderQuantization(q, k, v, bias, mask, key_keep, w_q, w_k) -> out``,
 attributes as above with ``bucket_size`` instead of ``top_clusters``. The candidates are
-`sparsefinder_predict.quantization_slots`' (per projected dim, keys and queries sorted separately
+`sparsefinder.predictors.quantization_slots`' (per projected dim, keys and queries sorted separately
 by coordinate with TopK, query rank i in key bucket i * n_buckets // Lq, the bucket's bs keys by
 GatherElements): a fixed width of r * bucket_size per query, plus the window and first token, then
 the same candidate attention. TopK sorts with ties to the lower index, as torch's stable argsort.
@@ -149,7 +149,7 @@ def _export_forward(module, q, k, v, bias=None, mask=None, key_keep=None, dropou
 @script(ATTNPASS, default_opset=op)
 def nearest_clusters(x, mu, top):
     """x (B, H, L, r), mu (H, c, r), top (1,) int64 -> (B, H, L, top) indices of the nearest centroids,
-    by |x|^2 + |mu|^2 - 2 x.mu as `sparsefinder_predict.nearest_clusters` computes it."""
+    by |x|^2 + |mu|^2 - 2 x.mu as `sparsefinder.predictors.nearest_clusters` computes it."""
     x2 = op.ReduceSum(op.Mul(x, x), [-1], keepdims=1)                              # (B, H, L, 1)
     m2 = op.Unsqueeze(op.ReduceSum(op.Mul(mu, mu), [-1], keepdims=0), [1])       # (H, 1, c)
     dot = op.MatMul(x, op.Transpose(mu, perm=[0, 2, 1]))                          # (B, H, L, c)
@@ -161,7 +161,7 @@ def nearest_clusters(x, mu, top):
 @script(ATTNPASS, default_opset=op)
 def quantile_bucket_keys(qp, kp, key_keep, bucket_size):
     """qp (B, H, Lq, r), kp (B, H, Lk, r), key_keep (B, Lk), bucket_size (1,) int64 -> (B, H, Lq, r * bs)
-    key positions (>= Lk: none) as `sparsefinder_predict.quantization_slots` defines them: per
+    key positions (>= Lk: none) as `sparsefinder.predictors.quantization_slots` defines them: per
     projected dim, real keys sorted by coordinate and cut into buckets of bs consecutive ranks, query
     rank i (queries sorted separately) in bucket i * n_buckets // Lq. TopK sorts ascending with ties
     to the lower index: torch's stable argsort."""

@@ -1,7 +1,7 @@
 """Host side of the Triton kernels: check inputs, pick a specialisation, prepare tensors, launch.
 
 The four entry points take exactly the arguments of the PyTorch kernels' implementations
-(`lowering/cpu/grouped_attention.py::_forward_impl` / `_backward_impl`, and the edge ones) and
+(`lowering/torch/grouped_attention.py::_forward_impl` / `_backward_impl`, and the edge ones) and
 return the same tuples, so the custom ops call them in place of the PyTorch code
 (`switch.use_triton`). Inputs are validated by the PyTorch kernels' own checks, so errors read the
 same on both paths.
@@ -68,10 +68,10 @@ def _acc(q: Tensor) -> torch.dtype:
 
 
 def _dropout_args(dropout_p: float, dropout_seed: Optional[int]) -> tuple[int, int]:
-    """(seed premix, keep threshold) of lowering/cpu/common.py::dropout_keep."""
+    """(seed premix, keep threshold) of lowering/torch/common.py::dropout_keep."""
     if not dropout_p:
         return 0, 0
-    from attnpass.lowering.cpu.common import _MASK32, _mix32
+    from attnpass.lowering.torch.common import _MASK32, _mix32
 
     seed = int(dropout_seed)
     return _mix32(_mix32(seed & _MASK32) ^ ((seed >> 32) & _MASK32)), int(dropout_p * 2**32)
@@ -174,7 +174,7 @@ def grouped_forward(q, k, v, q_index, k_index, key_padding_mask=None, bias=None,
                     summary_v=None, summary_mask=None, pair_mask=None, key_range=None, *, scale,
                     causal=False, causal_offset=0, window=0, dropout_p=0.0, dropout_seed=None, normalizer="softmax"):
     """`attnpass::grouped_attention` on the Triton kernels -> (out_slots, row_stat)."""
-    from attnpass.lowering.cpu import grouped_attention as cpu
+    from attnpass.lowering.torch import grouped_attention as cpu
 
     args = (q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
             pair_mask, key_range)
@@ -207,7 +207,7 @@ def grouped_backward(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, k
                      key_range=None, *, scale, causal=False, causal_offset=0, window=0, dropout_p=0.0,
                      dropout_seed=None, normalizer="softmax", bias_grad=False, summary_grad=False):
     """`attnpass::grouped_attention_backward` on the Triton kernels -> (dq, dk, dv, dbias, dsk, dsv)."""
-    from attnpass.lowering.cpu import grouped_attention as cpu
+    from attnpass.lowering.torch import grouped_attention as cpu
 
     args = (q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
             pair_mask, key_range)
@@ -281,7 +281,7 @@ def _edge_launch(kind, extra_spec, q, k, v, row_ptr, col_index, key_padding_mask
 def edge_forward(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias=None, *, scale, causal,
                  causal_offset, window=0, dropout_p, dropout_seed, normalizer):
     """`attnpass::edge_attention` on the Triton kernels -> (out, row_stat)."""
-    from attnpass.lowering.cpu import edge_attention as cpu
+    from attnpass.lowering.torch import edge_attention as cpu
 
     args = (q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias)
     settings = dict(scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
@@ -303,7 +303,7 @@ def edge_backward(grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, ke
                   edge_bias, *, scale, causal, causal_offset, window=0, dropout_p, dropout_seed, normalizer,
                   bias_grad, edge_bias_grad):
     """`attnpass::edge_attention_backward` on the Triton kernels -> (dq, dk, dv, dbias, dedge_bias)."""
-    from attnpass.lowering.cpu import edge_attention as cpu
+    from attnpass.lowering.torch import edge_attention as cpu
 
     args = (q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias)
     settings = dict(scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,

@@ -20,7 +20,7 @@ sums the normaliser's gradient needs (softmax: <p, dp>; entmax: sum s, <s, dp>),
 the gradients: dq in registers, dk / dv / bias / summary gradients by tl.atomic_add (keys are
 shared by many query tiles, GQA heads and groups).
 
-Dropout reproduces `lowering/cpu/common.py::dropout_keep` bit for bit: the same 32-bit hash of
+Dropout reproduces `lowering/torch/common.py::dropout_keep` bit for bit: the same 32-bit hash of
 (seed, batch*head, query position, key column), computed in int64 so products never overflow.
 
 Directives: ``#if expr`` / ``#else`` / ``#endif`` over the spec (upper-case names), ``#> name``
@@ -60,7 +60,7 @@ def _mma(a, b):
 
 @triton.jit
 def _mix32(x):
-    # lowering/cpu/common.py::_mix32 on int64 values in [0, 2**32)
+    # lowering/torch/common.py::_mix32 on int64 values in [0, 2**32)
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & 0xFFFFFFFF
     x = x ^ (x >> 15)

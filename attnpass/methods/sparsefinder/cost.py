@@ -1,0 +1,68 @@
+"""Sparsefinder's cost (attnpass.cost_model; `SparsefinderAttention.cost_formulas`), in its
+projected rank r and the density rho of its predicted graph (learned, so an input, not a minimiser).
+
+Sparsefinder counts the projections (D -> r for every query and key), its predictor (distance:
+all Lq*Lk pairs in r dims; quantization: a sort per projected dim and each query's r buckets;
+clustering: every token against every centroid), the merge sort of the predicted pairs and
+entmax-1.5 attention over rho * Lq * Lk of them.
+"""
+from __future__ import annotations
+
+import sympy
+
+from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, r, rho
+from attnpass.methods.sparsefinder import DEFAULTS
+from attnpass.methods.sparsefinder.predictors import PREDICTORS
+
+OPTIONS = ("predictor", "rank", "density", "clusters", "bucket_size")
+LEGEND = ""
+
+
+def _unknown_predictor(predictor) -> ValueError:
+    return ValueError(f"unknown sparsefinder predictor {predictor!r}; expected one of {list(PREDICTORS)}")
+
+
+def check_options(options: dict) -> None:
+    predictor = options.get("predictor") or DEFAULTS["predictor"]
+    if predictor not in PREDICTORS:
+        raise _unknown_predictor(predictor)
+
+
+def _flops_bytes(predictor: str, itemsize: int, clusters, bucket_size) -> tuple[sympy.Expr, sympy.Expr]:
+    """(flops, bytes) of one batch element and query head, in r and rho."""
+    edges = rho * Lq * Lk
+    projection = 2 * D * r * (Lq + Lk)
+    if predictor == "distance":
+        predict = (3 * r + 1) * Lq * Lk
+    elif predictor == "quantization":
+        predict = r * (Lq * sympy.log(Lq, 2) + Lk * sympy.log(Lk, 2)) + r * Lq * bucket_size
+    elif predictor == "clustering":
+        predict = (Lq + Lk) * clusters * (3 * r + 1)
+    else:
+        raise _unknown_predictor(predictor)
+    flops = projection + predict + edges * sympy.log(edges, 2) + edges * PAIR
+    io = itemsize * (2 * Lq * D + 2 * Lk * D)
+    return flops, io + edges * (itemsize * 2 * D + 2 * INDEX_BYTES) + itemsize * 2 * D * r
+
+
+def per_head(itemsize: int, options: dict):
+    """(params, flops, bytes) of one batch element and query head, at the method's defaults for the
+    predictor, rank, clusters and bucket size; rho unless `density` is given."""
+    predictor = options.get("predictor") or DEFAULTS["predictor"]
+    flops, nbytes = _flops_bytes(predictor, itemsize, options.get("clusters") or DEFAULTS["clusters"],
+                                 options.get("bucket_size") or DEFAULTS["bucket_size"])
+    params = {"predictor": predictor}
+    for name, symbol, default in (("rank", r, DEFAULTS["rank"]), ("density", rho, None)):
+        value = options.get(name, default)
+        if value is not None:
+            params[name] = value
+            flops, nbytes = flops.subs(symbol, value), nbytes.subs(symbol, value)
+    return params, flops, nbytes
+
+
+def default_options(len_q: int | None, len_k: int | None, head_dim: int | None, options: dict) -> dict:
+    return options  # per_head applies the method's defaults; the density stays rho
+
+
+def optimum(variant: str) -> None:
+    return None  # r is the user's choice, rho is learned

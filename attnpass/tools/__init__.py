@@ -1,0 +1,1 @@
+"""Tools around the pass: calibration, fidelity measurement, reference attention, the CLI."""
