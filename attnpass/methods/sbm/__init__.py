@@ -198,7 +198,9 @@ class SBMAttention(SiteAttention):
             return block
         causal = self.spec.causal
         with torch.no_grad():
-            density = head_densities(y_q.detach(), y_k.detach(), block.detach(), causal=causal,
+            # on the memberships the sampler draws from (a NaN / inf token draws nothing: `_sample`)
+            y_q, y_k = (torch.nan_to_num(y.detach(), nan=0.0, posinf=0.0, neginf=0.0) for y in (y_q, y_k))
+            density = head_densities(y_q, y_k, block.detach(), causal=causal,
                                      causal_offset=self.layout_offset(q, k) if causal else 0,
                                      key_keep=key_keep, heads=q.shape[1])
             factor = (self.max_density / density.clamp(min=torch.finfo(density.dtype).tiny)).clamp(max=1.0)
