@@ -57,10 +57,16 @@ INDEX_BYTES = 8
 # The methods with a cost model (their classes name their formulas: SiteAttention.cost_formulas).
 METHODS = ("dense", "routing", "combiner", "sbm", "sparsefinder")
 
+
 def _formulas(method: str):
     """The module of `method`'s cost formulas (its class's `cost_formulas`)."""
     if method not in METHODS:
         raise ValueError(f"no cost model for method {method!r}; known: {list(METHODS)}")
+    return _formulas_module(method)
+
+
+@functools.cache  # decode steps ask the cost model at every site call (attnpass.prefill)
+def _formulas_module(method: str):
     from attnpass.methods import method_class  # here: the methods import this module at load time
 
     return importlib.import_module(method_class(method).cost_formulas)
@@ -128,8 +134,8 @@ def _check_options(method: str, options: dict):
 def cost_expr(method: str, **options) -> Cost:
     """The cost of `method` as expressions of B, H, Lq, Lk, D and the method's parameter.
 
-    Options: routing `clusters`, `local_window` and `fallback_share` (rows of the fallback tile per block, as a
-    share of the block; default 1/e), combiner `variant` and `block`, sbm `clusters` and `density`
+    Options: routing `clusters`, `local_window` and `fallback_share` (rows of the fallback tiles as a share
+    of the queries; default 1/e), combiner `variant` and `block`, sbm `clusters` and `density`
     (ints/floats or sympy expressions; left as the symbols c / s / k / rho when absent), and `itemsize` (bytes per
     element, default 4). Each method's `OPTIONS` (`cost_options`) lists its own.
     """
