@@ -66,15 +66,17 @@ def test_routing_pairs_match_the_kernel_tiles_of_a_real_call(causal):
         key_side = B * H * (2 * 2 * L * clusters * D + 2 * L * clusters)  # similarities, top-w selection
         return (flops - key_side) / (4 * D + 5)
 
-    # Given the call's own fallback rows per block, the count is the kernel's up to the widest window
-    # union, 2P - 1 keys when some block's first and last positions both fall back (here: all but sure).
-    rows = layout.fallback_q_index.shape[3]
-    assert model(fallback_share=rows / window) == pytest.approx(kernel, rel=0.01)
-    # By default the model counts 1/e of each block (the mean share of queries no cluster takes); the
-    # kernel pads every block to its fullest one, so the call computes more, but never more than
-    # full blocks, and (with the cluster tiles, counted exactly) within a factor 2 here.
+    # Given the call's own fallback rows (its tiles x their rows, as a share of the queries), the count is
+    # the kernel's up to the widest window union, 2P - 1 keys when some tile's first and last queries lie
+    # at both ends of their block (here: all but sure).
+    tiles, rows = layout.fallback_q_index.shape[2:]
+    assert model(fallback_share=tiles * rows / L) == pytest.approx(kernel, rel=0.01)
+    # By default the model counts 1/e of the queries (the mean share no cluster takes); the tiles round
+    # each block's fallback queries up to whole tiles and every head up to the same tile count, so the
+    # call computes more, but never more than full blocks, and (with the cluster tiles, counted
+    # exactly) within a factor 1.3 here (1.39 causal when every block was padded to the fullest one).
     assert model() <= kernel <= model(fallback_share=1.0)
-    assert kernel < 2 * model()
+    assert kernel < 1.3 * model()
 
 
 def _at_optimum(method, variant="fixed"):

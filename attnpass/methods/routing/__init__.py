@@ -45,6 +45,8 @@ from attnpass.methods.pairs import group_pairs
 
 _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window") + ANCHOR_OPTIONS
 DEFAULT_LOCAL_WINDOW = 64
+# What a fallback tile costs beyond its rows, in rows: it gathers its own key slots (`_orphan_tiles`)
+_TILE_OVERHEAD_ROWS = 2
 
 
 def _default_clusters(len_q: int, len_k: int, head_dim: int) -> int:
@@ -67,8 +69,8 @@ class RoutingLayout:
         routed_q_index  (B, Hr, c, w_q)  each cluster's queries, sorted by position
         q_index         (B, Hr, c, w_q)  routed_q_index with slots whose row is empty set to -1
         k_index         (B, Hr, c, w_k)  each cluster's real keys, sorted, -1 slots last
-        fallback_q_index (B, Hr, G, Wq)  queries with no non-empty cluster row, grouped by blocks of
-                                         local_window positions (-1 = none)
+        fallback_q_index (B, Hr, G, Wq)  queries with no non-empty cluster row, in tiles of Wq rows,
+                                         each within one block of local_window positions (-1 = none)
         fallback_k_index (B, Hr, G, Wk)  the union of the group's windows (real keys, sorted)
         fallback_key_range (B, Hr, G, Wq, 2)  each query's window: the keys in [low, high]
     Local heads (the first local_heads query heads; the same blocks for every batch row and head):
@@ -117,6 +119,41 @@ def _window_ranks(query_pos: Tensor, real_up_to: Tensor, num_real: Tensor, len_q
     last = torch.minimum(first + W, limit) - 1
     first = first.clamp(min=0)
     return first, torch.where(query_pos >= 0, last, first - 1)
+
+
+def _orphan_tiles(orphan: Tensor) -> Tensor:
+    """(B, H, G, T) positions of the orphan queries (-1 = none) in tiles of T rows, each tile within
+    one block: a block's orphans in position order fill ceil(n / T) tiles, blocks without orphans none.
+
+    orphan (B, H, blocks, P) bool. The kernel pads every (batch row, head) to the same G tiles of T
+    rows; T is chosen per call among the fullest block's count, P/2 and P/4 to minimise the tiles'
+    rows plus a per-tile cost (each tile gathers its own key slots), so one block whose queries all
+    fall back (the first positions of a causal call) does not widen every block's tile to P rows.
+    """
+    B, H, blocks, P = orphan.shape
+    dev = orphan.device
+    counts = orphan.sum(dim=-1)                                          # (B, H, blocks)
+
+    def tiles_for(rows: int) -> int:
+        return int((-(-counts // rows)).sum(dim=-1).max())
+
+    # one tile per block (as wide as the fullest block), or tiles of P/2 or P/4 rows
+    candidates = sorted({max(int(counts.max()), 1), max(P // 2, 1), max(P // 4, 1)}, reverse=True)
+    rows = min(candidates, key=lambda t: max(tiles_for(t), 1) * (t + _TILE_OVERHEAD_ROWS))
+    per_block = -(-counts // rows)                                       # tiles of each block
+    G = max(int(per_block.sum(dim=-1).max()), 1)
+    ends = per_block.cumsum(dim=-1)                                      # (B, H, blocks)
+    tile = torch.arange(G, device=dev).expand(B, H, G).contiguous()
+    block = torch.searchsorted(ends, tile, right=True)                   # blocks: past the last tile
+    used = block < blocks
+    block = block.clamp(max=blocks - 1)
+    first_rank = (tile - (ends.gather(-1, block) - per_block.gather(-1, block))) * rows
+    rank = first_rank.unsqueeze(-1) + torch.arange(rows, device=dev)    # (B, H, G, T) rank in the block
+    real = used.unsqueeze(-1) & (rank < counts.gather(-1, block).unsqueeze(-1))
+    # orphans first in each block (stable: by position)
+    order = torch.argsort((~orphan).to(torch.int8), dim=-1, stable=True).view(B, H, blocks * P)
+    within = order.gather(-1, (block.unsqueeze(-1) * P + rank.clamp(max=P - 1)).view(B, H, -1)).view(rank.shape)
+    return torch.where(real, within + block.unsqueeze(-1) * P, -1)
 
 
 def _block_local_layout(len_q: int, len_k: int, window: int, causal: bool, offset: int,
@@ -354,10 +391,11 @@ class RoutingAttention(SiteAttention):
                   causal: bool, offset: int) -> tuple[Tensor, Tensor, Tensor]:
         """Queries with no filled cluster row and their local windows of real keys, packed by position.
 
-        Orphan queries of each block of `local_window` positions form one group (so the kernel
-        runs tiles, not one query at a time); the group's key slots are the union of their
-        windows, and each query's own window is enforced by the kernel's key_range. Returns
-        fallback_q (B, H, G, Wq), fallback_k (B, H, G, Wk) and key ranges (B, H, G, Wq, 2).
+        Orphan queries of each block of `local_window` positions form one or more groups of a few
+        rows (`_orphan_tiles`; the kernel runs tiles, not one query at a time); a group's key slots
+        are the union of its queries' windows, and each query's own window is enforced by the
+        kernel's key_range. Returns fallback_q (B, H, G, Wq), fallback_k (B, H, G, Wk) and key
+        ranges (B, H, G, Wq, 2).
         """
         B, H = q_index.shape[:2]
         dev = q_index.device
@@ -367,11 +405,7 @@ class RoutingAttention(SiteAttention):
         P = self.local_window
         blocks = -(-len_q // P)
         orphan = torch.nn.functional.pad(filled == 0, (0, blocks * P - len_q)).view(B, H, blocks, P)
-        # orphans first in each block (stable: by position), cut to the largest orphan count
-        width = max(int(orphan.sum(dim=-1).max()), 1)
-        order = torch.argsort((~orphan).to(torch.int8), dim=-1, stable=True)[..., :width]
-        position = order + torch.arange(blocks, device=dev).view(1, 1, blocks, 1) * P
-        fallback_q = torch.where(orphan.gather(-1, order), position, -1)
+        fallback_q = _orphan_tiles(orphan)
 
         keep = key_keep if key_keep is not None else torch.ones(B, len_k, dtype=torch.bool, device=dev)
         real_in_order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # real positions first
@@ -383,7 +417,7 @@ class RoutingAttention(SiteAttention):
         group_last = torch.where(has_window, last, -1).amax(dim=-1)
         span = max(int((group_last - group_first + 1).max()), 1)
         rank = group_first.unsqueeze(-1) + torch.arange(span, device=dev)
-        fallback_k = real_in_order.gather(1, rank.clamp(0, len_k - 1).view(B, -1)).view(B, H, blocks, span)
+        fallback_k = real_in_order.gather(1, rank.clamp(0, len_k - 1).view(B, -1)).view(rank.shape)
         fallback_k = torch.where(rank <= group_last.unsqueeze(-1), fallback_k, -1)
         # a window of consecutive real keys is the real keys between its first and last positions
         low = real_in_order.gather(1, first.clamp(0, len_k - 1).view(B, -1)).view(first.shape)

@@ -5,11 +5,12 @@ query slots by Lk/c key slots, and the local-window fallback, one tile per block
 query positions. A block's tile holds the block's fallback queries, those no cluster took (with
 balanced top-w every cluster leaves a query out with probability about 1 - 1/c, so about
 (1 - 1/c)^c ~ 1/e of them), as rows and the union of their windows as key slots: 2P - 1 for P
-consecutive queries, so the fallback costs Lq (2P - 1) / e pairs. The kernel pads every block's
-tile to the fullest block's fallback count, which depends on the call (causal: the first positions,
-whose clusters hold no earlier key, fall back together), so a call computes more, at most
-Lq (2P - 1); the option `fallback_share` sets the tile's rows per block as a share of P (e.g. a
-call's own, from `RoutingAttention.layout`). Routing's optional local heads are not counted.
+consecutive queries, so the fallback costs Lq (2P - 1) / e pairs. The kernel cuts each block's
+fallback queries into tiles of T rows (T chosen per call: the fullest block's count, P/2 or P/4) and pads every batch row
+and head to the same tile count, so a call computes somewhat more (about T/2 rows per block, more
+when one head has more fallback queries than the others), at most Lq (2P - 1); the option
+`fallback_share` sets the tiles' rows as a share of Lq (e.g. a call's own, from
+`RoutingAttention.layout`: tiles x rows / Lq). Routing's optional local heads are not counted.
 """
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ from attnpass.methods.routing import DEFAULT_LOCAL_WINDOW
 
 OPTIONS = ("clusters", "local_window", "fallback_share")
 LEGEND = "c clusters"
-# Rows of routing's fallback tile per block of local_window queries, as a share of the block: the
-# expected share of queries no cluster takes (see the module docstring; the padded tile holds more).
+# Rows of routing's fallback tiles as a share of the queries: the expected share of queries no cluster
+# takes (see the module docstring; the padded tiles hold a little more).
 DEFAULT_FALLBACK_SHARE = sympy.exp(-1)
 
 
 def check_options(options: dict) -> None:
     share = options.get("fallback_share")
     if isinstance(share, (int, float)) and not 0 <= share <= 1:
-        raise ValueError(f"routing's fallback_share={share!r} must be in [0, 1] (a share of the block's queries)")
+        raise ValueError(f"routing's fallback_share={share!r} must be in [0, 1] (a share of the queries)")
 
 
 def _flops_bytes(itemsize: int, local_window: int, fallback_share) -> tuple[sympy.Expr, sympy.Expr]:
