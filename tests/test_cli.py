@@ -21,7 +21,8 @@ import torch
 from entmax import entmax15
 
 import attnpass
-from attnpass.tools import cli, cli_plot
+from attnpass.tools import cli
+from attnpass.tools.cli import plot as cli_plot
 from attnpass.api import site_spec
 from attnpass.methods import method_class
 

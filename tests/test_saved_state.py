@@ -43,3 +43,28 @@ def test_the_old_kernel_package_name_imports_the_same_modules_and_warns():
     done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", "import attnpass.lowering.cpu"],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "attnpass.lowering.cpu is now attnpass.lowering.torch" in done.stderr
+
+
+def test_every_package_folder_is_in_the_installed_package_list():
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    where = {package: root / folder for package, folder in setup["package-dir"].items()}
+
+    def folder(package: str) -> Path:
+        parts = package.split(".")
+        for n in range(len(parts), 0, -1):  # the longest mapped prefix
+            if ".".join(parts[:n]) in where:
+                return where[".".join(parts[:n])].joinpath(*parts[n:])
+        return root.joinpath(*parts)
+
+    listed = set(setup["packages"])
+    for package in listed:
+        assert (folder(package) / "__init__.py").is_file(), package
+    for base in ("attnpass", "patterns", "lowering"):
+        for init in (root / base).rglob("__init__.py"):
+            relative = init.parent.relative_to(root / base).parts
+            prefix = {"attnpass": "attnpass", "patterns": "attnpass.patterns", "lowering": "attnpass.lowering"}[base]
+            package = ".".join((prefix, *relative))
+            assert package in listed, f"{package} ({init.parent}) is not in pyproject's packages: it would not install"

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from attnpass.tools import site_probe
-from attnpass.tools.cli import (
+from attnpass.tools.cli import (  # its shared parts
     EXIT_CAPTURE,
     EXIT_OK,
     EXIT_UNAVAILABLE,

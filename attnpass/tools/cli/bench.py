@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attnpass.tools.cli import (
+from attnpass.tools.cli import (  # its shared parts
     EXIT_OK,
     CliError,
     check_method_options,
