@@ -228,10 +228,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("fidelity_minilm.png"))
     parser.add_argument("--oracle-only", action="store_true",
                         help="only the oracle rows (same text as a full run; no plot)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these methods' rows (same text as a full run; the plot shows only them)")
     args = parser.parse_args(argv)
+    settings = [row for row in SETTINGS if args.methods is None or row[0] in args.methods]
     print("| L | method | options | pairs computed | dense mass recall | mean cosine | min cosine | goal met |")
     print("|---|---|---|---|---|---|---|---|")
-    run(args.lengths, args.batch, args.calibration_batches, args.steps, args.out, [] if args.oracle_only else SETTINGS)
+    run(args.lengths, args.batch, args.calibration_batches, args.steps, args.out, [] if args.oracle_only else settings)
     if not args.oracle_only:
         print(f"plot: {args.out}")
     return 0

@@ -1,4 +1,4 @@
-"""Tests for method="combiner" (attnpass/methods/combiner/__init__.py, combiner_layout.py).
+"""Tests for method="combiner" (attnpass/methods/combiner/).
 
 The layout is checked by counting, from its index tensors alone, how often each (query, key) pair
 is reached (directly or through a summary): exactly once if allowed, never otherwise. The numbers

@@ -1,4 +1,4 @@
-"""method="routing" (attnpass/methods/routing/__init__.py, kmeans.py): exactness on its own pattern, state, losses.
+"""method="routing" (attnpass/methods/routing/, kmeans.py): exactness on its own pattern, state, losses.
 
 The anchor: the module exposes the pairs it computes (`RoutingAttention.layout`); the test rebuilds
 routing attention from that layout with plain dense masked softmax per cluster, the average over

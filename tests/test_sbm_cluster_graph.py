@@ -20,7 +20,7 @@ F64 = torch.float64
 
 
 def brute_force_graph(y_q, y_k, block, top, heads, causal, offset, key_keep):
-    """(N, Lq, Lk) bool: the rule of sbm_cluster_graph spelled out over the dense P."""
+    """(N, Lq, Lk) bool: the rule of sbm.cluster_graph spelled out over the dense P."""
     N, Lq, k = y_q.shape
     Lk = y_k.shape[1]
     P = dense_p(y_q, y_k, block)

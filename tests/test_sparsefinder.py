@@ -1,4 +1,4 @@
-"""method="sparsefinder" (attnpass/methods/sparsefinder/__init__.py, sparsefinder.predictors.py).
+"""method="sparsefinder" (attnpass/methods/sparsefinder/, sparsefinder.predictors.py).
 
 Anchors: (1) with a predictor setting that covers every pair the site equals the `entmax`
 package's entmax15 on the dense scores, and any predicted graph equals dense entmax15 restricted

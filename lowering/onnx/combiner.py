@@ -6,7 +6,7 @@ the run-time length as `cost_model.default_block` does). Self-attention only (Lq
 export checks it). Shapes: q (B, Hq, L, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv), key_keep bool
 (B, L) (all True when the site has no padding), out (B, Hq, L, Dv).
 
-Semantics = `methods/combiner.py` with `combiner_layout.build_layout("fixed", ...)`: keys are cut
+Semantics = `methods/combiner/` with `combiner.layout.build_layout("fixed", ...)`: keys are cut
 into G = ceil(L / block) blocks; query i attends directly to the real keys of its own block
 (causal: j <= i) and to one summary per other block (causal: per earlier block) that has a real
 key, all under one softmax. Summary key = max-pool of the block's real keys; summary value =

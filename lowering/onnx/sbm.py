@@ -3,7 +3,7 @@
 Only ``eval_graph="clusters"`` exports: the default eval graph is drawn from a seeded
 torch.Generator (Poisson counts, inverse-CDF endpoints) that no ONNX op sequence reproduces, so a
 file "with the same seed" would compute another graph. The clusters rule
-(`methods/sbm_cluster_graph.py`) is computed by PyTorch and by this body from the same formulas.
+(`methods/sbm/cluster_graph.py`) is computed by PyTorch and by this body from the same formulas.
 
 Node: ``SBM(q, k, v, bias, mask, key_keep, clusters, phi_w1, phi_b1, phi_w2, phi_b2) -> out`` with
 attributes ``scale`` (float), ``causal`` (int), ``bottom_right`` (int: causal offset Lk - Lq,
@@ -21,7 +21,7 @@ Body, without an Lq x Lk tensor:
    cluster) pair, (Y_Q B) Z^T (B, H, Lq, k); each query's `eval_clusters` largest (TopK: lowest
    index on ties, as the stable sort in PyTorch);
 3. the member keys of those clusters (`candidates.cluster_member_keys`, padded to the largest
-   cluster M) plus the query's own-position key (`sbm_sampling.fallback_keys`: with padding, the
+   cluster M) plus the query's own-position key (`sbm.sampling.fallback_keys`: with padding, the
    nearest real key at or before its anchor, else - not causal - the first real key);
 4. softmax of the site's scores over those candidates (`candidates.candidate_scores`: causal
    rule, padding, bias and mask at the pairs, each key once).
@@ -131,7 +131,7 @@ def sbm_memberships(x, clusters, phi_w1, phi_b1, phi_w2, phi_b2):
 
 @script(ATTNPASS, default_opset=op)
 def own_key(key_keep, lq, offset, not_causal):
-    """(B, Lq) the key at each query's own position (`sbm_sampling.fallback_keys`); Lk = none.
+    """(B, Lq) the key at each query's own position (`sbm.sampling.fallback_keys`); Lk = none.
 
     anchor = floor(i Lk / Lq), or i + offset (at most Lk - 1) when causal; with padding the last
     real key at or before the anchor, else (not causal) the first real key; none for a negative anchor."""

@@ -1,7 +1,7 @@
 """method="combiner": full attention at sparse cost through region summaries (Ren et al. 2021).
 
 Each query attends directly to the keys of its own block and reaches every other key it may see
-through exactly one region summary, all under one softmax (see `combiner_layout` for the
+through exactly one region summary, all under one softmax (see `combiner.layout` for the
 variants "fixed", "axial" and "logsparse"). Summaries are max-pools of the model's own queries
 and keys, so the method adds no parameters and applies to a trained model as is.
 

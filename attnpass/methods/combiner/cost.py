@@ -3,7 +3,7 @@
 Each query computes the keys of its own block directly and one region summary per other region
 (a summary read costs the same as a key); the summaries are max-pools of q and k, and each summary
 value is the pooled query's attention over its region. The variants differ in their regions (see
-`combiner_layout`): fixed, one per block of s keys; axial, one per column of an (Lk / s) x s grid;
+`combiner.layout`): fixed, one per block of s keys; axial, one per column of an (Lk / s) x s grid;
 logsparse, one per dyadic level.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ Per site, new parameters (they show in `parameters()` and `state_dict()` of the 
 
 Per head, the block matrix B_h = softmax over the k*k entries of C_h C_h^T, the memberships
 Y_Q = sigmoid(phi(Q) C_h^T) and Y_K = sigmoid(phi(K) C_h^T) (independent sigmoids), and the edge
-probabilities P = Y_Q B_h Y_K^T. A graph is sampled from P without forming it (`sbm_sampling`:
+probabilities P = Y_Q B_h Y_K^T. A graph is sampled from P without forming it (`sbm.sampling`:
 fastRG, cost linear in the edges; a pair is an edge with probability 1 - exp(-P_ij)), and the site
 attends over the sampled edges only: softmax of the site's own scores (scale, bias, mask, causal,
 padding, GQA, dropout as in the original) over each query's edges, on the edge-list kernel.
@@ -27,7 +27,7 @@ Choices (the paper leaves them open):
   `seed` option, so the same input gives the same graph (and output) on every call; a different
   seed gives another draw.
 - Eval with `eval_graph="clusters"`: a deterministic graph from the same memberships, no sampling
-  (`sbm_cluster_graph`): keys hard-assigned to their dominant cluster, each query attends to the
+  (`sbm.cluster_graph`): keys hard-assigned to their dominant cluster, each query attends to the
   keys of its `eval_clusters` clusters of largest expected edge mass, plus its own position. This
   is the rule the ONNX export computes (no runtime reproduces torch's sampler). Training always
   samples.

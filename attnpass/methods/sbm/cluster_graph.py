@@ -1,6 +1,6 @@
 """SBM's deterministic inference graph (option ``eval_graph="clusters"``): hard clusters, no sampling.
 
-The sampled graph (`sbm_sampling`) is the paper's, but it is drawn from a seeded torch.Generator
+The sampled graph (`sbm.sampling`) is the paper's, but it is drawn from a seeded torch.Generator
 that no other runtime reproduces (ONNX has no Poisson sampler, and a different sampler is a
 different graph). This rule picks edges from the same model quantities, deterministically and
 without forming the Lq x Lk edge probabilities P = Y_Q B Y_K^T:
@@ -12,7 +12,7 @@ without forming the Lq x Lk edge probabilities P = Y_Q B Y_K^T:
    would cost O(L k^2) memory); invisible keys are dropped afterwards;
 3. query i attends to every key of its `eval_clusters` hard clusters of largest m_i (ties: lowest
    index) that the causal rule and padding allow, plus the key at its own position (the sampling
-   rule's fallback key, `sbm_sampling.fallback_keys`), so no row is empty.
+   rule's fallback key, `sbm.sampling.fallback_keys`), so no row is empty.
 
 Work is O(L k^2 + edges); the edges are the keys of the chosen clusters, i.e. the method's own
 cost (a cluster holding most keys makes the graph dense, as a dense P would make the sampled one).
