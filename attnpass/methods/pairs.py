@@ -2,7 +2,7 @@
 
 Each method answers `SiteAttention.computed_pairs` from its own layout; `group_pairs` turns the
 grouped form (groups of query and key slots) into a (..., Lq, Lk) mask (the CSR form has
-`lowering.cpu.edge_attention.edges_to_dense_mask`). It builds L x L tensors on purpose (calibration,
+`lowering.torch.edge_attention.edges_to_dense_mask`). It builds L x L tensors on purpose (calibration,
 fidelity, tests), never on the attention path.
 """
 from __future__ import annotations
