@@ -42,6 +42,7 @@ from attnpass.kv_cache import (adopt_caches, drop_empty_concatenations, lent_to_
                                refuse_cropped_sliding_caches)
 from attnpass.frontend.rewrite import remove_dead_code, rewrite_site
 from attnpass.frontend.site import AttentionReport, SkippedSite
+from attnpass.short_call import shortened_call
 
 
 class CaptureNotice(UserWarning):
@@ -206,7 +207,11 @@ class SparseModel(nn.Module):
                 "signature (takes a few seconds; later calls reuse it; SparseModel.prepare(...) captures ahead of time)",
                 CaptureNotice, stacklevel=4)  # the caller of model(...)
         if program is None:
-            program = self._capture(key, args, kwargs)
+            program = self._capture_on_short_call(key, args, kwargs, flat)
+        if program is None:
+            if len(key) == 3 and key in self._specialised:  # the short call's graph holds only at its sizes
+                key = _sized(key, flat)
+            program = self._signatures.get(key) or self._capture(key, args, kwargs)
         if not program._sorted_leaves:
             flat = program._flatten(args, kwargs)
         with lent_to_graph(kwargs, program._returns_cache):
@@ -319,6 +324,22 @@ class SparseModel(nn.Module):
                 raise ValueError(f"{name}={kwargs[name]!r} is not supported on a sparsified model: {why}")
         register_cache_pytrees()  # before flattening a cache argument
         return call_signature(self.training, args, kwargs)
+
+    def _capture_on_short_call(self, key, args, kwargs, flat) -> Program | None:
+        """The program for a long token-sequence call, captured on the call's last tokens
+        (`attnpass.short_call`) when its graph also takes the long call; None otherwise (or in train
+        mode, where capturing runs a stateful method's training step)."""
+        if self.training or len(key) != 3 or key in self._specialised or key in self._refused:
+            return None
+        short = shortened_call(args, kwargs)
+        if short is None:
+            return None
+        program = self._capture(key, *short)
+        if program.signature == key and program.accepts(flat, captured=self._signature(*short)[1]):
+            return program
+        if self._signatures.get(key) is program:  # it does not take the long call: capture that one
+            del self._signatures[key]
+        return None
 
     def _capture(self, key, args, kwargs) -> Program:
         refused = self._refused.get(key)

@@ -255,19 +255,24 @@ class Program:
         self._in_dtypes = [getattr(values.get(spec.arg.name), "dtype", None) for spec in self.input_specs]
         self._owner = weakref.ref(owner)
 
-    def accepts(self, flat: list) -> bool:
+    def accepts(self, flat: list, captured: list | None = None) -> bool:
         """Can the graph take these user inputs (in `in_spec` order)? Each tensor's static dims must
-        match and each symbolic dim must lie in its range; other leaves must equal the constants."""
+        match and each symbolic dim must lie in its range; other leaves must equal the constants.
+        `captured`: the leaves of the call it was captured for; a dim of the same size there is taken
+        as it is (export may have widened it, e.g. a batch of 1 captured as symbolic)."""
         placeholders = {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}
         if len(flat) != len(self.user_input_names):
             return False
-        for name, value in zip(self.user_input_names, flat):
+        for index, (name, value) in enumerate(zip(self.user_input_names, flat)):
             val = placeholders[name].meta.get("val") if name in placeholders else None
             if not isinstance(value, torch.Tensor):
                 continue  # constants are part of the signature key
             if not isinstance(val, torch.Tensor) or val.dim() != value.dim() or val.dtype != value.dtype:
                 return False
-            for want, got in zip(val.shape, value.shape):
+            same = tuple(captured[index].shape) if captured is not None else ()
+            for dim, (want, got) in enumerate(zip(val.shape, value.shape)):
+                if dim < len(same) and same[dim] == got:
+                    continue
                 if isinstance(want, int):
                     if want != got:
                         return False
