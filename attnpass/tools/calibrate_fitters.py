@@ -23,8 +23,10 @@ module's own state, never the model's weights:
       loss = -(expected recall of the dense attention mass) + density_weight * (expected density),
   recall = sum_ij A_ij (1 - exp(-P_ij)) / rows, density = the method's `expected_density` (mean P
   over the pairs the causal rule and padding allow, as its training regulariser), where A
-  is the site's dense softmax and 1 - exp(-P_ij) the probability that the sampler draws (i, j) (P as
-  the forward draws it: scaled down to the site's `max_density` where it is above).
+  is the site's dense softmax and 1 - exp(-P_ij) the probability that the sampler draws (i, j). The
+  fit reads the model's own P, not P scaled to the site's `max_density` (a bound on what a call
+  draws): with the scaled P, the recall gained above the cap is discounted while the density term is
+  not, and on MiniLM the fit ended sparser and worse (docs/calibration.md).
   A pair is worth an edge when A_ij > density_weight / (allowed keys of the row): with the
   default 1, when its attention is above uniform. Builds P densely (calibration lengths only).
 Combiner and dense have nothing to fit. Each method's class picks its fitter (`SiteAttention.fitter`).
@@ -233,9 +235,8 @@ class SBMFitter(Fitter):
         B, Hq, Lq, _ = q.shape
         key_keep = data.get("key_keep")
         y_q, y_k, block = m.memberships(q, k, key_keep)                         # (N, L, c), (N, c, c)
-        drawn_from = m.capped_block(q, k, y_q, y_k, block, key_keep)            # what the forward samples
         y_rows = y_q.index_select(1, data["rows"])
-        P = torch.matmul(torch.matmul(y_rows, drawn_from), y_k.transpose(-1, -2)).view(B, Hq, len(data["rows"]), -1) + m.floor
+        P = torch.matmul(torch.matmul(y_rows, block), y_k.transpose(-1, -2)).view(B, Hq, len(data["rows"]), -1) + m.floor
         drawn = -torch.expm1(-P)                                                # P(edge (i, j) is sampled)
         probs = data["probs"].to(P.dtype)
         rows = (probs.sum(-1) > 0).sum().clamp(min=1)

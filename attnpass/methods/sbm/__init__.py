@@ -37,8 +37,8 @@ Choices (the paper leaves them open):
   down to it (one factor per head and call, the block matrix times max_density / density), so the
   graph is still a draw from the model's relative edge rates. Calibration fits the clusters and phi
   towards a density (`density_weight`); the cap holds whatever they are, e.g. for an untrained site
-  (whose P covers about a fifth of the pairs). The regulariser reads the unscaled P; the
-  straight-through gradient, the scaled P the graph was drawn from. `floor`'s rate and the one edge
+  (whose P covers about a fifth of the pairs). The regulariser and calibration's fit read the
+  model's own P; the straight-through gradient, the scaled P the graph was drawn from. `floor`'s rate and the one edge
   of a row that drew none come on top.
 - `memory_limit` (bytes; default: the memory the machine has available): a sampled call whose
   expected edge count (known from the memberships before drawing) needs more is refused with
