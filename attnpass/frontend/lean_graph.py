@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
 
 from attnpass.frontend.graph_ops import meta_val
 
@@ -51,23 +52,14 @@ def lean_graph(graph: fx.Graph) -> int:
 def _same_value(node: fx.Node) -> bool:
     """Does this call return its first argument (or a view of all of it, same shape and strides)?"""
     source = meta_val(node.args[0]) if node.args else None
-    if not isinstance(source, torch.Tensor):
+    if not isinstance(source, torch.Tensor) or node.target not in (aten.to.dtype, aten.alias.default, aten.slice.Tensor):
         return False
-    if node.target is aten.to.dtype:
-        # to.dtype(self, dtype, non_blocking=False, copy=False, memory_format=None)
-        copy = node.kwargs.get("copy", node.args[3] if len(node.args) > 3 else False)
-        memory_format = node.kwargs.get("memory_format", node.args[4] if len(node.args) > 4 else None)
-        return len(node.args) >= 2 and node.args[1] == source.dtype and not copy and memory_format is None
     if node.target is aten.alias.default:
         return True
-    if node.target is aten.slice.Tensor:
-        args = list(node.args) + [None] * (5 - len(node.args))
-        dim, start, end, step = (args[1] if args[1] is not None else node.kwargs.get("dim", 0)), args[2], args[3], args[4]
-        start = node.kwargs.get("start", start)
-        end = node.kwargs.get("end", end)
-        step = node.kwargs.get("step", step if step is not None else 1)
-        if not isinstance(dim, int) or start not in (None, 0) or step != 1:
-            return False
-        size = source.shape[dim]
-        return end is None or (isinstance(end, int) and (end >= _SLICE_TO_END or (isinstance(size, int) and end >= size)))
-    return False
+    # every argument by its schema name, defaults filled in
+    args = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+    if node.target is aten.to.dtype:
+        return args["dtype"] == source.dtype and not args["copy"] and args["memory_format"] is None
+    end, size = args["end"], source.shape[args["dim"]]
+    return (args["start"] in (None, 0) and args["step"] == 1
+            and (end is None or (isinstance(end, int) and (end >= _SLICE_TO_END or (isinstance(size, int) and end >= size)))))
