@@ -27,14 +27,15 @@ module defines:
 
 - `OPTIONS`: the option names `cost_expr` / `cost` take for the method (besides `itemsize`);
 - `LEGEND`: what the method's own symbols in its formulas stand for (e.g. "c clusters"; "" none);
-- `check_options(options)`: its checks of the option values (the names are checked here);
 - `per_head(itemsize, options) -> (params, flops, bytes)`: the cost of one batch element and
-  query head, the given options substituted (the others left as the method's symbols), and the
-  parameters `Cost.params` reports;
+  query head, the given options substituted (the others left as the method's symbols: `given`),
+  and the parameters `Cost.params` reports;
+and where it has them (absent: nothing to check, fill in or optimise):
+- `check_options(options)`: its checks of the option values (the names are checked here);
 - `default_options(len_q, len_k, head_dim, options) -> options`: the options with the parameters
   the method would choose itself filled in (the lengths are None when unknown);
-- `optimum(variant) -> expression or None`: the parameter value minimising its FLOPs, as an
-  expression of Lq, Lk, D (`minimiser`), or None when it has nothing to optimise.
+- `optimum(variant) -> expression`: the parameter value minimising its FLOPs, as an expression of
+  Lq, Lk, D (`minimiser`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ from dataclasses import dataclass, field
 
 import sympy
 
+# Every registered method has a cost model (its class names its formulas: SiteAttention.cost_formulas).
+from attnpass.methods import METHODS
+
 B, H, Lq, Lk, D = sympy.symbols("B H L_q L_k D", positive=True)
 c = sympy.Symbol("c", positive=True)   # routing: clusters
 s = sympy.Symbol("s", positive=True)   # combiner: block (axial: columns)
@@ -54,8 +58,6 @@ r = sympy.Symbol("r", positive=True)   # sparsefinder: projected rank
 PAIR = 4 * D + 5
 INDEX_BYTES = 8
 
-# The methods with a cost model (their classes name their formulas: SiteAttention.cost_formulas).
-METHODS = ("dense", "routing", "combiner", "sbm", "sparsefinder")
 
 
 def _formulas(method: str):
@@ -70,6 +72,23 @@ def _formulas_module(method: str):
     from attnpass.methods import method_class  # here: the methods import this module at load time
 
     return importlib.import_module(method_class(method).cost_formulas)
+
+
+def io_bytes(itemsize: int) -> sympy.Expr:
+    """Bytes every method moves per batch element and query head: q, k, v read and the output written."""
+    return itemsize * (2 * Lq * D + 2 * Lk * D)
+
+
+def given(flops: sympy.Expr, nbytes: sympy.Expr, options: dict, symbols: dict, params: dict | None = None):
+    """(params, flops, bytes) with each option in `symbols` (name -> its symbol) that is given (not
+    None) substituted for its symbol and recorded in `params`."""
+    params = {} if params is None else params
+    for name, symbol in symbols.items():
+        value = options.get(name)
+        if value is not None:
+            params[name] = value
+            flops, nbytes = flops.subs(symbol, value), nbytes.subs(symbol, value)
+    return params, flops, nbytes
 
 
 def minimiser(flops: sympy.Expr, symbol: sympy.Symbol, label: str) -> sympy.Expr:
@@ -127,7 +146,8 @@ def _check_options(method: str, options: dict):
     unknown = sorted(set(options) - set(formulas.OPTIONS) - {"itemsize"})
     if unknown:
         raise ValueError(f"cost model of {method!r} got unknown option(s) {unknown}; it takes {list(formulas.OPTIONS)}")
-    formulas.check_options(options)
+    if hasattr(formulas, "check_options"):
+        formulas.check_options(options)
     return formulas
 
 
@@ -151,7 +171,8 @@ def optimal_parameter(method: str, variant: str | None = None) -> sympy.Expr:
     Solved with sympy (the positive root of d flops / d parameter = 0). For logsparse that root is
     a constant block of ~3 keys, replaced by LOGSPARSE_BLOCK (see attnpass.methods.combiner.cost).
     """
-    value = _formulas(method).optimum(variant or "fixed") if method in METHODS else None
+    optimum = getattr(_formulas(method), "optimum", None) if method in METHODS else None
+    value = optimum(variant or "fixed") if optimum is not None else None
     if value is None:
         raise ValueError(f"method {method!r} has no parameter to optimise")
     return value
@@ -177,6 +198,11 @@ def default_block(len_q: int, len_k: int, head_dim: int, variant: str = "fixed")
     return _clamped(_optimum_function("combiner", variant)(len_q, len_k, head_dim), len_k)
 
 
+def _defaults(formulas, len_q, len_k, head_dim, options: dict) -> dict:
+    fill = getattr(formulas, "default_options", None)
+    return fill(len_q, len_k, head_dim, dict(options)) if fill is not None else dict(options)
+
+
 def _site_dim(value, symbol: sympy.Symbol):
     """A site's dim as an int when it is one, else the symbol (symbolic sizes print like s41)."""
     return int(value) if isinstance(value, int) else symbol
@@ -196,7 +222,7 @@ def cost(site=None, method: str = "dense", **options) -> Cost:
                   Lk: _site_dim(site.len_k, Lk), D: _site_dim(site.head_dim, D)}
     lengths_known = all(isinstance(values.get(x), int) for x in (Lq, Lk, D))
     lengths = (values[Lq], values[Lk], values[D]) if lengths_known else (None, None, None)
-    result = cost_expr(method, **formulas.default_options(*lengths, dict(options)))
+    result = cost_expr(method, **_defaults(formulas, *lengths, options))
     subs = {k: v for k, v in values.items() if isinstance(v, int)}
     return Cost(result.method, result.flops.subs(subs), result.bytes.subs(subs), result.params)
 
@@ -206,6 +232,6 @@ def growth_exponent(method: str, lengths=(1024, 16384), head_dim: int = 64, **op
     formulas = _formulas(method)
     flops = []
     for n in lengths:
-        opts = formulas.default_options(n, n, head_dim, dict(options))
+        opts = _defaults(formulas, n, n, head_dim, options)
         flops.append(cost_expr(method, **opts).evaluate(B=1, H=1, Lq=n, Lk=n, D=head_dim)[0])
     return math.log(flops[1] / flops[0]) / math.log(lengths[1] / lengths[0])

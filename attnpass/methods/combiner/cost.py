@@ -33,7 +33,6 @@ def check_options(options: dict) -> None:
 
 def _flops_bytes(variant: str, itemsize: int) -> tuple[sympy.Expr, sympy.Expr]:
     """(flops, bytes) of one batch element and query head, in s."""
-    io = itemsize * (2 * Lq * D + 2 * Lk * D)  # read q, k, v; write the output
     regions = Lk / s
     if variant == "fixed":
         # own block directly, one summary per other block; pooling; each summary value is the
@@ -54,18 +53,14 @@ def _flops_bytes(variant: str, itemsize: int) -> tuple[sympy.Expr, sympy.Expr]:
     else:
         raise _unknown_variant(variant)
     gathered = itemsize * (Lq + 2 * Lk) * D + INDEX_BYTES * (Lq + Lk)
-    return flops, io + gathered + summaries
+    return flops, cost_model.io_bytes(itemsize) + gathered + summaries
 
 
 def per_head(itemsize: int, options: dict):
     """(params, flops, bytes) of one batch element and query head; s unless `block` is given."""
     variant = options.get("variant", "fixed")
     flops, nbytes = _flops_bytes(variant, itemsize)
-    params = {"variant": variant}
-    if options.get("block") is not None:
-        params["block"] = options["block"]
-        flops, nbytes = flops.subs(s, options["block"]), nbytes.subs(s, options["block"])
-    return params, flops, nbytes
+    return cost_model.given(flops, nbytes, options, {"block": s}, params={"variant": variant})
 
 
 def default_options(len_q: int | None, len_k: int | None, head_dim: int | None, options: dict) -> dict:

@@ -35,7 +35,6 @@ def check_options(options: dict) -> None:
 
 def _flops_bytes(itemsize: int, local_window: int, fallback_share) -> tuple[sympy.Expr, sympy.Expr]:
     """(flops, bytes) of one batch element and query head, in c."""
-    io = itemsize * (2 * Lq * D + 2 * Lk * D)  # read q, k, v; write the output
     # similarities of every query and key to every centroid, top-w selection (one comparison
     # per candidate), then the kernels' tiles (module docstring): c clusters of Lq/c query by
     # Lk/c key slots, and per block of P = local_window positions the fallback's rows against
@@ -46,7 +45,7 @@ def _flops_bytes(itemsize: int, local_window: int, fallback_share) -> tuple[symp
     # gathered rows and index slots of both calls (the fallback's key_range: two per row)
     gathered = (itemsize * (Lq + 2 * Lk + fallback_rows + 2 * fallback_keys) * D
                 + INDEX_BYTES * (Lq + Lk + 3 * fallback_rows + fallback_keys))
-    return flops, io + gathered + itemsize * c * D
+    return flops, cost_model.io_bytes(itemsize) + gathered + itemsize * c * D
 
 
 def per_head(itemsize: int, options: dict):
@@ -54,10 +53,7 @@ def per_head(itemsize: int, options: dict):
     share = options.get("fallback_share")
     flops, nbytes = _flops_bytes(itemsize, options.get("local_window") or DEFAULT_LOCAL_WINDOW,
                                  DEFAULT_FALLBACK_SHARE if share is None else share)
-    params = {}
-    if options.get("clusters") is not None:
-        params["clusters"] = options["clusters"]
-        flops, nbytes = flops.subs(c, options["clusters"]), nbytes.subs(c, options["clusters"])
+    params, flops, nbytes = cost_model.given(flops, nbytes, options, {"clusters": c})
     if share is not None:
         params["fallback_share"] = share
     return params, flops, nbytes

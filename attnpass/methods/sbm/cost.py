@@ -9,37 +9,27 @@ from __future__ import annotations
 
 import sympy
 
-from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, k, rho
+from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, given, io_bytes, k, rho
 from attnpass.methods.sbm import DEFAULT_CLUSTERS
 
 OPTIONS = ("clusters", "density")
 LEGEND = "k clusters, rho edge density"
 
 
-def check_options(options: dict) -> None:
-    pass
-
-
 def _flops_bytes(itemsize: int) -> tuple[sympy.Expr, sympy.Expr]:
     """(flops, bytes) of one batch element and query head, in k and rho."""
-    io = itemsize * (2 * Lq * D + 2 * Lk * D)  # read q, k, v; write the output
     edges = rho * Lq * Lk
     sampling = 3 * sympy.log(Lk * k, 2) + sympy.log(edges, 2)  # per edge: lookups + merge sort
     flops = ((Lq + Lk) * (4 * D**2 + 2 * D * k) + 2 * k**2 * D + (Lq + Lk) * k
              + edges * (sampling + PAIR))
     gathered = edges * (itemsize * 3 * D + 2 * INDEX_BYTES) + 8 * (Lq + Lk) * k  # + float64 CDFs
-    return flops, io + gathered + itemsize * (k * D + 2 * D**2)
+    return flops, io_bytes(itemsize) + gathered + itemsize * (k * D + 2 * D**2)
 
 
 def per_head(itemsize: int, options: dict):
     """(params, flops, bytes) of one batch element and query head; k and rho unless given."""
     flops, nbytes = _flops_bytes(itemsize)
-    params = {}
-    for name, symbol in (("clusters", k), ("density", rho)):
-        if options.get(name) is not None:
-            params[name] = options[name]
-            flops, nbytes = flops.subs(symbol, options[name]), nbytes.subs(symbol, options[name])
-    return params, flops, nbytes
+    return given(flops, nbytes, options, {"clusters": k, "density": rho})
 
 
 def default_options(len_q: int | None, len_k: int | None, head_dim: int | None, options: dict) -> dict:
@@ -48,6 +38,3 @@ def default_options(len_q: int | None, len_k: int | None, head_dim: int | None, 
         options = {**options, "clusters": DEFAULT_CLUSTERS}
     return options
 
-
-def optimum(variant: str) -> None:
-    return None  # k is the user's choice (DEFAULT_CLUSTERS), rho is learned

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sympy
 
-from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, r, rho
+from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, given, io_bytes, r, rho
 from attnpass.methods.sparsefinder import DEFAULTS
 from attnpass.methods.sparsefinder.predictors import PREDICTORS
 
@@ -41,8 +41,7 @@ def _flops_bytes(predictor: str, itemsize: int, clusters, bucket_size) -> tuple[
     else:
         raise _unknown_predictor(predictor)
     flops = projection + predict + edges * sympy.log(edges, 2) + edges * PAIR
-    io = itemsize * (2 * Lq * D + 2 * Lk * D)
-    return flops, io + edges * (itemsize * 2 * D + 2 * INDEX_BYTES) + itemsize * 2 * D * r
+    return flops, io_bytes(itemsize) + edges * (itemsize * 2 * D + 2 * INDEX_BYTES) + itemsize * 2 * D * r
 
 
 def per_head(itemsize: int, options: dict):
@@ -51,18 +50,7 @@ def per_head(itemsize: int, options: dict):
     predictor = options.get("predictor") or DEFAULTS["predictor"]
     flops, nbytes = _flops_bytes(predictor, itemsize, options.get("clusters") or DEFAULTS["clusters"],
                                  options.get("bucket_size") or DEFAULTS["bucket_size"])
-    params = {"predictor": predictor}
-    for name, symbol, default in (("rank", r, DEFAULTS["rank"]), ("density", rho, None)):
-        value = options.get(name, default)
-        if value is not None:
-            params[name] = value
-            flops, nbytes = flops.subs(symbol, value), nbytes.subs(symbol, value)
-    return params, flops, nbytes
+    return given(flops, nbytes, {"rank": DEFAULTS["rank"], **options}, {"rank": r, "density": rho},
+                 params={"predictor": predictor})
 
 
-def default_options(len_q: int | None, len_k: int | None, head_dim: int | None, options: dict) -> dict:
-    return options  # per_head applies the method's defaults; the density stays rho
-
-
-def optimum(variant: str) -> None:
-    return None  # r is the user's choice, rho is learned
