@@ -4,7 +4,8 @@ Capturing a call runs the model several times at the call's sizes (export, the c
 holds at other sizes, the mask analysis's probes), which for a causal LM at thousands of tokens costs
 minutes. The graph is symbolic in the sequence length, so the same call on its last few tokens gives
 the same graph in seconds; `SparseModel` then checks that it accepts the long call (else it
-captures at the call's own sizes, as for any call). `sparsify` relies on the same property: its
+captures at the call's own sizes, as for any call). `SparseModel.generate` captures a long prompt's
+prefill and decode graphs the same way, on a two-token generation from the short prompt. `sparsify` relies on the same property: its
 example is short and its graph serves long calls.
 """
 from __future__ import annotations
@@ -20,13 +21,14 @@ def shortened_call(args: tuple, kwargs: dict, tokens: int = SHORT_CALL_TOKENS) -
     """(args, kwargs) of the same call on its last `tokens` positions, or None when it is not a
     token-sequence call longer than 2 * tokens whose sequence dim is clear.
 
-    The sequence: the integer (B, L) input_ids (first positional argument or keyword). Every tensor
+    The sequence: the integer (B, L) input_ids (first positional argument, or keyword `input_ids` /
+    generate's `inputs`). Every tensor
     argument with a dim of size L must be a (B, L) tensor given directly (attention_mask,
     position_ids, token_type_ids, labels): it is cut to its last `tokens` columns. A row the long
     call pads stays padded in the short one (transformers drops an all-ones mask, which would be
     another graph). A tensor of another shape holding L, or tensors inside containers (a KV cache),
     leave the call as it is (None)."""
-    ids = args[0] if args else kwargs.get("input_ids")
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point
             or ids.shape[1] <= 2 * tokens):
         return None

@@ -64,8 +64,6 @@ _REFUSED = {
     "output_attentions": "the sparsified attention does not compute the dense attention probabilities it returns",
 }
 
-# generate() captures its graphs on a prompt this long (see SparseModel._capture_generation_graphs)
-GENERATION_CAPTURE_TOKENS = 128
 _NOT_FOR_CAPTURE = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "streamer")
 
 _CONSTANT_TYPES = (bool, int, float, str, torch.dtype, torch.device, enum.Enum)
@@ -235,34 +233,21 @@ class SparseModel(nn.Module):
 
     def _capture_generation_graphs(self, generate, args, kwargs) -> None:
         """Before a long prompt's first generation, capture its prefill and decode graphs on a short
-        one (the prompt's last `GENERATION_CAPTURE_TOKENS` tokens, two new tokens): capture and its
+        one (`attnpass.short_call`: the prompt's last SHORT_CALL_TOKENS tokens, two new tokens): capture and its
         checks run the model several times at the example's length, which at a long prompt costs
         minutes; the graphs then serve the long prompt (a graph that holds only at its capture sizes
         is captured again at the call's, as for any call). Skipped in train mode (a stateful method
         would take a training step) and when this call's graphs exist; the random state is restored
         (sampling draws as without it)."""
-        prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-        short = GENERATION_CAPTURE_TOKENS
-        if (self.training or not isinstance(prompt, torch.Tensor) or prompt.dim() != 2
-                or prompt.dtype.is_floating_point or prompt.shape[-1] <= 2 * short):
+        if self.training:
             return
+        short = shortened_call(args, {k: v for k, v in kwargs.items() if k not in _NOT_FOR_CAPTURE})
         names = tuple(sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor)))
-        if names in self._generation_captured:
+        if short is None or names in self._generation_captured:
             return
-        rest = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_CAPTURE}
-        for name in ("input_ids", "inputs", "attention_mask"):
-            value = kwargs.get(name)
-            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[-1] == prompt.shape[-1]:
-                rest[name] = value[:, -short:]
-        mask = rest.get("attention_mask")
-        if mask is not None:
-            # a padded row stays padded (transformers drops an all-ones mask: another call signature)
-            mask = rest["attention_mask"] = mask.clone()
-            mask[(kwargs["attention_mask"] == 0).any(-1), 0] = 0
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", CaptureNotice)
-            generate(*((prompt[:, -short:],) + tuple(args[1:]) if args else ()), **rest,
-                     max_new_tokens=2, min_new_tokens=2)
+            generate(*short[0], **short[1], max_new_tokens=2, min_new_tokens=2)
         self._generation_captured.add(names)
 
     @contextlib.contextmanager

@@ -152,7 +152,7 @@ def test_a_model_without_generation_gets_transformers_own_error():
 
 
 def test_a_long_prompts_graphs_are_captured_on_a_short_one_and_sampling_draws_as_the_originals():
-    from attnpass.sparse_module import GENERATION_CAPTURE_TOKENS
+    from attnpass.short_call import SHORT_CALL_TOKENS as GENERATION_CAPTURE_TOKENS
 
     config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
