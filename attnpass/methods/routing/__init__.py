@@ -133,15 +133,14 @@ def _orphan_tiles(orphan: Tensor) -> Tensor:
     B, H, blocks, P = orphan.shape
     dev = orphan.device
     counts = orphan.sum(dim=-1)                                          # (B, H, blocks)
-
-    def tiles_for(rows: int) -> int:
-        return int((-(-counts // rows)).sum(dim=-1).max())
-
     # one tile per block (as wide as the fullest block), or tiles of P/2 or P/4 rows
     candidates = sorted({max(int(counts.max()), 1), max(P // 2, 1), max(P // 4, 1)}, reverse=True)
-    rows = min(candidates, key=lambda t: max(tiles_for(t), 1) * (t + _TILE_OVERHEAD_ROWS))
+    widths = torch.tensor(candidates, device=dev)
+    # tiles each width needs (the fullest batch row and head), in one read from the device
+    needed = (-(-counts.unsqueeze(-1) // widths)).sum(dim=-2).flatten(0, 1).amax(dim=0).tolist()
+    G, rows = min(((max(n, 1), t) for n, t in zip(needed, candidates)),
+                  key=lambda tiles_rows: tiles_rows[0] * (tiles_rows[1] + _TILE_OVERHEAD_ROWS))
     per_block = -(-counts // rows)                                       # tiles of each block
-    G = max(int(per_block.sum(dim=-1).max()), 1)
     ends = per_block.cumsum(dim=-1)                                      # (B, H, blocks)
     tile = torch.arange(G, device=dev).expand(B, H, G).contiguous()
     block = torch.searchsorted(ends, tile, right=True)                   # blocks: past the last tile
