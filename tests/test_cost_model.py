@@ -74,7 +74,7 @@ def test_routing_pairs_match_the_kernel_tiles_of_a_real_call(causal):
     # By default the model counts 1/e of the queries (the mean share no cluster takes); the tiles round
     # each block's fallback queries up to whole tiles and every head up to the same tile count, so the
     # call computes more, but never more than full blocks, and (with the cluster tiles, counted
-    # exactly) within a factor 1.3 here (1.39 causal when every block was padded to the fullest one).
+    # exactly) within a factor 1.3 here.
     assert model() <= kernel <= model(fallback_share=1.0)
     assert kernel < 1.3 * model()
 
