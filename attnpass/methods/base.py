@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attnpass.methods.anchor import Anchor, merge_parts, with_mass
+from attnpass.methods.anchor import Anchor, anchor_reason, merge_parts, with_mass
 
 
 def key_anchor(query_pos: torch.Tensor, len_q: int, len_k: int, causal: bool, offset: int) -> torch.Tensor:
@@ -75,6 +75,9 @@ class SiteAttention(nn.Module):
     # Whether the method keeps learned state (centroids, projections, clusters) that must live in the
     # model: a compile backend bound to no model cannot keep it (attnpass.backends.compile)
     has_learned_state: bool = False
+    # What of the method's state the site's query heads and head dim size (e.g. "routing sizes its
+    # centroids"); None: nothing, so a site whose heads are unknown can still be served
+    state_sized_by: str | None = None
 
     def __init__(self, spec: SiteSpec, anchor: Anchor | None = None):
         super().__init__()
@@ -130,7 +133,13 @@ class SiteAttention(nn.Module):
 
     @classmethod
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
-        """Why this method cannot serve the site (it is then left unchanged and reported), or None."""
+        """Why this method cannot serve the site (it is then left unchanged and reported), or None:
+        here, what every method shares (the anchor's options; state sized by the site's heads)."""
+        reason = anchor_reason(spec, options)
+        if reason:
+            return reason
+        if cls.state_sized_by and (spec.heads_q is None or spec.head_dim is None):
+            return f"the site's query head count and head dim are unknown; {cls.state_sized_by} by them"
         return None
 
     @classmethod

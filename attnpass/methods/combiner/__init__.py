@@ -17,7 +17,7 @@ import torch
 
 from attnpass import cost_model
 from attnpass.lowering.torch.grouped_attention import grouped_attention
-from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
+from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, check_anchor_options
 from attnpass.methods.base import SiteAttention, SiteSpec
 from attnpass.methods.combiner.layout import VARIANTS, build_layout, region_summaries, regions_in_band
 from attnpass.methods.pairs import group_pairs
@@ -64,7 +64,7 @@ class CombinerAttention(SiteAttention):
 
     @classmethod
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
-        reason = anchor_reason(spec, options)
+        reason = super().unsupported_reason(spec, **options)
         if reason:
             return reason
         kinds = [name for name, present in (("additive bias", spec.has_bias), ("mask", spec.has_mask)) if present]

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from attnpass import cost_model
 from attnpass.lowering.torch.grouped_attention import grouped_attention, scatter_slots
-from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options, scatter_merge
+from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, check_anchor_options, scatter_merge
 from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor, refuse_budget
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
 from attnpass.methods.options import check_int, check_known, check_real
@@ -191,6 +191,7 @@ class RoutingAttention(SiteAttention):
     onnx_lowering = "attnpass.lowering.onnx.routing"
     cost_formulas = "attnpass.methods.routing.cost"
     has_learned_state = True
+    state_sized_by = "routing sizes its centroids"
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
@@ -238,11 +239,9 @@ class RoutingAttention(SiteAttention):
 
     @classmethod
     def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
-        reason = anchor_reason(spec, options)
+        reason = super().unsupported_reason(spec, **options)
         if reason:
             return reason
-        if spec.heads_q is None or spec.head_dim is None:
-            return "the site's query head count and head dim are unknown; routing sizes its centroids by them"
         if options.get("clusters") is None and spec.example_len_q is None and spec.example_len_k is None:
             return "the example call's sequence lengths are unknown, so no default cluster count; pass clusters="
         return None

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from attnpass.lowering.torch.edge_attention import edge_attention, edges_to_dense_mask
 from attnpass.methods.base import SiteAttention, SiteSpec, refuse_budget
-from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
+from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, check_anchor_options
 from attnpass.methods.options import check_choice, check_int, check_known, check_real
 from attnpass.methods.sbm.cluster_graph import cluster_graph
 from attnpass.memory_guard import PairLimit, check_limit_option
@@ -84,6 +84,7 @@ class SBMAttention(SiteAttention):
     cost_formulas = "attnpass.methods.sbm.cost"
     learns_density = True
     has_learned_state = True
+    state_sized_by = "SBM sizes its clusters and MLP"
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
@@ -133,15 +134,6 @@ class SBMAttention(SiteAttention):
             if options["eval_clusters"] > clusters:
                 raise ValueError(f"method 'sbm': option eval_clusters={options['eval_clusters']} exceeds "
                                  f"clusters={clusters} (the number of clusters a query can pick from)")
-
-    @classmethod
-    def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
-        reason = anchor_reason(spec, options)
-        if reason:
-            return reason
-        if spec.heads_q is None or spec.head_dim is None:
-            return "the site's query head count and head dim are unknown; SBM sizes its clusters and MLP by them"
-        return None
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, clusters={self.num_clusters}, density_weight={self.density_weight:g}, "

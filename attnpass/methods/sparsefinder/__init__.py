@@ -68,7 +68,7 @@ from attnpass.lowering.triton.switch import use_triton
 from attnpass.methods import kmeans
 from attnpass.methods.sparsefinder import gold as sf_gold, metrics as sf_metrics, predictors
 from attnpass.methods.base import SiteAttention, SiteSpec
-from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, anchor_reason, check_anchor_options
+from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, check_anchor_options
 from attnpass.methods.options import check_int, check_known, check_real
 
 _OPTIONS = ("predictor", "rank", "threshold", "bucket_size", "clusters", "top_clusters", "window",
@@ -121,6 +121,7 @@ class SparsefinderAttention(SiteAttention):
     cost_formulas = "attnpass.methods.sparsefinder.cost"
     learns_density = True
     has_learned_state = True
+    state_sized_by = "sparsefinder sizes its projections"
     options = _OPTIONS
 
     def __init__(self, spec: SiteSpec, **options):
@@ -187,15 +188,6 @@ class SparsefinderAttention(SiteAttention):
         top, clusters = _top_clusters(options), options.get("clusters", DEFAULTS["clusters"])
         if top > clusters:
             _fail(f"option top_clusters={top} is more than clusters={clusters}")
-
-    @classmethod
-    def unsupported_reason(cls, spec: SiteSpec, **options) -> str | None:
-        reason = anchor_reason(spec, options)
-        if reason:
-            return reason
-        if spec.heads_q is None or spec.head_dim is None:
-            return "the site's query head count and head dim are unknown; sparsefinder sizes its projections by them"
-        return None
 
     def extra_repr(self) -> str:
         detail = {"distance": f"threshold={self.threshold:.4g}", "quantization": f"bucket_size={self.bucket_size}",
