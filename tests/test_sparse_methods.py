@@ -200,3 +200,18 @@ def test_routing_state_round_trips_through_state_dict():
     fresh.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=other)[0], expected)
+
+
+@pytest.mark.parametrize("method, sized", [("routing", True), ("sbm", True), ("sparsefinder", True),
+                                           ("combiner", False), ("dense", False)])
+def test_a_site_with_unknown_heads_is_declined_only_by_methods_whose_state_they_size(method, sized):
+    from attnpass.methods import SiteSpec, method_class
+
+    spec = SiteSpec(name="s", scale=None, causal=True, heads_q=None, heads_kv=None, head_dim=None,
+                    example_len_q=16, example_len_k=16)
+    reason = method_class(method).unsupported_reason(spec)
+    assert (reason is not None and "head count and head dim are unknown" in reason) == sized
+    # the anchor's own check comes first, for every method that takes it
+    if method != "dense":
+        bidirectional = SiteSpec(name="s", scale=None, causal=False, heads_q=4, heads_kv=4, head_dim=8)
+        assert "local= is a window" in method_class(method).unsupported_reason(bidirectional, local=4)
