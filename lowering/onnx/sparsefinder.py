@@ -70,6 +70,8 @@ EXPORTABLE_PREDICTORS = ("clustering", "quantization")
 _WHY_NOT = {
     "distance": "it tests every (query, key) pair against the threshold, all-pairs by nature, so its ONNX body "
                 "would be the Lq x Lk tensor the sparse export exists to avoid",
+    "blocks": "no ONNX body is written for it: its choice is tensor code that the traced-layout export "
+              "(one layout for every method) is to take as it is, rather than a second copy in ONNX",
 }
 
 

@@ -9,12 +9,22 @@ keys of kv head h // (Hq // Hkv) are projected with query head h's W_K). The pre
 `sparsefinder.predictors` (distance, quantization, clustering, plus window / first-token edges).
 
 Options (validated before capture):
-    predictor     "clustering" (default), "distance" or "quantization". Clustering is the default:
+    predictor     "clustering" (default), "distance", "quantization" or "blocks". Clustering is the default:
                   of the predictors that are not all-pairs it finds the most gold pairs for the
                   pairs it keeps (tests/test_sparsefinder.py's acceptance test asserts it against
                   quantization; docs/benchmarks_sparsefinder.md measures each predictor with its
                   script). Distance finds more but tests every pair, O(Lq Lk r) by nature.
                   Centroids start from the first batch's projected tokens.
+                  "blocks" (`sparsefinder.blocks`) needs no projection and nothing calibrated: each
+                  block of queries computes the key blocks that a sample of its queries' exact
+                  scores rank highest. It is the predictor for converting a pretrained LM (see
+                  README's recipe): the pair predictors miss the keys its retrieval heads need.
+    block, top_blocks, sampled_queries
+                  blocks predictor: block size for queries and keys (default 64), key blocks each
+                  query block computes (default 4), queries of a block whose scores rank the key
+                  blocks (default 8). The options of the other predictors (rank, threshold,
+                  bucket_size, clusters, top_clusters, window, first_token, margin, decay) do not
+                  apply to it and are refused, as its options are for the others.
     rank          r, projected dim (default 4, the paper's)
     threshold     distance predictor: ||W_Q q - W_K k|| < threshold. Default None = calibrated:
                   the hinge loss is invariant to shifting all squared distances, so no fixed
@@ -66,16 +76,21 @@ from attnpass.lowering.torch.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.torch.edge_attention import edge_attention, edges_to_dense_mask
 from attnpass.lowering.triton.switch import use_triton
 from attnpass.methods import kmeans
-from attnpass.methods.sparsefinder import gold as sf_gold, metrics as sf_metrics, predictors
-from attnpass.methods.base import SiteAttention, SiteSpec
+from attnpass.methods.sparsefinder import blocks, gold as sf_gold, metrics as sf_metrics, predictors
+from attnpass.lowering.torch.grouped_attention import grouped_attention
+from attnpass.methods.base import SiteAttention, SiteSpec, refuse_budget
 from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, check_anchor_options
 from attnpass.methods.options import check_int, check_known, check_real
 
 _OPTIONS = ("predictor", "rank", "threshold", "bucket_size", "clusters", "top_clusters", "window",
-            "first_token", "margin", "decay", "normalizer", "mass", "memory_limit") + ANCHOR_OPTIONS
+            "first_token", "margin", "decay", "normalizer", "mass", "memory_limit") + blocks.OPTIONS + ANCHOR_OPTIONS
 THRESHOLD_QUANTILE = 0.95
 DEFAULTS = dict(predictor="clustering", rank=4, threshold=None, bucket_size=16, clusters=16, top_clusters=2,
-                window=1, first_token=True, margin=1.0, decay=0.9, normalizer="entmax15", mass=0.9)
+                window=1, first_token=True, margin=1.0, decay=0.9, normalizer="entmax15", mass=0.9, **blocks.DEFAULTS)
+PREDICTOR_CHOICES = predictors.PREDICTORS + ("blocks",)
+# options only the pair predictors read (projections, their predictors, their local edges)
+_PAIR_PREDICTOR_OPTIONS = ("rank", "threshold", "bucket_size", "clusters", "top_clusters", "window", "first_token",
+                           "margin", "decay")
 NORMALIZERS = ("entmax15", "softmax")
 # Peak working memory of a call per candidate pair of the distance / clustering predictors (the
 # pairs, their merge into a CSR, the kernel's per-pair work; forward and backward alike), with a
@@ -147,10 +162,14 @@ class SparsefinderAttention(SiteAttention):
         self.window: int | None = None if opts["window"] is None else int(opts["window"])
         self.first_token: bool = bool(opts["first_token"])
         self.decay: float = float(opts["decay"])
+        self.block: int = int(opts["block"])
+        self.top_blocks: int = int(opts["top_blocks"])
+        self.sampled_queries: int = int(opts["sampled_queries"])
         H, D = spec.heads_q, spec.head_dim
-        # N(0, 1/D) entries: projected coordinates start with the scale of the inputs
-        self.w_q = nn.Parameter(torch.randn(H, D, self.rank) / math.sqrt(D))
-        self.w_k = nn.Parameter(torch.randn(H, D, self.rank) / math.sqrt(D))
+        if self.predictor != "blocks":  # the blocks predictor reads the model's own q, k
+            # N(0, 1/D) entries: projected coordinates start with the scale of the inputs
+            self.w_q = nn.Parameter(torch.randn(H, D, self.rank) / math.sqrt(D))
+            self.w_k = nn.Parameter(torch.randn(H, D, self.rank) / math.sqrt(D))
         if self.predictor == "clustering":
             kmeans.register_state(self, H, self.clusters, self.rank)  # routing's EMA k-means state
         self._last_aux_loss: Tensor | None = None
@@ -164,9 +183,14 @@ class SparsefinderAttention(SiteAttention):
         check_known("sparsefinder", options, _OPTIONS)
         check_anchor_options("sparsefinder", {"normalizer": DEFAULTS["normalizer"], **_default_normalizer(options), **options})
         predictor = options.get("predictor", DEFAULTS["predictor"])
-        if not isinstance(predictor, str) or predictor not in predictors.PREDICTORS:
-            _fail(f"option predictor={predictor!r} must be one of {list(predictors.PREDICTORS)}")
-        for name in ("rank", "bucket_size", "clusters", "top_clusters"):
+        if not isinstance(predictor, str) or predictor not in PREDICTOR_CHOICES:
+            _fail(f"option predictor={predictor!r} must be one of {list(PREDICTOR_CHOICES)}")
+        foreign = [n for n in (_PAIR_PREDICTOR_OPTIONS if predictor == "blocks" else blocks.OPTIONS) if n in options]
+        if foreign:
+            _fail(f"option {foreign[0]}= does not apply to predictor={predictor!r} "
+                  + ("(it picks whole key blocks from the model's own scores; sinks= / local= add sinks and a window)"
+                     if predictor == "blocks" else "(it is an option of predictor='blocks')"))
+        for name in ("rank", "bucket_size", "clusters", "top_clusters", "block", "top_blocks"):
             if name in options:
                 check_int("sparsefinder", name, options[name], 1)
         if options.get("window") is not None:
@@ -185,14 +209,22 @@ class SparsefinderAttention(SiteAttention):
         check_limit_option("sparsefinder", options)
         if "mass" in options:
             check_real("sparsefinder", "mass", options["mass"], 0.0, 1.0, low_open=True, high_open=False)
+        if "sampled_queries" in options:
+            check_int("sparsefinder", "sampled_queries", options["sampled_queries"], 1)
+            if options["sampled_queries"] > options.get("block", DEFAULTS["block"]):
+                _fail(f"option sampled_queries={options['sampled_queries']} is more than the queries of a block "
+                      f"(block={options.get('block', DEFAULTS['block'])})")
         top, clusters = _top_clusters(options), options.get("clusters", DEFAULTS["clusters"])
         if top > clusters:
             _fail(f"option top_clusters={top} is more than clusters={clusters}")
 
     def extra_repr(self) -> str:
+        normalizer = "entmax15" if self.normalizer == "entmax15" else f"softmax, mass={self.mass:g}"
+        if self.predictor == "blocks":
+            return (f"{super().extra_repr()}, predictor=blocks, block={self.block}, top_blocks={self.top_blocks}, "
+                    f"sampled_queries={self.sampled_queries}, normalizer={normalizer}")
         detail = {"distance": f"threshold={self.threshold:.4g}", "quantization": f"bucket_size={self.bucket_size}",
                   "clustering": f"clusters={self.clusters}, top_clusters={self.top_clusters}"}[self.predictor]
-        normalizer = "entmax15" if self.normalizer == "entmax15" else f"softmax, mass={self.mass:g}"
         return (f"{super().extra_repr()}, predictor={self.predictor}, rank={self.rank}, {detail}, "
                 f"window={self.window}, first_token={self.first_token}, normalizer={normalizer}")
 
@@ -227,6 +259,12 @@ class SparsefinderAttention(SiteAttention):
     def predict(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
         """The predicted graph for (q, k): CSR (row_ptr, col_index) and the candidate count."""
         self._check_shapes(q, k)
+        if self.predictor == "blocks":
+            q_index, k_index = self.block_layout(q, k, key_keep)
+            row_ptr, col = blocks.groups_to_csr(
+                q_index, k_index, q.shape[2], k.shape[2], causal=self.spec.causal, offset=self.layout_offset(q, k),
+                window=self.layout_window(), key_keep=key_keep)
+            return row_ptr, col, k_index.shape[-1] * q.shape[0] * q.shape[1] * q.shape[2]
         with torch.no_grad():
             qp, kp = self.project(q, k)
             if self.predictor == "clustering" and not bool(self.initialized):
@@ -242,9 +280,23 @@ class SparsefinderAttention(SiteAttention):
                     "predictor='quantization' (fixed pairs per query), or shorter inputs; memory_limit=<bytes> "
                     "sets the limit"))
 
+    def chosen_blocks(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None) -> Tensor:
+        """The blocks predictor's choice for (q, k): (B, Hq, query blocks, top_blocks) key blocks, -1 none."""
+        return blocks.choose_blocks(q, k, scale=self.scale(q), block=self.block, top_blocks=self.top_blocks,
+                                    samples=self.sampled_queries, causal=self.spec.causal,
+                                    offset=self.layout_offset(q, k), window=self.layout_window(), key_keep=key_keep)
+
+    def block_layout(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The blocks predictor's groups for (q, k): (q_index, k_index) of the grouped kernel."""
+        k_index = blocks.block_positions(self.chosen_blocks(q, k, key_keep), self.block, k.shape[2])
+        return blocks.query_groups(q.shape[2], self.block, q.shape[0], q.shape[1], q.device), k_index
+
     def predictor_ops(self, q: Tensor, k: Tensor, candidates: int) -> float:
         """Projection + predictor FLOPs of one call (all batch rows and heads)."""
         B, H, Lq, D = q.shape
+        if self.predictor == "blocks":
+            return B * H * blocks.predictor_flops(Lq=Lq, Lk=k.shape[2], head_dim=D, block=self.block,
+                                                  samples=self.sampled_queries)
         per_head = sf_metrics.predictor_flops(self.predictor, Lq=Lq, Lk=k.shape[2], head_dim=D, rank=self.rank,
                                       candidates=candidates // max(B * H, 1), bucket_size=self.bucket_size,
                                       clusters=self.clusters)
@@ -361,12 +413,18 @@ class SparsefinderAttention(SiteAttention):
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         from attnpass.prefill import NOMINAL_DENSITY
 
+        if self.predictor == "blocks":  # its pairs per query are fixed: top_blocks * block keys
+            return {"predictor": "blocks", "density": min(1.0, self.top_blocks * self.block / max(len_k, 1)),
+                    "block": self.block, "sampled_queries": self.sampled_queries}
         return {"predictor": self.predictor, "rank": self.rank, "density": NOMINAL_DENSITY,
                 "clusters": self.clusters, "bucket_size": self.bucket_size}
 
     def fitter(self, *, lr, gold, mass, density_weight, budget=None):
         """The projections by Adam on the hinge loss, the clustering predictor's centroids, and with a
         pair `budget` the distance predictor's threshold (`calibrate_fitters.SparsefinderFitter`)."""
+        if self.predictor == "blocks":  # nothing learned: it reads the model's own scores
+            refuse_budget("sparsefinder (predictor='blocks')", budget)
+            return None
         if budget is not None and self.predictor != "distance":
             raise ValueError(f"calibrate: budget= sets the distance predictor's threshold; site {self.spec.name!r} "
                              f"uses predictor={self.predictor!r} (its share of pairs follows from clusters / "
@@ -392,7 +450,17 @@ class SparsefinderAttention(SiteAttention):
             return q.new_zeros(B, Hq, Lq, v.shape[3]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
         p = dropout_p if self.training else 0.0
         stat = None
-        if self.predictor == "quantization" and not use_triton(q) and not with_stat:
+        if self.predictor == "blocks":
+            q_index, k_index = self.block_layout(q, k, key_keep)
+            slots, slot_stat = grouped_attention(
+                q, k, v, q_index, k_index, scale=self.scale(q), causal=self.spec.causal,
+                causal_offset=self.layout_offset(q, k), window=self.layout_window(), key_padding_mask=key_keep,
+                bias=bias, pair_mask=mask, dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer=self.normalizer)
+            out = slots.flatten(2, 3)[:, :, :Lq]
+            stat = slot_stat.flatten(2, 3)[:, :, :Lq]
+            if self._collect_metrics:
+                row_ptr, col, candidates = self.predict(q, k, key_keep)
+        elif self.predictor == "quantization" and not use_triton(q) and not with_stat:
             # the buckets' queries and keys as blocks (no per-edge gathers): the CPU path
             out = self._bucket_forward(q, k, v, bias, mask, key_keep, p)
             if self._collect_metrics:
@@ -413,7 +481,7 @@ class SparsefinderAttention(SiteAttention):
                 causal_offset=self.layout_offset(q, k), key_keep=key_keep,
                 bias=None if bias is None else bias.detach(), mask=mask,
                 predictor_ops=self.predictor_ops(q, k, candidates), **self.gold_rule)
-        elif self.training:
+        elif self.training and self.predictor != "blocks":
             self._last_aux_loss = self.projection_loss(q, k, key_keep, None if bias is None else bias.detach(), mask)
             if self.predictor == "clustering":
                 self.update_centroids_(q.detach(), k.detach(), key_keep)

@@ -4,17 +4,18 @@ projected rank r and the density rho of its predicted graph (learned, so an inpu
 Sparsefinder counts the projections (D -> r for every query and key), its predictor (distance:
 all Lq*Lk pairs in r dims; quantization: a sort per projected dim and each query's r buckets;
 clustering: every token against every centroid), the merge sort of the predicted pairs and
-entmax-1.5 attention over rho * Lq * Lk of them.
+entmax-1.5 attention over rho * Lq * Lk of them. The blocks predictor has no projection: it counts
+its sampled queries' exact logits (`sampled_queries` per `block` queries, against every key) and
+attention over its blocks (rho = top_blocks * block / Lk), with no merge sort.
 """
 from __future__ import annotations
 
 import sympy
 
 from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, given, io_bytes, r, rho
-from attnpass.methods.sparsefinder import DEFAULTS
-from attnpass.methods.sparsefinder.predictors import PREDICTORS
+from attnpass.methods.sparsefinder import DEFAULTS, PREDICTOR_CHOICES as PREDICTORS
 
-OPTIONS = ("predictor", "rank", "density", "clusters", "bucket_size")
+OPTIONS = ("predictor", "rank", "density", "clusters", "bucket_size", "block", "sampled_queries")
 LEGEND = ""
 
 
@@ -28,9 +29,13 @@ def check_options(options: dict) -> None:
         raise _unknown_predictor(predictor)
 
 
-def _flops_bytes(predictor: str, itemsize: int, clusters, bucket_size) -> tuple[sympy.Expr, sympy.Expr]:
+def _flops_bytes(predictor: str, itemsize: int, clusters, bucket_size, block, samples) -> tuple[sympy.Expr, sympy.Expr]:
     """(flops, bytes) of one batch element and query head, in r and rho."""
     edges = rho * Lq * Lk
+    if predictor == "blocks":
+        sampled = Lq * samples / block
+        flops = sampled * Lk * (2 * D + 1) + 3 * sampled * Lk / block + edges * PAIR
+        return flops, io_bytes(itemsize) + edges * itemsize * 2 * D + Lq / block * rho * Lk * INDEX_BYTES
     projection = 2 * D * r * (Lq + Lk)
     if predictor == "distance":
         predict = (3 * r + 1) * Lq * Lk
@@ -49,7 +54,9 @@ def per_head(itemsize: int, options: dict):
     predictor, rank, clusters and bucket size; rho unless `density` is given."""
     predictor = options.get("predictor") or DEFAULTS["predictor"]
     flops, nbytes = _flops_bytes(predictor, itemsize, options.get("clusters") or DEFAULTS["clusters"],
-                                 options.get("bucket_size") or DEFAULTS["bucket_size"])
+                                 options.get("bucket_size") or DEFAULTS["bucket_size"],
+                                 options.get("block") or DEFAULTS["block"],
+                                 options.get("sampled_queries") or DEFAULTS["sampled_queries"])
     return given(flops, nbytes, {"rank": DEFAULTS["rank"], **options}, {"rank": r, "density": rho},
                  params={"predictor": predictor})
 

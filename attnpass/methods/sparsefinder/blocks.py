@@ -1,0 +1,142 @@
+"""Sparsefinder's block predictor: whole key blocks per query block, chosen by sampled exact scores.
+
+The pair predictors of `predictors` (distance, quantization, clustering) guess each pair from r-dim
+projections; on a pretrained RoPE model such guesses miss the few keys a retrieval query needs (a
+pass key deep in a long prompt). This predictor guesses at block granularity instead, from the
+model's own scores on a sample of the queries:
+
+- queries and keys are cut into blocks of `block` consecutive positions; query block t holds
+  queries [t * block, (t + 1) * block);
+- `sampled_queries` of its queries, spread over the block and always including its last one (under
+  the causal rule the one that may see the most), score every key they may see exactly (q . k *
+  scale, the site's own logits); each sampled query's logits are max-pooled per key block and turned
+  into a softmax over key blocks: how much of that query's attention a block can hold at most;
+- a key block's score for the query block is its largest share over the sampled queries, and the
+  query block computes the keys of its `top_blocks` best blocks (ties to the lowest block index,
+  as everywhere a top-k chooses), every query of the block the same keys, as one group of the
+  grouped kernel. A block no sampled query may see is never chosen.
+
+The scoring costs `sampled_queries / block` of the full QK^T product and is done over chunks of query
+blocks, at most `block` sampled queries per head at a time (no Lq x Lk tensor); the attention then costs `top_blocks * block` keys per query. The
+method's causal rule, band, key padding and layout offset (the anchor's window and sinks, see
+`attnpass/methods/anchor.py`) hold inside the chosen blocks: the kernel reads them per pair.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnpass.lowering.torch.ordered_topk import topk_lowest_index
+from attnpass.methods.sparsefinder.predictors import csr_from_slots
+
+OPTIONS = ("block", "top_blocks", "sampled_queries")
+DEFAULTS = dict(block=64, top_blocks=4, sampled_queries=8)
+# Elements of one chunk of sampled logits (fp32): bounds the scoring's peak memory.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def sampled_rows(len_q: int, block: int, samples: int, device=None) -> Tensor:
+    """(blocks, samples) query positions: per block, its last query and every (block // samples)-th
+    one before it, clamped to the last query (a short last block repeats its last query)."""
+    blocks = -(-len_q // block)
+    stride = max(block // samples, 1)
+    offsets = block - 1 - stride * torch.arange(samples, device=device)
+    rows = torch.arange(blocks, device=device)[:, None] * block + offsets.clamp(min=0)[None, :]
+    return rows.clamp(max=len_q - 1)
+
+
+def _allowed(query_pos: Tensor, len_k: int, causal: bool, offset: int, window: int, key_keep: Tensor | None,
+             device) -> Tensor:
+    """(B or 1, n, Lk) bool: the keys each query of `query_pos` may see."""
+    key_pos = torch.arange(len_k, device=device)
+    allowed = torch.ones(1, len(query_pos), len_k, dtype=torch.bool, device=device)
+    if causal:
+        last = (query_pos + offset)[:, None]
+        allowed = allowed & (key_pos <= last)
+        if window:
+            allowed = allowed & (key_pos > last - window)
+    if key_keep is not None:
+        allowed = allowed & key_keep.to(torch.bool)[:, None, :]
+    return allowed
+
+
+@torch.no_grad()
+def block_scores(q: Tensor, k: Tensor, *, scale: float, block: int, samples: int, causal: bool = False,
+                 offset: int = 0, window: int = 0, key_keep: Tensor | None = None) -> Tensor:
+    """(B, Hq, query blocks, key blocks) float32: each key block's largest softmax share over its
+    query block's sampled queries (0 for a block none of them may see). q (B, Hq, Lq, D), k (B, Hkv, Lk, D)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    n_kb = -(-Lk // block)
+    rows = sampled_rows(Lq, block, samples, q.device)  # (nq, s)
+    n_qb = rows.shape[0]
+    # a chunk scores at most `block` sampled queries per head (and at most _CHUNK_ELEMENTS logits)
+    per_block = max(B * Hq * samples * n_kb * block, 1)
+    chunk = max(min(_CHUNK_ELEMENTS // per_block, block // samples), 1)
+    kf = k.float()
+    scores = []
+    for start in range(0, n_qb, chunk):
+        sel = rows[start:start + chunk].reshape(-1)  # (c * s,)
+        # causal: no sampled query of the chunk sees past its last block's last query, so those keys are skipped
+        n = min(max(min((start + chunk) * block, Lq) + offset, 1), Lk) if causal else Lk
+        n_pooled = -(-n // block)
+        qs = q[:, :, sel].float().mul_(scale).view(B, Hkv, G * len(sel), D)
+        logits = torch.matmul(qs, kf[:, :, :n].transpose(-1, -2)).view(B, Hkv, G, len(sel), n)
+        allowed = _allowed(sel, n, causal, offset, window, None if key_keep is None else key_keep[:, :n], q.device)
+        logits.masked_fill_(~allowed[:, None, None], -math.inf)
+        pooled = F.pad(logits, (0, n_pooled * block - n), value=-math.inf).view(B, Hkv, G, len(sel), n_pooled, block)
+        share = torch.softmax(pooled.amax(-1), dim=-1).nan_to_num_(0.0)  # a sampled query seeing nothing: 0 everywhere
+        share = F.pad(share, (0, n_kb - n_pooled))  # key blocks past the chunk's last query: none of them sees
+        scores.append(share.view(B, Hq, -1, samples, n_kb).amax(dim=3))
+    return torch.cat(scores, dim=2)
+
+
+@torch.no_grad()
+def choose_blocks(q: Tensor, k: Tensor, *, scale: float, block: int, top_blocks: int, samples: int,
+                  causal: bool = False, offset: int = 0, window: int = 0, key_keep: Tensor | None = None) -> Tensor:
+    """(B, Hq, query blocks, top_blocks) int64: each query block's chosen key blocks (-1: none)."""
+    scores = block_scores(q, k, scale=scale, block=block, samples=samples, causal=causal, offset=offset,
+                          window=window, key_keep=key_keep)
+    chosen = topk_lowest_index(scores, min(top_blocks, scores.shape[-1]), dim=-1)
+    return torch.where(scores.gather(-1, chosen) > 0, chosen, -1)
+
+
+def block_positions(chosen: Tensor, block: int, len_k: int) -> Tensor:
+    """(B, Hq, nq, top_blocks * block) key positions of the chosen blocks (-1: none)."""
+    positions = chosen[..., None] * block + torch.arange(block, device=chosen.device)
+    return torch.where((chosen[..., None] >= 0) & (positions < len_k), positions, -1).flatten(-2)
+
+
+def query_groups(len_q: int, block: int, batch: int, heads: int, device=None) -> Tensor:
+    """(B, Hq, nq, block) query positions of each query block (-1 past the last query)."""
+    queries = torch.arange(-(-len_q // block) * block, device=device).view(-1, block)
+    return torch.where(queries < len_q, queries, -1).expand(batch, heads, -1, -1)
+
+
+def groups_to_csr(q_index: Tensor, k_index: Tensor, len_q: int, len_k: int, *, causal: bool = False,
+                  offset: int = 0, window: int = 0, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The pairs a block layout computes as CSR over the B * Hq * Lq query rows (for the measuring
+    tools: every query's row holds its group's keys that the causal rule, band and padding allow)."""
+    B, Hq, n_qb, block = q_index.shape
+    slots = k_index[:, :, :, None, :].expand(-1, -1, -1, block, -1).reshape(B, Hq, n_qb * block, -1)[:, :, :len_q]
+    query_pos = torch.arange(len_q, device=k_index.device)
+    ok = slots >= 0
+    if causal:
+        last = (query_pos + offset)[:, None]
+        ok &= slots <= last
+        if window:
+            ok &= slots > last - window
+    if key_keep is not None:
+        ok &= key_keep.to(torch.bool).gather(1, slots.clamp(min=0).view(B, -1)).view(slots.shape)
+    return csr_from_slots(torch.where(ok, slots, -1).reshape(B * Hq * len_q, -1))
+
+
+def predictor_flops(*, Lq: int, Lk: int, head_dim: int, block: int, samples: int) -> float:
+    """FLOPs of one (batch element, query head) for choosing the blocks: the sampled logits, their
+    max-pool and softmax over key blocks."""
+    sampled = math.ceil(Lq / block) * samples
+    return sampled * Lk * (2 * head_dim + 1) + sampled * math.ceil(Lk / block) * 3

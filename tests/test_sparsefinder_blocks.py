@@ -1,0 +1,237 @@
+"""Tests for Sparsefinder's blocks predictor (attnpass/methods/sparsefinder/blocks.py).
+
+Two independent statements are checked against the module: which key blocks a query block gets
+(`chosen_blocks`, written here from the definition with loops and float64, every query's logits
+computed in full), and what the site computes on them (a dense float64 softmax over exactly those
+pairs, restricted by the site's causal rule, padding and the anchor)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from memory_probe import no_square_tensor
+from test_anchor import pair_counts
+
+import attnpass
+from attnpass.methods.base import SiteSpec
+from attnpass.methods.sparsefinder import SparsefinderAttention
+from attnpass.methods.sparsefinder import blocks as blocks_module
+
+F64 = torch.float64
+B, HQ, HKV, D = 2, 4, 2, 16
+
+
+def make_site(L: int, causal: bool = True, **options) -> SparsefinderAttention:
+    spec = SiteSpec("layers.0.attn", None, causal=causal, heads_q=HQ, heads_kv=HKV, head_dim=D,
+                    example_len_q=L, example_len_k=L)
+    options = {"predictor": "blocks", "normalizer": "softmax", "block": 8, "top_blocks": 3, "sampled_queries": 4,
+               **options}
+    site = SparsefinderAttention(spec, **options).to(F64).eval()
+    site.prefill_queries = 1
+    return site
+
+
+def inputs(Lq: int, Lk: int, padded: bool = False, seed: int = 1, requires_grad: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, D, generator=g, dtype=F64, requires_grad=requires_grad)
+               for h, n in ((HQ, Lq), (HKV, Lk), (HKV, Lk)))
+    keep = None
+    if padded:  # left padding
+        keep = torch.ones(B, Lk, dtype=torch.bool)
+        keep[0, :5] = False
+    return {"q": q, "k": k, "v": v, "key_keep": keep}
+
+
+def chosen_blocks(site, q, k, key_keep=None) -> set:
+    """{(b, h, query block, key block)} from the definition: per query block, its sampled queries
+    (the last, then every block // samples-th before it), each query's logits over the keys it may
+    see max-pooled per key block and softmaxed over key blocks; a key block's score is its largest
+    share; the top_blocks best with a positive score, ties to the lowest block index."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    P, s, top = site.block, site.sampled_queries, site.top_blocks
+    offset = site.layout_offset(q, k)
+    n_kb = math.ceil(Lk / P)
+    chosen = set()
+    for b in range(q.shape[0]):
+        for h in range(HQ):
+            kv = h // (HQ // HKV)
+            for t in range(math.ceil(Lq / P)):
+                rows = {min(t * P + P - 1 - (P // s) * i, Lq - 1) for i in range(s)}
+                score = [0.0] * n_kb
+                for i in rows:
+                    pooled = []
+                    for j in range(n_kb):
+                        keys = [c for c in range(j * P, min((j + 1) * P, Lk))
+                                if (not site.spec.causal or c <= i + offset)
+                                and (key_keep is None or bool(key_keep[b, c]))]
+                        pooled.append(max((float(q[b, h, i] @ k[b, kv, c]) * site.scale(q) for c in keys),
+                                          default=-math.inf))
+                    top_logit = max(pooled)
+                    if top_logit == -math.inf:
+                        continue
+                    weights = [math.exp(x - top_logit) for x in pooled]
+                    score = [max(a, w / sum(weights)) for a, w in zip(score, weights)]
+                ranked = sorted(range(n_kb), key=lambda j: (-score[j], j))[:top]
+                chosen |= {(b, h, t, j) for j in ranked if score[j] > 0}
+    return chosen
+
+
+def layout_blocks(site, q, k, key_keep=None) -> set:
+    q_index, k_index = site.block_layout(q, k, key_keep)
+    P = site.block
+    starts = k_index.view(*k_index.shape[:3], -1, P)[..., 0]  # each chosen block's first slot
+    return {(b, h, t, int(starts[b, h, t, j]) // P) for b, h, t, j in torch.nonzero(starts >= 0).tolist()}
+
+
+@pytest.mark.parametrize("causal, padded, L", [(True, False, 61), (True, True, 64), (False, True, 45)])
+def test_the_chosen_blocks_are_the_definitions(causal, padded, L):
+    site = make_site(L, causal=causal)
+    x = inputs(L, L, padded)
+    assert layout_blocks(site, x["q"], x["k"], x["key_keep"]) == chosen_blocks(site, x["q"], x["k"], x["key_keep"])
+
+
+def test_scoring_in_chunks_chooses_as_in_one_piece(monkeypatch):
+    site = make_site(64)
+    x = inputs(64, 64)
+    whole = site.block_layout(x["q"], x["k"])
+    monkeypatch.setattr(blocks_module, "_CHUNK_ELEMENTS", 1)  # one query block per chunk
+    assert all(torch.equal(a, b) for a, b in zip(whole, site.block_layout(x["q"], x["k"])))
+
+
+def _dense_reference(site, x: dict) -> torch.Tensor:
+    q, k, v = x["q"], x["k"].repeat_interleave(HQ // HKV, 1), x["v"].repeat_interleave(HQ // HKV, 1)
+    counts = pair_counts(site, x)
+    assert int(counts.max()) == 1  # blocks are distinct, so no pair is listed twice
+    scores = (q @ k.transpose(-1, -2)) * site.scale(q)
+    probs = torch.softmax(scores.masked_fill(counts == 0, -math.inf), -1).nan_to_num(0.0)
+    return probs @ v
+
+
+@pytest.mark.parametrize("causal, padded, anchor", [
+    (True, False, {}), (True, True, {}), (False, False, {}), (True, True, {"sinks": 3, "local": 12}),
+    (True, False, {"sinks": 2, "local": 16}), (False, True, {"sinks": 2}),
+])
+def test_forward_and_backward_equal_a_dense_softmax_over_the_same_pairs(causal, padded, anchor):
+    L = 72
+    site = make_site(L, causal=causal, **anchor)
+    x = inputs(L, L, padded, requires_grad=True)
+    got = site(x["q"], x["k"], x["v"], key_keep=x["key_keep"])
+    want = _dense_reference(site, x)
+    rows = slice(5, None) if padded else slice(None)  # batch row 0's padded queries see nothing real
+    assert torch.allclose(got[:, :, rows], want[:, :, rows], atol=1e-10, rtol=1e-9)
+    grad = torch.randn_like(got)
+    grad[:, :, :5] = 0 if padded else grad[:, :, :5]
+    got_grads = torch.autograd.grad((got * grad).sum(), (x["q"], x["k"], x["v"]))
+    want_grads = torch.autograd.grad((want * grad).sum(), (x["q"], x["k"], x["v"]))
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-8)
+
+
+def test_it_computes_fewer_pairs_than_dense_and_differs_from_dense():
+    L = 96
+    site = make_site(L)
+    x = inputs(L, L)
+    pairs = pair_counts(site, x)
+    allowed = torch.ones(L, L, dtype=torch.bool).tril().sum() * B * HQ
+    assert int(pairs.sum()) < 0.7 * int(allowed)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        x["q"], x["k"].repeat_interleave(2, 1), x["v"].repeat_interleave(2, 1), is_causal=True)
+    assert (site(x["q"], x["k"], x["v"]) - dense).abs().max() > 1e-3
+
+
+def test_with_every_block_chosen_it_is_dense_attention():
+    L = 40
+    site = make_site(L, top_blocks=5)
+    x = inputs(L, L)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        x["q"], x["k"].repeat_interleave(2, 1), x["v"].repeat_interleave(2, 1), is_causal=True)
+    assert torch.allclose(site(x["q"], x["k"], x["v"]), dense, atol=1e-12)
+
+
+def test_a_chunk_over_cached_keys_chooses_among_the_keys_it_may_see():
+    """Bottom-right causal (a prompt continued over a cache): 24 new queries over 80 keys."""
+    spec = SiteSpec("layers.0.attn", None, causal=True, causal_bottom_right=True, heads_q=HQ, heads_kv=HKV,
+                    head_dim=D, example_len_q=24, example_len_k=80)
+    site = SparsefinderAttention(spec, predictor="blocks", normalizer="softmax", block=8, top_blocks=3,
+                                 sampled_queries=4).to(F64).eval()
+    site.prefill_queries = 1
+    x = inputs(24, 80)
+    assert layout_blocks(site, x["q"], x["k"]) == chosen_blocks(site, x["q"], x["k"])
+    got = site(x["q"], x["k"], x["v"])
+    assert torch.allclose(got, _dense_reference(site, x), atol=1e-10, rtol=1e-9)
+
+
+def test_no_square_tensor_forward_and_backward():
+    L = 1024
+    spec = SiteSpec("layers.0.attn", None, causal=True, heads_q=HQ, heads_kv=HKV, head_dim=D,
+                    example_len_q=L, example_len_k=L)
+    site = SparsefinderAttention(spec, predictor="blocks", normalizer="softmax", block=32, top_blocks=4,
+                                 sinks=4, local=64)
+    site.prefill_queries = 1
+    q, k, v = (torch.randn(1, HQ if n == "q" else HKV, L, D, requires_grad=True) for n in "qkv")
+    with no_square_tensor(L, L):
+        site(q, k, v).sum().backward()
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"predictor": "blocks", "window": 4}, ValueError, "window= does not apply to predictor='blocks'"),
+    ({"predictor": "blocks", "rank": 8}, ValueError, "rank= does not apply"),
+    ({"predictor": "clustering", "top_blocks": 2}, ValueError, "top_blocks= does not apply to predictor='clustering'"),
+    ({"predictor": "blocks", "block": 16, "sampled_queries": 32}, ValueError, "more than the queries of a block"),
+    ({"predictor": "blocks", "block": 0}, ValueError, "block=0 must be an int >= 1"),
+    ({"predictor": "blocks", "top_blocks": 1.5}, TypeError, "top_blocks=1.5 must be an int"),
+])
+def test_option_errors(options, error, match):
+    with pytest.raises(error, match=match):
+        SparsefinderAttention.validate_options(**options)
+
+
+def test_nothing_to_calibrate_and_no_projection_state():
+    site = make_site(32)
+    assert not [n for n, _ in site.named_parameters()]
+    assert site.fitter(lr=1e-3, gold=None, mass=None, density_weight=0.0) is None
+    with pytest.raises(ValueError, match="budget="):
+        site.fitter(lr=1e-3, gold=None, mass=None, density_weight=0.0, budget=0.2)
+    site.train()
+    x = inputs(32, 32)
+    site(x["q"], x["k"], x["v"])
+    assert site.aux_loss() is None
+
+
+def test_through_sparsify_on_a_causal_lm_all_blocks_is_the_original():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 48))
+    want = model(input_ids=ids).logits
+    full = attnpass.sparsify(model, kwargs=dict(input_ids=ids), method="sparsefinder", predictor="blocks", block=8, top_blocks=6,
+                             sinks=2, local=8, prefill_queries=1)
+    assert torch.allclose(full(input_ids=ids).logits, want, atol=1e-4)
+    sparse = attnpass.sparsify(model, kwargs=dict(input_ids=ids), method="sparsefinder", predictor="blocks", block=8, top_blocks=1,
+                               prefill_queries=1)
+    assert (sparse(input_ids=ids).logits - want).abs().max() > 1e-3
+
+
+
+def test_an_additive_bias_and_a_general_mask_are_read_at_the_chosen_pairs():
+    L = 48
+    spec = SiteSpec("layers.0.attn", None, causal=True, has_bias=True, has_mask=True, heads_q=HQ, heads_kv=HKV,
+                    head_dim=D, example_len_q=L, example_len_k=L)
+    site = SparsefinderAttention(spec, predictor="blocks", normalizer="softmax", block=8, top_blocks=3,
+                                 sampled_queries=4).to(F64).eval()
+    site.prefill_queries = 1
+    x = inputs(L, L)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(B, 1, L, L, generator=g, dtype=F64)
+    mask = torch.rand(1, HQ, L, L, generator=g) > 0.2
+    mask[..., 0] = True  # every row keeps a key
+    got = site(x["q"], x["k"], x["v"], bias=bias, mask=mask)
+    chosen = site.computed_pairs(x["q"], x["k"])[0]  # the pairs the layout lists, before the mask
+    q, k, v = x["q"], x["k"].repeat_interleave(2, 1), x["v"].repeat_interleave(2, 1)
+    keep = chosen & mask & torch.ones(L, L, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2)) * site.scale(q) + bias
+    want = torch.softmax(scores.masked_fill(~keep, -math.inf), -1).nan_to_num(0.0) @ v
+    assert torch.allclose(got, want, atol=1e-10, rtol=1e-9)
