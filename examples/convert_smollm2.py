@@ -43,7 +43,7 @@ from attnpass.tools.site_probe import counted_pairs  # noqa: E402
 RECIPES = [
     ("combiner", "combiner", {"sinks": 4, "local": 512}, None),
     ("routing", "routing", {"sinks": 4, "local": 512, "clusters": 16}, {"steps": 30}),
-    ("sparsefinder", "sparsefinder", {"normalizer": "softmax", "sinks": 4, "local": 512}, {"steps": 30}),
+    ("sparsefinder", "sparsefinder", {"predictor": "blocks", "sinks": 4, "local": 128}, None),
     ("sbm", "sbm", {"sinks": 4, "local": 512}, {"steps": 30}),
 ]
 CALIBRATION_FAMILY, EVALUATION_FAMILY = "gpl", "other"

@@ -20,9 +20,9 @@ Options (validated before capture):
                   scores rank highest. It is the predictor for converting a pretrained LM (see
                   README's recipe): the pair predictors miss the keys its retrieval heads need.
     block, top_blocks, sampled_queries
-                  blocks predictor: block size for queries and keys (default 64), key blocks each
-                  query block computes (default 4), queries of a block whose scores rank the key
-                  blocks (default 8). The options of the other predictors (rank, threshold,
+                  blocks predictor: block size for queries and keys (default 32), key blocks each
+                  query block computes (default 13: 416 keys per query whatever the length), queries
+                  of a block whose scores rank the key blocks (default 8). The options of the other predictors (rank, threshold,
                   bucket_size, clusters, top_clusters, window, first_token, margin, decay) do not
                   apply to it and are refused, as its options are for the others.
     rank          r, projected dim (default 4, the paper's)

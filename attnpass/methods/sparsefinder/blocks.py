@@ -33,7 +33,7 @@ from attnpass.lowering.torch.ordered_topk import topk_lowest_index
 from attnpass.methods.sparsefinder.predictors import csr_from_slots
 
 OPTIONS = ("block", "top_blocks", "sampled_queries")
-DEFAULTS = dict(block=64, top_blocks=4, sampled_queries=8)
+DEFAULTS = dict(block=32, top_blocks=13, sampled_queries=8)
 # Elements of one chunk of sampled logits (fp32): bounds the scoring's peak memory.
 _CHUNK_ELEMENTS = 1 << 22
 
