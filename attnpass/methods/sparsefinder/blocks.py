@@ -48,18 +48,18 @@ def sampled_rows(len_q: int, block: int, samples: int, device=None) -> Tensor:
     return rows.clamp(max=len_q - 1)
 
 
-def _allowed(query_pos: Tensor, len_k: int, causal: bool, offset: int, window: int, key_keep: Tensor | None,
-             device) -> Tensor:
-    """(B or 1, n, Lk) bool: the keys each query of `query_pos` may see."""
-    key_pos = torch.arange(len_k, device=device)
-    allowed = torch.ones(1, len(query_pos), len_k, dtype=torch.bool, device=device)
+def _allowed(query_pos: Tensor, key_pos: Tensor, len_k: int, causal: bool, offset: int, window: int,
+             key_keep: Tensor | None) -> Tensor:
+    """(B or 1, n, len(key_pos)) bool: which of the keys at `key_pos` each query of `query_pos` may see
+    (positions >= len_k are block padding: never)."""
+    allowed = (key_pos < len_k).expand(1, len(query_pos), -1)
     if causal:
         last = (query_pos + offset)[:, None]
         allowed = allowed & (key_pos <= last)
         if window:
             allowed = allowed & (key_pos > last - window)
     if key_keep is not None:
-        allowed = allowed & key_keep.to(torch.bool)[:, None, :]
+        allowed = allowed & key_keep.to(torch.bool).gather(1, key_pos.clamp(max=len_k - 1).expand(len(key_keep), -1))[:, None]
     return allowed
 
 
@@ -77,19 +77,24 @@ def block_scores(q: Tensor, k: Tensor, *, scale: float, block: int, samples: int
     # a chunk scores at most `block` sampled queries per head (and at most _CHUNK_ELEMENTS logits)
     per_block = max(B * Hq * samples * n_kb * block, 1)
     chunk = max(min(_CHUNK_ELEMENTS // per_block, block // samples), 1)
-    kf = k.float()
+    # keys padded to whole blocks, so a chunk's logits are viewed as blocks without a copy
+    keys = F.pad(k.float(), (0, 0, 0, n_kb * block - Lk))
+    key_pos = torch.arange(n_kb * block, device=q.device)
     scores = []
     for start in range(0, n_qb, chunk):
-        sel = rows[start:start + chunk].reshape(-1)  # (c * s,)
-        # causal: no sampled query of the chunk sees past its last block's last query, so those keys are skipped
-        n = min(max(min((start + chunk) * block, Lq) + offset, 1), Lk) if causal else Lk
-        n_pooled = -(-n // block)
+        stop = min(start + chunk, n_qb)
+        sel = rows[start:stop].reshape(-1)  # (c * s,)
+        # causal: no sampled query of the chunk sees past its last block's last query, so those key blocks are skipped
+        n_pooled = -(-min(max(min(stop * block, Lq) + offset, 1), Lk) // block) if causal else n_kb
         qs = q[:, :, sel].float().mul_(scale).view(B, Hkv, G * len(sel), D)
-        logits = torch.matmul(qs, kf[:, :, :n].transpose(-1, -2)).view(B, Hkv, G, len(sel), n)
-        allowed = _allowed(sel, n, causal, offset, window, None if key_keep is None else key_keep[:, :n], q.device)
-        logits.masked_fill_(~allowed[:, None, None], -math.inf)
-        pooled = F.pad(logits, (0, n_pooled * block - n), value=-math.inf).view(B, Hkv, G, len(sel), n_pooled, block)
-        share = torch.softmax(pooled.amax(-1), dim=-1).nan_to_num_(0.0)  # a sampled query seeing nothing: 0 everywhere
+        logits = torch.matmul(qs, keys[:, :, :n_pooled * block].transpose(-1, -2)).view(B, Hkv, G, len(sel), -1)
+        # keys before the chunk's first sampled query's last visible one are seen by all of its queries:
+        # without a band or padding, only the columns after it are masked
+        first = 0 if window or key_keep is not None or not causal else max(min(int(start * block) + offset + 1, Lk), 0)
+        seen = _allowed(sel, key_pos[first:n_pooled * block], Lk, causal, offset, window, key_keep)
+        logits[..., first:].masked_fill_(~seen[:, None, None], -math.inf)
+        pooled = logits.view(B, Hkv, G, len(sel), n_pooled, block).amax(-1)
+        share = torch.softmax(pooled, dim=-1).nan_to_num_(0.0)  # a sampled query seeing nothing: 0 everywhere
         share = F.pad(share, (0, n_kb - n_pooled))  # key blocks past the chunk's last query: none of them sees
         scores.append(share.view(B, Hq, -1, samples, n_kb).amax(dim=3))
     return torch.cat(scores, dim=2)
