@@ -263,3 +263,9 @@ def test_training_is_bit_for_bit_deterministic_and_leaves_the_input_model_alone(
     assert not torch.equal(first[0], other[0])
     assert same_state(first_model, snapshot(tiny_gpt2(dropout=0.1))) and not first_model.training
     assert all(p.grad is None for p in first_model.parameters())
+
+
+def test_a_block_smaller_than_the_default_sample_is_sampled_whole():
+    spec = SiteSpec("layers.0.attn", None, causal=True, heads_q=HQ, heads_kv=HKV, head_dim=D)
+    assert SparsefinderAttention(spec, predictor="blocks", normalizer="softmax", block=4).sampled_queries == 4
+    assert SparsefinderAttention(spec, predictor="blocks", normalizer="softmax").sampled_queries == 8

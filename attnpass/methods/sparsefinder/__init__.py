@@ -22,9 +22,10 @@ Options (validated before capture):
     block, top_blocks, sampled_queries
                   blocks predictor: block size for queries and keys (default 32), key blocks each
                   query block computes (default 13: 416 keys per query whatever the length), queries
-                  of a block whose scores rank the key blocks (default 8). The options of the other predictors (rank, threshold,
-                  bucket_size, clusters, top_clusters, window, first_token, margin, decay) do not
-                  apply to it and are refused, as its options are for the others.
+                  of a block whose scores rank the key blocks (default 8, at most `block`). The
+                  options of the other predictors (rank, threshold, bucket_size, clusters,
+                  top_clusters, window, first_token, margin, decay) do not apply to it and are
+                  refused, as its options are with the others.
     rank          r, projected dim (default 4, the paper's)
     threshold     distance predictor: ||W_Q q - W_K k|| < threshold. Default None = calibrated:
                   the hinge loss is invariant to shifting all squared distances, so no fixed
@@ -74,10 +75,10 @@ from attnpass.memory_guard import PairLimit, check_limit_option
 from attnpass.lowering.torch.common import broadcastable, csr_rows, read_at_pairs
 from attnpass.lowering.torch.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.torch.edge_attention import edge_attention, edges_to_dense_mask
+from attnpass.lowering.torch.grouped_attention import grouped_attention
 from attnpass.lowering.triton.switch import use_triton
 from attnpass.methods import kmeans
 from attnpass.methods.sparsefinder import blocks, gold as sf_gold, metrics as sf_metrics, predictors
-from attnpass.lowering.torch.grouped_attention import grouped_attention
 from attnpass.methods.base import SiteAttention, SiteSpec, refuse_budget
 from attnpass.methods.anchor import ANCHOR_OPTIONS, Anchor, check_anchor_options
 from attnpass.methods.options import check_int, check_known, check_real
@@ -164,7 +165,8 @@ class SparsefinderAttention(SiteAttention):
         self.decay: float = float(opts["decay"])
         self.block: int = int(opts["block"])
         self.top_blocks: int = int(opts["top_blocks"])
-        self.sampled_queries: int = int(opts["sampled_queries"])
+        # a block smaller than the default sample is sampled whole
+        self.sampled_queries: int = int(options.get("sampled_queries", min(DEFAULTS["sampled_queries"], self.block)))
         H, D = spec.heads_q, spec.head_dim
         if self.predictor != "blocks":  # the blocks predictor reads the model's own q, k
             # N(0, 1/D) entries: projected coordinates start with the scale of the inputs
