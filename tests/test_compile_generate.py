@@ -27,7 +27,13 @@ from tests.zoo import VOCAB, by_name
 
 GREEDY = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
 LENGTHS = (20, 24, 29, 33, 40)  # prompt lengths; 40 + new tokens stays below the config's 64 positions
-OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder": {}, "sbm": {}}
+OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder": {}, "sbm": {},
+           "sparsefinder:blocks": {"predictor": "blocks", "block": 4, "top_blocks": 2, "sampled_queries": 2}}
+
+
+def _method(label: str) -> str:
+    """The method of an OPTIONS label ("sparsefinder:blocks" is Sparsefinder with its block predictor)."""
+    return label.split(":")[0]
 
 
 def _llama():
@@ -64,7 +70,7 @@ def _sparsified_with_the_same_state(original, model, ids, method):
     a strict load, so the keys are the same as those the bound backend attached."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CaptureNotice)
-        sparse = attnpass.sparsify(copy.deepcopy(original), kwargs=dict(input_ids=ids), method=method,
+        sparse = attnpass.sparsify(copy.deepcopy(original), kwargs=dict(input_ids=ids), method=_method(method),
                                    **OPTIONS[method])
     sparse.load_state_dict(model.state_dict(), strict=True)
     return sparse
@@ -74,11 +80,12 @@ def _sparsified_with_the_same_state(original, model, ids, method):
 # another order than eager, which the backend undoes so the decode graph is not compiled again
 @pytest.mark.parametrize("method, inner", [("routing", "aot_eager"), ("combiner", "aot_eager"),
                                            ("sparsefinder", "aot_eager"), ("sbm", "aot_eager"),
+                                           ("sparsefinder:blocks", "aot_eager"),
                                            ("routing", "inductor"), ("combiner", "inductor")])
 def test_generate_runs_the_prompt_sparse_and_decode_dense_with_bounded_compilations(method, inner):
     model = _llama()
     original = copy.deepcopy(model)
-    compiler = _bind(model, method, inner=inner, **OPTIONS[method])
+    compiler = _bind(model, _method(method), inner=inner, **OPTIONS[method])
     outs = {}
     with torch.no_grad():
         for length in LENGTHS:

@@ -71,12 +71,16 @@ def _greedy_loop(sparse, model, ids, steps):
     return prefill, pairs
 
 
-@pytest.mark.parametrize("method", ["routing", "combiner", "sparsefinder", "sbm"])
+# "sparsefinder:blocks": Sparsefinder with its block predictor (README's pretrained-LM recipe, small blocks)
+OPTIONS = {"combiner": {"block": 8}, "sparsefinder:blocks": {"predictor": "blocks", "block": 4, "top_blocks": 2,
+                                                            "sampled_queries": 2, "sinks": 1, "local": 4}}
+
+
+@pytest.mark.parametrize("method", ["routing", "combiner", "sparsefinder", "sbm", "sparsefinder:blocks"])
 def test_the_prompt_runs_sparse_and_decode_steps_run_dense_over_the_cache(llama, method):
     model, _ = llama
     ids = torch.randint(1, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))  # no pad id
-    options = {"block": 8} if method == "combiner" else {}
-    sparse = _sparsify(model, dict(input_ids=ids), method, **options)
+    sparse = _sparsify(model, dict(input_ids=ids), method.split(":")[0], **OPTIONS.get(method, {}))
     out = _generate(sparse, input_ids=ids, max_new_tokens=4)
     with torch.no_grad():
         forward = sparse(input_ids=ids).logits[:, -1]
@@ -119,16 +123,17 @@ def test_a_chunk_over_the_cache_is_prefill_from_prefill_queries_on(llama):
     assert cache.get_seq_length() == 54
 
 
-@pytest.mark.parametrize("method", ["routing", "combiner", "sparsefinder", "sbm"])
+@pytest.mark.parametrize("method", ["routing", "combiner", "sparsefinder", "sbm", "sparsefinder:blocks"])
 def test_the_cost_model_makes_one_query_over_a_long_cache_a_decode_step(method):
     spec = SiteSpec(name="s", scale=None, causal=True, causal_bottom_right=True, heads_q=4, heads_kv=4,
                     head_dim=16, example_len_q=512, example_len_k=512)
-    module = method_class(method)(spec)
+    options = {"predictor": "blocks"} if method == "sparsefinder:blocks" else {}
+    module = method_class(method.split(":")[0])(spec, **options)
     q_one, q_prompt, keys = torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 2048, 16), torch.zeros(1, 4, 2048, 16)
     assert module.is_decode_step(q_one, keys)
     assert not module.is_decode_step(q_prompt, keys)  # no cached keys: always the method
-    cross = method_class(method)(SiteSpec(name="x", scale=None, cross=True, heads_q=4, heads_kv=4, head_dim=16,
-                                          example_len_q=512, example_len_k=512))
+    cross = method_class(method.split(":")[0])(SiteSpec(name="x", scale=None, cross=True, heads_q=4, heads_kv=4,
+                                                        head_dim=16, example_len_q=512, example_len_k=512), **options)
     assert not cross.is_decode_step(q_one, keys)  # cross-attention is not a cache continuation
 
 

@@ -33,9 +33,12 @@ def _flops_bytes(predictor: str, itemsize: int, clusters, bucket_size, block, sa
     """(flops, bytes) of one batch element and query head, in r and rho."""
     edges = rho * Lq * Lk
     if predictor == "blocks":
-        sampled = Lq * samples / block
-        flops = sampled * Lk * (2 * D + 1) + 3 * sampled * Lk / block + edges * PAIR
-        return flops, io_bytes(itemsize) + edges * itemsize * 2 * D + Lq / block * rho * Lk * INDEX_BYTES
+        # whole query blocks: ceil(Lq / block) blocks of `samples` scored queries and `block` query
+        # slots, bounded above by Lq / block + 1 (so a decode step's one query costs a whole block)
+        groups = Lq / block + 1
+        sampled, pairs = groups * samples, groups * block * rho * Lk
+        flops = sampled * Lk * (2 * D + 1) + 3 * sampled * Lk / block + pairs * PAIR
+        return flops, io_bytes(itemsize) + pairs * itemsize * 2 * D + groups * rho * Lk * INDEX_BYTES
     projection = 2 * D * r * (Lq + Lk)
     if predictor == "distance":
         predict = (3 * r + 1) * Lq * Lk
