@@ -262,11 +262,7 @@ class SparsefinderAttention(SiteAttention):
         """The predicted graph for (q, k): CSR (row_ptr, col_index) and the candidate count."""
         self._check_shapes(q, k)
         if self.predictor == "blocks":
-            q_index, k_index = self.block_layout(q, k, key_keep)
-            row_ptr, col = blocks.groups_to_csr(
-                q_index, k_index, q.shape[2], k.shape[2], causal=self.spec.causal, offset=self.layout_offset(q, k),
-                window=self.layout_window(), key_keep=key_keep)
-            return row_ptr, col, k_index.shape[-1] * q.shape[0] * q.shape[1] * q.shape[2]
+            return self._block_graph(q, k, key_keep, *self.block_layout(q, k, key_keep))
         with torch.no_grad():
             qp, kp = self.project(q, k)
             if self.predictor == "clustering" and not bool(self.initialized):
@@ -293,15 +289,19 @@ class SparsefinderAttention(SiteAttention):
         k_index = blocks.block_positions(self.chosen_blocks(q, k, key_keep), self.block, k.shape[2])
         return blocks.query_groups(q.shape[2], self.block, q.shape[0], q.shape[1], q.device), k_index
 
+    def _block_graph(self, q, k, key_keep, q_index, k_index) -> tuple[Tensor, Tensor, int]:
+        """`predict`'s answer for a block layout: the CSR of its allowed pairs and its key slots."""
+        row_ptr, col = blocks.groups_to_csr(
+            q_index, k_index, q.shape[2], k.shape[2], causal=self.spec.causal, offset=self.layout_offset(q, k),
+            window=self.layout_window(), key_keep=key_keep)
+        return row_ptr, col, k_index.shape[-1] * q.shape[0] * q.shape[1] * q.shape[2]
+
     def predictor_ops(self, q: Tensor, k: Tensor, candidates: int) -> float:
         """Projection + predictor FLOPs of one call (all batch rows and heads)."""
         B, H, Lq, D = q.shape
-        if self.predictor == "blocks":
-            return B * H * blocks.predictor_flops(Lq=Lq, Lk=k.shape[2], head_dim=D, block=self.block,
-                                                  samples=self.sampled_queries)
         per_head = sf_metrics.predictor_flops(self.predictor, Lq=Lq, Lk=k.shape[2], head_dim=D, rank=self.rank,
                                       candidates=candidates // max(B * H, 1), bucket_size=self.bucket_size,
-                                      clusters=self.clusters)
+                                      clusters=self.clusters, block=self.block, samples=self.sampled_queries)
         return per_head * B * H
 
     # ---------------------------------------------------------------------------------------
@@ -460,8 +460,8 @@ class SparsefinderAttention(SiteAttention):
                 bias=bias, pair_mask=mask, dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer=self.normalizer)
             out = slots.flatten(2, 3)[:, :, :Lq]
             stat = slot_stat.flatten(2, 3)[:, :, :Lq]
-            if self._collect_metrics:
-                row_ptr, col, candidates = self.predict(q, k, key_keep)
+            if self._collect_metrics:  # the graph of the blocks just used, not a second choice
+                row_ptr, col, candidates = self._block_graph(q, k, key_keep, q_index, k_index)
         elif self.predictor == "quantization" and not use_triton(q) and not with_stat:
             # the buckets' queries and keys as blocks (no per-edge gathers): the CPU path
             out = self._bucket_forward(q, k, v, bias, mask, key_keep, p)

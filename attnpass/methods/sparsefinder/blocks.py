@@ -17,8 +17,8 @@ model's own scores on a sample of the queries:
   grouped kernel. A block no sampled query may see is never chosen.
 
 The scoring costs `sampled_queries / block` of the full QK^T product and is done over chunks of query
-blocks, at most `block` sampled queries per head at a time (no Lq x Lk tensor); the attention then costs `top_blocks * block` keys per query. The
-method's causal rule, band, key padding and layout offset (the anchor's window and sinks, see
+blocks, at most `block` sampled queries per head at a time (no Lq x Lk tensor); the attention then
+costs `top_blocks * block` keys per query. The method's causal rule, band, key padding and layout offset (the anchor's window and sinks, see
 `attnpass/methods/anchor.py`) hold inside the chosen blocks: the kernel reads them per pair.
 """
 from __future__ import annotations
@@ -48,19 +48,22 @@ def sampled_rows(len_q: int, block: int, samples: int, device=None) -> Tensor:
     return rows.clamp(max=len_q - 1)
 
 
-def _allowed(query_pos: Tensor, key_pos: Tensor, len_k: int, causal: bool, offset: int, window: int,
-             key_keep: Tensor | None) -> Tensor:
-    """(B or 1, n, len(key_pos)) bool: which of the keys at `key_pos` each query of `query_pos` may see
-    (positions >= len_k are block padding: never)."""
-    allowed = (key_pos < len_k).expand(1, len(query_pos), -1)
+def visible(query_pos: Tensor, key_pos: Tensor, len_k: int, causal: bool, offset: int, window: int,
+            key_keep: Tensor | None) -> Tensor:
+    """Which key at `key_pos` the query at the same row of `query_pos` (n,) may see: the causal rule,
+    band and padding (positions outside [0, len_k) are empty slots or block padding: never).
+    `key_pos` is (batch or 1, ..., n or 1, m); the result broadcasts it against the queries and, with
+    `key_keep` (B, len_k), against the batch."""
+    seen = (key_pos >= 0) & (key_pos < len_k)
     if causal:
         last = (query_pos + offset)[:, None]
-        allowed = allowed & (key_pos <= last)
+        seen = seen & (key_pos <= last)
         if window:
-            allowed = allowed & (key_pos > last - window)
+            seen = seen & (key_pos > last - window)
     if key_keep is not None:
-        allowed = allowed & key_keep.to(torch.bool).gather(1, key_pos.clamp(max=len_k - 1).expand(len(key_keep), -1))[:, None]
-    return allowed
+        batch = torch.arange(len(key_keep), device=key_pos.device).view(-1, *(1,) * (key_pos.dim() - 1))
+        seen = seen & key_keep.to(torch.bool)[batch, key_pos.clamp(0, len_k - 1)]
+    return seen
 
 
 @torch.no_grad()
@@ -90,8 +93,8 @@ def block_scores(q: Tensor, k: Tensor, *, scale: float, block: int, samples: int
         logits = torch.matmul(qs, keys[:, :, :n_pooled * block].transpose(-1, -2)).view(B, Hkv, G, len(sel), -1)
         # keys before the chunk's first sampled query's last visible one are seen by all of its queries:
         # without a band or padding, only the columns after it are masked
-        first = 0 if window or key_keep is not None or not causal else max(min(int(start * block) + offset + 1, Lk), 0)
-        seen = _allowed(sel, key_pos[first:n_pooled * block], Lk, causal, offset, window, key_keep)
+        first = 0 if window or key_keep is not None or not causal else max(min(start * block + offset + 1, Lk), 0)
+        seen = visible(sel, key_pos[first:n_pooled * block].view(1, 1, -1), Lk, causal, offset, window, key_keep)
         logits[..., first:].masked_fill_(~seen[:, None, None], -math.inf)
         pooled = logits.view(B, Hkv, G, len(sel), n_pooled, block).amax(-1)
         share = torch.softmax(pooled, dim=-1).nan_to_num_(0.0)  # a sampled query seeing nothing: 0 everywhere
@@ -100,7 +103,6 @@ def block_scores(q: Tensor, k: Tensor, *, scale: float, block: int, samples: int
     return torch.cat(scores, dim=2)
 
 
-@torch.no_grad()
 def choose_blocks(q: Tensor, k: Tensor, *, scale: float, block: int, top_blocks: int, samples: int,
                   causal: bool = False, offset: int = 0, window: int = 0, key_keep: Tensor | None = None) -> Tensor:
     """(B, Hq, query blocks, top_blocks) int64: each query block's chosen key blocks (-1: none)."""
@@ -128,20 +130,5 @@ def groups_to_csr(q_index: Tensor, k_index: Tensor, len_q: int, len_k: int, *, c
     tools: every query's row holds its group's keys that the causal rule, band and padding allow)."""
     B, Hq, n_qb, block = q_index.shape
     slots = k_index[:, :, :, None, :].expand(-1, -1, -1, block, -1).reshape(B, Hq, n_qb * block, -1)[:, :, :len_q]
-    query_pos = torch.arange(len_q, device=k_index.device)
-    ok = slots >= 0
-    if causal:
-        last = (query_pos + offset)[:, None]
-        ok &= slots <= last
-        if window:
-            ok &= slots > last - window
-    if key_keep is not None:
-        ok &= key_keep.to(torch.bool).gather(1, slots.clamp(min=0).view(B, -1)).view(slots.shape)
-    return csr_from_slots(torch.where(ok, slots, -1).reshape(B * Hq * len_q, -1))
-
-
-def predictor_flops(*, Lq: int, Lk: int, head_dim: int, block: int, samples: int) -> float:
-    """FLOPs of one (batch element, query head) for choosing the blocks: the sampled logits, their
-    max-pool and softmax over key blocks."""
-    sampled = math.ceil(Lq / block) * samples
-    return sampled * Lk * (2 * head_dim + 1) + sampled * math.ceil(Lk / block) * 3
+    seen = visible(torch.arange(len_q, device=k_index.device), slots, len_k, causal, offset, window, key_keep)
+    return csr_from_slots(torch.where(seen, slots, -1).reshape(B * Hq * len_q, -1))

@@ -79,14 +79,19 @@ def pair_flops(head_dim: int) -> float:
 
 
 def predictor_flops(predictor: str, *, Lq: int, Lk: int, head_dim: int, rank: int, candidates: int = 0,
-                    bucket_size: int = 16, clusters: int = 1) -> float:
+                    bucket_size: int = 16, clusters: int = 1, block: int = 1, samples: int = 1) -> float:
     """FLOPs of one (batch element, query head): projection + predictor (without the attention).
 
     projection 2*D*r*(Lq + Lk); distance 3*r*Lq*Lk (diffs, squares, sums; the compare is 1 more per
     pair); quantization r*(Lq log2 Lq + Lk log2 Lk) comparisons for the sorts + r*Lq*bucket_size
     candidate slots; clustering (Lq + Lk)*c*(3r + 1) for distances to centroids and selection.
     `candidates` (pairs generated before dedupe, per head) adds n*log2(n) for the dedupe sort.
+    blocks (no projection, no dedupe): `samples` queries per query block against every key
+    (2D + 1 each: product and max-pool), and a softmax over the key blocks for each.
     """
+    if predictor == "blocks":
+        sampled = math.ceil(Lq / block) * samples
+        return sampled * Lk * (2 * head_dim + 1) + sampled * math.ceil(Lk / block) * 3
     flops = 2.0 * head_dim * rank * (Lq + Lk)
     if predictor == "distance":
         flops += (3 * rank + 1) * Lq * Lk
