@@ -5,8 +5,8 @@ holds at other sizes, the mask analysis's probes), which for a causal LM at thou
 minutes. The graph is symbolic in the sequence length, so the same call on its last few tokens gives
 the same graph in seconds; `SparseModel` then checks that it accepts the long call (else it
 captures at the call's own sizes, as for any call). `SparseModel.generate` captures a long prompt's
-prefill and decode graphs the same way, on a two-token generation from the short prompt. `sparsify` relies on the same property: its
-example is short and its graph serves long calls.
+prefill and decode graphs the same way, on a two-token generation from the short prompt. `sparsify`
+relies on the same property: its example is short and its graph serves long calls.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def shortened_call(args: tuple, kwargs: dict, tokens: int = SHORT_CALL_TOKENS) -
     token-sequence call longer than 2 * tokens whose sequence dim is clear.
 
     The sequence: the integer (B, L) input_ids (first positional argument, or keyword `input_ids` /
-    generate's `inputs`). Every tensor
-    argument with a dim of size L must be a (B, L) tensor given directly (attention_mask,
-    position_ids, token_type_ids, labels): it is cut to its last `tokens` columns. A row the long
+    generate's `inputs`). Every tensor argument with a dim of size L must be a (B, L) tensor given
+    directly (attention_mask, position_ids, token_type_ids, labels): it is cut to its last `tokens`
+    columns. A row the long
     call pads stays padded in the short one (transformers drops an all-ones mask, which would be
     another graph). A tensor of another shape holding L, or tensors inside containers (a KV cache),
     leave the call as it is (None)."""
