@@ -281,3 +281,14 @@ def test_the_metrics_count_the_pairs_of_the_blocks_the_call_used():
     site._collect_metrics = False
     assert site.last_metrics.predicted == int(site.computed_pairs(x["q"], x["k"])[0].sum())
     assert 0 < site.last_metrics.recall <= 1.0
+
+
+def test_the_cost_model_reports_the_block_predictors_parameters_and_keeps_decode_dense():
+    from attnpass import cost_model
+    from attnpass.prefill import sparse_pays
+
+    cost = cost_model.cost(None, "sparsefinder", predictor="blocks", density=0.1)
+    assert cost.params == {"predictor": "blocks", "block": 32, "sampled_queries": 8, "density": 0.1}
+    options = {"predictor": "blocks", "density": 416 / 4096, "block": 32, "sampled_queries": 8}
+    assert sparse_pays("sparsefinder", 4096, 4096, 64, options)  # a long prompt: the blocks pay
+    assert not sparse_pays("sparsefinder", 1, 4096, 64, options)  # one query costs a whole block

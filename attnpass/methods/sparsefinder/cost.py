@@ -60,6 +60,10 @@ def per_head(itemsize: int, options: dict):
                                  options.get("bucket_size") or DEFAULTS["bucket_size"],
                                  options.get("block") or DEFAULTS["block"],
                                  options.get("sampled_queries") or DEFAULTS["sampled_queries"])
+    if predictor == "blocks":  # no projection: no rank to report
+        return given(flops, nbytes, options, {"density": rho},
+                     params={"predictor": predictor, "block": options.get("block") or DEFAULTS["block"],
+                             "sampled_queries": options.get("sampled_queries") or DEFAULTS["sampled_queries"]})
     return given(flops, nbytes, {"rank": DEFAULTS["rank"], **options}, {"rank": r, "density": rho},
                  params={"predictor": predictor})
 
