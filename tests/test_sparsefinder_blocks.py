@@ -47,25 +47,28 @@ def chosen_blocks(site, q, k, key_keep=None) -> set:
     """{(b, h, query block, key block)} from the definition: per query block, its sampled queries
     (the last, then every block // samples-th before it), each query's logits over the keys it may
     see max-pooled per key block and softmaxed over key blocks; a key block's score is its largest
-    share; the top_blocks best with a positive score, ties to the lowest block index."""
+    share (over the sampled queries of every query head of the kv head, when they share); the
+    top_blocks best with a positive score, ties to the lowest block index."""
     Lq, Lk = q.shape[2], k.shape[2]
     P, s, top = site.block, site.sampled_queries, site.top_blocks
     offset = site.layout_offset(q, k)
     n_kb = math.ceil(Lk / P)
+    group = HQ // HKV
     chosen = set()
     for b in range(q.shape[0]):
         for h in range(HQ):
-            kv = h // (HQ // HKV)
+            kv = h // group
+            choosers = range(kv * group, (kv + 1) * group) if site.kv_heads_share else [h]
             for t in range(math.ceil(Lq / P)):
-                rows = {min(t * P + P - 1 - (P // s) * i, Lq - 1) for i in range(s)}
+                rows = {(head, min(t * P + P - 1 - (P // s) * i, Lq - 1)) for i in range(s) for head in choosers}
                 score = [0.0] * n_kb
-                for i in rows:
+                for head, i in rows:
                     pooled = []
                     for j in range(n_kb):
                         keys = [c for c in range(j * P, min((j + 1) * P, Lk))
                                 if (not site.spec.causal or c <= i + offset)
                                 and (key_keep is None or bool(key_keep[b, c]))]
-                        pooled.append(max((float(q[b, h, i] @ k[b, kv, c]) * site.scale(q) for c in keys),
+                        pooled.append(max((float(q[b, head, i] @ k[b, kv, c]) * site.scale(q) for c in keys),
                                           default=-math.inf))
                     top_logit = max(pooled)
                     if top_logit == -math.inf:
@@ -84,9 +87,10 @@ def layout_blocks(site, q, k, key_keep=None) -> set:
     return {(b, h, t, int(starts[b, h, t, j]) // P) for b, h, t, j in torch.nonzero(starts >= 0).tolist()}
 
 
+@pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("causal, padded, L", [(True, False, 61), (True, True, 64), (False, True, 45)])
-def test_the_chosen_blocks_are_the_definitions(causal, padded, L):
-    site = make_site(L, causal=causal)
+def test_the_chosen_blocks_are_the_definitions(causal, padded, L, share):
+    site = make_site(L, causal=causal, kv_heads_share=share)
     x = inputs(L, L, padded)
     assert layout_blocks(site, x["q"], x["k"], x["key_keep"]) == chosen_blocks(site, x["q"], x["k"], x["key_keep"])
 
@@ -159,7 +163,7 @@ def test_a_chunk_over_cached_keys_chooses_among_the_keys_it_may_see():
     site.prefill_queries = 1
     x = inputs(24, 80)
     assert layout_blocks(site, x["q"], x["k"]) == chosen_blocks(site, x["q"], x["k"])
-    got = site(x["q"], x["k"], x["v"])
+    got = site(x["q"], x["k"], x["v"])  # inference: the flash path
     assert torch.allclose(got, _dense_reference(site, x), atol=1e-10, rtol=1e-9)
 
 
@@ -182,6 +186,7 @@ def test_no_square_tensor_forward_and_backward():
     ({"predictor": "blocks", "block": 16, "sampled_queries": 32}, ValueError, "more than the queries of a block"),
     ({"predictor": "blocks", "block": 0}, ValueError, "block=0 must be an int >= 1"),
     ({"predictor": "blocks", "top_blocks": 1.5}, TypeError, "top_blocks=1.5 must be an int"),
+    ({"predictor": "blocks", "kv_heads_share": 1}, TypeError, "kv_heads_share=1 must be a bool"),
 ])
 def test_option_errors(options, error, match):
     with pytest.raises(error, match=match):
@@ -292,3 +297,33 @@ def test_the_cost_model_reports_the_block_predictors_parameters_and_keeps_decode
     options = {"predictor": "blocks", "density": 416 / 4096, "block": 32, "sampled_queries": 8}
     assert sparse_pays("sparsefinder", 4096, 4096, 64, options)  # a long prompt: the blocks pay
     assert not sparse_pays("sparsefinder", 1, 4096, 64, options)  # one query costs a whole block
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("causal, padded, anchor, L", [
+    (True, False, {}, 61), (True, True, {}, 72), (False, True, {}, 45), (True, True, {"sinks": 3, "local": 12}, 72),
+    (True, False, {"sinks": 2, "local": 13}, 70),
+])
+def test_inference_runs_the_flash_path_on_the_same_pairs(monkeypatch, causal, padded, anchor, L, share):
+    """Without a gradient the site computes on `block_flash_attention` (the grouped kernel is not
+    called), and gives the dense float64 softmax over the pairs the grouped kernel computes in training."""
+    from attnpass.methods import sparsefinder as sparsefinder_module
+
+    site = make_site(L, causal=causal, kv_heads_share=share, **anchor)
+    x = inputs(L, L, padded)
+    trained = site(**{**x, **{n: t.detach().requires_grad_() for n, t in x.items() if n in "qkv"}}).detach()
+    monkeypatch.setattr(sparsefinder_module, "grouped_attention", None)  # a call would fail
+    with torch.no_grad():
+        got = site(x["q"], x["k"], x["v"], key_keep=x["key_keep"])
+    rows = slice(5, None) if padded else slice(None)
+    assert torch.allclose(got[:, :, rows], _dense_reference(site, x)[:, :, rows], atol=1e-10, rtol=1e-9)
+    assert torch.allclose(got[:, :, rows], trained[:, :, rows], atol=1e-10, rtol=1e-9)
+
+
+def test_shared_choice_gives_every_query_head_of_a_kv_head_the_same_blocks():
+    site = make_site(64, kv_heads_share=True)
+    x = inputs(64, 64)
+    _, k_index = site.block_layout(x["q"], x["k"])
+    assert torch.equal(k_index[:, 0], k_index[:, 1]) and torch.equal(k_index[:, 2], k_index[:, 3])
+    alone = make_site(64, kv_heads_share=False).block_layout(x["q"], x["k"])[1]
+    assert not torch.equal(alone[:, 0], alone[:, 1])

@@ -19,10 +19,12 @@ Options (validated before capture):
                   block of queries computes the key blocks that a sample of its queries' exact
                   scores rank highest. It is the predictor for converting a pretrained LM (see
                   README's recipe): the pair predictors miss the keys its retrieval heads need.
-    block, top_blocks, sampled_queries
+    block, top_blocks, sampled_queries, kv_heads_share
                   blocks predictor: block size for queries and keys (default 32), key blocks each
                   query block computes (default 13: 416 keys per query whatever the length), queries
-                  of a block whose scores rank the key blocks (default 8, at most `block`). The
+                  of a block whose scores rank the key blocks (default 8, at most `block`), whether
+                  the query heads sharing a key/value head (GQA) choose their blocks together
+                  (default True; with it, inference on CPU runs on the flash kernel). The
                   options of the other predictors (rank, threshold, bucket_size, clusters,
                   top_clusters, window, first_token, margin, decay) do not apply to it and are
                   refused, as its options are with the others.
@@ -73,6 +75,7 @@ from torch import Tensor, nn
 
 from attnpass.memory_guard import PairLimit, check_limit_option
 from attnpass.lowering.torch.common import broadcastable, csr_rows, read_at_pairs
+from attnpass.lowering.torch.block_flash import block_flash_attention
 from attnpass.lowering.torch.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.torch.edge_attention import edge_attention, edges_to_dense_mask
 from attnpass.lowering.torch.grouped_attention import grouped_attention
@@ -167,6 +170,7 @@ class SparsefinderAttention(SiteAttention):
         self.top_blocks: int = int(opts["top_blocks"])
         # a block smaller than the default sample is sampled whole
         self.sampled_queries: int = int(options.get("sampled_queries", min(DEFAULTS["sampled_queries"], self.block)))
+        self.kv_heads_share: bool = bool(opts["kv_heads_share"])
         H, D = spec.heads_q, spec.head_dim
         if self.predictor != "blocks":  # the blocks predictor reads the model's own q, k
             # N(0, 1/D) entries: projected coordinates start with the scale of the inputs
@@ -197,8 +201,9 @@ class SparsefinderAttention(SiteAttention):
                 check_int("sparsefinder", name, options[name], 1)
         if options.get("window") is not None:
             check_int("sparsefinder", "window", options["window"], 0)
-        if "first_token" in options and not isinstance(options["first_token"], bool):
-            _fail(f"option first_token={options['first_token']!r} must be a bool", TypeError)
+        for name in ("first_token", "kv_heads_share"):
+            if name in options and not isinstance(options[name], bool):
+                _fail(f"option {name}={options[name]!r} must be a bool", TypeError)
         if options.get("threshold") is not None:
             check_real("sparsefinder", "threshold", options["threshold"], 0.0, math.inf, low_open=True, high_open=False)
         if "margin" in options:
@@ -224,7 +229,8 @@ class SparsefinderAttention(SiteAttention):
         normalizer = "entmax15" if self.normalizer == "entmax15" else f"softmax, mass={self.mass:g}"
         if self.predictor == "blocks":
             return (f"{super().extra_repr()}, predictor=blocks, block={self.block}, top_blocks={self.top_blocks}, "
-                    f"sampled_queries={self.sampled_queries}, normalizer={normalizer}")
+                    f"sampled_queries={self.sampled_queries}, kv_heads_share={self.kv_heads_share}, "
+                    f"normalizer={normalizer}")
         detail = {"distance": f"threshold={self.threshold:.4g}", "quantization": f"bucket_size={self.bucket_size}",
                   "clustering": f"clusters={self.clusters}, top_clusters={self.top_clusters}"}[self.predictor]
         return (f"{super().extra_repr()}, predictor={self.predictor}, rank={self.rank}, {detail}, "
@@ -279,15 +285,27 @@ class SparsefinderAttention(SiteAttention):
                     "sets the limit"))
 
     def chosen_blocks(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None) -> Tensor:
-        """The blocks predictor's choice for (q, k): (B, Hq, query blocks, top_blocks) key blocks, -1 none."""
+        """The blocks predictor's choice for (q, k): (B, Hs, query blocks, top_blocks) key blocks, -1
+        none; Hs is the kv heads with `kv_heads_share`, else the query heads."""
         return blocks.choose_blocks(q, k, scale=self.scale(q), block=self.block, top_blocks=self.top_blocks,
                                     samples=self.sampled_queries, causal=self.spec.causal,
-                                    offset=self.layout_offset(q, k), window=self.layout_window(), key_keep=key_keep)
+                                    offset=self.layout_offset(q, k), window=self.layout_window(), key_keep=key_keep,
+                                    kv_heads_share=self.kv_heads_share)
 
-    def block_layout(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The blocks predictor's groups for (q, k): (q_index, k_index) of the grouped kernel."""
-        k_index = blocks.block_positions(self.chosen_blocks(q, k, key_keep), self.block, k.shape[2])
+    def block_layout(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None,
+                     chosen: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The blocks predictor's groups for (q, k) (of `chosen`, if given): (q_index, k_index) of the grouped kernel."""
+        chosen = self.chosen_blocks(q, k, key_keep) if chosen is None else chosen
+        chosen = chosen.repeat_interleave(q.shape[1] // chosen.shape[1], dim=1)  # per query head
+        k_index = blocks.block_positions(chosen, self.block, k.shape[2])
         return blocks.query_groups(q.shape[2], self.block, q.shape[0], q.shape[1], q.device), k_index
+
+    def _block_flash_serves(self, q: Tensor, k: Tensor, v: Tensor, bias, mask, dropout_p: float) -> bool:
+        """Whether `block_flash_attention` serves this call: inference on CPU (its flash kernel returns
+        no gradient and takes no dropout), no bias or general mask, no band (it has no key range)."""
+        return (q.device.type == "cpu" and not use_triton(q) and bias is None and mask is None and not dropout_p
+                and not self.layout_window() and q.dtype in (torch.float32, torch.float64)
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
     def _block_graph(self, q, k, key_keep, q_index, k_index) -> tuple[Tensor, Tensor, int]:
         """`predict`'s answer for a block layout: the CSR of its allowed pairs and its key slots."""
@@ -453,15 +471,24 @@ class SparsefinderAttention(SiteAttention):
         p = dropout_p if self.training else 0.0
         stat = None
         if self.predictor == "blocks":
-            q_index, k_index = self.block_layout(q, k, key_keep)
-            slots, slot_stat = grouped_attention(
-                q, k, v, q_index, k_index, scale=self.scale(q), causal=self.spec.causal,
-                causal_offset=self.layout_offset(q, k), window=self.layout_window(), key_padding_mask=key_keep,
-                bias=bias, pair_mask=mask, dropout_p=p, dropout_seed=self.dropout_seed(p), normalizer=self.normalizer)
-            out = slots.flatten(2, 3)[:, :, :Lq]
-            stat = slot_stat.flatten(2, 3)[:, :, :Lq]
+            chosen = self.chosen_blocks(q, k, key_keep)
+            if self.normalizer == "softmax" and self._block_flash_serves(q, k, v, bias, mask, p):
+                # a column of ones in v (the anchor's mass column) comes out as each row's mass: set, not computed
+                out, stat = block_flash_attention(
+                    q, k, v, chosen, block=self.block, scale=self.scale(q), causal=self.spec.causal,
+                    causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep,
+                    mass_column=with_stat and bool((v[..., -1] == 1).all()))
+            else:  # training, bias, general masks, bands, entmax, Triton: the grouped kernel, the same pairs
+                q_index, k_index = self.block_layout(q, k, key_keep, chosen)
+                slots, slot_stat = grouped_attention(
+                    q, k, v, q_index, k_index, scale=self.scale(q), causal=self.spec.causal,
+                    causal_offset=self.layout_offset(q, k), window=self.layout_window(), key_padding_mask=key_keep,
+                    bias=bias, pair_mask=mask, dropout_p=p, dropout_seed=self.dropout_seed(p),
+                    normalizer=self.normalizer)
+                out = slots.flatten(2, 3)[:, :, :Lq]
+                stat = slot_stat.flatten(2, 3)[:, :, :Lq]
             if self._collect_metrics:  # the graph of the blocks just used, not a second choice
-                row_ptr, col, candidates = self._block_graph(q, k, key_keep, q_index, k_index)
+                row_ptr, col, candidates = self._block_graph(q, k, key_keep, *self.block_layout(q, k, key_keep, chosen))
         elif self.predictor == "quantization" and not use_triton(q) and not with_stat:
             # the buckets' queries and keys as blocks (no per-edge gathers): the CPU path
             out = self._bucket_forward(q, k, v, bias, mask, key_keep, p)

@@ -13,8 +13,12 @@ model's own scores on a sample of the queries:
   into a softmax over key blocks: how much of that query's attention a block can hold at most;
 - a key block's score for the query block is its largest share over the sampled queries, and the
   query block computes the keys of its `top_blocks` best blocks (ties to the lowest block index,
-  as everywhere a top-k chooses), every query of the block the same keys, as one group of the
-  grouped kernel. A block no sampled query may see is never chosen.
+  as everywhere a top-k chooses), every query of the block the same keys. A block no sampled query
+  may see is never chosen.
+- with `kv_heads_share` (the default), the query heads that share a key/value head (GQA) choose
+  together: a block's score is its largest share over their sampled queries too. Their queries then
+  form one group against one gathered set of keys (`lowering/torch/block_flash`), which is what
+  makes the layout cheaper than dense attention on a CPU; with it off, each query head chooses alone.
 
 The scoring costs `sampled_queries / block` of the full QK^T product and is done over chunks of query
 blocks, at most `block` sampled queries per head at a time (no Lq x Lk tensor); the attention then
@@ -32,8 +36,8 @@ from torch import Tensor
 from attnpass.lowering.torch.ordered_topk import topk_lowest_index
 from attnpass.methods.sparsefinder.predictors import csr_from_slots
 
-OPTIONS = ("block", "top_blocks", "sampled_queries")
-DEFAULTS = dict(block=32, top_blocks=13, sampled_queries=8)
+OPTIONS = ("block", "top_blocks", "sampled_queries", "kv_heads_share")
+DEFAULTS = dict(block=32, top_blocks=13, sampled_queries=8, kv_heads_share=True)
 # Elements of one chunk of sampled logits (fp32): bounds the scoring's peak memory.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -68,9 +72,11 @@ def visible(query_pos: Tensor, key_pos: Tensor, len_k: int, causal: bool, offset
 
 @torch.no_grad()
 def block_scores(q: Tensor, k: Tensor, *, scale: float, block: int, samples: int, causal: bool = False,
-                 offset: int = 0, window: int = 0, key_keep: Tensor | None = None) -> Tensor:
-    """(B, Hq, query blocks, key blocks) float32: each key block's largest softmax share over its
-    query block's sampled queries (0 for a block none of them may see). q (B, Hq, Lq, D), k (B, Hkv, Lk, D)."""
+                 offset: int = 0, window: int = 0, key_keep: Tensor | None = None,
+                 kv_heads_share: bool = False) -> Tensor:
+    """(B, Hs, query blocks, key blocks) float32: each key block's largest softmax share over its
+    query block's sampled queries (0 for a block none of them may see). q (B, Hq, Lq, D), k (B, Hkv, Lk, D);
+    Hs = Hkv with `kv_heads_share` (the largest share over the query heads of a kv head too), else Hq."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -83,6 +89,8 @@ def block_scores(q: Tensor, k: Tensor, *, scale: float, block: int, samples: int
     # keys padded to whole blocks, so a chunk's logits are viewed as blocks without a copy
     keys = F.pad(k.float(), (0, 0, 0, n_kb * block - Lk))
     key_pos = torch.arange(n_kb * block, device=q.device)
+    # the keys key_keep drops (the anchor's sinks, padding), per batch row: only their columns are masked
+    dropped = None if key_keep is None else [(~row.to(torch.bool)).nonzero().squeeze(1) for row in key_keep]
     scores = []
     for start in range(0, n_qb, chunk):
         stop = min(start + chunk, n_qb)
@@ -91,23 +99,28 @@ def block_scores(q: Tensor, k: Tensor, *, scale: float, block: int, samples: int
         n_pooled = -(-min(max(min(stop * block, Lq) + offset, 1), Lk) // block) if causal else n_kb
         qs = q[:, :, sel].float().mul_(scale).view(B, Hkv, G * len(sel), D)
         logits = torch.matmul(qs, keys[:, :, :n_pooled * block].transpose(-1, -2)).view(B, Hkv, G, len(sel), -1)
-        # keys before the chunk's first sampled query's last visible one are seen by all of its queries:
-        # without a band or padding, only the columns after it are masked
-        first = 0 if window or key_keep is not None or not causal else max(min(start * block + offset + 1, Lk), 0)
-        seen = visible(sel, key_pos[first:n_pooled * block].view(1, 1, -1), Lk, causal, offset, window, key_keep)
+        # the columns before `first` are seen by every sampled query of the chunk (causal: up to its
+        # first sampled query's limit; bidirectional: every real key), so only the ones after are masked
+        first = 0 if window else max(min(start * block + offset + 1, Lk), 0) if causal else Lk
+        seen = visible(sel, key_pos[first:n_pooled * block].view(1, 1, -1), Lk, causal, offset, window, None)
         logits[..., first:].masked_fill_(~seen[:, None, None], -math.inf)
+        for b, columns in enumerate(dropped or ()):
+            logits[b].index_fill_(-1, columns[columns < n_pooled * block], -math.inf)
         pooled = logits.view(B, Hkv, G, len(sel), n_pooled, block).amax(-1)
         share = torch.softmax(pooled, dim=-1).nan_to_num_(0.0)  # a sampled query seeing nothing: 0 everywhere
         share = F.pad(share, (0, n_kb - n_pooled))  # key blocks past the chunk's last query: none of them sees
-        scores.append(share.view(B, Hq, -1, samples, n_kb).amax(dim=3))
+        share = share.view(B, Hkv, G, -1, samples, n_kb)
+        scores.append(share.amax(dim=(2, 4)) if kv_heads_share else share.amax(dim=4).view(B, Hq, -1, n_kb))
     return torch.cat(scores, dim=2)
 
 
 def choose_blocks(q: Tensor, k: Tensor, *, scale: float, block: int, top_blocks: int, samples: int,
-                  causal: bool = False, offset: int = 0, window: int = 0, key_keep: Tensor | None = None) -> Tensor:
-    """(B, Hq, query blocks, top_blocks) int64: each query block's chosen key blocks (-1: none)."""
+                  causal: bool = False, offset: int = 0, window: int = 0, key_keep: Tensor | None = None,
+                  kv_heads_share: bool = False) -> Tensor:
+    """(B, Hs, query blocks, top_blocks) int64: each query block's chosen key blocks (-1: none),
+    per kv head (Hs = Hkv) with `kv_heads_share`, else per query head (Hs = Hq)."""
     scores = block_scores(q, k, scale=scale, block=block, samples=samples, causal=causal, offset=offset,
-                          window=window, key_keep=key_keep)
+                          window=window, key_keep=key_keep, kv_heads_share=kv_heads_share)
     chosen = topk_lowest_index(scores, min(top_blocks, scores.shape[-1]), dim=-1)
     return torch.where(scores.gather(-1, chosen) > 0, chosen, -1)
 
