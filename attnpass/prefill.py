@@ -24,19 +24,23 @@ NOMINAL_DENSITY = 0.1
 
 @functools.cache
 def _flops(method: str, options: tuple) -> callable:
-    """FLOPs of one batch element and query head as a Python function of (Lq, Lk, D)."""
+    """FLOPs of one batch element and query head as a Python function of (Lq, Lk, D, density).
+    The density stays an argument: a method whose density follows the length (Sparsefinder's
+    blocks: a fixed number of keys per query) would otherwise build a new function every decode step."""
     expr = cost_model.cost_expr(method, **dict(options)).flops.subs({cost_model.B: 1, cost_model.H: 1})
-    return sympy.lambdify((cost_model.Lq, cost_model.Lk, cost_model.D), expr, "math")
+    return sympy.lambdify((cost_model.Lq, cost_model.Lk, cost_model.D, cost_model.rho), expr, "math")
 
 
 def sparse_pays(method: str, len_q: int, len_k: int, head_dim: int, options: dict, anchor_keys: int = 0) -> bool:
     """Whether `method` (with its cost-model `options`) costs fewer FLOPs than dense attention here;
     `anchor_keys`: the sinks and window each query also attends (attnpass.methods.anchor), costed
     as dense attention over that many keys."""
-    key = tuple(sorted(options.items()))
+    options = dict(options)
+    density = options.pop("density", NOMINAL_DENSITY)  # read only by a method whose cost has one
     dense = _flops("dense", ())
-    anchor = dense(len_q, min(anchor_keys, len_k), head_dim) if anchor_keys else 0.0
-    return _flops(method, key)(len_q, len_k, head_dim) + anchor < dense(len_q, len_k, head_dim)
+    anchor = dense(len_q, min(anchor_keys, len_k), head_dim, 0.0) if anchor_keys else 0.0
+    method_flops = _flops(method, tuple(sorted(options.items())))(len_q, len_k, head_dim, density)
+    return method_flops + anchor < dense(len_q, len_k, head_dim, 0.0)
 
 
 def check_prefill_queries(value) -> None:

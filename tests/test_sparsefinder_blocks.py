@@ -327,3 +327,17 @@ def test_shared_choice_gives_every_query_head_of_a_kv_head_the_same_blocks():
     assert torch.equal(k_index[:, 0], k_index[:, 1]) and torch.equal(k_index[:, 2], k_index[:, 3])
     alone = make_site(64, kv_heads_share=False).block_layout(x["q"], x["k"])[1]
     assert not torch.equal(alone[:, 0], alone[:, 1])
+
+
+def test_a_decode_step_reuses_the_cost_function_whatever_the_cache_length():
+    """Its density follows the cache length; the prefill decision must not build a new cost function
+    per decode step (a sympy lambdify costs milliseconds, per site and token)."""
+    from attnpass import prefill
+
+    site = make_site(64, sinks=2, local=8)
+    site.prefill_queries = None  # the cost model decides
+    q = torch.randn(1, HQ, 1, D, dtype=F64)
+    assert site.is_decode_step(q, torch.randn(1, HKV, 300, D, dtype=F64))
+    built = prefill._flops.cache_info().misses
+    assert all(site.is_decode_step(q, torch.randn(1, HKV, n, D, dtype=F64)) for n in range(301, 306))
+    assert prefill._flops.cache_info().misses == built
