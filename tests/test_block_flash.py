@@ -1,6 +1,8 @@
 """Tests for the block-sparse flash kernel (lowering/torch/block_flash.py) against a loop-written
 float64 definition: query i of block t attends, under one softmax, to the keys of t's chosen key
-blocks that exist, are kept, and (causal) lie at or before i + causal_offset."""
+blocks that exist, are kept, are not sinks, and (causal) lie at or before its limit i + causal_offset;
+with the anchor's parts, also to the kept keys in (limit, limit + local] and to the sinks at or
+before its limit."""
 from __future__ import annotations
 
 import itertools
@@ -12,16 +14,22 @@ from memory_probe import no_square_tensor
 from attnpass.lowering.torch.block_flash import block_flash_attention
 
 
-def reference(q, k, v, key_blocks, block, scale, causal, offset, keep):
+def reference(q, k, v, key_blocks, block, scale, causal, offset, keep, local=0, sinks=None):
     B, Hq, Lq, _ = q.shape
     Hkv, Lk, Hs = k.shape[1], k.shape[2], key_blocks.shape[1]
     out = torch.zeros(B, Hq, Lq, v.shape[-1], dtype=torch.float64)
     lse = torch.zeros(B, Hq, Lq, dtype=torch.float64)
     for b, h, i in itertools.product(range(B), range(Hq), range(Lq)):
         chooser, kv = h * Hs // Hq, h * Hkv // Hq
+        kept = [j for j in range(Lk) if keep is None or keep[b, j]]
+        sink = [] if sinks is None else [j for j in sinks[b].tolist() if 0 <= j]
         keys = [j for c in key_blocks[b, chooser, i // block].tolist() if c >= 0
                 for j in range(c * block, (c + 1) * block)
-                if j < Lk and (keep is None or keep[b, j]) and (not causal or j <= i + offset)]
+                if j in kept and j not in sink and (not causal or j <= i + offset)]
+        keys += [j for j in kept if i + offset < j <= i + offset + local]
+        keys += [j for j in sink if j in kept and j <= i + offset]
+        keys = sorted(keys)
+        assert len(set(keys)) == len(keys)
         if keys:
             logits = (q[b, h, i].double() @ k[b, kv, keys].double().T) * scale
             out[b, h, i] = logits.softmax(-1) @ v[b, kv, keys].double()
@@ -53,6 +61,34 @@ def test_equals_the_definition(Lq, Lk, block, causal, offset, per_query_head, pa
     assert torch.allclose(out.double(), want_out, atol=2e-6) and torch.allclose(lse.double(), want_lse, atol=2e-6)
     if Lk < Lq:
         assert (want_lse == 0).any()  # the case the test is for: some rows see nothing
+
+
+@pytest.mark.parametrize("Lq, Lk, block, local, n_sinks, per_query_head, padded", [
+    (70, 70, 8, 16, 3, False, False),   # the recipe's shape: a window of whole blocks, sinks
+    (70, 70, 8, 13, 2, True, True),     # a window not a multiple of the block, left padding moves the sinks
+    (40, 90, 8, 20, 4, False, True),    # a chunk over cached keys
+    (64, 64, 16, 4, 0, False, False),   # a window shorter than a block, no sinks
+    (48, 48, 8, 0, 3, False, True),     # sinks alone
+    (30, 30, 8, 50, 2, False, False),   # a window longer than the sequence
+])
+def test_with_the_anchors_window_and_sinks_equals_the_definition(Lq, Lk, block, local, n_sinks, per_query_head, padded):
+    from attnpass.methods.anchor import Anchor
+
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, D = 2, 6, 2, 16
+    q, k, v = torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, Hkv, Lk, D, generator=g), torch.randn(B, Hkv, Lk, D, generator=g)
+    Hs, n_qb, n_kb = (Hq if per_query_head else Hkv), -(-Lq // block), -(-Lk // block)
+    key_blocks = torch.stack([torch.randperm(n_kb, generator=g)[:4] for _ in range(B * Hs * n_qb)]).view(B, Hs, n_qb, 4)
+    keep = None
+    if padded:
+        keep = torch.ones(B, Lk, dtype=torch.bool)
+        keep[1, :11] = False
+    sinks = Anchor(n_sinks, local).sink_positions(keep, B, Lk, "cpu") if n_sinks else None
+    offset = Lk - Lq - local  # the method's limit: the site's causal offset less the window
+    out, lse = block_flash_attention(q, k, v, key_blocks, block=block, scale=0.3, causal=True, causal_offset=offset,
+                                     key_padding_mask=keep, local=local, sinks=sinks)
+    want_out, want_lse = reference(q, k, v, key_blocks, block, 0.3, True, offset, keep, local, sinks)
+    assert torch.allclose(out.double(), want_out, atol=2e-6) and torch.allclose(lse.double(), want_lse, atol=2e-6)
 
 
 def test_wrong_block_shape_is_refused():

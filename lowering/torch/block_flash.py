@@ -31,6 +31,7 @@ _QUERY_BLOCKS_PER_CALL = 16
 
 def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *, block: int, scale: float,
                           causal: bool = False, causal_offset: int = 0, key_padding_mask: Tensor | None = None,
+                          local: int = 0, sinks: Tensor | None = None,
                           mass_column: bool = False) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Lq, Dv), logsumexp (B, Hq, Lq)) of ONE softmax per query over its block's keys.
 
@@ -40,11 +41,17 @@ def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *
     j < Lk, key_padding_mask[b, j] (when given) and, causal, j <= i + causal_offset. A query that sees
     no key gets output 0 and statistic 0 (the kernels' convention).
 
+    The anchor's parts (`attnpass.methods.anchor`; causal only) join the same softmax: with `local`,
+    the keys i + causal_offset < j <= i + causal_offset + local (its window after the method's limit);
+    with `sinks` (B, s) positions (-1: none), those at or before the limit, and the chosen blocks then
+    skip them. Both read key_padding_mask.
+
     `mass_column`: v's last column is ones (`attnpass.methods.anchor.with_mass`); the output's is each
     row's probability mass, 1 where it sees a key, 0 where none, set here rather than computed."""
     if mass_column:
         out, lse = block_flash_attention(q, k, v[..., :-1], key_blocks, block=block, scale=scale, causal=causal,
-                                         causal_offset=causal_offset, key_padding_mask=key_padding_mask)
+                                         causal_offset=causal_offset, key_padding_mask=key_padding_mask,
+                                         local=local, sinks=sinks)
         return torch.cat([out, (lse != 0).unsqueeze(-1).to(out.dtype)], dim=-1), lse
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -52,83 +59,128 @@ def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *
     if Hs not in (Hq, Hkv) or Hq % Hkv or n_qb != -(-Lq // block):
         raise ValueError(f"block_flash_attention: key_blocks {tuple(key_blocks.shape)} does not fit q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)} with block={block}")
-    out = q.new_zeros(B, Hq, n_qb * block, Dv)
-    lse = q.new_zeros(B, Hq, n_qb * block, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if (local or sinks is not None) and not causal:
+        raise ValueError("block_flash_attention: local= and sinks= are parts of a causal site's anchor")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if Lq == 0 or Lk == 0:
-        return out[:, :, :Lq], lse[:, :, :Lq]
+        return q.new_zeros(B, Hq, Lq, Dv), q.new_zeros(B, Hq, Lq, dtype=acc)
+    out = q.new_empty(B, Hq, n_qb * block, Dv)  # every query block is written below
+    lse = q.new_empty(B, Hq, n_qb * block, dtype=acc)
+    dev = q.device
     width = max(D, Dv)  # the flash kernel wants one head size: zero columns change no logit and no output
     n_kb = -(-Lk // block)
-    keys = _blocks(_pad(k, width - D, n_kb * block - Lk), n_kb, block)                # (B, Hkv, n_kb, block, W)
-    values = _blocks(_pad(v, width - Dv, n_kb * block - Lk), n_kb, block)
-    rows = Hq // Hs * block  # one group's stacked queries
-    queries = _pad(q, width - D, n_qb * block - Lq).view(B, Hs, Hq // Hs, n_qb, block, width)
-    key_ok = torch.ones(B, n_kb * block, dtype=torch.bool, device=q.device) if key_padding_mask is None \
+    keys = _pad(k, width - D, n_kb * block - Lk).view(B, Hkv, n_kb, block, width)
+    values = _pad(v, width - Dv, n_kb * block - Lk).view(B, Hkv, n_kb, block, width)
+    group = Hq // Hs  # query heads stacked in one group's rows
+    queries = _pad(q, width - D, n_qb * block - Lq).view(B, Hs, group, n_qb, block, width)
+    keep = torch.ones(B, n_kb * block, dtype=torch.bool, device=dev) if key_padding_mask is None \
         else F.pad(key_padding_mask.to(torch.bool), (0, n_kb * block - Lk))
-    key_ok[:, Lk:] = False
-    key_ok = key_ok.view(B, 1, n_kb, block)
-    kv_head = torch.arange(Hs, device=q.device) * Hkv // Hs
-    batch = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    keep[:, Lk:] = False
+    method_keep = keep if sinks is None else keep.scatter(1, sinks.clamp(min=0), sinks < 0)  # -1 writes True at 0: no change
+    sink_keys = None
+    if sinks is not None:  # (B, Hs, s, W): the sinks' keys and values, gathered once
+        at = sinks.clamp(min=0).view(B, 1, -1, 1).expand(B, Hkv, -1, width)
+        kv_of = torch.arange(Hs, device=dev) * Hkv // Hs
+        sink_keys = tuple(x.view(B, Hkv, -1, width).gather(2, at)[:, kv_of] for x in (keys, values))
+    ctx = _Context(keys, values, torch.arange(Hs, device=dev) * Hkv // Hs, torch.arange(B, device=dev).view(B, 1, 1, 1),
+                   group, scale)
+    offsets = torch.arange(block, device=dev)
     for start in range(0, n_qb, _QUERY_BLOCKS_PER_CALL):
         stop = min(start + _QUERY_BLOCKS_PER_CALL, n_qb)
-        chosen = key_blocks[:, :, start:stop]                                          # (B, Hs, c, top)
-        qs = queries[:, :, :, start:stop].transpose(2, 3).reshape(-1, 1, rows, width)
-        first_query = torch.arange(start, stop, device=q.device) * block
-        # causal: blocks from `split` on hold the limit of some query of the block and not of its first
-        split = torch.div(first_query + causal_offset + 1, block, rounding_mode="floor") if causal \
-            else torch.full_like(first_query, n_kb)
-        whole = (chosen >= 0) & (chosen < split.view(1, 1, -1, 1))
-        parts = [_flash_part(qs, keys, values, chosen, whole, key_ok, kv_head, batch, rows, scale)]
-        if causal:
-            edge = split.view(1, 1, -1, 1) + torch.arange(2, device=q.device)         # (1, 1, c, 2)
-            edge_chosen = (chosen.unsqueeze(-1) == edge.unsqueeze(-2)).any(-2) & (edge >= 0) & (edge < n_kb)
-            edge = edge.expand_as(edge_chosen).clamp(0, n_kb - 1)
-            key_pos = (edge.unsqueeze(-1) * block + torch.arange(block, device=q.device)).flatten(-2)
-            query_pos = first_query.view(-1, 1) + torch.arange(block, device=q.device)  # (c, block)
-            seen = key_pos.unsqueeze(-2) <= (query_pos + causal_offset).view(1, 1, -1, block, 1)
-            seen = seen & edge_chosen.repeat_interleave(block, -1).unsqueeze(-2)      # (B, Hs, c, block, 2 block)
-            parts.append(_flash_part(qs, keys, values, edge, seen, key_ok, kv_head, batch, rows, scale))
-        part_out, part_lse = _merge(parts)
         c = stop - start
-        out[:, :, start * block:stop * block] = part_out[..., :Dv].view(B, Hs, c, Hq // Hs, block, Dv) \
+        chosen = key_blocks[:, :, start:stop]                                          # (B, Hs, c, top)
+        qs = queries[:, :, :, start:stop].transpose(2, 3).reshape(-1, 1, group * block, width)
+        first_query = torch.arange(start, stop, device=dev) * block
+        limit = (first_query.view(-1, 1) + offsets + causal_offset)                     # (c, block): j <= limit
+        # causal: from block `split` on, a block holds the limit of some query of the block, not of its first
+        split = torch.div(limit[:, 0] + 1, block, rounding_mode="floor") if causal else torch.full_like(first_query, n_kb)
+        # part 1, blocks every query of the block sees whole (per-key masks): the chosen ones before `split`,
+        # and the window's blocks between its two edges
+        slots = [chosen]
+        seen = [_keep_at(method_keep, chosen, block) & ((chosen >= 0) & (chosen < split.view(1, 1, -1, 1))).unsqueeze(-1)]
+        if local:
+            # the last query's window ends in block `last`; the window's blocks split + 2 .. last - 2 are
+            # whole, at most (2 block - 3 + local) // block - 3 of them
+            last = torch.div(limit[:, -1] + local, block, rounding_mode="floor")
+            n_inside = max((2 * block - 3 + local) // block - 3, 0)
+            inside = (split.view(-1, 1) + 2 + torch.arange(n_inside, device=dev)).expand(B, Hs, -1, -1)
+            inside = torch.where(inside <= (last - 2).view(-1, 1), inside, -1)
+            slots.append(inside)
+            seen.append(_keep_at(keep, inside, block))
+        parts = [ctx.part(qs, torch.cat(slots, -1), torch.cat(seen, -2).flatten(-2).unsqueeze(-2))]
+        if causal:
+            # part 2, per-query masks: the blocks at the method's limit (split, split + 1: chosen keys up to
+            # the limit, window keys after it), the window's last blocks, and the sinks
+            edge = split.view(-1, 1) + torch.arange(2, device=dev)                      # (c, 2)
+            if local:
+                ends = last.view(-1, 1) - 1 + torch.arange(2, device=dev)
+                edge = torch.cat([edge, torch.where(ends > split.view(-1, 1) + 1, ends, -1)], dim=-1)
+            edge = torch.where((edge >= 0) & (edge < n_kb), edge, -1).expand(B, Hs, -1, -1)
+            key_pos = (edge.unsqueeze(-1) * block + offsets).flatten(-2).unsqueeze(-2)  # (B, Hs, c, 1, e block)
+            before = key_pos <= limit.view(1, 1, c, block, 1)
+            was_chosen = ((chosen.unsqueeze(-1) == edge.unsqueeze(-2)) & (edge >= 0).unsqueeze(-2)).any(-2)
+            method = before & (_keep_at(method_keep, edge, block) & was_chosen.unsqueeze(-1)).flatten(-2).unsqueeze(-2)
+            edge_seen = method
+            if local:
+                window = ~before & (key_pos <= limit.view(1, 1, c, block, 1) + local)
+                edge_seen = method | (window & _keep_at(keep, edge, block).flatten(-2).unsqueeze(-2))
+            extra = None
+            if sinks is not None:
+                sink_seen = (sinks >= 0) & keep.gather(1, sinks.clamp(min=0))                # (B, s)
+                sink_seen = sink_seen.view(B, 1, 1, 1, -1) & (sinks.view(B, 1, 1, 1, -1) <= limit.view(1, 1, c, block, 1))
+                edge_seen = torch.cat([edge_seen, sink_seen.expand(-1, Hs, -1, -1, -1)], dim=-1)
+                extra = sink_keys
+            parts.append(ctx.part(qs, edge, edge_seen, extra))
+        part_out, part_lse = _merge(parts)
+        out[:, :, start * block:stop * block] = part_out[..., :Dv].view(B, Hs, c, group, block, Dv) \
             .transpose(2, 3).reshape(B, Hq, c * block, Dv)
-        lse[:, :, start * block:stop * block] = part_lse.view(B, Hs, c, Hq // Hs, block) \
+        lse[:, :, start * block:stop * block] = part_lse.view(B, Hs, c, group, block) \
             .transpose(2, 3).reshape(B, Hq, c * block)
     return out[:, :, :Lq], lse[:, :, :Lq]
 
 
+def _keep_at(keep: Tensor, slots: Tensor, block: int) -> Tensor:
+    """(B, Hs, c, m, block): which keys of the key blocks `slots` (B, Hs, c, m; -1 none) `keep` (B, n_kb * block) keeps."""
+    B = keep.shape[0]
+    kept = keep.view(B, 1, -1, block)[torch.arange(B, device=keep.device).view(B, 1, 1, 1), 0, slots.clamp(min=0)]
+    return kept & (slots >= 0).unsqueeze(-1)
+
+
+class _Context:
+    """What every flash call of one `block_flash_attention` shares: the blocked keys and values, each
+    selection head's kv head, the batch index, the query heads per group and the scale."""
+
+    def __init__(self, keys, values, kv_head, batch, group: int, scale: float):
+        self.keys, self.values, self.kv_head, self.batch, self.group, self.scale = keys, values, kv_head, batch, group, scale
+
+    def part(self, qs: Tensor, slots: Tensor, seen: Tensor, extra: tuple[Tensor, Tensor] | None = None):
+        """Every group against the key blocks `slots` (B, Hs, c, m; -1 none) and the `extra` keys and
+        values (B, Hs, s, W) after them; `seen` (B, Hs, c, 1 or block, m * block + s) says which pairs
+        count, per key or per query of the block. Returns (out (groups, rows, W), logsumexp (groups,
+        rows), -inf where a row sees nothing)."""
+        B, Hs, c, m = slots.shape
+        n_kb, block, width = self.keys.shape[2:]
+        groups, rows = B * Hs * c, self.group * block
+        # whole blocks as rows of a (B * Hkv * n_kb, block * W) view: index_select copies each row at once
+        where = ((self.batch * self.keys.shape[1] + self.kv_head.view(1, -1, 1, 1)) * n_kb + slots.clamp(min=0)).view(-1)
+        gathered = [x.reshape(-1, block * width).index_select(0, where).view(B, Hs, c, m * block, width)
+                    for x in (self.keys, self.values)]
+        if extra is not None:
+            gathered = [torch.cat([g, e.unsqueeze(2).expand(-1, -1, c, -1, -1)], dim=3) for g, e in zip(gathered, extra)]
+        n_keys = gathered[0].shape[3]
+        if seen.shape[3] > 1:  # per query: the same for every query head of the group
+            seen = seen.unsqueeze(3).expand(-1, -1, -1, self.group, -1, -1).flatten(3, 4)
+        mask = torch.zeros(seen.shape, dtype=qs.dtype, device=qs.device).masked_fill_(~seen, -math.inf)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qs, gathered[0].view(groups, 1, n_keys, width), gathered[1].view(groups, 1, n_keys, width),
+            0.0, False, attn_mask=mask.view(groups, 1, -1, n_keys), scale=self.scale)
+        filled = seen.any(-1).view(groups, -1).expand(groups, rows)
+        acc = torch.float64 if qs.dtype == torch.float64 else torch.float32
+        return out.view(groups, rows, width), torch.where(filled, lse.view(groups, rows).to(acc), -math.inf)
+
+
 def _pad(x: Tensor, columns: int, rows: int) -> Tensor:
     return F.pad(x, (0, columns, 0, rows)) if columns or rows else x
-
-
-def _blocks(x: Tensor, n_blocks: int, block: int) -> Tensor:
-    return x.view(*x.shape[:2], n_blocks, block, x.shape[-1])
-
-
-def _flash_part(qs, keys, values, slots, allowed, key_ok, kv_head, batch, rows: int, scale: float):
-    """One part: every group against the key blocks `slots` (B, Hs, c, m) (clamped; `allowed` says
-    which pairs count: (B, Hs, c, m) per block, or (B, Hs, c, block, m * block) per query).
-    Returns (out (groups, rows, W), logsumexp (groups, rows) with -inf where a row sees nothing)."""
-    B, Hs, c, m = slots.shape
-    block, width = keys.shape[-2], keys.shape[-1]
-    index = slots.clamp(min=0)
-    kv = kv_head.view(1, -1, 1, 1)
-    seen = key_ok[batch, 0, index]                                                     # (B, Hs, c, m, block)
-    if allowed.dim() == 4:  # per key block: the same for every query of the group
-        seen = (seen & allowed.unsqueeze(-1)).flatten(-2).unsqueeze(-2)               # (B, Hs, c, 1, m block)
-    else:
-        seen = seen.flatten(-2).unsqueeze(-2) & allowed                                # (B, Hs, c, block, m block)
-        seen = seen.unsqueeze(3).expand(-1, -1, -1, rows // block, -1, -1).flatten(3, 4)
-    groups = B * Hs * c
-    mask = torch.zeros(seen.shape, dtype=qs.dtype, device=qs.device).masked_fill_(~seen, -math.inf)
-    # whole blocks as rows of a (B * Hkv * n_kb, block * W) view: index_select copies each row at once
-    rows_of = ((batch * keys.shape[1] + kv) * keys.shape[2] + index).view(-1)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qs, keys.reshape(-1, block * width).index_select(0, rows_of).view(groups, 1, m * block, width),
-        values.reshape(-1, block * width).index_select(0, rows_of).view(groups, 1, m * block, width),
-        0.0, False, attn_mask=mask.view(groups, 1, -1, m * block), scale=scale)
-    filled = seen.any(-1).view(groups, -1).expand(groups, rows)
-    acc = torch.float64 if qs.dtype == torch.float64 else torch.float32
-    return out.view(groups, rows, width), torch.where(filled, lse.view(groups, rows).to(acc), -math.inf)
 
 
 def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

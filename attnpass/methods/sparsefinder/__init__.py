@@ -457,6 +457,21 @@ class SparsefinderAttention(SiteAttention):
                        empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)
         return self._attend(q, k, v, bias, mask, key_keep, dropout_p, with_stat=False)[0]
 
+    def anchored_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
+        """The blocks predictor at inference on CPU at a causal site: the chosen blocks, the window and
+        the sinks in one `block_flash_attention` call (the same softmax over the same pairs as the
+        anchor's parts merged, tested); every other call: `SiteAttention.anchored_forward`."""
+        p = dropout_p if self.training else 0.0
+        if (self.predictor != "blocks" or not self.spec.causal or self._collect_metrics or q.shape[2] == 0
+                or k.shape[2] == 0 or not self._block_flash_serves(q, k, v, bias, mask, p)):
+            return super().anchored_forward(q, k, v, bias, mask, key_keep, dropout_p)
+        B, Lk = k.shape[0], k.shape[2]
+        sinks = self.anchor.sink_positions(key_keep, B, Lk, k.device) if self.anchor.sinks else None
+        chosen = self.chosen_blocks(q, k, self.method_key_keep(key_keep, k))
+        return block_flash_attention(
+            q, k, v, chosen, block=self.block, scale=self.scale(q), causal=True, causal_offset=self.layout_offset(q, k),
+            key_padding_mask=key_keep, local=self.anchor_local(), sinks=sinks)[0]
+
     def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float):
         return self._attend(q, k, v, bias, mask, key_keep, dropout_p, with_stat=True)
 

@@ -110,7 +110,8 @@ def block_scores(q: Tensor, k: Tensor, *, scale: float, block: int, samples: int
         share = torch.softmax(pooled, dim=-1).nan_to_num_(0.0)  # a sampled query seeing nothing: 0 everywhere
         share = F.pad(share, (0, n_kb - n_pooled))  # key blocks past the chunk's last query: none of them sees
         share = share.view(B, Hkv, G, -1, samples, n_kb)
-        scores.append(share.amax(dim=(2, 4)) if kv_heads_share else share.amax(dim=4).view(B, Hq, -1, n_kb))
+        share = share.amax(dim=4)  # over the samples, then (sharing) over the query heads: two fast reductions
+        scores.append(share.amax(dim=2) if kv_heads_share else share.view(B, Hq, -1, n_kb))
     return torch.cat(scores, dim=2)
 
 
