@@ -168,13 +168,15 @@ class _Context:
         if extra is not None:
             gathered = [torch.cat([g, e.unsqueeze(2).expand(-1, -1, c, -1, -1)], dim=3) for g, e in zip(gathered, extra)]
         n_keys = gathered[0].shape[3]
+        filled = seen.any(-1)                                                          # (B, Hs, c, 1 or block)
         if seen.shape[3] > 1:  # per query: the same for every query head of the group
+            filled = filled.unsqueeze(3).expand(-1, -1, -1, self.group, -1)
             seen = seen.unsqueeze(3).expand(-1, -1, -1, self.group, -1, -1).flatten(3, 4)
-        mask = torch.zeros(seen.shape, dtype=qs.dtype, device=qs.device).masked_fill_(~seen, -math.inf)
+        filled = filled.reshape(groups, -1).expand(groups, rows)
+        mask = torch.where(seen, 0.0, -math.inf).to(qs.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qs, gathered[0].view(groups, 1, n_keys, width), gathered[1].view(groups, 1, n_keys, width),
             0.0, False, attn_mask=mask.view(groups, 1, -1, n_keys), scale=self.scale)
-        filled = seen.any(-1).view(groups, -1).expand(groups, rows)
         acc = torch.float64 if qs.dtype == torch.float64 else torch.float32
         return out.view(groups, rows, width), torch.where(filled, lse.view(groups, rows).to(acc), -math.inf)
 
