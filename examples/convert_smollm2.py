@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import statistics
 import sys
 import time
@@ -198,9 +197,7 @@ The original: perplexity {base_ppl:.3f}, {len(base_keys)} of {args.keys} pass ke
 "Speed" is the original's forward time over the converted model's (above 1: faster).
 
 {table}
-
-![perplexity vs share of pairs](img/{Path(args.png).name})
-"""
+""" + (f"\n![perplexity vs share of pairs](img/{Path(args.png).name})\n" if args.png else "")
 
 
 def _command(args) -> str:
@@ -209,6 +206,16 @@ def _command(args) -> str:
         command += " --methods " + " ".join(args.methods)
     if args.repeats != 3:
         command += f" --repeats {args.repeats}"
+    if args.length != 4096:
+        command += f" --length {args.length}"
+    if args.time_lengths != [4096, 8192]:
+        command += " --time-lengths " + " ".join(map(str, args.time_lengths))
+    if args.keys != 10:
+        command += f" --keys {args.keys}"
+    if args.out != "docs/convert_smollm2.md":
+        command += f" --out {args.out}"
+    if args.png != "docs/img/convert_smollm2.png":
+        command += f" --png '{args.png}'"
     return command
 
 

@@ -103,3 +103,14 @@ def test_no_square_tensor():
     key_blocks = torch.randint(0, L // block, (1, 2, L // block, 4))
     with no_square_tensor(L, L):
         block_flash_attention(q, k, v, key_blocks, block=block, scale=0.25, causal=True, causal_offset=-64)
+
+
+def test_only_the_blocks_a_query_block_sees_in_part_take_per_query_masks():
+    """The recipe's shape (block 32, window 128 after the method's limit): of the window's five key
+    blocks, the three inner ones are whole for every query; the one at the method's limit and the
+    diagonal one are the per-query part."""
+    from attnpass.lowering.torch.block_flash import _block_geometry
+
+    assert _block_geometry(32, -128, 128) == ((-3, -2, -1), (-4, 0))
+    assert _block_geometry(32, -5, 0) == ((), (-1, 0))      # no window, limits across a block boundary: two blocks
+    assert _block_geometry(32, -32, 0) == ((), (-1,))        # no window, aligned: only the diagonal block

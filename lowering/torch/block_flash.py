@@ -85,6 +85,7 @@ def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *
     ctx = _Context(keys, values, torch.arange(Hs, device=dev) * Hkv // Hs, torch.arange(B, device=dev).view(B, 1, 1, 1),
                    group, scale)
     offsets = torch.arange(block, device=dev)
+    window_blocks, edge_blocks = _block_geometry(block, causal_offset, local) if causal else ((), ())
     for start in range(0, n_qb, _QUERY_BLOCKS_PER_CALL):
         stop = min(start + _QUERY_BLOCKS_PER_CALL, n_qb)
         c = stop - start
@@ -94,28 +95,20 @@ def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *
         limit = (first_query.view(-1, 1) + offsets + causal_offset)                     # (c, block): j <= limit
         # causal: from block `split` on, a block holds the limit of some query of the block, not of its first
         split = torch.div(limit[:, 0] + 1, block, rounding_mode="floor") if causal else torch.full_like(first_query, n_kb)
+        query_block = torch.arange(start, stop, device=dev).view(-1, 1)
         # part 1, blocks every query of the block sees whole (per-key masks): the chosen ones before `split`,
-        # and the window's blocks between its two edges
+        # and the window's blocks that lie after every query's limit and within every query's window
         slots = [chosen]
         seen = [_keep_at(method_keep, chosen, block) & ((chosen >= 0) & (chosen < split.view(1, 1, -1, 1))).unsqueeze(-1)]
-        if local:
-            # the last query's window ends in block `last`; the window's blocks split + 2 .. last - 2 are
-            # whole, at most (2 block - 3 + local) // block - 3 of them
-            last = torch.div(limit[:, -1] + local, block, rounding_mode="floor")
-            n_inside = max((2 * block - 3 + local) // block - 3, 0)
-            inside = (split.view(-1, 1) + 2 + torch.arange(n_inside, device=dev)).expand(B, Hs, -1, -1)
-            inside = torch.where(inside <= (last - 2).view(-1, 1), inside, -1)
+        if window_blocks:
+            inside = _valid(query_block + torch.tensor(window_blocks, device=dev), n_kb).expand(B, Hs, -1, -1)
             slots.append(inside)
             seen.append(_keep_at(keep, inside, block))
         parts = [ctx.part(qs, torch.cat(slots, -1), torch.cat(seen, -2).flatten(-2).unsqueeze(-2))]
         if causal:
-            # part 2, per-query masks: the blocks at the method's limit (split, split + 1: chosen keys up to
-            # the limit, window keys after it), the window's last blocks, and the sinks
-            edge = split.view(-1, 1) + torch.arange(2, device=dev)                      # (c, 2)
-            if local:
-                ends = last.view(-1, 1) - 1 + torch.arange(2, device=dev)
-                edge = torch.cat([edge, torch.where(ends > split.view(-1, 1) + 1, ends, -1)], dim=-1)
-            edge = torch.where((edge >= 0) & (edge < n_kb), edge, -1).expand(B, Hs, -1, -1)
+            # part 2, per-query masks: the blocks some queries of the block see and others not (chosen keys
+            # up to a query's limit, window keys after it), and the sinks
+            edge = _valid(query_block + torch.tensor(edge_blocks, device=dev), n_kb).expand(B, Hs, -1, -1)
             key_pos = (edge.unsqueeze(-1) * block + offsets).flatten(-2).unsqueeze(-2)  # (B, Hs, c, 1, e block)
             before = key_pos <= limit.view(1, 1, c, block, 1)
             was_chosen = ((chosen.unsqueeze(-1) == edge.unsqueeze(-2)) & (edge >= 0).unsqueeze(-2)).any(-2)
@@ -137,6 +130,29 @@ def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *
         lse[:, :, start * block:stop * block] = part_lse.view(B, Hs, c, group, block) \
             .transpose(2, 3).reshape(B, Hq, c * block)
     return out[:, :, :Lq], lse[:, :, :Lq]
+
+
+def _block_geometry(block: int, offset: int, local: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Key blocks relative to query block t (block t + r), the same for every t: (those every query of
+    the block sees whole in its window, those some of its queries see and others not). Relative to
+    the block's first query, its limits are offset .. offset + block - 1 and its window ends at
+    offset + local .. offset + local + block - 1; key block r holds r * block .. r * block + block - 1."""
+    first = (offset + 1) // block            # the first block not every limit covers (method's edge)
+    last = (offset + block - 1 + local) // block  # the last block some query's window reaches
+    whole, edge = [], []
+    for r in range(first, max(last, first + 1) + 1):
+        start, end = r * block, r * block + block - 1
+        if start > offset + block - 1 + local:  # after every query's window: seen by none
+            continue
+        if local and start > offset + block - 1 and end <= offset + local:
+            whole.append(r)
+        else:
+            edge.append(r)
+    return tuple(whole), tuple(edge)
+
+
+def _valid(slots: Tensor, n_blocks: int) -> Tensor:
+    return torch.where((slots >= 0) & (slots < n_blocks), slots, -1)
 
 
 def _keep_at(keep: Tensor, slots: Tensor, block: int) -> Tensor:
