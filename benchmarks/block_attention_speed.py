@@ -10,8 +10,9 @@ of --repeats calls after one warm-up):
 - the recipe: `method="sparsefinder", predictor="blocks", sinks=4, local=128` (README), the whole
   site call, and its two stages alone: choosing the blocks (`chosen_blocks`: the sampled queries'
   exact scores) and attending (`block_flash_attention` on those blocks with the window and sinks);
-- the same site with the query heads choosing alone (`kv_heads_share=False`, the grouped kernel
-  per query head) and with the anchor's parts computed apart (`SiteAttention.anchored_forward`).
+- the same site with the query heads choosing alone (`kv_heads_share=False`: the same kernel, one
+  query head's block per group, its keys gathered per query head) and with the anchor's parts
+  computed apart (`SiteAttention.anchored_forward`: the method's blocks, then the window and sinks).
 Ratios are dense time over the other (above 1: faster than dense). Pairs are the share of the causal
 pairs the recipe's site computes (`computed_pairs` plus window and sinks, `attnpass.tools.site_probe`).
 """

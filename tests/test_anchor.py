@@ -277,3 +277,14 @@ def test_the_prefill_decision_counts_the_anchors_keys():
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
     assert torch.allclose(anchored(q, k, v), want, atol=1e-12)
+
+
+def test_a_row_with_fewer_real_keys_than_sinks_keeps_its_padding_away_from_the_method():
+    """Left padding with 2 real keys and sinks=4: the sinks are the 2 real keys (the other 2 slots
+    are -1), so the method keeps nothing; padding position 0 must stay dropped."""
+    from attnpass.methods.anchor import Anchor
+
+    key_keep = torch.tensor([[False, False, False, True, True], [True, True, True, True, True]])
+    anchor = Anchor(sinks=4, local=0)
+    assert anchor.sink_positions(key_keep, 2, 5, "cpu").tolist() == [[3, 4, -1, -1], [0, 1, 2, 3]]
+    assert anchor.method_key_keep(key_keep, 2, 5, "cpu").tolist() == [[False] * 5, [False] * 4 + [True]]

@@ -70,6 +70,7 @@ def test_equals_the_definition(Lq, Lk, block, causal, offset, per_query_head, pa
     (64, 64, 16, 4, 0, False, False),   # a window shorter than a block, no sinks
     (48, 48, 8, 0, 3, False, True),     # sinks alone
     (30, 30, 8, 50, 2, False, False),   # a window longer than the sequence
+    (24, 24, 8, 0, 4, False, "short"),  # a row with 2 real keys: sink slots -1, padding stays away
 ])
 def test_with_the_anchors_window_and_sinks_equals_the_definition(Lq, Lk, block, local, n_sinks, per_query_head, padded):
     from attnpass.methods.anchor import Anchor
@@ -78,11 +79,12 @@ def test_with_the_anchors_window_and_sinks_equals_the_definition(Lq, Lk, block, 
     B, Hq, Hkv, D = 2, 6, 2, 16
     q, k, v = torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, Hkv, Lk, D, generator=g), torch.randn(B, Hkv, Lk, D, generator=g)
     Hs, n_qb, n_kb = (Hq if per_query_head else Hkv), -(-Lq // block), -(-Lk // block)
-    key_blocks = torch.stack([torch.randperm(n_kb, generator=g)[:4] for _ in range(B * Hs * n_qb)]).view(B, Hs, n_qb, 4)
+    top = min(4, n_kb)
+    key_blocks = torch.stack([torch.randperm(n_kb, generator=g)[:top] for _ in range(B * Hs * n_qb)]).view(B, Hs, n_qb, top)
     keep = None
     if padded:
         keep = torch.ones(B, Lk, dtype=torch.bool)
-        keep[1, :11] = False
+        keep[1, :Lk - 2 if padded == "short" else 11] = False
     sinks = Anchor(n_sinks, local).sink_positions(keep, B, Lk, "cpu") if n_sinks else None
     offset = Lk - Lq - local  # the method's limit: the site's causal offset less the window
     out, lse = block_flash_attention(q, k, v, key_blocks, block=block, scale=0.3, causal=True, causal_offset=offset,

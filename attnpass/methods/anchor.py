@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnpass.lowering.torch.common import positions_mask
 from attnpass.lowering.torch.grouped_attention import grouped_attention
 from attnpass.methods.options import check_int
 
@@ -81,9 +82,8 @@ class Anchor:
         """The key_keep the method runs with: the site's, without the sinks."""
         if not self.sinks:
             return key_keep
-        keep = torch.ones(batch, len_k, dtype=torch.bool, device=device) if key_keep is None else key_keep.clone()
-        sinks = self.sink_positions(key_keep, batch, len_k, device)
-        return keep.scatter_(1, sinks.clamp(min=0), sinks < 0)  # a -1 slot writes True at 0: no change
+        keep = torch.ones(batch, len_k, dtype=torch.bool, device=device) if key_keep is None else key_keep
+        return keep & ~positions_mask(self.sink_positions(key_keep, batch, len_k, device), len_k)
 
     def parts(self, q: Tensor, k: Tensor, v_mass: Tensor, *, key_keep, bias, mask, scale: float, causal: bool,
               offset: int, dropout_p: float, dropout_seed: int, band: int = 0) -> list[tuple[Tensor, Tensor]]:

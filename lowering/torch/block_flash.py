@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnpass.lowering.torch.common import positions_mask
+
 # Query blocks per flash call: bounds the gathered keys (chunk x top x block per group) kept at once.
 _QUERY_BLOCKS_PER_CALL = 16
 
@@ -76,7 +78,7 @@ def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *
     keep = torch.ones(B, n_kb * block, dtype=torch.bool, device=dev) if key_padding_mask is None \
         else F.pad(key_padding_mask.to(torch.bool), (0, n_kb * block - Lk))
     keep[:, Lk:] = False
-    method_keep = keep if sinks is None else keep.scatter(1, sinks.clamp(min=0), sinks < 0)  # -1 writes True at 0: no change
+    method_keep = keep if sinks is None else keep & ~positions_mask(sinks, n_kb * block)
     sink_keys = None
     if sinks is not None:  # (B, Hs, s, W): the sinks' keys and values, gathered once
         at = sinks.clamp(min=0).view(B, 1, -1, 1).expand(B, Hkv, -1, width)

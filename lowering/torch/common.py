@@ -94,3 +94,10 @@ def dropout_keep(seed: int, p: float, coords: tuple[Tensor, ...], dtype: torch.d
     for c in coords:
         x = _mix32(x ^ (c & _MASK32))
     return (x >= int(p * 2**32)).to(dtype) / (1.0 - p)
+
+
+def positions_mask(positions: Tensor, length: int) -> Tensor:
+    """(B, length) bool: True at the positions (B, n) given; -1 slots are counted as nothing, never
+    written (a scatter of their clamped index 0 could overwrite a real position 0)."""
+    hits = torch.zeros(positions.shape[0], length, dtype=torch.int32, device=positions.device)
+    return hits.scatter_add_(1, positions.clamp(min=0), (positions >= 0).to(torch.int32)) > 0
