@@ -27,7 +27,7 @@ def reference(q, k, v, key_blocks, block, scale, causal, offset, keep, local=0, 
                 for j in range(c * block, (c + 1) * block)
                 if j in kept and j not in sink and (not causal or j <= i + offset)]
         keys += [j for j in kept if i + offset < j <= i + offset + local]
-        keys += [j for j in sink if j in kept and j <= i + offset]
+        keys += [j for j in sink if j in kept and (not causal or j <= i + offset)]
         keys = sorted(keys)
         assert len(set(keys)) == len(keys)
         if keys:
@@ -91,6 +91,24 @@ def test_with_the_anchors_window_and_sinks_equals_the_definition(Lq, Lk, block, 
                                      key_padding_mask=keep, local=local, sinks=sinks)
     want_out, want_lse = reference(q, k, v, key_blocks, block, 0.3, True, offset, keep, local, sinks)
     assert torch.allclose(out.double(), want_out, atol=2e-6) and torch.allclose(lse.double(), want_lse, atol=2e-6)
+
+
+def test_sinks_at_a_bidirectional_site_are_seen_by_every_query():
+    from attnpass.methods.anchor import Anchor
+
+    g = torch.Generator().manual_seed(2)
+    B, Hq, Hkv, D, L, block = 2, 4, 2, 8, 40, 8
+    q, k, v = torch.randn(B, Hq, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    key_blocks = torch.stack([torch.randperm(L // block, generator=g)[:2] for _ in range(B * Hkv * (L // block))])
+    key_blocks = key_blocks.view(B, Hkv, L // block, 2)
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[1, :6] = False
+    sinks = Anchor(3, 0).sink_positions(keep, B, L, "cpu")
+    out, lse = block_flash_attention(q, k, v, key_blocks, block=block, scale=0.3, key_padding_mask=keep, sinks=sinks)
+    want_out, want_lse = reference(q, k, v, key_blocks, block, 0.3, False, 0, keep, 0, sinks)
+    assert torch.allclose(out.double(), want_out, atol=2e-6) and torch.allclose(lse.double(), want_lse, atol=2e-6)
+    with pytest.raises(ValueError, match="causal"):
+        block_flash_attention(q, k, v, key_blocks, block=block, scale=0.3, local=4)
 
 
 def test_wrong_block_shape_is_refused():

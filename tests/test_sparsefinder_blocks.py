@@ -306,17 +306,15 @@ def test_the_cost_model_reports_the_block_predictors_parameters_and_keeps_decode
 ])
 def test_inference_runs_the_flash_path_on_the_same_pairs(monkeypatch, causal, padded, anchor, L, share):
     """Without a gradient the site computes on `block_flash_attention` (the grouped kernel is not
-    called; at a causal site the anchor's window and sinks are in the same call, the anchor's own
-    parts are not computed), and gives the dense float64 softmax over the pairs the grouped kernel
-    computes in training."""
+    called; the anchor's window and sinks are in the same call, the anchor's own parts are not
+    computed), and gives the dense float64 softmax over the pairs the grouped kernel computes in training."""
     from attnpass.methods import anchor as anchor_module, sparsefinder as sparsefinder_module
 
     site = make_site(L, causal=causal, kv_heads_share=share, **anchor)
     x = inputs(L, L, padded)
     trained = site(**{**x, **{n: t.detach().requires_grad_() for n, t in x.items() if n in "qkv"}}).detach()
     monkeypatch.setattr(sparsefinder_module, "grouped_attention", None)  # a call would fail
-    if causal:
-        monkeypatch.setattr(anchor_module.Anchor, "parts", None)
+    monkeypatch.setattr(anchor_module.Anchor, "parts", None)
     with torch.no_grad():
         got = site(x["q"], x["k"], x["v"], key_keep=x["key_keep"])
     rows = slice(5, None) if padded else slice(None)

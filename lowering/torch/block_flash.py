@@ -33,8 +33,7 @@ _QUERY_BLOCKS_PER_CALL = 16
 
 def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *, block: int, scale: float,
                           causal: bool = False, causal_offset: int = 0, key_padding_mask: Tensor | None = None,
-                          local: int = 0, sinks: Tensor | None = None,
-                          mass_column: bool = False) -> tuple[Tensor, Tensor]:
+                          local: int = 0, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Lq, Dv), logsumexp (B, Hq, Lq)) of ONE softmax per query over its block's keys.
 
     q (B, Hq, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv). key_blocks (B, Hs, ceil(Lq / block), top)
@@ -43,26 +42,18 @@ def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *
     j < Lk, key_padding_mask[b, j] (when given) and, causal, j <= i + causal_offset. A query that sees
     no key gets output 0 and statistic 0 (the kernels' convention).
 
-    The anchor's parts (`attnpass.methods.anchor`; causal only) join the same softmax: with `local`,
+    The anchor's parts (`attnpass.methods.anchor`) join the same softmax: with `local` (causal only),
     the keys i + causal_offset < j <= i + causal_offset + local (its window after the method's limit);
-    with `sinks` (B, s) positions (-1: none), those at or before the limit, and the chosen blocks then
-    skip them. Both read key_padding_mask.
-
-    `mass_column`: v's last column is ones (`attnpass.methods.anchor.with_mass`); the output's is each
-    row's probability mass, 1 where it sees a key, 0 where none, set here rather than computed."""
-    if mass_column:
-        out, lse = block_flash_attention(q, k, v[..., :-1], key_blocks, block=block, scale=scale, causal=causal,
-                                         causal_offset=causal_offset, key_padding_mask=key_padding_mask,
-                                         local=local, sinks=sinks)
-        return torch.cat([out, (lse != 0).unsqueeze(-1).to(out.dtype)], dim=-1), lse
+    with `sinks` (B, s) positions (-1: none), those at or before the limit (every one, bidirectional),
+    and the chosen blocks then skip them. Both read key_padding_mask."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     Hs, n_qb, top = key_blocks.shape[1:]
     if Hs not in (Hq, Hkv) or Hq % Hkv or n_qb != -(-Lq // block):
         raise ValueError(f"block_flash_attention: key_blocks {tuple(key_blocks.shape)} does not fit q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)} with block={block}")
-    if (local or sinks is not None) and not causal:
-        raise ValueError("block_flash_attention: local= and sinks= are parts of a causal site's anchor")
+    if local and not causal:
+        raise ValueError("block_flash_attention: local= is a window before each query, for causal attention")
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if Lq == 0 or Lk == 0:
         return q.new_zeros(B, Hq, Lq, Dv), q.new_zeros(B, Hq, Lq, dtype=acc)
@@ -79,53 +70,51 @@ def block_flash_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *
         else F.pad(key_padding_mask.to(torch.bool), (0, n_kb * block - Lk))
     keep[:, Lk:] = False
     method_keep = keep if sinks is None else keep & ~positions_mask(sinks, n_kb * block)
+    kv_head = torch.arange(Hs, device=dev) * Hkv // Hs
     sink_keys = None
     if sinks is not None:  # (B, Hs, s, W): the sinks' keys and values, gathered once
         at = sinks.clamp(min=0).view(B, 1, -1, 1).expand(B, Hkv, -1, width)
-        kv_of = torch.arange(Hs, device=dev) * Hkv // Hs
-        sink_keys = tuple(x.view(B, Hkv, -1, width).gather(2, at)[:, kv_of] for x in (keys, values))
-    ctx = _Context(keys, values, torch.arange(Hs, device=dev) * Hkv // Hs, torch.arange(B, device=dev).view(B, 1, 1, 1),
-                   group, scale)
+        sink_keys = tuple(x.view(B, Hkv, -1, width).gather(2, at)[:, kv_head] for x in (keys, values))
+        sink_kept = ((sinks >= 0) & keep.gather(1, sinks.clamp(min=0))).view(B, 1, 1, 1, -1)
+    ctx = _Context(keys, values, kv_head, torch.arange(B, device=dev).view(B, 1, 1, 1), group, scale)
     offsets = torch.arange(block, device=dev)
+    # relative to query block t: from key block t + first on, a block holds the limit of some query of
+    # the block but not of its first (bidirectional: no limit)
+    first = (causal_offset + 1) // block if causal else n_kb
     window_blocks, edge_blocks = _block_geometry(block, causal_offset, local) if causal else ((), ())
     for start in range(0, n_qb, _QUERY_BLOCKS_PER_CALL):
         stop = min(start + _QUERY_BLOCKS_PER_CALL, n_qb)
         c = stop - start
         chosen = key_blocks[:, :, start:stop]                                          # (B, Hs, c, top)
         qs = queries[:, :, :, start:stop].transpose(2, 3).reshape(-1, 1, group * block, width)
-        first_query = torch.arange(start, stop, device=dev) * block
-        limit = (first_query.view(-1, 1) + offsets + causal_offset)                     # (c, block): j <= limit
-        # causal: from block `split` on, a block holds the limit of some query of the block, not of its first
-        split = torch.div(limit[:, 0] + 1, block, rounding_mode="floor") if causal else torch.full_like(first_query, n_kb)
         query_block = torch.arange(start, stop, device=dev).view(-1, 1)
-        # part 1, blocks every query of the block sees whole (per-key masks): the chosen ones before `split`,
-        # and the window's blocks that lie after every query's limit and within every query's window
+        limit = (query_block * block + offsets + causal_offset).view(1, 1, c, block, 1)  # j <= limit
+        # part 1, blocks every query of the block sees whole (per-key masks): the chosen ones before
+        # `first`, and the window's blocks after every query's limit and within every query's window
         slots = [chosen]
-        seen = [_keep_at(method_keep, chosen, block) & ((chosen >= 0) & (chosen < split.view(1, 1, -1, 1))).unsqueeze(-1)]
+        whole = (chosen >= 0) & (chosen < query_block.view(1, 1, -1, 1) + first)
+        seen = [_keep_at(method_keep, chosen, block) & whole.unsqueeze(-1)]
         if window_blocks:
             inside = _valid(query_block + torch.tensor(window_blocks, device=dev), n_kb).expand(B, Hs, -1, -1)
             slots.append(inside)
             seen.append(_keep_at(keep, inside, block))
         parts = [ctx.part(qs, torch.cat(slots, -1), torch.cat(seen, -2).flatten(-2).unsqueeze(-2))]
-        if causal:
-            # part 2, per-query masks: the blocks some queries of the block see and others not (chosen keys
-            # up to a query's limit, window keys after it), and the sinks
-            edge = _valid(query_block + torch.tensor(edge_blocks, device=dev), n_kb).expand(B, Hs, -1, -1)
+        if edge_blocks or sinks is not None:
+            # part 2: the blocks some queries of the block see and others not (chosen keys up to a
+            # query's limit, window keys after it), and the sinks; per-query masks where causal
+            edge = _valid(query_block + torch.tensor(edge_blocks, device=dev, dtype=torch.int64), n_kb)
+            edge = edge.expand(B, Hs, -1, -1)
             key_pos = (edge.unsqueeze(-1) * block + offsets).flatten(-2).unsqueeze(-2)  # (B, Hs, c, 1, e block)
-            before = key_pos <= limit.view(1, 1, c, block, 1)
+            before = key_pos <= limit if causal else torch.ones_like(key_pos, dtype=torch.bool)  # (no edge blocks)
             was_chosen = ((chosen.unsqueeze(-1) == edge.unsqueeze(-2)) & (edge >= 0).unsqueeze(-2)).any(-2)
-            method = before & (_keep_at(method_keep, edge, block) & was_chosen.unsqueeze(-1)).flatten(-2).unsqueeze(-2)
-            edge_seen = method
+            edge_seen = before & (_keep_at(method_keep, edge, block) & was_chosen.unsqueeze(-1)).flatten(-2).unsqueeze(-2)
             if local:
-                window = ~before & (key_pos <= limit.view(1, 1, c, block, 1) + local)
-                edge_seen = method | (window & _keep_at(keep, edge, block).flatten(-2).unsqueeze(-2))
-            extra = None
+                window = ~before & (key_pos <= limit + local)
+                edge_seen = edge_seen | (window & _keep_at(keep, edge, block).flatten(-2).unsqueeze(-2))
             if sinks is not None:
-                sink_seen = (sinks >= 0) & keep.gather(1, sinks.clamp(min=0))                # (B, s)
-                sink_seen = sink_seen.view(B, 1, 1, 1, -1) & (sinks.view(B, 1, 1, 1, -1) <= limit.view(1, 1, c, block, 1))
-                edge_seen = torch.cat([edge_seen, sink_seen.expand(-1, Hs, -1, -1, -1)], dim=-1)
-                extra = sink_keys
-            parts.append(ctx.part(qs, edge, edge_seen, extra))
+                sink_seen = sink_kept & (sinks.view(B, 1, 1, 1, -1) <= limit) if causal else sink_kept
+                edge_seen = torch.cat([edge_seen, sink_seen.expand(-1, Hs, c, edge_seen.shape[3], -1)], dim=-1)
+            parts.append(ctx.part(qs, edge, edge_seen, sink_keys))
         part_out, part_lse = _merge(parts)
         out[:, :, start * block:stop * block] = part_out[..., :Dv].view(B, Hs, c, group, block, Dv) \
             .transpose(2, 3).reshape(B, Hq, c * block, Dv)

@@ -301,9 +301,11 @@ class SparsefinderAttention(SiteAttention):
         return blocks.query_groups(q.shape[2], self.block, q.shape[0], q.shape[1], q.device), k_index
 
     def _block_flash_serves(self, q: Tensor, k: Tensor, v: Tensor, bias, mask, dropout_p: float) -> bool:
-        """Whether `block_flash_attention` serves this call: inference on CPU (its flash kernel returns
-        no gradient and takes no dropout), no bias or general mask, no band (it has no key range)."""
-        return (q.device.type == "cpu" and not use_triton(q) and bias is None and mask is None and not dropout_p
+        """Whether `block_flash_attention` serves this call: the softmax, inference on CPU (its flash
+        kernel returns no gradient and takes no dropout), no bias or general mask, no band (it has no
+        key range)."""
+        return (self.normalizer == "softmax" and q.device.type == "cpu" and not use_triton(q) and bias is None
+                and mask is None and not dropout_p
                 and not self.layout_window() and q.dtype in (torch.float32, torch.float64)
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
@@ -458,19 +460,20 @@ class SparsefinderAttention(SiteAttention):
         return self._attend(q, k, v, bias, mask, key_keep, dropout_p, with_stat=False)[0]
 
     def anchored_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0):
-        """The blocks predictor at inference on CPU at a causal site: the chosen blocks, the window and
-        the sinks in one `block_flash_attention` call (the same softmax over the same pairs as the
-        anchor's parts merged, tested); every other call: `SiteAttention.anchored_forward`."""
+        """The blocks predictor at inference on CPU: the chosen blocks, the window and the sinks in one
+        `block_flash_attention` call (the same softmax over the same pairs as the anchor's parts
+        merged, tested); every other call: `SiteAttention.anchored_forward`."""
         p = dropout_p if self.training else 0.0
-        if (self.predictor != "blocks" or not self.spec.causal or self._collect_metrics or q.shape[2] == 0
-                or k.shape[2] == 0 or not self._block_flash_serves(q, k, v, bias, mask, p)):
+        if (self.predictor != "blocks" or self._collect_metrics or q.shape[2] == 0 or k.shape[2] == 0
+                or not self._block_flash_serves(q, k, v, bias, mask, p)):
             return super().anchored_forward(q, k, v, bias, mask, key_keep, dropout_p)
         B, Lk = k.shape[0], k.shape[2]
         sinks = self.anchor.sink_positions(key_keep, B, Lk, k.device) if self.anchor.sinks else None
         chosen = self.chosen_blocks(q, k, self.method_key_keep(key_keep, k))
         return block_flash_attention(
-            q, k, v, chosen, block=self.block, scale=self.scale(q), causal=True, causal_offset=self.layout_offset(q, k),
-            key_padding_mask=key_keep, local=self.anchor_local(), sinks=sinks)[0]
+            q, k, v, chosen, block=self.block, scale=self.scale(q), causal=self.spec.causal,
+            causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep, local=self.anchor_local(),
+            sinks=sinks)[0]
 
     def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float):
         return self._attend(q, k, v, bias, mask, key_keep, dropout_p, with_stat=True)
@@ -487,12 +490,10 @@ class SparsefinderAttention(SiteAttention):
         stat = None
         if self.predictor == "blocks":
             chosen = self.chosen_blocks(q, k, key_keep)
-            if self.normalizer == "softmax" and self._block_flash_serves(q, k, v, bias, mask, p):
-                # a column of ones in v (the anchor's mass column) comes out as each row's mass: set, not computed
+            if self._block_flash_serves(q, k, v, bias, mask, p):
                 out, stat = block_flash_attention(
                     q, k, v, chosen, block=self.block, scale=self.scale(q), causal=self.spec.causal,
-                    causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep,
-                    mass_column=with_stat and bool((v[..., -1] == 1).all()))
+                    causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep)
             else:  # training, bias, general masks, bands, entmax, Triton: the grouped kernel, the same pairs
                 q_index, k_index = self.block_layout(q, k, key_keep, chosen)
                 slots, slot_stat = grouped_attention(
