@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -106,6 +107,7 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="*", default=[r[0] for r in RECIPES], help="recipes to run, in this order")
     parser.add_argument("--out", default="docs/convert_smollm2.md", help="markdown file ('' for none)")
     parser.add_argument("--png", default="docs/img/convert_smollm2.png", help="plot file ('' for none)")
+    argv = sys.argv[1:] if argv is None else argv  # the report names the command as given
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -159,7 +161,7 @@ def main(argv=None):
         # written after every method, so a long run leaves what it has measured
         table = _table(rows, base_ppl, base_keys, args)
         if args.out:
-            Path(args.out).write_text(_doc(table, args, base_ppl, base_keys, base_time, time.perf_counter() - started))
+            Path(args.out).write_text(_doc(table, args, argv, base_ppl, base_keys, base_time, time.perf_counter() - started))
         if args.png:
             _plot(rows, base_ppl, args.png)
     print(_table(rows, base_ppl, base_keys, args))
@@ -184,12 +186,12 @@ def _table(rows, base_ppl, base_keys, args) -> str:
     return "\n".join(lines)
 
 
-def _doc(table, args, base_ppl, base_keys, base_time, runtime) -> str:
+def _doc(table, args, argv, base_ppl, base_keys, base_time, runtime) -> str:
     doc = __doc__.split("\n\n", 2)[2].strip()
     original = ", ".join(f"{t:.2f} s at L={n}" for n, t in base_time.items())
     return f"""# Converting SmolLM2 to each sparse method: quality, pairs and speed
 
-Produced by `{_command(args)}`: {runtime / 60:.0f} min in total on this machine's 2 cores.
+Produced by `{shlex.join(['python', 'examples/convert_smollm2.py', *argv])}`: {runtime / 60:.0f} min in total on this machine's 2 cores.
 
 {doc}
 
@@ -198,25 +200,6 @@ The original: perplexity {base_ppl:.3f}, {len(base_keys)} of {args.keys} pass ke
 
 {table}
 """ + (f"\n![perplexity vs share of pairs](img/{Path(args.png).name})\n" if args.png else "")
-
-
-def _command(args) -> str:
-    command = "python examples/convert_smollm2.py"
-    if args.methods != [r[0] for r in RECIPES]:
-        command += " --methods " + " ".join(args.methods)
-    if args.repeats != 3:
-        command += f" --repeats {args.repeats}"
-    if args.length != 4096:
-        command += f" --length {args.length}"
-    if args.time_lengths != [4096, 8192]:
-        command += " --time-lengths " + " ".join(map(str, args.time_lengths))
-    if args.keys != 10:
-        command += f" --keys {args.keys}"
-    if args.out != "docs/convert_smollm2.md":
-        command += f" --out {args.out}"
-    if args.png != "docs/img/convert_smollm2.png":
-        command += f" --png '{args.png}'"
-    return command
 
 
 def _plot(rows, base_ppl, path: str) -> None:
