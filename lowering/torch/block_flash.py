@@ -7,12 +7,14 @@ are gathered once and its queries stacked along the query axis, and the flash ke
 one small dense attention. That is what makes a block layout cheaper than the grouped kernel, which
 gathers per query head and masks per pair.
 
-Masking stays per pair without a per-pair mask tensor: a chosen key block that every query of the
-block may see whole (under the causal rule) needs only a per-key mask (the block's validity, key
-padding, positions past the last key), broadcast over the queries. Under the causal rule at most two
-key blocks per query block are seen by some of its queries and not others (the ones holding the
-limits i + causal_offset of its first and last query); they are computed as a second part with a
-per-query mask, and the two parts are merged by their logsumexp (one softmax over their union).
+Masking stays per pair without a per-pair mask tensor: a key block that every query of the block
+sees whole needs only a per-key mask (the block's validity, key padding, positions past the last
+key), broadcast over the queries. Which key blocks a query block sees only in part is fixed by the
+block size, the causal offset and the window, the same for every query block (`_block_geometry`):
+under the causal rule, the blocks holding its queries' limits and its window's ends. They and the
+anchor's sinks are a second flash call with a per-query mask, and the two parts are merged by their
+logsumexp (one softmax over their union). The anchor's window and sinks (`attnpass.methods.anchor`)
+are thus in the same two calls: no separate anchor call, no merge of more parts.
 
 The flash kernel returns no gradient for its logsumexp and takes no dropout: training, bias and
 general masks take the grouped kernel (`grouped_attention`), which computes the same pairs (tested).
