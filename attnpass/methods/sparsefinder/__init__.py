@@ -24,7 +24,7 @@ Options (validated before capture):
                   query block computes (default 13: 416 keys per query whatever the length), queries
                   of a block whose scores rank the key blocks (default 8, at most `block`), whether
                   the query heads sharing a key/value head (GQA) choose their blocks together
-                  (default True; with it, inference on CPU runs on the flash kernel). The
+                  (default True; at inference their queries then share one gathered set of keys). The
                   options of the other predictors (rank, threshold, bucket_size, clusters,
                   top_clusters, window, first_token, margin, decay) do not apply to it and are
                   refused, as its options are with the others.
