@@ -28,7 +28,14 @@ from tests.zoo import VOCAB, by_name
 GREEDY = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
 LENGTHS = (20, 24, 29, 33, 40)  # prompt lengths; 40 + new tokens stays below the config's 64 positions
 OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder": {}, "sbm": {},
-           "sparsefinder:blocks": {"predictor": "blocks", "block": 4, "top_blocks": 2, "sampled_queries": 2}}
+           "sparsefinder:blocks": {"predictor": "blocks", "block": 4, "top_blocks": 2, "sampled_queries": 2},
+           "sparsefinder:recipe": {"predictor": "blocks", "block": 4, "top_blocks": 2, "sampled_queries": 2, "sinks": 2,
+                                   "local": 4}}
+# Methods whose prompt graphs keep their sites (SiteAttention.traces_symbolically: the block recipe's
+# softmax on the flash op); the others (the blocks with entmax-1.5, Sparsefinder's default without an
+# anchor, run the grouped kernel), and every decode step of a sparse method (the cost model reads its
+# lengths), cut the graph at the sites
+TRACED_AT_PROMPTS = ("sparsefinder:recipe",)
 
 
 def _method(label: str) -> str:
@@ -80,7 +87,7 @@ def _sparsified_with_the_same_state(original, model, ids, method):
 # another order than eager, which the backend undoes so the decode graph is not compiled again
 @pytest.mark.parametrize("method, inner", [("routing", "aot_eager"), ("combiner", "aot_eager"),
                                            ("sparsefinder", "aot_eager"), ("sbm", "aot_eager"),
-                                           ("sparsefinder:blocks", "aot_eager"),
+                                           ("sparsefinder:blocks", "aot_eager"), ("sparsefinder:recipe", "aot_eager"),
                                            ("routing", "inductor"), ("combiner", "inductor")])
 def test_generate_runs_the_prompt_sparse_and_decode_dense_with_bounded_compilations(method, inner):
     model = _llama()
@@ -102,6 +109,10 @@ def test_generate_runs_the_prompt_sparse_and_decode_dense_with_bounded_compilati
     assert sorted(modules) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert {r["module"] for g in compiler.report.graphs for r in g.rewritten} == {
         f"{name}.attnpass" for name in modules}
+    for graph, kind in zip(compiler.report.graphs, kinds):
+        traced = method in TRACED_AT_PROMPTS and kind == "prefill"
+        assert graph.cut_at == ([] if traced else sorted(modules)), (kind, graph)
+        assert graph.pieces == (1 if traced else 3), (kind, graph)
 
     # the first generated step's scores are the sparse model's forward at the last prompt position
     sparse = _sparsified_with_the_same_state(original, model, _prompt(LENGTHS[0]), method)
@@ -125,6 +136,26 @@ def test_generate_runs_the_prompt_sparse_and_decode_dense_with_bounded_compilati
             logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
             torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
             torch.testing.assert_close(score, logits, rtol=0, atol=1e-5)
+
+
+def test_dense_generation_is_one_compiled_piece_per_graph_and_the_original_tokens():
+    """The dense op traces with symbolic lengths: no graph is cut at its sites (prompt or decode step),
+    and generation returns the original's tokens and scores."""
+    model = _llama()
+    original = copy.deepcopy(model)
+    compiler = _bind(model, "dense")
+    with torch.no_grad():
+        for length in LENGTHS:
+            ids = _prompt(length)
+            out = model.generate(input_ids=ids, max_new_tokens=3, **GREEDY)
+            ref = original.generate(input_ids=ids, max_new_tokens=3, **GREEDY)
+            assert torch.equal(out.sequences, ref.sequences), length
+            for got, expected in zip(out.scores, ref.scores):
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    kinds = _kinds(compiler.report)
+    assert kinds.count("prefill") <= 2 and kinds.count("decode") <= 2, (kinds, compiler.report)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert all(g.pieces == 1 and not g.cut_at and len(g.rewritten) == 2 for g in compiler.report.graphs)
 
 
 def test_unbound_combiner_decode_steps_are_dense_over_the_cache_too():

@@ -343,3 +343,42 @@ def test_a_decode_step_reuses_the_cost_function_whatever_the_cache_length():
     built = prefill._flops.cache_info().misses
     assert all(site.is_decode_step(q, torch.randn(1, HKV, n, D, dtype=F64)) for n in range(301, 306))
     assert prefill._flops.cache_info().misses == built
+
+
+def test_the_choice_and_the_kernel_are_ops_with_consistent_fake_kernels():
+    """`attnpass::choose_blocks` and `attnpass::block_flash_attention`: the fake kernels give the real
+    outputs' shapes, dtypes and strides (torch.library.opcheck), short sequences (fewer key blocks
+    than top_blocks) and a last block cut short included."""
+    from attnpass.lowering.torch.block_flash import block_flash_op
+
+    for L, anchor in ((61, {"sinks": 2, "local": 12}), (20, {})):
+        site = make_site(L, **anchor)
+        x = inputs(L, L, padded=True)
+        keep = site.method_key_keep(x["key_keep"], x["k"])
+        args = (x["q"], x["k"], keep, site.scale(x["q"]), site.block, site.top_blocks, site.sampled_queries, True,
+                site.layout_offset(x["q"], x["k"]), 0, True)
+        torch.library.opcheck(blocks_module.choose_blocks_op, args)
+        chosen = blocks_module.choose_blocks_op(*args)
+        assert chosen.shape == (B, HKV, -(-L // site.block), min(site.top_blocks, -(-L // site.block)))
+        sinks = site.anchor.sink_positions(x["key_keep"], B, L, x["k"].device) if site.anchor.sinks else None
+        torch.library.opcheck(block_flash_op, (x["q"], x["k"], x["v"], chosen, x["key_keep"], sinks, site.block,
+                                               site.scale(x["q"]), True, site.layout_offset(x["q"], x["k"]),
+                                               site.anchor_local()))
+
+
+def test_the_inference_site_exports_with_a_symbolic_length():
+    """torch.export traces the recipe's inference call (choice, window, sinks, kernel) with the length
+    symbolic: no guard specialises it, and the exported program equals the module at other lengths.
+    (Lengths of at least 2 query blocks: a graph where a block count may be 1 has size-1 guards, as
+    every graph over a dim that may broadcast.)"""
+    site = make_site(48, sinks=2, local=12)
+    x = inputs(48, 48)
+    length = torch.export.Dim("L", min=2 * site.block + 1, max=512)
+    with torch.no_grad():
+        exported = torch.export.export(site, (x["q"], x["k"], x["v"]),
+                                       dynamic_shapes=({2: length}, {2: length}, {2: length}))
+        targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+        assert {torch.ops.attnpass.choose_blocks.default, torch.ops.attnpass.block_flash_attention.default} <= targets
+        for L in (17, 61, 100):
+            y = inputs(L, L, seed=L)
+            assert torch.equal(exported.module()(y["q"], y["k"], y["v"]), site(y["q"], y["k"], y["v"])), L

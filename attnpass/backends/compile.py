@@ -10,15 +10,19 @@ graph's example inputs), binds each to a site module of the chosen method (`Site
 checked with the method's `unsupported_reason`, exactly as `sparsify` does), rewrites it
 (`rewrite.rewrite_site`), and compiles the rest.
 
-Why the graph is split at the sites. A site module builds its layout in Python from the sequence
-length (Combiner's block is ~sqrt(L), region counts, index tables). Traced by AOT autograd with a
-symbolic L, that code would put guards on L into dynamo's shape environment and every new length
-would recompile. So the rewritten graph is cut at the site calls (`torch.fx.passes.split_module`):
-the pieces between sites are compiled by the inner compiler (Inductor by default) with symbolic
-shapes, and the site modules run eagerly, their custom ops (`attnpass::attention`,
-`attnpass::grouped_attention`, ...) being their own kernels. Autograd composes across the pieces,
-so training works: backward runs each compiled piece's AOT backward and each op's registered
-autograd.
+Which sites stay in the graph, and why others cut it. A site module whose call traces with symbolic
+lengths (`SiteAttention.traces_symbolically`, asked on the call's fake inputs) is compiled with the
+graph: the dense op everywhere (one `attnpass::attention` node), Sparsefinder's block recipe at a
+prompt in inference (`attnpass::choose_blocks` and `attnpass::block_flash_attention`, ops whose fake
+kernels state their shapes). Other modules build their layout in Python from the sequence length
+(Combiner's block is ~sqrt(L), region counts, index tables; a decode step asks the cost model with
+the lengths): traced by AOT autograd with a symbolic L, that code would put guards on L into
+dynamo's shape environment and every new length would recompile. The graph is cut at those calls
+(`torch.fx.passes.split_module`): the pieces between them are compiled by the inner compiler
+(Inductor by default) with symbolic shapes, and those site modules run eagerly, their custom ops
+being their own kernels. Autograd composes across the pieces, so training works: backward runs
+each compiled piece's AOT backward and each op's registered autograd. The report's `pieces` and
+`cut_at` say, per graph, what was done.
 
 Where the site modules live. Unbound (`backend(method="combiner")`, `backend="attnpass"`), each
 graph gets fresh modules, which is only right for methods without learned state (dense, Combiner):
@@ -93,6 +97,7 @@ class GraphReport:
     skipped: list[SkippedSite] = field(default_factory=list)
     already_sparse: list[str] = field(default_factory=list)        # attnpass ops found in the graph
     pieces: int = 0                                                  # pieces given to the inner compiler
+    cut_at: list[str] = field(default_factory=list)                  # sites run eagerly between pieces
 
 
 @dataclass
@@ -236,7 +241,9 @@ class AttnpassBackend:
         if calls:
             remove_dead_code(gm)  # the replaced chains (and any L x L mask built only for them)
         _log(graph_report, self.method)
-        compiled, graph_report.pieces = _compile_split(gm, example_inputs, set(calls), self.inner)
+        cut = _sites_to_cut(gm, example_inputs, calls)
+        compiled, graph_report.pieces = _compile_split(gm, example_inputs, cut, self.inner)
+        graph_report.cut_at = sorted(n.meta["attnpass_site"] for n in cut)
         return compiled
 
     def _new_module(self, spec) -> nn.Module | str:
@@ -520,6 +527,45 @@ def _with_traced_contiguity(compiled, contiguous: list[int]):
 
 # -- split at the sites and compile the pieces ---------------------------------------------------
 
+def _sites_to_cut(gm: fx.GraphModule, example_inputs, calls: list[fx.Node]) -> set[fx.Node]:
+    """The site calls the graph is cut at: those whose module cannot trace the call it will get
+    with symbolic lengths (`SiteAttention.traces_symbolically`, asked on the call's fake inputs)."""
+    if not calls:
+        return set()
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    inputs = _SiteInputs(gm, {n.target for n in calls}, fake_mode).collect(fakes)
+    return {n for n in calls if not gm.get_submodule(n.target).traces_symbolically(*inputs[n.target][0],
+                                                                                   **inputs[n.target][1])}
+
+
+def _site_output(q: torch.Tensor, v: torch.Tensor, args) -> torch.Tensor:
+    """A fake of a site call's output by the SiteAttention contract: (B, Hq, Lq, Dv) in q's dtype,
+    differentiable when the call's inputs are (the next piece must be compiled for that)."""
+    grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return q.new_empty((*q.shape[:-1], v.shape[-1])).requires_grad_(grad)
+
+
+class _SiteInputs(fx.Interpreter):
+    """Walk the rewritten graph with fake values and record each site call's inputs, without running
+    the site modules (a module that cannot trace the call would put guards on the lengths)."""
+
+    def __init__(self, gm: fx.GraphModule, targets: set[str], fake_mode):
+        super().__init__(gm)
+        self.targets, self.fake_mode, self.inputs = targets, fake_mode, {}
+
+    def collect(self, fakes) -> dict[str, tuple[tuple, dict]]:
+        with self.fake_mode:
+            self.run(*fakes)
+        return self.inputs
+
+    def call_module(self, target, args, kwargs):
+        if target not in self.targets:
+            return super().call_module(target, args, kwargs)
+        self.inputs[target] = (args, kwargs)
+        return _site_output(args[0], args[2], [*args, *kwargs.values()])
+
+
 class _Piece(nn.Module):
     """A compiled piece: inner compilers want and return tuples."""
 
@@ -553,7 +599,8 @@ def _inner_compiler(inner: str):
 
 
 def _compile_split(gm: fx.GraphModule, example_inputs, site_calls: set, inner: str):
-    """Compile `gm` with the site calls as eager cuts; returns (callable, number of compiled pieces)."""
+    """Compile `gm` with the site calls `site_calls` as eager cuts (the other sites are compiled with
+    the graph); returns (callable, number of compiled pieces)."""
     compile_piece = _inner_compiler(inner)
     if not site_calls:
         return compile_piece(gm, list(example_inputs)), 1
@@ -568,7 +615,7 @@ def _compile_split(gm: fx.GraphModule, example_inputs, site_calls: set, inner: s
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     # the backend's fake mode has dynamo's (symbolic) fake of every real input memoised
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    pieces = _SplitCompiler(split, compile_piece, fake_mode).compile(fakes)
+    pieces = _SplitCompiler(split, compile_piece, fake_mode, {n.target for n in site_calls}).compile(fakes)
     return split, pieces
 
 
@@ -576,10 +623,11 @@ class _SplitCompiler(fx.Interpreter):
     """Walk the split graph with fake values: compile each piece between sites with the inputs it
     will see (symbolic shapes included) and leave the site calls to run eagerly."""
 
-    def __init__(self, split: fx.GraphModule, compile_piece, fake_mode):
+    def __init__(self, split: fx.GraphModule, compile_piece, fake_mode, cut_targets: set[str]):
         super().__init__(split)
         self.compile_piece = compile_piece
         self.fake_mode = fake_mode
+        self.cut_targets = cut_targets
         self.pieces = 0
 
     def compile(self, fakes) -> int:
@@ -589,17 +637,12 @@ class _SplitCompiler(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         submod = self.fetch_attr(target)
-        sites = [n for n in submod.graph.nodes
-                 if n.op == "call_module" and isinstance(submod.get_submodule(n.target), SiteAttention)]
+        sites = [n for n in submod.graph.nodes if n.op == "call_module" and n.target in self.cut_targets]
         if sites:
             self.module.add_submodule(target, _EagerSite(submod))
-            # the site's output by the SiteAttention contract: (B, Hq, Lq, Dv) in q's dtype
             env = dict(zip((n for n in submod.graph.nodes if n.op == "placeholder"), args))
-            q, v = env[sites[0].args[0]], env[sites[0].args[2]]
-            # the next piece must be compiled for a differentiable input when the site's is
-            grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
             with self.fake_mode:
-                return (q.new_empty((*q.shape[:-1], v.shape[-1])).requires_grad_(grad),)
+                return (_site_output(env[sites[0].args[0]], env[sites[0].args[2]], args),)
         compiled = self.compile_piece(submod, list(args))
         self.pieces += 1
         with self.fake_mode:

@@ -207,6 +207,15 @@ class SiteAttention(nn.Module):
                        empty_rows: str = "zero"):
         raise NotImplementedError
 
+    def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                            empty_rows: str = "zero") -> bool:
+        """Whether a call on these inputs (fake tensors with symbolic lengths, as a compiled graph
+        holds them) traces into the graph with no guard on its lengths: its layout and kernels are ops
+        with fake kernels, and no Python decision reads a length. The compile backend then keeps the
+        site in the graph it compiles instead of cutting the graph there and running the site eagerly
+        (attnpass.backends.compile). Default: no (a layout built from the lengths as Python ints)."""
+        return False
+
     def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, logsumexp per row) of ONE softmax over the method's pairs (anchor.merge_parts's
         contract: empty rows give 0 and 0); the method's layout uses `layout_offset`."""

@@ -22,6 +22,7 @@ general masks take the grouped kernel (`grouped_attention`), which computes the 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -206,3 +207,23 @@ def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
                + torch.exp(lse_b - safe).unsqueeze(-1) * out_b.to(lse.dtype)).to(out_a.dtype)
     empty = torch.isinf(lse)
     return out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, 0.0)
+
+
+# The kernel as one op: a graph holding it (the compile backend's, torch.export's) traces with a
+# symbolic length, where the loop over query blocks above would put a guard on the length. Its
+# outputs are contiguous, as the fake kernel states them (a compiled graph indexes them that way).
+@torch.library.custom_op("attnpass::block_flash_attention", mutates_args=())
+def block_flash_op(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, key_padding_mask: Optional[Tensor],
+                   sinks: Optional[Tensor], block: int, scale: float, causal: bool, causal_offset: int,
+                   local: int) -> tuple[Tensor, Tensor]:
+    """`block_flash_attention` (the same arguments, positionally)."""
+    out, lse = block_flash_attention(q, k, v, key_blocks, block=block, scale=scale, causal=causal,
+                                     causal_offset=causal_offset, key_padding_mask=key_padding_mask, local=local,
+                                     sinks=sinks)
+    return out.contiguous(), lse.contiguous()
+
+
+@block_flash_op.register_fake
+def _(q, k, v, key_blocks, key_padding_mask, sinks, block, scale, causal, causal_offset, local):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=acc)

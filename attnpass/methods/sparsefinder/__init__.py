@@ -72,10 +72,11 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnpass.memory_guard import PairLimit, check_limit_option
 from attnpass.lowering.torch.common import broadcastable, csr_rows, read_at_pairs
-from attnpass.lowering.torch.block_flash import block_flash_attention
+from attnpass.lowering.torch.block_flash import block_flash_op
 from attnpass.lowering.torch.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.torch.edge_attention import edge_attention, edges_to_dense_mask
 from attnpass.lowering.torch.grouped_attention import grouped_attention
@@ -287,10 +288,9 @@ class SparsefinderAttention(SiteAttention):
     def chosen_blocks(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None) -> Tensor:
         """The blocks predictor's choice for (q, k): (B, Hs, query blocks, top_blocks) key blocks, -1
         none; Hs is the kv heads with `kv_heads_share`, else the query heads."""
-        return blocks.choose_blocks(q, k, scale=self.scale(q), block=self.block, top_blocks=self.top_blocks,
-                                    samples=self.sampled_queries, causal=self.spec.causal,
-                                    offset=self.layout_offset(q, k), window=self.layout_window(), key_keep=key_keep,
-                                    kv_heads_share=self.kv_heads_share)
+        return blocks.choose_blocks_op(q, k, key_keep, self.scale(q), self.block, self.top_blocks,
+                                       self.sampled_queries, self.spec.causal, self.layout_offset(q, k),
+                                       self.layout_window(), self.kv_heads_share)
 
     def block_layout(self, q: Tensor, k: Tensor, key_keep: Tensor | None = None,
                      chosen: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -308,6 +308,16 @@ class SparsefinderAttention(SiteAttention):
                 and mask is None and not dropout_p
                 and not self.layout_window() and q.dtype in (torch.float32, torch.float64)
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
+
+    def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                            empty_rows: str = "zero") -> bool:
+        """The blocks predictor's inference path: the choice and the kernel are ops (`choose_blocks_op`,
+        `block_flash_op`) and a causal call whose queries are its keys (a prompt) is no decode step
+        without asking the lengths; a step over a cache asks the cost model with them."""
+        p = dropout_p if self.training else 0.0
+        return (self.predictor == "blocks" and not self._collect_metrics
+                and self._block_flash_serves(q, k, v, bias, mask, p)
+                and (not self.spec.causal or statically_known_true(q.shape[2] == k.shape[2])))
 
     def _block_graph(self, q, k, key_keep, q_index, k_index) -> tuple[Tensor, Tensor, int]:
         """`predict`'s answer for a block layout: the CSR of its allowed pairs and its key slots."""
@@ -470,10 +480,8 @@ class SparsefinderAttention(SiteAttention):
         B, Lk = k.shape[0], k.shape[2]
         sinks = self.anchor.sink_positions(key_keep, B, Lk, k.device) if self.anchor.sinks else None
         chosen = self.chosen_blocks(q, k, self.method_key_keep(key_keep, k))
-        return block_flash_attention(
-            q, k, v, chosen, block=self.block, scale=self.scale(q), causal=self.spec.causal,
-            causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep, local=self.anchor_local(),
-            sinks=sinks)[0]
+        return block_flash_op(q, k, v, chosen, key_keep, sinks, self.block, self.scale(q), self.spec.causal,
+                              self.layout_offset(q, k), self.anchor_local())[0]
 
     def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float):
         return self._attend(q, k, v, bias, mask, key_keep, dropout_p, with_stat=True)
@@ -491,9 +499,8 @@ class SparsefinderAttention(SiteAttention):
         if self.predictor == "blocks":
             chosen = self.chosen_blocks(q, k, key_keep)
             if self._block_flash_serves(q, k, v, bias, mask, p):
-                out, stat = block_flash_attention(
-                    q, k, v, chosen, block=self.block, scale=self.scale(q), causal=self.spec.causal,
-                    causal_offset=self.layout_offset(q, k), key_padding_mask=key_keep)
+                out, stat = block_flash_op(q, k, v, chosen, key_keep, None, self.block, self.scale(q), self.spec.causal,
+                                           self.layout_offset(q, k), 0)
             else:  # training, bias, general masks, bands, entmax, Triton: the grouped kernel, the same pairs
                 q_index, k_index = self.block_layout(q, k, key_keep, chosen)
                 slots, slot_stat = grouped_attention(

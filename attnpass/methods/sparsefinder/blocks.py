@@ -28,6 +28,7 @@ costs `top_blocks * block` keys per query. The method's causal rule, band, key p
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,24 @@ def choose_blocks(q: Tensor, k: Tensor, *, scale: float, block: int, top_blocks:
                           window=window, key_keep=key_keep, kv_heads_share=kv_heads_share)
     chosen = topk_lowest_index(scores, min(top_blocks, scores.shape[-1]), dim=-1)
     return torch.where(scores.gather(-1, chosen) > 0, chosen, -1)
+
+
+# The choice as one op: a graph holding it (the compile backend's, torch.export's) traces with a
+# symbolic length, where the chunk loop above would put a guard on the length and specialise to it.
+@torch.library.custom_op("attnpass::choose_blocks", mutates_args=())
+def choose_blocks_op(q: Tensor, k: Tensor, key_keep: Optional[Tensor], scale: float, block: int, top_blocks: int,
+                     samples: int, causal: bool, offset: int, window: int, kv_heads_share: bool) -> Tensor:
+    """`choose_blocks` (the same arguments, positionally)."""
+    return choose_blocks(q, k, scale=scale, block=block, top_blocks=top_blocks, samples=samples, causal=causal,
+                         offset=offset, window=window, key_keep=key_keep, kv_heads_share=kv_heads_share)
+
+
+@choose_blocks_op.register_fake
+def _(q, k, key_keep, scale, block, top_blocks, samples, causal, offset, window, kv_heads_share):
+    heads = k.shape[1] if kv_heads_share else q.shape[1]
+    key_blocks = (k.shape[2] + block - 1) // block
+    return q.new_empty((q.shape[0], heads, (q.shape[2] + block - 1) // block, torch.sym_min(top_blocks, key_blocks)),
+                       dtype=torch.int64)
 
 
 def block_positions(chosen: Tensor, block: int, len_k: int) -> Tensor:
