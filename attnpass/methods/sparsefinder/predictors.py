@@ -53,12 +53,18 @@ def project(q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor) -> tuple[Tensor, Ten
     """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), w_q / w_k (Hq, D, r) -> qp (B, Hq, Lq, r), kp (B, Hq, Lk, r).
 
     Query head h projects the keys of kv head h // (Hq // Hkv) with its own W_K[h].
+
+    Every token is projected by the same sum over D in the same order (a product and a reduction,
+    not a matmul): equal tokens (a padded batch's padding, repeated text) get bit-equal projections,
+    so they tie exactly in the predictors' sorts, as in ONNX. A CPU matmul tiles rows, and rows of
+    different tiles can round differently (seen: 9e-16 apart in float64 on an AVX2 CPU), which breaks
+    the tie one way in PyTorch and another in onnxruntime.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     r = w_q.shape[-1]
-    qp = torch.matmul(q, w_q.to(q.dtype))
-    kp = torch.matmul(k.unsqueeze(2), w_k.to(k.dtype).view(Hkv, Hq // Hkv, D, r))  # (B, Hkv, g, Lk, r)
+    qp = (q.unsqueeze(-1) * w_q.to(q.dtype).unsqueeze(1)).sum(-2)
+    kp = (k[:, :, None, :, :, None] * w_k.to(k.dtype).view(Hkv, Hq // Hkv, 1, D, r)).sum(-2)  # (B, Hkv, g, Lk, r)
     return qp, kp.reshape(B, Hq, Lk, r)
 
 
