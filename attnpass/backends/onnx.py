@@ -98,9 +98,10 @@ def export_onnx(model: nn.Module, args=(), kwargs=None, f: str | os.PathLike | N
     proto = lowering.attach_functions(onnx_program.model_proto)
 
     count = sum(1 for n in proto.graph.node if n.domain == lowering.DOMAIN)
-    if count != len(sites):
-        raise RuntimeError(f"export_onnx: expected one {lowering.DOMAIN} node per site ({len(sites)}), found {count} "
-                           "in the written graph")
+    expected = sum(lowering.nodes_per_site(m) for m in sites.values())
+    if count != expected:
+        raise RuntimeError(f"export_onnx: expected {expected} {lowering.DOMAIN} nodes for {len(sites)} site(s), found "
+                           f"{count} in the written graph")
     large = proto.ByteSize() > 2**31 - 2**20  # protobuf's 2 GB limit: weights go to an external file
     if f is not None:
         onnx.save_model(proto, os.fspath(f), save_as_external_data=large)

@@ -1,6 +1,7 @@
 """ONNX lowering: attnpass ops as custom-domain nodes with model-local function bodies.
 
-One node per rewritten attention site, of domain ``attnpass`` (version 1):
+One node per rewritten attention site (two for Sparsefinder's blocks predictor), of domain
+``attnpass`` (version 1):
 
 ==============================  ==========================  ====================================
 method                          node                        body (standard ONNX ops)
@@ -29,6 +30,11 @@ sbm (eval_graph "clusters")     ``attnpass.SBM``            trained clusters and
                                                             hard key clusters, each query's top
                                                             clusters by expected edge mass (TopK)
                                                             + own-position key; softmax over them
+sparsefinder (blocks, softmax)  ``attnpass.ChooseBlocks``   the site's own code traced; its two
+                                + ``attnpass.BlockAttention`` kernel-level ops as nodes: sampled
+                                (two per site)              scores in a Loop over chunks, TopK;
+                                                            candidates of each query block (chosen
+                                                            keys, window, sinks), masked softmax
 sbm (sampled eval graph),       -                           not lowered: export_onnx raises a
 sparsefinder distance,                                      clear error (see docs/onnx.md)
 combiner axial / logsparse
@@ -50,7 +56,7 @@ from __future__ import annotations
 from attnpass.lowering.onnx.common import DOMAIN, DOMAIN_VERSION, ONNX_OPSET
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "bind_export_forward", "check_method",
-           "needs_first_call", "translation_table"]
+           "needs_first_call", "nodes_per_site", "translation_table"]
 
 def check_method(method: str, options: dict, sparse_model: bool = False) -> None:
     """Raise if `method` (with `options`) has no ONNX lowering, saying why. For a SparseModel
@@ -63,9 +69,9 @@ def check_method(method: str, options: dict, sparse_model: bool = False) -> None
         raise ValueError(f"export_onnx: unknown method {method!r}") from None
     if sparse_model:
         return
-    if options.get("sinks") or options.get("local"):
-        raise NotImplementedError(_ANCHOR_NOT_LOWERED)
     lowering = _lowering(cls)
+    if (options.get("sinks") or options.get("local")) and not _takes_anchor(lowering, options.get("predictor")):
+        raise NotImplementedError(_ANCHOR_NOT_LOWERED)
     if lowering is not None and hasattr(lowering, "check_options"):
         lowering.check_options(options)
 
@@ -78,14 +84,20 @@ def _lowering(cls):
 
 
 _ANCHOR_NOT_LOWERED = ("export_onnx: sinks= / local= (attnpass/methods/anchor.py) have no ONNX lowering in this "
-                       "version; the method's node would compute its own pairs without them")
+                       "version except with Sparsefinder's blocks predictor; the method's node would compute its own "
+                       "pairs without them")
+
+
+def _takes_anchor(lowering, predictor) -> bool:
+    """Whether the method's export keeps the anchor's sinks and window (Sparsefinder's blocks predictor)."""
+    return lowering is not None and hasattr(lowering, "takes_anchor") and lowering.takes_anchor(predictor)
 
 
 def bind_export_forward(module) -> None:
     """Make a site module (of a private copy) call its method's export op."""
-    if getattr(module, "anchor", None):
-        raise NotImplementedError(_ANCHOR_NOT_LOWERED)
     lowering = _lowering(type(module))
+    if getattr(module, "anchor", None) and not _takes_anchor(lowering, getattr(module, "predictor", None)):
+        raise NotImplementedError(_ANCHOR_NOT_LOWERED)
     if lowering is None:
         raise NotImplementedError(f"export_onnx: method {module.method_name!r} has no ONNX lowering")
     if module.spec.window and not getattr(lowering, "TAKES_BAND", False):
@@ -93,6 +105,13 @@ def bind_export_forward(module) -> None:
             f"export_onnx: site {module.spec.name!r} is a band (sliding window of {module.spec.window}); "
             f"the {module.method_name} ONNX node has no band in this version (method='dense' exports it)")
     lowering.bind(module)
+
+
+def nodes_per_site(module) -> int:
+    """The attnpass nodes a bound site module exports: one (a method-level or the dense node), or
+    the kernel-level nodes of a method whose own code is traced (Sparsefinder's blocks: two)."""
+    lowering = _lowering(type(module))
+    return lowering.nodes_per_site(module) if hasattr(lowering, "nodes_per_site") else 1
 
 
 def needs_first_call(module) -> bool:
@@ -104,6 +123,8 @@ def translation_table() -> dict:
     import torch
 
     import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+    import attnpass.methods.sparsefinder  # noqa: F401 - registers the block predictor's ops
+    from attnpass.lowering.onnx.blocks import translate_block_flash, translate_choose_blocks
     from attnpass.lowering.onnx.combiner import translate_combiner
     from attnpass.lowering.onnx.dense import translate_attention
     from attnpass.lowering.onnx.routing import translate_routing
@@ -116,13 +137,15 @@ def translation_table() -> dict:
         torch.ops.attnpass.routing.default: translate_routing,
         torch.ops.attnpass.sparsefinder.default: translate_sparsefinder,
         torch.ops.attnpass.sbm.default: translate_sbm,
+        torch.ops.attnpass.choose_blocks.default: translate_choose_blocks,
+        torch.ops.attnpass.block_flash_attention.default: translate_block_flash,
     }
 
 
 def _all_functions():
-    from attnpass.lowering.onnx import block_local, candidates, combiner, dense, routing, sbm, sparsefinder
+    from attnpass.lowering.onnx import block_local, blocks, candidates, combiner, dense, routing, sbm, sparsefinder
 
-    modules = (dense, combiner, routing, block_local, candidates, sparsefinder, sbm)
+    modules = (dense, combiner, routing, block_local, candidates, sparsefinder, sbm, blocks)
     return {(f.function_ir.domain, f.name): f for m in modules for f in m.FUNCTIONS}
 
 

@@ -61,17 +61,18 @@ from torch import Tensor
 from attnpass.lowering.onnx.candidates import (
     candidate_scores, causal_rule, cluster_member_keys, masked_entmax15, weighted_values,
 )
+from attnpass.lowering.onnx import blocks
 from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, pair_bias, pair_mask, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
 from attnpass.lowering.onnx.routing import key_anchor
 
 _INT64, _DOUBLE = onnx.TensorProto.INT64, onnx.TensorProto.DOUBLE
-EXPORTABLE_PREDICTORS = ("clustering", "quantization")
+# The blocks predictor is not bound to the method-level node: its own inference code is traced, with
+# its two kernel-level ops as nodes (lowering/onnx/blocks.py); it alone takes the anchor's sinks and window.
+EXPORTABLE_PREDICTORS = ("clustering", "quantization", "blocks")
 _WHY_NOT = {
     "distance": "it tests every (query, key) pair against the threshold, all-pairs by nature, so its ONNX body "
                 "would be the Lq x Lk tensor the sparse export exists to avoid",
-    "blocks": "no ONNX body is written for it: its choice is tensor code that the traced-layout export "
-              "(one layout for every method) is to take as it is, rather than a second copy in ONNX",
 }
 
 
@@ -122,11 +123,31 @@ def check_options(options: dict) -> None:
         raise NotImplementedError(f"export_onnx: sparsefinder predictor {predictor!r} cannot be exported to ONNX "
                                   f"in this version: {_WHY_NOT.get(predictor, 'unknown predictor')}; predictors "
                                   f"that export: {list(EXPORTABLE_PREDICTORS)}")
+    anchor = options.get("sinks") or options.get("local")
+    normalizer = options.get("normalizer") or ("softmax" if anchor else "entmax15")
+    if predictor == "blocks" and normalizer != "softmax":
+        raise NotImplementedError(f"export_onnx: sparsefinder predictor 'blocks' with normalizer {normalizer!r} runs "
+                                  "the grouped kernel, which has no ONNX node; export it with normalizer='softmax' "
+                                  "(the default with sinks= / local=)")
+
+
+def takes_anchor(predictor: str) -> bool:
+    """Whether a site of this predictor exports with the anchor's sinks and window (`attnpass.methods.anchor`)."""
+    return predictor == "blocks"
+
+
+def nodes_per_site(module) -> int:
+    """A block-predictor site exports its choice and its attention (two nodes), the others one node."""
+    return 2 if module.predictor == "blocks" else 1
 
 
 def bind(module) -> None:
-    """Make a Sparsefinder site module (of a private copy, in eval mode) call `attnpass::sparsefinder` when exported."""
-    check_options({"predictor": module.predictor})
+    """Make a Sparsefinder site module (of a private copy, in eval mode) call `attnpass::sparsefinder` when
+    exported; a block-predictor site keeps its own forward (`blocks.check_site` says whether it exports)."""
+    check_options({"predictor": module.predictor, "normalizer": module.normalizer})
+    if module.predictor == "blocks":
+        blocks.check_site(module)
+        return
     if module.predictor == "clustering" and not bool(module.initialized):
         raise ValueError(f"export_onnx: sparsefinder site {module.spec.name!r} has no centroids yet (they are "
                          "initialised by the first call); run or train the model before exporting it")
