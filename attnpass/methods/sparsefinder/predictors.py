@@ -54,17 +54,17 @@ def project(q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor) -> tuple[Tensor, Ten
 
     Query head h projects the keys of kv head h // (Hq // Hkv) with its own W_K[h].
 
-    Every token is projected by the same sum over D in the same order (a product and a reduction,
-    not a matmul): equal tokens (a padded batch's padding, repeated text) get bit-equal projections,
-    so they tie exactly in the predictors' sorts, as in ONNX. A CPU matmul tiles rows, and rows of
-    different tiles can round differently (seen: 9e-16 apart in float64 on an AVX2 CPU), which breaks
-    the tie one way in PyTorch and another in onnxruntime.
+    Every token is projected by its own (1 x D) @ (D x r) product, the same kernel for each: equal
+    tokens (a padded batch's padding, repeated text) get bit-equal projections, so they tie exactly
+    in the predictors' sorts, as in onnxruntime. One (L x D) @ (D x r) matmul tiles its rows, and
+    rows of different tiles can round differently (seen: 9e-16 apart in float64 on an AVX2 CPU),
+    which breaks such a tie one way in PyTorch and another in ONNX.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     r = w_q.shape[-1]
-    qp = (q.unsqueeze(-1) * w_q.to(q.dtype).unsqueeze(1)).sum(-2)
-    kp = (k[:, :, None, :, :, None] * w_k.to(k.dtype).view(Hkv, Hq // Hkv, 1, D, r)).sum(-2)  # (B, Hkv, g, Lk, r)
+    qp = torch.matmul(q.unsqueeze(-2), w_q.to(q.dtype).unsqueeze(1)).squeeze(-2)
+    kp = torch.matmul(k[:, :, None, :, None, :], w_k.to(k.dtype).view(Hkv, Hq // Hkv, 1, D, r))  # (B, Hkv, g, Lk, 1, r)
     return qp, kp.reshape(B, Hq, Lk, r)
 
 
