@@ -158,6 +158,20 @@ def test_dense_generation_is_one_compiled_piece_per_graph_and_the_original_token
     assert all(g.pieces == 1 and not g.cut_at and len(g.rewritten) == 2 for g in compiler.report.graphs)
 
 
+def test_a_site_module_with_state_is_cut_even_where_it_would_trace(monkeypatch):
+    """Routing's centroids are not in dynamo's graph: a routing site saying it traces (here forced)
+    is still cut, and the graph compiles rewritten (not left unchanged with a warning)."""
+    from attnpass.methods.routing import RoutingAttention
+
+    monkeypatch.setattr(RoutingAttention, "traces_symbolically", lambda self, *a, **k: True)
+    model = _llama()
+    compiler = _bind(model, "routing", **OPTIONS["routing"])
+    with torch.no_grad():
+        model.generate(input_ids=_prompt(LENGTHS[0]), max_new_tokens=2, **GREEDY)
+    assert not compiler.report.skipped, compiler.report
+    assert all(g.cut_at and g.pieces == 3 for g in compiler.report.graphs), compiler.report
+
+
 def test_unbound_combiner_decode_steps_are_dense_over_the_cache_too():
     """Without `model=` each graph has its own modules; a decode graph's one-query site is still the
     prompt's causal attention, so its steps run exact dense attention over the cache."""

@@ -535,8 +535,16 @@ def _sites_to_cut(gm: fx.GraphModule, example_inputs, calls: list[fx.Node]) -> s
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     inputs = _SiteInputs(gm, {n.target for n in calls}, fake_mode).collect(fakes)
-    return {n for n in calls if not gm.get_submodule(n.target).traces_symbolically(*inputs[n.target][0],
-                                                                                   **inputs[n.target][1])}
+    return {n for n in calls if _holds_state(gm.get_submodule(n.target))
+            or not gm.get_submodule(n.target).traces_symbolically(*inputs[n.target][0], **inputs[n.target][1])}
+
+
+def _holds_state(module: nn.Module) -> bool:
+    """A site module with parameters or buffers is cut whatever it traces: the modules are added to
+    the graph after dynamo, which knows nothing of their state, and AOT autograd fails to lift it
+    (`... not found in param_name_to_source`). Passing such state in as graph inputs is what a traced
+    stateful method (routing, SBM, Sparsefinder's projections) needs first."""
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def _site_output(q: torch.Tensor, v: torch.Tensor, args) -> torch.Tensor:
