@@ -530,13 +530,17 @@ def _with_traced_contiguity(compiled, contiguous: list[int]):
 def _sites_to_cut(gm: fx.GraphModule, example_inputs, calls: list[fx.Node]) -> set[fx.Node]:
     """The site calls the graph is cut at: those whose module cannot trace the call it will get
     with symbolic lengths (`SiteAttention.traces_symbolically`, asked on the call's fake inputs)."""
-    if not calls:
-        return set()
+    # a module with state, or whose class never traces, is cut without walking the graph for its inputs
+    maybe = [n for n in calls if not _holds_state(gm.get_submodule(n.target))
+             and type(gm.get_submodule(n.target)).traces_symbolically is not SiteAttention.traces_symbolically]
+    if not maybe:
+        return set(calls)
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     inputs = _SiteInputs(gm, {n.target for n in calls}, fake_mode).collect(fakes)
-    return {n for n in calls if _holds_state(gm.get_submodule(n.target))
-            or not gm.get_submodule(n.target).traces_symbolically(*inputs[n.target][0], **inputs[n.target][1])}
+    traced = {n for n in maybe if gm.get_submodule(n.target).traces_symbolically(*inputs[n.target][0],
+                                                                                 **inputs[n.target][1])}
+    return set(calls) - traced
 
 
 def _holds_state(module: nn.Module) -> bool:

@@ -123,8 +123,9 @@ def check_options(options: dict) -> None:
         raise NotImplementedError(f"export_onnx: sparsefinder predictor {predictor!r} cannot be exported to ONNX "
                                   f"in this version: {_WHY_NOT.get(predictor, 'unknown predictor')}; predictors "
                                   f"that export: {list(EXPORTABLE_PREDICTORS)}")
-    anchor = options.get("sinks") or options.get("local")
-    normalizer = options.get("normalizer") or ("softmax" if anchor else "entmax15")
+    from attnpass.methods.sparsefinder import resolved_options
+
+    normalizer = resolved_options(options)["normalizer"]
     if predictor == "blocks" and normalizer != "softmax":
         raise NotImplementedError(f"export_onnx: sparsefinder predictor 'blocks' with normalizer {normalizer!r} runs "
                                   "the grouped kernel, which has no ONNX node; export it with normalizer='softmax' "

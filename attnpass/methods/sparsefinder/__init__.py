@@ -147,7 +147,7 @@ class SparsefinderAttention(SiteAttention):
     def __init__(self, spec: SiteSpec, **options):
         self.check_site(spec, **options)
         super().__init__(spec, Anchor.from_options(options))
-        opts = {**DEFAULTS, **_default_normalizer(options), **options}
+        opts = resolved_options(options)
         self.predictor: str = opts["predictor"]
         self.rank: int = int(opts["rank"])
         self.margin: float = float(opts["margin"])
@@ -315,9 +315,14 @@ class SparsefinderAttention(SiteAttention):
         `block_flash_op`) and a causal call whose queries are its keys (a prompt) is no decode step
         without asking the lengths; a step over a cache asks the cost model with them."""
         p = dropout_p if self.training else 0.0
-        return (self.predictor == "blocks" and not self._collect_metrics
-                and self._block_flash_serves(q, k, v, bias, mask, p)
+        return (self._fused_block_path(q, k, v, bias, mask, p)
                 and (not self.spec.causal or statically_known_true(q.shape[2] == k.shape[2])))
+
+    def _fused_block_path(self, q: Tensor, k: Tensor, v: Tensor, bias, mask, dropout_p: float) -> bool:
+        """Whether a call runs the blocks predictor's fused path (choice, window, sinks and kernel as
+        ops, no metrics graph built in Python): `anchored_forward`'s fast path, and what traces."""
+        return (self.predictor == "blocks" and not self._collect_metrics
+                and self._block_flash_serves(q, k, v, bias, mask, dropout_p))
 
     def _block_graph(self, q, k, key_keep, q_index, k_index) -> tuple[Tensor, Tensor, int]:
         """`predict`'s answer for a block layout: the CSR of its allowed pairs and its key slots."""
@@ -474,8 +479,7 @@ class SparsefinderAttention(SiteAttention):
         `block_flash_attention` call (the same softmax over the same pairs as the anchor's parts
         merged, tested); every other call: `SiteAttention.anchored_forward`."""
         p = dropout_p if self.training else 0.0
-        if (self.predictor != "blocks" or self._collect_metrics or q.shape[2] == 0 or k.shape[2] == 0
-                or not self._block_flash_serves(q, k, v, bias, mask, p)):
+        if q.shape[2] == 0 or k.shape[2] == 0 or not self._fused_block_path(q, k, v, bias, mask, p):
             return super().anchored_forward(q, k, v, bias, mask, key_keep, dropout_p)
         B, Lk = k.shape[0], k.shape[2]
         sinks = self.anchor.sink_positions(key_keep, B, Lk, k.device) if self.anchor.sinks else None
@@ -553,6 +557,11 @@ class SparsefinderAttention(SiteAttention):
             q, k, v, q_order, key_order, self.bucket_size, local.view(B, Hq, Lq, -1), scale=self.scale(q),
             causal=self.spec.causal, causal_offset=offset, window=self.layout_window(), key_padding_mask=key_keep,
             bias=bias, mask=mask, dropout_p=dropout_p, dropout_seed=self.dropout_seed(dropout_p), normalizer=self.normalizer)
+
+
+def resolved_options(options: dict) -> dict:
+    """The options a site built with `options` runs with: the defaults, the anchor's normaliser, then `options`."""
+    return {**DEFAULTS, **_default_normalizer(options), **options}
 
 
 def _default_normalizer(options: dict) -> dict:
