@@ -533,6 +533,8 @@ def test_export_leaves_the_model_unchanged_and_takes_a_sparse_model_as_is(bert, 
     ("sparsefinder", {"predictor": "blocks"}, "predictor 'blocks' with normalizer 'entmax15' runs the grouped kernel"),
     ("combiner", {"variant": "axial"}, "combiner variant 'axial' cannot be exported"),
     ("routing", {"sinks": 2}, "sinks= / local= .* have no ONNX lowering"),
+    ("routing", {"queries": "nearest"}, "routing with queries='nearest', keys='centroids' has no ONNX lowering"),
+    ("routing", {"keys": "members"}, "routing with queries='balanced', keys='members' has no ONNX lowering"),
 ])
 def test_methods_without_a_lowering_are_refused_clearly(bert, method, options, message):
     _, model, args, kwargs = bert
@@ -544,6 +546,13 @@ def test_a_sparse_model_with_sinks_is_refused_not_exported_without_them(bert):
     _, model, args, kwargs = bert
     sparse = attnpass.sparsify(model, args, kwargs, method="combiner", sinks=2)
     with pytest.raises(NotImplementedError, match="sinks= / local= .* have no ONNX lowering"):
+        attnpass.export_onnx(sparse, args, kwargs)
+
+
+def test_a_sparse_model_with_member_routed_keys_is_refused(bert):
+    _, model, args, kwargs = bert
+    sparse = attnpass.sparsify(model, args, kwargs, method="routing", clusters=2, keys="members")
+    with pytest.raises(NotImplementedError, match="keys='members' has no ONNX lowering"):
         attnpass.export_onnx(sparse, args, kwargs)
 
 

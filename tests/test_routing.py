@@ -142,6 +142,19 @@ EXACT_CASES = {
     "cross-local-broadcast-bias": {"site": {"heads_q": 2, "cross": True, "len_q": 12, "len_k": 20, "local_heads": 1,
                                                  "local_window": 4}, "shape": (2, 2, 2, 12, 20), "keep": [20, 9],
                                        "clusters": 3, "bias": (1, 2, 12, 20)},
+    "causal-left-padding-nearest": {"site": {"heads_q": 2, "causal": True, "queries": "nearest"},
+                                    "shape": (2, 2, 2, 24, 24), "keep": [24, 17], "left": True, "clusters": 4},
+    "causal-gqa-local-bias-nearest": {"site": {"heads_q": 4, "heads_kv": 2, "causal": True, "local_heads": 2,
+                                               "local_window": 4, "queries": "nearest"},
+                                      "shape": (2, 4, 2, 24, 24), "keep": [20, 24], "clusters": 4,
+                                      "bias": (2, 4, 24, 24), "mask": (2, 4, 24, 24)},
+    "causal-padding-members": {"site": {"heads_q": 4, "heads_kv": 2, "causal": True, "queries": "nearest",
+                                        "keys": "members", "sampled_queries": 2},
+                               "shape": (2, 4, 2, 24, 24), "keep": [24, 17], "left": True, "clusters": 4,
+                               "mask": (2, 4, 24, 24)},
+    "cross-members-balanced": {"site": {"heads_q": 2, "cross": True, "len_q": 12, "len_k": 20, "keys": "members",
+                                        "sampled_queries": 3}, "shape": (2, 2, 2, 12, 20), "keep": [20, 9],
+                               "clusters": 3},
     "causal-train-mode-mask-bias": {"site": {"heads_q": 2, "causal": True}, "shape": (1, 2, 2, 20, 20), "keep": None,
                                         "clusters": 5, "bias": (1, 1, 20, 20), "mask": (1, 2, 20, 20), "train": True},
 }
@@ -201,6 +214,58 @@ def test_clusters_take_their_most_similar_queries_and_real_keys_sorted_by_positi
                     assert keys == sorted(keys) and set(keys) == set(sim_k[b, h, c].topk(5).indices.tolist())
                 else:  # padding never takes a slot: the 3 real keys, then empty slots
                     assert keys == [0, 1, 2, -1, -1]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nearest_routing_puts_every_query_in_its_nearest_cluster_only(causal):
+    torch.manual_seed(0)
+    module = make_site(heads_q=4, heads_kv=2, len_q=20, causal=causal, clusters=3, queries="nearest")
+    q, k, _ = make_inputs(2, 4, 2, 20, 20, 8)
+    keep = padding(2, 20, [20, 13], left=True)
+    layout = module.layout(q, k, keep)
+    sim_q = torch.einsum("bhld,hcd->bhcl", F.layer_norm(q, (8,)), module.kmeans.centroids.double())
+    nearest = sim_q.argmax(dim=2)
+    for b in range(2):
+        for h in range(4):
+            for c in range(3):
+                routed = [i for i in layout.routed_q_index[b, h, c].tolist() if i >= 0]
+                # padded queries too: their outputs are defined, as in dense attention
+                assert routed == (nearest[b, h] == c).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("causal, sinks, local", [(True, 0, 0), (True, 2, 5), (False, 2, 0)])
+def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks, local):
+    """keys='members': each cluster's keys are the top ceil(Lk / c) by the largest log-probability over
+    its sampled members (evenly spaced, the last one included), of keys the method's layout may give
+    them (the anchor's sinks and window left out), rebuilt here row by row in float64."""
+    torch.manual_seed(0)
+    L, c, samples = 24, 3, 3
+    module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=causal, clusters=c, queries="nearest",
+                       keys="members", sampled_queries=samples, sinks=sinks, local=local)
+    q, k, _ = make_inputs(2, 4, 2, L, L, 8)
+    keep = padding(2, L, [24, 19], left=True)
+    method_keep = module.method_key_keep(keep, k)
+    layout = module.layout(q, k, method_keep)
+    scale, offset = module.scale(q), module.causal_offset(q, k)
+    width = -(-L // c)
+    for b in range(2):
+        for h in range(4):
+            logits = q[b, h] @ k[b, h // 2].T * scale
+            for cluster in range(c):
+                members = [i for i in layout.routed_q_index[b, h, cluster].tolist() if i >= 0]
+                n = len(members)
+                sampled = sorted({members[n - 1 - ((samples - 1 - t) * n) // samples] for t in range(min(samples, n))})
+                score = torch.full((L,), -math.inf, dtype=torch.float64)
+                for i in sampled:
+                    normaliser = [j for j in range(L) if bool(method_keep[b, j]) and (not causal or j <= i + offset)]
+                    log_probs = logits[i] - torch.logsumexp(logits[i, normaliser], dim=0)
+                    for j in normaliser:
+                        if not causal or j <= i + offset - local:
+                            score[j] = max(score[j], log_probs[j])
+                score = score.masked_fill(~method_keep[b], -math.inf)
+                expected = [j for j in sorted(range(L), key=lambda j: (-score[j].item(), j))[:width] if bool(method_keep[b, j])]
+                got = [j for j in layout.k_index[b, h, cluster].tolist() if j >= 0]
+                assert got == sorted(expected)
 
 
 def test_padded_queries_rank_last_but_keep_their_slots():
@@ -503,6 +568,10 @@ def test_no_square_tensor_forward_backward_at_256():
     ({"local_heads": False}, TypeError, "local_heads=False"),
     ({"local_window": 0}, ValueError, "local_window=0"),
     ({"local_window": 2.5}, TypeError, "local_window=2.5"),
+    ({"queries": "top"}, ValueError, "queries='top'"),
+    ({"keys": "nearest"}, ValueError, "keys='nearest'"),
+    ({"keys": "members", "sampled_queries": 0}, ValueError, "sampled_queries=0"),
+    ({"sampled_queries": 4}, ValueError, "sampled_queries= is read only with keys='members'"),
 ])
 def test_bad_options_are_refused_naming_the_option(options, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(")):
@@ -513,6 +582,9 @@ def test_bad_options_are_refused_naming_the_option(options, error, words):
 
 def test_good_options_pass():
     RoutingClass.validate_options(clusters=3, decay=0.5, commitment=0, local_heads=0, local_window=None)
+    RoutingClass.validate_options(queries="balanced")
+    RoutingClass.validate_options(queries="nearest")
+    RoutingClass.validate_options(keys="members", sampled_queries=3)
 
 
 @pytest.mark.parametrize("site, words", [

@@ -73,8 +73,20 @@ def _(q, k, v, bias, mask, key_keep, centroids, scale, causal, bottom_right, cro
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+_VARIANT_NOT_LOWERED = ("export_onnx: routing with queries={queries!r}, keys={keys!r} has no ONNX lowering in this "
+                        "version: the attnpass.Routing node implements the paper's routing (queries='balanced', "
+                        "keys='centroids')")
+
+
+def check_options(options: dict) -> None:
+    queries, keys = options.get("queries", "balanced"), options.get("keys", "centroids")
+    if (queries, keys) != ("balanced", "centroids"):
+        raise NotImplementedError(_VARIANT_NOT_LOWERED.format(queries=queries, keys=keys))
+
+
 def bind(module) -> None:
     """Make a routing site module (of a private copy, in eval mode) call `attnpass::routing` when exported."""
+    check_options({"queries": module.queries, "keys": module.keys})
     if module.kmeans is not None and not bool(module.kmeans.initialized):
         raise ValueError(f"export_onnx: routing site {module.spec.name!r} has no centroids yet (they are "
                          "initialised by the first call); run or train the model before exporting it")

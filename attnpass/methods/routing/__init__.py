@@ -17,6 +17,12 @@ held to its own window by the kernel's `key_range` (tiles instead of one query a
 Empty rows are found from the index structure (O(c * w)), not from output values, and are left
 out of the average.
 
+Two options depart from the paper for pretrained models, whose queries and keys are not shared:
+`queries="nearest"` puts each query in its nearest centroid's cluster only (clusters of unequal
+size, padded to the largest), and `keys="members"` gives each cluster the ceil(Lk/c) keys its member
+queries attend to most, from the exact scores of `sampled_queries` of them
+(`_member_key_scores`), instead of the keys nearest its centroid.
+
 The first `local_heads` query heads do block-local attention instead (blocks of `local_window`
 queries see their own and the previous key block, and the next one when not causal), as the
 paper mixes routing heads with local heads.
@@ -43,7 +49,17 @@ from attnpass.methods.kmeans import OnlineKMeans, Tokens
 from attnpass.methods.options import check_int, check_known, check_real
 from attnpass.methods.pairs import group_pairs
 
-_OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window") + ANCHOR_OPTIONS
+_OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window", "queries", "keys",
+            "sampled_queries") + ANCHOR_OPTIONS
+# How a cluster takes its queries: its ceil(Lq / c) most similar ones (the paper's balanced routing: a
+# query may land in several clusters or none), or the queries whose nearest centroid it is (each in one)
+QUERY_ROUTING = ("balanced", "nearest")
+# How a cluster takes its ceil(Lk / c) keys: the most similar to its centroid (the paper), or the keys its
+# member queries attend to most (`_member_key_scores`: exact scores of a few sampled members)
+KEY_ROUTING = ("centroids", "members")
+DEFAULT_SAMPLED_QUERIES = 8
+# Sampled member queries scored against every key at a time, per (batch row, head): bounds the scores' memory
+_MEMBER_ROWS_PER_CHUNK = 512
 DEFAULT_LOCAL_WINDOW = 64
 # What a fallback tile costs beyond its rows, in rows: it gathers its own key slots (`_orphan_tiles`)
 _TILE_OVERHEAD_ROWS = 2
@@ -216,6 +232,10 @@ class RoutingAttention(SiteAttention):
                 f"method 'routing', site {spec.name!r}: clusters={clusters} is more than the example call's "
                 f"tokens (Lq={spec.example_len_q}, Lk={spec.example_len_k}); use clusters <= {min(lengths)}")
         self.clusters: int = int(clusters)
+        self.queries: str = options.get("queries", "balanced")
+        self.keys: str = options.get("keys", "centroids")
+        sampled = options.get("sampled_queries")
+        self.sampled_queries: int = DEFAULT_SAMPLED_QUERIES if sampled is None else int(sampled)
         routing_heads = heads - self.local_heads
         self.kmeans = OnlineKMeans(
             routing_heads, self.clusters, head_dim, decay=float(options.get("decay", 0.999)),
@@ -235,6 +255,14 @@ class RoutingAttention(SiteAttention):
             check_real("routing", "decay", options["decay"], 0.0, 1.0, low_open=True)
         if "commitment" in options:
             check_real("routing", "commitment", options["commitment"], 0.0, math.inf, low_open=False)
+        if options.get("queries", "balanced") not in QUERY_ROUTING:
+            raise ValueError(f"method 'routing': option queries={options['queries']!r} must be one of {list(QUERY_ROUTING)}")
+        if options.get("keys", "centroids") not in KEY_ROUTING:
+            raise ValueError(f"method 'routing': option keys={options['keys']!r} must be one of {list(KEY_ROUTING)}")
+        if options.get("sampled_queries") is not None:
+            check_int("routing", "sampled_queries", options["sampled_queries"], 1)
+            if options.get("keys", "centroids") != "members":
+                raise ValueError("method 'routing': option sampled_queries= is read only with keys='members'")
         check_anchor_options("routing", options)
 
     @classmethod
@@ -248,7 +276,8 @@ class RoutingAttention(SiteAttention):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, clusters={self.clusters}, local_heads={self.local_heads}, "
-                f"local_window={self.local_window}")
+                f"local_window={self.local_window}, queries={self.queries!r}, keys={self.keys!r}"
+                + (f", sampled_queries={self.sampled_queries}" if self.keys == "members" else ""))
 
     def aux_loss(self) -> Tensor | None:
         """The commitment loss of the last training call (None before any)."""
@@ -285,7 +314,8 @@ class RoutingAttention(SiteAttention):
         return torch.cat(parts, dim=1), None
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
-        return {"clusters": self.clusters, "local_window": self.local_window}
+        return {"clusters": self.clusters, "local_window": self.local_window,
+                "sampled_queries": self.sampled_queries if self.keys == "members" else 0}
 
     def fitter(self, *, lr, gold, mass, density_weight, budget=None):
         """The centroids, by mini-batch k-means (`calibrate_fitters.RoutingFitter`); None when every
@@ -369,7 +399,12 @@ class RoutingAttention(SiteAttention):
             sim_q, sim_k = self.kmeans.similarity(q_hat.detach(), k_hat.detach())
             c = self.kmeans.clusters
             # Padded queries rank last but keep their slots: their outputs are defined, as in dense.
-            routed_q = OnlineKMeans.top_slots(sim_q, -(-Lq // c), query_keep, drop_unkept=False)
+            if self.queries == "nearest":
+                routed_q = OnlineKMeans.member_slots(OnlineKMeans.nearest(sim_q), c)
+            else:
+                routed_q = OnlineKMeans.top_slots(sim_q, -(-Lq // c), query_keep, drop_unkept=False)
+            if self.keys == "members":
+                sim_k = self._member_key_scores(q, k, routed_q, key_keep, causal, offset)
             k_index = OnlineKMeans.top_slots(sim_k, -(-Lk // c), key_keep)
             # A row is empty when its cluster has no real key, or (causal) none at or before it;
             # keys are sorted, so the first slot decides.
@@ -384,6 +419,48 @@ class RoutingAttention(SiteAttention):
             token_sets = [Tokens(q_hat, query_keep, OnlineKMeans.nearest(sim_q)),
                           Tokens(k_hat_per_head, key_keep, OnlineKMeans.nearest(sim_k))]
         return (routed_q, q_index, k_index, fallback_q, fallback_k, fallback_range), token_sets
+
+    def _member_key_scores(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None,
+                           causal: bool, offset: int) -> Tensor:
+        """(B, H, c, Lk) how much each cluster's queries attend to each key its layout may hold: the
+        largest log-probability over `sampled_queries` of its members (evenly spaced over them in
+        position order, the last one included) of the exact attention of the member over the keys it
+        sees (the anchor's window in the normaliser, as in the site's softmax; its sinks are not:
+        key_keep here is the method's, without them). Keys the
+        method's layout cannot give a member (the anchor's sinks and window: `offset` is the
+        layout's, and key_keep has no sinks) score -inf for it. A key that one member attends to is kept for the
+        cluster even if the centroid is far from it. Scores are computed for at most
+        _MEMBER_ROWS_PER_CHUNK sampled queries per (batch row, head) at a time."""
+        B, H, c, W = members.shape
+        Hkv, Lk, D = k.shape[1], k.shape[2], k.shape[3]
+        s = min(self.sampled_queries, W)
+        count = (members >= 0).sum(dim=-1, keepdim=True)                               # (B, H, c, 1)
+        t = torch.arange(s, device=q.device)
+        slot = (count - 1 - ((s - 1 - t) * count) // s).clamp(min=0)                   # last member included
+        sampled = torch.where(t < count, members.gather(-1, slot), -1)                 # (B, H, c, s)
+        site_offset = offset + self.anchor_local()
+        keys = torch.arange(Lk, device=q.device)
+        scale = self.scale(q)
+        k_t = k.to(torch.float32).transpose(-1, -2)
+        scores = []
+        per_chunk = max(1, _MEMBER_ROWS_PER_CHUNK // s)
+        for first in range(0, c, per_chunk):
+            pos = sampled[:, :, first:first + per_chunk]                                # (B, H, n, s)
+            n = pos.shape[2]
+            rows = q.gather(2, pos.clamp(min=0).reshape(B, H, n * s, 1).expand(B, H, n * s, D))
+            logits = torch.matmul(rows.to(torch.float32).view(B, Hkv, (H // Hkv) * n * s, D), k_t)
+            logits = logits.view(B, H, n, s, Lk) * scale
+            sees = (pos >= 0).unsqueeze(-1)
+            if key_keep is not None:
+                sees = sees & key_keep[:, None, None, None, :]
+                logits = logits.masked_fill(~key_keep[:, None, None, None, :], -math.inf)
+            if causal:
+                logits = logits.masked_fill(keys > pos.unsqueeze(-1) + site_offset, -math.inf)
+                sees = sees & (keys <= pos.unsqueeze(-1) + offset)
+            # rows that see no key at all: -inf - (-inf) would be NaN, and they score nothing anyway
+            log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True).nan_to_num(neginf=0.0)
+            scores.append(log_probs.masked_fill(~sees, -math.inf).amax(dim=3))
+        return torch.cat(scores, dim=2)
 
     def _fallback(self, q_index: Tensor, key_keep: Tensor | None, len_q: int, len_k: int,
                   causal: bool, offset: int) -> tuple[Tensor, Tensor, Tensor]:

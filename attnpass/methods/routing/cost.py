@@ -10,7 +10,10 @@ fallback queries into tiles of T rows (T chosen per call: the fullest block's co
 and head to the same tile count, so a call computes somewhat more (about T/2 rows per block, more
 when one head has more fallback queries than the others), at most Lq (2P - 1); the option
 `fallback_share` sets the tiles' rows as a share of Lq (e.g. a call's own, from
-`RoutingAttention.layout`: tiles x rows / Lq). Routing's optional local heads are not counted.
+`RoutingAttention.layout`: tiles x rows / Lq). With keys='members', `sampled_queries` s per
+cluster are scored against every key to choose its keys: c s Lk more pairs (score and softmax, no
+value product). Routing's optional local heads are not counted, nor the unequal cluster sizes of
+queries='nearest' (the kernel pads every cluster to the largest).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from attnpass import cost_model
 from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, c
 from attnpass.methods.routing import DEFAULT_LOCAL_WINDOW
 
-OPTIONS = ("clusters", "local_window", "fallback_share")
+OPTIONS = ("clusters", "local_window", "fallback_share", "sampled_queries")
 LEGEND = "c clusters"
 # Rows of routing's fallback tiles as a share of the queries: the expected share of queries no cluster
 # takes (see the module docstring; the padded tiles hold a little more).
@@ -33,7 +36,7 @@ def check_options(options: dict) -> None:
         raise ValueError(f"routing's fallback_share={share!r} must be in [0, 1] (a share of the queries)")
 
 
-def _flops_bytes(itemsize: int, local_window: int, fallback_share) -> tuple[sympy.Expr, sympy.Expr]:
+def _flops_bytes(itemsize: int, local_window: int, fallback_share, sampled_queries: int) -> tuple[sympy.Expr, sympy.Expr]:
     """(flops, bytes) of one batch element and query head, in c."""
     # similarities of every query and key to every centroid, top-w selection (one comparison
     # per candidate), then the kernels' tiles (module docstring): c clusters of Lq/c query by
@@ -41,7 +44,7 @@ def _flops_bytes(itemsize: int, local_window: int, fallback_share) -> tuple[symp
     # the 2P - 1 keys of their windows
     fallback_rows, fallback_keys = fallback_share * Lq, (2 * local_window - 1) * Lq / local_window
     pairs = (Lq / c) * (Lk / c) * c + fallback_rows * (2 * local_window - 1)
-    flops = 2 * (Lq + Lk) * c * D + (Lq + Lk) * c + pairs * PAIR
+    flops = 2 * (Lq + Lk) * c * D + (Lq + Lk) * c + pairs * PAIR + c * sampled_queries * Lk * (2 * D + 5)
     # gathered rows and index slots of both calls (the fallback's key_range: two per row)
     gathered = (itemsize * (Lq + 2 * Lk + fallback_rows + 2 * fallback_keys) * D
                 + INDEX_BYTES * (Lq + Lk + 3 * fallback_rows + fallback_keys))
@@ -52,7 +55,8 @@ def per_head(itemsize: int, options: dict):
     """(params, flops, bytes) of one batch element and query head; c unless `clusters` is given."""
     share = options.get("fallback_share")
     flops, nbytes = _flops_bytes(itemsize, options.get("local_window") or DEFAULT_LOCAL_WINDOW,
-                                 DEFAULT_FALLBACK_SHARE if share is None else share)
+                                 DEFAULT_FALLBACK_SHARE if share is None else share,
+                                 options.get("sampled_queries") or 0)
     params, flops, nbytes = cost_model.given(flops, nbytes, options, {"clusters": c})
     if share is not None:
         params["fallback_share"] = share
