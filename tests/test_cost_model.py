@@ -34,6 +34,11 @@ def test_routing_and_combiner_fixed_match_a_hand_count():
     fallback = 16 / math.e * (2 * 3 - 1) * (4 * 2 + 5)
     assert flops == pytest.approx(similarities + selection + attention + fallback, rel=1e-12)
 
+    # keys='members': 3 sampled queries per cluster scored against every key (logit and softmax)
+    members, _ = cost_model.cost_expr("routing", clusters=4, local_window=3, sampled_queries=3).evaluate(
+        B=1, H=1, Lq=16, Lk=16, D=2)
+    assert members - flops == pytest.approx(4 * 3 * 16 * (2 * 2 + 5), rel=1e-12)
+
     flops, _ = cost_model.cost_expr("combiner", variant="fixed", block=4).evaluate(B=1, H=1, Lq=16, Lk=16, D=2)
     pair = 4 * 2 + 5
     direct, summaries = 16 * 4 * pair, 16 * 4 * pair  # own block of 4 keys; 4 region summaries each

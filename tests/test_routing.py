@@ -233,11 +233,17 @@ def test_nearest_routing_puts_every_query_in_its_nearest_cluster_only(causal):
                 assert routed == (nearest[b, h] == c).nonzero().flatten().tolist()
 
 
-@pytest.mark.parametrize("causal, sinks, local", [(True, 0, 0), (True, 2, 5), (False, 2, 0)])
-def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks, local):
+@pytest.mark.parametrize("causal, sinks, local, rows_per_chunk", [(True, 0, 0, 64), (True, 2, 5, 64),
+                                                                   (False, 2, 0, 64), (True, 2, 5, 2)])
+def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks, local, rows_per_chunk,
+                                                                  monkeypatch):
     """keys='members': each cluster's keys are the top ceil(Lk / c) by the largest log-probability over
     its sampled members (evenly spaced, the last one included), of keys the method's layout may give
-    them (the anchor's sinks and window left out), rebuilt here row by row in float64."""
+    them (the anchor's sinks and window left out), rebuilt here row by row in float64. A chunk of 2
+    rows splits each cluster's 3 samples over two chunks."""
+    import attnpass.methods.routing as routing
+
+    monkeypatch.setattr(routing, "_MEMBER_ROWS_PER_CHUNK", rows_per_chunk)
     torch.manual_seed(0)
     L, c, samples = 24, 3, 3
     module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=causal, clusters=c, queries="nearest",
@@ -532,6 +538,20 @@ def test_dropout_only_in_training_and_reproducible():
     again = module(q, k, v, dropout_p=0.5)
     assert torch.isfinite(first).all() and not torch.allclose(first, plain)
     assert torch.equal(first, again)
+
+
+def test_member_keys_build_no_square_tensor_at_512():
+    """keys='members' with every member sampled (2 clusters: over 64 members each, so the samples are
+    split over chunks too) scores them against every key, never all rows of a head at once."""
+    L = 512
+    module = make_site(heads_q=4, heads_kv=2, head_dim=16, len_q=L, causal=True, clusters=2, queries="nearest",
+                       keys="members", sampled_queries=L, sinks=4, local=16)
+    q, k, v = make_inputs(1, 4, 2, L, L, 16, dtype=torch.float32)
+    layout = module.layout(q, k)
+    assert (layout.routed_q_index >= 0).sum(-1).max() > 64
+    with no_square_tensor(L, L):
+        out = module(q, k, v)
+    assert torch.isfinite(out).all()
 
 
 def test_no_square_tensor_forward_backward_at_256():

@@ -35,6 +35,7 @@ Nothing of size Lq x Lk is built.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -58,8 +59,9 @@ QUERY_ROUTING = ("balanced", "nearest")
 # member queries attend to most (`_member_key_scores`: exact scores of a few sampled members)
 KEY_ROUTING = ("centroids", "members")
 DEFAULT_SAMPLED_QUERIES = 8
-# Sampled member queries scored against every key at a time, per (batch row, head): bounds the scores' memory
-_MEMBER_ROWS_PER_CHUNK = 512
+# Sampled member queries scored against every key at a time, per (batch row, head): keeps the scores of
+# every head well under an Lq x Lk tensor (as the blocks predictor's chunks of `block` queries)
+_MEMBER_ROWS_PER_CHUNK = 64
 DEFAULT_LOCAL_WINDOW = 64
 # What a fallback tile costs beyond its rows, in rows: it gathers its own key slots (`_orphan_tiles`)
 _TILE_OVERHEAD_ROWS = 2
@@ -422,45 +424,49 @@ class RoutingAttention(SiteAttention):
 
     def _member_key_scores(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None,
                            causal: bool, offset: int) -> Tensor:
-        """(B, H, c, Lk) how much each cluster's queries attend to each key its layout may hold: the
+        """(B, H, c, Lk): how much each cluster's queries attend to each key its layout may hold, the
         largest log-probability over `sampled_queries` of its members (evenly spaced over them in
-        position order, the last one included) of the exact attention of the member over the keys it
-        sees (the anchor's window in the normaliser, as in the site's softmax; its sinks are not:
-        key_keep here is the method's, without them). Keys the
-        method's layout cannot give a member (the anchor's sinks and window: `offset` is the
-        layout's, and key_keep has no sinks) score -inf for it. A key that one member attends to is kept for the
-        cluster even if the centroid is far from it. Scores are computed for at most
+        position order, the last one included). A key that one member attends to is kept for the
+        cluster however far it is from the centroid. Scores are computed for at most
         _MEMBER_ROWS_PER_CHUNK sampled queries per (batch row, head) at a time."""
         B, H, c, W = members.shape
-        Hkv, Lk, D = k.shape[1], k.shape[2], k.shape[3]
         s = min(self.sampled_queries, W)
         count = (members >= 0).sum(dim=-1, keepdim=True)                               # (B, H, c, 1)
         t = torch.arange(s, device=q.device)
         slot = (count - 1 - ((s - 1 - t) * count) // s).clamp(min=0)                   # last member included
         sampled = torch.where(t < count, members.gather(-1, slot), -1)                 # (B, H, c, s)
-        site_offset = offset + self.anchor_local()
-        keys = torch.arange(Lk, device=q.device)
-        scale = self.scale(q)
-        k_t = k.to(torch.float32).transpose(-1, -2)
-        scores = []
-        per_chunk = max(1, _MEMBER_ROWS_PER_CHUNK // s)
-        for first in range(0, c, per_chunk):
-            pos = sampled[:, :, first:first + per_chunk]                                # (B, H, n, s)
-            n = pos.shape[2]
-            rows = q.gather(2, pos.clamp(min=0).reshape(B, H, n * s, 1).expand(B, H, n * s, D))
-            logits = torch.matmul(rows.to(torch.float32).view(B, Hkv, (H // Hkv) * n * s, D), k_t)
-            logits = logits.view(B, H, n, s, Lk) * scale
-            sees = (pos >= 0).unsqueeze(-1)
-            if key_keep is not None:
-                sees = sees & key_keep[:, None, None, None, :]
-                logits = logits.masked_fill(~key_keep[:, None, None, None, :], -math.inf)
-            if causal:
-                logits = logits.masked_fill(keys > pos.unsqueeze(-1) + site_offset, -math.inf)
-                sees = sees & (keys <= pos.unsqueeze(-1) + offset)
-            # rows that see no key at all: -inf - (-inf) would be NaN, and they score nothing anyway
-            log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True).nan_to_num(neginf=0.0)
-            scores.append(log_probs.masked_fill(~sees, -math.inf).amax(dim=3))
-        return torch.cat(scores, dim=2)
+        best = q.new_full((B, H, c, k.shape[2]), -math.inf, dtype=torch.float32)
+        samples_per_chunk = min(s, _MEMBER_ROWS_PER_CHUNK)
+        clusters_per_chunk = max(1, _MEMBER_ROWS_PER_CHUNK // samples_per_chunk)
+        for first, t0 in itertools.product(range(0, c, clusters_per_chunk), range(0, s, samples_per_chunk)):
+            chunk = slice(first, first + clusters_per_chunk)
+            log_probs = self._log_probs_outside_anchor(q, k, sampled[:, :, chunk, t0:t0 + samples_per_chunk],
+                                                       key_keep, causal, offset)
+            best[:, :, chunk] = torch.maximum(best[:, :, chunk], log_probs.amax(dim=3))
+        return best
+
+    def _log_probs_outside_anchor(self, q: Tensor, k: Tensor, pos: Tensor, key_keep: Tensor | None,
+                                  causal: bool, offset: int) -> Tensor:
+        """(B, H, n, s, Lk) log-probabilities of the queries at `pos` (B, H, n, s; -1 = none) over the
+        keys, -inf at the keys the method's layout cannot give them (the anchor's sinks and window:
+        `offset` is the layout's and key_keep the method's, without the sinks). The normaliser holds
+        the anchor's window, as the site's softmax does, but not its sinks (not in this key_keep)."""
+        B, H, n, s = pos.shape
+        Hkv, Lk, D = k.shape[1:]
+        rows = q.gather(2, pos.clamp(min=0).reshape(B, H, n * s, 1).expand(B, H, n * s, D))
+        logits = torch.matmul(rows.to(torch.float32).view(B, Hkv, (H // Hkv) * n * s, D),
+                              k.to(torch.float32).transpose(-1, -2)).view(B, H, n, s, Lk) * self.scale(q)
+        sees = (pos >= 0).unsqueeze(-1)
+        if key_keep is not None:
+            sees = sees & key_keep[:, None, None, None, :]
+            logits = logits.masked_fill(~key_keep[:, None, None, None, :], -math.inf)
+        if causal:
+            keys, last = torch.arange(Lk, device=q.device), pos.unsqueeze(-1) + offset
+            logits = logits.masked_fill(keys > last + self.anchor_local(), -math.inf)
+            sees = sees & (keys <= last)
+        # a row that sees no key at all: -inf - (-inf) would be NaN, and it scores nothing anyway
+        log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True).nan_to_num(neginf=0.0)
+        return log_probs.masked_fill(~sees, -math.inf)
 
     def _fallback(self, q_index: Tensor, key_keep: Tensor | None, len_q: int, len_k: int,
                   causal: bool, offset: int) -> tuple[Tensor, Tensor, Tensor]:
