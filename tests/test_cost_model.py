@@ -11,6 +11,7 @@ import attnpass
 from attnpass import cost_model
 from attnpass.cost_model import D, Lk, Lq, c, s
 from attnpass.methods import SiteSpec, method_class
+from attnpass.methods.routing import NEED_BLOCK
 from tests.zoo import by_name
 
 L = sympy.Symbol("L", positive=True)
@@ -34,10 +35,12 @@ def test_routing_and_combiner_fixed_match_a_hand_count():
     fallback = 16 / math.e * (2 * 3 - 1) * (4 * 2 + 5)
     assert flops == pytest.approx(similarities + selection + attention + fallback, rel=1e-12)
 
-    # keys='members': 3 sampled queries per cluster scored against every key (logit and softmax)
+    # keys='members': the 16 keys pooled into 16 / NEED_BLOCK blocks, every query's block scores
+    # (score and log-sum-exp), and 3 sampled queries per cluster against every key (logit and softmax)
     members, _ = cost_model.cost_expr("routing", clusters=4, local_window=3, sampled_queries=3).evaluate(
         B=1, H=1, Lq=16, Lk=16, D=2)
-    assert members - flops == pytest.approx(4 * 3 * 16 * (2 * 2 + 5), rel=1e-12)
+    need = 16 * 2 + 16 * (16 / NEED_BLOCK) * (2 * 2 + 3)
+    assert members - flops == pytest.approx(need + 4 * 3 * 16 * (2 * 2 + 5), rel=1e-12)
 
     flops, _ = cost_model.cost_expr("combiner", variant="fixed", block=4).evaluate(B=1, H=1, Lq=16, Lk=16, D=2)
     pair = 4 * 2 + 5

@@ -233,17 +233,34 @@ def test_nearest_routing_puts_every_query_in_its_nearest_cluster_only(causal):
                 assert routed == (nearest[b, h] == c).nonzero().flatten().tolist()
 
 
+def member_need(q, k, keep, i, block, scale, causal, offset, local):
+    """A query's estimated largest log-probability on one block of keys wholly in its method part (mean
+    real key's score plus the log of its real keys, normalised over the blocks it sees), in float64."""
+    values, far = [], []
+    for first in range(0, k.shape[0], block):
+        real = [j for j in range(first, min(first + block, k.shape[0])) if bool(keep[j])]
+        if not real or (causal and first > i + offset):
+            continue
+        mean = k[real].double().mean(dim=0)
+        values.append(float(q[i].double() @ mean) * scale + math.log(len(real)))
+        far.append(not causal or first + block - 1 <= i + offset - local)
+    candidates = [v for v, is_far in zip(values, far) if is_far]
+    return max(candidates) - float(torch.tensor(values).logsumexp(0)) if candidates else -math.inf
+
+
 @pytest.mark.parametrize("causal, sinks, local, rows_per_chunk", [(True, 0, 0, 64), (True, 2, 5, 64),
                                                                    (False, 2, 0, 64), (True, 2, 5, 2)])
 def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks, local, rows_per_chunk,
                                                                   monkeypatch):
     """keys='members': each cluster's keys are the top ceil(Lk / c) by the largest log-probability over
-    its sampled members (evenly spaced, the last one included), of keys the method's layout may give
-    them (the anchor's sinks and window left out), rebuilt here row by row in float64. A chunk of 2
-    rows splits each cluster's 3 samples over two chunks."""
+    its sampled members (those estimated to attend most to one far block of keys, ties to the earlier
+    position), of keys the method's layout may give them (the anchor's sinks and window left out),
+    rebuilt here row by row in float64. A chunk of 2 rows splits each cluster's 3 samples over two
+    chunks; blocks of 4 keys give every query several far blocks to rank."""
     import attnpass.methods.routing as routing
 
     monkeypatch.setattr(routing, "_MEMBER_ROWS_PER_CHUNK", rows_per_chunk)
+    monkeypatch.setattr(routing, "NEED_BLOCK", 4)
     torch.manual_seed(0)
     L, c, samples = 24, 3, 3
     module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=causal, clusters=c, queries="nearest",
@@ -259,8 +276,9 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
             logits = q[b, h] @ k[b, h // 2].T * scale
             for cluster in range(c):
                 members = [i for i in layout.routed_q_index[b, h, cluster].tolist() if i >= 0]
-                n = len(members)
-                sampled = sorted({members[n - 1 - ((samples - 1 - t) * n) // samples] for t in range(min(samples, n))})
+                need = {i: member_need(q[b, h], k[b, h // 2], method_keep[b], i, 4, scale, causal, offset, local)
+                        for i in members}
+                sampled = sorted(members, key=lambda i: (-need[i], i))[:samples]
                 score = torch.full((L,), -math.inf, dtype=torch.float64)
                 for i in sampled:
                     normaliser = [j for j in range(L) if bool(method_keep[b, j]) and (not causal or j <= i + offset)]
@@ -272,6 +290,74 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
                 expected = [j for j in sorted(range(L), key=lambda j: (-score[j].item(), j))[:width] if bool(method_keep[b, j])]
                 got = [j for j in layout.k_index[b, h, cluster].tolist() if j >= 0]
                 assert got == sorted(expected)
+
+
+@pytest.mark.parametrize("keys", ["centroids", "members"])
+def test_centroids_cluster_the_keys_only_when_they_route_them(keys):
+    """keys='members' chooses a cluster's keys by its members' scores, so its centroids cluster the
+    queries alone (a training step moves them by the queries' EMA only); the paper's routing
+    clusters queries and keys (GQA: each query head its kv head's keys)."""
+    import copy
+
+    from attnpass.methods.kmeans import OnlineKMeans
+
+    options = {"keys": keys, "sampled_queries": 2} if keys == "members" else {}
+    module = make_site(heads_q=4, heads_kv=2, len_q=24, causal=True, clusters=3, queries="nearest", **options)
+    q, k, v = make_inputs(2, 4, 2, 24, 24, 8)
+    module.layout(q, k)  # initialises the centroids
+    before = module.kmeans.centroids.clone()
+    expected = copy.deepcopy(module)
+    tokens = expected.routing_tokens(q, k, None)
+    assert torch.equal(tokens[0].x_hat, OnlineKMeans.normalise(q))
+    if keys == "members":
+        assert len(tokens) == 1
+    else:
+        assert len(tokens) == 2 and torch.equal(tokens[1].x_hat, OnlineKMeans.normalise(k).repeat_interleave(2, dim=1))
+    expected.kmeans.update_(tokens)
+    module.train()
+    module(q, k, v)
+    assert torch.allclose(module.kmeans.centroids, expected.kmeans.centroids, rtol=0, atol=1e-6)
+    assert not torch.allclose(module.kmeans.centroids, before)
+
+
+def test_member_keys_take_strided_inputs():
+    """A model's q and k are usually transposed views (B, L, H, D -> B, H, L, D): keys='members' gives
+    them the layout it gives their contiguous copies."""
+    module = make_site(heads_q=4, heads_kv=2, len_q=24, causal=True, clusters=3, queries="nearest",
+                       keys="members", sampled_queries=2, sinks=2, local=5)
+    q, k, _ = make_inputs(2, 4, 2, 24, 24, 8)
+    q_view, k_view = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q_view.is_contiguous()
+    expected, got = module.layout(q, k), module.layout(q_view, k_view)
+    assert torch.equal(expected.k_index, got.k_index) and torch.equal(expected.q_index, got.q_index)
+
+
+def test_member_key_choice_scores_are_counted_with_the_pairs(monkeypatch):
+    """keys='members' computes scores beyond its pairs to choose the keys: every routing-head query
+    scores Lk / NEED_BLOCK pooled blocks, each sampled member all Lk keys. computed_pairs counts them
+    (so fidelity's share does); the local heads score nothing."""
+    import attnpass.methods.routing as routing
+
+    monkeypatch.setattr(routing, "NEED_BLOCK", 4)
+    L, c, samples = 24, 3, 2
+    module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=True, clusters=c, queries="nearest",
+                       keys="members", sampled_queries=samples, local_heads=2)
+    q, k, _ = make_inputs(2, 4, 2, L, L, 8)
+    keep = padding(2, L, [24, 19], left=True)
+    layout = module.layout(q, k, keep)
+    _, scored = module.computed_pairs(q, k, keep)
+    assert scored.shape == (2, 4, L) and (scored[:, :2] == 0).all()
+    blocks = L // 4
+    for b in range(2):
+        for h in range(2):
+            sizes = (layout.routed_q_index[b, h] >= 0).sum(-1)
+            sampled = int(sizes.clamp(max=samples).sum())
+            row = scored[b, 2 + h]
+            assert sorted(set(row.tolist())) == [blocks, blocks + L]
+            assert int((row == blocks + L).sum()) == sampled
+    plain = make_site(heads_q=4, heads_kv=2, len_q=L, causal=True, clusters=c, queries="nearest")
+    plain(q, k, k)
+    assert plain.computed_pairs(q, k, keep)[1] is None
 
 
 def test_padded_queries_rank_last_but_keep_their_slots():

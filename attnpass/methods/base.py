@@ -225,7 +225,8 @@ class SiteAttention(nn.Module):
         """For measurement (attnpass.tools.site_probe), from the method's own layout, the anchor aside:
         (B, Hq, Lq, Lk) bool, the (query, key) pairs whose scores a call on (q, k) computes directly
         (an L x L tensor on purpose), and (B, Hq, Lq) counts of the other scores it computes per
-        query (Combiner's region summaries) or None. Stateful methods answer for their current state."""
+        query (Combiner's region summaries, routing's key-choice scores) or None. Stateful methods answer
+        for their current state."""
         raise NotImplementedError(f"no pair layout is known for method {self.method_name!r}")
 
     def method_key_keep(self, key_keep, k: torch.Tensor):

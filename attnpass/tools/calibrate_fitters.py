@@ -71,10 +71,8 @@ class RoutingFitter(Fitter):
         self.counts: Tensor | None = None  # tokens assigned to each centroid so far (H, c)
 
     def _tokens(self, data: dict) -> list[Tokens]:
-        m = self.module
-        q, k = m._routing_heads(data["q"], data["k"])
-        # _route initialises the centroids from this batch if they never were, as a forward call would
-        return m._route(q, k, data.get("key_keep"), keep_tokens=True)[1]
+        # initialises the centroids from this batch if they never were, as a forward call would
+        return self.module.routing_tokens(data["q"], data["k"], data.get("key_keep"))
 
     @staticmethod
     def _sums(kmeans: OnlineKMeans, token_sets: list[Tokens]) -> tuple[Tensor, Tensor, Tensor]:

@@ -4,7 +4,8 @@ Per site (each measured in isolation, on the ORIGINAL model's inputs at that sit
 `site_probe.record_site_inputs`):
 
     pairs_computed   share of the site's allowed (query, key) pairs whose score the method
-                     computes; a Combiner region-summary score counts as one pair
+                     computes; a Combiner region-summary score, or a score routing computes to
+                     choose its keys (keys='members'), counts as one pair
     mass_recall      share of the dense softmax probability that falls on the computed pairs
                      (Combiner: on its direct pairs; the rest reaches the query through summaries)
     output_error     ||sparse site output - dense site output|| / ||dense site output||

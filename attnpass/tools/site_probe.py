@@ -161,13 +161,14 @@ def dense_probabilities(module: nn.Module, inputs: dict, dtype: torch.dtype = to
 
 
 def computed_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | None]:
-    """(computed (B, Hq, Lq, Lk) bool, summaries (B, Hq, Lq) int64 or None) for a site module that
+    """(computed (B, Hq, Lq, Lk) bool, other_scores (B, Hq, Lq) int64 or None) for a site module that
     has already run forward on `inputs` (so learned state such as routing centroids is initialised
     exactly as in that call).
 
-    `computed` holds the (query, key) pairs whose score the method evaluates directly. For
-    Combiner, `summaries` counts each query's region-summary scores: the keys reached only
-    through a summary are not computed pairs (the summary stands for them all at once).
+    `computed` holds the (query, key) pairs whose score the method evaluates directly and attends
+    over. `other_scores` counts each query's further scores: Combiner's region summaries (the keys
+    reached only through a summary are not computed pairs: the summary stands for them all at
+    once), routing's scores that choose its clusters' keys (keys='members').
     """
     anchor = getattr(module, "anchor", None)
     if not anchor:
@@ -175,17 +176,17 @@ def computed_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | No
     if not module.method_has_pairs():  # a band site whose band the anchor's window covers
         return anchor_pairs(module, inputs), None
     # the method ran on the keys the anchor leaves it (module.method_key_keep, layout_offset)
-    method, summaries = _method_pairs(module, {**inputs, "key_keep": module.method_key_keep(inputs.get("key_keep"), inputs["k"])})
-    return method | anchor_pairs(module, inputs), summaries
+    method, other_scores = _method_pairs(module, {**inputs, "key_keep": module.method_key_keep(inputs.get("key_keep"), inputs["k"])})
+    return method | anchor_pairs(module, inputs), other_scores
 
 
 def counted_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor, float]:
-    """(computed & allowed, allowed, pairs computed): the pairs as `fidelity` counts them, Combiner's
-    summary scores included in the count."""
-    computed, summaries = computed_pairs(module, inputs)
+    """(computed & allowed, allowed, pairs computed): the pairs as `fidelity` counts them, the other
+    scores a method computes (Combiner's summaries, routing's key choice) included in the count."""
+    computed, other_scores = computed_pairs(module, inputs)
     allowed = allowed_pairs(module, inputs)
     computed = computed & allowed
-    return computed, allowed, float(computed.sum()) + (float(summaries.sum()) if summaries is not None else 0.0)
+    return computed, allowed, float(computed.sum()) + (float(other_scores.sum()) if other_scores is not None else 0.0)
 
 
 def anchor_pairs(module: nn.Module, inputs: dict) -> Tensor:
@@ -207,5 +208,5 @@ def anchor_pairs(module: nn.Module, inputs: dict) -> Tensor:
 
 
 def _method_pairs(module: nn.Module, inputs: dict) -> tuple[Tensor, Tensor | None]:
-    """The method's own pairs (and Combiner's summary counts), from its `computed_pairs` hook."""
+    """The method's own pairs (and its other scores' counts), from its `computed_pairs` hook."""
     return module.computed_pairs(inputs["q"], inputs["k"], inputs.get("key_keep"))

@@ -20,8 +20,8 @@ out of the average.
 Two options depart from the paper for pretrained models, whose queries and keys are not shared:
 `queries="nearest"` puts each query in its nearest centroid's cluster only (clusters of unequal
 size, padded to the largest), and `keys="members"` gives each cluster the ceil(Lk/c) keys its member
-queries attend to most, from the exact scores of `sampled_queries` of them
-(`_member_key_scores`), instead of the keys nearest its centroid.
+queries attend to most, from the exact scores of the `sampled_queries` of them estimated to attend
+most to far keys (`_member_key_scores`), instead of the keys nearest its centroid.
 
 The first `local_heads` query heads do block-local attention instead (blocks of `local_window`
 queries see their own and the previous key block, and the next one when not causal), as the
@@ -62,6 +62,8 @@ DEFAULT_SAMPLED_QUERIES = 8
 # Sampled member queries scored against every key at a time, per (batch row, head): keeps the scores of
 # every head well under an Lq x Lk tensor (as the blocks predictor's chunks of `block` queries)
 _MEMBER_ROWS_PER_CHUNK = 64
+# Keys pooled per block when estimating which members attend far (`_member_need`): Lq x Lk / 64 scores
+NEED_BLOCK = 64
 DEFAULT_LOCAL_WINDOW = 64
 # What a fallback tile costs beyond its rows, in rows: it gathers its own key slots (`_orphan_tiles`)
 _TILE_OVERHEAD_ROWS = 2
@@ -302,18 +304,37 @@ class RoutingAttention(SiteAttention):
         return self.kmeans is not None and not bool(self.kmeans.initialized)  # None: every head is local
 
     def computed_pairs(self, q, k, key_keep=None):
+        """The pairs of the layout; with keys='members', per query the scores that choose the keys
+        (`_key_choice_scores`)."""
         B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
         layout = self.layout(q, k, key_keep)
         parts = []
         if self.local_heads:
             local = group_pairs(layout.local_q_index, layout.local_k_index, Lq, Lk)
             parts.append(local.expand(B, self.local_heads, Lq, Lk))
-        if layout.q_index is not None:
-            routed = group_pairs(layout.q_index, layout.k_index, Lq, Lk)
-            if layout.fallback_q_index is not None:
-                routed |= group_pairs(layout.fallback_q_index, layout.fallback_k_index, Lq, Lk, layout.fallback_key_range)
-            parts.append(routed)
-        return torch.cat(parts, dim=1), None
+        if layout.q_index is None:
+            return torch.cat(parts, dim=1), None
+        routed = group_pairs(layout.q_index, layout.k_index, Lq, Lk)
+        if layout.fallback_q_index is not None:
+            routed |= group_pairs(layout.fallback_q_index, layout.fallback_k_index, Lq, Lk, layout.fallback_key_range)
+        pairs = torch.cat(parts + [routed], dim=1)
+        if self.keys != "members":
+            return pairs, None
+        scored = self._key_choice_scores(q, k, layout.routed_q_index, key_keep)
+        local_scored = scored.new_zeros(B, self.local_heads, Lq)
+        return pairs, torch.cat([local_scored, scored], dim=1)
+
+    def _key_choice_scores(self, q: Tensor, k: Tensor, routed_q: Tensor, key_keep: Tensor | None) -> Tensor:
+        """(B, Hr, Lq) int64, keys='members': the scores each routing-head query computes to choose the
+        clusters' keys, its Lk / NEED_BLOCK pooled block scores and, for a sampled member, all Lk keys."""
+        Lk = k.shape[2]
+        q, k = self._routing_heads(q, k)
+        with torch.no_grad():
+            sampled = self._sampled_members(q, k, routed_q, key_keep, self.spec.causal, self.layout_offset(q, k))
+        B, H = sampled.shape[:2]
+        counts = torch.full((B, H, q.shape[2]), -(-Lk // NEED_BLOCK), dtype=torch.int64, device=q.device)
+        sampled = sampled.view(B, H, -1)
+        return counts.scatter_add_(2, sampled.clamp(min=0), torch.where(sampled >= 0, Lk, 0))
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"clusters": self.clusters, "local_window": self.local_window,
@@ -384,20 +405,15 @@ class RoutingAttention(SiteAttention):
         return key_keep
 
     def _route(self, q: Tensor, k: Tensor, key_keep: Tensor | None, keep_tokens: bool = False):
-        """Routing-head layout, plus (with keep_tokens) the normalised tokens and their nearest
-        centroids that the commitment loss and the EMA step need.
+        """Routing-head layout, plus (with keep_tokens) the tokens the centroids cluster, with their
+        nearest centroids, that the commitment loss and the EMA step need (`_token_sets`).
 
         Returns ((routed_q_index, q_index, k_index, fallback_q_index, fallback_k_index), token_sets).
         """
-        H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+        Lq, Lk = q.shape[2], k.shape[2]
         causal, offset = self.spec.causal, self.layout_offset(q, k)
-        query_keep = self._query_keep(key_keep, Lq, Lk)
-        # Differentiable (outside no_grad): the commitment loss reaches q and k through these.
-        q_hat, k_hat = OnlineKMeans.normalise(q), OnlineKMeans.normalise(k)
-        k_hat_per_head = _per_query_head(k_hat, H)
+        q_hat, k_hat, query_keep = self._normalised(q, k, key_keep)
         with torch.no_grad():
-            if not bool(self.kmeans.initialized):
-                self.kmeans.initialize_([Tokens(q_hat, query_keep, None), Tokens(k_hat_per_head, key_keep, None)])
             sim_q, sim_k = self.kmeans.similarity(q_hat.detach(), k_hat.detach())
             c = self.kmeans.clusters
             # Padded queries rank last but keep their slots: their outputs are defined, as in dense.
@@ -405,9 +421,9 @@ class RoutingAttention(SiteAttention):
                 routed_q = OnlineKMeans.member_slots(OnlineKMeans.nearest(sim_q), c)
             else:
                 routed_q = OnlineKMeans.top_slots(sim_q, -(-Lq // c), query_keep, drop_unkept=False)
-            if self.keys == "members":
-                sim_k = self._member_key_scores(q, k, routed_q, key_keep, causal, offset)
-            k_index = OnlineKMeans.top_slots(sim_k, -(-Lk // c), key_keep)
+            key_scores = sim_k if self.keys == "centroids" else \
+                self._member_key_scores(q, k, routed_q, key_keep, causal, offset)
+            k_index = OnlineKMeans.top_slots(key_scores, -(-Lk // c), key_keep)
             # A row is empty when its cluster has no real key, or (causal) none at or before it;
             # keys are sorted, so the first slot decides.
             first_key = k_index[..., :1]
@@ -416,25 +432,50 @@ class RoutingAttention(SiteAttention):
                 row_filled &= first_key <= routed_q + offset
             q_index = torch.where(row_filled, routed_q, -1)
             fallback_q, fallback_k, fallback_range = self._fallback(q_index, key_keep, Lq, Lk, causal, offset)
-        token_sets = []
-        if keep_tokens:
-            token_sets = [Tokens(q_hat, query_keep, OnlineKMeans.nearest(sim_q)),
-                          Tokens(k_hat_per_head, key_keep, OnlineKMeans.nearest(sim_k))]
+        token_sets = self._token_sets(q_hat, k_hat, sim_q, sim_k, query_keep, key_keep) if keep_tokens else []
         return (routed_q, q_index, k_index, fallback_q, fallback_k, fallback_range), token_sets
+
+    def _normalised(self, q: Tensor, k: Tensor, key_keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(q_hat, k_hat, query_keep): the routing heads' tokens in the centroids' space, differentiable
+        (the commitment loss reaches q and k through them). Initialises the centroids from the tokens
+        they cluster if no batch has been seen yet."""
+        query_keep = self._query_keep(key_keep, q.shape[2], k.shape[2])
+        q_hat, k_hat = OnlineKMeans.normalise(q), OnlineKMeans.normalise(k)
+        if not bool(self.kmeans.initialized):
+            with torch.no_grad():
+                self.kmeans.initialize_(self._token_sets(q_hat, k_hat, None, None, query_keep, key_keep))
+        return q_hat, k_hat, query_keep
+
+    def _token_sets(self, q_hat: Tensor, k_hat: Tensor, sim_q: Tensor | None, sim_k: Tensor | None,
+                    query_keep: Tensor | None, key_keep: Tensor | None) -> list[Tokens]:
+        """The tokens the centroids cluster, each with its nearest centroid (None: not yet known): the
+        queries, and the keys unless keys='members' (whose keys are chosen by their members' scores,
+        so the centroids stand for queries alone)."""
+        nearest = (lambda sim: None if sim is None else OnlineKMeans.nearest(sim))
+        token_sets = [Tokens(q_hat, query_keep, nearest(sim_q))]
+        if self.keys == "centroids":  # GQA: query head h clusters the keys of kv head h // (H // Hkv)
+            token_sets.append(Tokens(_per_query_head(k_hat, q_hat.shape[1]), key_keep, nearest(sim_k)))
+        return token_sets
+
+    def routing_tokens(self, q: Tensor, k: Tensor, key_keep: Tensor | None) -> list[Tokens]:
+        """The routing heads' tokens the centroids cluster, with their nearest centroids (for
+        calibration's k-means), without building the layout."""
+        q, k = self._routing_heads(q, k)
+        q_hat, k_hat, query_keep = self._normalised(q, k, key_keep)
+        with torch.no_grad():
+            sim_q, sim_k = self.kmeans.similarity(q_hat.detach(), k_hat.detach())
+        return self._token_sets(q_hat, k_hat, sim_q, sim_k, query_keep, key_keep)
 
     def _member_key_scores(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None,
                            causal: bool, offset: int) -> Tensor:
         """(B, H, c, Lk): how much each cluster's queries attend to each key its layout may hold, the
-        largest log-probability over `sampled_queries` of its members (evenly spaced over them in
-        position order, the last one included). A key that one member attends to is kept for the
-        cluster however far it is from the centroid. Scores are computed for at most
-        _MEMBER_ROWS_PER_CHUNK sampled queries per (batch row, head) at a time."""
-        B, H, c, W = members.shape
-        s = min(self.sampled_queries, W)
-        count = (members >= 0).sum(dim=-1, keepdim=True)                               # (B, H, c, 1)
-        t = torch.arange(s, device=q.device)
-        slot = (count - 1 - ((s - 1 - t) * count) // s).clamp(min=0)                   # last member included
-        sampled = torch.where(t < count, members.gather(-1, slot), -1)                 # (B, H, c, s)
+        largest log-probability over `sampled_queries` of its members: those estimated to attend most
+        to one far block of keys (`_member_need`; ties to the earlier position). A key that one member
+        attends to is kept for the cluster however far it is from the centroid. Exact scores are
+        computed for at most _MEMBER_ROWS_PER_CHUNK sampled queries per (batch row, head) at a time."""
+        B, H, c, _ = members.shape
+        sampled = self._sampled_members(q, k, members, key_keep, causal, offset)
+        s = sampled.shape[-1]
         best = q.new_full((B, H, c, k.shape[2]), -math.inf, dtype=torch.float32)
         samples_per_chunk = min(s, _MEMBER_ROWS_PER_CHUNK)
         clusters_per_chunk = max(1, _MEMBER_ROWS_PER_CHUNK // samples_per_chunk)
@@ -444,6 +485,45 @@ class RoutingAttention(SiteAttention):
                                                        key_keep, causal, offset)
             best[:, :, chunk] = torch.maximum(best[:, :, chunk], log_probs.amax(dim=3))
         return best
+
+    def _sampled_members(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None, causal: bool,
+                         offset: int) -> Tensor:
+        """(B, H, c, s): the `sampled_queries` members of each cluster (B, H, c, W; -1 = none) that
+        `_member_need` ranks first, ties to the earlier position; -1 where a cluster has fewer."""
+        B, H, c, W = members.shape
+        s = min(self.sampled_queries, W)
+        need = self._member_need(q, k, key_keep, causal, offset)
+        need = need.gather(2, members.clamp(min=0).view(B, H, -1)).view(B, H, c, W)
+        # a member with no far block still ranks above an empty slot
+        need = torch.where(members >= 0, need.clamp(min=torch.finfo(need.dtype).min), -math.inf)
+        need, order = torch.sort(need, dim=-1, descending=True, stable=True)          # slots are by position
+        return torch.where(need[..., :s] > -math.inf, members.gather(-1, order[..., :s]), -1)
+
+    def _member_need(self, q: Tensor, k: Tensor, key_keep: Tensor | None, causal: bool, offset: int) -> Tensor:
+        """(B, H, Lq) float32: each query's estimated largest log-probability on one block of NEED_BLOCK
+        keys wholly in its method part (causal: ending at or before i + offset), as the blocks
+        predictor estimates a block: its mean real key's score plus the log of its real keys, normalised
+        over every block the query sees (the anchor's window too); -inf where no such block exists.
+        Lq x Lk / NEED_BLOCK scores: what it costs to find the few members that read far keys."""
+        B, Hkv, Lk, D = k.shape
+        H, Lq = q.shape[1], q.shape[2]
+        blocks = -(-Lk // NEED_BLOCK)
+        keep = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if key_keep is None else key_keep
+        keep = torch.nn.functional.pad(keep, (0, blocks * NEED_BLOCK - Lk)).view(B, 1, blocks, NEED_BLOCK, 1)
+        keys = torch.nn.functional.pad(k.to(torch.float32), (0, 0, 0, blocks * NEED_BLOCK - Lk))
+        count = keep.sum(dim=3)                                                        # (B, 1, blocks, 1)
+        mean = (keys.view(B, Hkv, blocks, NEED_BLOCK, D) * keep).sum(dim=3) / count.clamp(min=1)
+        scores = torch.matmul(q.to(torch.float32).reshape(B, Hkv, (H // Hkv) * Lq, D), mean.transpose(-1, -2))
+        scores = scores.view(B, H, Lq, blocks) * self.scale(q) + count.view(B, 1, 1, blocks).log()
+        if causal:
+            first = torch.arange(blocks, device=q.device) * NEED_BLOCK
+            last_key = torch.arange(Lq, device=q.device).view(Lq, 1) + offset             # the method's last key
+            scores = scores.masked_fill(first > last_key + self.anchor_local(), -math.inf)
+            far = first + NEED_BLOCK - 1 <= last_key
+        else:
+            far = torch.ones(1, blocks, dtype=torch.bool, device=q.device)
+        normaliser = torch.logsumexp(scores, dim=-1).nan_to_num(neginf=0.0)          # no block: nothing to rank
+        return scores.masked_fill(~far, -math.inf).amax(dim=-1) - normaliser
 
     def _log_probs_outside_anchor(self, q: Tensor, k: Tensor, pos: Tensor, key_keep: Tensor | None,
                                   causal: bool, offset: int) -> Tensor:

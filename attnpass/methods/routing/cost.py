@@ -10,9 +10,9 @@ fallback queries into tiles of T rows (T chosen per call: the fullest block's co
 and head to the same tile count, so a call computes somewhat more (about T/2 rows per block, more
 when one head has more fallback queries than the others), at most Lq (2P - 1); the option
 `fallback_share` sets the tiles' rows as a share of Lq (e.g. a call's own, from
-`RoutingAttention.layout`: tiles x rows / Lq). With keys='members', `sampled_queries` s per
-cluster are scored against every key to choose its keys: c s Lk more pairs (score and softmax, no
-value product). Routing's optional local heads are not counted, nor the unequal cluster sizes of
+`RoutingAttention.layout`: tiles x rows / Lq). With keys='members', every query is scored against
+Lk / NEED_BLOCK mean-pooled key blocks to choose which members to sample, and `sampled_queries` s per
+cluster against every key to choose its keys: c s Lk more pairs (score and softmax, no value product). Routing's optional local heads are not counted, nor the unequal cluster sizes of
 queries='nearest' (the kernel pads every cluster to the largest).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sympy
 
 from attnpass import cost_model
 from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, c
-from attnpass.methods.routing import DEFAULT_LOCAL_WINDOW
+from attnpass.methods.routing import DEFAULT_LOCAL_WINDOW, NEED_BLOCK
 
 OPTIONS = ("clusters", "local_window", "fallback_share", "sampled_queries")
 LEGEND = "c clusters"
@@ -44,7 +44,9 @@ def _flops_bytes(itemsize: int, local_window: int, fallback_share, sampled_queri
     # the 2P - 1 keys of their windows
     fallback_rows, fallback_keys = fallback_share * Lq, (2 * local_window - 1) * Lq / local_window
     pairs = (Lq / c) * (Lk / c) * c + fallback_rows * (2 * local_window - 1)
-    flops = 2 * (Lq + Lk) * c * D + (Lq + Lk) * c + pairs * PAIR + c * sampled_queries * Lk * (2 * D + 5)
+    flops = 2 * (Lq + Lk) * c * D + (Lq + Lk) * c + pairs * PAIR
+    if sampled_queries:  # keys='members': pooled keys, every query's block scores, the samples' exact rows
+        flops += Lk * D + Lq * (Lk / NEED_BLOCK) * (2 * D + 3) + c * sampled_queries * Lk * (2 * D + 5)
     # gathered rows and index slots of both calls (the fallback's key_range: two per row)
     gathered = (itemsize * (Lq + 2 * Lk + fallback_rows + 2 * fallback_keys) * D
                 + INDEX_BYTES * (Lq + Lk + 3 * fallback_rows + fallback_keys))
