@@ -9,9 +9,10 @@ attnpass/methods/anchor.py), sparsified, calibrated where the method has state t
 (`attnpass.calibrate` on the "gpl" family of license texts), and measured on the "other" family,
 which shares no text with it:
 
-- share of pairs computed: pairs the sites compute directly (Combiner's summary scores included)
-  over the pairs the causal rule allows, summed over every layer and head of the perplexity forward,
-  counted as `attnpass.fidelity` counts them (site_probe.counted_pairs, one site call at a time);
+- share of pairs computed: pairs the sites compute directly (Combiner's summary scores and the
+  scores routing computes to choose its keys included) over the pairs the causal rule allows,
+  summed over every layer and head of the perplexity forward, counted as `attnpass.fidelity`
+  counts them (site_probe.counted_pairs, one site call at a time);
 - perplexity over the first L tokens of that text (one forward);
 - pass keys: 10 prompts of L tokens with a 5-digit key at depths spread over 0.1-0.9 (retrieved when
   every answer token is the argmax in one teacher-forced forward), counted against the original's;

@@ -320,9 +320,13 @@ def test_centroids_cluster_the_keys_only_when_they_route_them(keys):
     assert not torch.allclose(module.kmeans.centroids, before)
 
 
-def test_member_keys_take_strided_inputs():
+@pytest.mark.parametrize("need_block", [64, 8])
+def test_member_keys_take_strided_inputs(need_block, monkeypatch):
     """A model's q and k are usually transposed views (B, L, H, D -> B, H, L, D): keys='members' gives
-    them the layout it gives their contiguous copies."""
+    them the layout it gives their contiguous copies (keys padded to whole blocks, and not)."""
+    import attnpass.methods.routing as routing
+
+    monkeypatch.setattr(routing, "NEED_BLOCK", need_block)
     module = make_site(heads_q=4, heads_kv=2, len_q=24, causal=True, clusters=3, queries="nearest",
                        keys="members", sampled_queries=2, sinks=2, local=5)
     q, k, _ = make_inputs(2, 4, 2, 24, 24, 8)

@@ -512,7 +512,7 @@ class RoutingAttention(SiteAttention):
         keep = torch.nn.functional.pad(keep, (0, blocks * NEED_BLOCK - Lk)).view(B, 1, blocks, NEED_BLOCK, 1)
         keys = torch.nn.functional.pad(k.to(torch.float32), (0, 0, 0, blocks * NEED_BLOCK - Lk))
         count = keep.sum(dim=3)                                                        # (B, 1, blocks, 1)
-        mean = (keys.view(B, Hkv, blocks, NEED_BLOCK, D) * keep).sum(dim=3) / count.clamp(min=1)
+        mean = (keys.reshape(B, Hkv, blocks, NEED_BLOCK, D) * keep).sum(dim=3) / count.clamp(min=1)
         scores = torch.matmul(q.to(torch.float32).reshape(B, Hkv, (H // Hkv) * Lq, D), mean.transpose(-1, -2))
         scores = scores.view(B, H, Lq, blocks) * self.scale(q) + count.view(B, 1, 1, blocks).log()
         if causal:
