@@ -10,6 +10,7 @@ eval leaves it untouched, state_dict round trip), the commitment loss, gradients
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -216,6 +217,22 @@ def test_clusters_take_their_most_similar_queries_and_real_keys_sorted_by_positi
                     assert keys == [0, 1, 2, -1, -1]
 
 
+def test_clusters_of_their_own_widths_take_their_most_similar_tokens():
+    """top_slots with per-cluster widths: cluster c takes its widths[c] most similar kept tokens, equal
+    scores lowest position first (scores here are small integers, so ties are many), sorted by position."""
+    from attnpass.methods.kmeans import OnlineKMeans
+
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randint(0, 4, (2, 3, 4, 20), generator=g).float()
+    keep = torch.rand(2, 20, generator=g) > 0.2
+    widths = torch.randint(0, 9, (2, 3, 4), generator=g)
+    slots = OnlineKMeans.top_slots(sim, 8, keep, widths=widths)
+    for b, h, c in itertools.product(range(2), range(3), range(4)):
+        kept = [j for j in range(20) if bool(keep[b, j])]
+        expected = sorted(sorted(kept, key=lambda j: (-sim[b, h, c, j].item(), j))[:int(widths[b, h, c])])
+        assert slots[b, h, c].tolist() == expected + [-1] * (8 - len(expected))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_nearest_routing_puts_every_query_in_its_nearest_cluster_only(causal):
     torch.manual_seed(0)
@@ -248,14 +265,17 @@ def member_need(q, k, keep, i, block, scale, causal, offset, local):
     return max(candidates) - float(torch.tensor(values).logsumexp(0)) if candidates else -math.inf
 
 
-@pytest.mark.parametrize("causal, sinks, local, rows_per_chunk", [(True, 0, 0, 64), (True, 2, 5, 64),
-                                                                   (False, 2, 0, 64), (True, 2, 5, 2)])
-def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks, local, rows_per_chunk,
+@pytest.mark.parametrize("causal, sinks, local, rows_per_chunk, queries", [
+    (True, 0, 0, 64, "nearest"), (True, 2, 5, 64, "nearest"), (False, 2, 0, 64, "nearest"),
+    (True, 2, 5, 2, "nearest"), (True, 2, 5, 64, "balanced")])
+def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks, local, rows_per_chunk, queries,
                                                                   monkeypatch):
-    """keys='members': each cluster's keys are the top ceil(Lk / c) by the largest log-probability over
-    its sampled members (those estimated to attend most to one far block of keys, ties to the earlier
+    """keys='members': each cluster's keys are the top ones by the largest log-probability over its
+    sampled members (those estimated to attend most to one far block of keys, ties to the earlier
     position), of keys the method's layout may give them (the anchor's sinks and window left out),
-    rebuilt here row by row in float64. A chunk of 2 rows splits each cluster's 3 samples over two
+    rebuilt here row by row in float64. Balanced clusters take ceil(Lk / c) keys and sample
+    `sampled_queries` members; nearest clusters of n members take ceil(n Lk / Lq) keys and sample
+    ceil(sampled_queries n c / Lq) members. A chunk of 2 rows splits a cluster's samples over
     chunks; blocks of 4 keys give every query several far blocks to rank."""
     import attnpass.methods.routing as routing
 
@@ -263,22 +283,26 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
     monkeypatch.setattr(routing, "NEED_BLOCK", 4)
     torch.manual_seed(0)
     L, c, samples = 24, 3, 3
-    module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=causal, clusters=c, queries="nearest",
+    module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=causal, clusters=c, queries=queries,
                        keys="members", sampled_queries=samples, sinks=sinks, local=local)
     q, k, _ = make_inputs(2, 4, 2, L, L, 8)
     keep = padding(2, L, [24, 19], left=True)
     method_keep = module.method_key_keep(keep, k)
     layout = module.layout(q, k, method_keep)
     scale, offset = module.scale(q), module.causal_offset(q, k)
-    width = -(-L // c)
+    sizes = set()
     for b in range(2):
         for h in range(4):
             logits = q[b, h] @ k[b, h // 2].T * scale
             for cluster in range(c):
                 members = [i for i in layout.routed_q_index[b, h, cluster].tolist() if i >= 0]
+                n = len(members)
+                sizes.add(n)
+                width, n_sampled = (-(-n * L // L), -(-samples * n * c // L)) if queries == "nearest" \
+                    else (-(-L // c), samples)
                 need = {i: member_need(q[b, h], k[b, h // 2], method_keep[b], i, 4, scale, causal, offset, local)
                         for i in members}
-                sampled = sorted(members, key=lambda i: (-need[i], i))[:samples]
+                sampled = sorted(members, key=lambda i: (-need[i], i))[:n_sampled]
                 score = torch.full((L,), -math.inf, dtype=torch.float64)
                 for i in sampled:
                     normaliser = [j for j in range(L) if bool(method_keep[b, j]) and (not causal or j <= i + offset)]
@@ -290,6 +314,7 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
                 expected = [j for j in sorted(range(L), key=lambda j: (-score[j].item(), j))[:width] if bool(method_keep[b, j])]
                 got = [j for j in layout.k_index[b, h, cluster].tolist() if j >= 0]
                 assert got == sorted(expected)
+    assert len(sizes) > 1 or queries == "balanced"  # clusters of unequal sizes were checked
 
 
 @pytest.mark.parametrize("keys", ["centroids", "members"])
@@ -355,7 +380,7 @@ def test_member_key_choice_scores_are_counted_with_the_pairs(monkeypatch):
     for b in range(2):
         for h in range(2):
             sizes = (layout.routed_q_index[b, h] >= 0).sum(-1)
-            sampled = int(sizes.clamp(max=samples).sum())
+            sampled = int((-(-sizes * samples * c // L)).sum())  # nearest: in proportion to the members
             row = scored[b, 2 + h]
             assert sorted(set(row.tolist())) == [blocks, blocks + L]
             assert int((row == blocks + L).sum()) == sampled

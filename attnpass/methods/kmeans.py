@@ -200,11 +200,13 @@ class OnlineKMeans(nn.Module):
         return cells(nearest, self.clusters)
 
     @staticmethod
-    def top_slots(sim: Tensor, width: int, keep: Tensor | None = None, drop_unkept: bool = True) -> Tensor:
+    def top_slots(sim: Tensor, width: int, keep: Tensor | None = None, drop_unkept: bool = True,
+                  widths: Tensor | None = None) -> Tensor:
         """Each cluster's `width` most similar tokens: (B, H, c, L) scores -> (B, H, c, width) positions.
 
         Tokens with keep False rank after every kept token; with drop_unkept they are never
-        chosen (their slots become -1). Equal scores go to the lowest position first. Slots are
+        chosen (their slots become -1). Equal scores go to the lowest position first. `widths`
+        (B, H, c), each at most `width`: cluster c takes only its widths[c] most similar. Slots are
         sorted by original position, -1 slots last.
         """
         L = sim.shape[-1]
@@ -214,6 +216,12 @@ class OnlineKMeans(nn.Module):
         if keep is not None and drop_unkept:
             kept = keep[:, None, None, :].expand(sim.shape).gather(-1, chosen)
             chosen = torch.where(kept, chosen, L)  # L sorts after every real position
+        if widths is not None:  # rank the chosen (by score, equal scores lowest position first), keep the first
+            chosen = chosen.sort(dim=-1).values
+            score = sim.gather(-1, chosen.clamp(max=L - 1)).masked_fill(chosen == L, -torch.inf)
+            by_score = torch.sort(score, dim=-1, descending=True, stable=True).indices
+            chosen = chosen.gather(-1, by_score)
+            chosen = torch.where(torch.arange(width, device=sim.device) < widths.unsqueeze(-1), chosen, L)
         chosen = chosen.sort(dim=-1).values
         return chosen.masked_fill(chosen == L, -1)
 

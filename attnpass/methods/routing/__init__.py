@@ -19,9 +19,11 @@ out of the average.
 
 Two options depart from the paper for pretrained models, whose queries and keys are not shared:
 `queries="nearest"` puts each query in its nearest centroid's cluster only (clusters of unequal
-size, padded to the largest), and `keys="members"` gives each cluster the ceil(Lk/c) keys its member
-queries attend to most, from the exact scores of the `sampled_queries` of them estimated to attend
-most to far keys (`_member_key_scores`), instead of the keys nearest its centroid.
+size, padded to the largest; a cluster of n queries takes ceil(n Lk / Lq) keys, so a large cluster
+does not share the few keys of an average one), and `keys="members"` gives each cluster the keys its
+member queries attend to most, from the exact scores of the `sampled_queries` of them (per Lq / c
+members, with queries="nearest") estimated to attend most to far keys (`_member_key_scores`),
+instead of the keys nearest its centroid; its centroids then cluster the queries alone.
 
 The first `local_heads` query heads do block-local attention instead (blocks of `local_window`
 queries see their own and the previous key block, and the next one when not causal), as the
@@ -53,7 +55,8 @@ from attnpass.methods.pairs import group_pairs
 _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window", "queries", "keys",
             "sampled_queries") + ANCHOR_OPTIONS
 # How a cluster takes its queries: its ceil(Lq / c) most similar ones (the paper's balanced routing: a
-# query may land in several clusters or none), or the queries whose nearest centroid it is (each in one)
+# query may land in several clusters or none), or the queries whose nearest centroid it is (each in one;
+# keys then in proportion to them)
 QUERY_ROUTING = ("balanced", "nearest")
 # How a cluster takes its ceil(Lk / c) keys: the most similar to its centroid (the paper), or the keys its
 # member queries attend to most (`_member_key_scores`: exact scores of a few sampled members)
@@ -423,7 +426,11 @@ class RoutingAttention(SiteAttention):
                 routed_q = OnlineKMeans.top_slots(sim_q, -(-Lq // c), query_keep, drop_unkept=False)
             key_scores = sim_k if self.keys == "centroids" else \
                 self._member_key_scores(q, k, routed_q, key_keep, causal, offset)
-            k_index = OnlineKMeans.top_slots(key_scores, -(-Lk // c), key_keep)
+            if self.queries == "nearest":  # keys in proportion to members: the balanced case's Lk / c each
+                widths = _in_proportion(routed_q, Lk, Lq)
+                k_index = OnlineKMeans.top_slots(key_scores, max(int(widths.max()), 1), key_keep, widths=widths)
+            else:
+                k_index = OnlineKMeans.top_slots(key_scores, -(-Lk // c), key_keep)
             # A row is empty when its cluster has no real key, or (causal) none at or before it;
             # keys are sorted, so the first slot decides.
             first_key = k_index[..., :1]
@@ -491,13 +498,18 @@ class RoutingAttention(SiteAttention):
         """(B, H, c, s): the `sampled_queries` members of each cluster (B, H, c, W; -1 = none) that
         `_member_need` ranks first, ties to the earlier position; -1 where a cluster has fewer."""
         B, H, c, W = members.shape
-        s = min(self.sampled_queries, W)
+        if self.queries == "nearest":  # samples in proportion to members: sampled_queries per Lq / c of them
+            counts = _in_proportion(members, self.sampled_queries * c, q.shape[2])
+        else:
+            counts = torch.full((B, H, c), self.sampled_queries, device=q.device)
+        s = min(max(int(counts.max()), 1), W)
         need = self._member_need(q, k, key_keep, causal, offset)
         need = need.gather(2, members.clamp(min=0).view(B, H, -1)).view(B, H, c, W)
         # a member with no far block still ranks above an empty slot
         need = torch.where(members >= 0, need.clamp(min=torch.finfo(need.dtype).min), -math.inf)
         need, order = torch.sort(need, dim=-1, descending=True, stable=True)          # slots are by position
-        return torch.where(need[..., :s] > -math.inf, members.gather(-1, order[..., :s]), -1)
+        taken = (need[..., :s] > -math.inf) & (torch.arange(s, device=q.device) < counts.unsqueeze(-1))
+        return torch.where(taken, members.gather(-1, order[..., :s]), -1)
 
     def _member_need(self, q: Tensor, k: Tensor, key_keep: Tensor | None, causal: bool, offset: int) -> Tensor:
         """(B, H, Lq) float32: each query's estimated largest log-probability on one block of NEED_BLOCK
@@ -624,6 +636,13 @@ class RoutingAttention(SiteAttention):
         )
         # every query sits in exactly one slot, in order: read them back instead of scattering
         return out_slots.reshape(B, H, -1, v.shape[3])[:, :, :Lq], stat.reshape(B, H, -1)[:, :, :Lq]
+
+
+def _in_proportion(members: Tensor, total: int, len_q: int) -> Tensor:
+    """(B, H, c) int64: ceil(total * n / len_q) for each cluster of n members (members (B, H, c, W), -1 = none):
+    a share of `total` in proportion to the cluster's queries, what a cluster of len_q / c gets total / c of."""
+    n = (members >= 0).sum(dim=-1)
+    return -(-(n * total) // max(len_q, 1))
 
 
 def _per_query_head(k: Tensor, heads: int) -> Tensor:

@@ -12,8 +12,10 @@ when one head has more fallback queries than the others), at most Lq (2P - 1); t
 `fallback_share` sets the tiles' rows as a share of Lq (e.g. a call's own, from
 `RoutingAttention.layout`: tiles x rows / Lq). With keys='members', every query is scored against
 Lk / NEED_BLOCK mean-pooled key blocks to choose which members to sample, and `sampled_queries` s per
-cluster against every key to choose its keys: c s Lk more pairs (score and softmax, no value product). Routing's optional local heads are not counted, nor the unequal cluster sizes of
-queries='nearest' (the kernel pads every cluster to the largest).
+cluster against every key to choose its keys: c s Lk more pairs (score and softmax, no value
+product). Routing's optional local heads are not counted, nor the unequal cluster sizes of
+queries='nearest' (the kernel pads every cluster to the largest, and a cluster's keys and samples
+follow its size: the pairs counted here are those of equal sizes, a lower bound).
 """
 from __future__ import annotations
 
