@@ -58,8 +58,9 @@ _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window", "q
 # query may land in several clusters or none), or the queries whose nearest centroid it is (each in one;
 # keys then in proportion to them)
 QUERY_ROUTING = ("balanced", "nearest")
-# How a cluster takes its ceil(Lk / c) keys: the most similar to its centroid (the paper), or the keys its
-# member queries attend to most (`_member_key_scores`: exact scores of a few sampled members)
+# How a cluster chooses its keys (ceil(Lk / c), or in proportion to its queries with queries="nearest"): the
+# most similar to its centroid (the paper), or the keys its member queries attend to most
+# (`_member_key_scores`: exact scores of a few sampled members)
 KEY_ROUTING = ("centroids", "members")
 DEFAULT_SAMPLED_QUERIES = 8
 # Sampled member queries scored against every key at a time, per (batch row, head): keeps the scores of
