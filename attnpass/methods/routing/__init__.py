@@ -485,6 +485,7 @@ class RoutingAttention(SiteAttention):
         sampled = self._sampled_members(q, k, members, key_keep, causal, offset)
         s = sampled.shape[-1]
         best = q.new_full((B, H, c, k.shape[2]), -math.inf, dtype=torch.float32)
+        k = k.to(torch.float32)  # once, not per chunk
         samples_per_chunk = min(s, _MEMBER_ROWS_PER_CHUNK)
         clusters_per_chunk = max(1, _MEMBER_ROWS_PER_CHUNK // samples_per_chunk)
         for first, t0 in itertools.product(range(0, c, clusters_per_chunk), range(0, s, samples_per_chunk)):
@@ -542,13 +543,13 @@ class RoutingAttention(SiteAttention):
                                   causal: bool, offset: int) -> Tensor:
         """(B, H, n, s, Lk) log-probabilities of the queries at `pos` (B, H, n, s; -1 = none) over the
         keys, -inf at the keys the method's layout cannot give them (the anchor's sinks and window:
-        `offset` is the layout's and key_keep the method's, without the sinks). The normaliser holds
-        the anchor's window, as the site's softmax does, but not its sinks (not in this key_keep)."""
+        `offset` is the layout's and key_keep the method's, without the sinks; k float32). The normaliser
+        holds the anchor's window, as the site's softmax does, but not its sinks (not in this key_keep)."""
         B, H, n, s = pos.shape
         Hkv, Lk, D = k.shape[1:]
         rows = q.gather(2, pos.clamp(min=0).reshape(B, H, n * s, 1).expand(B, H, n * s, D))
         logits = torch.matmul(rows.to(torch.float32).view(B, Hkv, (H // Hkv) * n * s, D),
-                              k.to(torch.float32).transpose(-1, -2)).view(B, H, n, s, Lk) * self.scale(q)
+                              k.transpose(-1, -2)).view(B, H, n, s, Lk) * self.scale(q)
         sees = (pos >= 0).unsqueeze(-1)
         if key_keep is not None:
             sees = sees & key_keep[:, None, None, None, :]
