@@ -535,6 +535,7 @@ def test_export_leaves_the_model_unchanged_and_takes_a_sparse_model_as_is(bert, 
     ("routing", {"sinks": 2}, "sinks= / local= .* have no ONNX lowering"),
     ("routing", {"queries": "nearest"}, "routing with queries='nearest', keys='centroids' has no ONNX lowering"),
     ("routing", {"keys": "members"}, "routing with queries='balanced', keys='members' has no ONNX lowering"),
+    ("routing", {"refit_steps": 2}, "routing with refit_steps=2 has no ONNX lowering"),
 ])
 def test_methods_without_a_lowering_are_refused_clearly(bert, method, options, message):
     _, model, args, kwargs = bert

@@ -153,6 +153,9 @@ EXACT_CASES = {
                                         "keys": "members", "sampled_queries": 2},
                                "shape": (2, 4, 2, 24, 24), "keep": [24, 17], "left": True, "clusters": 4,
                                "mask": (2, 4, 24, 24)},
+    "causal-gqa-padding-members-refit": {"site": {"heads_q": 4, "heads_kv": 2, "causal": True, "queries": "nearest",
+                                                  "keys": "members", "sampled_queries": 2, "refit_steps": 2},
+                                         "shape": (2, 4, 2, 24, 24), "keep": [24, 17], "left": True, "clusters": 4},
     "cross-members-balanced": {"site": {"heads_q": 2, "cross": True, "len_q": 12, "len_k": 20, "keys": "members",
                                         "sampled_queries": 3}, "shape": (2, 2, 2, 12, 20), "keep": [20, 9],
                                "clusters": 3},
@@ -452,6 +455,64 @@ def test_local_heads_see_their_own_and_neighbouring_blocks(causal):
 # --------------------------------------------------------------------------------------------
 
 
+def lloyd_definition(tokens, keep, start, steps):
+    """Lloyd's k-means written out in float64 for one head's tokens (N, D), from `start` (c, D): each real
+    token to its most similar centroid (ties to the lower index), each centroid to its tokens' mean."""
+    mu = start.double().clone()
+    real = [x.double() for x, kept in zip(tokens, keep) if kept]
+    for _ in range(steps):
+        groups = [[] for _ in range(len(mu))]
+        for x in real:
+            groups[max(range(len(mu)), key=lambda j: (float(x @ mu[j]), -j))].append(x)
+        mu = torch.stack([torch.stack(g).mean(0) if g else m for g, m in zip(groups, mu)])
+    return mu
+
+
+@pytest.mark.parametrize("keys", ["centroids", "members"])
+def test_refit_runs_lloyd_steps_on_each_rows_own_tokens_and_leaves_the_state(keys):
+    """refit_steps=n: the layout routes by the state's centroids after n Lloyd steps on the call's own
+    real tokens (queries, and the keys when the centroids route them), per batch row; the state is
+    unchanged in eval, and a training step's EMA assigns by the state's centroids, not the refit's."""
+    import copy
+
+    from attnpass.methods.kmeans import OnlineKMeans
+
+    options = {"keys": "members", "sampled_queries": 2} if keys == "members" else {}
+    module = make_site(heads_q=4, heads_kv=2, len_q=24, causal=True, clusters=3, queries="nearest",
+                       refit_steps=3, **options)
+    q, k, v = make_inputs(2, 4, 2, 24, 24, 8)
+    keep = padding(2, 24, [24, 15], left=True)
+    module.layout(q, k, keep)  # initialises the centroids
+    state = {n: t.clone() for n, t in module.state_dict().items()}
+    layout = module.layout(q, k, keep)
+    assert all(torch.equal(state[n], t) for n, t in module.state_dict().items())
+    q_hat, k_hat = OnlineKMeans.normalise(q), OnlineKMeans.normalise(k).repeat_interleave(2, dim=1)
+    for b in range(2):
+        # the same layout from a module without refit whose state holds this row's refit centroids
+        plain = copy.deepcopy(module)
+        plain.refit_steps = 0
+        for h in range(4):
+            tokens, kept = list(q_hat[b, h]), keep[b].tolist()
+            if keys == "centroids":
+                tokens, kept = tokens + list(k_hat[b, h]), kept + keep[b].tolist()
+            expected = lloyd_definition(tokens, kept, state["kmeans.centroids"][h], 3)
+            with torch.no_grad():
+                plain.kmeans.centroids[h].copy_(expected)
+        row = plain.layout(q[b:b + 1], k[b:b + 1], keep[b:b + 1])
+        assert not torch.equal(plain.kmeans.centroids, state["kmeans.centroids"])
+        for name in ("routed_q_index", "k_index"):  # the batch pads its slots to its widest row
+            got, expected = getattr(layout, name)[b], getattr(row, name)[0]
+            assert torch.equal(got[..., :expected.shape[-1]], expected) and (got[..., expected.shape[-1]:] == -1).all()
+
+    without = copy.deepcopy(module)
+    without.refit_steps = 0
+    module.train()(q, k, v, key_keep=keep)
+    without.train()(q, k, v, key_keep=keep)
+    for name, t in module.state_dict().items():
+        assert torch.equal(t, without.state_dict()[name])
+        assert name == "kmeans.initialized" or not torch.equal(t, state[name])
+
+
 def _set_centroids(module, centroids):
     module.kmeans.centroids.copy_(centroids)
     module.kmeans.ema_sum.copy_(centroids)
@@ -707,6 +768,8 @@ def test_no_square_tensor_forward_backward_at_256():
     ({"keys": "nearest"}, ValueError, "keys='nearest'"),
     ({"keys": "members", "sampled_queries": 0}, ValueError, "sampled_queries=0"),
     ({"sampled_queries": 4}, ValueError, "sampled_queries= is read only with keys='members'"),
+    ({"refit_steps": -1}, ValueError, "refit_steps=-1"),
+    ({"refit_steps": 1.5}, TypeError, "refit_steps=1.5"),
 ])
 def test_bad_options_are_refused_naming_the_option(options, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(")):
@@ -720,6 +783,8 @@ def test_good_options_pass():
     RoutingClass.validate_options(queries="balanced")
     RoutingClass.validate_options(queries="nearest")
     RoutingClass.validate_options(keys="members", sampled_queries=3)
+    RoutingClass.validate_options(refit_steps=0)
+    RoutingClass.validate_options(refit_steps=2)
 
 
 @pytest.mark.parametrize("site, words", [

@@ -176,18 +176,45 @@ class OnlineKMeans(nn.Module):
         acc = torch.promote_types(x.dtype, torch.float32)
         return F.layer_norm(x.to(acc), (x.shape[-1],))
 
-    def similarity(self, q_hat: Tensor, k_hat: Tensor) -> tuple[Tensor, Tensor]:
+    def similarity(self, q_hat: Tensor, k_hat: Tensor, centroids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Scores x_hat . mu: q_hat (B, H, Lq, D) -> (B, H, c, Lq); k_hat (B, Hkv, Lk, D) -> (B, H, c, Lk).
 
         Query head h scores the keys of kv head h // (H // Hkv) against its own centroids; the
-        keys are not copied per query head.
+        keys are not copied per query head. `centroids` (B, H, c, D), e.g. from `refit`, replaces the
+        state's for this call.
         """
-        mu = self.centroids.to(q_hat.dtype)
+        mu = (self.centroids if centroids is None else centroids).to(q_hat.dtype)
         sim_q = torch.matmul(mu, q_hat.transpose(-1, -2))
         B, Hkv, Lk, D = k_hat.shape
-        grouped_mu = mu.view(Hkv, self.heads // Hkv, self.clusters, D)
+        grouped_mu = mu.reshape(mu.shape[:-3] + (Hkv, self.heads // Hkv, self.clusters, D))
         sim_k = torch.matmul(grouped_mu, k_hat.transpose(-1, -2).unsqueeze(2))  # (B, Hkv, g, c, Lk)
         return sim_q, sim_k.reshape(B, self.heads, self.clusters, Lk)
+
+    @torch.no_grad()
+    def refit(self, token_sets: list[Tokens], steps: int) -> Tensor:
+        """(B, H, c, D): the state's centroids after `steps` Lloyd steps on this call's tokens, each
+        batch row on its own: every real, finite token to its most similar centroid, each centroid to
+        the mean of its tokens (one that gets none keeps its place). The state is not changed.
+        Centroids fitted on other text can leave most of a prompt's tokens in a few clusters; a few
+        steps on the prompt's own tokens spread them as the prompt's clusters are."""
+        x = torch.cat([t.x_hat.detach() for t in token_sets], dim=2)
+        B, H, L, D = x.shape
+        acc = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(acc)
+        weight = torch.isfinite(x).all(-1)
+        if any(t.keep is not None for t in token_sets):
+            keep = torch.cat([torch.ones(B, t.x_hat.shape[2], dtype=torch.bool, device=x.device) if t.keep is None
+                              else t.keep for t in token_sets], dim=1)
+            weight = weight & keep.view(B, 1, L)
+        x = torch.where(weight.unsqueeze(-1), x, 0.0)
+        weight = weight.to(acc)
+        mu = self.centroids.to(acc).expand(B, H, self.clusters, D)
+        for _ in range(steps):
+            nearest = self.nearest(torch.matmul(mu, x.transpose(-1, -2)))                 # (B, H, L)
+            n = x.new_zeros(B, H, self.clusters).scatter_add_(-1, nearest, weight)
+            total = x.new_zeros(B, H, self.clusters, D).scatter_add_(2, nearest.unsqueeze(-1).expand(B, H, L, D), x)
+            mu = torch.where(n.unsqueeze(-1) > 0, total / n.clamp(min=1).unsqueeze(-1), mu)
+        return mu
 
     @staticmethod
     def nearest(sim: Tensor) -> Tensor:

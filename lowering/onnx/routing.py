@@ -82,11 +82,14 @@ def check_options(options: dict) -> None:
     queries, keys = options.get("queries", "balanced"), options.get("keys", "centroids")
     if (queries, keys) != ("balanced", "centroids"):
         raise NotImplementedError(_VARIANT_NOT_LOWERED.format(queries=queries, keys=keys))
+    if options.get("refit_steps"):
+        raise NotImplementedError(f"export_onnx: routing with refit_steps={options['refit_steps']} has no ONNX "
+                                  "lowering in this version: the attnpass.Routing node routes by the stored centroids")
 
 
 def bind(module) -> None:
     """Make a routing site module (of a private copy, in eval mode) call `attnpass::routing` when exported."""
-    check_options({"queries": module.queries, "keys": module.keys})
+    check_options({"queries": module.queries, "keys": module.keys, "refit_steps": module.refit_steps})
     if module.kmeans is not None and not bool(module.kmeans.initialized):
         raise ValueError(f"export_onnx: routing site {module.spec.name!r} has no centroids yet (they are "
                          "initialised by the first call); run or train the model before exporting it")

@@ -23,7 +23,10 @@ size, padded to the largest; a cluster of n queries takes ceil(n Lk / Lq) keys, 
 does not share the few keys of an average one), and `keys="members"` gives each cluster the keys its
 member queries attend to most, from the exact scores of the `sampled_queries` of them (per Lq / c
 members, with queries="nearest") estimated to attend most to far keys (`_member_key_scores`),
-instead of the keys nearest its centroid; its centroids then cluster the queries alone.
+instead of the keys nearest its centroid; its centroids then cluster the queries alone. Centroids
+fitted on other text can put most of a prompt's queries in a few clusters: `refit_steps=n` routes each
+call by the centroids after n Lloyd steps on its own tokens (`OnlineKMeans.refit`; the state is unchanged,
+and training's EMA still assigns by the state).
 
 The first `local_heads` query heads do block-local attention instead (blocks of `local_window`
 queries see their own and the previous key block, and the next one when not causal), as the
@@ -53,7 +56,7 @@ from attnpass.methods.options import check_int, check_known, check_real
 from attnpass.methods.pairs import group_pairs
 
 _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window", "queries", "keys",
-            "sampled_queries") + ANCHOR_OPTIONS
+            "sampled_queries", "refit_steps") + ANCHOR_OPTIONS
 # How a cluster takes its queries: its ceil(Lq / c) most similar ones (the paper's balanced routing: a
 # query may land in several clusters or none), or the queries whose nearest centroid it is (each in one;
 # keys then in proportion to them)
@@ -244,6 +247,7 @@ class RoutingAttention(SiteAttention):
         self.keys: str = options.get("keys", "centroids")
         sampled = options.get("sampled_queries")
         self.sampled_queries: int = DEFAULT_SAMPLED_QUERIES if sampled is None else int(sampled)
+        self.refit_steps: int = int(options.get("refit_steps", 0))
         routing_heads = heads - self.local_heads
         self.kmeans = OnlineKMeans(
             routing_heads, self.clusters, head_dim, decay=float(options.get("decay", 0.999)),
@@ -257,8 +261,9 @@ class RoutingAttention(SiteAttention):
         for name in ("clusters", "local_window"):
             if options.get(name) is not None:
                 check_int("routing", name, options[name], 1)
-        if "local_heads" in options:
-            check_int("routing", "local_heads", options["local_heads"], 0)
+        for name in ("local_heads", "refit_steps"):
+            if name in options:
+                check_int("routing", name, options[name], 0)
         if "decay" in options:
             check_real("routing", "decay", options["decay"], 0.0, 1.0, low_open=True)
         if "commitment" in options:
@@ -285,7 +290,8 @@ class RoutingAttention(SiteAttention):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, clusters={self.clusters}, local_heads={self.local_heads}, "
                 f"local_window={self.local_window}, queries={self.queries!r}, keys={self.keys!r}"
-                + (f", sampled_queries={self.sampled_queries}" if self.keys == "members" else ""))
+                + (f", sampled_queries={self.sampled_queries}" if self.keys == "members" else "")
+                + (f", refit_steps={self.refit_steps}" if self.refit_steps else ""))
 
     def aux_loss(self) -> Tensor | None:
         """The commitment loss of the last training call (None before any)."""
@@ -342,7 +348,8 @@ class RoutingAttention(SiteAttention):
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"clusters": self.clusters, "local_window": self.local_window,
-                "sampled_queries": self.sampled_queries if self.keys == "members" else 0}
+                "sampled_queries": self.sampled_queries if self.keys == "members" else 0,
+                "refit_steps": self.refit_steps}
 
     def fitter(self, *, lr, gold, mass, density_weight, budget=None):
         """The centroids, by mini-batch k-means (`calibrate_fitters.RoutingFitter`); None when every
@@ -418,7 +425,9 @@ class RoutingAttention(SiteAttention):
         causal, offset = self.spec.causal, self.layout_offset(q, k)
         q_hat, k_hat, query_keep = self._normalised(q, k, key_keep)
         with torch.no_grad():
-            sim_q, sim_k = self.kmeans.similarity(q_hat.detach(), k_hat.detach())
+            centroids = self.kmeans.refit(self._token_sets(q_hat, k_hat, None, None, query_keep, key_keep),
+                                          self.refit_steps) if self.refit_steps else None
+            sim_q, sim_k = self.kmeans.similarity(q_hat.detach(), k_hat.detach(), centroids)
             c = self.kmeans.clusters
             # Padded queries rank last but keep their slots: their outputs are defined, as in dense.
             if self.queries == "nearest":
@@ -440,6 +449,9 @@ class RoutingAttention(SiteAttention):
                 row_filled &= first_key <= routed_q + offset
             q_index = torch.where(row_filled, routed_q, -1)
             fallback_q, fallback_k, fallback_range = self._fallback(q_index, key_keep, Lq, Lk, causal, offset)
+        if keep_tokens and centroids is not None:  # the state learns from its own assignment, not the refit's
+            with torch.no_grad():
+                sim_q, sim_k = self.kmeans.similarity(q_hat.detach(), k_hat.detach())
         token_sets = self._token_sets(q_hat, k_hat, sim_q, sim_k, query_keep, key_keep) if keep_tokens else []
         return (routed_q, q_index, k_index, fallback_q, fallback_k, fallback_range), token_sets
 
