@@ -156,10 +156,6 @@ EXACT_CASES = {
     "causal-gqa-padding-members-refit": {"site": {"heads_q": 4, "heads_kv": 2, "causal": True, "queries": "nearest",
                                                   "keys": "members", "sampled_queries": 2, "refit_steps": 2},
                                          "shape": (2, 4, 2, 24, 24), "keep": [24, 17], "left": True, "clusters": 4},
-    "causal-gqa-bias-member-blocks": {"site": {"heads_q": 4, "heads_kv": 2, "causal": True, "queries": "nearest",
-                                               "keys": "member_blocks"},
-                                      "shape": (2, 4, 2, 24, 24), "keep": [24, 17], "left": True, "clusters": 4,
-                                      "bias": (2, 4, 24, 24)},
     "cross-members-balanced": {"site": {"heads_q": 2, "cross": True, "len_q": 12, "len_k": 20, "keys": "members",
                                         "sampled_queries": 3}, "shape": (2, 2, 2, 12, 20), "keep": [20, 9],
                                "clusters": 3},
@@ -324,64 +320,7 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
     assert len(sizes) > 1 or queries == "balanced"  # clusters of unequal sizes were checked
 
 
-def block_log_probs(q, k, keep, i, block, scale, causal, offset, local):
-    """{block: estimated log-probability} of query i on every block of keys with a key of its method part
-    (mean real key's score plus the log of its real keys, normalised over every block it sees), float64."""
-    values = {}
-    for first in range(0, k.shape[0], block):
-        real = [j for j in range(first, min(first + block, k.shape[0])) if bool(keep[j])]
-        if not real or (causal and first > i + offset):
-            continue
-        values[first // block] = float(q[i].double() @ k[real].double().mean(dim=0)) * scale + math.log(len(real))
-    normaliser = float(torch.tensor(list(values.values()), dtype=torch.float64).logsumexp(0)) if values else 0.0
-    return {b: v - normaliser for b, v in values.items() if not causal or b * block <= i + offset - local}
-
-
-@pytest.mark.parametrize("causal, sinks, local, queries, rows_per_chunk", [
-    (True, 0, 0, "nearest", 64), (True, 2, 5, "nearest", 64), (True, 2, 5, "nearest", 1), (False, 2, 0, "nearest", 64),
-    (True, 2, 5, "balanced", 64)])
-def test_member_block_keys_are_the_blocks_the_members_estimate_highest(causal, sinks, local, queries, rows_per_chunk,
-                                                                       monkeypatch):
-    """keys='member_blocks': each cluster's keys are the real keys of the blocks ranked highest by the
-    largest estimated log-probability over every member (blocks holding a key of the member's method
-    part), rebuilt row by row in float64: ceil(keys / NEED_BLOCK) blocks for a cluster's ceil(n Lk / Lq)
-    keys (nearest) or ceil(Lk / c) (balanced), at least one, ties to the lower block, none no member
-    reaches. Blocks of 4 keys; a chunk of 1 x 64 rows gathers the members of one cluster at a time."""
-    import attnpass.methods.routing as routing
-
-    monkeypatch.setattr(routing, "NEED_BLOCK", 4)
-    monkeypatch.setattr(routing, "_MEMBER_ROWS_PER_CHUNK", rows_per_chunk)
-    torch.manual_seed(0)
-    L, c = 26, 3
-    module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=causal, clusters=c, queries=queries,
-                       keys="member_blocks", sinks=sinks, local=local)
-    q, k, _ = make_inputs(2, 4, 2, L, L, 8)
-    keep = padding(2, L, [26, 19], left=True)
-    method_keep = module.method_key_keep(keep, k)
-    layout = module.layout(q, k, method_keep)
-    scale, offset = module.scale(q), module.causal_offset(q, k)
-    sizes, widths = set(), set()
-    for b in range(2):
-        for h in range(4):
-            for cluster in range(c):
-                members = [i for i in layout.routed_q_index[b, h, cluster].tolist() if i >= 0]
-                sizes.add(len(members))
-                keys = -(-len(members) * L // L) if queries == "nearest" else -(-L // c)
-                width = max(1, -(-keys // 4))
-                widths.add(width)
-                score = {}
-                for i in members:
-                    for block, v in block_log_probs(q[b, h], k[b, h // 2], method_keep[b], i, 4, scale, causal,
-                                                    offset, local).items():
-                        score[block] = max(score.get(block, -math.inf), v)
-                chosen = sorted(score, key=lambda block: (-score[block], block))[:width]
-                expected = [j for j in range(L) if j // 4 in chosen and bool(method_keep[b, j])]
-                got = [j for j in layout.k_index[b, h, cluster].tolist() if j >= 0]
-                assert got == expected and (layout.k_index[b, h, cluster, len(got):] == -1).all()
-    assert len(widths) > 1 or queries == "balanced"  # clusters of several widths were checked
-
-
-@pytest.mark.parametrize("keys", ["centroids", "members", "member_blocks"])
+@pytest.mark.parametrize("keys", ["centroids", "members"])
 def test_centroids_cluster_the_keys_only_when_they_route_them(keys):
     """keys='members' chooses a cluster's keys by its members' scores, so its centroids cluster the
     queries alone (a training step moves them by the queries' EMA only); the paper's routing
@@ -390,7 +329,7 @@ def test_centroids_cluster_the_keys_only_when_they_route_them(keys):
 
     from attnpass.methods.kmeans import OnlineKMeans
 
-    options = {"keys": keys, "sampled_queries": 2} if keys == "members" else {"keys": keys}
+    options = {"keys": keys, "sampled_queries": 2} if keys == "members" else {}
     module = make_site(heads_q=4, heads_kv=2, len_q=24, causal=True, clusters=3, queries="nearest", **options)
     q, k, v = make_inputs(2, 4, 2, 24, 24, 8)
     module.layout(q, k)  # initialises the centroids
@@ -398,7 +337,7 @@ def test_centroids_cluster_the_keys_only_when_they_route_them(keys):
     expected = copy.deepcopy(module)
     tokens = expected.routing_tokens(q, k, None)
     assert torch.equal(tokens[0].x_hat, OnlineKMeans.normalise(q))
-    if keys != "centroids":
+    if keys == "members":
         assert len(tokens) == 1
     else:
         assert len(tokens) == 2 and torch.equal(tokens[1].x_hat, OnlineKMeans.normalise(k).repeat_interleave(2, dim=1))
@@ -451,11 +390,6 @@ def test_member_key_choice_scores_are_counted_with_the_pairs(monkeypatch):
     plain = make_site(heads_q=4, heads_kv=2, len_q=L, causal=True, clusters=c, queries="nearest")
     plain(q, k, k)
     assert plain.computed_pairs(q, k, keep)[1] is None
-    # keys='member_blocks' scores the pooled blocks alone, every routing-head query
-    blocks_module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=True, clusters=c, queries="nearest",
-                              keys="member_blocks", local_heads=2)
-    _, scored = blocks_module.computed_pairs(q, k, keep)
-    assert (scored[:, :2] == 0).all() and (scored[:, 2:] == blocks).all()
 
 
 def test_padded_queries_rank_last_but_keep_their_slots():
@@ -796,19 +730,6 @@ def test_member_keys_build_no_square_tensor_at_512():
     assert torch.isfinite(out).all()
 
 
-def test_member_block_keys_build_no_square_tensor_at_512():
-    """keys='member_blocks' scores every query against L / NEED_BLOCK pooled blocks and gathers the
-    members' rows a few clusters at a time (clusters of over 64 members), never an L x L tensor."""
-    L = 512
-    module = make_site(heads_q=4, heads_kv=2, head_dim=16, len_q=L, causal=True, clusters=2, queries="nearest",
-                       keys="member_blocks", sinks=4, local=16, refit_steps=2)
-    q, k, v = make_inputs(1, 4, 2, L, L, 16, dtype=torch.float32)
-    assert (module.layout(q, k).routed_q_index >= 0).sum(-1).max() > 64
-    with no_square_tensor(L, L):
-        out = module(q, k, v)
-    assert torch.isfinite(out).all()
-
-
 def test_no_square_tensor_forward_backward_at_256():
     torch.manual_seed(0)
     L = 256
@@ -847,7 +768,6 @@ def test_no_square_tensor_forward_backward_at_256():
     ({"keys": "nearest"}, ValueError, "keys='nearest'"),
     ({"keys": "members", "sampled_queries": 0}, ValueError, "sampled_queries=0"),
     ({"sampled_queries": 4}, ValueError, "sampled_queries= is read only with keys='members'"),
-    ({"keys": "member_blocks", "sampled_queries": 4}, ValueError, "sampled_queries= is read only with keys='members'"),
     ({"refit_steps": -1}, ValueError, "refit_steps=-1"),
     ({"refit_steps": 1.5}, TypeError, "refit_steps=1.5"),
 ])
@@ -864,7 +784,6 @@ def test_good_options_pass():
     RoutingClass.validate_options(queries="nearest")
     RoutingClass.validate_options(keys="members", sampled_queries=3)
     RoutingClass.validate_options(refit_steps=0)
-    RoutingClass.validate_options(keys="member_blocks")
     RoutingClass.validate_options(refit_steps=2)
 
 

@@ -23,9 +23,7 @@ size, padded to the largest; a cluster of n queries takes ceil(n Lk / Lq) keys, 
 does not share the few keys of an average one), and `keys="members"` gives each cluster the keys its
 member queries attend to most, from the exact scores of the `sampled_queries` of them (per Lq / c
 members, with queries="nearest") estimated to attend most to far keys (`_member_key_scores`),
-instead of the keys nearest its centroid; `keys="member_blocks"` gives it whole blocks of NEED_BLOCK
-keys instead, those its members' estimated block log-probabilities rank highest, from every member
-(Lq x Lk / NEED_BLOCK pooled scores, no exact row). With either, its centroids cluster the queries alone. Centroids
+instead of the keys nearest its centroid; its centroids then cluster the queries alone. Centroids
 fitted on other text can put most of a prompt's queries in a few clusters: `refit_steps=n` routes each
 call by the centroids after n Lloyd steps on its own tokens (`OnlineKMeans.refit`; the state is unchanged,
 and training's EMA still assigns by the state).
@@ -64,10 +62,9 @@ _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window", "q
 # keys then in proportion to them)
 QUERY_ROUTING = ("balanced", "nearest")
 # How a cluster chooses its keys (ceil(Lk / c), or in proportion to its queries with queries="nearest"): the
-# most similar to its centroid (the paper), the keys its member queries attend to most
-# (`_member_key_scores`: exact scores of a few sampled members), or whole blocks of NEED_BLOCK keys, those
-# its members' pooled block scores rank highest (`_member_block_scores`: every member, no exact row)
-KEY_ROUTING = ("centroids", "members", "member_blocks")
+# most similar to its centroid (the paper), or the keys its member queries attend to most
+# (`_member_key_scores`: exact scores of a few sampled members)
+KEY_ROUTING = ("centroids", "members")
 DEFAULT_SAMPLED_QUERIES = 8
 # Sampled member queries scored against every key at a time, per (batch row, head): keeps the scores of
 # every head well under an Lq x Lk tensor (as the blocks predictor's chunks of `block` queries)
@@ -317,7 +314,7 @@ class RoutingAttention(SiteAttention):
         return self.kmeans is not None and not bool(self.kmeans.initialized)  # None: every head is local
 
     def computed_pairs(self, q, k, key_keep=None):
-        """The pairs of the layout; with keys='members' / 'member_blocks', per query the scores that choose the keys
+        """The pairs of the layout; with keys='members', per query the scores that choose the keys
         (`_key_choice_scores`)."""
         B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
         layout = self.layout(q, k, key_keep)
@@ -331,21 +328,17 @@ class RoutingAttention(SiteAttention):
         if layout.fallback_q_index is not None:
             routed |= group_pairs(layout.fallback_q_index, layout.fallback_k_index, Lq, Lk, layout.fallback_key_range)
         pairs = torch.cat(parts + [routed], dim=1)
-        if self.keys == "centroids":
+        if self.keys != "members":
             return pairs, None
         scored = self._key_choice_scores(q, k, layout.routed_q_index, key_keep)
         local_scored = scored.new_zeros(B, self.local_heads, Lq)
         return pairs, torch.cat([local_scored, scored], dim=1)
 
     def _key_choice_scores(self, q: Tensor, k: Tensor, routed_q: Tensor, key_keep: Tensor | None) -> Tensor:
-        """(B, Hr, Lq) int64, keys='members' / 'member_blocks': the scores each routing-head query computes
-        to choose the clusters' keys, its Lk / NEED_BLOCK pooled block scores and, for a sampled member
-        (keys='members'), all Lk keys."""
+        """(B, Hr, Lq) int64, keys='members': the scores each routing-head query computes to choose the
+        clusters' keys, its Lk / NEED_BLOCK pooled block scores and, for a sampled member, all Lk keys."""
         Lk = k.shape[2]
         q, k = self._routing_heads(q, k)
-        if self.keys == "member_blocks":
-            return torch.full((q.shape[0], q.shape[1], q.shape[2]), -(-Lk // NEED_BLOCK), dtype=torch.int64,
-                              device=q.device)
         with torch.no_grad():
             sampled = self._sampled_members(q, k, routed_q, key_keep, self.spec.causal, self.layout_offset(q, k))
         B, H = sampled.shape[:2]
@@ -356,7 +349,6 @@ class RoutingAttention(SiteAttention):
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"clusters": self.clusters, "local_window": self.local_window,
                 "sampled_queries": self.sampled_queries if self.keys == "members" else 0,
-                "block_scores": self.keys != "centroids",
                 "refit_steps": self.refit_steps}
 
     def fitter(self, *, lr, gold, mass, density_weight, budget=None):
@@ -442,16 +434,13 @@ class RoutingAttention(SiteAttention):
                 routed_q = OnlineKMeans.member_slots(OnlineKMeans.nearest(sim_q), c)
             else:
                 routed_q = OnlineKMeans.top_slots(sim_q, -(-Lq // c), query_keep, drop_unkept=False)
-            if self.keys == "member_blocks":
-                k_index = self._member_block_keys(q, k, routed_q, key_keep, causal, offset)
+            key_scores = sim_k if self.keys == "centroids" else \
+                self._member_key_scores(q, k, routed_q, key_keep, causal, offset)
+            if self.queries == "nearest":  # keys in proportion to members: the balanced case's Lk / c each
+                widths = _in_proportion(routed_q, Lk, Lq)
+                k_index = OnlineKMeans.top_slots(key_scores, max(int(widths.max()), 1), key_keep, widths=widths)
             else:
-                key_scores = sim_k if self.keys == "centroids" else \
-                    self._member_key_scores(q, k, routed_q, key_keep, causal, offset)
-                if self.queries == "nearest":  # keys in proportion to members: the balanced case's Lk / c each
-                    widths = _in_proportion(routed_q, Lk, Lq)
-                    k_index = OnlineKMeans.top_slots(key_scores, max(int(widths.max()), 1), key_keep, widths=widths)
-                else:
-                    k_index = OnlineKMeans.top_slots(key_scores, -(-Lk // c), key_keep)
+                k_index = OnlineKMeans.top_slots(key_scores, -(-Lk // c), key_keep)
             # A row is empty when its cluster has no real key, or (causal) none at or before it;
             # keys are sorted, so the first slot decides.
             first_key = k_index[..., :1]
@@ -480,8 +469,8 @@ class RoutingAttention(SiteAttention):
     def _token_sets(self, q_hat: Tensor, k_hat: Tensor, sim_q: Tensor | None, sim_k: Tensor | None,
                     query_keep: Tensor | None, key_keep: Tensor | None) -> list[Tokens]:
         """The tokens the centroids cluster, each with its nearest centroid (None: not yet known): the
-        queries, and the keys with keys='centroids' (otherwise a cluster's keys are chosen by its members'
-        scores, so the centroids stand for queries alone)."""
+        queries, and the keys unless keys='members' (whose keys are chosen by their members' scores,
+        so the centroids stand for queries alone)."""
         nearest = (lambda sim: None if sim is None else OnlineKMeans.nearest(sim))
         token_sets = [Tokens(q_hat, query_keep, nearest(sim_q))]
         if self.keys == "centroids":  # GQA: query head h clusters the keys of kv head h // (H // Hkv)
@@ -538,65 +527,10 @@ class RoutingAttention(SiteAttention):
 
     def _member_need(self, q: Tensor, k: Tensor, key_keep: Tensor | None, causal: bool, offset: int) -> Tensor:
         """(B, H, Lq) float32: each query's estimated largest log-probability on one block of NEED_BLOCK
-        keys wholly in its method part (causal: ending at or before i + offset), -inf where no such
-        block exists (`_block_log_probs`). What it costs to find the few members that read far keys."""
-        log_probs, far = self._block_log_probs(q, k, key_keep, causal, offset)
-        return log_probs.masked_fill(~far, -math.inf).amax(dim=-1)
-
-    def _member_block_keys(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None, causal: bool,
-                           offset: int) -> Tensor:
-        """(B, H, c, W) keys='member_blocks': each cluster's real keys in the blocks of NEED_BLOCK keys its
-        members' estimated log-probabilities rank highest (`_member_block_scores`), sorted, -1 slots last:
-        ceil(Lk / c) keys' worth of blocks (queries='nearest': in proportion to the cluster's queries),
-        at least one block."""
-        B, H, c, _ = members.shape
-        Lq, Lk = q.shape[2], k.shape[2]
-        keys = _in_proportion(members, Lk, Lq) if self.queries == "nearest" else \
-            torch.full((B, H, c), -(-Lk // c), device=q.device)
-        widths = (-(-keys // NEED_BLOCK)).clamp(min=1)
-        scores = self._member_block_scores(q, k, members, key_keep, causal, offset)
-        blocks = OnlineKMeans.top_slots(scores, min(int(widths.max()), scores.shape[-1]), widths=widths)
-        # blocks no member reaches (-inf) are never chosen: a cluster may hold fewer than its width
-        reached = scores.gather(-1, blocks.clamp(min=0)) > -math.inf
-        blocks = torch.where(reached & (blocks >= 0), blocks, -1)
-        key = (blocks.unsqueeze(-1) * NEED_BLOCK + torch.arange(NEED_BLOCK, device=q.device)).flatten(-2)
-        real = (blocks >= 0).repeat_interleave(NEED_BLOCK, dim=-1) & (key < Lk)
-        if key_keep is not None:
-            real &= key_keep.gather(1, key.clamp(0, Lk - 1).view(B, -1)).view(key.shape)
-        # blocks are sorted, so the real keys are too: move the -1 slots last, keep the order
-        key = torch.where(real, key, Lk).sort(dim=-1).values
-        width = max(int(real.sum(-1).max()), 1)
-        return key[..., :width].masked_fill(key[..., :width] == Lk, -1)
-
-    def _member_block_scores(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None, causal: bool,
-                             offset: int) -> Tensor:
-        """(B, H, c, blocks) float32: for each cluster and block of NEED_BLOCK keys, the largest estimated
-        log-probability (`_block_log_probs`) any member (B, H, c, W; -1 = none) puts on the block, over
-        the blocks holding at least one key of the member's method part; -inf where none does. Members
-        are gathered a few clusters at a time (at most _MEMBER_ROWS_PER_CHUNK x 64 rows)."""
-        B, H, c, W = members.shape
-        log_probs, _ = self._block_log_probs(q, k, key_keep, causal, offset)
-        if causal:  # a block with a key of the member's method part: it begins at or before i + offset
-            first = torch.arange(log_probs.shape[-1], device=q.device) * NEED_BLOCK
-            last_key = torch.arange(q.shape[2], device=q.device).view(-1, 1) + offset
-            log_probs = log_probs.masked_fill(first > last_key, -math.inf)
-        blocks = log_probs.shape[-1]
-        best = log_probs.new_full((B, H, c, blocks), -math.inf)
-        per_chunk = max(1, _MEMBER_ROWS_PER_CHUNK * 64 // max(W, 1))
-        for first_cluster in range(0, c, per_chunk):
-            chunk = members[:, :, first_cluster:first_cluster + per_chunk]
-            rows = log_probs.gather(2, chunk.clamp(min=0).reshape(B, H, -1, 1).expand(-1, -1, -1, blocks))
-            rows = rows.view(chunk.shape + (blocks,)).masked_fill((chunk < 0).unsqueeze(-1), -math.inf)
-            best[:, :, first_cluster:first_cluster + per_chunk] = rows.amax(dim=3)
-        return best
-
-    def _block_log_probs(self, q: Tensor, k: Tensor, key_keep: Tensor | None, causal: bool,
-                         offset: int) -> tuple[Tensor, Tensor]:
-        """((B, H, Lq, blocks) float32, (Lq or 1, blocks) bool): each query's estimated log-probability on
-        each block of NEED_BLOCK keys, as the blocks predictor estimates a block: its mean real key's score
-        plus the log of its real keys, normalised over every block the query sees (the anchor's window
-        too; -inf at a block it does not see), and which blocks lie wholly in its method part (causal:
-        ending at or before i + offset). Lq x Lk / NEED_BLOCK scores."""
+        keys wholly in its method part (causal: ending at or before i + offset), as the blocks
+        predictor estimates a block: its mean real key's score plus the log of its real keys, normalised
+        over every block the query sees (the anchor's window too); -inf where no such block exists.
+        Lq x Lk / NEED_BLOCK scores: what it costs to find the few members that read far keys."""
         B, Hkv, Lk, D = k.shape
         H, Lq = q.shape[1], q.shape[2]
         blocks = -(-Lk // NEED_BLOCK)
@@ -614,8 +548,8 @@ class RoutingAttention(SiteAttention):
             far = first + NEED_BLOCK - 1 <= last_key
         else:
             far = torch.ones(1, blocks, dtype=torch.bool, device=q.device)
-        normaliser = torch.logsumexp(scores, dim=-1, keepdim=True).nan_to_num(neginf=0.0)  # no block: nothing to rank
-        return scores - normaliser, far
+        normaliser = torch.logsumexp(scores, dim=-1).nan_to_num(neginf=0.0)          # no block: nothing to rank
+        return scores.masked_fill(~far, -math.inf).amax(dim=-1) - normaliser
 
     def _log_probs_outside_anchor(self, q: Tensor, k: Tensor, pos: Tensor, key_keep: Tensor | None,
                                   causal: bool, offset: int) -> Tensor:

@@ -13,7 +13,7 @@ when one head has more fallback queries than the others), at most Lq (2P - 1); t
 `RoutingAttention.layout`: tiles x rows / Lq). With keys='members', every query is scored against
 Lk / NEED_BLOCK mean-pooled key blocks to choose which members to sample, and `sampled_queries` s per
 cluster against every key to choose its keys: c s Lk more pairs (score and softmax, no value
-product); keys='member_blocks' (option `block_scores`) pays the block scores alone. `refit_steps` n Lloyd steps on the call's own tokens (the queries with keys='members', queries and
+product). `refit_steps` n Lloyd steps on the call's own tokens (the queries with keys='members', queries and
 keys otherwise) cost n times a similarity, a comparison and a sum per token and centroid. Routing's optional local heads are not counted, nor the unequal cluster sizes of
 queries='nearest' (the kernel pads every cluster to the largest, and a cluster's keys and samples
 follow its size: the pairs counted here are those of equal sizes, a lower bound).
@@ -26,7 +26,7 @@ from attnpass import cost_model
 from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, c
 from attnpass.methods.routing import DEFAULT_LOCAL_WINDOW, NEED_BLOCK
 
-OPTIONS = ("clusters", "local_window", "fallback_share", "sampled_queries", "block_scores", "refit_steps")
+OPTIONS = ("clusters", "local_window", "fallback_share", "sampled_queries", "refit_steps")
 LEGEND = "c clusters"
 # Rows of routing's fallback tiles as a share of the queries: the expected share of queries no cluster
 # takes (see the module docstring; the padded tiles hold a little more).
@@ -39,7 +39,7 @@ def check_options(options: dict) -> None:
         raise ValueError(f"routing's fallback_share={share!r} must be in [0, 1] (a share of the queries)")
 
 
-def _flops_bytes(itemsize: int, local_window: int, fallback_share, sampled_queries: int, block_scores: bool,
+def _flops_bytes(itemsize: int, local_window: int, fallback_share, sampled_queries: int,
                  refit_steps: int) -> tuple[sympy.Expr, sympy.Expr]:
     """(flops, bytes) of one batch element and query head, in c."""
     # similarities of every query and key to every centroid, top-w selection (one comparison
@@ -49,10 +49,9 @@ def _flops_bytes(itemsize: int, local_window: int, fallback_share, sampled_queri
     fallback_rows, fallback_keys = fallback_share * Lq, (2 * local_window - 1) * Lq / local_window
     pairs = (Lq / c) * (Lk / c) * c + fallback_rows * (2 * local_window - 1)
     flops = 2 * (Lq + Lk) * c * D + (Lq + Lk) * c + pairs * PAIR
-    if block_scores or sampled_queries:  # keys='members' / 'member_blocks': pooled keys, every query's block scores
-        flops += Lk * D + Lq * (Lk / NEED_BLOCK) * (2 * D + 3)
-    flops += c * sampled_queries * Lk * (2 * D + 5)  # keys='members': the samples' exact rows
-    refit_tokens = Lq if block_scores or sampled_queries else Lq + Lk
+    if sampled_queries:  # keys='members': pooled keys, every query's block scores, the samples' exact rows
+        flops += Lk * D + Lq * (Lk / NEED_BLOCK) * (2 * D + 3) + c * sampled_queries * Lk * (2 * D + 5)
+    refit_tokens = Lq if sampled_queries else Lq + Lk
     flops += refit_steps * refit_tokens * (2 * c * D + c + D)
     # gathered rows and index slots of both calls (the fallback's key_range: two per row)
     gathered = (itemsize * (Lq + 2 * Lk + fallback_rows + 2 * fallback_keys) * D
@@ -65,8 +64,7 @@ def per_head(itemsize: int, options: dict):
     share = options.get("fallback_share")
     flops, nbytes = _flops_bytes(itemsize, options.get("local_window") or DEFAULT_LOCAL_WINDOW,
                                  DEFAULT_FALLBACK_SHARE if share is None else share,
-                                 options.get("sampled_queries") or 0, bool(options.get("block_scores")),
-                                 options.get("refit_steps") or 0)
+                                 options.get("sampled_queries") or 0, options.get("refit_steps") or 0)
     params, flops, nbytes = cost_model.given(flops, nbytes, options, {"clusters": c})
     if share is not None:
         params["fallback_share"] = share
