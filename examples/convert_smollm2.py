@@ -3,7 +3,7 @@
     python examples/convert_smollm2.py       # SmolLM2 at L=4096; writes docs/convert_smollm2.md and
                                              # docs/img/convert_smollm2.png
 
-SmolLM2-135M-Instruct (examples/real_models.py). Each recipe below is what README recommends for a
+SmolLM2-135M-Instruct (examples/real_models.py). Each recipe (`real_models.RECIPES`) is what README recommends for a
 pretrained causal LM: the method plus attention sinks and a local window (`sinks=`, `local=`, see
 attnpass/methods/anchor.py), sparsified, calibrated where the method has state to fit
 (`attnpass.calibrate` on the "gpl" family of license texts), and measured on the "other" family,
@@ -35,20 +35,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import load_smollm2, long_text, pass_key_prompt, perplexity, retrieves  # noqa: E402
+from real_models import (EVALUATION_FAMILY, RECIPES, convert, load_smollm2, long_text, pass_key_prompt,  # noqa: E402
+                         perplexity, retrieves)
 
-import attnpass  # noqa: E402
 from attnpass.tools.site_probe import counted_pairs  # noqa: E402
 
-# (label, method, sparsify options, calibrate options or None for a method with nothing to fit)
-RECIPES = [
-    ("combiner", "combiner", {"sinks": 4, "local": 512}, None),
-    ("routing", "routing", {"sinks": 4, "local": 512, "clusters": 16}, {"steps": 30}),
-    ("sparsefinder", "sparsefinder", {"predictor": "blocks", "sinks": 4, "local": 128}, None),
-    ("sbm", "sbm", {"sinks": 4, "local": 512}, {"steps": 30}),
-]
-CALIBRATION_FAMILY, EVALUATION_FAMILY = "gpl", "other"
-CALIBRATION_BATCHES, CALIBRATION_LENGTH = 4, 1024
 REFERENCE_DOC = Path("docs/quality_reference.md")
 
 
@@ -119,9 +110,6 @@ def main(argv=None):
     model, tokenizer = load_smollm2()
     ids = long_text(tokenizer, args.length, EVALUATION_FAMILY)
     text = long_text(tokenizer, max(args.time_lengths + [args.length]), EVALUATION_FAMILY)
-    calibration = long_text(tokenizer, CALIBRATION_BATCHES * CALIBRATION_LENGTH, CALIBRATION_FAMILY)
-    batches = [dict(input_ids=calibration[:, i * CALIBRATION_LENGTH:(i + 1) * CALIBRATION_LENGTH], use_cache=False)
-               for i in range(CALIBRATION_BATCHES)]
     rng = random.Random(21)
     keys = [rng.randrange(10000, 100000) for _ in range(args.keys)]
     depths = [0.1 + 0.8 * i / max(args.keys - 1, 1) for i in range(args.keys)]
@@ -143,12 +131,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(recipes)}")
     for label, method, options, calibrate in (recipes[name] for name in args.methods):
-        sparse = attnpass.sparsify(model, kwargs=dict(input_ids=ids[:, :64], use_cache=False), method=method, **options)
-        calibrate_s = None
-        if calibrate is not None:
-            start = time.perf_counter()
-            attnpass.calibrate(sparse, batches, progress=False, **calibrate)
-            calibrate_s = time.perf_counter() - start
+        sparse, calibrate_s = convert(model, tokenizer, label, dict(input_ids=ids[:, :64], use_cache=False))
         counter = PairCounter(sparse)
         ppl = perplexity(sparse, ids)
         share = counter.close()

