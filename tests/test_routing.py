@@ -255,7 +255,8 @@ def test_nearest_routing_puts_every_query_in_its_nearest_cluster_only(causal):
 
 def member_need(q, k, keep, i, block, scale, causal, offset, local):
     """A query's estimated largest log-probability on one block of keys wholly in its method part (mean
-    real key's score plus the log of its real keys, normalised over the blocks it sees), in float64."""
+    real key's score plus the log of its real keys, normalised over the blocks it sees), over the uniform
+    share of those blocks (plus the log of their count), in float64."""
     values, far = [], []
     for first in range(0, k.shape[0], block):
         real = [j for j in range(first, min(first + block, k.shape[0])) if bool(keep[j])]
@@ -265,7 +266,7 @@ def member_need(q, k, keep, i, block, scale, causal, offset, local):
         values.append(float(q[i].double() @ mean) * scale + math.log(len(real)))
         far.append(not causal or first + block - 1 <= i + offset - local)
     candidates = [v for v, is_far in zip(values, far) if is_far]
-    return max(candidates) - float(torch.tensor(values).logsumexp(0)) if candidates else -math.inf
+    return max(candidates) - float(torch.tensor(values).logsumexp(0)) + math.log(len(values)) if candidates else -math.inf
 
 
 @pytest.mark.parametrize("causal, sinks, local, rows_per_chunk, queries", [

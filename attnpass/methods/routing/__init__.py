@@ -529,7 +529,8 @@ class RoutingAttention(SiteAttention):
         """(B, H, Lq) float32: each query's estimated largest log-probability on one block of NEED_BLOCK
         keys wholly in its method part (causal: ending at or before i + offset), as the blocks
         predictor estimates a block: its mean real key's score plus the log of its real keys, normalised
-        over every block the query sees (the anchor's window too); -inf where no such block exists.
+        over every block the query sees (the anchor's window too), plus the log of that count of blocks
+        (how far above a uniform share it is); -inf where no such block exists.
         Lq x Lk / NEED_BLOCK scores: what it costs to find the few members that read far keys."""
         B, Hkv, Lk, D = k.shape
         H, Lq = q.shape[1], q.shape[2]
@@ -549,7 +550,10 @@ class RoutingAttention(SiteAttention):
         else:
             far = torch.ones(1, blocks, dtype=torch.bool, device=q.device)
         normaliser = torch.logsumexp(scores, dim=-1).nan_to_num(neginf=0.0)          # no block: nothing to rank
-        return scores.masked_fill(~far, -math.inf).amax(dim=-1) - normaliser
+        # against the uniform share of the blocks it sees: a late query's 1 / 64 on the needle block says
+        # more than an early query's 1 / 8 on one of its few blocks
+        seen = torch.isfinite(scores).sum(dim=-1).clamp(min=1).log()
+        return scores.masked_fill(~far, -math.inf).amax(dim=-1) - normaliser + seen
 
     def _log_probs_outside_anchor(self, q: Tensor, k: Tensor, pos: Tensor, key_keep: Tensor | None,
                                   causal: bool, offset: int) -> Tensor:
