@@ -13,10 +13,11 @@ when one head has more fallback queries than the others), at most Lq (2P - 1); t
 `RoutingAttention.layout`: tiles x rows / Lq). With keys='members', every query is scored against
 Lk / NEED_BLOCK mean-pooled key blocks to choose which members to sample, and `sampled_queries` s per
 cluster against every key to choose its keys: c s Lk more pairs (score and softmax, no value
-product). `refit_steps` n Lloyd steps on the call's own tokens (the queries with keys='members', queries and
-keys otherwise) cost n times a similarity, a comparison and a sum per token and centroid. Routing's optional local heads are not counted, nor the unequal cluster sizes of
-queries='nearest' (the kernel pads every cluster to the largest, and a cluster's keys and samples
-follow its size: the pairs counted here are those of equal sizes, a lower bound).
+product). `refit_steps` n Lloyd steps on the call's own tokens (the queries with keys='members', queries
+and keys otherwise) cost n times a similarity, a comparison and a sum per token and centroid.
+Routing's optional local heads are not counted, nor the unequal cluster sizes of queries='nearest'
+(the kernel pads every cluster to the largest, and a cluster's keys and samples follow its size: the
+pairs counted here are those of equal sizes, a lower bound).
 """
 from __future__ import annotations
 
