@@ -193,28 +193,22 @@ class OnlineKMeans(nn.Module):
     @torch.no_grad()
     def refit(self, token_sets: list[Tokens], steps: int) -> Tensor:
         """(B, H, c, D): the state's centroids after `steps` Lloyd steps on this call's tokens, each
-        batch row on its own: every real, finite token to its most similar centroid, each centroid to
-        the mean of its tokens (one that gets none keeps its place). The state is not changed.
-        Centroids fitted on other text can leave most of a prompt's tokens in a few clusters; a few
-        steps on the prompt's own tokens spread them as the prompt's clusters are."""
-        x = torch.cat([t.x_hat.detach() for t in token_sets], dim=2)
-        B, H, L, D = x.shape
-        acc = torch.promote_types(x.dtype, torch.float32)
-        x = x.to(acc)
-        weight = torch.isfinite(x).all(-1)
-        if any(t.keep is not None for t in token_sets):
-            keep = torch.cat([torch.ones(B, t.x_hat.shape[2], dtype=torch.bool, device=x.device) if t.keep is None
-                              else t.keep for t in token_sets], dim=1)
-            weight = weight & keep.view(B, 1, L)
-        x = torch.where(weight.unsqueeze(-1), x, 0.0)
-        weight = weight.to(acc)
-        mu = self.centroids.to(acc).expand(B, H, self.clusters, D)
-        for _ in range(steps):
-            nearest = self.nearest(torch.matmul(mu, x.transpose(-1, -2)))                 # (B, H, L)
-            n = x.new_zeros(B, H, self.clusters).scatter_add_(-1, nearest, weight)
-            total = x.new_zeros(B, H, self.clusters, D).scatter_add_(2, nearest.unsqueeze(-1).expand(B, H, L, D), x)
-            mu = torch.where(n.unsqueeze(-1) > 0, total / n.clamp(min=1).unsqueeze(-1), mu)
-        return mu
+        batch row on its own: every token to its most similar centroid, each centroid to the mean of its
+        real, finite tokens (`cluster_sums`; one that gets none keeps its place). The state is not
+        changed. Centroids fitted on other text can leave most of a prompt's tokens in a few clusters;
+        a few steps on the prompt's own tokens spread them as the prompt's clusters are."""
+        acc = torch.promote_types(token_sets[0].x_hat.dtype, torch.float32)
+        refitted = []
+        for b in range(token_sets[0].x_hat.shape[0]):
+            row = [Tokens(t.x_hat[b:b + 1].detach().to(acc), None if t.keep is None else t.keep[b:b + 1], None)
+                   for t in token_sets]
+            mu = self.centroids.to(acc)
+            for _ in range(steps):
+                assigned = [t._replace(nearest=self.nearest(torch.matmul(mu, t.x_hat.transpose(-1, -2)))) for t in row]
+                n, total = cluster_sums(mu, assigned, acc)
+                mu = torch.where(n.unsqueeze(-1) > 0, total / n.clamp(min=1).unsqueeze(-1), mu)
+            refitted.append(mu)
+        return torch.stack(refitted)
 
     @staticmethod
     def nearest(sim: Tensor) -> Tensor:
