@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
@@ -153,8 +154,6 @@ def convert(model, tokenizer, text: str, example: dict):
     """(sparse model, calibration seconds or None): `text` is a recipe's label (its options, calibrated on
     CALIBRATION_BATCHES x CALIBRATION_LENGTH tokens of CALIBRATION_FAMILY when the recipe says so) or
     "method:options" (`parse_method`, nothing calibrated); sparsified on the example call `model(**example)`."""
-    import time
-
     import attnpass
 
     recipes = {label: (method, options, calibrate) for label, method, options, calibrate in RECIPES}
