@@ -218,7 +218,6 @@ def retrieves(model, tokenizer, prompt_ids: torch.Tensor, key: int | str) -> boo
 
 
 def main():
-    import time
 
     start = time.perf_counter()
     model, tokenizer = load_smollm2()
