@@ -218,7 +218,6 @@ def retrieves(model, tokenizer, prompt_ids: torch.Tensor, key: int | str) -> boo
 
 
 def main():
-
     start = time.perf_counter()
     model, tokenizer = load_smollm2()
     print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s "
