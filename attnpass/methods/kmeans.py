@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnpass.lowering.torch.ordered_topk import topk_lowest_index
+from attnpass.methods.slots import bucket_slots
 
 
 def _distributed() -> bool:
@@ -250,18 +251,7 @@ class OnlineKMeans(nn.Module):
     def member_slots(nearest: Tensor, clusters: int) -> Tensor:
         """Each cluster's members: (B, H, L) nearest centroids -> (B, H, c, W) positions, sorted by
         position, -1 slots last; W is the largest cluster's size (every token in exactly one row)."""
-        B, H, L = nearest.shape
-        position = torch.arange(L, device=nearest.device)
-        # members of one cluster, in position order, are consecutive in this order
-        order = torch.argsort(nearest * L + position, dim=-1)
-        counts = torch.zeros(B, H, clusters, dtype=torch.int64, device=nearest.device).scatter_add_(
-            -1, nearest, torch.ones_like(nearest))
-        width = max(int(counts.max()), 1)
-        starts = counts.cumsum(-1) - counts
-        cluster = nearest.gather(-1, order)
-        rank = position - starts.gather(-1, cluster)
-        slots = torch.full((B, H, clusters * width), -1, dtype=torch.int64, device=nearest.device)
-        return slots.scatter_(-1, cluster * width + rank, order).view(B, H, clusters, width)
+        return bucket_slots(nearest, clusters)[0]
 
     # ---------------------------------------------------------------------------------------
     # State updates

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnpass.lowering.torch.grouped_attention import grouped_attention
+from attnpass.methods.slots import bucket_slots
 
 VARIANTS = ("fixed", "axial", "logsparse")
 
@@ -116,18 +117,10 @@ def queries_by_position(len_q: int, len_k: int, causal: bool, causal_offset: int
 
 
 def _bucket_table(bucket: Tensor, members: Tensor, num_buckets: int) -> tuple[Tensor, Tensor]:
-    """Lay out `members`, whose `bucket` ids are non-decreasing, as rows of a -1 padded table.
-
-    Returns (table (num_buckets, W), flat slot bucket * W + rank of each member).
-    """
-    counts = torch.bincount(bucket, minlength=num_buckets)
-    width = max(1, int(counts.max())) if bucket.numel() else 1
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(bucket.numel(), dtype=_I64) - starts[bucket]
-    slot = bucket * width + rank
-    table = torch.full((num_buckets * width,), -1, dtype=_I64)
-    table[slot] = members
-    return table.view(num_buckets, width), slot
+    """Lay out `members` by their `bucket` ids as rows of a -1 padded table, each row in the members'
+    order. Returns (table (num_buckets, W), flat slot bucket * W + rank of each member)."""
+    index, slot = bucket_slots(bucket, num_buckets)
+    return torch.where(index >= 0, members[index.clamp(min=0)], -1), slot
 
 
 @functools.lru_cache(maxsize=64)
