@@ -271,16 +271,18 @@ def member_need(q, k, keep, i, block, scale, causal, offset, local):
 
 @pytest.mark.parametrize("causal, sinks, local, rows_per_chunk, queries", [
     (True, 0, 0, 64, "nearest"), (True, 2, 5, 64, "nearest"), (False, 2, 0, 64, "nearest"),
-    (True, 2, 5, 2, "nearest"), (True, 2, 5, 64, "balanced")])
+    (True, 2, 5, 2, "nearest"), (True, 2, 5, 64, "balanced"), (True, 0, 14, 64, "nearest"),
+    (True, 0, 14, 64, "balanced")])
 def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks, local, rows_per_chunk, queries,
                                                                   monkeypatch):
     """keys='members': each cluster's keys are the top ones by the largest log-probability over its
     sampled members (those estimated to attend most to one far block of keys, ties to the earlier
-    position), of keys the method's layout may give them (the anchor's sinks and window left out),
-    rebuilt here row by row in float64. Balanced clusters take ceil(Lk / c) keys and sample
-    `sampled_queries` members; nearest clusters of n members take ceil(n Lk / Lq) keys and sample
-    ceil(sampled_queries n c / Lq) members. A chunk of 2 rows splits a cluster's samples over
-    chunks; blocks of 4 keys give every query several far blocks to rank."""
+    position; never one without a far block), of keys the method's layout may give them (the anchor's
+    sinks and window left out), rebuilt here row by row in float64; never a key no sample may read.
+    Balanced clusters take up to ceil(Lk / c) keys and sample `sampled_queries` members; nearest
+    clusters of n members take up to ceil(n Lk / Lq) keys and sample ceil(sampled_queries n c / Lq)
+    members. A chunk of 2 rows splits the samples over chunks; blocks of 4 keys give every query
+    several far blocks to rank."""
     import attnpass.methods.routing as routing
 
     monkeypatch.setattr(routing, "_MEMBER_ROWS_PER_CHUNK", rows_per_chunk)
@@ -294,19 +296,20 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
     method_keep = module.method_key_keep(keep, k)
     layout = module.layout(q, k, method_keep)
     scale, offset = module.scale(q), module.causal_offset(q, k)
-    sizes = set()
+    sizes, sample_counts = set(), set()
     for b in range(2):
         for h in range(4):
             logits = q[b, h] @ k[b, h // 2].T * scale
+            need = {i: member_need(q[b, h], k[b, h // 2], method_keep[b], i, 4, scale, causal, offset, local)
+                    for i in range(L)}
             for cluster in range(c):
                 members = [i for i in layout.routed_q_index[b, h, cluster].tolist() if i >= 0]
                 n = len(members)
                 sizes.add(n)
                 width, n_sampled = (-(-n * L // L), -(-samples * n * c // L)) if queries == "nearest" \
                     else (-(-L // c), samples)
-                need = {i: member_need(q[b, h], k[b, h // 2], method_keep[b], i, 4, scale, causal, offset, local)
-                        for i in members}
-                sampled = sorted(members, key=lambda i: (-need[i], i))[:n_sampled]
+                sampled = [i for i in sorted(members, key=lambda i: (-need[i], i)) if need[i] > -math.inf][:n_sampled]
+                sample_counts.add(len(sampled))
                 score = torch.full((L,), -math.inf, dtype=torch.float64)
                 for i in sampled:
                     normaliser = [j for j in range(L) if bool(method_keep[b, j]) and (not causal or j <= i + offset)]
@@ -315,10 +318,12 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
                         if not causal or j <= i + offset - local:
                             score[j] = max(score[j], log_probs[j])
                 score = score.masked_fill(~method_keep[b], -math.inf)
-                expected = [j for j in sorted(range(L), key=lambda j: (-score[j].item(), j))[:width] if bool(method_keep[b, j])]
+                expected = [j for j in sorted(range(L), key=lambda j: (-score[j].item(), j))[:width]
+                            if score[j] > -math.inf]
                 got = [j for j in layout.k_index[b, h, cluster].tolist() if j >= 0]
                 assert got == sorted(expected)
     assert len(sizes) > 1 or queries == "balanced"  # clusters of unequal sizes were checked
+    assert len(sample_counts) > 1 or queries == "balanced"  # and clusters sampled unequally
 
 
 @pytest.mark.parametrize("keys", ["centroids", "members"])

@@ -22,7 +22,8 @@ Two options depart from the paper for pretrained models, whose queries and keys 
 size, padded to the largest; a cluster of n queries takes ceil(n Lk / Lq) keys, so a large cluster
 does not share the few keys of an average one), and `keys="members"` gives each cluster the keys its
 member queries attend to most, from the exact scores of the `sampled_queries` of them (per Lq / c
-members, with queries="nearest") estimated to attend most to far keys (`_member_key_scores`),
+members, with queries="nearest") estimated to attend most to far keys (`_member_key_scores`; no key
+that none of them may read, so a cluster whose members read only near keys gets none),
 instead of the keys nearest its centroid; its centroids then cluster the queries alone. Centroids
 fitted on other text can put most of a prompt's queries in a few clusters: `refit_steps=n` routes each
 call by the centroids after n Lloyd steps on its own tokens (`OnlineKMeans.refit`; the state is unchanged,
@@ -40,7 +41,6 @@ Nothing of size Lq x Lk is built.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -336,15 +336,15 @@ class RoutingAttention(SiteAttention):
 
     def _key_choice_scores(self, q: Tensor, k: Tensor, routed_q: Tensor, key_keep: Tensor | None) -> Tensor:
         """(B, Hr, Lq) int64, keys='members': the scores each routing-head query computes to choose the
-        clusters' keys, its Lk / NEED_BLOCK pooled block scores and, for a sampled member, all Lk keys."""
+        clusters' keys, its Lk / NEED_BLOCK pooled block scores and, for a sampled member, all Lk keys
+        (once per cluster it is sampled for)."""
         Lk = k.shape[2]
         q, k = self._routing_heads(q, k)
         with torch.no_grad():
-            sampled = self._sampled_members(q, k, routed_q, key_keep, self.spec.causal, self.layout_offset(q, k))
-        B, H = sampled.shape[:2]
+            rows, _ = self._sampled_members(q, k, routed_q, key_keep, self.spec.causal, self.layout_offset(q, k))
+        B, H = rows.shape[:2]
         counts = torch.full((B, H, q.shape[2]), -(-Lk // NEED_BLOCK), dtype=torch.int64, device=q.device)
-        sampled = sampled.view(B, H, -1)
-        return counts.scatter_add_(2, sampled.clamp(min=0), torch.where(sampled >= 0, Lk, 0))
+        return counts.scatter_add_(2, rows.clamp(min=0), torch.where(rows >= 0, Lk, 0))
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"clusters": self.clusters, "local_window": self.local_window,
@@ -436,11 +436,13 @@ class RoutingAttention(SiteAttention):
                 routed_q = OnlineKMeans.top_slots(sim_q, -(-Lq // c), query_keep, drop_unkept=False)
             key_scores = sim_k if self.keys == "centroids" else \
                 self._member_key_scores(q, k, routed_q, key_keep, causal, offset)
-            if self.queries == "nearest":  # keys in proportion to members: the balanced case's Lk / c each
-                widths = _in_proportion(routed_q, Lk, Lq)
-                k_index = OnlineKMeans.top_slots(key_scores, max(int(widths.max()), 1), key_keep, widths=widths)
-            else:
-                k_index = OnlineKMeans.top_slots(key_scores, -(-Lk // c), key_keep)
+            # keys in proportion to members with queries='nearest': the balanced case's Lk / c each
+            widths = _in_proportion(routed_q, Lk, Lq) if self.queries == "nearest" else None
+            if self.keys == "members":  # no key no sample may read (a cluster without a sample: none)
+                readable = torch.isfinite(key_scores).sum(dim=-1)
+                widths = readable.clamp(max=-(-Lk // c)) if widths is None else torch.minimum(widths, readable)
+            width = max(int(widths.max()), 1) if widths is not None else -(-Lk // c)
+            k_index = OnlineKMeans.top_slots(key_scores, width, key_keep, widths=widths)
             # A row is empty when its cluster has no real key, or (causal) none at or before it;
             # keys are sorted, so the first slot decides.
             first_key = k_index[..., :1]
@@ -489,28 +491,28 @@ class RoutingAttention(SiteAttention):
     def _member_key_scores(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None,
                            causal: bool, offset: int) -> Tensor:
         """(B, H, c, Lk): how much each cluster's queries attend to each key its layout may hold, the
-        largest log-probability over `sampled_queries` of its members: those estimated to attend most
-        to one far block of keys (`_member_need`; ties to the earlier position). A key that one member
+        largest log-probability over its sampled members (`_sampled_members`: those estimated to
+        attend most to one far block of keys), -inf at keys no sample may read. A key that one member
         attends to is kept for the cluster however far it is from the centroid. Exact scores are
         computed for at most _MEMBER_ROWS_PER_CHUNK sampled queries per (batch row, head) at a time."""
         B, H, c, _ = members.shape
-        sampled = self._sampled_members(q, k, members, key_keep, causal, offset)
-        s = sampled.shape[-1]
-        best = q.new_full((B, H, c, k.shape[2]), -math.inf, dtype=torch.float32)
+        rows, cluster = self._sampled_members(q, k, members, key_keep, causal, offset)
+        Lk = k.shape[2]
+        best = q.new_full((B, H, c, Lk), -math.inf, dtype=torch.float32)
         k = k.to(torch.float32)  # once, not per chunk
-        samples_per_chunk = min(s, _MEMBER_ROWS_PER_CHUNK)
-        clusters_per_chunk = max(1, _MEMBER_ROWS_PER_CHUNK // samples_per_chunk)
-        for first, t0 in itertools.product(range(0, c, clusters_per_chunk), range(0, s, samples_per_chunk)):
-            chunk = slice(first, first + clusters_per_chunk)
-            log_probs = self._log_probs_outside_anchor(q, k, sampled[:, :, chunk, t0:t0 + samples_per_chunk],
-                                                       key_keep, causal, offset)
-            best[:, :, chunk] = torch.maximum(best[:, :, chunk], log_probs.amax(dim=3))
+        for first in range(0, rows.shape[2], _MEMBER_ROWS_PER_CHUNK):
+            chunk = slice(first, first + _MEMBER_ROWS_PER_CHUNK)
+            log_probs = self._log_probs_outside_anchor(q, k, rows[:, :, None, chunk], key_keep, causal, offset)
+            n = log_probs.shape[3]
+            best.scatter_reduce_(2, cluster[:, :, chunk, None].expand(B, H, n, Lk), log_probs[:, :, 0], "amax")
         return best
 
     def _sampled_members(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None, causal: bool,
-                         offset: int) -> Tensor:
-        """(B, H, c, s): the `sampled_queries` members of each cluster (B, H, c, W; -1 = none) that
-        `_member_need` ranks first, ties to the earlier position; -1 where a cluster has fewer."""
+                         offset: int) -> tuple[Tensor, Tensor]:
+        """The members whose exact scores choose the clusters' keys: (rows (B, H, S) positions, -1 =
+        none; their clusters (B, H, S)). Each cluster (members (B, H, c, W), -1 = none) samples the
+        `sampled_queries` members (with queries='nearest': per Lq / c of them) that `_member_need`
+        ranks first, ties to the earlier position; a member with no far block is never sampled."""
         B, H, c, W = members.shape
         if self.queries == "nearest":  # samples in proportion to members: sampled_queries per Lq / c of them
             counts = _in_proportion(members, self.sampled_queries * c, q.shape[2])
@@ -518,12 +520,12 @@ class RoutingAttention(SiteAttention):
             counts = torch.full((B, H, c), self.sampled_queries, device=q.device)
         s = min(max(int(counts.max()), 1), W)
         need = self._member_need(q, k, key_keep, causal, offset)
-        need = need.gather(2, members.clamp(min=0).view(B, H, -1)).view(B, H, c, W)
-        # a member with no far block still ranks above an empty slot
-        need = torch.where(members >= 0, need.clamp(min=torch.finfo(need.dtype).min), -math.inf)
+        need = need.gather(2, members.clamp(min=0).view(B, H, -1)).view(B, H, c, W).masked_fill(members < 0, -math.inf)
         need, order = torch.sort(need, dim=-1, descending=True, stable=True)          # slots are by position
         taken = (need[..., :s] > -math.inf) & (torch.arange(s, device=q.device) < counts.unsqueeze(-1))
-        return torch.where(taken, members.gather(-1, order[..., :s]), -1)
+        rows = torch.where(taken, members.gather(-1, order[..., :s]), -1)
+        cluster = torch.arange(c, device=q.device).view(c, 1).expand(B, H, c, s)
+        return rows.reshape(B, H, c * s), cluster.reshape(B, H, c * s)
 
     def _member_need(self, q: Tensor, k: Tensor, key_keep: Tensor | None, causal: bool, offset: int) -> Tensor:
         """(B, H, Lq) float32: each query's estimated largest log-probability on one block of NEED_BLOCK
