@@ -142,7 +142,8 @@ def parse_method(text: str) -> tuple[str, dict]:
 # measured on EVALUATION_FAMILY, which shares no text with it.
 RECIPES = [
     ("combiner", "combiner", {"sinks": 4, "local": 512}, None),
-    ("routing", "routing", {"sinks": 4, "local": 512, "clusters": 16}, {"steps": 30}),
+    ("routing", "routing", {"sinks": 4, "local": 448, "clusters": 64, "queries": "nearest", "keys": "members",
+                            "sampled_queries": 2, "refit_steps": 5}, {"steps": 30}),
     ("sparsefinder", "sparsefinder", {"predictor": "blocks", "sinks": 4, "local": 128}, None),
     ("sbm", "sbm", {"sinks": 4, "local": 512}, {"steps": 30}),
 ]
