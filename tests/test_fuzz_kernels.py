@@ -80,12 +80,18 @@ def check(out, stat, ref_out, ref_stat, leaves, dtype):
     assert rel_err(out, ref_out) <= tol and rel_err(stat, ref_stat) <= tol
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
     got = torch.autograd.grad((out.to(F64) * g).sum() + stat.to(F64).sum(), leaves, allow_unused=True)
-    want = torch.autograd.grad((ref_out * g).sum() + ref_stat.sum(), leaves, allow_unused=True)
-    for a, b in zip(got, want):
+    want = torch.autograd.grad((ref_out * g).sum() + ref_stat.sum(), leaves, allow_unused=True, retain_graph=True)
+    # the size of the terms each gradient sums (the upstream's magnitudes): in float32 a gradient that
+    # cancels to far below them (e.g. a value row two queries read with opposite upstream signs) carries
+    # float32 rounding of the terms, not of the result
+    terms = torch.autograd.grad((ref_out * g.abs()).sum() + ref_stat.sum(), leaves, allow_unused=True)
+    for a, b, size in zip(got, want, terms):
         if b is None or b.abs().max() == 0:
             assert a is None or a.abs().max() <= tol
-        else:
+        elif dtype == F64:
             assert rel_err(a, b) <= 10 * tol
+        else:
+            assert (a - b).abs().max() <= 10 * tol * max(b.abs().max(), size.abs().max())
 
 
 def _cast(tensors, dtype):
