@@ -28,3 +28,14 @@ def test_bucket_slots_equal_the_definition(num_buckets, n):
             assert table[i, j, :, :width].tolist() == [r[:width] for r in rows]
             assert (table[i, j, :, width:] == -1).all()  # wider only for another row's larger bucket
             assert slot[i, j].tolist() == [s // width * table.shape[-1] + s % width for s in where]
+
+
+@pytest.mark.parametrize("offset", [-10, -2, 0])
+def test_combiner_queries_by_position_with_queries_before_every_key(offset):
+    """Combiner's table of the queries at each key position: queries whose position lies before the
+    keys (a causal offset below -i) are in no row, down to none at all."""
+    from attnpass.methods.combiner.layout import queries_by_position
+
+    table = queries_by_position(3, 5, True, offset)
+    expected = [[pos - offset] if 0 <= pos - offset < 3 else [-1] for pos in range(5)]  # query i at i + offset
+    assert table.tolist() == expected

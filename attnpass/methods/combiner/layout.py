@@ -120,7 +120,8 @@ def _bucket_table(bucket: Tensor, members: Tensor, num_buckets: int) -> tuple[Te
     """Lay out `members` by their `bucket` ids as rows of a -1 padded table, each row in the members'
     order. Returns (table (num_buckets, W), flat slot bucket * W + rank of each member)."""
     index, slot = bucket_slots(bucket, num_buckets)
-    return torch.where(index >= 0, members[index.clamp(min=0)], -1), slot
+    # an empty slot (-1) reads the -1 appended last (also when there is no member at all)
+    return F.pad(members, (0, 1), value=-1)[index], slot
 
 
 @functools.lru_cache(maxsize=64)
