@@ -296,6 +296,8 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
     method_keep = module.method_key_keep(keep, k)
     layout = module.layout(q, k, method_keep)
     scale, offset = module.scale(q), module.causal_offset(q, k)
+    rows, row_cluster = module._sampled_members(q, k, layout.routed_q_index, method_keep, causal,
+                                                module.layout_offset(q, k))
     sizes, sample_counts = set(), set()
     for b in range(2):
         for h in range(4):
@@ -310,6 +312,8 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
                     else (-(-L // c), samples)
                 sampled = [i for i in sorted(members, key=lambda i: (-need[i], i)) if need[i] > -math.inf][:n_sampled]
                 sample_counts.add(len(sampled))
+                chosen = rows[b, h][(row_cluster[b, h] == cluster) & (rows[b, h] >= 0)]
+                assert sorted(chosen.tolist()) == sorted(sampled)
                 score = torch.full((L,), -math.inf, dtype=torch.float64)
                 for i in sampled:
                     normaliser = [j for j in range(L) if bool(method_keep[b, j]) and (not causal or j <= i + offset)]
