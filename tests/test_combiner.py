@@ -22,6 +22,7 @@ from attnpass.methods.base import SiteSpec
 from attnpass.methods.combiner import CombinerAttention
 from attnpass.methods.combiner.layout import (
     build_layout,
+    queries_by_position,
     region_key_batches,
     region_summaries,
 )
@@ -216,6 +217,15 @@ def key_padding(B, Lk, block):
 # Lq > Lk, and causal bottom-right with Lq < Lk (a decoder chunk over a longer cache).
 SHAPES = [(13, 13, False, False), (13, 13, True, False), (9, 14, False, False), (17, 11, False, False),
           (7, 14, True, True)]
+
+
+@pytest.mark.parametrize("offset", [-10, -2, 0])
+def test_queries_by_position_with_queries_before_every_key(offset):
+    """The table of the queries at each key position: a query whose position lies before the keys
+    (a causal offset below -i) is in no row, down to none at all."""
+    table = queries_by_position(3, 5, True, offset)
+    expected = [[pos - offset] if 0 <= pos - offset < 3 else [-1] for pos in range(5)]  # query i at i + offset
+    assert table.tolist() == expected
 
 
 @pytest.mark.parametrize("variant,block", [("fixed", 4), ("axial", 4), ("logsparse", 3), ("logsparse", 2)])

@@ -19,7 +19,7 @@ def bucket_slots(bucket: Tensor, num_buckets: int) -> tuple[Tensor, Tensor]:
     N = bucket.shape[-1]
     counts = torch.zeros(*bucket.shape[:-1], num_buckets, dtype=torch.int64, device=bucket.device)
     counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
-    width = max(int(counts.max()), 1) if bucket.numel() else 1
+    width = max(int(counts.max()), 1) if counts.numel() else 1  # no leading index: nothing to lay out
     sorted_bucket, order = torch.sort(bucket, dim=-1, stable=True)  # equal buckets stay in index order
     starts = counts.cumsum(-1) - counts
     rank = torch.arange(N, device=bucket.device) - starts.gather(-1, sorted_bucket)
