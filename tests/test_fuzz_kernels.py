@@ -77,14 +77,21 @@ def check(out, stat, ref_out, ref_stat, leaves, dtype):
     if stat is None:  # a kernel without a row statistic: a zero one keeps the checks below uniform
         stat, ref_stat = out.new_zeros(()), ref_out.new_zeros(())
     assert torch.isfinite(out).all() and torch.isfinite(stat).all()
-    assert rel_err(out, ref_out) <= tol and rel_err(stat, ref_stat) <= tol
+    assert rel_err(out, ref_out) <= tol
+    if dtype == F64:
+        assert rel_err(stat, ref_stat) <= tol
+    else:  # the statistic (logsumexp, entmax's threshold) of the drawn O(1) scores can cancel to near 0:
+        # it carries float32 rounding of the scores, not of itself
+        assert (stat.to(F64) - ref_stat).abs().max() <= tol * max(ref_stat.abs().max(), 1.0)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
     got = torch.autograd.grad((out.to(F64) * g).sum() + stat.to(F64).sum(), leaves, allow_unused=True)
-    want = torch.autograd.grad((ref_out * g).sum() + ref_stat.sum(), leaves, allow_unused=True, retain_graph=True)
-    # the size of the terms each gradient sums (the upstream's magnitudes): in float32 a gradient that
+    want = torch.autograd.grad((ref_out * g).sum() + ref_stat.sum(), leaves, allow_unused=True,
+                               retain_graph=dtype != F64)
+    # float32: the size of the terms each gradient sums (the upstream's magnitudes); a gradient that
     # cancels to far below them (e.g. a value row two queries read with opposite upstream signs) carries
     # float32 rounding of the terms, not of the result
-    terms = torch.autograd.grad((ref_out * g.abs()).sum() + ref_stat.sum(), leaves, allow_unused=True)
+    terms = want if dtype == F64 else torch.autograd.grad((ref_out * g.abs()).sum() + ref_stat.sum(), leaves,
+                                                          allow_unused=True)
     for a, b, size in zip(got, want, terms):
         if b is None or b.abs().max() == 0:
             assert a is None or a.abs().max() <= tol
