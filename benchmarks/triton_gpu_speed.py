@@ -1,4 +1,4 @@
-"""Time the generated Triton kernels against FlexAttention and dense SDPA on a GPU.
+"""Time the Triton kernels against FlexAttention and dense SDPA on a GPU.
 
 NOT RUN YET: this repository's machines have no GPU; docs/triton.md states so. On a CUDA machine:
 

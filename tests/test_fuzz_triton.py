@@ -1,4 +1,4 @@
-"""Property-based tests of the generated Triton kernels, run on CPU by Triton's interpreter.
+"""Property-based tests of the Triton kernels, run on CPU by Triton's interpreter.
 
 The problems are those of tests/test_fuzz_kernels.py (imported, not copied: B, Hq, Hkv for GQA,
 Lq != Lk, D, Dv, causal rule and offset, key padding, bias, empty rows, group and slot counts,
@@ -62,10 +62,9 @@ CHUNK_DEFAULTS = {m.__name__: m._CHUNK_ELEMENTS for m in (ea, ga)}  # the CPU ke
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch, tmp_path_factory):
-    """Triton's CPU interpreter and a private kernel cache (as in tests/test_triton_kernels.py)."""
+def interpreter(monkeypatch):
+    """Triton's CPU interpreter for every test here (as in tests/test_triton_kernels.py)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ATTNPASS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attnpass-cache"))
     yield
 
 

@@ -1,4 +1,4 @@
-"""The generated Triton kernels equal the PyTorch kernels, forward and backward, run on CPU by
+"""The Triton kernels equal the PyTorch kernels, forward and backward, run on CPU by
 Triton's interpreter (TRITON_INTERPRET=1) through the public ops under ``force_triton()``.
 
 Each case runs the op twice on the same inputs — PyTorch kernels, then Triton (with the backward
@@ -7,10 +7,12 @@ fp32 to 1e-4 relative, bf16 to 1e-2. Cases cover what the methods use: causal wi
 key padding, GQA, cross-attention (Lq != Lk), lengths that are not multiples of the block,
 rows split over several tiles (block cap lowered to 16), empty slots and empty rows, broadcast
 bias / pair_mask, key_range, summaries with a summary mask, per-edge bias, dropout, both
-normalisers, and the row statistic's own gradient. ``LAUNCHES`` proves the Triton path ran.
+normalisers, and the row statistic's own gradient. ``LAUNCHES`` proves the Triton path ran. Every kind
+also compiles through the CUDA backend (no GPU needed): the interpreter alone misses GPU-only errors.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -23,14 +25,13 @@ from tests.memory_probe import no_square_tensor
 
 pytest.importorskip("triton")  # an optional extra; CI installs it with .[test]
 
-from attnpass.lowering.triton import dispatch, force_triton, generated_kernels, kernel_source  # noqa: E402
+from attnpass.lowering.triton import constexprs, dispatch, force_triton, specialise  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch, tmp_path_factory):
-    """Triton's CPU interpreter and a private kernel cache for every test here."""
+def interpreter(monkeypatch):
+    """Triton's CPU interpreter for every test here."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ATTNPASS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attnpass-cache"))
     yield
 
 
@@ -217,32 +218,62 @@ def test_edge_entmax15_bfloat16_within_1e_2():
 # --------------------------------------------------------------------------------------------
 
 
-def test_kernel_source_is_specialised_cached_and_inspectable():
-    plain = kernel_source("grouped_fwd", d=64)
-    causal = kernel_source("grouped_fwd", d=64, causal=True)
-    assert plain is kernel_source("grouped_fwd", d=64)          # generated once
-    assert "#if" not in plain and "{{" not in plain              # fully rendered
-    assert "causal_offset)" not in plain and "qpos[:, None] + causal_offset" in causal
-    entmax = kernel_source("edge_fwd", normalizer="entmax15", dtype="bfloat16")
-    assert "for _ in range(N_BISECT)" in entmax and 'input_precision="tf32"' in entmax
-    assert "_mix32" not in plain and "_mix32" in kernel_source("edge_bwd", dropout=True)
+SPEC_FLAGS = {kind: [k for k, v in d.items() if v is False and k != "one_tile"] for kind, d in specialise.DEFAULTS.items()}
+FLAGS = {kind: [k for k, v in constexprs(kind).items() if isinstance(v, bool)] for kind in specialise.DEFAULTS}
+POINTERS = {"QI": "*i64", "KI": "*i64", "KR": "*i64", "ROW_PTR": "*i64", "COL": "*i64", "KPM": "*u8",
+            "PMASK": "*u8", "SMASK": "*u8", **{name: "*fp32" for name in (
+                "Q K V BIAS SK SV SCALARS OUT STAT DO DSTAT DQ DK DV_ DBIAS DSK DSV EBIAS DEDGE".split())}}
+
+
+def test_constexprs_name_exactly_what_a_spec_turns_on():
+    plain = constexprs("grouped_fwd", d=64)
+    causal = constexprs("grouped_fwd", d=64, causal=True, normalizer="entmax15", dtype="bfloat16")
+    assert set(plain) == set(causal) and not any(plain[f] for f in FLAGS["grouped_fwd"])
+    assert [f for f in FLAGS["grouped_fwd"] if causal[f]] == ["CAUSAL", "ENTMAX"]
+    assert causal["PRECISION"] == "tf32" and plain["PRECISION"] == "ieee"
+    assert constexprs("edge_bwd", dtype="float64")["PRECISION"] == "default"
+    assert (plain["BLOCK_D"], constexprs("edge_fwd", d=40, dv=5)["BLOCK_DV"]) == (64, 16)
+    # every constexpr a kernel declares is given, and nothing else
+    for kind in FLAGS:
+        declared = {name for name, param in inspect.signature(specialise.kernel(kind).fn).parameters.items()
+                    if param.annotation is not inspect.Parameter.empty}
+        assert declared == set(constexprs(kind)), kind
     with pytest.raises(ValueError, match="unknown spec keys"):
-        kernel_source("grouped_fwd", head_dim=64)
+        constexprs("grouped_fwd", head_dim=64)
     with pytest.raises(ValueError, match="unknown kind"):
-        kernel_source("dense_fwd")
+        constexprs("dense_fwd")
     with pytest.raises(ValueError, match="power of two"):
-        kernel_source("edge_fwd", block_n=24)
+        constexprs("edge_fwd", block_n=24)
 
 
-def test_generated_files_are_written_to_the_cache_dir():
-    q, k, v = _qkv(1, 1, 1, 4, 4, 4, 4)
-    idx = torch.arange(4).view(1, 1, 1, 4)
-    with force_triton():
-        grouped_attention(q, k, v, idx, idx, scale=1.0)
-    paths = [p for (kind, _), p in generated_kernels().items() if kind == "grouped_fwd"]
-    assert paths and all(p.exists() and p.parent == dispatch.kernel_module.__globals__["cache_dir"]()
-                         for p in paths[-1:])
-    assert paths[-1].read_text().startswith("# Generated by attnpass.lowering.triton for grouped_fwd")
+# Per kind: every flag on, streamed tiles, each normaliser (half precision); no flag, one tile
+# (float32 softmax, float64 entmax): the code paths a GPU build must accept.
+GPU_SPECS = [(kind, dict(d=64, dv=48, normalizer=normalizer, dtype=dtype, one_tile=one_tile,
+                         **{name: on for name in SPEC_FLAGS[kind]}))
+             for kind in FLAGS
+             for normalizer, dtype, on, one_tile in [("entmax15", "bfloat16", True, False),
+                                                     ("softmax", "float16", True, False),
+                                                     ("softmax", "float32", False, True),
+                                                     ("entmax15", "float64", False, True)]]
+
+
+@pytest.mark.parametrize("kind, spec", GPU_SPECS, ids=[f"{k}-{s['dtype']}" for k, s in GPU_SPECS])
+def test_kernels_compile_for_a_gpu(monkeypatch, tmp_path, kind, spec):
+    """The interpreter runs Python, so code a GPU build rejects (a constexpr used as a runtime value,
+    a type mismatch across a loop, a dot shape) would pass every other test here: compile each
+    kind through Triton's CUDA backend to a cubin (sm_80; no GPU needed to compile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile, never load an earlier build
+    fn = specialise.kernel(kind)
+    consts = constexprs(kind, **spec)
+    signature = {name: "constexpr" if name in consts else POINTERS.get(name, "i64") for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                              target=GPUTarget("cuda", 80, 32))
+    assert len(compiled.asm["cubin"]) > 10_000
 
 
 def test_forcing_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):

@@ -30,9 +30,8 @@ METHODS = {
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch, tmp_path_factory):
+def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ATTNPASS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attnpass-cache"))
     yield
 
 

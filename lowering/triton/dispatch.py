@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnpass.lowering.triton.generate import kernel_module
+from attnpass.lowering.triton.specialise import constexprs, kernel
 from attnpass.lowering.triton.switch import bypass
 
 __all__ = ["FALLBACKS", "LAUNCHES", "MAX_BLOCK", "MAX_HEAD_DIM", "edge_backward", "edge_forward", "grouped_backward",
@@ -137,7 +137,7 @@ def _grouped_launch(kind, extra_spec, q, k, v, q_index, k_index, key_padding_mas
         summary_mask=summary_mask is not None, dropout=bool(dropout_p), n_bisect=_n_bisect(q.dtype),
         one_tile=summary_k is None and Wk <= _pow2(Wk), **extra_spec,
     )
-    module = kernel_module(kind, spec)
+    launch = kernel(kind)[(triton_cdiv(Wq, spec["block_m"]), G, B * Hq)]
     dummy = q
     bias4, sb = _broadcast_strides(bias, (B, Hq, Lq, Lk))
     pmask4, sp = _broadcast_strides(pair_mask, (B, Hq, Lq, Lk))
@@ -154,13 +154,12 @@ def _grouped_launch(kind, extra_spec, q, k, v, q_index, k_index, key_padding_mas
     def ptr(t):
         return dummy if t is None else t
 
-    grid = (triton_cdiv(Wq, spec["block_m"]), G, B * Hq)
-    module.kernel[grid](
+    launch(
         q.contiguous(), k.contiguous(), v.contiguous(), q_index.contiguous(), k_index.contiguous(),
         ptr(kpm), ptr(bias4), ptr(pmask4), ptr(None if key_range is None else key_range.contiguous()),
         ptr(summary_k), ptr(summary_v), ptr(smask5), _scalars(scale, dropout_p, q),
         int(causal_offset), seed_mix, threshold, Hq, Hkv, Lq, Lk, G, Wq, Wk, S,
-        *sb, *sp, *ssk, *ssv, *ssm, *tail_args, **module.CONSTEXPRS,
+        *sb, *sp, *ssk, *ssv, *ssm, *tail_args, **constexprs(kind, **spec),
     )
     LAUNCHES[kind] += 1
     return kind, spec
@@ -263,16 +262,15 @@ def _edge_launch(kind, extra_spec, q, k, v, row_ptr, col_index, key_padding_mask
         edge_bias=edge_bias is not None, dropout=bool(dropout_p), n_bisect=_n_bisect(q.dtype),
         one_tile=max_degree <= _pow2(max_degree), **extra_spec,
     )
-    module = kernel_module(kind, spec)
     dummy = q
     bias4, sb = _broadcast_strides(bias, (B, Hq, Lq, Lk))
     seed_mix, threshold = _dropout_args(dropout_p, dropout_seed)
     kpm = None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
-    module.kernel[(B * Hq * Lq,)](
+    kernel(kind)[(B * Hq * Lq,)](
         q.contiguous(), k.contiguous(), v.contiguous(), row_ptr.contiguous(), col_index.contiguous(),
         dummy if kpm is None else kpm, dummy if bias4 is None else bias4,
         dummy if edge_bias is None else edge_bias.contiguous(), _scalars(scale, dropout_p, q),
-        int(causal_offset), seed_mix, threshold, Hq, Hkv, Lq, Lk, *sb, *tail_args, **module.CONSTEXPRS,
+        int(causal_offset), seed_mix, threshold, Hq, Hkv, Lq, Lk, *sb, *tail_args, **constexprs(kind, **spec),
     )
     LAUNCHES[kind] += 1
     return kind, spec
