@@ -400,8 +400,8 @@ def test_memory_never_quadratic(normalizer, monkeypatch):
     # every intermediate.
     with torch.no_grad(), no_square_tensor(L, L) as probe:
         edge_bias = torch.zeros(col_index.shape)
-        out, stat = ea._forward_impl(q, k, v, row_ptr, col_index, kpm, bias, edge_bias, **settings)
-        ea._backward_impl(torch.ones_like(out), torch.ones_like(stat), stat, q, k, v, row_ptr, col_index,
+        out, stat = ea.forward_torch(q, k, v, row_ptr, col_index, kpm, bias, edge_bias, **settings)
+        ea.backward_torch(torch.ones_like(out), torch.ones_like(stat), stat, q, k, v, row_ptr, col_index,
                           kpm, bias, edge_bias, **settings, bias_grad=True, edge_bias_grad=True)
     # The probe did look inside: it saw a chunk's gathered rows (thousands of edges x D).
     assert probe.op != torch.ops.attnpass.edge_attention.default and probe.numel >= 1000 * D
@@ -409,7 +409,7 @@ def test_memory_never_quadratic(normalizer, monkeypatch):
     # A caller-provided full Lq x Lk bias is only ever gathered at the edges.
     full_bias = torch.randn(B, Hq, L, L, generator=gen)
     with torch.no_grad(), no_square_tensor(L, L):
-        ea._forward_impl(q, k, v, row_ptr, col_index, kpm, full_bias, **settings)
+        ea.forward_torch(q, k, v, row_ptr, col_index, kpm, full_bias, **settings)
 
 
 # --------------------------------------------------------------------------------------------

@@ -521,15 +521,15 @@ def test_no_square_tensor_forward_backward(normalizer):
     with torch.no_grad():
         # The custom op hides its internals from dispatch modes, so run the kernel bodies directly.
         with no_square_tensor(1024, 1024) as probe:
-            out, stat = ga._forward_impl(*args, **kwargs)
+            out, stat = ga.forward_torch(*args, **kwargs)
             g_out, g_stat = torch.randn_like(out), torch.randn_like(stat)
-            grads = ga._backward_impl(g_out, g_stat, stat, *args, **kwargs, bias_grad=True, summary_grad=True)
+            grads = ga.backward_torch(g_out, g_stat, stat, *args, **kwargs, bias_grad=True, summary_grad=True)
         assert probe.numel >= tile  # the probe did see the tiles (it is not blind to the internals)
         assert all(g.numel() > 0 for g in grads)
         # A caller-provided Lq x Lk bias is only gathered from in the forward pass.
         full_bias = torch.randn(B, Hq, 1024, 1024)
         with no_square_tensor(1024, 1024):
-            ga._forward_impl(*args, **dict(kwargs, bias=full_bias))
+            ga.forward_torch(*args, **dict(kwargs, bias=full_bias))
     # End to end through the op and autograd as well.
     with no_square_tensor(1024, 1024):
         out, stat = grouped_attention(*args, **kwargs)

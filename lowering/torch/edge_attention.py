@@ -54,7 +54,7 @@ from attnpass.lowering.torch.row_normalizers import NORMALIZERS
 from attnpass.lowering.torch.row_normalizers import logits_grad as _logits_grad
 from attnpass.lowering.torch.row_normalizers import probs_from_stat as _probs
 from attnpass.lowering.torch.row_normalizers import row_stat as _row_stat
-from attnpass.lowering.triton.switch import triton_call, use_triton
+from attnpass.lowering.triton.switch import dispatching
 
 __all__ = ["NORMALIZERS", "edge_attention", "edges_from_pairs", "edges_to_dense_mask"]
 
@@ -164,7 +164,7 @@ def _check_pairs(row: Tensor, col: Tensor, num_rows: int) -> None:
         raise ValueError(f"edges_from_pairs: col values must be >= 0, got min {int(col.min())}")
 
 
-def _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
+def check_inputs(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
                   dropout_p, dropout_seed, normalizer) -> None:
     """Checks on shapes, dtypes and settings only, so the fake (meta) kernel can run them too."""
     _check(normalizer in NORMALIZERS, f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
@@ -202,7 +202,7 @@ def _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias
         _check(edge_bias.device == q.device, f"edge_bias is on {edge_bias.device} but q is on {q.device}")
 
 
-def _check_edges(row_ptr: Tensor, col_index: Tensor, Lk: int) -> Tensor:
+def check_edges(row_ptr: Tensor, col_index: Tensor, Lk: int) -> Tensor:
     """Value checks on the CSR (real tensors only: they read the data). Returns each edge's row."""
     nnz = col_index.numel()
     _check(int(row_ptr[0]) == 0, f"row_ptr[0] must be 0, got {int(row_ptr[0])}")
@@ -282,12 +282,12 @@ class _Problem:
 def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, scale, causal, causal_offset, window,
              dropout_p, dropout_seed, normalizer, validate: bool = True) -> _Problem:
     """Validate (the backward skips the data checks the forward already did) and prepare."""
-    _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
+    check_inputs(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
                   dropout_p, dropout_seed, normalizer)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if validate:
-        row = _check_edges(row_ptr, col_index, Lk)
+        row = check_edges(row_ptr, col_index, Lk)
     elif causal or window or key_padding_mask is not None:
         row = csr_rows(row_ptr, col_index.numel())  # the rules below need each edge's row; tiles do not
 
@@ -402,14 +402,12 @@ def _tile(p: _Problem, rows: Tensor, width: int) -> _Tile:
 # --------------------------------------------------------------------------------------------
 
 
-def _forward_impl(
+def forward_torch(
     q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_index: Tensor,
     key_padding_mask: Optional[Tensor], bias: Optional[Tensor], edge_bias: Optional[Tensor] = None,
     *, scale: float, causal: bool, causal_offset: int, window: int = 0, dropout_p: float,
     dropout_seed: Optional[int], normalizer: str,
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
-        return triton_call("edge_forward", locals())
     p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
                  causal_offset=causal_offset, window=window, dropout_p=dropout_p, dropout_seed=dropout_seed,
                  normalizer=normalizer)
@@ -427,7 +425,7 @@ def _forward_impl(
     return out.view(B, Hq, Lq, Dv).to(q.dtype), row_stat.view(B, Hq, Lq)
 
 
-def _backward_impl(
+def backward_torch(
     grad_out: Tensor, grad_stat: Optional[Tensor], row_stat: Tensor,
     q: Tensor, k: Tensor, v: Tensor, row_ptr: Tensor, col_index: Tensor,
     key_padding_mask: Optional[Tensor], bias: Optional[Tensor], edge_bias: Optional[Tensor],
@@ -435,8 +433,6 @@ def _backward_impl(
     dropout_seed: Optional[int], normalizer: str, bias_grad: bool, edge_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dedge_bias); the last two are 0-element tensors unless asked for."""
-    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
-        return triton_call("edge_backward", locals())
     p = _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale=scale, causal=causal,
                  causal_offset=causal_offset, window=window, dropout_p=dropout_p, dropout_seed=dropout_seed,
                  normalizer=normalizer, validate=False)
@@ -491,9 +487,11 @@ def _backward_impl(
 # Custom ops, fake (meta) kernels and autograd
 # --------------------------------------------------------------------------------------------
 
-_edge_attention_op = torch.library.custom_op("attnpass::edge_attention", _forward_impl, mutates_args=())
+# The ops run the PyTorch implementations or the Triton kernels (lowering/triton/switch.py decides)
+_edge_attention_op = torch.library.custom_op(
+    "attnpass::edge_attention", dispatching(forward_torch, "edge_forward"), mutates_args=())
 _edge_attention_backward_op = torch.library.custom_op(
-    "attnpass::edge_attention_backward", _backward_impl, mutates_args=()
+    "attnpass::edge_attention_backward", dispatching(backward_torch, "edge_backward"), mutates_args=()
 )
 
 
@@ -505,7 +503,7 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
 def _forward_fake(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias=None, *, scale, causal,
                   causal_offset, window=0, dropout_p, dropout_seed, normalizer):
     # Output shapes do not depend on nnz, so no data-dependent sizes arise under tracing.
-    _check_shapes(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
+    check_inputs(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, scale, causal_offset,
                   dropout_p, dropout_seed, normalizer)
     B, Hq, Lq, _ = q.shape
     return q.new_empty((B, Hq, Lq, v.shape[3])), q.new_empty((B, Hq, Lq), dtype=_acc_dtype(q))

@@ -44,9 +44,9 @@ from torch import Tensor
 from attnpass.lowering.torch.common import broadcastable as _broadcastable
 from attnpass.lowering.torch.common import as_4d, check, check_qkv, dropout_keep, pair_index, read_at_pairs
 from attnpass.lowering.torch.row_normalizers import NORMALIZERS, entmax15_stat, flushed_exp_, logits_grad, probs_from_stat
-from attnpass.lowering.triton.switch import triton_call, use_triton
+from attnpass.lowering.triton.switch import dispatching
 
-__all__ = ["grouped_attention", "scatter_slots"]
+__all__ = ["backward_torch", "check_inputs", "forward_torch", "grouped_attention", "output_shapes", "scatter_slots"]
 
 
 def _check(condition: bool, message: str, error: type = ValueError) -> None:
@@ -142,7 +142,7 @@ def scatter_slots(out_slots: Tensor, q_index: Tensor, length: int) -> tuple[Tens
 # --------------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
+def check_inputs(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
               summary_mask, pair_mask, key_range, scale, causal_offset, dropout_p, dropout_seed,
               normalizer) -> None:
     _check(normalizer in NORMALIZERS, f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
@@ -410,14 +410,14 @@ def _logits_grad(logits: Tensor, stat: Tensor, probs: Tensor, d_probs: Tensor,
 
 def _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
              pair_mask, key_range, *, scale, causal, causal_offset, window, dropout_p, dropout_seed, normalizer) -> _Problem:
-    _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
+    check_inputs(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
               pair_mask, key_range, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     return _Problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v,
                     summary_mask, pair_mask, key_range, float(scale), bool(causal), int(causal_offset), int(window), float(dropout_p),
                     dropout_seed, normalizer)
 
 
-def _out_shapes(v: Tensor, q_index: Tensor):
+def output_shapes(v: Tensor, q_index: Tensor):
     B, Hq, G, Wq = q_index.shape
     return (B, Hq, G, Wq, v.shape[3]), (B, Hq, G, Wq)
 
@@ -427,7 +427,7 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _forward_impl(
+def forward_torch(
     q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor,
     key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
     summary_k: Optional[Tensor] = None, summary_v: Optional[Tensor] = None,
@@ -435,12 +435,10 @@ def _forward_impl(
     key_range: Optional[Tensor] = None, *, scale: float, causal: bool = False, causal_offset: int = 0, window: int = 0, dropout_p: float = 0.0,
     dropout_seed: Optional[int] = None, normalizer: str = "softmax",
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
-        return triton_call("grouped_forward", locals())
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
                  pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, window=window, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
-    out_shape, stat_shape = _out_shapes(v, q_index)
+    out_shape, stat_shape = output_shapes(v, q_index)
     out = q.new_empty(out_shape)
     row_stat = torch.empty(stat_shape, dtype=p.acc, device=q.device)
     for g0, g1 in p.chunks():
@@ -457,7 +455,7 @@ def _forward_impl(
     return out, row_stat
 
 
-def _backward_impl(
+def backward_torch(
     grad_out: Tensor, grad_stat: Optional[Tensor], row_stat: Tensor,
     q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor,
     key_padding_mask: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -468,8 +466,6 @@ def _backward_impl(
     bias_grad: bool = False, summary_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dsummary_k, dsummary_v); ungrad'ed ones are empty (numel 0)."""
-    if use_triton(q):  # CUDA with triton installed, or forced: lowering/triton/switch.py
-        return triton_call("grouped_backward", locals())
     p = _problem(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
                  pair_mask, key_range, scale=scale, causal=causal, causal_offset=causal_offset, window=window, dropout_p=dropout_p,
                  dropout_seed=dropout_seed, normalizer=normalizer)
@@ -531,9 +527,11 @@ def _backward_impl(
 # Custom ops, fake (meta) kernels and autograd
 # --------------------------------------------------------------------------------------------
 
-_grouped_attention_op = torch.library.custom_op("attnpass::grouped_attention", _forward_impl, mutates_args=())
+# The ops run the PyTorch implementations or the Triton kernels (lowering/triton/switch.py decides)
+_grouped_attention_op = torch.library.custom_op(
+    "attnpass::grouped_attention", dispatching(forward_torch, "grouped_forward"), mutates_args=())
 _grouped_attention_backward_op = torch.library.custom_op(
-    "attnpass::grouped_attention_backward", _backward_impl, mutates_args=()
+    "attnpass::grouped_attention_backward", dispatching(backward_torch, "grouped_backward"), mutates_args=()
 )
 
 
@@ -541,9 +539,9 @@ _grouped_attention_backward_op = torch.library.custom_op(
 def _forward_fake(q, k, v, q_index, k_index, key_padding_mask=None, bias=None, summary_k=None,
                   summary_v=None, summary_mask=None, pair_mask=None, key_range=None, *, scale, causal=False, causal_offset=0, window=0,
                   dropout_p=0.0, dropout_seed=None, normalizer="softmax"):
-    _validate(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
+    check_inputs(q, k, v, q_index, k_index, key_padding_mask, bias, summary_k, summary_v, summary_mask,
               pair_mask, key_range, scale, causal_offset, dropout_p, dropout_seed, normalizer)
-    out_shape, stat_shape = _out_shapes(v, q_index)
+    out_shape, stat_shape = output_shapes(v, q_index)
     return q.new_empty(out_shape), q.new_empty(stat_shape, dtype=_acc_dtype(q))
 
 
@@ -576,7 +574,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 def _backward(ctx, grad_out, grad_stat):
     *inputs, row_stat = ctx.saved_tensors
     if grad_out is None:
-        grad_out = torch.zeros_like(inputs[0].new_empty(_out_shapes(inputs[2], inputs[3])[0]))
+        grad_out = torch.zeros_like(inputs[0].new_empty(output_shapes(inputs[2], inputs[3])[0]))
     # The dispatcher drops trailing arguments equal to their defaults (None), so needs_input_grad
     # may be shorter than the argument list; absent arguments need no gradient.
     flags = tuple(ctx.needs_input_grad) + (False,) * (len(_TENSOR_ARGS) - len(ctx.needs_input_grad))

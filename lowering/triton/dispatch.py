@@ -1,7 +1,7 @@
 """Host side of the Triton kernels: check inputs, pick a specialisation, prepare tensors, launch.
 
 The four entry points take exactly the arguments of the PyTorch kernels' implementations
-(`lowering/torch/grouped_attention.py::_forward_impl` / `_backward_impl`, and the edge ones) and
+(`lowering/torch/grouped_attention.py::forward_torch` / `backward_torch`, and the edge ones) and
 return the same tuples, so the custom ops call them in place of the PyTorch code
 (`switch.use_triton`). Inputs are validated by the PyTorch kernels' own checks, so errors read the
 same on both paths.
@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from attnpass.lowering.triton.specialise import constexprs, kernel
-from attnpass.lowering.triton.switch import bypass
 
 __all__ = ["FALLBACKS", "LAUNCHES", "MAX_BLOCK", "MAX_HEAD_DIM", "edge_backward", "edge_forward", "grouped_backward",
            "grouped_forward", "require_triton"]
@@ -104,8 +103,7 @@ _BAND = "a band window"
 
 def _fallback(reason: str, impl, *args, **kwargs):
     FALLBACKS[reason] += 1
-    with bypass():
-        return impl(*args, **kwargs)
+    return impl(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,12 +177,12 @@ def grouped_forward(q, k, v, q_index, k_index, key_padding_mask=None, bias=None,
             pair_mask, key_range)
     settings = dict(scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                     dropout_seed=dropout_seed, normalizer=normalizer)
-    cpu._validate(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
+    cpu.check_inputs(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     reason = _BAND if window else _grouped_decline(q, v, q_index, k_index, summary_k)
     if reason:
-        return _fallback(reason, cpu._forward_impl, *args, **settings, window=window)
+        return _fallback(reason, cpu.forward_torch, *args, **settings, window=window)
     require_triton(q.device)
-    out_shape, stat_shape = cpu._out_shapes(v, q_index)
+    out_shape, stat_shape = cpu.output_shapes(v, q_index)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     row_stat = torch.empty(stat_shape, dtype=_acc(q), device=q.device)
     _grouped_launch("grouped_fwd", {}, *args, **settings, tail_args=(out, row_stat))
@@ -212,10 +210,10 @@ def grouped_backward(grad_out, grad_stat, row_stat, q, k, v, q_index, k_index, k
             pair_mask, key_range)
     settings = dict(scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                     dropout_seed=dropout_seed, normalizer=normalizer)
-    cpu._validate(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
+    cpu.check_inputs(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     reason = _BAND if window else _grouped_decline(q, v, q_index, k_index, summary_k)
     if reason:
-        return _fallback(reason, cpu._backward_impl, grad_out, grad_stat, row_stat, *args, **settings, window=window,
+        return _fallback(reason, cpu.backward_torch, grad_out, grad_stat, row_stat, *args, **settings, window=window,
                          bias_grad=bias_grad, summary_grad=summary_grad)
     require_triton(q.device)
     acc, dev = _acc(q), q.device
@@ -284,11 +282,11 @@ def edge_forward(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias=
     args = (q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias)
     settings = dict(scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                     dropout_seed=dropout_seed, normalizer=normalizer)
-    cpu._check_shapes(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
-    cpu._check_edges(row_ptr, col_index, k.shape[2])
+    cpu.check_inputs(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
+    cpu.check_edges(row_ptr, col_index, k.shape[2])
     reason = _BAND if window else _edge_decline(q, k, v, col_index)
     if reason:
-        return _fallback(reason, cpu._forward_impl, *args, **settings, window=window)
+        return _fallback(reason, cpu.forward_torch, *args, **settings, window=window)
     require_triton(q.device)
     B, Hq, Lq, _ = q.shape
     out = torch.empty((B, Hq, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
@@ -306,10 +304,10 @@ def edge_backward(grad_out, grad_stat, row_stat, q, k, v, row_ptr, col_index, ke
     args = (q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias)
     settings = dict(scale=scale, causal=causal, causal_offset=causal_offset, dropout_p=dropout_p,
                     dropout_seed=dropout_seed, normalizer=normalizer)
-    cpu._check_shapes(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
+    cpu.check_inputs(*args, scale, causal_offset, dropout_p, dropout_seed, normalizer)
     reason = _BAND if window else _edge_decline(q, k, v, col_index)
     if reason:
-        return _fallback(reason, cpu._backward_impl, grad_out, grad_stat, row_stat, *args, **settings, window=window,
+        return _fallback(reason, cpu.backward_torch, grad_out, grad_stat, row_stat, *args, **settings, window=window,
                          bias_grad=bias_grad, edge_bias_grad=edge_bias_grad)
     require_triton(q.device)
     acc, dev = _acc(q), q.device

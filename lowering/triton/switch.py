@@ -1,7 +1,8 @@
 """When the sparse kernels take the Triton path: the force switch and the CUDA default.
 
-Kept free of heavy imports (no triton, no kernels): the CPU kernels import it to decide, at the
-top of each op implementation, whether to hand the call to `dispatch.py`.
+Kept free of heavy imports (no triton, no kernels): the PyTorch kernel modules register each op's
+function through `dispatching`, the one place that picks the PyTorch kernels or `dispatch.py`;
+neither implementation calls the other's private functions.
 
 * CUDA tensors use Triton automatically when triton is installed (``ATTNPASS_TRITON=0`` turns
   that off).
@@ -11,14 +12,15 @@ top of each op implementation, whether to hand the call to `dispatch.py`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 import os
-import threading
+import typing
 
-__all__ = ["force_triton", "triton_available", "triton_call", "use_triton"]
+__all__ = ["dispatching", "force_triton", "triton_available", "use_triton"]
 
 _forced = 0  # process-wide (autograd may run the backward on another thread); nesting counter
-_local = threading.local()
 
 
 def triton_available() -> bool:
@@ -42,29 +44,34 @@ def force_triton(enabled: bool = True):
         _forced -= delta
 
 
-@contextlib.contextmanager
-def bypass():
-    """Inside: never route to Triton (the dispatcher's fallback calls the PyTorch kernels)."""
-    previous = getattr(_local, "bypass", False)
-    _local.bypass = True
-    try:
-        yield
-    finally:
-        _local.bypass = previous
-
-
 def use_triton(t) -> bool:
     """Should an op whose first input is `t` run the Triton kernels?"""
-    if getattr(_local, "bypass", False):
-        return False
     env = os.environ.get("ATTNPASS_TRITON", "")
     if _forced > 0 or env == "1":
         return True
     return env != "0" and t.device.type == "cuda" and triton_available()
 
 
-def triton_call(entry: str, arguments: dict):
-    """Run `dispatch.<entry>` with a PyTorch kernel implementation's own arguments (its locals())."""
-    from attnpass.lowering.triton import dispatch  # imported on first use only
+def dispatching(torch_impl, triton_entry: str):
+    """The function a sparse kernel op registers: `triton_entry` of `dispatch.py` when `use_triton`
+    says so for the call's first tensor, else `torch_impl` (the PyTorch kernels), with the same
+    arguments. The op's schema is `torch_impl`'s signature."""
+    signature = inspect.signature(torch_impl)
 
-    return getattr(dispatch, entry)(**arguments)
+    @functools.wraps(torch_impl)
+    def op(*args, **kwargs):
+        if not use_triton(args[0]):
+            return torch_impl(*args, **kwargs)
+        from attnpass.lowering.triton import dispatch  # imported on first use only
+
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return getattr(dispatch, triton_entry)(**bound.arguments)
+
+    # torch.library reads the schema from the signature; its string annotations (PEP 563) name
+    # types of torch_impl's module, so give it them evaluated there
+    hints = typing.get_type_hints(torch_impl)
+    op.__signature__ = signature.replace(
+        parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()],
+        return_annotation=hints.get("return", signature.return_annotation))
+    return op
