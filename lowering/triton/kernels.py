@@ -19,13 +19,18 @@ threshold tau with sum_j relu(x_j - tau)^2 = 1 (x = logits / 2) before any proba
 it is found by N_BISECT bisection steps on [max - 1, max], each a streaming pass over the row's
 tiles (no sort: a row need not fit one tile), then one exact pass solves the quadratic on the
 support found ({x > lo}), which makes tau exact up to rounding unless an entry lies within
-2^-N_BISECT of tau (its mass is then below 2^-2*N_BISECT). The arithmetic of each pass is one
-helper shared by both families (`_half_max`, `_bisect_mass`, `_support_sums`, `_tau`); the loops
-over a family's tiles are the family's. Backward recomputes the probabilities from the saved row
-statistic (logsumexp or tau), first streaming once for the row sums the normaliser's gradient
-needs (softmax: <p, dp>; entmax: sum s, <s, dp>), then again for the gradients: dq in registers,
-dk / dv / bias / summary gradients by tl.atomic_add (keys are shared by many query tiles, GQA
-heads and groups).
+2^-N_BISECT of tau (its mass is then below 2^-2*N_BISECT). Backward recomputes the probabilities
+from the saved row statistic (logsumexp or tau), first streaming once for the row sums the
+normaliser's gradient needs (softmax: <p, dp>; entmax: sum s, <s, dp>), then again for the
+gradients: dq in registers, dk / dv / bias / summary gradients by tl.atomic_add (keys are shared by
+many query tiles, GQA heads and groups).
+
+Each of those streaming passes is one call of the family's pass function (`_grouped_pass`,
+`_edge_pass`) with a constexpr PASS: it walks the row's tiles once and applies the pass's step to
+each (`_grouped_step` / `_edge_step`, built on the arithmetic both families share: `_half_max`,
+`_bisect_mass`, `_support_sums`, `_tau`, `_probs`, `_row_sums`, `_dlogits`). Runtime arguments
+travel as tuples (a program's rows, the key / summary / edge pointers and strides, the gradient
+targets); constexprs are passed one by one, as Triton needs them.
 
 Dropout reproduces `lowering/torch/common.py::dropout_keep` bit for bit: the same 32-bit hash of
 (seed, batch*head, query position, key column), computed in int64 so products never overflow.
@@ -155,6 +160,17 @@ def _dlogits(sv, dp, c_b, e_b, ENTMAX: tl.constexpr, HAS_DSTAT: tl.constexpr):
     return ds
 
 
+# What one streaming pass over a row's keys computes (the `PASS` of `_grouped_pass` / `_edge_pass`).
+# State carried through a pass: running totals (t1, t2, t3, acc); row inputs p1, p2.
+PASS_MAX: tl.constexpr = tl.constexpr(0)        # t1 = max of x = logits / 2 (entmax)
+PASS_MASS: tl.constexpr = tl.constexpr(1)       # t1 = entmax mass at tau = p1 (a bisection midpoint)
+PASS_SUPPORT: tl.constexpr = tl.constexpr(2)    # (t1, t2, t3) = count, sum, sum of squares of x - p1 over x > p2
+PASS_ENTMAX: tl.constexpr = tl.constexpr(3)     # acc = entmax output at tau = p1
+PASS_SOFTMAX: tl.constexpr = tl.constexpr(4)    # (t1, t2, acc) = online softmax max, sum, output
+PASS_ROW_SUMS: tl.constexpr = tl.constexpr(5)   # (t1, t2) = the normaliser gradient's row sums
+PASS_GRADS: tl.constexpr = tl.constexpr(6)      # acc = dq; dk, dv, ... scattered (p1, p2 = c, e)
+
+
 # ------------------------------------------------------------------------------------------
 # Grouped kernels
 # ------------------------------------------------------------------------------------------
@@ -164,7 +180,8 @@ def _dlogits(sv, dp, c_b, e_b, ENTMAX: tl.constexpr, HAS_DSTAT: tl.constexpr):
 def _grouped_rows(Q, QI, KR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, G, Wq,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr):
-    """The program's query tile: its (batch, head, group), slots, positions and rows."""
+    """The program's query tile: (g, b, h, kv_base, slot, offs_m, q, qpos, q_ok, k_lo, k_hi, hash_q,
+    scale, drop_scale); key range and dropout entries are placeholders when unused."""
     pid_m = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     bh = tl.program_id(2).to(tl.int64)
@@ -193,30 +210,28 @@ def _grouped_rows(Q, QI, KR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, G, Wq,
     else:
         drop_scale = scale
         hash_q = qpos
-    return g, bh, b, h, kv_base, slot, offs_m, m_in, qpos, q_ok, q, k_lo, k_hi, scale, drop_scale, hash_q
+    return g, b, h, kv_base, slot, offs_m, q, qpos, q_ok, k_lo, k_hi, hash_q, scale, drop_scale
 
 
 @triton.jit
-def _grouped_key_tile(n0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi,
-                      hash_q, scale, causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3,
-                      sp0, sp1, sp2, sp3,
-                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      BLOCK_N: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+def _grouped_key_tile(n0, rows, keys, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                       CAUSAL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr,
                       PAIR_MASK: tl.constexpr, KEY_RANGE: tl.constexpr, DROPOUT: tl.constexpr):
     """Logits s (BLOCK_M, BLOCK_N) of the query tile against key slots [n0, n0 + BLOCK_N), -inf
-    where the pair is not allowed, with the gathered key / value rows."""
+    where the pair is not allowed, with the gathered key / value rows:
+    (k_ok, krow, kpos, kt, vt, s, allowed, keep)."""
+    g, b, h, kv_base, slot, offs_m, q, qpos, q_ok, k_lo, k_hi, hash_q, scale, drop_scale = rows
+    K, V, KI, KPM, BIAS, PMASK, Wk, Lk, causal_offset, drop_threshold, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3 = keys
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kpos = tl.load(KI + slot * Wk + offs_n, mask=offs_n < Wk, other=-1)
     k_ok = kpos >= 0
     kpos = tl.maximum(kpos, 0)
     krow = kv_base + kpos
-    kt = tl.load(K + (krow * D)[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    vt = tl.load(V + (krow * DV)[:, None] + offs_dv[None, :], mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+    kt = tl.load(K + (krow * D)[:, None] + offs_d[None, :], mask=k_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    vt = tl.load(V + (krow * DV)[:, None] + offs_dv[None, :], mask=k_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
     s = _mma(q, tl.trans(kt), ACC, PRECISION) * scale
     allowed = q_ok[:, None] & k_ok[None, :]
     if PADDING:
@@ -240,22 +255,22 @@ def _grouped_key_tile(n0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qp
 
 
 @triton.jit
-def _grouped_summary_tile(s0, SK, SV, SMASK, b, h, g, q, q_ok, offs_m, hash_q, scale, drop_threshold, Lk, S,
-                          ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3, sm0, sm1, sm2, sm3, sm4,
-                          D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          BLOCK_S: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                          SUMMARY_MASK: tl.constexpr, DROPOUT: tl.constexpr):
-    """The same for summary slots [s0, s0 + BLOCK_S); dropout numbers them Lk + g*S + s."""
+def _grouped_summary_tile(s0, rows, summaries, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+                          PRECISION: tl.constexpr, SUMMARY_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+    """The same for summary slots [s0, s0 + BLOCK_S) (dropout numbers them Lk + g*S + s):
+    (s_in, offs_s, kt, vt, s, keep)."""
+    g, b, h, kv_base, slot, offs_m, q, qpos, q_ok, k_lo, k_hi, hash_q, scale, drop_scale = rows
+    SK, SV, SMASK, S, Lk, drop_threshold, ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3, sm0, sm1, sm2, sm3, sm4 = \
+        summaries
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
     offs_s = s0 + tl.arange(0, BLOCK_S)
     s_in = offs_s < S
     kt = tl.load(SK + b * ssk0 + h * ssk1 + g * ssk2 + offs_s[:, None] * ssk3 + offs_d[None, :],
-                 mask=s_in[:, None] & d_ok[None, :], other=0.0)
+                 mask=s_in[:, None] & (offs_d < D)[None, :], other=0.0)
     vt = tl.load(SV + b * ssv0 + h * ssv1 + g * ssv2 + offs_s[:, None] * ssv3 + offs_dv[None, :],
-                 mask=s_in[:, None] & dv_ok[None, :], other=0.0)
+                 mask=s_in[:, None] & (offs_dv < DV)[None, :], other=0.0)
     s = _mma(q, tl.trans(kt), ACC, PRECISION) * scale
     allowed = q_ok[:, None] & s_in[None, :]
     if SUMMARY_MASK:
@@ -267,30 +282,122 @@ def _grouped_summary_tile(s0, SK, SV, SMASK, b, h, g, q, q_ok, offs_m, hash_q, s
         keep = _mix32(hash_q[:, None] ^ (Lk + g * S + offs_s)[None, :]) >= drop_threshold
     else:
         keep = allowed
-    return s_in, offs_s, kt, vt, s, allowed, keep
+    return s_in, offs_s, kt, vt, s, keep
 
 
 @triton.jit
-def _grouped_softmax_step(m_i, l_i, acc, s, vt, keep, drop_scale, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                          DROPOUT: tl.constexpr):
-    m_new = tl.maximum(m_i, _max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-    alpha = tl.exp(m_i - m_use)
-    p = tl.exp(s - m_use[:, None])
-    l_i = l_i * alpha + _sum(p, 1)
+def _grouped_probs(s, vt, keep, grads, drop_scale, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                   ENTMAX: tl.constexpr, DROPOUT: tl.constexpr):
+    """Backward: (p, s = sqrt(p) for entmax, dp = dO . v, p as the output saw it)."""
+    do, stat = grads[0], grads[1]
+    p, sv = _probs(s, stat[:, None], ENTMAX)
+    dp = _mma(do, tl.trans(vt), ACC, PRECISION)
     if DROPOUT:
-        p = tl.where(keep, p * drop_scale, 0.0)  # the normaliser counts dropped pairs; the output does not
-    return m_new, l_i, acc * alpha[:, None] + _mma(p, vt, ACC, PRECISION)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+        pd = tl.where(keep, p * drop_scale, 0.0)
+    else:
+        pd = p
+    return p, sv, dp, pd
 
 
 @triton.jit
-def _grouped_entmax_step(acc, s, vt, tau, keep, drop_scale, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                         DROPOUT: tl.constexpr):
-    r = tl.maximum(s * 0.5 - tau[:, None], 0.0)
-    p = r * r
-    if DROPOUT:
-        p = tl.where(keep, p * drop_scale, 0.0)
-    return acc + _mma(p, vt, ACC, PRECISION)
+def _grouped_step(PASS: tl.constexpr, t1, t2, t3, acc, p1, p2, s, vt, keep, grads, drop_scale, ACC: tl.constexpr,
+                  PRECISION: tl.constexpr, ENTMAX: tl.constexpr, DROPOUT: tl.constexpr):
+    """One tile of a pass other than PASS_GRADS (the tile's rows are the query slots, its keys axis 1)."""
+    if PASS == PASS_MAX:
+        t1 = _half_max(t1, s, 1)
+    elif PASS == PASS_MASS:
+        t1 += _bisect_mass(s, p1[:, None], 1)
+    elif PASS == PASS_SUPPORT:
+        cnt, sum1, sum2 = _support_sums(s, p1[:, None], p2[:, None], 1)
+        t1, t2, t3 = t1 + cnt, t2 + sum1, t3 + sum2
+    elif PASS == PASS_ROW_SUMS:
+        p, sv, dp, pd = _grouped_probs(s, vt, keep, grads, drop_scale, ACC, PRECISION, ENTMAX, DROPOUT)
+        t1, t2 = _row_sums(t1, t2, p, sv, dp, 1, ENTMAX)
+    else:
+        if PASS == PASS_ENTMAX:
+            r = tl.maximum(s * 0.5 - p1[:, None], 0.0)
+            p = r * r
+        else:  # PASS_SOFTMAX: t1 = running max, t2 = running sum
+            m_new = tl.maximum(t1, _max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+            alpha = tl.exp(t1 - m_use)
+            p = tl.exp(s - m_use[:, None])
+            t2 = t2 * alpha + _sum(p, 1)
+            acc = acc * alpha[:, None]
+            t1 = m_new
+        if DROPOUT:
+            p = tl.where(keep, p * drop_scale, 0.0)  # the normaliser counts dropped pairs; the output does not
+        acc += _mma(p, vt, ACC, PRECISION)
+    return t1, t2, t3, acc
+
+
+@triton.jit
+def _grouped_tile_grads(s, kt, vt, keep, rows, grads, c_row, e_row, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        ENTMAX: tl.constexpr, DROPOUT: tl.constexpr, HAS_DSTAT: tl.constexpr):
+    """(d logits, dq contribution, dk tile, dv tile) of one tile."""
+    g, b, h, kv_base, slot, offs_m, q, qpos, q_ok, k_lo, k_hi, hash_q, scale, drop_scale = rows
+    do = grads[0]
+    p, sv, dp, pd = _grouped_probs(s, vt, keep, grads, drop_scale, ACC, PRECISION, ENTMAX, DROPOUT)
+    ds = _dlogits(sv, dp, c_row[:, None], e_row[:, None], ENTMAX, HAS_DSTAT)
+    return ds, _mma(ds, kt, ACC, PRECISION), _mma(tl.trans(ds), q, ACC, PRECISION) * scale, \
+        _mma(tl.trans(pd), do, ACC, PRECISION)
+
+
+@triton.jit
+def _grouped_pass(
+    PASS: tl.constexpr, t1, t2, t3, acc, p1, p2, tile, rows, keys, summaries, grads,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, ENTMAX: tl.constexpr,
+    CAUSAL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr, PAIR_MASK: tl.constexpr,
+    KEY_RANGE: tl.constexpr, SUMMARY: tl.constexpr, SUMMARY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    ONE_TILE: tl.constexpr, BIAS_GRAD: tl.constexpr, SUMMARY_GRAD: tl.constexpr, HAS_DSTAT: tl.constexpr,
+):
+    """One pass over every key of the query tile: its key slots (`tile`, loaded before the passes,
+    when they fit ONE_TILE; else streamed in tiles of BLOCK_N), then its summary slots in tiles of
+    BLOCK_S. Returns the running totals."""
+    g, b, h, kv_base, slot, offs_m, q, qpos, q_ok, k_lo, k_hi, hash_q, scale, drop_scale = rows
+    if PASS == PASS_GRADS:
+        do, stat, DK, DV_, DBIAS, DSK, DSV, db0, db1, db2, db3 = grads
+    Wk, S = keys[6], summaries[3]
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for n0 in range(0, 1 if ONE_TILE else Wk, BLOCK_N):  # ONE_TILE: one step, on the loaded tile
+        if ONE_TILE:
+            k_ok, krow, kpos, kt, vt, s, allowed, keep = tile
+        else:
+            k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
+                n0, rows, keys, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS,
+                PAIR_MASK, KEY_RANGE, DROPOUT)
+        if PASS == PASS_GRADS:
+            ds, dq_t, dk_t, dv_t = _grouped_tile_grads(s, kt, vt, keep, rows, grads, p1, p2, ACC, PRECISION, ENTMAX,
+                                                       DROPOUT, HAS_DSTAT)
+            acc += dq_t
+            tl.atomic_add(DK + (krow * D)[:, None] + offs_d[None, :], dk_t, mask=k_ok[:, None] & (offs_d < D)[None, :])
+            tl.atomic_add(DV_ + (krow * DV)[:, None] + offs_dv[None, :], dv_t,
+                          mask=k_ok[:, None] & (offs_dv < DV)[None, :])
+            if BIAS_GRAD:
+                tl.atomic_add(DBIAS + b * db0 + h * db1 + qpos[:, None] * db2 + kpos[None, :] * db3, ds, mask=allowed)
+        else:
+            t1, t2, t3, acc = _grouped_step(PASS, t1, t2, t3, acc, p1, p2, s, vt, keep, grads, drop_scale, ACC,
+                                            PRECISION, ENTMAX, DROPOUT)
+    if SUMMARY:
+        for s0 in range(0, S, BLOCK_S):
+            s_in, offs_s, kt, vt, s, keep = _grouped_summary_tile(
+                s0, rows, summaries, D, DV, BLOCK_D, BLOCK_DV, BLOCK_S, ACC, PRECISION, SUMMARY_MASK, DROPOUT)
+            if PASS == PASS_GRADS:
+                ds, dq_t, dk_t, dv_t = _grouped_tile_grads(s, kt, vt, keep, rows, grads, p1, p2, ACC, PRECISION,
+                                                           ENTMAX, DROPOUT, HAS_DSTAT)
+                acc += dq_t
+                if SUMMARY_GRAD:
+                    tl.atomic_add(DSK + ((slot * S + offs_s) * D)[:, None] + offs_d[None, :], dk_t,
+                                  mask=s_in[:, None] & (offs_d < D)[None, :])
+                    tl.atomic_add(DSV + ((slot * S + offs_s) * DV)[:, None] + offs_dv[None, :], dv_t,
+                                  mask=s_in[:, None] & (offs_dv < DV)[None, :])
+            else:
+                t1, t2, t3, acc = _grouped_step(PASS, t1, t2, t3, acc, p1, p2, s, vt, keep, grads, drop_scale, ACC,
+                                                PRECISION, ENTMAX, DROPOUT)
+    return t1, t2, t3, acc
 
 
 @triton.jit
@@ -306,152 +413,54 @@ def grouped_fwd(
     PADDING: tl.constexpr, HAS_BIAS: tl.constexpr, PAIR_MASK: tl.constexpr, KEY_RANGE: tl.constexpr,
     SUMMARY: tl.constexpr, SUMMARY_MASK: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
-    g, bh, b, h, kv_base, slot, offs_m, m_in, qpos, q_ok, q, k_lo, k_hi, scale, drop_scale, hash_q = \
-        _grouped_rows(Q, QI, KR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, G, Wq, D, BLOCK_D, BLOCK_M, KEY_RANGE, DROPOUT)
+    rows = _grouped_rows(Q, QI, KR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, G, Wq, D, BLOCK_D, BLOCK_M, KEY_RANGE, DROPOUT)
+    keys = (K, V, KI, KPM, BIAS, PMASK, Wk, Lk, causal_offset, drop_threshold, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3)
+    summaries = (SK, SV, SMASK, S, Lk, drop_threshold, ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3,
+                 sm0, sm1, sm2, sm3, sm4)
+    tile = rows  # read only with ONE_TILE
     if ONE_TILE:  # the group's key slots fit one tile: load it once, keep it in registers for every pass
-        k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
-            0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi, hash_q, scale,
-            causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3, D, DV, BLOCK_D,
-            BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
+        tile = _grouped_key_tile(0, rows, keys, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING,
+                                 HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
+    zero = tl.full([BLOCK_M], 0.0, ACC)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, ACC)
     if ENTMAX:
-        # the threshold: row max, N_BISECT bisection passes, one pass for the support's sums
-        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-        if ONE_TILE:
-            m_i = _half_max(m_i, s, 1)
-        else:
-            for n0 in range(0, Wk, BLOCK_N):
-                k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
-                    n0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi, hash_q, scale,
-                    causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3, D, DV, BLOCK_D,
-                    BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
-                m_i = _half_max(m_i, s, 1)
-            if SUMMARY:
-                for s0 in range(0, S, BLOCK_S):
-                    s_in, offs_s, kt, vt, s, allowed, keep = _grouped_summary_tile(
-                        s0, SK, SV, SMASK, b, h, g, q, q_ok, offs_m, hash_q, scale, drop_threshold, Lk, S,
-                        ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3, sm0, sm1, sm2, sm3, sm4, D, DV, BLOCK_D,
-                        BLOCK_DV, BLOCK_S, ACC, PRECISION, SUMMARY_MASK, DROPOUT)
-                    m_i = _half_max(m_i, s, 1)
+        # the threshold: the row max, N_BISECT bisection passes, then the sums over the support found
+        m_i = _grouped_pass(
+            PASS_MAX, tl.full([BLOCK_M], float("-inf"), ACC), zero, zero, acc, zero, zero, tile, rows, keys,
+            summaries, (), D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, BLOCK_S, ACC, PRECISION, ENTMAX, CAUSAL, PADDING,
+            HAS_BIAS, PAIR_MASK, KEY_RANGE, SUMMARY, SUMMARY_MASK, DROPOUT, ONE_TILE, False, False, False)[0]
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
         lo = m_use - 1.0
         hi = m_use
-        for _ in range(N_BISECT):
+        for step in range(N_BISECT):
             mid = (lo + hi) * 0.5
-            mass = tl.full([BLOCK_M], 0.0, ACC)
-            if ONE_TILE:
-                mass += _bisect_mass(s, mid[:, None], 1)
-            else:
-                for n0 in range(0, Wk, BLOCK_N):
-                    k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
-                        n0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi, hash_q,
-                        scale, causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3, D, DV,
-                        BLOCK_D, BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK,
-                        KEY_RANGE, DROPOUT)
-                    mass += _bisect_mass(s, mid[:, None], 1)
-                if SUMMARY:
-                    for s0 in range(0, S, BLOCK_S):
-                        s_in, offs_s, kt, vt, s, allowed, keep = _grouped_summary_tile(
-                            s0, SK, SV, SMASK, b, h, g, q, q_ok, offs_m, hash_q, scale, drop_threshold, Lk, S,
-                            ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3, sm0, sm1, sm2, sm3, sm4, D, DV,
-                            BLOCK_D, BLOCK_DV, BLOCK_S, ACC, PRECISION, SUMMARY_MASK, DROPOUT)
-                        mass += _bisect_mass(s, mid[:, None], 1)
+            mass = _grouped_pass(
+                PASS_MASS, zero, zero, zero, acc, mid, zero, tile, rows, keys, summaries, (), D, DV, BLOCK_D,
+                BLOCK_DV, BLOCK_N, BLOCK_S, ACC, PRECISION, ENTMAX, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE,
+                SUMMARY, SUMMARY_MASK, DROPOUT, ONE_TILE, False, False, False)[0]
             lo = tl.where(mass >= 1.0, mid, lo)
             hi = tl.where(mass >= 1.0, hi, mid)
-        cnt = tl.full([BLOCK_M], 0.0, ACC)
-        s1 = tl.full([BLOCK_M], 0.0, ACC)
-        s2 = tl.full([BLOCK_M], 0.0, ACC)
-        if ONE_TILE:
-            c, t1, t2 = _support_sums(s, m_use[:, None], lo[:, None], 1)
-            cnt, s1, s2 = cnt + c, s1 + t1, s2 + t2
-        else:
-            for n0 in range(0, Wk, BLOCK_N):
-                k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
-                    n0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi, hash_q, scale,
-                    causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3, D, DV, BLOCK_D,
-                    BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
-                c, t1, t2 = _support_sums(s, m_use[:, None], lo[:, None], 1)
-                cnt, s1, s2 = cnt + c, s1 + t1, s2 + t2
-            if SUMMARY:
-                for s0 in range(0, S, BLOCK_S):
-                    s_in, offs_s, kt, vt, s, allowed, keep = _grouped_summary_tile(
-                        s0, SK, SV, SMASK, b, h, g, q, q_ok, offs_m, hash_q, scale, drop_threshold, Lk, S,
-                        ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3, sm0, sm1, sm2, sm3, sm4, D, DV, BLOCK_D,
-                        BLOCK_DV, BLOCK_S, ACC, PRECISION, SUMMARY_MASK, DROPOUT)
-                    c, t1, t2 = _support_sums(s, m_use[:, None], lo[:, None], 1)
-                    cnt, s1, s2 = cnt + c, s1 + t1, s2 + t2
-        tau = _tau(m_use, cnt, s1, s2)
-        # the output
-        if ONE_TILE:
-            acc = _grouped_entmax_step(acc, s, vt, tau, keep, drop_scale, ACC, PRECISION, DROPOUT)
-        else:
-            for n0 in range(0, Wk, BLOCK_N):
-                k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
-                    n0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi, hash_q, scale,
-                    causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3, D, DV, BLOCK_D,
-                    BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
-                acc = _grouped_entmax_step(acc, s, vt, tau, keep, drop_scale, ACC, PRECISION, DROPOUT)
-            if SUMMARY:
-                for s0 in range(0, S, BLOCK_S):
-                    s_in, offs_s, kt, vt, s, allowed, keep = _grouped_summary_tile(
-                        s0, SK, SV, SMASK, b, h, g, q, q_ok, offs_m, hash_q, scale, drop_threshold, Lk, S,
-                        ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3, sm0, sm1, sm2, sm3, sm4, D, DV, BLOCK_D,
-                        BLOCK_DV, BLOCK_S, ACC, PRECISION, SUMMARY_MASK, DROPOUT)
-                    acc = _grouped_entmax_step(acc, s, vt, tau, keep, drop_scale, ACC, PRECISION, DROPOUT)
-        out = acc
-        stat = tau
+        cnt, s1, s2, unused = _grouped_pass(
+            PASS_SUPPORT, zero, zero, zero, acc, m_use, lo, tile, rows, keys, summaries, (), D, DV, BLOCK_D, BLOCK_DV,
+            BLOCK_N, BLOCK_S, ACC, PRECISION, ENTMAX, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, SUMMARY,
+            SUMMARY_MASK, DROPOUT, ONE_TILE, False, False, False)
+        stat = _tau(m_use, cnt, s1, s2)
+        out = _grouped_pass(
+            PASS_ENTMAX, zero, zero, zero, acc, stat, zero, tile, rows, keys, summaries, (), D, DV, BLOCK_D, BLOCK_DV,
+            BLOCK_N, BLOCK_S, ACC, PRECISION, ENTMAX, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, SUMMARY,
+            SUMMARY_MASK, DROPOUT, ONE_TILE, False, False, False)[3]
     else:
-        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-        l_i = tl.full([BLOCK_M], 0.0, ACC)
-        if ONE_TILE:
-            m_i, l_i, acc = _grouped_softmax_step(m_i, l_i, acc, s, vt, keep, drop_scale, ACC, PRECISION, DROPOUT)
-        else:
-            for n0 in range(0, Wk, BLOCK_N):
-                k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
-                    n0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi, hash_q, scale,
-                    causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3, D, DV, BLOCK_D,
-                    BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
-                m_i, l_i, acc = _grouped_softmax_step(m_i, l_i, acc, s, vt, keep, drop_scale, ACC, PRECISION,
-                                                      DROPOUT)
-            if SUMMARY:
-                for s0 in range(0, S, BLOCK_S):
-                    s_in, offs_s, kt, vt, s, allowed, keep = _grouped_summary_tile(
-                        s0, SK, SV, SMASK, b, h, g, q, q_ok, offs_m, hash_q, scale, drop_threshold, Lk, S,
-                        ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3, sm0, sm1, sm2, sm3, sm4, D, DV, BLOCK_D,
-                        BLOCK_DV, BLOCK_S, ACC, PRECISION, SUMMARY_MASK, DROPOUT)
-                    m_i, l_i, acc = _grouped_softmax_step(m_i, l_i, acc, s, vt, keep, drop_scale, ACC, PRECISION,
-                                                          DROPOUT)
+        m_i, l_i, unused, acc = _grouped_pass(
+            PASS_SOFTMAX, tl.full([BLOCK_M], float("-inf"), ACC), zero, zero, acc, zero, zero, tile, rows, keys,
+            summaries, (), D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, BLOCK_S, ACC, PRECISION, ENTMAX, CAUSAL, PADDING,
+            HAS_BIAS, PAIR_MASK, KEY_RANGE, SUMMARY, SUMMARY_MASK, DROPOUT, ONE_TILE, False, False, False)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         stat = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+    slot, offs_m = rows[4], rows[5]
     offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(OUT + ((slot * Wq + offs_m) * DV)[:, None] + offs_dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=m_in[:, None] & (offs_dv < DV)[None, :])
-    tl.store(STAT + slot * Wq + offs_m, stat.to(STAT.dtype.element_ty), mask=m_in)
-
-
-@triton.jit
-def _grouped_tile_grads(s, kt, vt, q, do, stat, c_row, e_row, keep, drop_scale, scale, ACC: tl.constexpr,
-                        PRECISION: tl.constexpr, ENTMAX: tl.constexpr, DROPOUT: tl.constexpr,
-                        HAS_DSTAT: tl.constexpr):
-    """(d logits, dq contribution, dk tile, dv tile) of one tile."""
-    p, sv, dp, pd = _grouped_probs(s, vt, do, stat, keep, drop_scale, ACC, PRECISION, ENTMAX, DROPOUT)
-    ds = _dlogits(sv, dp, c_row[:, None], e_row[:, None], ENTMAX, HAS_DSTAT)
-    return ds, _mma(ds, kt, ACC, PRECISION), _mma(tl.trans(ds), q, ACC, PRECISION) * scale, \
-        _mma(tl.trans(pd), do, ACC, PRECISION)
-
-
-@triton.jit
-def _grouped_probs(s, vt, do, stat, keep, drop_scale, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                   ENTMAX: tl.constexpr, DROPOUT: tl.constexpr):
-    """Backward's probabilities p, s = sqrt(p) (entmax) or p, dp = dO . v, and p as the output saw it."""
-    p, sv = _probs(s, stat[:, None], ENTMAX)
-    dp = _mma(do, tl.trans(vt), ACC, PRECISION)
-    if DROPOUT:
-        dp = tl.where(keep, dp * drop_scale, 0.0)
-        pd = tl.where(keep, p * drop_scale, 0.0)
-    else:
-        pd = p
-    return p, sv, dp, pd
+             mask=(offs_m < Wq)[:, None] & (offs_dv < DV)[None, :])
+    tl.store(STAT + slot * Wq + offs_m, stat.to(STAT.dtype.element_ty), mask=offs_m < Wq)
 
 
 @triton.jit
@@ -468,86 +477,40 @@ def grouped_bwd(
     SUMMARY: tl.constexpr, SUMMARY_MASK: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr,
     BIAS_GRAD: tl.constexpr, SUMMARY_GRAD: tl.constexpr, HAS_DSTAT: tl.constexpr,
 ):
-    g, bh, b, h, kv_base, slot, offs_m, m_in, qpos, q_ok, q, k_lo, k_hi, scale, drop_scale, hash_q = \
-        _grouped_rows(Q, QI, KR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, G, Wq, D, BLOCK_D, BLOCK_M, KEY_RANGE, DROPOUT)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
+    rows = _grouped_rows(Q, QI, KR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, G, Wq, D, BLOCK_D, BLOCK_M, KEY_RANGE, DROPOUT)
+    keys = (K, V, KI, KPM, BIAS, PMASK, Wk, Lk, causal_offset, drop_threshold, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3)
+    summaries = (SK, SV, SMASK, S, Lk, drop_threshold, ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3,
+                 sm0, sm1, sm2, sm3, sm4)
+    tile = rows  # read only with ONE_TILE
     if ONE_TILE:
-        k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
-            0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi, hash_q, scale,
-            causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3, D, DV, BLOCK_D,
-            BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
-    do = tl.load(DO + ((slot * Wq + offs_m) * DV)[:, None] + offs_dv[None, :], mask=m_in[:, None] & dv_ok[None, :],
+        tile = _grouped_key_tile(0, rows, keys, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING,
+                                 HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
+    g, b, h, kv_base, slot, offs_m, q, qpos, q_ok, k_lo, k_hi, hash_q, scale, drop_scale = rows
+    m_in = offs_m < Wq
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    do = tl.load(DO + ((slot * Wq + offs_m) * DV)[:, None] + offs_dv[None, :], mask=m_in[:, None] & (offs_dv < DV)[None, :],
                  other=0.0)
     stat = tl.load(STAT + slot * Wq + offs_m, mask=m_in, other=0.0).to(ACC)
+    dstat = stat  # read only with HAS_DSTAT
     if HAS_DSTAT:
         dstat = tl.load(DSTAT + slot * Wq + offs_m, mask=m_in, other=0.0).to(ACC)
-    else:
-        dstat = stat
-    # pass 1: the row sums the normaliser's gradient needs
-    r1 = tl.full([BLOCK_M], 0.0, ACC)
-    r2 = tl.full([BLOCK_M], 0.0, ACC)
-    if ONE_TILE:
-        p, sv, dp, pd = _grouped_probs(s, vt, do, stat, keep, drop_scale, ACC, PRECISION, ENTMAX, DROPOUT)
-        r1, r2 = _row_sums(r1, r2, p, sv, dp, 1, ENTMAX)
-    else:
-        for n0 in range(0, Wk, BLOCK_N):
-            k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
-                n0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi, hash_q, scale,
-                causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3, D, DV, BLOCK_D,
-                BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
-            p, sv, dp, pd = _grouped_probs(s, vt, do, stat, keep, drop_scale, ACC, PRECISION, ENTMAX, DROPOUT)
-            r1, r2 = _row_sums(r1, r2, p, sv, dp, 1, ENTMAX)
-        if SUMMARY:
-            for s0 in range(0, S, BLOCK_S):
-                s_in, offs_s, kt, vt, s, allowed, keep = _grouped_summary_tile(
-                    s0, SK, SV, SMASK, b, h, g, q, q_ok, offs_m, hash_q, scale, drop_threshold, Lk, S,
-                    ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3, sm0, sm1, sm2, sm3, sm4, D, DV, BLOCK_D,
-                    BLOCK_DV, BLOCK_S, ACC, PRECISION, SUMMARY_MASK, DROPOUT)
-                p, sv, dp, pd = _grouped_probs(s, vt, do, stat, keep, drop_scale, ACC, PRECISION, ENTMAX, DROPOUT)
-                r1, r2 = _row_sums(r1, r2, p, sv, dp, 1, ENTMAX)
-    c_row, e_row = _row_grad_terms(r1, r2, dstat, ENTMAX, HAS_DSTAT)
-    # pass 2: gradients
+    grads = (do, stat, DK, DV_, DBIAS, DSK, DSV, db0, db1, db2, db3)
+    zero = tl.full([BLOCK_M], 0.0, ACC)
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
-    if ONE_TILE:
-        ds, dq_t, dk_t, dv_t = _grouped_tile_grads(s, kt, vt, q, do, stat, c_row, e_row, keep, drop_scale, scale,
-                                                   ACC, PRECISION, ENTMAX, DROPOUT, HAS_DSTAT)
-        dq += dq_t
-        tl.atomic_add(DK + (krow * D)[:, None] + offs_d[None, :], dk_t, mask=k_ok[:, None] & d_ok[None, :])
-        tl.atomic_add(DV_ + (krow * DV)[:, None] + offs_dv[None, :], dv_t, mask=k_ok[:, None] & dv_ok[None, :])
-        if BIAS_GRAD:
-            tl.atomic_add(DBIAS + b * db0 + h * db1 + qpos[:, None] * db2 + kpos[None, :] * db3, ds, mask=allowed)
-    else:
-        for n0 in range(0, Wk, BLOCK_N):
-            k_ok, krow, kpos, kt, vt, s, allowed, keep = _grouped_key_tile(
-                n0, K, V, KI, KPM, BIAS, PMASK, slot, b, h, kv_base, q, qpos, q_ok, k_lo, k_hi, hash_q, scale,
-                causal_offset, drop_threshold, Wk, Lk, sb0, sb1, sb2, sb3, sp0, sp1, sp2, sp3, D, DV, BLOCK_D,
-                BLOCK_DV, BLOCK_N, ACC, PRECISION, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, DROPOUT)
-            ds, dq_t, dk_t, dv_t = _grouped_tile_grads(s, kt, vt, q, do, stat, c_row, e_row, keep, drop_scale,
-                                                       scale, ACC, PRECISION, ENTMAX, DROPOUT, HAS_DSTAT)
-            dq += dq_t
-            tl.atomic_add(DK + (krow * D)[:, None] + offs_d[None, :], dk_t, mask=k_ok[:, None] & d_ok[None, :])
-            tl.atomic_add(DV_ + (krow * DV)[:, None] + offs_dv[None, :], dv_t, mask=k_ok[:, None] & dv_ok[None, :])
-            if BIAS_GRAD:
-                tl.atomic_add(DBIAS + b * db0 + h * db1 + qpos[:, None] * db2 + kpos[None, :] * db3, ds,
-                              mask=allowed)
-        if SUMMARY:
-            for s0 in range(0, S, BLOCK_S):
-                s_in, offs_s, kt, vt, s, allowed, keep = _grouped_summary_tile(
-                    s0, SK, SV, SMASK, b, h, g, q, q_ok, offs_m, hash_q, scale, drop_threshold, Lk, S,
-                    ssk0, ssk1, ssk2, ssk3, ssv0, ssv1, ssv2, ssv3, sm0, sm1, sm2, sm3, sm4, D, DV, BLOCK_D,
-                    BLOCK_DV, BLOCK_S, ACC, PRECISION, SUMMARY_MASK, DROPOUT)
-                ds, dq_t, dk_t, dv_t = _grouped_tile_grads(s, kt, vt, q, do, stat, c_row, e_row, keep, drop_scale,
-                                                           scale, ACC, PRECISION, ENTMAX, DROPOUT, HAS_DSTAT)
-                dq += dq_t
-                if SUMMARY_GRAD:
-                    tl.atomic_add(DSK + ((slot * S + offs_s) * D)[:, None] + offs_d[None, :], dk_t,
-                                  mask=s_in[:, None] & d_ok[None, :])
-                    tl.atomic_add(DSV + ((slot * S + offs_s) * DV)[:, None] + offs_dv[None, :], dv_t,
-                                  mask=s_in[:, None] & dv_ok[None, :])
-    tl.atomic_add(DQ + ((bh * Lq + qpos) * D)[:, None] + offs_d[None, :], dq * scale, mask=q_ok[:, None] & d_ok[None, :])
+    # pass 1: the row sums the normaliser's gradient needs; pass 2: the gradients
+    r1, r2, unused, unused_acc = _grouped_pass(
+        PASS_ROW_SUMS, zero, zero, zero, dq, zero, zero, tile, rows, keys, summaries, grads, D, DV, BLOCK_D, BLOCK_DV,
+        BLOCK_N, BLOCK_S, ACC, PRECISION, ENTMAX, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, SUMMARY,
+        SUMMARY_MASK, DROPOUT, ONE_TILE, BIAS_GRAD, SUMMARY_GRAD, HAS_DSTAT)
+    c_row, e_row = _row_grad_terms(r1, r2, dstat, ENTMAX, HAS_DSTAT)
+    dq = _grouped_pass(
+        PASS_GRADS, zero, zero, zero, dq, c_row, e_row, tile, rows, keys, summaries, grads, D, DV, BLOCK_D, BLOCK_DV,
+        BLOCK_N, BLOCK_S, ACC, PRECISION, ENTMAX, CAUSAL, PADDING, HAS_BIAS, PAIR_MASK, KEY_RANGE, SUMMARY,
+        SUMMARY_MASK, DROPOUT, ONE_TILE, BIAS_GRAD, SUMMARY_GRAD, HAS_DSTAT)[3]
+    bh = tl.program_id(2).to(tl.int64)
+    tl.atomic_add(DQ + ((bh * Lq + qpos) * D)[:, None] + offs_d[None, :], dq * scale,
+                  mask=q_ok[:, None] & (offs_d < D)[None, :])
 
 
 # ------------------------------------------------------------------------------------------
@@ -558,7 +521,7 @@ def grouped_bwd(
 @triton.jit
 def _edge_row(Q, ROW_PTR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, D: tl.constexpr, BLOCK_D: tl.constexpr,
               ACC: tl.constexpr, DROPOUT: tl.constexpr):
-    """The program's query row: its (batch, head, position), edge range and row."""
+    """The program's query row: (row, i, b, h, kv_base, start, end, q, hash_q, scale, drop_scale)."""
     row = tl.program_id(0).to(tl.int64)
     bh = row // Lq
     i = row % Lq
@@ -576,27 +539,28 @@ def _edge_row(Q, ROW_PTR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, D: tl.constexpr, B
         hash_q = i
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + row * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
-    return row, i, b, h, kv_base, start, end, scale, drop_scale, hash_q, q
+    return row, i, b, h, kv_base, start, end, q, hash_q, scale, drop_scale
 
 
 @triton.jit
-def _edge_tile(n0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale, causal_offset,
-               drop_threshold, Lk, sb0, sb1, sb2, sb3,
-               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+def _edge_tile(n0, row, edges, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, ACC: tl.constexpr, CAUSAL: tl.constexpr, PADDING: tl.constexpr,
                HAS_BIAS: tl.constexpr, EDGE_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     """Logits s (BLOCK_N,) of the row's edges [start + n0, start + n0 + BLOCK_N), -inf where the
-    edge is padding or removed by the causal rule / key padding, with the gathered rows."""
+    edge is padding or removed by the causal rule / key padding, with the gathered rows:
+    (e, col, krow, kt, vt, s, allowed, keep)."""
+    r, i, b, h, kv_base, start, end, q, hash_q, scale, drop_scale = row
+    COL, K, V, KPM, BIAS, EBIAS, Lk, causal_offset, drop_threshold, sb0, sb1, sb2, sb3 = edges
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
     e = start + n0 + tl.arange(0, BLOCK_N)
     valid = e < end
     col = tl.load(COL + e, mask=valid, other=0)
     krow = kv_base + col
-    kt = tl.load(K + (krow * D)[:, None] + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0).to(ACC)
-    vt = tl.load(V + (krow * DV)[:, None] + offs_dv[None, :], mask=valid[:, None] & dv_ok[None, :], other=0.0).to(ACC)
+    kt = tl.load(K + (krow * D)[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d < D)[None, :],
+                 other=0.0).to(ACC)
+    vt = tl.load(V + (krow * DV)[:, None] + offs_dv[None, :], mask=valid[:, None] & (offs_dv < DV)[None, :],
+                 other=0.0).to(ACC)
     s = _sum(kt * q[None, :], 1) * scale
     allowed = valid
     if CAUSAL:
@@ -616,24 +580,88 @@ def _edge_tile(n0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q,
 
 
 @triton.jit
-def _edge_softmax_step(m_i, l_i, acc, s, vt, keep, drop_scale, DROPOUT: tl.constexpr):
-    m_new = tl.maximum(m_i, _max(s, 0))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_use)
-    p = tl.exp(s - m_use)
-    l_i = l_i * alpha + _sum(p, 0)
+def _edge_probs(s, vt, keep, grads, drop_scale, ENTMAX: tl.constexpr, DROPOUT: tl.constexpr):
+    """Backward: (p, s = sqrt(p) for entmax, dp = dO . v, p as the output saw it)."""
+    do, stat = grads[0], grads[1]
+    p, sv = _probs(s, stat, ENTMAX)
+    dp = _sum(vt * do[None, :], 1)
     if DROPOUT:
-        p = tl.where(keep, p * drop_scale, 0.0)
-    return m_new, l_i, acc * alpha + _sum(p[:, None] * vt, 0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+        pd = tl.where(keep, p * drop_scale, 0.0)
+    else:
+        pd = p
+    return p, sv, dp, pd
 
 
 @triton.jit
-def _edge_entmax_step(acc, s, vt, tau, keep, drop_scale, DROPOUT: tl.constexpr):
-    r = tl.maximum(s * 0.5 - tau, 0.0)
-    p = r * r
-    if DROPOUT:
-        p = tl.where(keep, p * drop_scale, 0.0)
-    return acc + _sum(p[:, None] * vt, 0)
+def _edge_step(PASS: tl.constexpr, t1, t2, t3, acc, p1, p2, s, vt, keep, grads, drop_scale, ENTMAX: tl.constexpr,
+               DROPOUT: tl.constexpr):
+    """One tile of a pass other than PASS_GRADS (the row's statistics are scalars, its edges axis 0)."""
+    if PASS == PASS_MAX:
+        t1 = _half_max(t1, s, 0)
+    elif PASS == PASS_MASS:
+        t1 += _bisect_mass(s, p1, 0)
+    elif PASS == PASS_SUPPORT:
+        cnt, sum1, sum2 = _support_sums(s, p1, p2, 0)
+        t1, t2, t3 = t1 + cnt, t2 + sum1, t3 + sum2
+    elif PASS == PASS_ROW_SUMS:
+        p, sv, dp, pd = _edge_probs(s, vt, keep, grads, drop_scale, ENTMAX, DROPOUT)
+        t1, t2 = _row_sums(t1, t2, p, sv, dp, 0, ENTMAX)
+    else:
+        if PASS == PASS_ENTMAX:
+            r = tl.maximum(s * 0.5 - p1, 0.0)
+            p = r * r
+        else:  # PASS_SOFTMAX: t1 = running max, t2 = running sum
+            m_new = tl.maximum(t1, _max(s, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(t1 - m_use)
+            p = tl.exp(s - m_use)
+            t2 = t2 * alpha + _sum(p, 0)
+            acc = acc * alpha
+            t1 = m_new
+        if DROPOUT:
+            p = tl.where(keep, p * drop_scale, 0.0)
+        acc += _sum(p[:, None] * vt, 0)
+    return t1, t2, t3, acc
+
+
+@triton.jit
+def _edge_pass(
+    PASS: tl.constexpr, t1, t2, t3, acc, p1, p2, tile, row, edges, grads,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, ENTMAX: tl.constexpr, CAUSAL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EDGE_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    EDGE_BIAS_GRAD: tl.constexpr, HAS_DSTAT: tl.constexpr,
+):
+    """One pass over the row's edges (`tile`, loaded before the passes, when they fit ONE_TILE; else
+    streamed in tiles of BLOCK_N). Returns the running totals."""
+    r, i, b, h, kv_base, start, end, q, hash_q, scale, drop_scale = row
+    if PASS == PASS_GRADS:
+        do, stat, DK, DV_, DBIAS, DEDGE, db0, db1, db2, db3 = grads
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for n0 in range(0, 1 if ONE_TILE else end - start, BLOCK_N):  # ONE_TILE: one step, on the loaded tile
+        if ONE_TILE:
+            e, col, krow, kt, vt, s, allowed, keep = tile
+        else:
+            e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
+                n0, row, edges, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS, DROPOUT)
+        if PASS == PASS_GRADS:
+            p, sv, dp, pd = _edge_probs(s, vt, keep, grads, drop_scale, ENTMAX, DROPOUT)
+            ds = tl.where(allowed, _dlogits(sv, dp, p1, p2, ENTMAX, HAS_DSTAT), 0.0)
+            acc += _sum(ds[:, None] * kt, 0)
+            tl.atomic_add(DK + (krow * D)[:, None] + offs_d[None, :], (ds * scale)[:, None] * q[None, :],
+                          mask=allowed[:, None] & (offs_d < D)[None, :])
+            tl.atomic_add(DV_ + (krow * DV)[:, None] + offs_dv[None, :], pd[:, None] * do[None, :],
+                          mask=allowed[:, None] & (offs_dv < DV)[None, :])
+            if BIAS_GRAD:
+                tl.atomic_add(DBIAS + b * db0 + h * db1 + i * db2 + col * db3, ds, mask=allowed)
+            if EDGE_BIAS_GRAD:
+                tl.store(DEDGE + e, ds, mask=allowed)  # each edge belongs to exactly this row: no atomics
+        else:
+            t1, t2, t3, acc = _edge_step(PASS, t1, t2, t3, acc, p1, p2, s, vt, keep, grads, drop_scale, ENTMAX,
+                                         DROPOUT)
+    return t1, t2, t3, acc
 
 
 @triton.jit
@@ -646,122 +674,48 @@ def edge_fwd(
     ENTMAX: tl.constexpr, CAUSAL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr,
     EDGE_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
-    row, i, b, h, kv_base, start, end, scale, drop_scale, hash_q, q = \
-        _edge_row(Q, ROW_PTR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, D, BLOCK_D, ACC, DROPOUT)
+    row = _edge_row(Q, ROW_PTR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, D, BLOCK_D, ACC, DROPOUT)
+    edges = (COL, K, V, KPM, BIAS, EBIAS, Lk, causal_offset, drop_threshold, sb0, sb1, sb2, sb3)
+    tile = row  # read only with ONE_TILE
     if ONE_TILE:  # the row's edges fit one tile: load it once, keep it in registers for every pass
-        e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
-            0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale, causal_offset,
-            drop_threshold, Lk, sb0, sb1, sb2, sb3, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING,
-            HAS_BIAS, EDGE_BIAS, DROPOUT)
+        tile = _edge_tile(0, row, edges, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS,
+                          DROPOUT)
+    zero = tl.full([], 0.0, ACC)
     acc = tl.full([BLOCK_DV], 0.0, ACC)
     if ENTMAX:
-        # the threshold: row max, N_BISECT bisection passes, one pass for the support's sums
-        m_i = tl.full([], float("-inf"), ACC)
-        if ONE_TILE:
-            m_i = _half_max(m_i, s, 0)
-        else:
-            for n0 in range(0, end - start, BLOCK_N):
-                e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
-                    n0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale, causal_offset,
-                    drop_threshold, Lk, sb0, sb1, sb2, sb3, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING,
-                    HAS_BIAS, EDGE_BIAS, DROPOUT)
-                m_i = _half_max(m_i, s, 0)
+        # the threshold: the row max, N_BISECT bisection passes, then the sums over the support found
+        m_i = _edge_pass(
+            PASS_MAX, tl.full([], float("-inf"), ACC), zero, zero, acc, zero, zero, tile, row, edges, (), D, DV, BLOCK_D,
+            BLOCK_DV, BLOCK_N, ACC, ENTMAX, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS, DROPOUT, ONE_TILE, False, False,
+            False)[0]
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
         lo = m_use - 1.0
         hi = m_use
-        for _ in range(N_BISECT):
+        for step in range(N_BISECT):
             mid = (lo + hi) * 0.5
-            mass = tl.full([], 0.0, ACC)
-            if ONE_TILE:
-                mass += _bisect_mass(s, mid, 0)
-            else:
-                for n0 in range(0, end - start, BLOCK_N):
-                    e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
-                        n0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale,
-                        causal_offset, drop_threshold, Lk, sb0, sb1, sb2, sb3, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC,
-                        CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS, DROPOUT)
-                    mass += _bisect_mass(s, mid, 0)
+            mass = _edge_pass(
+                PASS_MASS, zero, zero, zero, acc, mid, zero, tile, row, edges, (), D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                ACC, ENTMAX, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS, DROPOUT, ONE_TILE, False, False, False)[0]
             lo = tl.where(mass >= 1.0, mid, lo)
             hi = tl.where(mass >= 1.0, hi, mid)
-        cnt = tl.full([], 0.0, ACC)
-        s1 = tl.full([], 0.0, ACC)
-        s2 = tl.full([], 0.0, ACC)
-        if ONE_TILE:
-            c, t1, t2 = _support_sums(s, m_use, lo, 0)
-            cnt, s1, s2 = cnt + c, s1 + t1, s2 + t2
-        else:
-            for n0 in range(0, end - start, BLOCK_N):
-                e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
-                    n0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale, causal_offset,
-                    drop_threshold, Lk, sb0, sb1, sb2, sb3, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING,
-                    HAS_BIAS, EDGE_BIAS, DROPOUT)
-                c, t1, t2 = _support_sums(s, m_use, lo, 0)
-                cnt, s1, s2 = cnt + c, s1 + t1, s2 + t2
-        tau = _tau(m_use, cnt, s1, s2)
-        if ONE_TILE:
-            acc = _edge_entmax_step(acc, s, vt, tau, keep, drop_scale, DROPOUT)
-        else:
-            for n0 in range(0, end - start, BLOCK_N):
-                e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
-                    n0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale, causal_offset,
-                    drop_threshold, Lk, sb0, sb1, sb2, sb3, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING,
-                    HAS_BIAS, EDGE_BIAS, DROPOUT)
-                acc = _edge_entmax_step(acc, s, vt, tau, keep, drop_scale, DROPOUT)
-        out = acc
-        stat = tau
+        cnt, s1, s2, unused = _edge_pass(
+            PASS_SUPPORT, zero, zero, zero, acc, m_use, lo, tile, row, edges, (), D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC,
+            ENTMAX, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS, DROPOUT, ONE_TILE, False, False, False)
+        stat = _tau(m_use, cnt, s1, s2)
+        out = _edge_pass(
+            PASS_ENTMAX, zero, zero, zero, acc, stat, zero, tile, row, edges, (), D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC,
+            ENTMAX, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS, DROPOUT, ONE_TILE, False, False, False)[3]
     else:
-        m_i = tl.full([], float("-inf"), ACC)
-        l_i = tl.full([], 0.0, ACC)
-        if ONE_TILE:
-            m_i, l_i, acc = _edge_softmax_step(m_i, l_i, acc, s, vt, keep, drop_scale, DROPOUT)
-        else:
-            for n0 in range(0, end - start, BLOCK_N):
-                e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
-                    n0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale, causal_offset,
-                    drop_threshold, Lk, sb0, sb1, sb2, sb3, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING,
-                    HAS_BIAS, EDGE_BIAS, DROPOUT)
-                m_i, l_i, acc = _edge_softmax_step(m_i, l_i, acc, s, vt, keep, drop_scale, DROPOUT)
+        m_i, l_i, unused, acc = _edge_pass(
+            PASS_SOFTMAX, tl.full([], float("-inf"), ACC), zero, zero, acc, zero, zero, tile, row, edges, (), D, DV,
+            BLOCK_D, BLOCK_DV, BLOCK_N, ACC, ENTMAX, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS, DROPOUT, ONE_TILE, False,
+            False, False)
         out = acc / tl.where(l_i > 0, l_i, 1.0)
         stat = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+    r = row[0]
     offs_dv = tl.arange(0, BLOCK_DV)
-    tl.store(OUT + row * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
-    tl.store(STAT + row, stat.to(STAT.dtype.element_ty))
-
-
-@triton.jit
-def _edge_probs(s, vt, do, stat, keep, drop_scale, ENTMAX: tl.constexpr, DROPOUT: tl.constexpr):
-    p, sv = _probs(s, stat, ENTMAX)
-    dp = _sum(vt * do[None, :], 1)
-    if DROPOUT:
-        dp = tl.where(keep, dp * drop_scale, 0.0)
-        pd = tl.where(keep, p * drop_scale, 0.0)
-    else:
-        pd = p
-    return p, sv, dp, pd
-
-
-@triton.jit
-def _edge_tile_grads(e, krow, kt, vt, s, allowed, keep, q, do, stat, c_row, e_row, b, h, i, col, drop_scale, scale,
-                     dq, DK, DV_, DBIAS, DEDGE, db0, db1, db2, db3,
-                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     ENTMAX: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                     EDGE_BIAS_GRAD: tl.constexpr, HAS_DSTAT: tl.constexpr):
-    """Scatters one tile's dk, dv, bias and edge-bias gradients; returns dq plus the tile's part."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < DV
-    p, sv, dp, pd = _edge_probs(s, vt, do, stat, keep, drop_scale, ENTMAX, DROPOUT)
-    ds = tl.where(allowed, _dlogits(sv, dp, c_row, e_row, ENTMAX, HAS_DSTAT), 0.0)
-    tl.atomic_add(DK + (krow * D)[:, None] + offs_d[None, :], (ds * scale)[:, None] * q[None, :],
-                  mask=allowed[:, None] & d_ok[None, :])
-    tl.atomic_add(DV_ + (krow * DV)[:, None] + offs_dv[None, :], pd[:, None] * do[None, :],
-                  mask=allowed[:, None] & dv_ok[None, :])
-    if BIAS_GRAD:
-        tl.atomic_add(DBIAS + b * db0 + h * db1 + i * db2 + col * db3, ds, mask=allowed)
-    if EDGE_BIAS_GRAD:
-        tl.store(DEDGE + e, ds, mask=allowed)  # each edge belongs to exactly this row: no atomics
-    return dq + _sum(ds[:, None] * kt, 0)
+    tl.store(OUT + r * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(STAT + r, stat.to(STAT.dtype.element_ty))
 
 
 @triton.jit
@@ -775,49 +729,29 @@ def edge_bwd(
     EDGE_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr,
     BIAS_GRAD: tl.constexpr, EDGE_BIAS_GRAD: tl.constexpr, HAS_DSTAT: tl.constexpr,
 ):
-    row, i, b, h, kv_base, start, end, scale, drop_scale, hash_q, q = \
-        _edge_row(Q, ROW_PTR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, D, BLOCK_D, ACC, DROPOUT)
+    row = _edge_row(Q, ROW_PTR, SCALARS, seed_mix, Hq, Hkv, Lq, Lk, D, BLOCK_D, ACC, DROPOUT)
+    edges = (COL, K, V, KPM, BIAS, EBIAS, Lk, causal_offset, drop_threshold, sb0, sb1, sb2, sb3)
+    tile = row  # read only with ONE_TILE
     if ONE_TILE:
-        e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
-            0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale, causal_offset,
-            drop_threshold, Lk, sb0, sb1, sb2, sb3, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING,
-            HAS_BIAS, EDGE_BIAS, DROPOUT)
+        tile = _edge_tile(0, row, edges, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS,
+                          DROPOUT)
+    r, scale = row[0], row[9]
     offs_dv = tl.arange(0, BLOCK_DV)
-    do = tl.load(DO + row * DV + offs_dv, mask=offs_dv < DV, other=0.0).to(ACC)
-    stat = tl.load(STAT + row).to(ACC)
+    do = tl.load(DO + r * DV + offs_dv, mask=offs_dv < DV, other=0.0).to(ACC)
+    stat = tl.load(STAT + r).to(ACC)
+    dstat = stat  # read only with HAS_DSTAT
     if HAS_DSTAT:
-        dstat = tl.load(DSTAT + row).to(ACC)
-    else:
-        dstat = stat
-    # pass 1: the row sums the normaliser's gradient needs
-    r1 = tl.full([], 0.0, ACC)
-    r2 = tl.full([], 0.0, ACC)
-    if ONE_TILE:
-        p, sv, dp, pd = _edge_probs(s, vt, do, stat, keep, drop_scale, ENTMAX, DROPOUT)
-        r1, r2 = _row_sums(r1, r2, p, sv, dp, 0, ENTMAX)
-    else:
-        for n0 in range(0, end - start, BLOCK_N):
-            e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
-                n0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale, causal_offset,
-                drop_threshold, Lk, sb0, sb1, sb2, sb3, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING,
-                HAS_BIAS, EDGE_BIAS, DROPOUT)
-            p, sv, dp, pd = _edge_probs(s, vt, do, stat, keep, drop_scale, ENTMAX, DROPOUT)
-            r1, r2 = _row_sums(r1, r2, p, sv, dp, 0, ENTMAX)
-    c_row, e_row = _row_grad_terms(r1, r2, dstat, ENTMAX, HAS_DSTAT)
-    # pass 2: gradients
+        dstat = tl.load(DSTAT + r).to(ACC)
+    grads = (do, stat, DK, DV_, DBIAS, DEDGE, db0, db1, db2, db3)
+    zero = tl.full([], 0.0, ACC)
     dq = tl.full([BLOCK_D], 0.0, ACC)
-    if ONE_TILE:
-        dq = _edge_tile_grads(e, krow, kt, vt, s, allowed, keep, q, do, stat, c_row, e_row, b, h, i, col, drop_scale,
-                              scale, dq, DK, DV_, DBIAS, DEDGE, db0, db1, db2, db3, D, DV, BLOCK_D, BLOCK_DV, ENTMAX,
-                              DROPOUT, BIAS_GRAD, EDGE_BIAS_GRAD, HAS_DSTAT)
-    else:
-        for n0 in range(0, end - start, BLOCK_N):
-            e, col, krow, kt, vt, s, allowed, keep = _edge_tile(
-                n0, start, end, COL, K, V, KPM, BIAS, EBIAS, b, h, i, kv_base, q, hash_q, scale, causal_offset,
-                drop_threshold, Lk, sb0, sb1, sb2, sb3, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, ACC, CAUSAL, PADDING,
-                HAS_BIAS, EDGE_BIAS, DROPOUT)
-            dq = _edge_tile_grads(e, krow, kt, vt, s, allowed, keep, q, do, stat, c_row, e_row, b, h, i, col,
-                                  drop_scale, scale, dq, DK, DV_, DBIAS, DEDGE, db0, db1, db2, db3, D, DV, BLOCK_D,
-                                  BLOCK_DV, ENTMAX, DROPOUT, BIAS_GRAD, EDGE_BIAS_GRAD, HAS_DSTAT)
+    # pass 1: the row sums the normaliser's gradient needs; pass 2: the gradients
+    r1, r2, unused, unused_acc = _edge_pass(
+        PASS_ROW_SUMS, zero, zero, zero, dq, zero, zero, tile, row, edges, grads, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+        ACC, ENTMAX, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS, DROPOUT, ONE_TILE, BIAS_GRAD, EDGE_BIAS_GRAD, HAS_DSTAT)
+    c_row, e_row = _row_grad_terms(r1, r2, dstat, ENTMAX, HAS_DSTAT)
+    dq = _edge_pass(
+        PASS_GRADS, zero, zero, zero, dq, c_row, e_row, tile, row, edges, grads, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+        ACC, ENTMAX, CAUSAL, PADDING, HAS_BIAS, EDGE_BIAS, DROPOUT, ONE_TILE, BIAS_GRAD, EDGE_BIAS_GRAD, HAS_DSTAT)[3]
     offs_d = tl.arange(0, BLOCK_D)
-    tl.store(DQ + row * D + offs_d, dq * scale, mask=offs_d < D)
+    tl.store(DQ + r * D + offs_d, dq * scale, mask=offs_d < D)
