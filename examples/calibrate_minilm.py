@@ -38,6 +38,12 @@ SETTINGS = [
     ("sparsefinder", {"normalizer": "softmax", "predictor": "distance"}, {"budget": 0.5}),
     ("sparsefinder", {"normalizer": "softmax", "predictor": "clustering", "clusters": 4}, {}),
     ("sbm", {"clusters": 16}, {}),
+    # the shared layout part an encoder can use (local windows are for causal sites): the first
+    # tokens as attention sinks ([CLS] and the words after it), added to each method's own pairs
+    ("combiner", {"sinks": 4}, {}),
+    ("routing", {"clusters": 4, "sinks": 4}, {}),
+    ("sparsefinder", {"normalizer": "softmax", "predictor": "distance", "sinks": 4}, {"budget": 0.3}),
+    ("sbm", {"clusters": 16, "sinks": 4}, {}),
 ]
 GOAL_FRACTION, GOAL_COSINE = 0.35, 0.99
 ORACLE_SHARES = (GOAL_FRACTION, 0.5)  # the bound at the goal's budget, and what it takes to reach 0.99
