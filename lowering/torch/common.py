@@ -61,6 +61,11 @@ def read_at_pairs(t: Tensor, coords: tuple) -> Tensor:
     return t4[pair_index(t4.shape, coords)]
 
 
+def csr_ptr(counts: Tensor) -> Tensor:
+    """The row_ptr (R + 1,) of a CSR structure whose rows hold `counts` (R,) entries each."""
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
 def csr_rows(row_ptr: Tensor, nnz: int | None = None) -> Tensor:
     """The row of every entry of a CSR structure (entries stored row after row): row_ptr (R + 1,)
     -> (nnz,) int64. Give nnz (col_index.numel()) when known: the output size is then not read

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from attnpass.lowering.torch.common import broadcastable as _broadcastable
-from attnpass.lowering.torch.common import as_4d, check, check_qkv, csr_rows, dropout_keep, pair_index
+from attnpass.lowering.torch.common import as_4d, check, check_qkv, csr_ptr, csr_rows, dropout_keep, pair_index
 from attnpass.lowering.torch.row_normalizers import NORMALIZERS
 from attnpass.lowering.torch.row_normalizers import logits_grad as _logits_grad
 from attnpass.lowering.torch.row_normalizers import probs_from_stat as _probs
@@ -125,7 +125,7 @@ def edges_from_pairs(row: Tensor, col: Tensor, num_rows: int) -> tuple[Tensor, T
     key = torch.unique(row * num_cols + col, sorted=True)
     row, col = key // num_cols, key % num_cols
     counts = torch.bincount(row, minlength=num_rows)
-    return _ptr_from_counts(counts), col
+    return csr_ptr(counts), col
 
 
 def edges_to_dense_mask(row_ptr: Tensor, col_index: Tensor, B: int, Hq: int, Lq: int, Lk: int) -> Tensor:
@@ -228,10 +228,6 @@ def check_edges(row_ptr: Tensor, col_index: Tensor, Lk: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _ptr_from_counts(counts: Tensor) -> Tensor:
-    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-
-
 @dataclass
 class _Problem:
     """Validated inputs, flattened to row spaces, plus the settings; shared by forward and backward."""
@@ -307,7 +303,7 @@ def _problem(q, k, v, row_ptr, col_index, key_padding_mask, bias, edge_bias, *, 
     edge_id = None
     if keep is not None:
         row, col = row[keep], col[keep]
-        row_ptr = _ptr_from_counts(torch.bincount(row, minlength=B * Hq * Lq))
+        row_ptr = csr_ptr(torch.bincount(row, minlength=B * Hq * Lq))
         if edge_bias is not None:
             edge_id = keep.nonzero().squeeze(1)
             edge_bias = edge_bias[edge_id]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnpass.lowering.torch.common import csr_rows
+from attnpass.lowering.torch.common import csr_ptr, csr_rows
 from attnpass.lowering.torch.edge_attention import edges_from_pairs
 from attnpass.methods.base import key_anchor
 
@@ -185,7 +185,7 @@ def sample_graph(y_q: Tensor, y_k: Tensor, block: Tensor, generator: torch.Gener
     if bool(need.any()):
         # the rows that get a fallback edge have none, so it is an insertion into the CSR (no re-sort):
         # each old edge moves by the number of fallback edges in the rows before its own
-        new_ptr = torch.cat([row_ptr.new_zeros(1), torch.cumsum(counts + need, 0)])
+        new_ptr = csr_ptr(counts + need)
         merged = col_index.new_empty(int(new_ptr[-1]))
         merged[new_ptr[edge_row] + torch.arange(col_index.numel(), device=row_ptr.device) - row_ptr[edge_row]] = col_index
         extra_row = need.nonzero().squeeze(1)

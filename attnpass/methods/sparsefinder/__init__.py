@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnpass.memory_guard import PairLimit, check_limit_option
-from attnpass.lowering.torch.common import broadcastable, csr_rows, read_at_pairs
+from attnpass.lowering.torch.common import broadcastable, csr_ptr, csr_rows, read_at_pairs
 from attnpass.lowering.torch.block_flash import block_flash_op
 from attnpass.lowering.torch.bucket_attention import quantile_bucket_attention
 from attnpass.lowering.torch.edge_attention import edge_attention, edges_to_dense_mask
@@ -132,7 +132,7 @@ def _drop_masked_edges(row_ptr: Tensor, col: Tensor, mask: Tensor, H: int, Lq: i
     bh, i = row // Lq, row % Lq
     ok = read_at_pairs(mask, (bh // H, bh % H, i, col))
     row, col = row[ok], col[ok]
-    return torch.cat([row_ptr.new_zeros(1), torch.bincount(row, minlength=R).cumsum(0)]), col
+    return csr_ptr(torch.bincount(row, minlength=R)), col
 
 
 class SparsefinderAttention(SiteAttention):

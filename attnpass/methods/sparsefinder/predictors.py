@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from attnpass.lowering.torch.common import csr_ptr
 from attnpass.lowering.torch.edge_attention import edges_from_pairs
 from attnpass.methods.base import key_anchor
 
@@ -84,7 +85,7 @@ def expand_groups(query_group: Tensor, query_row: Tensor, key_group: Tensor, key
     order = torch.argsort(key_group, stable=True)
     sorted_col = key_col[order]
     counts = torch.bincount(key_group, minlength=num_groups)
-    ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    ptr = csr_ptr(counts)
     n = counts[query_group]
     total = int(n.sum())
     if on_pairs is not None:
@@ -197,7 +198,7 @@ def csr_from_slots(slots: Tensor) -> tuple[Tensor, Tensor]:
     keep = cols != torch.iinfo(torch.int64).max
     keep[:, 1:] &= cols[:, 1:] != cols[:, :-1]
     counts = keep.sum(-1)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), cols[keep]
+    return csr_ptr(counts), cols[keep]
 
 
 def nearest_clusters(x: Tensor, centroids: Tensor, top: int) -> Tensor:
