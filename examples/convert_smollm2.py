@@ -132,10 +132,15 @@ def main(argv=None):
         parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(recipes)}")
     for label, method, options, calibrate in (recipes[name] for name in args.methods):
         sparse, calibrate_s = convert(model, tokenizer, label, dict(input_ids=ids[:, :64], use_cache=False))
+        if calibrate_s is not None:
+            log(f"{label}: calibrated in {calibrate_s:.0f} s")
         counter = PairCounter(sparse)
         ppl = perplexity(sparse, ids)
         share = counter.close()
+        # each measure is logged as it lands: a slow method's run shows what it has measured so far
+        log(f"{label}: share {share:.4f}, perplexity {ppl:.3f} ({100 * (ppl / base_ppl - 1):+.1f}%)")
         found = pass_keys(sparse)
+        log(f"{label}: pass keys {sorted(found)}")
         speed = {n: base_time[n] / forward_seconds(sparse, text[:, :n], args.repeats) for n in args.time_lengths}
         rows.append(dict(label=label, method=method, options=options, calibrate=calibrate, calibrate_s=calibrate_s,
                          share=share, ppl=ppl, keys=found, speed=speed))
