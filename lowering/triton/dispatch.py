@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnpass.lowering.triton.specialise import constexprs, kernel
+from attnpass.lowering.triton.specialise import constexprs, kernel, pow2_at_least
 
 __all__ = ["FALLBACKS", "LAUNCHES", "MAX_BLOCK", "MAX_HEAD_DIM", "edge_backward", "edge_forward", "grouped_backward",
            "grouped_forward", "require_triton"]
@@ -49,7 +49,7 @@ def require_triton(device: torch.device):
 
 
 def _pow2(n: int, low: int = 16, high: Optional[int] = None) -> int:
-    return min(MAX_BLOCK if high is None else high, max(low, 1 << max(0, int(n) - 1).bit_length()))
+    return min(MAX_BLOCK if high is None else high, pow2_at_least(n, low))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -8,12 +8,13 @@ interpreted, so a process that switches ``TRITON_INTERPRET`` gets a module decor
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 import threading
 from pathlib import Path
 
-__all__ = ["DEFAULTS", "constexprs", "kernel", "normalize_spec"]
+__all__ = ["DEFAULTS", "constexprs", "kernel", "normalize_spec", "pow2_at_least"]
 
 _COMMON = dict(d=16, dv=16, block_n=16, dtype="float32", normalizer="softmax", causal=False, padding=False,
                bias=False, dropout=False, n_bisect=30, one_tile=False)
@@ -35,7 +36,8 @@ _FLAG_NAMES = {"bias": "HAS_BIAS", "dstat": "HAS_DSTAT"}
 _SPEC_ONLY = ("dtype", "normalizer")
 
 
-def _pow2_at_least(n: int, floor: int = 16) -> int:
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    """The smallest power of two >= n and >= floor (a tile side tl.arange and tl.dot accept)."""
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
@@ -67,12 +69,18 @@ def constexprs(kind: str, **spec) -> dict:
 
     e.g. ``constexprs("grouped_fwd", d=64, causal=True, normalizer="entmax15", dtype="bfloat16")``.
     """
+    return dict(_constexprs(kind, normalize_spec(kind, spec)))
+
+
+@functools.lru_cache(maxsize=None)
+def _constexprs(kind: str, spec: tuple) -> tuple:
+    """`constexprs` of a normalised spec, built once per specialisation (every launch asks)."""
     import triton.language as tl
 
-    full = dict(normalize_spec(kind, spec))
+    full = dict(spec)
     out = {_FLAG_NAMES.get(name, name.upper()): value for name, value in full.items() if name not in _SPEC_ONLY}
-    out["BLOCK_D"] = _pow2_at_least(full["d"])
-    out["BLOCK_DV"] = _pow2_at_least(full["dv"])
+    out["BLOCK_D"] = pow2_at_least(full["d"])
+    out["BLOCK_DV"] = pow2_at_least(full["dv"])
     dtype = full["dtype"]
     out["ACC"] = tl.float64 if dtype == "float64" else tl.float32
     # Matrix products: operands in the accumulation dtype. float32 inputs multiply in IEEE float32
@@ -82,7 +90,7 @@ def constexprs(kind: str, **spec) -> dict:
     # tiles wrongly, so that variant could not be tested here.)
     out["PRECISION"] = {"float32": "ieee", "float64": "default"}.get(dtype, "tf32")
     out["ENTMAX"] = full["normalizer"] == "entmax15"
-    return out
+    return tuple(out.items())
 
 
 _lock = threading.Lock()
