@@ -144,8 +144,7 @@ def main(argv=None):
         speed = {n: base_time[n] / forward_seconds(sparse, text[:, :n], args.repeats) for n in args.time_lengths}
         rows.append(dict(label=label, method=method, options=options, calibrate=calibrate, calibrate_s=calibrate_s,
                          share=share, ppl=ppl, keys=found, speed=speed))
-        log(f"{label}: share {share:.4f}, perplexity {ppl:.3f} ({100 * (ppl / base_ppl - 1):+.1f}%), pass keys "
-            f"{sorted(found)}, speed " + ", ".join(f"{s:.2f}x at {n}" for n, s in speed.items()))
+        log(f"{label}: speed " + ", ".join(f"{s:.2f}x at {n}" for n, s in speed.items()))
         del sparse
         # written after every method, so a long run leaves what it has measured
         table = _table(rows, base_ppl, base_keys, args)
