@@ -45,6 +45,8 @@ import math
 from dataclasses import dataclass, field
 
 import sympy
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # Every registered method has a cost model (its class names its formulas: SiteAttention.cost_formulas).
 from attnpass.methods import METHODS
@@ -179,23 +181,43 @@ def optimal_parameter(method: str, variant: str | None = None) -> sympy.Expr:
 
 
 @functools.cache
-def _optimum_function(method: str, variant: str):
-    return sympy.lambdify((Lq, Lk, D), optimal_parameter(method, variant), "math")
+def _optimum_function(method: str, variant: str, module: str = "math"):
+    return sympy.lambdify((Lq, Lk, D), optimal_parameter(method, variant), module)
 
 
 def _clamped(value: float, len_k: int) -> int:
     return min(max(round(value), 1), max(int(len_k), 1))
 
 
+def _clamped_optimum(method: str, variant: str, len_q, len_k, head_dim, upper):
+    """The optimum rounded and clamped to [1, max(upper, 1)]. With symbolic lengths (torch.export,
+    torch.compile) it is computed as a tensor and read back as an unbacked int with those bounds
+    asserted: sqrt(L) is no polynomial of L, and sizes built from a backed expression of it leave
+    guards the shape solver cannot discharge."""
+    if all(type(x) is int for x in (len_q, len_k, head_dim, upper)):
+        return _clamped(_optimum_function(method, variant)(len_q, len_k, head_dim), upper)
+
+    args = [torch.full((), x, dtype=torch.float64) for x in (len_q, len_k, head_dim)]
+    value = torch.as_tensor(_optimum_function(method, variant, "torch")(*args), dtype=torch.float64)
+    bound = torch.sym_max(upper, 1)
+    chosen = torch.minimum(value.round().clamp(min=1), torch.full((), bound, dtype=torch.float64))
+    chosen = chosen.to(torch.int64).item()
+    torch._check(chosen >= 1)
+    torch._check(chosen <= bound)
+    if statically_known_true(upper >= 1):  # stated against the length itself, so later sizes can use it
+        torch._check(chosen <= upper)
+    return chosen
+
+
 def default_clusters(len_q: int, len_k: int, head_dim: int) -> int:
     """Routing's cluster count minimising its FLOPs at these lengths (about sqrt(L))."""
-    return _clamped(_optimum_function("routing", "fixed")(len_q, len_k, head_dim), min(len_q, len_k))
+    return _clamped_optimum("routing", "fixed", len_q, len_k, head_dim, torch.sym_min(len_q, len_k))
 
 
 def default_block(len_q: int, len_k: int, head_dim: int, variant: str = "fixed") -> int:
     """Combiner's block minimising its FLOPs at these lengths (fixed: sqrt(Lk); axial: sqrt(Lk^2 / 2Lq))."""
     _check_options("combiner", {"variant": variant})
-    return _clamped(_optimum_function("combiner", variant)(len_q, len_k, head_dim), len_k)
+    return _clamped_optimum("combiner", variant, len_q, len_k, head_dim, len_k)
 
 
 def _defaults(formulas, len_q, len_k, head_dim, options: dict) -> dict:

@@ -111,9 +111,9 @@ def test_inductor_dense_and_combiner_with_gradients():
         compiled, compiler = _compile(compiled_src, method, inner="inductor", **options)
         got = _run_and_backprop(compiled, args, kwargs)
         expected = _run_and_backprop(reference, args, kwargs)
-        # dense is traced into the one graph Inductor compiles; Combiner's layout cuts it (a piece each side)
-        assert len(compiler.report.rewritten) == 1 and compiler.report.graphs[0].pieces == (1 if method == "dense" else 2)
-        assert compiler.report.graphs[0].cut_at == ([] if method == "dense" else ["<root>"])
+        # both are traced into the one graph Inductor compiles (Combiner's layout is tensor code of L)
+        assert len(compiler.report.rewritten) == 1 and compiler.report.graphs[0].pieces == 1
+        assert compiler.report.graphs[0].cut_at == []
         assert max_relative_error(got, expected) < TOL, method
         _assert_same_grads(_grads(compiled_src), _grads(reference))
 

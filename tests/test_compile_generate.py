@@ -32,10 +32,10 @@ OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder":
            "sparsefinder:recipe": {"predictor": "blocks", "block": 4, "top_blocks": 2, "sampled_queries": 2, "sinks": 2,
                                    "local": 4}}
 # Methods whose prompt graphs keep their sites (SiteAttention.traces_symbolically: the block recipe's
-# softmax on the flash op); the others (the blocks with entmax-1.5, Sparsefinder's default without an
-# anchor, run the grouped kernel), and every decode step of a sparse method (the cost model reads its
-# lengths), cut the graph at the sites
-TRACED_AT_PROMPTS = ("sparsefinder:recipe",)
+# softmax on the flash op, Combiner's layout as tensor code of L); the others (the blocks with
+# entmax-1.5, Sparsefinder's default without an anchor, run the grouped kernel), and every decode step
+# of a sparse method (the cost model reads its lengths), cut the graph at the sites
+TRACED_AT_PROMPTS = ("sparsefinder:recipe", "combiner")
 
 
 def _method(label: str) -> str:

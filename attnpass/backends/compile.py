@@ -56,6 +56,7 @@ What was rewritten and why a site was skipped: `attnpass.explain(model, args, kw
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -613,7 +614,28 @@ def _inner_compiler(inner: str):
 def _compile_split(gm: fx.GraphModule, example_inputs, site_calls: set, inner: str):
     """Compile `gm` with the site calls `site_calls` as eager cuts (the other sites are compiled with
     the graph); returns (callable, number of compiled pieces)."""
-    compile_piece = _inner_compiler(inner)
+    with _scalar_outputs_allowed(torch._guards.detect_fake_mode(example_inputs)):
+        return _compile_split_pieces(gm, example_inputs, site_calls, _inner_compiler(inner))
+
+
+@contextlib.contextmanager
+def _scalar_outputs_allowed(fake_mode):
+    """A traced site may read an int from a tensor: Combiner's default block, ~sqrt(L), is an unbacked
+    int (`cost_model.default_block`), which torch.export and AOT autograd keep symbolic. Dynamo's fake
+    mode refuses `.item()` unless `capture_scalar_outputs`, a setting that would also change how dynamo
+    traces the user's own code; so it is allowed on the fake mode only while the backend compiles."""
+    if fake_mode is None:
+        yield
+        return
+    before = fake_mode.allow_scalar_outputs
+    fake_mode.allow_scalar_outputs = True
+    try:
+        yield
+    finally:
+        fake_mode.allow_scalar_outputs = before
+
+
+def _compile_split_pieces(gm: fx.GraphModule, example_inputs, site_calls: set, compile_piece):
     if not site_calls:
         return compile_piece(gm, list(example_inputs)), 1
     part, counter = {}, 0

@@ -99,7 +99,7 @@ class Anchor:
         if local and bias is None and mask is None and not dropout_p and not _needs_grad(q, k, v_mass):
             # inference at a causal site: sinks and window as one part on the flash kernel
             sinks = self.sink_positions(key_keep, B, Lk, dev) if sinks_seen else None
-            return [_anchor_flash(q, k, v_mass, key_keep, scale, offset, local, sinks, band)]
+            return [tuple(anchor_flash(q, k, v_mass, key_keep, scale, offset, local, sinks, band))]
         groups = -(-Lq // _QUERIES_PER_GROUP)
         query = torch.arange(groups * _QUERIES_PER_GROUP, device=dev).view(groups, _QUERIES_PER_GROUP)
         q_index = torch.where(query < Lq, query, -1).expand(B, Hq, -1, -1)
@@ -183,7 +183,20 @@ def _anchor_flash(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None, scal
     lse = lse.view(B, chunks, Hkv, group, chunk).permute(0, 2, 3, 1, 4).reshape(B, Hq, chunks * chunk)
     out = torch.cat([out.masked_fill(~filled.unsqueeze(-1), 0.0), filled.unsqueeze(-1).to(out.dtype)], dim=-1)
     lse = torch.where(filled, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32), 0.0)
-    return out[:, :, :Lq], lse[:, :, :Lq]
+    # contiguous, as the op's fake kernel states its outputs (Inductor checks the strides)
+    return out[:, :, :Lq].contiguous(), lse[:, :, :Lq].contiguous()
+
+
+# An op with a fake kernel stating its shapes, so a call with symbolic lengths traces (torch.export,
+# torch.compile) without guards from its chunking, which reads the lengths.
+anchor_flash = torch.library.custom_op("attnpass::anchor_flash", _anchor_flash, mutates_args=())
+
+
+@anchor_flash.register_fake
+def _(q, k, v, key_keep, scale, offset, local, sinks, band=0):
+    B, Hq, Lq, _ = q.shape
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(B, Hq, Lq, v.shape[3]), q.new_empty(B, Hq, Lq, dtype=stat)
 
 
 def _read_slots(result: tuple[Tensor, Tensor], len_q: int) -> tuple[Tensor, Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _MASK32 = 0xFFFFFFFF
 
@@ -15,8 +16,10 @@ def check(op: str, condition: bool, message: str, error: type = ValueError) -> N
 
 
 def broadcastable(shape, target) -> bool:
-    """Can a tensor of `shape` broadcast to `target` (without growing `target`)?"""
-    return len(shape) <= len(target) and all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+    """Can a tensor of `shape` broadcast to `target` (without growing `target`)? (A symbolic size is
+    taken as 1 only where that is known, so a traced call puts no guard on it.)"""
+    return len(shape) <= len(target) and all(
+        statically_known_true(s == 1) or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:

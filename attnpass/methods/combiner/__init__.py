@@ -14,6 +14,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnpass import cost_model
 from attnpass.lowering.torch.grouped_attention import grouped_attention
@@ -26,9 +27,8 @@ _OPTIONS = ("variant", "block") + ANCHOR_OPTIONS
 
 
 def _default_block(len_q: int, len_k: int, head_dim: int, variant: str) -> int:
-    """Block size when the user gave none: the cost model's minimiser (fixed: sqrt(Lk))."""
-    block = cost_model.default_block(len_q, len_k, head_dim, variant)
-    return min(max(block, 1), max(len_k, 1))
+    """Block size when the user gave none: the cost model's minimiser (fixed: sqrt(Lk)), in [1, Lk]."""
+    return cost_model.default_block(len_q, len_k, head_dim, variant)
 
 
 class CombinerAttention(SiteAttention):
@@ -104,6 +104,16 @@ class CombinerAttention(SiteAttention):
         per_slot = read.expand(*layout.q_index.shape, -1).sum(-1).reshape(-1)    # (G * Wq,)
         return direct, per_slot[layout.query_slot].view(1, 1, Lq).expand(B, Hq, Lq)
 
+    def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                            empty_rows: str = "zero") -> bool:
+        """Variants fixed and axial build their layout as tensor code of the lengths (the default block an
+        unbacked int, `cost_model.default_block`), the anchor's flash part is an op: a call traces where
+        its queries are its keys (a causal one is then no decode step, whatever the lengths), with no
+        band (its summaries are cut to it with host code) and no dropout (a seed drawn in Python)."""
+        p = dropout_p if self.training else 0.0
+        return (self.variant != "logsparse" and not self.spec.window and not p
+                and statically_known_true(q.shape[2] == k.shape[2]))
+
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         block = self.block if self.block is not None else _default_block(len_q, len_k, head_dim, self.variant)
         return {"variant": self.variant, "block": block}
@@ -140,5 +150,6 @@ class CombinerAttention(SiteAttention):
             dropout_p=p, dropout_seed=self.dropout_seed(p),
         )
         # Every query sits in exactly one slot: read it back instead of scattering.
-        return (out_slots.reshape(B, Hq, G * Wq, -1).index_select(2, layout.query_slot),
-                stat.reshape(B, Hq, G * Wq).index_select(2, layout.query_slot))
+        # (indexed by group and rank: a reshape to G * Wq slots leaves a guard no symbolic G satisfies)
+        group, rank = layout.query_slot // Wq, layout.query_slot % Wq
+        return out_slots[:, :, group, rank], stat[:, :, group, rank]

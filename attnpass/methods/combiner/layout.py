@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnpass.lowering.torch.grouped_attention import grouped_attention
 from attnpass.methods.slots import bucket_slots
@@ -69,7 +70,7 @@ class CombinerLayout:
     @property
     def num_blocks(self) -> int:
         """Key blocks (the last num_blocks groups; groups before them hold queries that see no key)."""
-        return -(-self.len_k // self.block)
+        return _ceil_div(self.len_k, self.block)
 
     @property
     def key_blocks(self) -> Tensor:
@@ -110,10 +111,19 @@ def queries_by_position(len_q: int, len_k: int, causal: bool, causal_offset: int
     Queries whose p_i lies outside [0, Lk) (causal with Lq != Lk) fall in no region, so they are
     absent here and take no part in pooled queries.
     """
+    if _positions_are_shifted(len_q, len_k, causal, causal_offset):  # at most one query per position
+        i = torch.arange(len_k, dtype=_I64) - (causal_offset if causal else 0)
+        return torch.where((i >= 0) & (i < len_q), i, -1).view(-1, 1)
     pos = query_positions(len_q, len_k, causal, causal_offset)
     inside = (pos >= 0) & (pos < len_k)
     table, _ = _bucket_table(pos[inside], torch.arange(len_q, dtype=_I64)[inside], len_k)
     return table
+
+
+def _positions_are_shifted(len_q, len_k, causal: bool, causal_offset) -> bool:
+    """Whether p_i = i + c with no query past the last key (causal with Lq + offset <= Lk, or Lq == Lk):
+    the tables then follow from the lengths by arithmetic, which traces with symbolic lengths."""
+    return bool(len_q + causal_offset <= len_k) if causal else bool(len_q == len_k)
 
 
 def _bucket_table(bucket: Tensor, members: Tensor, num_buckets: int) -> tuple[Tensor, Tensor]:
@@ -124,26 +134,40 @@ def _bucket_table(bucket: Tensor, members: Tensor, num_buckets: int) -> tuple[Te
     return F.pad(members, (0, 1), value=-1)[index], slot
 
 
-@functools.lru_cache(maxsize=64)
-@torch.inference_mode(False)  # cached tensors must stay usable by autograd after an inference-mode call
-def build_layout(variant: str, len_q: int, len_k: int, block: int, causal: bool, causal_offset: int,
+def build_layout(variant: str, len_q, len_k, block, causal: bool, causal_offset,
                  device: torch.device | None = None) -> CombinerLayout:
-    """The layout of one call shape (cached: the same shapes recur every step). Needs Lq, Lk >= 1."""
+    """The layout of one call shape. Needs Lq, Lk >= 1. With int lengths it is cached (the same shapes
+    recur every step); while tracing, and with symbolic lengths (torch.export, torch.compile) it is tensor code whose sizes
+    are expressions of them, so the site traces."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown combiner variant {variant!r}; expected one of {VARIANTS}")
     if not causal:
         causal_offset = 0
-    block = min(block, len_k)  # one block already covers every key
-    G = -(-len_k // block)
+    if all(type(x) is int for x in (len_q, len_k, block, causal_offset)) and torch._guards.detect_fake_mode() is None:
+        # (not while tracing: fake tensors must not enter the cache, nor cached ones a traced graph)
+        return _cached_layout(variant, len_q, len_k, block, causal, causal_offset, device)
+    if variant == "logsparse":
+        raise NotImplementedError("combiner variant 'logsparse' needs concrete lengths (its level count is "
+                                  "ceil(log2(blocks))); variants 'fixed' and 'axial' trace with symbolic ones")
+    return _build_layout(variant, len_q, len_k, block, causal, causal_offset, device)
+
+
+def _build_layout(variant: str, len_q, len_k, block, causal: bool, causal_offset,
+                  device: torch.device | None) -> CombinerLayout:
+    block = _smaller(block, len_k)  # one block already covers every key
+    G = _ceil_div(len_k, block)
     # Queries with p_i past the keys (causal, Lq > Lk + offset) join the last block: they see every
     # key. Queries with p_i < 0 see nothing (an offset below -i: Lq > Lk, or the layout of a site
     # whose local window the anchor computes); they fill `empty` groups of `block` slots placed
     # first, with no keys and no summaries, instead of widening block 0's group to all of them.
-    pos = query_positions(len_q, len_k, causal, causal_offset).clamp(max=len_k - 1)
-    before = int((pos < 0).sum())  # the first queries (p_i grows with i)
-    empty = -(-before // block)
-    bucket = torch.where(pos < 0, torch.arange(len_q, dtype=_I64) // block, empty + pos.clamp(min=0) // block)
-    q_index, query_slot = _bucket_table(bucket, torch.arange(len_q, dtype=_I64), empty + G)
+    if _positions_are_shifted(len_q, len_k, causal, causal_offset):
+        empty, q_index, query_slot = _shifted_query_groups(len_q, block, G, causal_offset)
+    else:
+        pos = query_positions(len_q, len_k, causal, causal_offset).clamp(max=len_k - 1)
+        before = int((pos < 0).sum())  # the first queries (p_i grows with i)
+        empty = _ceil_div(before, block)
+        bucket = torch.where(pos < 0, torch.arange(len_q, dtype=_I64) // block, empty + pos.clamp(min=0) // block)
+        q_index, query_slot = _bucket_table(bucket, torch.arange(len_q, dtype=_I64), empty + G)
     k_index = torch.arange(G * block, dtype=_I64).view(G, block)
     k_index = k_index.masked_fill(k_index >= len_k, -1)
 
@@ -170,13 +194,56 @@ def build_layout(variant: str, len_q: int, len_k: int, block: int, causal: bool,
             summary_region = summary_region.masked_fill(sibling > (g >> level), -1)
         num_regions = (2 << num_levels) - 2  # sum over levels of 2**num_levels >> l
 
-    if empty:
-        k_index = torch.cat([k_index.new_full((empty, k_index.shape[1]), -1), k_index])
-        summary_region = torch.cat([summary_region.new_full((empty, summary_region.shape[1]), -1), summary_region])
+    # the empty groups first (none: a cat of nothing, so no branch on their count)
+    k_index = torch.cat([k_index.new_full((empty, k_index.shape[1]), -1), k_index])
+    summary_region = torch.cat([summary_region.new_full((empty, summary_region.shape[1]), -1), summary_region])
     device = device or torch.device("cpu")
     return CombinerLayout(variant, block, len_q, len_k, causal, causal_offset, q_index.to(device),
                           k_index.to(device), query_slot.to(device), summary_region.to(device), num_regions,
                           num_levels)
+
+
+def _smaller(a, b):
+    # With symbolic sizes: what the shape environment knows, else a guard on the comparison (not
+    # builtins.min, which torch.export turns into a Min expression whose floor divisions later leave
+    # guards the shape solver cannot discharge).
+    if statically_known_true(a <= b):
+        return a
+    if statically_known_true(b < a):
+        return b
+    return a if a <= b else b
+
+
+def _ceil_div(a, b):
+    # one spelling of ceil(a / b) everywhere, so the shape solver sees equal sizes as equal
+    return (a + b - 1) // b
+
+
+# Concrete shapes recur every step; tensors built outside inference mode stay usable by autograd.
+_cached_layout = functools.lru_cache(maxsize=64)(torch.inference_mode(False)(_build_layout))
+
+
+def _shifted_query_groups(len_q, block, num_blocks, causal_offset) -> tuple:
+    """(empty groups, q_index (empty + num_blocks, Wq), query_slot (Lq,)) when p_i = i + offset: the
+    bucket table of the query positions, by arithmetic. The first `before` queries (p_i < 0) fill
+    groups of `block`; key block b holds the queries from max(b * block - offset, 0) on, in order."""
+    before = _smaller(len_q, -causal_offset) if causal_offset < 0 else 0
+    empty = _ceil_div(before, block)
+    width = _smaller(block, len_q)
+    w = torch.arange(width, dtype=_I64).view(1, -1)
+    g = torch.arange(empty, dtype=_I64).view(-1, 1)
+    early = g * block + w
+    early = early.masked_fill(early >= before, -1)
+    b = torch.arange(num_blocks, dtype=_I64).view(-1, 1)
+    start = (b * block - causal_offset).clamp(min=0)
+    late = start + w
+    late = late.masked_fill((late >= len_q) | (late + causal_offset >= (b + 1) * block), -1)
+
+    i = torch.arange(len_q, dtype=_I64)
+    own_block = (i + causal_offset).clamp(min=0) // block
+    late_slot = (empty + own_block) * width + i - (own_block * block - causal_offset).clamp(min=0)
+    query_slot = torch.where(i < before, (i // block) * width + i % block, late_slot)
+    return empty, torch.cat([early, late]), query_slot
 
 
 def region_key_batches(layout: CombinerLayout) -> Iterator[tuple[int, Tensor]]:
@@ -377,7 +444,7 @@ def region_summaries(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor | None, l
     B, Hq = q.shape[:2]
     Hkv = k.shape[1]
     G, S = layout.summary_region.shape
-    if S == 0:
+    if statically_known_true(S == 0):  # (a symbolic S is >= 1: fixed reads G >= 1 blocks, axial block >= 1)
         return None
     real = torch.ones(1, 1, layout.len_k, dtype=torch.bool, device=k.device) if key_keep is None \
         else key_keep.view(B, 1, -1)
