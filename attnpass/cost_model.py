@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import sympy
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 # Every registered method has a cost model (its class names its formulas: SiteAttention.cost_formulas).
 from attnpass.methods import METHODS
@@ -182,7 +182,10 @@ def optimal_parameter(method: str, variant: str | None = None) -> sympy.Expr:
 
 @functools.cache
 def _optimum_function(method: str, variant: str, module: str = "math"):
-    return sympy.lambdify((Lq, Lk, D), optimal_parameter(method, variant), module)
+    # on tensors, a constant's sqrt (axial's sqrt(2)) is taken as a float64 tensor too
+    modules = [{"sqrt": lambda x: torch.sqrt(torch.as_tensor(x, dtype=torch.float64))}, "torch"] \
+        if module == "torch" else module
+    return sympy.lambdify((Lq, Lk, D), optimal_parameter(method, variant), modules)
 
 
 def _clamped(value: float, len_k: int) -> int:
@@ -204,7 +207,7 @@ def _clamped_optimum(method: str, variant: str, len_q, len_k, head_dim, upper):
     chosen = chosen.to(torch.int64).item()
     torch._check(chosen >= 1)
     torch._check(chosen <= bound)
-    if statically_known_true(upper >= 1):  # stated against the length itself, so later sizes can use it
+    if guard_or_false(upper >= 1):  # stated against the length itself, so later sizes can use it
         torch._check(chosen <= upper)
     return chosen
 

@@ -123,17 +123,18 @@ def translation_table() -> dict:
     import torch
 
     import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
+    import attnpass.lowering.torch.grouped_attention  # noqa: F401 - registers torch.ops.attnpass.grouped_attention
     import attnpass.methods.sparsefinder  # noqa: F401 - registers the block predictor's ops
     from attnpass.lowering.onnx.blocks import translate_block_flash, translate_choose_blocks
-    from attnpass.lowering.onnx.combiner import translate_combiner
     from attnpass.lowering.onnx.dense import translate_attention
+    from attnpass.lowering.onnx.grouped import translate_grouped
     from attnpass.lowering.onnx.routing import translate_routing
     from attnpass.lowering.onnx.sbm import translate_sbm
     from attnpass.lowering.onnx.sparsefinder import translate_sparsefinder
 
     return {
         torch.ops.attnpass.attention.default: translate_attention,
-        torch.ops.attnpass.combiner.default: translate_combiner,
+        torch.ops.attnpass.grouped_attention.default: translate_grouped,
         torch.ops.attnpass.routing.default: translate_routing,
         torch.ops.attnpass.sparsefinder.default: translate_sparsefinder,
         torch.ops.attnpass.sbm.default: translate_sbm,
@@ -143,9 +144,9 @@ def translation_table() -> dict:
 
 
 def _all_functions():
-    from attnpass.lowering.onnx import block_local, blocks, candidates, combiner, dense, routing, sbm, sparsefinder
+    from attnpass.lowering.onnx import block_local, blocks, candidates, dense, grouped, routing, sbm, sparsefinder
 
-    modules = (dense, combiner, routing, block_local, candidates, sparsefinder, sbm, blocks)
+    modules = (dense, grouped, routing, block_local, candidates, sparsefinder, sbm, blocks)
     return {(f.function_ir.domain, f.name): f for m in modules for f in m.FUNCTIONS}
 
 

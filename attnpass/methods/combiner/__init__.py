@@ -106,12 +106,12 @@ class CombinerAttention(SiteAttention):
 
     def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                             empty_rows: str = "zero") -> bool:
-        """Variants fixed and axial build their layout as tensor code of the lengths (the default block an
-        unbacked int, `cost_model.default_block`), the anchor's flash part is an op: a call traces where
-        its queries are its keys (a causal one is then no decode step, whatever the lengths), with no
-        band (its summaries are cut to it with host code) and no dropout (a seed drawn in Python)."""
+        """Variant fixed builds its layout as tensor code of the lengths (the default block an unbacked
+        int, `cost_model.default_block`), the anchor's flash part is an op: a call traces where its
+        queries are its keys (a causal one is then no decode step, whatever the lengths), with no band
+        (its summaries are cut to it with host code) and no dropout (a seed drawn in Python)."""
         p = dropout_p if self.training else 0.0
-        return (self.variant != "logsparse" and not self.spec.window and not p
+        return (self.variant == "fixed" and not self.spec.window and not p
                 and statically_known_true(q.shape[2] == k.shape[2]))
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
@@ -151,5 +151,6 @@ class CombinerAttention(SiteAttention):
         )
         # Every query sits in exactly one slot: read it back instead of scattering.
         # (indexed by group and rank: a reshape to G * Wq slots leaves a guard no symbolic G satisfies)
-        group, rank = layout.query_slot // Wq, layout.query_slot % Wq
+        group = layout.query_slot // Wq
+        rank = layout.query_slot - group * Wq
         return out_slots[:, :, group, rank], stat[:, :, group, rank]

@@ -146,9 +146,10 @@ def build_layout(variant: str, len_q, len_k, block, causal: bool, causal_offset,
     if all(type(x) is int for x in (len_q, len_k, block, causal_offset)) and torch._guards.detect_fake_mode() is None:
         # (not while tracing: fake tensors must not enter the cache, nor cached ones a traced graph)
         return _cached_layout(variant, len_q, len_k, block, causal, causal_offset, device)
-    if variant == "logsparse":
-        raise NotImplementedError("combiner variant 'logsparse' needs concrete lengths (its level count is "
-                                  "ceil(log2(blocks))); variants 'fixed' and 'axial' trace with symbolic ones")
+    if variant != "fixed":
+        raise NotImplementedError(f"combiner variant {variant!r} needs concrete lengths (logsparse: its level count "
+                                  "is ceil(log2(blocks)); axial: its cummax pools ask whether a grid of a symbolic "
+                                  "block is empty); variant 'fixed' traces with symbolic ones")
     return _build_layout(variant, len_q, len_k, block, causal, causal_offset, device)
 
 
@@ -242,7 +243,8 @@ def _shifted_query_groups(len_q, block, num_blocks, causal_offset) -> tuple:
     i = torch.arange(len_q, dtype=_I64)
     own_block = (i + causal_offset).clamp(min=0) // block
     late_slot = (empty + own_block) * width + i - (own_block * block - causal_offset).clamp(min=0)
-    query_slot = torch.where(i < before, (i // block) * width + i % block, late_slot)
+    early_slot = (i // block) * width + i - (i // block) * block  # (i % block: no ONNX remainder by a symbolic int)
+    query_slot = torch.where(i < before, early_slot, late_slot)
     return empty, torch.cat([early, late]), query_slot
 
 
