@@ -1,15 +1,17 @@
 """ONNX lowering: attnpass ops as custom-domain nodes with model-local function bodies.
 
-One node per rewritten attention site (two for Sparsefinder's blocks predictor), of domain
-``attnpass`` (version 1):
+One node per rewritten attention site for the methods with a method-level node, the kernel-level
+nodes of its traced code for the others; domain ``attnpass`` (version 1):
 
 ==============================  ==========================  ====================================
 method                          node                        body (standard ONNX ops)
 ==============================  ==========================  ====================================
 dense                           ``attnpass.Attention``      dense scores (L x L: dense by
                                                             definition), masked softmax
-combiner (variant "fixed")      ``attnpass.Combiner``       blocks of ``block`` keys + one
-                                                            summary per block, no L x L tensor
+combiner (variant "fixed")      ``attnpass.GroupedAttention the site's own code traced (its
+                                (two per site)              layout is tensor code of L); each
+                                                            grouped-kernel call a node: groups'
+                                                            query slots x key slots + summaries
 routing                         ``attnpass.Routing``        trained centroids (an initializer):
                                                             TopK members, per-cluster MatMul,
                                                             ScatterND mean, NonZero orphans'
@@ -40,13 +42,11 @@ sparsefinder distance,                                      clear error (see doc
 combiner axial / logsparse
 ==============================  ==========================  ====================================
 
-Why method-level nodes for Combiner and routing rather than one node per kernel call: a Combiner site calls
-the grouped kernel more than once (summary values, then the main call) and builds its layout with
-host-side integer code (block = round(sqrt(L)), bucket tables) that torch.export cannot keep
-symbolic; one ``attnpass.Combiner`` node per site whose body derives the layout from the run-time
-shapes keeps the file dynamic in L and the node count equal to the site count. Routing likewise
-calls the kernel twice (clusters, then the orphans' windows) and sizes its fallback with host-side
-`int(...)` reads; its node takes the centroids as an input.
+Why method-level nodes for routing rather than its traced code: a routing site sizes its layout
+with host-side `int(...)` reads (its fallback windows, its clusters' widths) that torch.export
+cannot keep symbolic; one ``attnpass.Routing`` node per site whose body derives the layout from the
+run-time shapes keeps the file dynamic in L. Its node takes the centroids as an input. Combiner's
+layout is tensor code of the lengths (its default block an int read from a tensor), so it traces.
 
 `translation_table()` is the exporter's ``custom_translation_table``; `bind_export_forward(module)`
 makes a site module call its export op; `attach_functions(model)` appends the bodies.
