@@ -535,9 +535,39 @@ def test_methods_without_a_lowering_are_refused_clearly(bert, method, options, m
 
 def test_a_sparse_model_with_sinks_is_refused_not_exported_without_them(bert):
     _, model, args, kwargs = bert
-    sparse = attnpass.sparsify(model, args, kwargs, method="combiner", sinks=2)
+    sparse = attnpass.sparsify(model, args, kwargs, method="routing", clusters=2, sinks=2)
     with pytest.raises(NotImplementedError, match="sinks= / local= .* have no ONNX lowering"):
         attnpass.export_onnx(sparse, args, kwargs)
+    # Combiner exports its anchor where it runs on the flash op (a window at a causal site), not BERT's sinks alone
+    sparse = attnpass.sparsify(model, args, kwargs, method="combiner", sinks=2)
+    with pytest.raises(NotImplementedError, match="sinks= without a local window at a causal site"):
+        attnpass.export_onnx(sparse, args, kwargs)
+
+
+def test_combiner_recipe_with_sinks_and_window_on_padded_batches():
+    """Combiner with the anchor (README's recipe for a causal LM) on the Llama config (GQA): the site's
+    traced code, two GroupedAttention and one BlockAttention node per site; onnxruntime equals the
+    PyTorch model at two lengths other than the export's, on left-padded batches whose padding is one
+    repeated token, and the anchor changes the output (so the comparison can fail)."""
+    case = by_name("llama-eager")
+    model = case.build()
+    args, kwargs = case.inputs(*EXPORT_SIZE)
+    sparse = attnpass.sparsify(model, args, kwargs, method="combiner", block=4, sinks=2, local=5)
+    plain = attnpass.sparsify(model, args, kwargs, method="combiner", block=4)
+    proto = attnpass.export_onnx(sparse, args, kwargs)
+    assert Counter(n.op_type for n in proto.graph.node if n.domain == DOMAIN) == {
+        "GroupedAttention": 2 * case.attention_count, "BlockAttention": case.attention_count}
+    sess = session(proto)
+    for batch, length in RUN_SIZES:
+        args, kwargs = case.inputs(batch, length)
+        kwargs["attention_mask"][0, :5] = 0          # left padding, one repeated pad token
+        kwargs["input_ids"][0, :5] = kwargs["input_ids"][0, 0]
+        with torch.no_grad():
+            expected = sparse.eval()(*args, **kwargs)
+            without = plain.eval()(*args, **kwargs)
+        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
+        assert max_relative_error(got, expected) < 1e-4, (batch, length)
+        assert max_relative_error(got, without) > 1e-3
 
 
 def test_a_sparse_model_with_member_routed_keys_is_refused(bert):

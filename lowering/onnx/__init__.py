@@ -84,12 +84,12 @@ def _lowering(cls):
 
 
 _ANCHOR_NOT_LOWERED = ("export_onnx: sinks= / local= (attnpass/methods/anchor.py) have no ONNX lowering in this "
-                       "version except with Sparsefinder's blocks predictor; the method's node would compute its own "
-                       "pairs without them")
+                       "version except with Combiner and Sparsefinder's blocks predictor; the method's node would "
+                       "compute its own pairs without them")
 
 
 def _takes_anchor(lowering, predictor) -> bool:
-    """Whether the method's export keeps the anchor's sinks and window (Sparsefinder's blocks predictor)."""
+    """Whether the method's export keeps the anchor's sinks and window (Combiner, Sparsefinder's blocks predictor)."""
     return lowering is not None and hasattr(lowering, "takes_anchor") and lowering.takes_anchor(predictor)
 
 
@@ -124,7 +124,9 @@ def translation_table() -> dict:
 
     import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
     import attnpass.lowering.torch.grouped_attention  # noqa: F401 - registers torch.ops.attnpass.grouped_attention
+    import attnpass.methods.anchor  # noqa: F401 - registers the anchor's flash op
     import attnpass.methods.sparsefinder  # noqa: F401 - registers the block predictor's ops
+    from attnpass.lowering.onnx.anchor import translate_anchor_flash
     from attnpass.lowering.onnx.blocks import translate_block_flash, translate_choose_blocks
     from attnpass.lowering.onnx.dense import translate_attention
     from attnpass.lowering.onnx.grouped import translate_grouped
@@ -135,6 +137,7 @@ def translation_table() -> dict:
     return {
         torch.ops.attnpass.attention.default: translate_attention,
         torch.ops.attnpass.grouped_attention.default: translate_grouped,
+        torch.ops.attnpass.anchor_flash.default: translate_anchor_flash,
         torch.ops.attnpass.routing.default: translate_routing,
         torch.ops.attnpass.sparsefinder.default: translate_sparsefinder,
         torch.ops.attnpass.sbm.default: translate_sbm,

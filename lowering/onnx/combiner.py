@@ -7,8 +7,8 @@ into standard ops, and each call of the grouped kernel becomes one ``attnpass.Gr
 (`lowering/onnx/grouped.py`): the region summaries' values, then the main call over each block's
 keys and the summaries. The file stays dynamic in L and no intermediate is L x L.
 
-Exported: variant "fixed", at self-attention sites (Lq == Lk), without the anchor's sinks and window
-(their flash op has no ONNX body yet) and without a band. Variants "axial" and "logsparse" build
+Exported: variant "fixed", at self-attention sites (Lq == Lk), without a band; with the anchor's
+window (and sinks) at causal sites, whose flash op becomes one BlockAttention node (`anchor.py`). Variants "axial" and "logsparse" build
 their layouts from concrete lengths (`layout.build_layout` says why).
 """
 from __future__ import annotations
@@ -24,15 +24,26 @@ def check_options(options: dict) -> None:
                                   "lengths, which the export keeps symbolic")
 
 
+def takes_anchor(predictor=None) -> bool:
+    """A Combiner site exports with the anchor's sinks and window (checked per site in `bind`)."""
+    return True
+
+
 def bind(module) -> None:
     """Check that a Combiner site module (of a private copy, in eval mode) exports by tracing; its
     forward is left as it is."""
     check_options({"variant": module.variant})
+    name = f"combiner site {module.spec.name!r}"
     if module.spec.cross:
-        raise NotImplementedError(f"export_onnx: combiner site {module.spec.name!r} is cross-attention; its "
-                                  "layout traces at self-attention sites (Lq == Lk) only")
+        raise NotImplementedError(f"export_onnx: {name} is cross-attention; its layout traces at self-attention "
+                                  "sites (Lq == Lk) only")
+    if module.anchor and not (module.spec.causal and module.anchor_local()):
+        raise NotImplementedError(f"export_onnx: {name}: sinks= without a local window at a causal site run the "
+                                  "anchor on the grouped kernel's slots, which have no ONNX lowering in this "
+                                  "version; give local= (causal sites) or no sinks")
 
 
 def nodes_per_site(module) -> int:
-    """GroupedAttention nodes per site: the region summaries' values, then the main call."""
-    return 2
+    """GroupedAttention nodes per site (the region summaries' values, then the main call), and the
+    anchor's sinks and window as one BlockAttention node."""
+    return 3 if module.anchor else 2

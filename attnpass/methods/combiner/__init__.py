@@ -112,7 +112,15 @@ class CombinerAttention(SiteAttention):
         (its summaries are cut to it with host code) and no dropout (a seed drawn in Python)."""
         p = dropout_p if self.training else 0.0
         return (self.variant == "fixed" and not self.spec.window and not p
-                and statically_known_true(q.shape[2] == k.shape[2]))
+                and statically_known_true(q.shape[2] == k.shape[2]) and self._anchor_on_flash(q, k, v))
+
+    def _anchor_on_flash(self, q, k, v) -> bool:
+        """No anchor, or one whose part runs on its flash op (inference at a causal site with a window):
+        its other path reads the slots of the grouped kernel back by a reshape of the lengths."""
+        if not self.anchor:
+            return True
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return self.spec.causal and bool(self.anchor_local()) and not grad
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         block = self.block if self.block is not None else _default_block(len_q, len_k, head_dim, self.variant)
