@@ -62,6 +62,9 @@ def main():
                 model(ids, attention_mask=mask)  # compile + first run
                 first = time.perf_counter() - t
                 times[label] = (timed(functools.partial(model, ids, attention_mask=mask), args.repeats), first)
+            if not isinstance(backend, str) and (backend.report.skipped or not backend.report.rewritten):
+                raise SystemExit(f"L={length}: the attnpass backend did not rewrite every site, so this would time "
+                                 f"dense against dense:\n{backend.report}")
             print(f"L={length} {label}: {times[label][0]:.3f} s (first call {first:.1f} s)", flush=True)
         dense, sparse = times["dense (inductor)"][0], times["combiner (attnpass)"][0]
         rows.append((length, dense, sparse, dense / sparse))

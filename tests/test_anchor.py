@@ -242,6 +242,18 @@ def test_the_inference_path_on_the_flash_kernel_equals_the_grouped_kernels(len_q
     assert torch.allclose(merge_parts(fast), merge_parts(grouped), atol=1e-12)
 
 
+def test_the_flash_part_is_an_op_whose_fake_kernel_states_its_outputs():
+    """`attnpass::anchor_flash` (what lets an anchored site trace with symbolic lengths): shapes, dtypes
+    and strides of its fake kernel equal the real outputs', with and without sinks (torch.library.opcheck)."""
+    from attnpass.methods.anchor import anchor_flash
+
+    for len_q, len_k, offset, padded, with_sinks in ((100, 100, 0, True, True), (37, 120, 83, False, False)):
+        x = inputs(len_q, len_k, padded)
+        sinks = torch.tensor([[0, 1, 2]] * x["q"].shape[0]) if with_sinks else None
+        v = torch.cat([x["v"], x["v"].new_ones(*x["v"].shape[:-1], 1)], dim=-1)
+        torch.library.opcheck(anchor_flash, (x["q"], x["k"], v, x["key_keep"], 0.3, offset, 16, sinks, 0))
+
+
 def test_through_sparsify_and_the_compile_backend_on_a_causal_lm():
     """The options reach every site both ways, and both compute the same function (not the original's)."""
     import attnpass

@@ -428,3 +428,32 @@ def test_forward_rejects_bias_tensor():
     q = torch.randn(1, 1, 4, 2)
     with pytest.raises(ValueError, match="bias or mask"):
         site(block=2)(q, q, q, bias=torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("options", [{}, {"block": 10}, {"sinks": 2, "local": 64}], ids=["default-block", "block", "anchor"])
+def test_a_causal_site_exports_with_a_symbolic_length_and_equals_eager(options):
+    """The fixed layout is tensor code of the lengths (the default block, ~sqrt(L), an unbacked int):
+    torch.export keeps L symbolic, and the exported program equals the eager module at lengths other
+    than the example's (block and block count differ there)."""
+    module = CombinerAttention(SiteSpec("s", None, causal=True, heads_q=4, heads_kv=2, head_dim=16), **options).eval()
+
+    class Call(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.site = module
+
+        def forward(self, q, k, v):
+            torch._check(q.shape[2] == k.shape[2])  # one sequence, as in a model (here three inputs)
+            return self.site(q, k, v)
+
+    def qkv(length):
+        g = torch.Generator().manual_seed(length)
+        return (torch.randn(1, 4, length, 16, generator=g), torch.randn(1, 2, length, 16, generator=g),
+                torch.randn(1, 2, length, 16, generator=g))
+
+    length = torch.export.Dim("L", min=65, max=8192)
+    program = torch.export.export(Call(), qkv(200), dynamic_shapes=({2: length}, {2: length}, {2: length}))
+    with torch.no_grad():
+        for n in (68, 333, 1000):
+            assert torch.equal(program.module()(*qkv(n)), module(*qkv(n))), n
+    assert cost_model.default_block(1000, 1000, 16) != cost_model.default_block(200, 200, 16)

@@ -470,3 +470,19 @@ def test_a_graph_the_backend_cannot_rewrite_runs_unchanged(monkeypatch):
     skipped = [s for g in backend.report.graphs for s in g.skipped]
     assert any("simulated failure" in s.reason for s in skipped)
     assert sum(len(g.rewritten) for g in backend.report.graphs) == 0
+
+
+def test_a_static_length_past_the_probe_limit_is_still_read_as_causal(monkeypatch):
+    """A graph compiled for one length holds that length as a constant of its mask; a window as long
+    cannot be told from causal only at other lengths, which this graph never runs at. So its causal
+    mask is read as causal however long (here the probe limit lowered to 20, a static length of 30),
+    not kept as a tensor that Combiner declines."""
+    from attnpass.frontend import mask_analysis
+
+    monkeypatch.setattr(mask_analysis, "LONGEST_PROBE", 20)
+    case = by_name("llama-eager")
+    args, kwargs = case.inputs(1, 30)
+    compiled, compiler = _compile(case.build(), "combiner", block=4)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    assert len(compiler.report.rewritten) == case.attention_count and not compiler.report.skipped, compiler.report

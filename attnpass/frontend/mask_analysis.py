@@ -408,15 +408,17 @@ def _holds_past_its_constants(pieces: list[MaskPiece], causal, pad, scores_shape
     needed = max(_mask_constants([p.node for p in pieces], probes), default=0) + 2
     if needed <= longest:
         return ""  # the probes already reach past every window the mask could hold
-    if needed > LONGEST_PROBE:
-        return (f"mask's subgraph holds the constant {needed - 2} (a window or chunk?) beyond the "
-                f"{LONGEST_PROBE}-token probe limit, so its structure cannot be proven; kept as a tensor")
     symbols = set()
     for d in scores_shape[-2:]:
         if isinstance(d, torch.SymInt):
             symbols |= d.node.expr.free_symbols
     if not symbols:
-        return ""  # static lengths: the probes already ran at the only length there is
+        # static lengths: the probes already ran at the only length there is (the graph's constants
+        # then include that length itself, however long)
+        return ""
+    if needed > LONGEST_PROBE:
+        return (f"mask's subgraph holds the constant {needed - 2} (a window or chunk?) beyond the "
+                f"{LONGEST_PROBE}-token probe limit, so its structure cannot be proven; kept as a tensor")
     p = probes.long_probe({sym: needed for sym in symbols})
     try:
         allowed = _allowed(pieces, probes, p)
