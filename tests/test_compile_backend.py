@@ -472,17 +472,21 @@ def test_a_graph_the_backend_cannot_rewrite_runs_unchanged(monkeypatch):
     assert sum(len(g.rewritten) for g in backend.report.graphs) == 0
 
 
-def test_a_static_length_past_the_probe_limit_is_still_read_as_causal(monkeypatch):
+def test_a_static_length_up_to_the_probe_limit_is_read_as_causal(monkeypatch):
     """A graph compiled for one length holds that length as a constant of its mask; a window as long
-    cannot be told from causal only at other lengths, which this graph never runs at. So its causal
-    mask is read as causal however long (here the probe limit lowered to 20, a static length of 30),
-    not kept as a tensor that Combiner declines."""
+    cannot be told from causal only at other lengths, which this graph never runs at. So a causal
+    mask of a static length up to the probe limit is read as causal (here the limit lowered to 30 and
+    a static length of 30: before, a constant of 30 asked for a probe at 32, past the limit), and
+    Combiner rewrites the sites; past the limit (20) the probes are what the limit bounds, so the
+    mask stays general and Combiner declines, as before."""
     from attnpass.frontend import mask_analysis
 
-    monkeypatch.setattr(mask_analysis, "LONGEST_PROBE", 20)
     case = by_name("llama-eager")
     args, kwargs = case.inputs(1, 30)
-    compiled, compiler = _compile(case.build(), "combiner", block=4)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
-    assert len(compiler.report.rewritten) == case.attention_count and not compiler.report.skipped, compiler.report
+    for limit, rewritten in ((30, True), (20, False)):
+        monkeypatch.setattr(mask_analysis, "LONGEST_PROBE", limit)
+        compiled, compiler = _compile(case.build(), "combiner", block=4)
+        with torch.no_grad():
+            compiled(*args, **kwargs)
+        assert bool(compiler.report.rewritten) == rewritten, compiler.report
+        assert len(compiler.report.rewritten if rewritten else compiler.report.skipped) == case.attention_count
