@@ -1,7 +1,7 @@
 """Compiled sparse vs compiled dense: torch.compile(model, backend=attnpass.backend(method=...)) against
 torch.compile(model) (Inductor default), forward, on a Llama-style config on CPU.
 
-    python benchmarks/compile_speed.py --lengths 4096 16384 [--out FILE]
+    python benchmarks/compile_speed.py --lengths 4096 8192 [--out FILE]
 
 It prints the table of docs/compile.md's "Benchmark" section (--out also writes it to FILE, to paste
 there: that document holds more than the table, so the script does not write it). Both models are
@@ -41,7 +41,7 @@ def timed(fn, repeats: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
