@@ -5,18 +5,19 @@ of that code around this kernel-level node: torch.export records the op, the tra
 writes the node, and its body is the kernel's semantics (lowering/torch/grouped_attention.py) in
 standard ops.
 
-Node: ``GroupedAttention(q, k, v, q_index, k_index, key_keep, bias, pair_mask, summary_k, summary_v,
-summary_mask, key_range, offset) -> (out, stat)`` with attributes ``scale`` (float), ``causal`` and
-``window`` (int). Query slot (g, w) of batch row b and head h holds query i = q_index[b, h, g, w]
-(negative: an empty slot); it sees its group's keys j = k_index[b, h, g, :] that are real (j >= 0,
-key_keep), causal (j <= i + offset), in the band (window > 0: j > i + offset - window when causal,
-|j - i - offset| < window otherwise), in key_range [lo, hi] and allowed by pair_mask, with bias added
-there; and its group's summaries (summary_k / summary_v) where summary_mask allows; one softmax over
-both. out (B, Hq, G, Wq, Dv); stat: the row's logsumexp; empty rows give 0 and 0. Largest
+Node: ``GroupedAttention(q, k, v, q_index, k_index, key_keep, summary_k, summary_v, summary_mask,
+key_range, offset) -> (out, stat)`` with attributes ``scale`` (float), ``causal`` and ``window``
+(int). Query slot (g, w) of batch row b and head h holds query i = q_index[b, h, g, w] (negative: an
+empty slot); it sees its group's keys j = k_index[b, h, g, :] that are real (j >= 0, key_keep),
+causal (j <= i + offset), in the band (window > 0: j > i + offset - window when causal,
+|j - i - offset| < window otherwise) and in key_range [lo, hi]; and its group's summaries
+(summary_k / summary_v) where summary_mask allows; one softmax over both. out (B, Hq, G, Wq, Dv); stat: the row's logsumexp; empty rows give 0 and 0. Largest
 intermediate (B, Hq, G, Wq, Wk + S): the groups' own pairs, never Lq x Lk.
 
-Absent optional inputs are neutral constants (common.py): no bias 0, no pair mask True, no key
-padding all keys, no summaries one zero summary that is never allowed, no key range [0, 2^62].
+Absent optional inputs are neutral constants (common.py): no key padding all keys, no summaries one
+zero summary that is never allowed, no key range [0, 2^62]. A call with a bias or a pair mask (read
+at the pairs: routing's, not Combiner's) is refused: its reads would cost index arithmetic over
+every pair of every call, and no traced method passes one yet.
 """
 from __future__ import annotations
 
@@ -24,11 +25,8 @@ import onnx
 from onnxscript import script
 from onnxscript import opset18 as op
 
-from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, int_input, node_op, pair_bias, static_float, \
-    true_scalar
-from attnpass.lowering.onnx.common import pair_mask as mask_input
+from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, int_input, node_op, static_float, true_scalar
 from attnpass.lowering.onnx.dense import repeat_kv
-from attnpass.lowering.onnx.routing import pair_values
 
 _INT64 = onnx.TensorProto.INT64
 
@@ -42,8 +40,8 @@ def gather_slots(x, index):
 
 
 @script(ATTNPASS, default_opset=op)
-def GroupedAttention(q, k, v, q_index, k_index, key_keep, bias, mask, summary_k, summary_v, summary_mask, key_range,
-                     offset, scale: float, causal: int, window: int):
+def GroupedAttention(q, k, v, q_index, k_index, key_keep, summary_k, summary_v, summary_mask, key_range, offset,
+                     scale: float, causal: int, window: int):
     hq = op.Shape(q, start=1, end=2)
     zero = op.Constant(value_ints=[0])
     zero_i = op.Constant(value_int=0)
@@ -54,17 +52,15 @@ def GroupedAttention(q, k, v, q_index, k_index, key_keep, bias, mask, summary_k,
     k_g = gather_slots(repeat_kv(k, hq), j)                                        # (B, Hq, G, Wk, D)
     v_g = gather_slots(repeat_kv(v, hq), j)                                        # (B, Hq, G, Wk, Dv)
     scale_t = op.CastLike(op.Constant(value_float=scale), q)
-    b5 = op.Reshape(op.Range(zero_i, op.Squeeze(op.Shape(q, start=0, end=1), [0]), one_i),
-                    op.Constant(value_ints=[-1, 1, 1, 1, 1]))
-    h5 = op.Reshape(op.Range(zero_i, op.Squeeze(hq, [0]), one_i), op.Constant(value_ints=[1, -1, 1, 1, 1]))
     i5 = op.Unsqueeze(i, [4])                                                      # (B, Hq, G, Wq, 1)
     j5 = op.Unsqueeze(j, [3])                                                      # (B, Hq, G, 1, Wk)
-    logits = op.Add(op.Mul(op.MatMul(q_g, op.Transpose(k_g, perm=[0, 1, 2, 4, 3])), scale_t),
-                    pair_values(bias, b5, h5, i5, j5))                             # (B, Hq, G, Wq, Wk)
+    logits = op.Mul(op.MatMul(q_g, op.Transpose(k_g, perm=[0, 1, 2, 4, 3])), scale_t)   # (B, Hq, G, Wq, Wk)
 
-    real = op.And(op.Unsqueeze(op.GreaterOrEqual(q_index, zero), [4]), op.Unsqueeze(op.GreaterOrEqual(k_index, zero), [3]))
-    ok = op.And(real, pair_values(op.Unsqueeze(key_keep, [1, 2]), b5, h5, i5, j5))
-    ok = op.And(ok, pair_values(mask, b5, h5, i5, j5))
+    # key padding per key slot (B, Hq, G, Wk), not per pair
+    flat_j = op.Reshape(j, op.Concat(op.Shape(j, start=0, end=1), op.Constant(value_ints=[-1]), axis=0))
+    keep_j = op.Reshape(op.GatherElements(key_keep, flat_j, axis=1), op.Shape(j))
+    key_ok = op.And(op.GreaterOrEqual(k_index, zero), keep_j)
+    ok = op.And(op.Unsqueeze(op.GreaterOrEqual(q_index, zero), [4]), op.Unsqueeze(key_ok, [3]))
     rel = op.Sub(op.Sub(j5, i5), offset)                                           # j - (i + offset)
     causal_c = op.Equal(op.Constant(value_int=causal), one_i)
     ok = op.And(ok, op.Or(op.Not(causal_c), op.LessOrEqual(rel, zero)))
@@ -95,8 +91,8 @@ def GroupedAttention(q, k, v, q_index, k_index, key_keep, bias, mask, summary_k,
 
 GROUPED_NODE = node_op(
     "GroupedAttention",
-    inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("q_index", "I"), ("k_index", "I"), ("key_keep", "B"), ("bias", "T"),
-            ("mask", "B"), ("summary_k", "T"), ("summary_v", "T"), ("summary_mask", "B"), ("key_range", "I"),
+    inputs=[("q", "T"), ("k", "T"), ("v", "T"), ("q_index", "I"), ("k_index", "I"), ("key_keep", "B"),
+            ("summary_k", "T"), ("summary_v", "T"), ("summary_mask", "B"), ("key_range", "I"),
             ("offset", "I")],
     attributes=[("scale", "float"), ("causal", "int"), ("window", "int")],
     outputs=[("out", "T"), ("stat", "T")],
@@ -118,6 +114,9 @@ def translate_grouped(q, k, v, q_index, k_index, key_padding_mask=None, bias=Non
                                   "body in this version")
     if dropout_p:
         raise NotImplementedError(f"export_onnx: {name} is exported for inference; got dropout_p={dropout_p}")
+    if bias is not None or pair_mask is not None:
+        raise NotImplementedError(f"export_onnx: {name} with a bias or pair mask read at the pairs has no ONNX "
+                                  "lowering in this version (no traced method passes one)")
     if not isinstance(window, int):
         raise TypeError(f"export_onnx: {name} needs a static window (an int), got {window!r}")
     if summary_k is None:  # one zero summary, never allowed
@@ -131,6 +130,6 @@ def translate_grouped(q, k, v, q_index, k_index, key_padding_mask=None, bias=Non
     if key_range is None:
         key_range = op.Constant(value=onnx.helper.make_tensor("all", _INT64, [1, 1, 1, 1, 2], _NO_KEY_RANGE))
     return GROUPED_NODE(q, k, v, q_index, k_index, all_keys(q, k) if key_padding_mask is None else key_padding_mask,
-                        pair_bias(bias, q), mask_input(pair_mask), summary_k, summary_v, summary_mask, key_range,
+                        summary_k, summary_v, summary_mask, key_range,
                         int_input(causal_offset), scale=static_float(name, "scale", scale), causal=int(bool(causal)),
                         window=window)
