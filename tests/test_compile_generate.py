@@ -193,6 +193,27 @@ def test_unbound_combiner_decode_steps_are_dense_over_the_cache_too():
     assert set(_kinds(compiler.report)) == {"prefill", "decode"}
 
 
+def test_with_a_fixed_prefill_threshold_combiner_decode_graphs_are_not_cut():
+    """With `prefill_queries` a one-query step is a decode step whatever the cache's length, so the
+    Combiner site runs the dense op there and the decode graph, like the prompt's, is compiled whole;
+    generation equals the default backend's (which cuts the decode graph at its sites)."""
+    outs, reports = {}, {}
+    for label, options in (("fixed", {"prefill_queries": 2}), ("cost model", {})):
+        model = _llama()
+        compiler = _bind(model, "combiner", block=8, **options)
+        with torch.no_grad():
+            outs[label] = [model.generate(input_ids=_prompt(n), max_new_tokens=3, **GREEDY) for n in LENGTHS[:3]]
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        reports[label] = compiler.report
+    assert all(g.pieces == 1 and not g.cut_at for g in reports["fixed"].graphs), reports["fixed"]
+    assert any(g.cut_at for g in reports["cost model"].graphs)  # the default still cuts its decode graphs
+    assert "decode" in _kinds(reports["fixed"]) and len(reports["fixed"].graphs) <= 4
+    for fixed, default in zip(outs["fixed"], outs["cost model"]):
+        assert torch.equal(fixed.sequences, default.sequences)
+        for a, b in zip(fixed.scores, default.scores):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_a_decode_step_before_any_prompt_makes_no_module():
     """Compiled after the prompt ran eagerly: the first graph is a decode step, left as the model
     computes it (dense over the cache); the module is made from the next prompt's graph."""

@@ -268,6 +268,15 @@ class SiteAttention(nn.Module):
         return not sparse_pays(self.method_name, len_q, len_k, q.shape[-1], self.cost_options(len_q, len_k, q.shape[-1]),
                                anchor_keys=self.anchor.sinks + self.anchor.local)
 
+    def decode_step_without_lengths(self, q: torch.Tensor) -> bool:
+        """Whether a call is a decode step (`is_decode_step`) whatever its key length: `prefill_queries`
+        is set and the call's query count is a known int below it (a decode graph's one query). The
+        call then runs the dense op, which traces with a symbolic key length; with the cost model
+        deciding, the decision reads the lengths."""
+        len_q = q.shape[-2]
+        return (self.spec.causal and not self.spec.cross and not self.spec.window
+                and self.prefill_queries is not None and type(len_q) is int and len_q < self.prefill_queries)
+
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         """This module's parameters as `attnpass.cost_model.cost_expr` options, at these lengths."""
         return {}

@@ -109,7 +109,10 @@ class CombinerAttention(SiteAttention):
         """Variant fixed builds its layout as tensor code of the lengths (the default block an unbacked
         int, `cost_model.default_block`), the anchor's flash part is an op: a call traces where its
         queries are its keys (a causal one is then no decode step, whatever the lengths), with no band
-        (its summaries are cut to it with host code) and no dropout (a seed drawn in Python)."""
+        (its summaries are cut to it with host code) and no dropout (a seed drawn in Python). A decode
+        step known as one without its key length (`decode_step_without_lengths`) runs the dense op."""
+        if self.decode_step_without_lengths(q):  # dense over the cache, the dense op
+            return True
         p = dropout_p if self.training else 0.0
         return (self.variant == "fixed" and not self.spec.window and not p
                 and statically_known_true(q.shape[2] == k.shape[2]) and self._anchor_on_flash(q, k, v))
