@@ -137,13 +137,14 @@ def _bucket_table(bucket: Tensor, members: Tensor, num_buckets: int) -> tuple[Te
 def build_layout(variant: str, len_q, len_k, block, causal: bool, causal_offset,
                  device: torch.device | None = None) -> CombinerLayout:
     """The layout of one call shape. Needs Lq, Lk >= 1. With int lengths it is cached (the same shapes
-    recur every step); while tracing, and with symbolic lengths (torch.export, torch.compile) it is tensor code whose sizes
-    are expressions of them, so the site traces."""
+    recur every step); while tracing, and with symbolic lengths (torch.export, torch.compile), it is
+    tensor code whose sizes are expressions of them, so the site traces."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown combiner variant {variant!r}; expected one of {VARIANTS}")
     if not causal:
         causal_offset = 0
-    if all(type(x) is int for x in (len_q, len_k, block, causal_offset)) and torch._guards.detect_fake_mode() is None:
+    concrete = all(type(x) is int for x in (len_q, len_k, block, causal_offset))
+    if concrete and torch._guards.detect_fake_mode() is None:
         # (not while tracing: fake tensors must not enter the cache, nor cached ones a traced graph)
         return _cached_layout(variant, len_q, len_k, block, causal, causal_offset, device)
     if variant != "fixed":
