@@ -415,7 +415,7 @@ def _holds_past_its_constants(pieces: list[MaskPiece], causal, pad, scores_shape
     if not symbols and needed - 2 <= LONGEST_PROBE:
         # static lengths: the probes already ran at the only length there is (the graph's constants
         # then include that length itself). Past the probe limit the mask stays general all the same:
-        # the probes at such a length are what the limit bounds (~13 GB at B=1, L=8192)
+        # the limit bounds what the probes cost, and they ran at that length
         return ""
     if needed > LONGEST_PROBE:
         return (f"mask's subgraph holds the constant {needed - 2} (a window or chunk?) beyond the "

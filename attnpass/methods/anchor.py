@@ -85,6 +85,13 @@ class Anchor:
         keep = torch.ones(batch, len_k, dtype=torch.bool, device=device) if key_keep is None else key_keep
         return keep & ~positions_mask(self.sink_positions(key_keep, batch, len_k, device), len_k)
 
+    def runs_on_flash(self, bias, mask, dropout_p: float, *tensors: Tensor) -> bool:
+        """Whether `parts` computes the sinks and the window as one part on the flash op
+        (`anchor_flash`): inference with a window (causal sites), no bias or mask tensor, no dropout,
+        no gradient asked of `tensors`."""
+        return (bool(self.local) and bias is None and mask is None and not dropout_p
+                and not _needs_grad(*tensors))
+
     def parts(self, q: Tensor, k: Tensor, v_mass: Tensor, *, key_keep, bias, mask, scale: float, causal: bool,
               offset: int, dropout_p: float, dropout_seed: int, band: int = 0) -> list[tuple[Tensor, Tensor]]:
         """The sinks and local parts as (out (B, Hq, Lq, Dv + 1), logsumexp (B, Hq, Lq)), v_mass being
@@ -96,8 +103,7 @@ class Anchor:
         dev = q.device
         local = min(self.local, band) if band else self.local
         sinks_seen = self.sinks and not (band and local >= band)  # else the window is the whole band
-        if local and bias is None and mask is None and not dropout_p and not _needs_grad(q, k, v_mass):
-            # inference at a causal site: sinks and window as one part on the flash kernel
+        if self.runs_on_flash(bias, mask, dropout_p, q, k, v_mass):
             sinks = self.sink_positions(key_keep, B, Lk, dev) if sinks_seen else None
             return [tuple(anchor_flash(q, k, v_mass, key_keep, scale, offset, local, sinks, band))]
         groups = -(-Lq // _QUERIES_PER_GROUP)

@@ -8,8 +8,9 @@ into standard ops, and each call of the grouped kernel becomes one ``attnpass.Gr
 keys and the summaries. The file stays dynamic in L and no intermediate is L x L.
 
 Exported: variant "fixed", at self-attention sites (Lq == Lk), without a band; with the anchor's
-window (and sinks) at causal sites, whose flash op becomes one BlockAttention node (`anchor.py`). Variants "axial" and "logsparse" build
-their layouts from concrete lengths (`layout.build_layout` says why).
+window (and sinks) at causal sites, whose flash op becomes one BlockAttention node (`anchor.py`).
+Variants "axial" and "logsparse" build their layouts from concrete lengths (`layout.build_layout`
+says why).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def bind(module) -> None:
     if module.spec.cross:
         raise NotImplementedError(f"export_onnx: {name} is cross-attention; its layout traces at self-attention "
                                   "sites (Lq == Lk) only")
-    if module.anchor and not (module.spec.causal and module.anchor_local()):
+    if module.anchor and not module.anchor.runs_on_flash(None, None, 0.0):  # the export's eval call
         raise NotImplementedError(f"export_onnx: {name}: sinks= without a local window at a causal site run the "
                                   "anchor on the grouped kernel's slots, which have no ONNX lowering in this "
                                   "version; give local= (causal sites) or no sinks")

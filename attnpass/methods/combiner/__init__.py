@@ -26,11 +26,6 @@ from attnpass.methods.pairs import group_pairs
 _OPTIONS = ("variant", "block") + ANCHOR_OPTIONS
 
 
-def _default_block(len_q: int, len_k: int, head_dim: int, variant: str) -> int:
-    """Block size when the user gave none: the cost model's minimiser (fixed: sqrt(Lk)), in [1, Lk]."""
-    return cost_model.default_block(len_q, len_k, head_dim, variant)
-
-
 class CombinerAttention(SiteAttention):
     method_name = "combiner"
     onnx_lowering = "attnpass.lowering.onnx.combiner"
@@ -82,7 +77,7 @@ class CombinerAttention(SiteAttention):
         rule and layout offset."""
         Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
         causal = self.spec.causal
-        block = self.block if self.block is not None else _default_block(Lq, Lk, D, self.variant)
+        block = self._block_at(Lq, Lk, D)
         return build_layout(self.variant, Lq, Lk, block, causal, self.layout_offset(q, k) if causal else 0, q.device)
 
     def _summaries_in_band(self, layout):
@@ -114,20 +109,18 @@ class CombinerAttention(SiteAttention):
         if self.decode_step_without_lengths(q):  # dense over the cache, the dense op
             return True
         p = dropout_p if self.training else 0.0
+        # an anchor must run on its flash op: its other path reads the grouped kernel's slots back by a
+        # reshape of the lengths
         return (self.variant == "fixed" and not self.spec.window and not p
-                and statically_known_true(q.shape[2] == k.shape[2]) and self._anchor_on_flash(q, k, v))
-
-    def _anchor_on_flash(self, q, k, v) -> bool:
-        """No anchor, or one whose part runs on its flash op (inference at a causal site with a window):
-        its other path reads the slots of the grouped kernel back by a reshape of the lengths."""
-        if not self.anchor:
-            return True
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return self.spec.causal and bool(self.anchor_local()) and not grad
+                and statically_known_true(q.shape[2] == k.shape[2])
+                and (not self.anchor or self.anchor.runs_on_flash(bias, mask, p, q, k, v)))
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
-        block = self.block if self.block is not None else _default_block(len_q, len_k, head_dim, self.variant)
-        return {"variant": self.variant, "block": block}
+        return {"variant": self.variant, "block": self._block_at(len_q, len_k, head_dim)}
+
+    def _block_at(self, len_q, len_k, head_dim):
+        """The option's block, or when none was given the cost model's minimiser (fixed: sqrt(Lk))."""
+        return self.block if self.block is not None else cost_model.default_block(len_q, len_k, head_dim, self.variant)
 
     def sparse_forward(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                        empty_rows: str = "zero"):  # queries with no key get zeros (SiteAttention.forward)

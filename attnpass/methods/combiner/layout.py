@@ -244,7 +244,8 @@ def _shifted_query_groups(len_q, block, num_blocks, causal_offset) -> tuple:
     i = torch.arange(len_q, dtype=_I64)
     own_block = (i + causal_offset).clamp(min=0) // block
     late_slot = (empty + own_block) * width + i - (own_block * block - causal_offset).clamp(min=0)
-    early_slot = (i // block) * width + i - (i // block) * block  # (i % block: no ONNX remainder by a symbolic int)
+    early_group = i // block  # (i - early_group * block, not i % block: ONNX has no remainder by a symbolic int)
+    early_slot = early_group * width + i - early_group * block
     query_slot = torch.where(i < before, early_slot, late_slot)
     return empty, torch.cat([early, late]), query_slot
 
