@@ -133,7 +133,8 @@ def scatter_slots(out_slots: Tensor, q_index: Tensor, length: int) -> tuple[Tens
     # backward alike. No data-dependent branch: it must trace.
     weight = valid.to(acc) / count.view(-1).clamp(min=1).index_select(0, rows).view(valid.shape)
     out = torch.zeros((n_rows, Dv), dtype=acc, device=out_slots.device).index_add_(
-        0, rows, (out_slots.to(acc) * weight.unsqueeze(-1)).reshape(-1, Dv)).view(B, H, length, Dv)
+        # (flattened before the split: merging symbolic dims in one view leaves unprovable guards)
+        0, rows, (out_slots.to(acc) * weight.unsqueeze(-1)).reshape(-1).view(-1, Dv)).view(B, H, length, Dv)
     return out.to(out_slots.dtype), count
 
 

@@ -8,6 +8,10 @@ those rows are selected again exactly, on int64 keys that pack each float32
 value (mapped to an int32 that orders as the float does) over its reversed position, so every key
 is distinct and among equal values the lowest position ranks first (float64 rows take a stable sort:
 no room for the position next to a 64-bit key).
+
+The selection is the op ``attnpass::topk_lowest_index``: which rows are ambiguous is data, so traced
+(torch.export, torch.compile) it stays one node with a fake kernel, and the ONNX export writes it as
+the standard TopK, whose ties already go to the lowest index.
 """
 from __future__ import annotations
 
@@ -20,8 +24,13 @@ _LOW31 = 0x7FFFFFFF
 def topk_lowest_index(x: Tensor, k: int, dim: int = -1) -> Tensor:
     """Indices of the `k` largest values of `x` along `dim` (in no particular order), equal values
     taken lowest index first. NaNs are not supported."""
+    return torch.ops.attnpass.topk_lowest_index(x, k, dim % x.dim())
+
+
+@torch.library.custom_op("attnpass::topk_lowest_index", mutates_args=())
+def _topk_lowest_index_op(x: Tensor, k: int, dim: int) -> Tensor:
     if k == 0 or k >= x.shape[dim]:
-        return x.topk(k, dim=dim, sorted=False).indices
+        return x.topk(k, dim=dim, sorted=False).indices.contiguous()
     # the k+1 largest, ordered: a row is ambiguous iff its k-th and (k+1)-th largest values are equal
     values, chosen = x.topk(k + 1, dim=dim, sorted=False)
     values, order = values.movedim(dim, -1).sort(dim=-1, descending=True)
@@ -30,7 +39,7 @@ def topk_lowest_index(x: Tensor, k: int, dim: int = -1) -> Tensor:
     if bool(ambiguous.any()):
         rows = ambiguous.nonzero(as_tuple=True)
         chosen[rows] = _exact(x.movedim(dim, -1)[rows], k)
-    return chosen.movedim(-1, dim)
+    return chosen.movedim(-1, dim).contiguous()  # as the fake kernel states it
 
 
 def _exact(rows: Tensor, k: int) -> Tensor:
@@ -45,3 +54,10 @@ def _exact(rows: Tensor, k: int) -> Tensor:
     rank = torch.arange(rows.shape[-1] - 1, -1, -1, dtype=torch.int64, device=rows.device)
     keys = (ordered.to(torch.int64) << 32) | rank
     return keys.topk(k, dim=-1, sorted=False).indices
+
+
+@_topk_lowest_index_op.register_fake
+def _(x: Tensor, k: int, dim: int) -> Tensor:
+    shape = list(x.shape)
+    shape[dim] = k
+    return x.new_empty(shape, dtype=torch.int64)

@@ -36,6 +36,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnpass.lowering.torch.grouped_attention import grouped_attention
 from attnpass.methods.slots import bucket_slots
+from attnpass.methods.symbolic import ceil_div, smaller, tracing
 
 VARIANTS = ("fixed", "axial", "logsparse")
 
@@ -70,7 +71,7 @@ class CombinerLayout:
     @property
     def num_blocks(self) -> int:
         """Key blocks (the last num_blocks groups; groups before them hold queries that see no key)."""
-        return _ceil_div(self.len_k, self.block)
+        return ceil_div(self.len_k, self.block)
 
     @property
     def key_blocks(self) -> Tensor:
@@ -144,7 +145,7 @@ def build_layout(variant: str, len_q, len_k, block, causal: bool, causal_offset,
     if not causal:
         causal_offset = 0
     concrete = all(type(x) is int for x in (len_q, len_k, block, causal_offset))
-    if concrete and torch._guards.detect_fake_mode() is None:
+    if concrete and not tracing():
         # (not while tracing: fake tensors must not enter the cache, nor cached ones a traced graph)
         return _cached_layout(variant, len_q, len_k, block, causal, causal_offset, device)
     if variant != "fixed":
@@ -156,8 +157,8 @@ def build_layout(variant: str, len_q, len_k, block, causal: bool, causal_offset,
 
 def _build_layout(variant: str, len_q, len_k, block, causal: bool, causal_offset,
                   device: torch.device | None) -> CombinerLayout:
-    block = _smaller(block, len_k)  # one block already covers every key
-    G = _ceil_div(len_k, block)
+    block = smaller(block, len_k)  # one block already covers every key
+    G = ceil_div(len_k, block)
     # Queries with p_i past the keys (causal, Lq > Lk + offset) join the last block: they see every
     # key. Queries with p_i < 0 see nothing (an offset below -i: Lq > Lk, or the layout of a site
     # whose local window the anchor computes); they fill `empty` groups of `block` slots placed
@@ -167,7 +168,7 @@ def _build_layout(variant: str, len_q, len_k, block, causal: bool, causal_offset
     else:
         pos = query_positions(len_q, len_k, causal, causal_offset).clamp(max=len_k - 1)
         before = int((pos < 0).sum())  # the first queries (p_i grows with i)
-        empty = _ceil_div(before, block)
+        empty = ceil_div(before, block)
         bucket = torch.where(pos < 0, torch.arange(len_q, dtype=_I64) // block, empty + pos.clamp(min=0) // block)
         q_index, query_slot = _bucket_table(bucket, torch.arange(len_q, dtype=_I64), empty + G)
     k_index = torch.arange(G * block, dtype=_I64).view(G, block)
@@ -205,22 +206,6 @@ def _build_layout(variant: str, len_q, len_k, block, causal: bool, causal_offset
                           num_levels)
 
 
-def _smaller(a, b):
-    # With symbolic sizes: what the shape environment knows, else a guard on the comparison (not
-    # builtins.min, which torch.export turns into a Min expression whose floor divisions later leave
-    # guards the shape solver cannot discharge).
-    if statically_known_true(a <= b):
-        return a
-    if statically_known_true(b < a):
-        return b
-    return a if a <= b else b
-
-
-def _ceil_div(a, b):
-    # one spelling of ceil(a / b) everywhere, so the shape solver sees equal sizes as equal
-    return (a + b - 1) // b
-
-
 # Concrete shapes recur every step; tensors built outside inference mode stay usable by autograd.
 _cached_layout = functools.lru_cache(maxsize=64)(torch.inference_mode(False)(_build_layout))
 
@@ -229,9 +214,9 @@ def _shifted_query_groups(len_q, block, num_blocks, causal_offset) -> tuple:
     """(empty groups, q_index (empty + num_blocks, Wq), query_slot (Lq,)) when p_i = i + offset: the
     bucket table of the query positions, by arithmetic. The first `before` queries (p_i < 0) fill
     groups of `block`; key block b holds the queries from max(b * block - offset, 0) on, in order."""
-    before = _smaller(len_q, -causal_offset) if causal_offset < 0 else 0
-    empty = _ceil_div(before, block)
-    width = _smaller(block, len_q)
+    before = smaller(len_q, -causal_offset) if causal_offset < 0 else 0
+    empty = ceil_div(before, block)
+    width = smaller(block, len_q)
     w = torch.arange(width, dtype=_I64).view(1, -1)
     g = torch.arange(empty, dtype=_I64).view(-1, 1)
     early = g * block + w

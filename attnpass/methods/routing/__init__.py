@@ -54,6 +54,7 @@ from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor, refuse_bu
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
 from attnpass.methods.options import check_int, check_known, check_real
 from attnpass.methods.pairs import group_pairs
+from attnpass.methods.symbolic import ceil_div, read_size, smaller, tracing, view_merged
 
 _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window", "queries", "keys",
             "sampled_queries", "refit_steps") + ANCHOR_OPTIONS
@@ -133,7 +134,7 @@ def _window_ranks(query_pos: Tensor, real_up_to: Tensor, num_real: Tensor, len_q
     `window` real keys always fills it).
     """
     B = query_pos.shape[0]
-    W = min(window, len_k)
+    W = smaller(window, len_k)
     anchor = key_anchor(query_pos.clamp(min=0), len_q, len_k, causal, offset)
     seen = real_up_to.gather(1, anchor.clamp(min=0).reshape(B, -1)).view(anchor.shape)
     seen = torch.where(anchor < 0, 0, seen)  # real keys at or before the anchor
@@ -160,14 +161,16 @@ def _orphan_tiles(orphan: Tensor) -> Tensor:
     B, H, blocks, P = orphan.shape
     dev = orphan.device
     counts = orphan.sum(dim=-1)                                          # (B, H, blocks)
-    # one tile per block (as wide as the fullest block), or tiles of P/2 or P/4 rows
-    candidates = sorted({max(int(counts.max()), 1), max(P // 2, 1), max(P // 4, 1)}, reverse=True)
-    widths = torch.tensor(candidates, device=dev)
-    # tiles each width needs (the fullest batch row and head), in one read from the device
-    needed = (-(-counts.unsqueeze(-1) // widths)).sum(dim=-2).flatten(0, 1).amax(dim=0).tolist()
-    G, rows = min(((max(n, 1), t) for n, t in zip(needed, candidates)),
-                  key=lambda tiles_rows: tiles_rows[0] * (tiles_rows[1] + _TILE_OVERHEAD_ROWS))
-    per_block = -(-counts // rows)                                       # tiles of each block
+    # one tile per block (as wide as the fullest block), or tiles of P/2 or P/4 rows, widest first
+    widths = torch.stack([counts.max().clamp(min=1), torch.tensor(max(P // 2, 1), device=dev),
+                          torch.tensor(max(P // 4, 1), device=dev)]).sort(descending=True).values
+    # tiles each width needs (the fullest batch row and head); the first of the cheapest is taken
+    needed = ceil_div(counts.unsqueeze(-1), widths).sum(dim=-2).flatten(0, 1).amax(dim=0).clamp(min=1)
+    chosen = torch.argmin(needed * (widths + _TILE_OVERHEAD_ROWS))
+    # read as sizes: kept symbolic when traced (a block's P orphans in tiles of one row at most)
+    rows = read_size(widths[chosen], 1, P)
+    G = read_size(needed[chosen], 1, blocks * P)
+    per_block = ceil_div(counts, rows)                                   # tiles of each block
     ends = per_block.cumsum(dim=-1)                                      # (B, H, blocks)
     tile = torch.arange(G, device=dev).expand(B, H, G).contiguous()
     block = torch.searchsorted(ends, tile, right=True)                   # blocks: past the last tile
@@ -177,8 +180,9 @@ def _orphan_tiles(orphan: Tensor) -> Tensor:
     rank = first_rank.unsqueeze(-1) + torch.arange(rows, device=dev)    # (B, H, G, T) rank in the block
     real = used.unsqueeze(-1) & (rank < counts.gather(-1, block).unsqueeze(-1))
     # orphans first in each block (stable: by position)
-    order = torch.argsort((~orphan).to(torch.int8), dim=-1, stable=True).view(B, H, blocks * P)
-    within = order.gather(-1, (block.unsqueeze(-1) * P + rank.clamp(max=P - 1)).view(B, H, -1)).view(rank.shape)
+    order = view_merged(torch.argsort((~orphan).to(torch.int8), dim=-1, stable=True), B, H, blocks * P)
+    within = order.gather(-1, view_merged(block.unsqueeze(-1) * P + rank.clamp(max=P - 1), B, H, G * rows))
+    within = within.view(B, H, G, rows)
     return torch.where(real, within + block.unsqueeze(-1) * P, -1)
 
 
@@ -433,15 +437,15 @@ class RoutingAttention(SiteAttention):
             if self.queries == "nearest":
                 routed_q = OnlineKMeans.member_slots(OnlineKMeans.nearest(sim_q), c)
             else:
-                routed_q = OnlineKMeans.top_slots(sim_q, -(-Lq // c), query_keep, drop_unkept=False)
+                routed_q = OnlineKMeans.top_slots(sim_q, ceil_div(Lq, c), query_keep, drop_unkept=False)
             key_scores = sim_k if self.keys == "centroids" else \
                 self._member_key_scores(q, k, routed_q, key_keep, causal, offset)
             # keys in proportion to members with queries='nearest': the balanced case's Lk / c each
             widths = _in_proportion(routed_q, Lk, Lq) if self.queries == "nearest" else None
             if self.keys == "members":  # no key no sample may read (a cluster without a sample: none)
                 readable = torch.isfinite(key_scores).sum(dim=-1)
-                widths = readable.clamp(max=-(-Lk // c)) if widths is None else torch.minimum(widths, readable)
-            width = max(int(widths.max()), 1) if widths is not None else -(-Lk // c)
+                widths = readable.clamp(max=ceil_div(Lk, c)) if widths is None else torch.minimum(widths, readable)
+            width = read_size(widths.max().clamp(min=1), 1, Lk) if widths is not None else ceil_div(Lk, c)
             k_index = OnlineKMeans.top_slots(key_scores, width, key_keep, widths=widths)
             # A row is empty when its cluster has no real key, or (causal) none at or before it;
             # keys are sorted, so the first slot decides.
@@ -463,7 +467,7 @@ class RoutingAttention(SiteAttention):
         they cluster if no batch has been seen yet."""
         query_keep = self._query_keep(key_keep, q.shape[2], k.shape[2])
         q_hat, k_hat = OnlineKMeans.normalise(q), OnlineKMeans.normalise(k)
-        if not bool(self.kmeans.initialized):
+        if not tracing() and not bool(self.kmeans.initialized):  # traced: initialised before (needs_first_call)
             with torch.no_grad():
                 self.kmeans.initialize_(self._token_sets(q_hat, k_hat, None, None, query_keep, key_keep))
         return q_hat, k_hat, query_keep
@@ -594,7 +598,7 @@ class RoutingAttention(SiteAttention):
         dev = q_index.device
         valid = q_index >= 0
         filled = torch.zeros(B, H, len_q, dtype=torch.int64, device=dev).scatter_add_(
-            2, q_index.clamp(min=0).view(B, H, -1), valid.view(B, H, -1).to(torch.int64))
+            2, view_merged(q_index.clamp(min=0), B, H, -1), view_merged(valid.to(torch.int64), B, H, -1))
         P = self.local_window
         blocks = -(-len_q // P)
         orphan = torch.nn.functional.pad(filled == 0, (0, blocks * P - len_q)).view(B, H, blocks, P)
@@ -608,7 +612,7 @@ class RoutingAttention(SiteAttention):
         has_window = last >= first
         group_first = torch.where(has_window, first, len_k).amin(dim=-1)
         group_last = torch.where(has_window, last, -1).amax(dim=-1)
-        span = max(int((group_last - group_first + 1).max()), 1)
+        span = read_size((group_last - group_first + 1).max().clamp(min=1), 1, len_k)
         rank = group_first.unsqueeze(-1) + torch.arange(span, device=dev)
         fallback_k = real_in_order.gather(1, rank.clamp(0, len_k - 1).view(B, -1)).view(rank.shape)
         fallback_k = torch.where(rank <= group_last.unsqueeze(-1), fallback_k, -1)
@@ -631,7 +635,7 @@ class RoutingAttention(SiteAttention):
         gather = (lambda slots, index: scatter_merge(*slots, index, Lq)) if one_softmax \
             else (lambda slots, index: (scatter_slots(slots[0], index, Lq)[0], None))
         out, stat = gather(grouped_attention(q, k, v, q_index, k_index, **common), q_index)
-        if bool((fallback_q >= 0).any()):
+        if tracing() or bool((fallback_q >= 0).any()):  # traced: a call with no orphan runs empty tiles
             # fallback queries are exactly the ones with no routed output, so adding is a merge
             fallback_out, fallback_stat = gather(
                 grouped_attention(q, k, v, fallback_q, fallback_k, key_range=fallback_range, **common), fallback_q)
