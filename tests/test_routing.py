@@ -836,3 +836,56 @@ def test_wrong_head_count_at_run_time_is_refused():
     q, k, v = make_inputs(1, 3, 3, 8, 8, 8)
     with pytest.raises(ValueError, match="2 query heads"):
         module(q, k, v)
+
+
+@pytest.mark.parametrize("causal, options", [
+    (True, {}), (False, {}), (True, {"local_heads": 2}), (False, {"local_heads": 2}),
+    (True, {"queries": "nearest"}), (True, {"sinks": 4, "local": 64, "local_heads": 2}),
+], ids=["causal", "bidirectional", "local-heads", "bidirectional-local-heads", "nearest", "anchor"])
+def test_a_site_exports_with_a_symbolic_length_and_equals_eager(causal, options):
+    """The layout is tensor code of the lengths (the fallback's tiles and spans, a nearest cluster's width:
+    ints read back with bounds): torch.export keeps L symbolic, and the program equals the eager module
+    exactly at other lengths, on a left-padded batch (key padding is query padding here)."""
+    spec = SiteSpec("s", None, causal=causal, heads_q=4, heads_kv=2, head_dim=16, example_len_q=200, example_len_k=200)
+    module = RoutingAttention(spec, clusters=8, **options).eval()
+
+    def inputs(length):
+        g = torch.Generator().manual_seed(length)
+        keep = torch.ones(2, length, dtype=torch.bool)
+        keep[1, :length // 3] = False
+        return (torch.randn(2, 4, length, 16, generator=g), torch.randn(2, 2, length, 16, generator=g),
+                torch.randn(2, 2, length, 16, generator=g), keep)
+
+    module(*inputs(200)[:3])  # the first call initialises the centroids
+
+    class Call(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.site = module
+
+        def forward(self, q, k, v, keep):
+            torch._check(q.shape[2] == k.shape[2])  # one sequence, as in a model (here separate inputs)
+            return self.site(q, k, v, key_keep=keep)
+
+    assert module.traces_symbolically(*inputs(200)[:3])
+    length = torch.export.Dim("L", min=65, max=8192)
+    program = torch.export.export(Call(), inputs(200), dynamic_shapes=({2: length}, {2: length}, {2: length}, {1: length}))
+    with torch.no_grad():
+        for n in (68, 333, 1000):
+            assert torch.equal(program.module()(*inputs(n)), Call()(*inputs(n))), n
+
+
+def test_what_does_not_trace_says_so():
+    """Calls whose layout reads values in Python are not traced (the compile backend cuts the graph there)."""
+    spec = SiteSpec("s", None, causal=True, heads_q=4, heads_kv=2, head_dim=16, example_len_q=64, example_len_k=64)
+    q, k = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16)
+    fresh = RoutingAttention(spec, clusters=4).eval()
+    assert not fresh.traces_symbolically(q, k, k)  # the first call initialises the state
+    fresh(q, k, k)
+    assert fresh.traces_symbolically(q, k, k)
+    assert not fresh.train().traces_symbolically(q, k, k)
+    for options in ({"keys": "members"}, {"refit_steps": 1}):
+        module = RoutingAttention(spec, clusters=4, **options).eval()
+        module(q, k, k)
+        assert not module.traces_symbolically(q, k, k), options
+    assert not fresh.eval().traces_symbolically(q[:, :, :10], k, k)  # queries are not the keys

@@ -33,6 +33,7 @@ from torch import Tensor
 from attnpass.lowering.torch.common import positions_mask
 from attnpass.lowering.torch.grouped_attention import grouped_attention
 from attnpass.methods.options import check_int
+from attnpass.methods.symbolic import view_merged
 
 ANCHOR_OPTIONS = ("sinks", "local")
 _QUERIES_PER_GROUP = 64
@@ -242,15 +243,16 @@ def scatter_merge(out_slots: Tensor, stat_slots: Tensor, q_index: Tensor, len_q:
     B, H, G, W, Dm = out_slots.shape
     acc = torch.float64 if out_slots.dtype == torch.float64 else torch.float32
     nonempty = (q_index >= 0) & ((out_slots[..., -1] != 0) | (stat_slots != 0))
-    lse = torch.where(nonempty, stat_slots.to(acc), -math.inf).view(B, H, -1)
-    where = q_index.clamp(min=0).view(B, H, -1)
+    # (views through one flat dim: a traced call's symbolic G and W)
+    lse = view_merged(torch.where(nonempty, stat_slots.to(acc), -math.inf), B, H, G * W)
+    where = view_merged(q_index.clamp(min=0), B, H, G * W)
     top = torch.full((B, H, len_q), -math.inf, dtype=acc, device=out_slots.device).scatter_reduce(
         2, where, lse, "amax")
     top = top.masked_fill(torch.isinf(top), 0.0)
     weight = torch.exp(lse - top.gather(2, where))                 # 0 at empty slots
     total = torch.zeros(B, H, len_q, dtype=acc, device=out_slots.device).scatter_add(2, where, weight)
     summed = torch.zeros(B, H, len_q, Dm, dtype=acc, device=out_slots.device).scatter_add(
-        2, where.unsqueeze(-1).expand(-1, -1, -1, Dm), weight.unsqueeze(-1) * out_slots.view(B, H, -1, Dm).to(acc))
+        2, where.unsqueeze(-1).expand(-1, -1, -1, Dm), weight.unsqueeze(-1) * view_merged(out_slots, B, H, G * W, Dm).to(acc))
     filled = total > 0
     out = torch.where(filled.unsqueeze(-1), summed / total.clamp(min=torch.finfo(acc).tiny).unsqueeze(-1), 0.0)
     stat = torch.where(filled, top + total.clamp(min=torch.finfo(acc).tiny).log(), 0.0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnpass.methods.symbolic import read_size
+
 __all__ = ["bucket_slots"]
 
 
@@ -19,7 +21,8 @@ def bucket_slots(bucket: Tensor, num_buckets: int) -> tuple[Tensor, Tensor]:
     N = bucket.shape[-1]
     counts = torch.zeros(*bucket.shape[:-1], num_buckets, dtype=torch.int64, device=bucket.device)
     counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
-    width = max(int(counts.max()), 1) if counts.numel() else 1  # no leading index: nothing to lay out
+    # the largest bucket, a size kept symbolic when traced; no leading index: nothing to lay out
+    width = read_size(counts.max().clamp(min=1), 1, max(N, 1)) if counts.numel() else 1
     sorted_bucket, order = torch.sort(bucket, dim=-1, stable=True)  # equal buckets stay in index order
     starts = counts.cumsum(-1) - counts
     rank = torch.arange(N, device=bucket.device) - starts.gather(-1, sorted_bucket)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnpass import cost_model
 from attnpass.lowering.torch.grouped_attention import grouped_attention, scatter_slots
@@ -200,7 +201,10 @@ def _block_local_layout(len_q: int, len_k: int, window: int, causal: bool, offse
     if causal:
         start, width = last - 2 * window + 1, 2 * window
     else:
-        start, width = first - window, int((last - first).max()) + 2 * window + 1
+        # the widest block's span of anchors: a full block's when queries are keys (the first block is one)
+        span = smaller(window, len_q) - 1 if statically_known_true(len_q == len_k) else \
+            read_size((last - first).max(), 0, len_k - 1)
+        start, width = first - window, span + 2 * window + 1
     k = start.unsqueeze(-1) + torch.arange(width, device=device)
     return q_index, torch.where((k >= 0) & (k < len_k), k, -1)
 
@@ -349,6 +353,22 @@ class RoutingAttention(SiteAttention):
         B, H = rows.shape[:2]
         counts = torch.full((B, H, q.shape[2]), -(-Lk // NEED_BLOCK), dtype=torch.int64, device=q.device)
         return counts.scatter_add_(2, rows.clamp(min=0), torch.where(rows >= 0, Lk, 0))
+
+    def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
+                            empty_rows: str = "zero") -> bool:
+        """The layout is tensor code of the lengths (the sizes the data decides, the fallback's tiles and
+        spans and the clusters' widths with queries='nearest', are ints read back with bounds): a call
+        traces in inference with initialised centroids (the first call's initialisation and training's EMA
+        step are state updates in Python), where its queries are its keys, with the paper's key choice
+        (keys='members' scores its samples in chunks of a data-dependent count), no per-call refit (one
+        per batch row) and no dropout (a seed drawn in Python); an anchor only where it runs on its flash
+        op. A decode step known as one without its key length runs the dense op."""
+        if self.decode_step_without_lengths(q):
+            return True
+        p = dropout_p if self.training else 0.0
+        return (not self.training and not self.needs_first_call() and self.keys == "centroids"
+                and not self.refit_steps and statically_known_true(q.shape[2] == k.shape[2])
+                and (not self.anchor or self.anchor.runs_on_flash(bias, mask, p, q, k, v)))
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"clusters": self.clusters, "local_window": self.local_window,
@@ -658,8 +678,11 @@ class RoutingAttention(SiteAttention):
             causal=self.spec.causal, causal_offset=self.layout_offset(q, k), window=self.layout_window(),
             key_padding_mask=key_keep, bias=bias, pair_mask=mask, dropout_p=p, dropout_seed=self.dropout_seed(p),
         )
-        # every query sits in exactly one slot, in order: read them back instead of scattering
-        return out_slots.reshape(B, H, -1, v.shape[3])[:, :, :Lq], stat.reshape(B, H, -1)[:, :, :Lq]
+        # every query sits in exactly one slot, in order: read back by (block, rank), not scattered (nor
+        # by a reshape and a slice to Lq, guards a symbolic length cannot discharge)
+        i = torch.arange(Lq, device=q.device)
+        block, rank = i // self.local_window, i % self.local_window
+        return out_slots[:, :, block, rank], stat[:, :, block, rank]
 
 
 def _in_proportion(members: Tensor, total: int, len_q: int) -> Tensor:
