@@ -32,10 +32,13 @@ OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder":
            "sparsefinder:recipe": {"predictor": "blocks", "block": 4, "top_blocks": 2, "sampled_queries": 2, "sinks": 2,
                                    "local": 4}}
 # Methods whose prompt graphs keep their sites (SiteAttention.traces_symbolically: the block recipe's
-# softmax on the flash op, Combiner's layout as tensor code of L); the others (the blocks with
-# entmax-1.5, Sparsefinder's default without an anchor, run the grouped kernel), and every decode step
-# of a sparse method (the cost model reads its lengths), cut the graph at the sites
-TRACED_AT_PROMPTS = ("sparsefinder:recipe", "combiner")
+# softmax on the flash op, Combiner's and routing's layouts as tensor code of L, routing's centroids
+# graph inputs); the others (the blocks with entmax-1.5, Sparsefinder's default without an anchor, run
+# the grouped kernel), and every decode step of a sparse method (the cost model reads its lengths), cut
+# the graph at the sites
+TRACED_AT_PROMPTS = ("sparsefinder:recipe", "combiner", "routing")
+# ... except in the first graph, where the method's state is initialised by the site's first call
+FIRST_CALL_INITIALISES = ("routing",)
 
 
 def _method(label: str) -> str:
@@ -109,8 +112,8 @@ def test_generate_runs_the_prompt_sparse_and_decode_dense_with_bounded_compilati
     assert sorted(modules) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert {r["module"] for g in compiler.report.graphs for r in g.rewritten} == {
         f"{name}.attnpass" for name in modules}
-    for graph, kind in zip(compiler.report.graphs, kinds):
-        traced = method in TRACED_AT_PROMPTS and kind == "prefill"
+    for index, (graph, kind) in enumerate(zip(compiler.report.graphs, kinds)):
+        traced = method in TRACED_AT_PROMPTS and kind == "prefill" and not (index == 0 and method in FIRST_CALL_INITIALISES)
         assert graph.cut_at == ([] if traced else sorted(modules)), (kind, graph)
         assert graph.pieces == (1 if traced else 3), (kind, graph)
 
@@ -158,18 +161,32 @@ def test_dense_generation_is_one_compiled_piece_per_graph_and_the_original_token
     assert all(g.pieces == 1 and not g.cut_at and len(g.rewritten) == 2 for g in compiler.report.graphs)
 
 
-def test_a_site_module_with_state_is_cut_even_where_it_would_trace(monkeypatch):
-    """Routing's centroids are not in dynamo's graph: a routing site saying it traces (here forced)
-    is still cut, and the graph compiles rewritten (not left unchanged with a warning)."""
-    from attnpass.methods.routing import RoutingAttention
-
-    monkeypatch.setattr(RoutingAttention, "traces_symbolically", lambda self, *a, **k: True)
+def test_a_traced_routing_site_reads_its_centroids_at_every_call():
+    """Routing's centroids are inputs of the compiled graph: once the first call has initialised them
+    (the first graph cuts at the sites for that), the prompt graph is one piece, and centroids loaded
+    later reach it without a recompilation: it then equals sparsify() with those centroids."""
     model = _llama()
-    compiler = _bind(model, "routing", **OPTIONS["routing"])
+    original = copy.deepcopy(model)
+    compiler = _bind(model, "routing", clusters=4, prefill_queries=2)
+    ids = _prompt(LENGTHS[3])
     with torch.no_grad():
-        model.generate(input_ids=_prompt(LENGTHS[0]), max_new_tokens=2, **GREEDY)
-    assert not compiler.report.skipped, compiler.report
-    assert all(g.cut_at and g.pieces == 3 for g in compiler.report.graphs), compiler.report
+        for length in LENGTHS[:3]:  # a static graph, then one with a symbolic length
+            model(input_ids=_prompt(length))
+        before = model(input_ids=ids).logits
+        state = model.state_dict()
+        for key in [k for k in state if k.endswith("kmeans.centroids")]:
+            state[key] = torch.randn(state[key].shape, generator=torch.Generator().manual_seed(len(key)))
+        model.load_state_dict(state)
+        after = model(input_ids=ids).logits
+        sparse = _sparsified_with_the_same_state(original, model, _prompt(LENGTHS[0]), "routing")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CaptureNotice)
+            expected = sparse(input_ids=ids).logits
+    graphs = compiler.report.graphs
+    assert len(graphs) == 2 and graphs[0].cut_at and graphs[1].pieces == 1 and not graphs[1].cut_at, compiler.report
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert (after - before).abs().max() > 1e-3  # the new centroids route otherwise
+    torch.testing.assert_close(after, expected, rtol=0, atol=1e-5)
 
 
 def test_unbound_combiner_decode_steps_are_dense_over_the_cache_too():

@@ -68,6 +68,7 @@ from torch import nn
 from torch.fx.passes.split_module import split_module
 
 from attnpass.api import _attach, _refuse_sparsified, one_query_over_keys, site_spec
+from attnpass.backends.site_state import state_as_inputs
 from attnpass.frontend.capture import check_call_inputs
 from attnpass.frontend.detect import capture_sites, find_sites, module_path
 from attnpass.frontend.inline_mha import inline_mha
@@ -243,9 +244,11 @@ class AttnpassBackend:
             remove_dead_code(gm)  # the replaced chains (and any L x L mask built only for them)
         _log(graph_report, self.method)
         cut = _sites_to_cut(gm, example_inputs, calls)
-        compiled, graph_report.pieces = _compile_split(gm, example_inputs, cut, self.inner)
         graph_report.cut_at = sorted(n.meta["attnpass_site"] for n in cut)
-        return compiled
+        gm, state = state_as_inputs(gm, [n for n in calls if n not in cut])
+        cut = {n for n in gm.graph.nodes if n.name in {c.name for c in cut}}  # (gm may be a copy)
+        compiled, graph_report.pieces = _compile_split(gm, [*example_inputs, *state.tensors()], cut, self.inner)
+        return state.appended(compiled)
 
     def _new_module(self, spec) -> nn.Module | str:
         reason = self._site_class.unsupported_reason(spec, **self.options)
@@ -531,9 +534,9 @@ def _with_traced_contiguity(compiled, contiguous: list[int]):
 def _sites_to_cut(gm: fx.GraphModule, example_inputs, calls: list[fx.Node]) -> set[fx.Node]:
     """The site calls the graph is cut at: those whose module cannot trace the call it will get
     with symbolic lengths (`SiteAttention.traces_symbolically`, asked on the call's fake inputs)."""
-    # a module with state, or whose class never traces, is cut without walking the graph for its inputs
-    maybe = [n for n in calls if not _holds_state(gm.get_submodule(n.target))
-             and type(gm.get_submodule(n.target)).traces_symbolically is not SiteAttention.traces_symbolically]
+    # a module whose class never traces is cut without walking the graph for its inputs
+    maybe = [n for n in calls
+             if type(gm.get_submodule(n.target)).traces_symbolically is not SiteAttention.traces_symbolically]
     if not maybe:
         return set(calls)
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
@@ -542,14 +545,6 @@ def _sites_to_cut(gm: fx.GraphModule, example_inputs, calls: list[fx.Node]) -> s
     traced = {n for n in maybe if gm.get_submodule(n.target).traces_symbolically(*inputs[n.target][0],
                                                                                  **inputs[n.target][1])}
     return set(calls) - traced
-
-
-def _holds_state(module: nn.Module) -> bool:
-    """A site module with parameters or buffers is cut whatever it traces: the modules are added to
-    the graph after dynamo, which knows nothing of their state, and AOT autograd fails to lift it
-    (`... not found in param_name_to_source`). Passing such state in as graph inputs is what a traced
-    stateful method (routing, SBM, Sparsefinder's projections) needs first."""
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def _site_output(q: torch.Tensor, v: torch.Tensor, args) -> torch.Tensor:

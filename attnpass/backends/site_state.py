@@ -1,0 +1,90 @@
+"""A traced site module's state (routing's centroids, ...) as inputs of the graph it is compiled in.
+
+The compile backend adds its site modules to a graph after dynamo, which knows nothing of their
+parameters and buffers: left as a `call_module`, AOT autograd fails to lift them (`... not found
+in param_name_to_source`). So each such call becomes a call of the module with its state swapped in
+from new graph inputs (`torch.func.functional_call`), and the compiled graph is called with the
+module's current tensors appended to dynamo's inputs. The state is read at every call, so
+`load_state_dict`, calibration or an EMA step between calls reach the compiled graph, as they reach
+an eager site; the module stays attached to the model (state_dict keys unchanged).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+class _CallWithState:
+    """`module(*args, **kwargs)` with its parameters and buffers (by name) taken from `state`."""
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        self.module, self.names = module, names
+        self.__name__ = f"{type(module).__name__}_with_state"  # fx names the call after it
+
+    def __call__(self, state, *args, **kwargs):
+        return torch.func.functional_call(self.module, dict(zip(self.names, state)), args, kwargs)
+
+
+class SiteState:
+    """The state tensors of the site modules a graph holds, in the order of the inputs added for them."""
+
+    def __init__(self):
+        self.sources: list[tuple[nn.Module, list[str]]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.sources)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The modules' current tensors (read per call: a module may have been moved or reloaded)."""
+        out = []
+        for module, names in self.sources:
+            own = dict(module.named_parameters())
+            own.update(module.named_buffers())
+            out.extend(own[n] for n in names)
+        return out
+
+    def appended(self, compiled):
+        """`compiled`, called with dynamo's inputs and then the modules' state."""
+        if not self.sources:
+            return compiled
+
+        def run(*args):
+            return compiled(*args, *self.tensors())
+
+        return run
+
+
+def holds_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def state_as_inputs(gm: fx.GraphModule, calls: list[fx.Node]) -> tuple[fx.GraphModule, SiteState]:
+    """A copy of `gm` whose `call_module` nodes `calls` (by name) with a module holding state take it from
+    new placeholders (after dynamo's), those modules left out of it; and where the state is read. `gm`
+    itself is returned when no call holds state."""
+    names = [n.name for n in calls if holds_state(gm.get_submodule(n.target))]
+    state = SiteState()
+    if not names:
+        return gm, state
+    # a copy: dynamo reads the placeholders of the graph it handed over after the backend returns
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for node in (nodes[name] for name in names):
+        module = gm.get_submodule(node.target)
+        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        inputs = []
+        for name in names:
+            with gm.graph.inserting_after(last):
+                last = gm.graph.placeholder(f"{node.target}_{name.replace('.', '_')}")
+            inputs.append(last)
+        target = node.target
+        node.op, node.target = "call_function", _CallWithState(module, names)
+        node.args = (tuple(inputs), *node.args)
+        gm.delete_submodule(target)
+        state.sources.append((module, names))
+    gm.recompile()
+    return gm, state
