@@ -14,10 +14,15 @@ Which sites stay in the graph, and why others cut it. A site module whose call t
 lengths (`SiteAttention.traces_symbolically`, asked on the call's fake inputs) is compiled with the
 graph: the dense op everywhere (one `attnpass::attention` node), Sparsefinder's block recipe at a
 prompt in inference (`attnpass::choose_blocks` and `attnpass::block_flash_attention`, ops whose fake
-kernels state their shapes). Other modules build their layout in Python from the sequence length
-(Combiner's block is ~sqrt(L), region counts, index tables; a decode step asks the cost model with
-the lengths): traced by AOT autograd with a symbolic L, that code would put guards on L into
-dynamo's shape environment and every new length would recompile. The graph is cut at those calls
+kernels state their shapes), Combiner (fixed) and routing at a prompt (layouts as tensor code of L,
+the sizes the data decides read back as bounded unbacked ints: `attnpass/methods/symbolic.py`). A
+module with state (routing's centroids) takes it as inputs of the compiled graph
+(`attnpass/backends/site_state.py`), read at every call. Other modules build their layout in Python
+from the sequence length or from values (SBM's graph, Sparsefinder's other predictors, routing's
+member keys and per-call refit, the first call's initialisation of a method's state; a decode step
+asks the cost model with the lengths): traced by AOT autograd with a symbolic L, that code would
+put guards on L into dynamo's shape environment and every new length would recompile. The graph
+is cut at those calls
 (`torch.fx.passes.split_module`): the pieces between them are compiled by the inner compiler
 (Inductor by default) with symbolic shapes, and those site modules run eagerly, their custom ops
 being their own kernels. Autograd composes across the pieces, so training works: backward runs
@@ -40,8 +45,9 @@ over the cache is the prompt's causal attention); a site that differs, whose pat
 module in the bound model (a submodule compiled on its own), or in a graph reading none of the
 model's parameters (another model) is left unchanged, reported, and warned about when it differs.
 The modules take the model's mode and then follow `m.train()` / `m.eval()`, whose flag dynamo
-guards on. Methods with state bound this way are never traced by dynamo (they run at the cuts), so
-their layout code adds no guard and no graph break either. Without a model, routing, SBM and
+guards on. A method's state reaches a traced site as graph inputs and a cut site directly, so
+`load_state_dict`, calibration and training's EMA steps reach the compiled graphs without a
+recompilation; dynamo never traces the methods' code, so it adds no graph break. Without a model, routing, SBM and
 Sparsefinder raise a ValueError saying to pass `model=` (or to compile `attnpass.sparsify(...)`,
 whose graphs hold attnpass ops rather than softmax chains: they are reported as already sparse and
 lowered as they are, and dynamo breaks the graph at the methods' layout code).

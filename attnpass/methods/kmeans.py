@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from attnpass.lowering.torch.ordered_topk import topk_lowest_index
 from attnpass.methods.slots import bucket_slots
+from attnpass.methods.symbolic import view_merged
 
 
 def _distributed() -> bool:
@@ -195,21 +196,31 @@ class OnlineKMeans(nn.Module):
     def refit(self, token_sets: list[Tokens], steps: int) -> Tensor:
         """(B, H, c, D): the state's centroids after `steps` Lloyd steps on this call's tokens, each
         batch row on its own: every token to its most similar centroid, each centroid to the mean of its
-        real, finite tokens (`cluster_sums`; one that gets none keeps its place). The state is not
-        changed. Centroids fitted on other text can leave most of a prompt's tokens in a few clusters;
-        a few steps on the prompt's own tokens spread them as the prompt's clusters are."""
+        real, finite tokens (one that gets none keeps its place). The state is not changed. Centroids
+        fitted on other text can leave most of a prompt's tokens in a few clusters; a few steps on the
+        prompt's own tokens spread them as the prompt's clusters are. Every (batch row, head) is its own
+        table of cells, so the steps run on the whole batch at once (and trace with a symbolic batch)."""
         acc = torch.promote_types(token_sets[0].x_hat.dtype, torch.float32)
-        refitted = []
-        for b in range(token_sets[0].x_hat.shape[0]):
-            row = [Tokens(t.x_hat[b:b + 1].detach().to(acc), None if t.keep is None else t.keep[b:b + 1], None)
-                   for t in token_sets]
-            mu = self.centroids.to(acc)
-            for _ in range(steps):
-                assigned = [t._replace(nearest=self.nearest(torch.matmul(mu, t.x_hat.transpose(-1, -2)))) for t in row]
-                n, total = cluster_sums(mu, assigned, acc)
-                mu = torch.where(n.unsqueeze(-1) > 0, total / n.clamp(min=1).unsqueeze(-1), mu)
-            refitted.append(mu)
-        return torch.stack(refitted)
+        B, H = token_sets[0].x_hat.shape[:2]
+        c, D = self.clusters, self.centroids.shape[-1]
+        tokens = []
+        for t in token_sets:  # non-finite tokens (a broken input) and padding weigh 0
+            x = t.x_hat.detach().to(acc)
+            finite = torch.isfinite(x).all(dim=-1)
+            weight = finite.to(acc) if t.keep is None else finite.to(acc) * t.keep.to(acc).unsqueeze(1)
+            tokens.append((torch.where(finite.unsqueeze(-1), x, 0.0), weight))
+        first_cell = torch.arange(B * H, device=self.centroids.device).view(B, H, 1) * c
+        mu = self.centroids.to(acc).expand(B, H, c, D)
+        for _ in range(steps):
+            n = torch.zeros(B * H * c, dtype=acc, device=mu.device)
+            total = torch.zeros(B * H * c, D, dtype=acc, device=mu.device)
+            for x, weight in tokens:
+                cell = view_merged(first_cell + self.nearest(torch.matmul(mu, x.transpose(-1, -2))), -1)
+                n.index_add_(0, cell, view_merged(weight, -1))
+                total.index_add_(0, cell, view_merged(x * weight.unsqueeze(-1), -1, D))
+            n, total = n.view(B, H, c), total.view(B, H, c, D)
+            mu = torch.where(n.unsqueeze(-1) > 0, total / n.clamp(min=1).unsqueeze(-1), mu)
+        return mu.contiguous()
 
     @staticmethod
     def nearest(sim: Tensor) -> Tensor:
