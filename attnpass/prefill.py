@@ -43,6 +43,27 @@ def sparse_pays(method: str, len_q: int, len_k: int, head_dim: int, options: dic
     return method_flops + anchor < dense(len_q, len_k, head_dim, 0.0)
 
 
+@functools.cache
+def _never_pays(method: str, options: tuple, len_q: int, head_dim: int) -> bool:
+    options = dict(options)
+    density = options.pop("density", NOMINAL_DENSITY)
+    values = {cost_model.B: 1, cost_model.H: 1, cost_model.Lq: len_q, cost_model.D: head_dim, cost_model.rho: density}
+    extra = sympy.expand(cost_model.cost_expr(method, **options).flops.subs(values)
+                         - cost_model.cost_expr("dense").flops.subs(values))
+    Lk = cost_model.Lk
+    if not extra.is_polynomial(Lk) or sympy.degree(extra, Lk) > 1:
+        return False  # no proof from two numbers
+    # affine in Lk: at least 0 from the first key length past the queries on, if it is there and grows
+    return bool(extra.subs(Lk, len_q + 1) >= 0) and bool(extra.coeff(Lk, 1) >= 0)
+
+
+def sparse_never_pays(method: str, len_q: int, head_dim: int, options: dict) -> bool:
+    """Whether `sparse_pays` is False at every key length Lk > len_q, whatever the anchor (its keys only
+    add to the method's cost): the method's FLOPs at these queries are affine in Lk and at least dense
+    attention's at Lk = len_q + 1 and in slope."""
+    return _never_pays(method, tuple(sorted(options.items())), len_q, head_dim)
+
+
 def check_prefill_queries(value) -> None:
     if value is None:
         return

@@ -39,6 +39,9 @@ OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder":
 TRACED_AT_PROMPTS = ("sparsefinder:recipe", "combiner", "routing")
 # ... except in the first graph, where the method's state is initialised by the site's first call
 FIRST_CALL_INITIALISES = ("routing",)
+# Methods whose decode steps are known as such without the key length (the cost model proves that one
+# query never pays: routing, Combiner with a given block), so their decode graphs run the dense op whole
+TRACED_AT_DECODE = ("routing", "combiner")
 
 
 def _method(label: str) -> str:
@@ -113,7 +116,8 @@ def test_generate_runs_the_prompt_sparse_and_decode_dense_with_bounded_compilati
     assert {r["module"] for g in compiler.report.graphs for r in g.rewritten} == {
         f"{name}.attnpass" for name in modules}
     for index, (graph, kind) in enumerate(zip(compiler.report.graphs, kinds)):
-        traced = method in TRACED_AT_PROMPTS and kind == "prefill" and not (index == 0 and method in FIRST_CALL_INITIALISES)
+        traced = (method in TRACED_AT_DECODE if kind == "decode" else
+                  method in TRACED_AT_PROMPTS and not (index == 0 and method in FIRST_CALL_INITIALISES))
         assert graph.cut_at == ([] if traced else sorted(modules)), (kind, graph)
         assert graph.pieces == (1 if traced else 3), (kind, graph)
 
@@ -213,11 +217,12 @@ def test_unbound_combiner_decode_steps_are_dense_over_the_cache_too():
 def test_with_a_fixed_prefill_threshold_combiner_decode_graphs_are_not_cut():
     """With `prefill_queries` a one-query step is a decode step whatever the cache's length, so the
     Combiner site runs the dense op there and the decode graph, like the prompt's, is compiled whole;
-    generation equals the default backend's (which cuts the decode graph at its sites)."""
+    generation equals the default backend's, which cuts the decode graph at its sites when the
+    block is the default (~sqrt(Lk): the cost model's decision then reads the key length)."""
     outs, reports = {}, {}
     for label, options in (("fixed", {"prefill_queries": 2}), ("cost model", {})):
         model = _llama()
-        compiler = _bind(model, "combiner", block=8, **options)
+        compiler = _bind(model, "combiner", **options)
         with torch.no_grad():
             outs[label] = [model.generate(input_ids=_prompt(n), max_new_tokens=3, **GREEDY) for n in LENGTHS[:3]]
         assert not counters["graph_break"], dict(counters["graph_break"])

@@ -137,6 +137,28 @@ def test_the_cost_model_makes_one_query_over_a_long_cache_a_decode_step(method):
     assert not cross.is_decode_step(q_one, keys)  # cross-attention is not a cache continuation
 
 
+@pytest.mark.parametrize("method, options", [("routing", {"clusters": 64}), ("routing", {"clusters": 8}),
+                                             ("combiner", {"block": 64}), ("combiner", {"block": 8})])
+def test_a_decode_step_known_without_its_key_length_is_one_at_every_key_length(method, options):
+    """The cost model's decision for a static query count, without the key length (what a decode graph
+    knows): where it says decode, every key length past the queries is a decode step for the eager rule
+    too (checked on a grid up to 10^7 keys); and it says so for one query, so the one-query decode graph
+    of these methods runs the dense op (and compiles whole) without prefill_queries."""
+    from attnpass.prefill import sparse_never_pays, sparse_pays
+
+    spec = SiteSpec(name="s", scale=None, causal=True, causal_bottom_right=True, heads_q=4, heads_kv=4,
+                    head_dim=64, example_len_q=512, example_len_k=512)
+    module = method_class(method)(spec, **options)
+    cost = module.cost_options_at_any_length(64)
+    decided = [n for n in (1, 2, 3, 5, 8, 16, 32, 64, 128) if sparse_never_pays(method, n, 64, cost)]
+    assert 1 in decided and decided != [1, 2, 3, 5, 8, 16, 32, 64, 128]  # long chunks stay the method's
+    for n in decided:
+        assert not any(sparse_pays(method, n, n + m, 64, cost) for m in [1, 2, 7, 100, 4095] + [10 ** e for e in range(4, 8)])
+    assert module.decode_step_without_lengths(torch.zeros(1, 4, 1, 64))
+    assert module.traces_symbolically(torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 9, 64), torch.zeros(1, 4, 9, 64))
+    assert not module.decode_step_without_lengths(torch.zeros(1, 4, 512, 64))
+
+
 def test_prefill_queries_is_checked_before_the_capture(llama):
     model, kwargs = llama
     with pytest.raises(ValueError, match=r"prefill_queries=0 must be None .* or an int >= 1"):

@@ -213,8 +213,9 @@ class SiteAttention(nn.Module):
         holds them) traces into the graph with no guard on its lengths: its layout and kernels are ops
         with fake kernels, and no Python decision reads a length. The compile backend then keeps the
         site in the graph it compiles instead of cutting the graph there and running the site eagerly
-        (attnpass.backends.compile). Default: no (a layout built from the lengths as Python ints)."""
-        return False
+        (attnpass.backends.compile). Default: a decode step known as one without its key length (the
+        dense op); other calls not (a layout built from the lengths as Python ints)."""
+        return self.decode_step_without_lengths(q)
 
     def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, logsumexp per row) of ONE softmax over the method's pairs (anchor.merge_parts's
@@ -269,13 +270,26 @@ class SiteAttention(nn.Module):
                                anchor_keys=self.anchor.sinks + self.anchor.local)
 
     def decode_step_without_lengths(self, q: torch.Tensor) -> bool:
-        """Whether a call is a decode step (`is_decode_step`) whatever its key length: `prefill_queries`
-        is set and the call's query count is a known int below it (a decode graph's one query). The
-        call then runs the dense op, which traces with a symbolic key length; with the cost model
-        deciding, the decision reads the lengths."""
+        """Whether a call is a decode step (`is_decode_step`) whatever its key length, its query count a
+        known int (a decode graph's one query): below `prefill_queries` when that is set, else when the
+        cost model finds the method dearer than dense attention at every key length past the queries
+        (`prefill.sparse_never_pays`, for options that do not depend on the lengths). The call then
+        runs the dense op, which traces with a symbolic key length."""
         len_q = q.shape[-2]
-        return (self.spec.causal and not self.spec.cross and not self.spec.window
-                and self.prefill_queries is not None and type(len_q) is int and len_q < self.prefill_queries)
+        if not (self.spec.causal and not self.spec.cross and not self.spec.window and type(len_q) is int):
+            return False
+        if self.prefill_queries is not None:
+            return len_q < self.prefill_queries
+        options = self.cost_options_at_any_length(q.shape[-1])
+        if options is None:
+            return False
+        from attnpass.prefill import sparse_never_pays  # the cost model imports the methods' defaults
+
+        return sparse_never_pays(self.method_name, len_q, q.shape[-1], options)
+
+    def cost_options_at_any_length(self, head_dim: int) -> dict | None:
+        """`cost_options` when they do not depend on the lengths, else None (the default)."""
+        return None
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         """This module's parameters as `attnpass.cost_model.cost_expr` options, at these lengths."""

@@ -118,6 +118,9 @@ class CombinerAttention(SiteAttention):
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"variant": self.variant, "block": self._block_at(len_q, len_k, head_dim)}
 
+    def cost_options_at_any_length(self, head_dim: int) -> dict | None:
+        return None if self.block is None else {"variant": self.variant, "block": self.block}
+
     def _block_at(self, len_q, len_k, head_dim):
         """The option's block, or when none was given the cost model's minimiser (fixed: sqrt(Lk))."""
         return self.block if self.block is not None else cost_model.default_block(len_q, len_k, head_dim, self.variant)

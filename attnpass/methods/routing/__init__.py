@@ -370,6 +370,9 @@ class RoutingAttention(SiteAttention):
                 and not self.refit_steps and statically_known_true(q.shape[2] == k.shape[2])
                 and (not self.anchor or self.anchor.runs_on_flash(bias, mask, p, q, k, v)))
 
+    def cost_options_at_any_length(self, head_dim: int) -> dict | None:
+        return self.cost_options(0, 0, head_dim)  # they do not read the lengths
+
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"clusters": self.clusters, "local_window": self.local_window,
                 "sampled_queries": self.sampled_queries if self.keys == "members" else 0,
