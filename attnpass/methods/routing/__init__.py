@@ -55,7 +55,7 @@ from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor, refuse_bu
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
 from attnpass.methods.options import check_int, check_known, check_real
 from attnpass.methods.pairs import group_pairs
-from attnpass.methods.symbolic import ceil_div, read_size, smaller, tracing, view_merged
+from attnpass.methods.symbolic import ceil_div, read_size, tracing, view_merged
 
 _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window", "queries", "keys",
             "sampled_queries", "refit_steps") + ANCHOR_OPTIONS
@@ -135,7 +135,9 @@ def _window_ranks(query_pos: Tensor, real_up_to: Tensor, num_real: Tensor, len_q
     `window` real keys always fills it).
     """
     B = query_pos.shape[0]
-    W = smaller(window, len_k)
+    # not min(window, Lk): ranks and counts are at most Lk, so a longer window gives the same ranks, and
+    # a traced length is not compared with the window (a guard that would fix which side the length is on)
+    W = window
     anchor = key_anchor(query_pos.clamp(min=0), len_q, len_k, causal, offset)
     seen = real_up_to.gather(1, anchor.clamp(min=0).reshape(B, -1)).view(anchor.shape)
     seen = torch.where(anchor < 0, 0, seen)  # real keys at or before the anchor
@@ -174,7 +176,11 @@ def _orphan_tiles(orphan: Tensor) -> Tensor:
     per_block = ceil_div(counts, rows)                                   # tiles of each block
     ends = per_block.cumsum(dim=-1)                                      # (B, H, blocks)
     tile = torch.arange(G, device=dev).expand(B, H, G).contiguous()
-    block = torch.searchsorted(ends, tile, right=True)                   # blocks: past the last tile
+    # each tile's block: the blocks ending at or before it (searchsorted(ends, tile, right=True), which
+    # has no ONNX op), counted by a histogram of the ends; blocks: past the last tile
+    ended = torch.zeros(B, H, G + 1, dtype=ends.dtype, device=dev).scatter_add_(
+        -1, ends.clamp(max=G), torch.ones_like(ends))
+    block = ended.cumsum(dim=-1)[..., :G]
     used = block < blocks
     block = block.clamp(max=blocks - 1)
     first_rank = (tile - (ends.gather(-1, block) - per_block.gather(-1, block))) * rows
@@ -191,7 +197,7 @@ def _block_local_layout(len_q: int, len_k: int, window: int, causal: bool, offse
                         device: torch.device) -> tuple[Tensor, Tensor]:
     """Blocks of `window` queries and the keys they see: their own and the previous key block
     (causal), or the previous, own and next (not causal). Returns (G, window) and (G, Wk)."""
-    blocks = -(-len_q // window)
+    blocks = ceil_div(len_q, window)
     q = torch.arange(blocks * window, device=device).view(blocks, window)
     q_index = torch.where(q < len_q, q, -1)
     first_query = torch.arange(blocks, device=device) * window
@@ -201,8 +207,9 @@ def _block_local_layout(len_q: int, len_k: int, window: int, causal: bool, offse
     if causal:
         start, width = last - 2 * window + 1, 2 * window
     else:
-        # the widest block's span of anchors: a full block's when queries are keys (the first block is one)
-        span = smaller(window, len_q) - 1 if statically_known_true(len_q == len_k) else \
+        # the widest block's span of anchors: a full block's when queries are keys (the first block is one;
+        # shorter than a block, the slots past the last key are empty: no guard comparing L with the window)
+        span = window - 1 if statically_known_true(len_q == len_k) else \
             read_size((last - first).max(), 0, len_k - 1)
         start, width = first - window, span + 2 * window + 1
     k = start.unsqueeze(-1) + torch.arange(width, device=device)
@@ -472,7 +479,7 @@ class RoutingAttention(SiteAttention):
             k_index = OnlineKMeans.top_slots(key_scores, width, key_keep, widths=widths)
             # A row is empty when its cluster has no real key, or (causal) none at or before it;
             # keys are sorted, so the first slot decides.
-            first_key = k_index[..., :1]
+            first_key = k_index[..., 0].unsqueeze(-1)  # not [..., :1]: a slot, whatever the traced width
             row_filled = (routed_q >= 0) & (first_key >= 0)
             if causal:
                 row_filled &= first_key <= routed_q + offset
@@ -623,7 +630,7 @@ class RoutingAttention(SiteAttention):
         filled = torch.zeros(B, H, len_q, dtype=torch.int64, device=dev).scatter_add_(
             2, view_merged(q_index.clamp(min=0), B, H, -1), view_merged(valid.to(torch.int64), B, H, -1))
         P = self.local_window
-        blocks = -(-len_q // P)
+        blocks = ceil_div(len_q, P)
         orphan = torch.nn.functional.pad(filled == 0, (0, blocks * P - len_q)).view(B, H, blocks, P)
         fallback_q = _orphan_tiles(orphan)
 
