@@ -81,7 +81,11 @@ def export_onnx(model: nn.Module, args=(), kwargs=None, f: str | os.PathLike | N
     wrapper = _Flat(sparse, spec, flat, tensors)
     example = tuple(flat[i] for i in tensors)
     shapes = (tuple({d: torch.export.Dim.AUTO for d in range(flat[i].dim())} for i in tensors),) if dynamic else None
-    with torch.no_grad():
+    # sizes of 0 or 1 at the example are not specialised: a layout size that is 1 at a short example (e.g.
+    # routing's one fallback block below local_window tokens) must stay symbolic for the file to run longer
+    import torch.fx.experimental._config as fx_config
+
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
         try:
             program = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # noqa: BLE001 - say which step failed

@@ -12,14 +12,11 @@ combiner (variant "fixed")      ``attnpass.GroupedAttention the site's own code 
                                 (two per site)              layout is tensor code of L); each
                                                             grouped-kernel call a node: groups'
                                                             query slots x key slots + summaries
-routing                         ``attnpass.Routing``        trained centroids (an initializer):
-                                                            TopK members, per-cluster MatMul,
-                                                            ScatterND mean, NonZero orphans'
-                                                            local windows; no L x L tensor
-routing with local_heads        ``attnpass.RoutingWith      the first local_heads heads by
-                                LocalHeads`` (all local:    block-local attention (blocks of
-                                ``attnpass.BlockLocal``)    local_window queries), the rest by
-                                                            the Routing body; concatenated
+routing (keys "centroids",      ``attnpass.GroupedAttention the site's own code traced (the
+queries "balanced" / "nearest") (two per site: clusters,    centroids an initializer, members by
+                                fallback windows; one more  TopK); each grouped-kernel call a
+                                for local heads, only that  node: a cluster's queries x its keys,
+                                one when all are local)     an orphan query's local window
 sparsefinder (clustering)       ``attnpass.Sparsefinder``   trained W_Q, W_K, centroids: member
                                                             lists of a query's top clusters (TopK),
                                                             + window / first token, deduplicated
@@ -39,14 +36,15 @@ sparsefinder (blocks, softmax)  ``attnpass.ChooseBlocks``   the site's own code 
                                                             keys, window, sinks), masked softmax
 sbm (sampled eval graph),       -                           not lowered: export_onnx raises a
 sparsefinder distance,                                      clear error (see docs/onnx.md)
-combiner axial / logsparse
+combiner axial / logsparse,
+routing keys "members" /
+refit_steps
 ==============================  ==========================  ====================================
 
-Why method-level nodes for routing rather than its traced code: a routing site sizes its layout
-with host-side `int(...)` reads (its fallback windows, its clusters' widths) that torch.export
-cannot keep symbolic; one ``attnpass.Routing`` node per site whose body derives the layout from the
-run-time shapes keeps the file dynamic in L. Its node takes the centroids as an input. Combiner's
-layout is tensor code of the lengths (its default block an int read from a tensor), so it traces.
+The anchor's sinks and window (Combiner, routing, Sparsefinder's blocks) are one more
+``attnpass.BlockAttention`` node per site. Two standard orderings the traced code uses become ONNX TopK
+(`ordered_topk.py`): `attnpass::topk_lowest_index` and ``aten.sort.stable`` (TopK's ties go to the
+lowest index).
 
 `translation_table()` is the exporter's ``custom_translation_table``; `bind_export_forward(module)`
 makes a site module call its export op; `attach_functions(model)` appends the bodies.
@@ -84,12 +82,12 @@ def _lowering(cls):
 
 
 _ANCHOR_NOT_LOWERED = ("export_onnx: sinks= / local= (attnpass/methods/anchor.py) have no ONNX lowering in this "
-                       "version except with Combiner and Sparsefinder's blocks predictor; the method's node would "
-                       "compute its own pairs without them")
+                       "version except with Combiner, routing and Sparsefinder's blocks predictor; the method's node "
+                       "would compute its own pairs without them")
 
 
 def _takes_anchor(lowering, predictor) -> bool:
-    """Whether the method's export keeps the anchor's sinks and window (Combiner, Sparsefinder's blocks predictor)."""
+    """Whether the method's export keeps the anchor's sinks and window (Combiner, routing, Sparsefinder's blocks)."""
     return lowering is not None and hasattr(lowering, "takes_anchor") and lowering.takes_anchor(predictor)
 
 
@@ -124,13 +122,14 @@ def translation_table() -> dict:
 
     import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
     import attnpass.lowering.torch.grouped_attention  # noqa: F401 - registers torch.ops.attnpass.grouped_attention
+    import attnpass.lowering.torch.ordered_topk  # noqa: F401 - registers torch.ops.attnpass.topk_lowest_index
     import attnpass.methods.anchor  # noqa: F401 - registers the anchor's flash op
     import attnpass.methods.sparsefinder  # noqa: F401 - registers the block predictor's ops
     from attnpass.lowering.onnx.anchor import translate_anchor_flash
     from attnpass.lowering.onnx.blocks import translate_block_flash, translate_choose_blocks
     from attnpass.lowering.onnx.dense import translate_attention
     from attnpass.lowering.onnx.grouped import translate_grouped
-    from attnpass.lowering.onnx.routing import translate_routing
+    from attnpass.lowering.onnx.ordered_topk import translate_stable_sort, translate_topk_lowest_index
     from attnpass.lowering.onnx.sbm import translate_sbm
     from attnpass.lowering.onnx.sparsefinder import translate_sparsefinder
 
@@ -138,7 +137,8 @@ def translation_table() -> dict:
         torch.ops.attnpass.attention.default: translate_attention,
         torch.ops.attnpass.grouped_attention.default: translate_grouped,
         torch.ops.attnpass.anchor_flash.default: translate_anchor_flash,
-        torch.ops.attnpass.routing.default: translate_routing,
+        torch.ops.attnpass.topk_lowest_index.default: translate_topk_lowest_index,
+        torch.ops.aten.sort.stable: translate_stable_sort,
         torch.ops.attnpass.sparsefinder.default: translate_sparsefinder,
         torch.ops.attnpass.sbm.default: translate_sbm,
         torch.ops.attnpass.choose_blocks.default: translate_choose_blocks,
@@ -147,9 +147,9 @@ def translation_table() -> dict:
 
 
 def _all_functions():
-    from attnpass.lowering.onnx import block_local, blocks, candidates, dense, grouped, routing, sbm, sparsefinder
+    from attnpass.lowering.onnx import blocks, candidates, dense, grouped, sbm, sparsefinder
 
-    modules = (dense, grouped, routing, block_local, candidates, sparsefinder, sbm, blocks)
+    modules = (dense, grouped, candidates, sparsefinder, sbm, blocks)
     return {(f.function_ir.domain, f.name): f for m in modules for f in m.FUNCTIONS}
 
 

@@ -5,6 +5,8 @@ members plus a few extra keys), of which the causal rule and key padding allow s
 possibly listed twice; the body keeps each allowed key once and normalises over them. Written once
 here, called from the method bodies as model-local functions:
 
+- `pair_values`: t[b, h, i, j] of a broadcastable bias / mask at index tensors (one flat Gather);
+- `key_anchor`: a query position in key space (i + offset when causal, else floor(i Lk / Lq));
 - `causal_rule`: the causal offset and flag from a node's attributes and the run-time lengths;
 - `cluster_member_keys`: the keys of each query's chosen clusters, from a (B, H, c, Lk) 0/1 key
   membership, padded to the largest cluster (entries >= Lk mean "no key");
@@ -20,9 +22,31 @@ from onnxscript import script
 from onnxscript import opset18 as op
 
 from attnpass.lowering.onnx.common import ATTNPASS
-from attnpass.lowering.onnx.routing import pair_values
 
 _INT64, _DOUBLE = onnx.TensorProto.INT64, onnx.TensorProto.DOUBLE
+
+
+@script(ATTNPASS, default_opset=op)
+def pair_values(t, b, h, i, j):
+    """t[b, h, i, j] for a 4-D t broadcastable to (B, H, Lq, Lk) and broadcasting int64 index
+    tensors (>= 0); broadcast axes of t (size 1) read index 0. One flat Gather."""
+    one = op.Constant(value_ints=[1])
+    dims = op.Shape(t)
+    d0 = op.Slice(dims, [0], [1])
+    d1 = op.Slice(dims, [1], [2])
+    d2 = op.Slice(dims, [2], [3])
+    d3 = op.Slice(dims, [3], [4])
+    flat = op.Add(op.Mul(op.Min(b, op.Sub(d0, one)), op.Mul(op.Mul(d1, d2), d3)),
+                  op.Mul(op.Min(h, op.Sub(d1, one)), op.Mul(d2, d3)))
+    flat = op.Add(op.Add(flat, op.Mul(op.Min(i, op.Sub(d2, one)), d3)), op.Min(j, op.Sub(d3, one)))
+    return op.Gather(op.Reshape(t, op.Constant(value_ints=[-1])), flat, axis=0)
+
+
+@script(ATTNPASS, default_opset=op)
+def key_anchor(pos, lq, lk, offset, not_causal):
+    """A query position in key space: i + offset (at most Lk - 1) when causal, else floor(i Lk / Lq)."""
+    one = op.Constant(value_ints=[1])
+    return op.Where(not_causal, op.Div(op.Mul(pos, lk), op.Max(lq, one)), op.Min(op.Add(pos, offset), op.Sub(lk, one)))
 
 
 @script(ATTNPASS, default_opset=op)
@@ -134,4 +158,4 @@ def weighted_values(probs, v_g):
     return op.Squeeze(op.MatMul(op.Unsqueeze(probs, [3]), v_g), [3])
 
 
-FUNCTIONS = (causal_rule, cluster_member_keys, candidate_scores, weighted_values, masked_entmax15)
+FUNCTIONS = (pair_values, key_anchor, causal_rule, cluster_member_keys, candidate_scores, weighted_values, masked_entmax15)

@@ -42,10 +42,11 @@ from onnxscript import script
 from onnxscript import opset18 as op
 from torch import Tensor
 
-from attnpass.lowering.onnx.candidates import candidate_scores, causal_rule, cluster_member_keys, weighted_values
+from attnpass.lowering.onnx.candidates import (
+    candidate_scores, causal_rule, cluster_member_keys, key_anchor, weighted_values,
+)
 from attnpass.lowering.onnx.common import ATTNPASS, all_keys, check_float, node_op, pair_bias, pair_mask, static_float
 from attnpass.lowering.onnx.dense import masked_softmax, repeat_kv
-from attnpass.lowering.onnx.routing import key_anchor
 
 _INT64 = onnx.TensorProto.INT64
 
