@@ -9,9 +9,11 @@ What is pinned down:
   (and batches) other than the export's, and matches the PyTorch rewritten model within 1e-4
   (max relative);
 - the node bodies alone against the PyTorch ops on random inputs in float64 (causal with an
-  offset, bias, mask, key padding, GQA, explicit and default block, L not a multiple of the block,
-  routing's fallback windows; Sparsefinder's softmax / entmax-1.5, windows, first token, top
+  offset, bias, mask, key padding, GQA, explicit and default block, L not a multiple of the block;
+  Sparsefinder's softmax / entmax-1.5, windows, first token, top
   clusters 1-3, duplicated centroids, and its predicted pair set itself);
+- routing's traced export at model level (padded batches of repeated tokens, local heads, queries
+  "nearest", sinks + local, exact ties) equals the model at two lengths other than the export's;
 - no L x L tensor in the Combiner and routing exports: every intermediate's run-time shape at two
   lengths (all functions inlined, every value made an output), and the shapes ONNX shape inference
   resolves, have at most one axis growing with L (the same check finds the dense export's scores);
@@ -34,7 +36,6 @@ import torch
 import attnpass
 import attnpass.lowering.torch.dense  # noqa: F401 - registers torch.ops.attnpass.attention
 from attnpass.tools import cli
-import attnpass.lowering.onnx.routing  # noqa: F401 - registers torch.ops.attnpass.routing
 import attnpass.lowering.onnx.sparsefinder  # noqa: F401 - registers torch.ops.attnpass.sparsefinder
 from attnpass.lowering.onnx.common import DOMAIN, DOMAIN_VERSION, ONNX_OPSET
 from helpers import max_relative_error, same_state, snapshot
@@ -42,10 +43,11 @@ from zoo import by_name
 
 CASES = ["bert-sdpa", "gpt2-sdpa", "llama-eager", "minilm-l6-v2-sdpa"]
 METHODS = ["dense", "combiner", "routing", "sparsefinder", "sbm"]
-NODE = {"dense": "Attention", "combiner": "GroupedAttention", "routing": "Routing", "sparsefinder": "Sparsefinder",
-        "sbm": "SBM"}
-# Combiner's own code is traced: two grouped-kernel nodes per site (summary values, then the main call)
-NODES_PER_SITE = {"combiner": 2}
+NODE = {"dense": "Attention", "combiner": "GroupedAttention", "routing": "GroupedAttention",
+        "sparsefinder": "Sparsefinder", "sbm": "SBM"}
+# Combiner's and routing's own code is traced: two grouped-kernel nodes per site (Combiner: summary values,
+# then the main call; routing: the clusters, then the fallback windows)
+NODES_PER_SITE = {"combiner": 2, "routing": 2}
 OPTIONS = {"sbm": dict(eval_graph="clusters", eval_clusters=2)}
 # methods with state of their own: centroids the first call initialises, SBM's random clusters and phi
 STATEFUL = ("routing", "sparsefinder", "sbm")
@@ -269,63 +271,6 @@ def test_attention_node_equals_the_dense_op(causal, offset, hkv, with_bias, with
     assert np.abs(got - expected.numpy()).max() < 1e-12
 
 
-@pytest.mark.parametrize("causal,cross,hkv,with_bias,with_mask,window", [
-    (False, False, 4, False, False, 64), (True, False, 2, True, False, 3), (False, True, 1, False, True, 2),
-    (True, True, 4, True, True, 4),
-])
-def test_routing_node_equals_the_pytorch_routing(causal, cross, hkv, with_bias, with_mask, window):
-    from attnpass.methods.base import SiteSpec
-    from attnpass.methods.routing import RoutingAttention
-
-    lq, lk = (9, 14) if cross else (17, 17)
-    g, q, k, v, keep = random_qkv(3, 2, 4, hkv, lq, lk)
-    bias = torch.randn(2, 1, lq, lk, generator=g, dtype=torch.float64) if with_bias else None
-    mask = torch.rand(1, 4, lq, lk, generator=g) > 0.2 if with_mask else None
-    centroids = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
-    expected = torch.ops.attnpass.routing(q, k, v, bias, mask, keep, centroids, 0.25, causal, cross, cross, window, 0)
-    # the case reaches the fallback: some query is in no filled cluster row
-    site = RoutingAttention(SiteSpec(name="t", scale=0.25, causal=causal, causal_bottom_right=cross, heads_q=4,
-                                     heads_kv=hkv, head_dim=8, cross=cross), clusters=3, local_window=window).eval()
-    site.kmeans.centroids.copy_(centroids)
-    site.kmeans.initialized.fill_(True)
-    assert (site.layout(q, k, keep).fallback_q_index >= 0).any()
-    assert torch.equal(site(q, k, v, bias, mask, keep), expected)
-
-    inputs = dict(q=q, k=k, v=v, bias=torch.zeros(1, 1, 1, 1, dtype=torch.float64) if bias is None else bias,
-                  mask=torch.ones(1, 1, 1, 1, dtype=torch.bool) if mask is None else mask, key_keep=keep,
-                  query_keep=torch.ones(2, lq, dtype=torch.bool) if cross else keep, centroids=centroids)
-    inputs = {name: t.numpy() for name, t in inputs.items()}
-    model = single_node_model("Routing", inputs, dict(scale=0.25, causal=int(causal), bottom_right=int(cross),
-                                                      local_window=window))
-    got = session(model).run(None, inputs)[0]
-    assert np.abs(got - expected.numpy()).max() < 1e-12
-
-
-def test_routing_node_and_pytorch_choose_the_same_members_among_identical_tokens():
-    """Identical tokens (a padded batch's padding, repeated text) tie exactly in similarity; PyTorch's
-    selection breaks the ties as ONNX TopK does (lowest position), so both compute the same pairs."""
-    from attnpass.methods.base import SiteSpec
-    from attnpass.methods.routing import RoutingAttention
-
-    _, q, k, v, _ = random_qkv(5, 2, 4, 2, 40, 40)
-    q, k, v = q.float(), k.float(), v.float()
-    q[:, :, 8:36] = q[:, :, 8:9]  # 28 identical queries and keys: more than a cluster's width
-    k[:, :, 8:36] = k[:, :, 8:9]
-    keep = torch.ones(2, 40, dtype=torch.bool)
-    centroids = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(6))
-    site = RoutingAttention(SiteSpec(name="t", scale=0.25, causal=False, heads_q=4, heads_kv=2, head_dim=8),
-                            clusters=3, local_window=2).eval()
-    site.kmeans.centroids.copy_(centroids)
-    site.kmeans.initialized.fill_(True)
-    expected = site(q, k, v, None, None, keep)
-    inputs = dict(q=q, k=k, v=v, bias=torch.zeros(1, 1, 1, 1), mask=torch.ones(1, 1, 1, 1, dtype=torch.bool),
-                  key_keep=keep, query_keep=keep, centroids=centroids)
-    inputs = {name: t.numpy() for name, t in inputs.items()}
-    model = single_node_model("Routing", inputs, dict(scale=0.25, causal=0, bottom_right=0, local_window=2))
-    got = session(model).run(None, inputs)[0]
-    assert np.abs(got - expected.numpy()).max() < 1e-5
-
-
 def sparsefinder_site(seed: int, hkv: int, causal: bool, cross: bool, normalizer: str, top: int, window, first_token):
     """A float64 eval Sparsefinder site (clustering, 5 centroids of rank 3) with random trained state;
     centroid 3 is a copy of centroid 1, so every token is at the same distance from both (exact ties)."""
@@ -523,10 +468,9 @@ def test_export_leaves_the_model_unchanged_and_takes_a_sparse_model_as_is(bert, 
     ("sparsefinder", {"predictor": "distance"}, "sparsefinder predictor 'distance' cannot be exported .* all-pairs"),
     ("sparsefinder", {"predictor": "blocks"}, "predictor 'blocks' with normalizer 'entmax15' runs the grouped kernel"),
     ("combiner", {"variant": "axial"}, "combiner variant 'axial' cannot be exported"),
-    ("routing", {"sinks": 2}, "sinks= / local= .* have no ONNX lowering"),
-    ("routing", {"queries": "nearest"}, "routing with queries='nearest', keys='centroids' has no ONNX lowering"),
-    ("routing", {"keys": "members"}, "routing with queries='balanced', keys='members' has no ONNX lowering"),
-    ("routing", {"refit_steps": 2}, "routing with refit_steps=2 has no ONNX lowering"),
+    ("routing", {"sinks": 2}, "routing site .*: sinks= without a local window at a causal site"),
+    ("routing", {"keys": "members"}, "routing with keys='members' cannot be exported .* data-dependent count"),
+    ("routing", {"refit_steps": 2}, "routing with refit_steps=2 cannot be exported .* refit of the centroids"),
 ])
 def test_methods_without_a_lowering_are_refused_clearly(bert, method, options, message):
     _, model, args, kwargs = bert
@@ -537,7 +481,7 @@ def test_methods_without_a_lowering_are_refused_clearly(bert, method, options, m
 def test_a_sparse_model_with_sinks_is_refused_not_exported_without_them(bert):
     _, model, args, kwargs = bert
     sparse = attnpass.sparsify(model, args, kwargs, method="routing", clusters=2, sinks=2)
-    with pytest.raises(NotImplementedError, match="sinks= / local= .* have no ONNX lowering"):
+    with pytest.raises(NotImplementedError, match="sinks= without a local window at a causal site"):
         attnpass.export_onnx(sparse, args, kwargs)
     # Combiner exports its anchor where it runs on the flash op (a window at a causal site), not BERT's sinks alone
     sparse = attnpass.sparsify(model, args, kwargs, method="combiner", sinks=2)
@@ -571,10 +515,79 @@ def test_combiner_recipe_with_sinks_and_window_on_padded_batches():
         assert max_relative_error(got, without) > 1e-3
 
 
+def left_padded(case, batch: int, length: int):
+    """The case's inputs with row 0 left-padded by five copies of one token (row 1 is right-padded)."""
+    args, kwargs = case.inputs(batch, length)
+    kwargs["attention_mask"][0, :5] = 0
+    kwargs["input_ids"][0, :5] = kwargs["input_ids"][0, 0]
+    return args, kwargs
+
+
+# routing's traced code at model level: exported at EXPORT_SIZE, run at two other lengths (the first below,
+# the second above local_window when it is 8, so the fallback spans one block, then several)
+@pytest.mark.parametrize("name,options,nodes", [
+    ("llama-eager", dict(local_window=8), {"GroupedAttention": 2}),                  # causal, GQA
+    ("bert-eager", dict(local_window=8), {"GroupedAttention": 2}),                   # encoder
+    ("llama-eager", dict(local_heads=2), {"GroupedAttention": 3}),                   # a kv head's queries local
+    ("bert-sdpa", dict(local_heads=4, local_window=8), {"GroupedAttention": 1}),     # every head local
+    ("llama-eager", dict(queries="nearest", local_window=8), {"GroupedAttention": 2}),
+    ("llama-eager", dict(sinks=2, local=5), {"GroupedAttention": 2, "BlockAttention": 1}),  # the recipe's anchor
+], ids=["llama", "bert", "llama-local-heads", "bert-all-local", "llama-nearest", "llama-sinks-local"])
+def test_routing_traced_export_equals_the_model_on_padded_batches(name, options, nodes):
+    """Routing's own code traced (torch.export keeps L symbolic): onnxruntime equals the PyTorch model
+    within 1e-4 at two lengths other than the export's, on batches padded by repeated identical tokens
+    (their similarities tie exactly: both sides take the lowest position), with the nodes counted."""
+    case = by_name(name)
+    model = case.build()
+    args, kwargs = left_padded(case, *EXPORT_SIZE)
+    torch.manual_seed(0)
+    sparse = attnpass.sparsify(model, args, kwargs, method="routing", clusters=2, **options).eval()
+    with torch.no_grad():
+        sparse(*args, **kwargs)  # the centroids
+    proto = attnpass.export_onnx(sparse, args, kwargs)
+    assert Counter(n.op_type for n in proto.graph.node if n.domain == DOMAIN) == {
+        op: count * case.attention_count for op, count in nodes.items()}
+    sess = session(proto)
+    for batch, length in [(3, 7), (2, 40)]:
+        args, kwargs = left_padded(case, batch, length)
+        with torch.no_grad():
+            expected = sparse(*args, **kwargs)
+        got = [torch.from_numpy(x) for x in sess.run(None, feeds(sess, kwargs))]
+        assert max_relative_error(got, expected) < 1e-4, (batch, length)
+
+
+def test_routing_export_takes_the_lowest_position_among_identical_tokens():
+    """A site without positions (one nn.MultiheadAttention layer: a later layer's repeated tokens would
+    only nearly tie) on a batch whose tokens repeat: queries and keys tie exactly, so a cluster's members
+    among them depend on the tie rule (lowest position, in PyTorch as in ONNX TopK); the export equals
+    the model at two lengths (a TopK lowering that took the highest position among ties fails here)."""
+    case = by_name("nn-mha-noweights")
+    model = case.build().eval()
+
+    def inputs(batch, length):
+        (x, padding), _ = case.inputs(batch, length)
+        x[:, 2:length - 3] = x[:, 2:3]  # identical tokens: more than a cluster takes
+        return (x, padding), {}
+
+    args, kwargs = inputs(*EXPORT_SIZE)
+    torch.manual_seed(0)
+    sparse = attnpass.sparsify(model, args, kwargs, method="routing", clusters=3, local_window=4).eval()
+    with torch.no_grad():
+        sparse(*args, **kwargs)
+    proto = attnpass.export_onnx(sparse, args, kwargs)
+    sess = session(proto)
+    for batch, length in [(3, 16), (2, 40)]:
+        (x, padding), _ = inputs(batch, length)
+        with torch.no_grad():
+            expected = sparse(x, padding)
+        got = torch.from_numpy(sess.run(None, {"input_0": x.numpy(), "input_1": padding.numpy()})[0])
+        assert max_relative_error([got], expected) < 1e-4, (batch, length)
+
+
 def test_a_sparse_model_with_member_routed_keys_is_refused(bert):
     _, model, args, kwargs = bert
     sparse = attnpass.sparsify(model, args, kwargs, method="routing", clusters=2, keys="members")
-    with pytest.raises(NotImplementedError, match="keys='members' has no ONNX lowering"):
+    with pytest.raises(NotImplementedError, match="keys='members' cannot be exported to ONNX"):
         attnpass.export_onnx(sparse, args, kwargs)
 
 
@@ -598,7 +611,7 @@ def test_static_routing_export_of_a_fresh_model(bert):
     dims = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
     assert dims == [list(EXPORT_SIZE)] * 2
     initializers = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
-    centroids = [initializers[n.input[7]] for n in proto.graph.node if n.domain == DOMAIN]  # stored in the file
+    centroids = [c for name, c in initializers.items() if "kmeans.centroids" in name]  # stored in the file
     assert len(centroids) == 2 and all(c.shape[::2] == (4, 8) and np.abs(c).sum() > 0 for c in centroids)
     sess = session(proto)
     assert np.isfinite(sess.run(None, feeds(sess, kwargs))[0]).all()
