@@ -169,10 +169,10 @@ def _orphan_tiles(orphan: Tensor) -> Tensor:
                           torch.tensor(max(P // 4, 1), device=dev)]).sort(descending=True).values
     # tiles each width needs (the fullest batch row and head); the first of the cheapest is taken
     needed = ceil_div(counts.unsqueeze(-1), widths).sum(dim=-2).flatten(0, 1).amax(dim=0).clamp(min=1)
-    chosen = torch.argmin(needed * (widths + _TILE_OVERHEAD_ROWS))
+    chosen = torch.argmin(needed * (widths + _TILE_OVERHEAD_ROWS), dim=0, keepdim=True)
     # read as sizes: kept symbolic when traced (a block's P orphans in tiles of one row at most)
-    rows = read_size(widths[chosen], 1, P)
-    G = read_size(needed[chosen], 1, blocks * P)
+    rows = read_size(widths.gather(0, chosen)[0], 1, P)
+    G = read_size(needed.gather(0, chosen)[0], 1, blocks * P)
     per_block = ceil_div(counts, rows)                                   # tiles of each block
     ends = per_block.cumsum(dim=-1)                                      # (B, H, blocks)
     tile = torch.arange(G, device=dev).expand(B, H, G).contiguous()
