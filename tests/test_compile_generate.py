@@ -28,6 +28,8 @@ from tests.zoo import VOCAB, by_name
 GREEDY = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
 LENGTHS = (20, 24, 29, 33, 40)  # prompt lengths; 40 + new tokens stays below the config's 64 positions
 OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder": {}, "sbm": {},
+           "routing:recipe": {"clusters": 4, "queries": "nearest", "keys": "members", "sampled_queries": 1,
+                              "refit_steps": 2, "sinks": 1, "local": 2, "local_window": 8},
            "sparsefinder:blocks": {"predictor": "blocks", "block": 4, "top_blocks": 2, "sampled_queries": 2},
            "sparsefinder:recipe": {"predictor": "blocks", "block": 4, "top_blocks": 2, "sampled_queries": 2, "sinks": 2,
                                    "local": 4}}
@@ -36,12 +38,12 @@ OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder":
 # graph inputs); the others (the blocks with entmax-1.5, Sparsefinder's default without an anchor, run
 # the grouped kernel), and every decode step of a sparse method (the cost model reads its lengths), cut
 # the graph at the sites
-TRACED_AT_PROMPTS = ("sparsefinder:recipe", "combiner", "routing")
+TRACED_AT_PROMPTS = ("sparsefinder:recipe", "combiner", "routing", "routing:recipe")
 # ... except in the first graph, where the method's state is initialised by the site's first call
-FIRST_CALL_INITIALISES = ("routing",)
+FIRST_CALL_INITIALISES = ("routing", "routing:recipe")
 # Methods whose decode steps are known as such without the key length (the cost model proves that one
 # query never pays: routing, Combiner with a given block), so their decode graphs run the dense op whole
-TRACED_AT_DECODE = ("routing", "combiner")
+TRACED_AT_DECODE = ("routing", "routing:recipe", "combiner")
 
 
 def _method(label: str) -> str:
@@ -94,8 +96,13 @@ def _sparsified_with_the_same_state(original, model, ids, method):
 @pytest.mark.parametrize("method, inner", [("routing", "aot_eager"), ("combiner", "aot_eager"),
                                            ("sparsefinder", "aot_eager"), ("sbm", "aot_eager"),
                                            ("sparsefinder:blocks", "aot_eager"), ("sparsefinder:recipe", "aot_eager"),
+                                           ("routing:recipe", "aot_eager"),
                                            ("routing", "inductor"), ("combiner", "inductor")])
-def test_generate_runs_the_prompt_sparse_and_decode_dense_with_bounded_compilations(method, inner):
+def test_generate_runs_the_prompt_sparse_and_decode_dense_with_bounded_compilations(method, inner, monkeypatch):
+    if method == "routing:recipe":  # member samples need a far block of keys: blocks of 4 at these lengths
+        from attnpass.methods.routing import member_keys
+
+        monkeypatch.setattr(member_keys, "NEED_BLOCK", 4)
     model = _llama()
     original = copy.deepcopy(model)
     compiler = _bind(model, _method(method), inner=inner, **OPTIONS[method])

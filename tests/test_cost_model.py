@@ -11,7 +11,7 @@ import attnpass
 from attnpass import cost_model
 from attnpass.cost_model import D, Lk, Lq, c, s
 from attnpass.methods import SiteSpec, method_class
-from attnpass.methods.routing import NEED_BLOCK
+from attnpass.methods.routing.member_keys import NEED_BLOCK
 from tests.zoo import by_name
 
 L = sympy.Symbol("L", positive=True)

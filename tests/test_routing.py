@@ -283,10 +283,10 @@ def test_member_keys_are_those_the_sampled_members_attend_to_most(causal, sinks,
     clusters of n members take up to ceil(n Lk / Lq) keys and sample ceil(sampled_queries n c / Lq)
     members. A chunk of 2 rows splits the samples over chunks; blocks of 4 keys give every query
     several far blocks to rank."""
-    import attnpass.methods.routing as routing
+    from attnpass.methods.routing import member_keys
 
-    monkeypatch.setattr(routing, "_MEMBER_ROWS_PER_CHUNK", rows_per_chunk)
-    monkeypatch.setattr(routing, "NEED_BLOCK", 4)
+    monkeypatch.setattr(member_keys, "_MEMBER_ROWS_PER_CHUNK", rows_per_chunk)
+    monkeypatch.setattr(member_keys, "NEED_BLOCK", 4)
     torch.manual_seed(0)
     L, c, samples = 24, 3, 3
     module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=causal, clusters=c, queries=queries,
@@ -362,9 +362,9 @@ def test_centroids_cluster_the_keys_only_when_they_route_them(keys):
 def test_member_keys_take_strided_inputs(need_block, monkeypatch):
     """A model's q and k are usually transposed views (B, L, H, D -> B, H, L, D): keys='members' gives
     them the layout it gives their contiguous copies (keys padded to whole blocks, and not)."""
-    import attnpass.methods.routing as routing
+    from attnpass.methods.routing import member_keys
 
-    monkeypatch.setattr(routing, "NEED_BLOCK", need_block)
+    monkeypatch.setattr(member_keys, "NEED_BLOCK", need_block)
     module = make_site(heads_q=4, heads_kv=2, len_q=24, causal=True, clusters=3, queries="nearest",
                        keys="members", sampled_queries=2, sinks=2, local=5)
     q, k, _ = make_inputs(2, 4, 2, 24, 24, 8)
@@ -378,9 +378,9 @@ def test_member_key_choice_scores_are_counted_with_the_pairs(monkeypatch):
     """keys='members' computes scores beyond its pairs to choose the keys: every routing-head query
     scores Lk / NEED_BLOCK pooled blocks, each sampled member all Lk keys. computed_pairs counts them
     (so fidelity's share does); the local heads score nothing."""
-    import attnpass.methods.routing as routing
+    from attnpass.methods.routing import member_keys
 
-    monkeypatch.setattr(routing, "NEED_BLOCK", 4)
+    monkeypatch.setattr(member_keys, "NEED_BLOCK", 4)
     L, c, samples = 24, 3, 2
     module = make_site(heads_q=4, heads_kv=2, len_q=L, causal=True, clusters=c, queries="nearest",
                        keys="members", sampled_queries=samples, local_heads=2)
@@ -841,11 +841,15 @@ def test_wrong_head_count_at_run_time_is_refused():
 @pytest.mark.parametrize("causal, options", [
     (True, {}), (False, {}), (True, {"local_heads": 2}), (False, {"local_heads": 2}),
     (True, {"queries": "nearest"}), (True, {"sinks": 4, "local": 64, "local_heads": 2}),
-], ids=["causal", "bidirectional", "local-heads", "bidirectional-local-heads", "nearest", "anchor"])
+    (False, {"keys": "members"}), (True, {"refit_steps": 2}),
+    (True, {"queries": "nearest", "keys": "members", "sampled_queries": 2, "refit_steps": 2, "sinks": 4, "local": 64}),
+], ids=["causal", "bidirectional", "local-heads", "bidirectional-local-heads", "nearest", "anchor", "members", "refit",
+        "recipe"])
 def test_a_site_exports_with_a_symbolic_length_and_equals_eager(causal, options):
-    """The layout is tensor code of the lengths (the fallback's tiles and spans, a nearest cluster's width:
-    ints read back with bounds): torch.export keeps L symbolic, and the program equals the eager module
-    exactly at other lengths, on a left-padded batch (key padding is query padding here)."""
+    """The layout is tensor code of the lengths (the fallback's tiles and spans, a nearest cluster's width,
+    the member samples: ints read back with bounds; the members' exact scores an op): torch.export keeps
+    L symbolic, and the program equals the eager module exactly at other lengths, on a left-padded batch
+    (key padding is query padding here)."""
     spec = SiteSpec("s", None, causal=causal, heads_q=4, heads_kv=2, head_dim=16, example_len_q=200, example_len_k=200)
     module = RoutingAttention(spec, clusters=8, **options).eval()
 
@@ -876,7 +880,8 @@ def test_a_site_exports_with_a_symbolic_length_and_equals_eager(causal, options)
 
 
 def test_what_does_not_trace_says_so():
-    """Calls whose layout reads values in Python are not traced (the compile backend cuts the graph there)."""
+    """Calls whose layout updates state or reads values in Python are not traced (the compile backend
+    cuts the graph there): the first call, training, queries other than the keys, sinks without a window."""
     spec = SiteSpec("s", None, causal=True, heads_q=4, heads_kv=2, head_dim=16, example_len_q=64, example_len_k=64)
     q, k = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16)
     fresh = RoutingAttention(spec, clusters=4).eval()
@@ -884,8 +889,21 @@ def test_what_does_not_trace_says_so():
     fresh(q, k, k)
     assert fresh.traces_symbolically(q, k, k)
     assert not fresh.train().traces_symbolically(q, k, k)
-    for options in ({"keys": "members"}, {"refit_steps": 1}):
-        module = RoutingAttention(spec, clusters=4, **options).eval()
-        module(q, k, k)
-        assert not module.traces_symbolically(q, k, k), options
     assert not fresh.eval().traces_symbolically(q[:, :, :10], k, k)  # queries are not the keys
+    sinks_only = RoutingAttention(spec, clusters=4, sinks=2).eval()
+    sinks_only(q, k, k)
+    assert not sinks_only.traces_symbolically(q, k, k)
+
+
+def test_member_key_scores_op_states_its_output_shape():
+    """`attnpass::member_key_scores` (keys='members' exact scores, chunked by a data-dependent count):
+    its fake kernel agrees with the real one (torch.library.opcheck)."""
+    q, k = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8)
+    rows = torch.tensor([[0, 5, 29, -1]]).expand(2, 4, 4).contiguous()
+    cluster = torch.tensor([[0, 0, 2, 1]]).expand(2, 4, 4).contiguous()
+    keep = torch.ones(2, 30, dtype=torch.bool)
+    keep[1, :4] = False
+    args = (q, k, rows, cluster, keep, 3, 0.35, True, 0, 0)
+    torch.library.opcheck(torch.ops.attnpass.member_key_scores.default, args)
+    scores = torch.ops.attnpass.member_key_scores(*args)
+    assert scores.shape == (2, 4, 3, 30) and bool(torch.isinf(scores[:, :, 1]).all())  # cluster 1: no sample

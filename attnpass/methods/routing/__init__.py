@@ -22,7 +22,7 @@ Two options depart from the paper for pretrained models, whose queries and keys 
 size, padded to the largest; a cluster of n queries takes ceil(n Lk / Lq) keys, so a large cluster
 does not share the few keys of an average one), and `keys="members"` gives each cluster the keys its
 member queries attend to most, from the exact scores of the `sampled_queries` of them (per Lq / c
-members, with queries="nearest") estimated to attend most to far keys (`_member_key_scores`; no key
+members, with queries="nearest") estimated to attend most to far keys (`member_keys.py`; no key
 that none of them may read, so a cluster whose members read only near keys gets none),
 instead of the keys nearest its centroid; its centroids then cluster the queries alone. Centroids
 fitted on other text can put most of a prompt's queries in a few clusters: `refit_steps=n` routes each
@@ -55,6 +55,7 @@ from attnpass.methods.base import SiteAttention, SiteSpec, key_anchor, refuse_bu
 from attnpass.methods.kmeans import OnlineKMeans, Tokens
 from attnpass.methods.options import check_int, check_known, check_real
 from attnpass.methods.pairs import group_pairs
+from attnpass.methods.routing import member_keys
 from attnpass.methods.symbolic import ceil_div, read_size, tracing, view_merged
 
 _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window", "queries", "keys",
@@ -65,14 +66,9 @@ _OPTIONS = ("clusters", "decay", "commitment", "local_heads", "local_window", "q
 QUERY_ROUTING = ("balanced", "nearest")
 # How a cluster chooses its keys (ceil(Lk / c), or in proportion to its queries with queries="nearest"): the
 # most similar to its centroid (the paper), or the keys its member queries attend to most
-# (`_member_key_scores`: exact scores of a few sampled members)
+# (`member_keys.py`: exact scores of a few sampled members)
 KEY_ROUTING = ("centroids", "members")
 DEFAULT_SAMPLED_QUERIES = 8
-# Sampled member queries scored against every key at a time, per (batch row, head): keeps the scores of
-# every head well under an Lq x Lk tensor (as the blocks predictor's chunks of `block` queries)
-_MEMBER_ROWS_PER_CHUNK = 64
-# Keys pooled per block when estimating which members attend far (`_member_need`): Lq x Lk / 64 scores
-NEED_BLOCK = 64
 DEFAULT_LOCAL_WINDOW = 64
 # What a fallback tile costs beyond its rows, in rows: it gathers its own key slots (`_orphan_tiles`)
 _TILE_OVERHEAD_ROWS = 2
@@ -351,30 +347,28 @@ class RoutingAttention(SiteAttention):
 
     def _key_choice_scores(self, q: Tensor, k: Tensor, routed_q: Tensor, key_keep: Tensor | None) -> Tensor:
         """(B, Hr, Lq) int64, keys='members': the scores each routing-head query computes to choose the
-        clusters' keys, its Lk / NEED_BLOCK pooled block scores and, for a sampled member, all Lk keys
+        clusters' keys, its Lk / member_keys.NEED_BLOCK pooled block scores and, for a sampled member, all Lk keys
         (once per cluster it is sampled for)."""
         Lk = k.shape[2]
         q, k = self._routing_heads(q, k)
         with torch.no_grad():
             rows, _ = self._sampled_members(q, k, routed_q, key_keep, self.spec.causal, self.layout_offset(q, k))
         B, H = rows.shape[:2]
-        counts = torch.full((B, H, q.shape[2]), -(-Lk // NEED_BLOCK), dtype=torch.int64, device=q.device)
+        counts = torch.full((B, H, q.shape[2]), ceil_div(Lk, member_keys.NEED_BLOCK), dtype=torch.int64, device=q.device)
         return counts.scatter_add_(2, rows.clamp(min=0), torch.where(rows >= 0, Lk, 0))
 
     def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
                             empty_rows: str = "zero") -> bool:
         """The layout is tensor code of the lengths (the sizes the data decides, the fallback's tiles and
-        spans and the clusters' widths with queries='nearest', are ints read back with bounds): a call
-        traces in inference with initialised centroids (the first call's initialisation and training's EMA
-        step are state updates in Python), where its queries are its keys, with the paper's key choice
-        (keys='members' scores its samples in chunks of a data-dependent count), no per-call refit (one
-        per batch row) and no dropout (a seed drawn in Python); an anchor only where it runs on its flash
-        op. A decode step known as one without its key length runs the dense op."""
+        spans, a nearest cluster's width, the member samples, are ints read back with bounds; the
+        members' exact scores an op): a call traces in inference with initialised centroids (the first
+        call's initialisation and training's EMA step are state updates in Python), where its queries
+        are its keys, with no dropout (a seed drawn in Python); an anchor only where it runs on its
+        flash op. A decode step known as one without its key length runs the dense op."""
         if self.decode_step_without_lengths(q):
             return True
         p = dropout_p if self.training else 0.0
-        return (not self.training and not self.needs_first_call() and self.keys == "centroids"
-                and not self.refit_steps and statically_known_true(q.shape[2] == k.shape[2])
+        return (not self.training and not self.needs_first_call() and statically_known_true(q.shape[2] == k.shape[2])
                 and (not self.anchor or self.anchor.runs_on_flash(bias, mask, p, q, k, v)))
 
     def cost_options_at_any_length(self, head_dim: int) -> dict | None:
@@ -469,9 +463,9 @@ class RoutingAttention(SiteAttention):
             else:
                 routed_q = OnlineKMeans.top_slots(sim_q, ceil_div(Lq, c), query_keep, drop_unkept=False)
             key_scores = sim_k if self.keys == "centroids" else \
-                self._member_key_scores(q, k, routed_q, key_keep, causal, offset)
+                member_keys.member_key_scores(q, k, routed_q, key_keep, **self._member_options(q, causal, offset))
             # keys in proportion to members with queries='nearest': the balanced case's Lk / c each
-            widths = _in_proportion(routed_q, Lk, Lq) if self.queries == "nearest" else None
+            widths = member_keys.in_proportion(routed_q, Lk, Lq) if self.queries == "nearest" else None
             if self.keys == "members":  # no key no sample may read (a cluster without a sample: none)
                 readable = torch.isfinite(key_scores).sum(dim=-1)
                 widths = readable.clamp(max=ceil_div(Lk, c)) if widths is None else torch.minimum(widths, readable)
@@ -522,97 +516,14 @@ class RoutingAttention(SiteAttention):
             sim_q, sim_k = self.kmeans.similarity(q_hat.detach(), k_hat.detach())
         return self._token_sets(q_hat, k_hat, sim_q, sim_k, query_keep, key_keep)
 
-    def _member_key_scores(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None,
-                           causal: bool, offset: int) -> Tensor:
-        """(B, H, c, Lk): how much each cluster's queries attend to each key its layout may hold, the
-        largest log-probability over its sampled members (`_sampled_members`: those estimated to
-        attend most to one far block of keys), -inf at keys no sample may read. A key that one member
-        attends to is kept for the cluster however far it is from the centroid. Exact scores are
-        computed for at most _MEMBER_ROWS_PER_CHUNK sampled queries per (batch row, head) at a time."""
-        B, H, c, _ = members.shape
-        rows, cluster = self._sampled_members(q, k, members, key_keep, causal, offset)
-        Lk = k.shape[2]
-        best = q.new_full((B, H, c, Lk), -math.inf, dtype=torch.float32)
-        k = k.to(torch.float32)  # once, not per chunk
-        for first in range(0, rows.shape[2], _MEMBER_ROWS_PER_CHUNK):
-            chunk = slice(first, first + _MEMBER_ROWS_PER_CHUNK)
-            log_probs = self._log_probs_outside_anchor(q, k, rows[:, :, None, chunk], key_keep, causal, offset)
-            n = log_probs.shape[3]
-            best.scatter_reduce_(2, cluster[:, :, chunk, None].expand(B, H, n, Lk), log_probs[:, :, 0], "amax")
-        return best
-
     def _sampled_members(self, q: Tensor, k: Tensor, members: Tensor, key_keep: Tensor | None, causal: bool,
                          offset: int) -> tuple[Tensor, Tensor]:
-        """The members whose exact scores choose the clusters' keys: (rows (B, H, S) positions, -1 =
-        none; their clusters (B, H, S)). Each cluster (members (B, H, c, W), -1 = none) samples the
-        `sampled_queries` members (with queries='nearest': per Lq / c of them) that `_member_need`
-        ranks first, ties to the earlier position; a member with no far block is never sampled."""
-        B, H, c, W = members.shape
-        if self.queries == "nearest":  # samples in proportion to members: sampled_queries per Lq / c of them
-            counts = _in_proportion(members, self.sampled_queries * c, q.shape[2])
-        else:
-            counts = torch.full((B, H, c), self.sampled_queries, device=q.device)
-        s = min(max(int(counts.max()), 1), W)
-        need = self._member_need(q, k, key_keep, causal, offset)
-        need = need.gather(2, members.clamp(min=0).view(B, H, -1)).view(B, H, c, W).masked_fill(members < 0, -math.inf)
-        need, order = torch.sort(need, dim=-1, descending=True, stable=True)          # slots are by position
-        taken = (need[..., :s] > -math.inf) & (torch.arange(s, device=q.device) < counts.unsqueeze(-1))
-        rows = torch.where(taken, members.gather(-1, order[..., :s]), -1)
-        cluster = torch.arange(c, device=q.device).view(c, 1).expand(B, H, c, s)
-        return rows.reshape(B, H, c * s), cluster.reshape(B, H, c * s)
+        """`member_keys.sampled_members` with this site's options."""
+        return member_keys.sampled_members(q, k, members, key_keep, **self._member_options(q, causal, offset))
 
-    def _member_need(self, q: Tensor, k: Tensor, key_keep: Tensor | None, causal: bool, offset: int) -> Tensor:
-        """(B, H, Lq) float32: each query's estimated largest log-probability on one block of NEED_BLOCK
-        keys wholly in its method part (causal: ending at or before i + offset), as the blocks
-        predictor estimates a block: its mean real key's score plus the log of its real keys, normalised
-        over every block the query sees (the anchor's window too), plus the log of that count of blocks
-        (how far above a uniform share it is); -inf where no such block exists.
-        Lq x Lk / NEED_BLOCK scores: what it costs to find the few members that read far keys."""
-        B, Hkv, Lk, D = k.shape
-        H, Lq = q.shape[1], q.shape[2]
-        blocks = -(-Lk // NEED_BLOCK)
-        keep = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if key_keep is None else key_keep
-        keep = torch.nn.functional.pad(keep, (0, blocks * NEED_BLOCK - Lk)).view(B, 1, blocks, NEED_BLOCK, 1)
-        keys = torch.nn.functional.pad(k.to(torch.float32), (0, 0, 0, blocks * NEED_BLOCK - Lk))
-        count = keep.sum(dim=3)                                                        # (B, 1, blocks, 1)
-        mean = (keys.reshape(B, Hkv, blocks, NEED_BLOCK, D) * keep).sum(dim=3) / count.clamp(min=1)
-        scores = torch.matmul(q.to(torch.float32).reshape(B, Hkv, (H // Hkv) * Lq, D), mean.transpose(-1, -2))
-        scores = scores.view(B, H, Lq, blocks) * self.scale(q) + count.view(B, 1, 1, blocks).log()
-        if causal:
-            first = torch.arange(blocks, device=q.device) * NEED_BLOCK
-            last_key = torch.arange(Lq, device=q.device).view(Lq, 1) + offset             # the method's last key
-            scores = scores.masked_fill(first > last_key + self.anchor_local(), -math.inf)
-            far = first + NEED_BLOCK - 1 <= last_key
-        else:
-            far = torch.ones(1, blocks, dtype=torch.bool, device=q.device)
-        normaliser = torch.logsumexp(scores, dim=-1).nan_to_num(neginf=0.0)          # no block: nothing to rank
-        # against the uniform share of the blocks it sees: a late query's 1 / 64 on the needle block says
-        # more than an early query's 1 / 8 on one of its few blocks
-        seen = torch.isfinite(scores).sum(dim=-1).clamp(min=1).log()
-        return scores.masked_fill(~far, -math.inf).amax(dim=-1) - normaliser + seen
-
-    def _log_probs_outside_anchor(self, q: Tensor, k: Tensor, pos: Tensor, key_keep: Tensor | None,
-                                  causal: bool, offset: int) -> Tensor:
-        """(B, H, n, s, Lk) log-probabilities of the queries at `pos` (B, H, n, s; -1 = none) over the
-        keys, -inf at the keys the method's layout cannot give them (the anchor's sinks and window:
-        `offset` is the layout's and key_keep the method's, without the sinks; k float32). The normaliser
-        holds the anchor's window, as the site's softmax does, but not its sinks (not in this key_keep)."""
-        B, H, n, s = pos.shape
-        Hkv, Lk, D = k.shape[1:]
-        rows = q.gather(2, pos.clamp(min=0).reshape(B, H, n * s, 1).expand(B, H, n * s, D))
-        logits = torch.matmul(rows.to(torch.float32).view(B, Hkv, (H // Hkv) * n * s, D),
-                              k.transpose(-1, -2)).view(B, H, n, s, Lk) * self.scale(q)
-        sees = (pos >= 0).unsqueeze(-1)
-        if key_keep is not None:
-            sees = sees & key_keep[:, None, None, None, :]
-            logits = logits.masked_fill(~key_keep[:, None, None, None, :], -math.inf)
-        if causal:
-            keys, last = torch.arange(Lk, device=q.device), pos.unsqueeze(-1) + offset
-            logits = logits.masked_fill(keys > last + self.anchor_local(), -math.inf)
-            sees = sees & (keys <= last)
-        # a row that sees no key at all: -inf - (-inf) would be NaN, and it scores nothing anyway
-        log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True).nan_to_num(neginf=0.0)
-        return log_probs.masked_fill(~sees, -math.inf)
+    def _member_options(self, q: Tensor, causal: bool, offset) -> dict:
+        return {"causal": causal, "offset": offset, "scale": self.scale(q), "local": self.anchor_local(),
+                "sampled_queries": self.sampled_queries, "nearest": self.queries == "nearest"}
 
     def _fallback(self, q_index: Tensor, key_keep: Tensor | None, len_q: int, len_k: int,
                   causal: bool, offset: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -693,13 +604,6 @@ class RoutingAttention(SiteAttention):
         i = torch.arange(Lq, device=q.device)
         block, rank = i // self.local_window, i % self.local_window
         return out_slots[:, :, block, rank], stat[:, :, block, rank]
-
-
-def _in_proportion(members: Tensor, total: int, len_q: int) -> Tensor:
-    """(B, H, c) int64: ceil(total * n / len_q) for each cluster of n members (members (B, H, c, W), -1 = none):
-    a share of `total` in proportion to the cluster's queries, what a cluster of len_q / c gets total / c of."""
-    n = (members >= 0).sum(dim=-1)
-    return -(-(n * total) // max(len_q, 1))
 
 
 def _per_query_head(k: Tensor, heads: int) -> Tensor:

@@ -25,7 +25,8 @@ import sympy
 
 from attnpass import cost_model
 from attnpass.cost_model import INDEX_BYTES, PAIR, D, Lk, Lq, c
-from attnpass.methods.routing import DEFAULT_LOCAL_WINDOW, NEED_BLOCK
+from attnpass.methods.routing import DEFAULT_LOCAL_WINDOW
+from attnpass.methods.routing.member_keys import NEED_BLOCK
 
 OPTIONS = ("clusters", "local_window", "fallback_share", "sampled_queries", "refit_steps")
 LEGEND = "c clusters"
