@@ -13,7 +13,8 @@ combiner (variant "fixed")      ``attnpass.GroupedAttention the site's own code 
                                                             grouped-kernel call a node: groups'
                                                             query slots x key slots + summaries
 routing (keys "centroids",      ``attnpass.GroupedAttention the site's own code traced (the
-queries "balanced" / "nearest") (two per site: clusters,    centroids an initializer, members by
+queries "balanced" / "nearest", (two per site: clusters,    centroids an initializer, members by
+refit_steps)
                                 fallback windows; one more  TopK); each grouped-kernel call a
                                 for local heads, only that  node: a cluster's queries x its keys,
                                 one when all are local)     an orphan query's local window
@@ -37,8 +38,7 @@ sparsefinder (blocks, softmax)  ``attnpass.ChooseBlocks``   the site's own code 
 sbm (sampled eval graph),       -                           not lowered: export_onnx raises a
 sparsefinder distance,                                      clear error (see docs/onnx.md)
 combiner axial / logsparse,
-routing keys "members" /
-refit_steps
+routing keys "members"
 ==============================  ==========================  ====================================
 
 The anchor's sinks and window (Combiner, routing, Sparsefinder's blocks) are one more

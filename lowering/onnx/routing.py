@@ -10,10 +10,11 @@ call of the grouped kernel becomes one ``attnpass.GroupedAttention`` node (`grou
 clusters, then the fallback windows of the queries no cluster served, and with local heads their
 blocks. The file stays dynamic in L and no intermediate is L x L.
 
-Exported: queries "balanced" or "nearest", keys "centroids", local heads, at self-attention sites
-(Lq == Lk); with the anchor's window (and sinks) at causal sites, whose flash op becomes one
-BlockAttention node (`anchor.py`). Refused: keys "members", refit_steps > 0, cross-attention, sinks
-without a window, a site whose centroids no call has initialised.
+Exported: queries "balanced" or "nearest", keys "centroids", refit_steps (the per-call Lloyd steps,
+traced), local heads, at self-attention sites (Lq == Lk); with the anchor's window (and sinks) at
+causal sites, whose flash op becomes one BlockAttention node (`anchor.py`). Refused: keys "members"
+(its members' exact scores are an op without an ONNX lowering), cross-attention, sinks without a
+window, a site whose centroids no call has initialised.
 """
 from __future__ import annotations
 
@@ -21,11 +22,8 @@ from __future__ import annotations
 def check_options(options: dict) -> None:
     if options.get("keys", "centroids") == "members":
         raise NotImplementedError("export_onnx: routing with keys='members' cannot be exported to ONNX in this "
-                                  "version: it scores its sampled queries in chunks of a data-dependent count")
-    if options.get("refit_steps"):
-        raise NotImplementedError(f"export_onnx: routing with refit_steps={options['refit_steps']} cannot be "
-                                  "exported to ONNX in this version: its per-call refit of the centroids is not "
-                                  "traced (RoutingAttention.traces_symbolically)")
+                                  "version: the exact scores of its sampled queries (attnpass::member_key_scores, "
+                                  "chunked by a data-dependent count) have no ONNX lowering")
 
 
 def takes_anchor(predictor=None) -> bool:
@@ -36,7 +34,7 @@ def takes_anchor(predictor=None) -> bool:
 def bind(module) -> None:
     """Check that a routing site module (of a private copy, in eval mode) exports by tracing; its
     forward is left as it is."""
-    check_options({"keys": module.keys, "refit_steps": module.refit_steps})
+    check_options({"keys": module.keys})
     name = f"routing site {module.spec.name!r}"
     if module.spec.cross:
         raise NotImplementedError(f"export_onnx: {name} is cross-attention; its layout traces at self-attention "
