@@ -12,14 +12,15 @@ Steps and why:
    for inference (dropout off, routing centroids frozen). Routing centroids that no call has
    initialised yet are initialised by one eval call of the copy on the example, as the first eager
    call would (export a trained or already-run SparseModel to get its own centroids).
-2. Each site module's forward is bound to its method's export form (one custom op per site), so
-   torch.export records the site as one opaque node whatever the method computes inside.
+2. Each site module is bound to its method's export form: one custom op per site for methods with a
+   method-level node (recorded as one opaque node whatever the method computes inside), or its own
+   code left to be traced (Combiner, routing, Sparsefinder's blocks: their kernel calls are the nodes).
 3. torch.export (non-strict) of a flat wrapper, with ``Dim.AUTO`` on every dim of every input when
    ``dynamic`` (batch and sequence stay symbolic; fixed sizes specialise), then
    ``torch.onnx.export(exported_program, custom_translation_table=...)`` at ONNX opset 18 WITHOUT
    the exporter's optimiser, which inlines every function; we optimise with ``inline=False``.
 4. The bodies are appended as model-local functions after all exporter passes, and the result is
-   checked: one ``attnpass`` node per site, ``onnx.checker.check_model(full_check=True)``.
+   checked: the attnpass nodes each site exports (`nodes_per_site`), ``onnx.checker.check_model(full_check=True)``.
 """
 from __future__ import annotations
 
