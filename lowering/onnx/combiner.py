@@ -14,6 +14,8 @@ says why).
 """
 from __future__ import annotations
 
+from attnpass.lowering.onnx.common import check_traced_site
+
 EXPORTABLE_VARIANTS = ("fixed",)
 
 
@@ -35,13 +37,7 @@ def bind(module) -> None:
     forward is left as it is."""
     check_options({"variant": module.variant})
     name = f"combiner site {module.spec.name!r}"
-    if module.spec.cross:
-        raise NotImplementedError(f"export_onnx: {name} is cross-attention; its layout traces at self-attention "
-                                  "sites (Lq == Lk) only")
-    if module.anchor and not module.anchor.runs_on_flash(None, None, 0.0):  # the export's eval call
-        raise NotImplementedError(f"export_onnx: {name}: sinks= without a local window at a causal site run the "
-                                  "anchor on the grouped kernel's slots, which have no ONNX lowering in this "
-                                  "version; give local= (causal sites) or no sinks")
+    check_traced_site(module, name)
 
 
 def nodes_per_site(module) -> int:

@@ -119,3 +119,15 @@ def static_float(opname: str, name: str, value) -> float:
         raise TypeError(f"export_onnx: {opname} needs a static {name} (a number), got {value!r}; it is symbolic "
                         "in this export (e.g. a head dim that varies), which the ONNX op cannot take as an attribute")
     return float(value)
+
+
+def check_traced_site(module, name: str) -> None:
+    """What a site exported by tracing its own code (Combiner, routing) must be: self-attention (its
+    layout traces where Lq == Lk), with an anchor only where it runs on its flash op."""
+    if module.spec.cross:
+        raise NotImplementedError(f"export_onnx: {name} is cross-attention; its layout traces at self-attention "
+                                  "sites (Lq == Lk) only")
+    if module.anchor and not module.anchor.runs_on_flash(None, None, 0.0):  # the export's eval call
+        raise NotImplementedError(f"export_onnx: {name}: sinks= without a local window at a causal site run the "
+                                  "anchor on the grouped kernel's slots, which have no ONNX lowering in this "
+                                  "version; give local= (causal sites) or no sinks")

@@ -18,6 +18,8 @@ window, a site whose centroids no call has initialised.
 """
 from __future__ import annotations
 
+from attnpass.lowering.onnx.common import check_traced_site
+
 
 def check_options(options: dict) -> None:
     if options.get("keys", "centroids") == "members":
@@ -36,16 +38,10 @@ def bind(module) -> None:
     forward is left as it is."""
     check_options({"keys": module.keys})
     name = f"routing site {module.spec.name!r}"
-    if module.spec.cross:
-        raise NotImplementedError(f"export_onnx: {name} is cross-attention; its layout traces at self-attention "
-                                  "sites (Lq == Lk) only")
+    check_traced_site(module, name)
     if module.needs_first_call():
         raise ValueError(f"export_onnx: {name} has no centroids yet (they are initialised by the first call); "
                          "run or train the model before exporting it")
-    if module.anchor and not module.anchor.runs_on_flash(None, None, 0.0):  # the export's eval call
-        raise NotImplementedError(f"export_onnx: {name}: sinks= without a local window at a causal site run the "
-                                  "anchor on the grouped kernel's slots, which have no ONNX lowering in this "
-                                  "version; give local= (causal sites) or no sinks")
 
 
 def nodes_per_site(module) -> int:
