@@ -132,6 +132,33 @@ def test_five_lengths_compile_at_most_twice():
     assert len(compiler.report.rewritten) == 2 * compiler.report.compilations
 
 
+def test_routing_bound_to_gpt2_compiles_twice_over_five_lengths_with_its_sites_in_the_graph():
+    """A method with state on GPT-2 (Llama: tests/test_compile_generate.py): routing bound to the model
+    compiles at most twice over five lengths, the graph with a symbolic length holds the sites (its
+    centroids are graph inputs: no cut), and every output equals sparsify()'s with the same centroids."""
+    case = by_name("gpt2-eager")
+    model = case.build().eval()
+    original = copy.deepcopy(model)
+    torch._dynamo.reset()
+    options = dict(clusters=2, local_window=4)
+    compiler = attnpass.backend(method="routing", inner="aot_eager", model=model, **options)
+    compiled = torch.compile(model, backend=compiler)
+    outs = {}
+    with torch.no_grad():
+        for length in (8, 11, 16, 23, 30):
+            outs[length] = compiled(*case.inputs(2, length)[0], **case.inputs(2, length)[1])
+    graphs = compiler.report.graphs
+    assert len(graphs) == 2 and graphs[0].cut_at, compiler.report  # the first call initialises the centroids
+    assert not graphs[1].cut_at and graphs[1].pieces == 1 and len(graphs[1].rewritten) == 2, compiler.report
+    reference = attnpass.sparsify(original, *case.inputs(2, 8), method="routing", **options)
+    reference.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        for length, out in outs.items():
+            args, kwargs = case.inputs(2, length)
+            assert max_relative_error(out, reference(*args, **kwargs)) < TOL, length
+            assert max_relative_error(out, original(*args, **kwargs)) > 1e-3, length  # not dense
+
+
 def test_input_model_is_not_mutated():
     case = by_name("gpt2-eager")
     model = case.build()
