@@ -251,8 +251,9 @@ class AttnpassBackend:
         _log(graph_report, self.method)
         cut = _sites_to_cut(gm, example_inputs, calls)
         graph_report.cut_at = sorted(n.meta["attnpass_site"] for n in cut)
-        gm, state = state_as_inputs(gm, [n for n in calls if n not in cut])
-        cut = {n for n in gm.graph.nodes if n.name in {c.name for c in cut}}  # (gm may be a copy)
+        cut_names = {n.name for n in cut}
+        gm, state = state_as_inputs(gm, [n for n in calls if n.name not in cut_names])
+        cut = {n for n in gm.graph.nodes if n.name in cut_names}  # gm may be a copy
         compiled, graph_report.pieces = _compile_split(gm, [*example_inputs, *state.tensors()], cut, self.inner)
         return state.appended(compiled)
 
@@ -540,15 +541,12 @@ def _with_traced_contiguity(compiled, contiguous: list[int]):
 def _sites_to_cut(gm: fx.GraphModule, example_inputs, calls: list[fx.Node]) -> set[fx.Node]:
     """The site calls the graph is cut at: those whose module cannot trace the call it will get
     with symbolic lengths (`SiteAttention.traces_symbolically`, asked on the call's fake inputs)."""
-    # a module whose class never traces is cut without walking the graph for its inputs
-    maybe = [n for n in calls
-             if type(gm.get_submodule(n.target)).traces_symbolically is not SiteAttention.traces_symbolically]
-    if not maybe:
-        return set(calls)
+    if not calls:
+        return set()
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     inputs = _SiteInputs(gm, {n.target for n in calls}, fake_mode).collect(fakes)
-    traced = {n for n in maybe if gm.get_submodule(n.target).traces_symbolically(*inputs[n.target][0],
+    traced = {n for n in calls if gm.get_submodule(n.target).traces_symbolically(*inputs[n.target][0],
                                                                                  **inputs[n.target][1])}
     return set(calls) - traced
 

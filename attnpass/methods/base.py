@@ -213,9 +213,16 @@ class SiteAttention(nn.Module):
         holds them) traces into the graph with no guard on its lengths: its layout and kernels are ops
         with fake kernels, and no Python decision reads a length. The compile backend then keeps the
         site in the graph it compiles instead of cutting the graph there and running the site eagerly
-        (attnpass.backends.compile). Default: a decode step known as one without its key length (the
-        dense op); other calls not (a layout built from the lengths as Python ints)."""
-        return self.decode_step_without_lengths(q)
+        (attnpass.backends.compile). A decode step known as one without its key length runs the dense
+        op, so it traces; any other call traces where the method's own path does (`layout_traces`)."""
+        p = dropout_p if self.training else 0.0
+        return self.decode_step_without_lengths(q) or self.layout_traces(q, k, v, bias, mask, p)
+
+    def layout_traces(self, q, k, v, bias, mask, dropout_p: float) -> bool:
+        """Whether the method's path for this (non-decode) call traces with symbolic lengths;
+        `dropout_p` is the call's effective one. Default: no (a layout built from the lengths as
+        Python ints)."""
+        return False
 
     def sparse_attention(self, q, k, v, bias, mask, key_keep, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, logsumexp per row) of ONE softmax over the method's pairs (anchor.merge_parts's

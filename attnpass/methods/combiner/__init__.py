@@ -99,21 +99,16 @@ class CombinerAttention(SiteAttention):
         per_slot = read.expand(*layout.q_index.shape, -1).sum(-1).reshape(-1)    # (G * Wq,)
         return direct, per_slot[layout.query_slot].view(1, 1, Lq).expand(B, Hq, Lq)
 
-    def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
-                            empty_rows: str = "zero") -> bool:
+    def layout_traces(self, q, k, v, bias, mask, dropout_p: float) -> bool:
         """Variant fixed builds its layout as tensor code of the lengths (the default block an unbacked
         int, `cost_model.default_block`), the anchor's flash part is an op: a call traces where its
         queries are its keys (a causal one is then no decode step, whatever the lengths), with no band
-        (its summaries are cut to it with host code) and no dropout (a seed drawn in Python). A decode
-        step known as one without its key length (`decode_step_without_lengths`) runs the dense op."""
-        if self.decode_step_without_lengths(q):  # dense over the cache, the dense op
-            return True
-        p = dropout_p if self.training else 0.0
+        (its summaries are cut to it with host code) and no dropout (a seed drawn in Python)."""
         # an anchor must run on its flash op: its other path reads the grouped kernel's slots back by a
         # reshape of the lengths
-        return (self.variant == "fixed" and not self.spec.window and not p
+        return (self.variant == "fixed" and not self.spec.window and not dropout_p
                 and statically_known_true(q.shape[2] == k.shape[2])
-                and (not self.anchor or self.anchor.runs_on_flash(bias, mask, p, q, k, v)))
+                and (not self.anchor or self.anchor.runs_on_flash(bias, mask, dropout_p, q, k, v)))
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:
         return {"variant": self.variant, "block": self._block_at(len_q, len_k, head_dim)}

@@ -18,8 +18,7 @@ class DenseAttention(SiteAttention):
     def computed_pairs(self, q, k, key_keep=None):
         return torch.ones(*q.shape[:3], k.shape[2], dtype=torch.bool, device=q.device), None
 
-    def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
-                            empty_rows: str = "zero") -> bool:
+    def layout_traces(self, q, k, v, bias, mask, dropout_p: float) -> bool:
         # one op whose offset is a SymInt; a band is built as an (Lq, Lk) mask from the offset as an int
         return not self.spec.window
 

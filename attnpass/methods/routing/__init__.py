@@ -357,19 +357,14 @@ class RoutingAttention(SiteAttention):
         counts = torch.full((B, H, q.shape[2]), ceil_div(Lk, member_keys.NEED_BLOCK), dtype=torch.int64, device=q.device)
         return counts.scatter_add_(2, rows.clamp(min=0), torch.where(rows >= 0, Lk, 0))
 
-    def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
-                            empty_rows: str = "zero") -> bool:
+    def layout_traces(self, q, k, v, bias, mask, dropout_p: float) -> bool:
         """The layout is tensor code of the lengths (the sizes the data decides, the fallback's tiles and
         spans, a nearest cluster's width, the member samples, are ints read back with bounds; the
         members' exact scores an op): a call traces in inference with initialised centroids (the first
         call's initialisation and training's EMA step are state updates in Python), where its queries
-        are its keys, with no dropout (a seed drawn in Python); an anchor only where it runs on its
-        flash op. A decode step known as one without its key length runs the dense op."""
-        if self.decode_step_without_lengths(q):
-            return True
-        p = dropout_p if self.training else 0.0
+        are its keys; an anchor only where it runs on its flash op."""
         return (not self.training and not self.needs_first_call() and statically_known_true(q.shape[2] == k.shape[2])
-                and (not self.anchor or self.anchor.runs_on_flash(bias, mask, p, q, k, v)))
+                and (not self.anchor or self.anchor.runs_on_flash(bias, mask, dropout_p, q, k, v)))
 
     def cost_options_at_any_length(self, head_dim: int) -> dict | None:
         return self.cost_options(0, 0, head_dim)  # they do not read the lengths

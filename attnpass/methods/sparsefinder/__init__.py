@@ -309,13 +309,11 @@ class SparsefinderAttention(SiteAttention):
                 and not self.layout_window() and q.dtype in (torch.float32, torch.float64)
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
-    def traces_symbolically(self, q, k, v, bias=None, mask=None, key_keep=None, dropout_p: float = 0.0,
-                            empty_rows: str = "zero") -> bool:
+    def layout_traces(self, q, k, v, bias, mask, dropout_p: float) -> bool:
         """The blocks predictor's inference path: the choice and the kernel are ops (`choose_blocks_op`,
         `block_flash_op`) and a causal call whose queries are its keys (a prompt) is no decode step
         without asking the lengths; a step over a cache asks the cost model with them."""
-        p = dropout_p if self.training else 0.0
-        return (self._fused_block_path(q, k, v, bias, mask, p)
+        return (self._fused_block_path(q, k, v, bias, mask, dropout_p)
                 and (not self.spec.causal or statically_known_true(q.shape[2] == k.shape[2])))
 
     def _fused_block_path(self, q: Tensor, k: Tensor, v: Tensor, bias, mask, dropout_p: float) -> bool:
