@@ -32,23 +32,22 @@ class SiteState:
     """The state tensors of the site modules a graph holds, in the order of the inputs added for them."""
 
     def __init__(self):
-        self.sources: list[tuple[nn.Module, list[str]]] = []
+        # (owning module, attribute): read at every call, since `.to()` or an assignment replaces the
+        # tensor; resolved once, so a call reads attributes and walks no module tree
+        self.slots: list[tuple[nn.Module, str]] = []
 
-    def __bool__(self) -> bool:
-        return bool(self.sources)
+    def add(self, module: nn.Module, names: list[str]) -> None:
+        for name in names:
+            path, _, attr = name.rpartition(".")
+            self.slots.append((module.get_submodule(path), attr))
 
     def tensors(self) -> list[torch.Tensor]:
-        """The modules' current tensors (read per call: a module may have been moved or reloaded)."""
-        out = []
-        for module, names in self.sources:
-            own = dict(module.named_parameters())
-            own.update(module.named_buffers())
-            out.extend(own[n] for n in names)
-        return out
+        """The modules' current tensors."""
+        return [getattr(owner, attr) for owner, attr in self.slots]
 
     def appended(self, compiled):
         """`compiled`, called with dynamo's inputs and then the modules' state."""
-        if not self.sources:
+        if not self.slots:
             return compiled
 
         def run(*args):
@@ -65,15 +64,15 @@ def state_as_inputs(gm: fx.GraphModule, calls: list[fx.Node]) -> tuple[fx.GraphM
     """A copy of `gm` whose `call_module` nodes `calls` (by name) with a module holding state take it from
     new placeholders (after dynamo's), those modules left out of it; and where the state is read. `gm`
     itself is returned when no call holds state."""
-    names = [n.name for n in calls if holds_state(gm.get_submodule(n.target))]
+    stateful = [n.name for n in calls if holds_state(gm.get_submodule(n.target))]
     state = SiteState()
-    if not names:
+    if not stateful:
         return gm, state
     # a copy: dynamo reads the placeholders of the graph it handed over after the backend returns
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     nodes = {n.name: n for n in gm.graph.nodes}
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-    for node in (nodes[name] for name in names):
+    for node in (nodes[name] for name in stateful):
         module = gm.get_submodule(node.target)
         names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
         inputs = []
@@ -85,6 +84,6 @@ def state_as_inputs(gm: fx.GraphModule, calls: list[fx.Node]) -> tuple[fx.GraphM
         node.op, node.target = "call_function", _CallWithState(module, names)
         node.args = (tuple(inputs), *node.args)
         gm.delete_submodule(target)
-        state.sources.append((module, names))
+        state.add(module, names)
     gm.recompile()
     return gm, state
