@@ -50,6 +50,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 # Every registered method has a cost model (its class names its formulas: SiteAttention.cost_formulas).
 from attnpass.methods import METHODS
+from attnpass.methods.symbolic import read_size
 
 B, H, Lq, Lk, D = sympy.symbols("B H L_q L_k D", positive=True)
 c = sympy.Symbol("c", positive=True)   # routing: clusters
@@ -204,9 +205,7 @@ def _clamped_optimum(method: str, variant: str, len_q, len_k, head_dim, upper):
     value = torch.as_tensor(_optimum_function(method, variant, "torch")(*args), dtype=torch.float64)
     bound = torch.sym_max(upper, 1)
     chosen = torch.minimum(value.round().clamp(min=1), torch.full((), bound, dtype=torch.float64))
-    chosen = chosen.to(torch.int64).item()
-    torch._check(chosen >= 1)
-    torch._check(chosen <= bound)
+    chosen = read_size(chosen.to(torch.int64), 1, bound)
     if guard_or_false(upper >= 1):  # stated against the length itself, so later sizes can use it
         torch._check(chosen <= upper)
     return chosen
