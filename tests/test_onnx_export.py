@@ -556,6 +556,15 @@ def test_routing_traced_export_equals_the_model_on_padded_batches(name, options,
         assert max_relative_error(got, expected) < 1e-4, (batch, length)
 
 
+def test_routing_at_a_site_with_a_bias_is_refused_before_the_export():
+    """BLOOM keeps ALiBi as an additive bias at its sites, which GroupedAttention does not read: one clear
+    line at bind time, not an exporter failure."""
+    case = by_name("bloom-eager")
+    args, kwargs = case.inputs(2, 12)
+    with pytest.raises(NotImplementedError, match=r"keeps a bias as a tensor \(e.g. ALiBi\).*method='dense'"):
+        attnpass.export_onnx(case.build().eval(), args, kwargs, method="routing", clusters=2)
+
+
 def test_routing_export_takes_the_lowest_position_among_identical_tokens():
     """A site without positions (one nn.MultiheadAttention layer: a later layer's repeated tokens would
     only nearly tie) on a batch whose tokens repeat: queries and keys tie exactly, so a cluster's members

@@ -123,7 +123,12 @@ def static_float(opname: str, name: str, value) -> float:
 
 def check_traced_site(module, name: str) -> None:
     """What a site exported by tracing its own code (Combiner, routing) must be: self-attention (its
-    layout traces where Lq == Lk), with an anchor only where it runs on its flash op."""
+    layout traces where Lq == Lk), with no bias or general mask kept as a tensor (the GroupedAttention
+    node reads none), with an anchor only where it runs on its flash op."""
+    if module.spec.has_bias or module.spec.has_mask:
+        raise NotImplementedError(f"export_onnx: {name} keeps a {'bias' if module.spec.has_bias else 'general mask'} "
+                                  "as a tensor (e.g. ALiBi), which the GroupedAttention node does not read in this "
+                                  "version; method='dense' exports it")
     if module.spec.cross:
         raise NotImplementedError(f"export_onnx: {name} is cross-attention; its layout traces at self-attention "
                                   "sites (Lq == Lk) only")

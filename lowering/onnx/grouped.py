@@ -16,8 +16,9 @@ intermediate (B, Hq, G, Wq, Wk + S): the groups' own pairs, never Lq x Lk.
 
 Absent optional inputs are neutral constants (common.py): no key padding all keys, no summaries one
 zero summary that is never allowed, no key range [0, 2^62]. A call with a bias or a pair mask (read
-at the pairs: routing's, not Combiner's) is refused: its reads would cost index arithmetic over
-every pair of every call, and no traced method passes one yet.
+at the pairs) is refused: its reads would cost index arithmetic over every pair of every call, and
+the traced methods' sites that keep one (routing at an ALiBi site) are refused before the export
+(`common.check_traced_site`).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def translate_grouped(q, k, v, q_index, k_index, key_padding_mask=None, bias=Non
         raise NotImplementedError(f"export_onnx: {name} is exported for inference; got dropout_p={dropout_p}")
     if bias is not None or pair_mask is not None:
         raise NotImplementedError(f"export_onnx: {name} with a bias or pair mask read at the pairs has no ONNX "
-                                  "lowering in this version (no traced method passes one)")
+                                  "lowering in this version (common.check_traced_site refuses such sites)")
     if not isinstance(window, int):
         raise TypeError(f"export_onnx: {name} needs a static window (an int), got {window!r}")
     if summary_k is None:  # one zero summary, never allowed
