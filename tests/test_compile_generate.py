@@ -36,8 +36,8 @@ OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder":
 # Methods whose prompt graphs keep their sites (SiteAttention.traces_symbolically: the block recipe's
 # softmax on the flash op, Combiner's and routing's layouts as tensor code of L, routing's centroids
 # graph inputs); the others (the blocks with entmax-1.5, Sparsefinder's default without an anchor, run
-# the grouped kernel), and every decode step of a sparse method (the cost model reads its lengths), cut
-# the graph at the sites
+# the grouped kernel), and the decode steps of a sparse method whose cost the model cannot bound without
+# the key length (TRACED_AT_DECODE below lists the others), cut the graph at the sites
 TRACED_AT_PROMPTS = ("sparsefinder:recipe", "combiner", "routing", "routing:recipe")
 # ... except in the first graph, where the method's state is initialised by the site's first call
 FIRST_CALL_INITIALISES = ("routing", "routing:recipe")
@@ -241,6 +241,21 @@ def test_with_a_fixed_prefill_threshold_combiner_decode_graphs_are_not_cut():
         assert torch.equal(fixed.sequences, default.sequences)
         for a, b in zip(fixed.scores, default.scores):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_with_a_fixed_prefill_threshold_a_method_without_a_traced_layout_compiles_its_decode_graphs_whole():
+    """SBM's prompt layout does not trace (its graph is cut there), but with `prefill_queries` its one-query
+    decode step is known as one without the key length (SiteAttention.traces_symbolically's shared rule):
+    the dense op, its state graph inputs it does not read, and the decode graph in one piece."""
+    model = _llama()
+    compiler = _bind(model, "sbm", prefill_queries=2)
+    with torch.no_grad():
+        for length in LENGTHS[:3]:
+            model.generate(input_ids=_prompt(length), max_new_tokens=3, **GREEDY)
+    kinds = _kinds(compiler.report)
+    assert "decode" in kinds and not counters["graph_break"], (kinds, dict(counters["graph_break"]))
+    for kind, graph in zip(kinds, compiler.report.graphs):
+        assert (graph.pieces, bool(graph.cut_at)) == ((1, False) if kind == "decode" else (3, True)), compiler.report
 
 
 def test_a_decode_step_before_any_prompt_makes_no_module():
