@@ -53,6 +53,16 @@ def compiled_with_attnpass(method: str, model: torch.nn.Module, ids, mask):
     return torch.compile(model, backend=backend), backend
 
 
+def eager_options(method: str, backend) -> dict:
+    """The sparsified model's options that make it the compiled one: routing's default cluster count
+    follows the example call's length, so the compiled model's (chosen at the timed length) is passed
+    on to sparsify, whose example call is short."""
+    if method != "routing":
+        return {}
+    (clusters,) = {m.clusters for m in backend.site_modules().values()}
+    return {"clusters": clusters}
+
+
 # method -> whether it keeps state (its backend is bound to the model)
 METHODS = {"combiner": False, "routing": True}
 
@@ -94,7 +104,8 @@ def main():
                 raise SystemExit(f"L={length}: the attnpass backend did not trace every site into the graph, so this "
                                  f"would not time the compiled method:\n{backend.report}")
             eager_model = attnpass.sparsify(build(args.layers, args.hidden, args.heads, args.kv_heads),
-                                            args=(ids[:, :64],), kwargs=dict(attention_mask=mask[:, :64]), method=method)
+                                            args=(ids[:, :256],), kwargs=dict(attention_mask=mask[:, :256]), method=method,
+                                            **eager_options(method, backend))
             eager = run(f"{method} (sparsify, eager)", eager_model)
             rows.append((length, method, dense, sparse, eager))
     head = (f"Llama-style model: {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads, "
