@@ -46,21 +46,55 @@ def sparse_pays(method: str, len_q: int, len_k: int, head_dim: int, options: dic
 @functools.cache
 def _never_pays(method: str, options: tuple, len_q: int, head_dim: int) -> bool:
     options = dict(options)
-    density = options.pop("density", NOMINAL_DENSITY)
-    values = {cost_model.B: 1, cost_model.H: 1, cost_model.Lq: len_q, cost_model.D: head_dim, cost_model.rho: density}
-    extra = sympy.expand(cost_model.cost_expr(method, **options).flops.subs(values)
-                         - cost_model.cost_expr("dense").flops.subs(values))
-    Lk = cost_model.Lk
-    if not extra.is_polynomial(Lk) or sympy.degree(extra, Lk) > 1:
-        return False  # no proof from two numbers
-    # affine in Lk: at least 0 from the first key length past the queries on, if it is there and grows
-    return bool(extra.subs(Lk, len_q + 1) >= 0) and bool(extra.coeff(Lk, 1) >= 0)
+    values = {cost_model.B: 1, cost_model.H: 1, cost_model.Lq: len_q, cost_model.D: head_dim}
+    if "density" in options:
+        values[cost_model.rho] = options.pop("density")
+    extra = (cost_model.cost_expr(method, **options).flops - cost_model.cost_expr("dense").flops).subs(values)
+    past = sympy.Symbol("past", nonnegative=True)  # Lk = len_q + 1 + past
+    return _nonnegative(sympy.expand(extra.subs(cost_model.Lk, len_q + 1 + past)), past)
+
+
+def _nonnegative(expr: sympy.Expr, x: sympy.Symbol) -> bool:
+    """A sound (not complete) proof that `expr` >= 0 for every x >= 0 and every positive value of its
+    other symbols (an option left out, e.g. Combiner's block): its terms affine in x, summed, are >= 0
+    at x = 0 and in slope, and each other term is >= 0 or bounded below by an affine one. False when
+    no such proof is found."""
+    affine = sympy.Integer(0)
+    for term in sympy.Add.make_args(expr):
+        term = _affine_lower_bound(term, x)
+        if term is None:
+            return False
+        affine += term
+    affine = sympy.expand(affine)
+    return bool(affine.subs(x, 0) >= 0) and bool(affine.coeff(x, 1) >= 0)
+
+
+def _affine_lower_bound(term: sympy.Expr, x: sympy.Symbol) -> sympy.Expr | None:
+    """`term` if it is affine in x with numbers; 0 if it is >= 0 (sympy's assumptions: the symbols are
+    positive); for g * log(a x + b) with g >= 0, a >= 0, b > 0 (a sort's n log n cost of a count that
+    may be below 1), the bound g * log(b) when that is affine; else None."""
+    if term.free_symbols <= {x} and term.is_polynomial(x) and sympy.degree(term, x) <= 1:
+        return term
+    if term.is_nonnegative:
+        return sympy.Integer(0)
+    logs = [log for log in term.atoms(sympy.log) if x in log.free_symbols]
+    if len(logs) == 1:
+        (log,) = logs
+        factor, argument = sympy.simplify(term / log), log.args[0]
+        if (factor.is_nonnegative and argument.is_polynomial(x) and sympy.degree(argument, x) <= 1
+                and argument.coeff(x, 1) >= 0 and argument.subs(x, 0) > 0):
+            bound = sympy.expand(factor * sympy.log(argument.subs(x, 0)))
+            if bound.free_symbols <= {x} and bound.is_polynomial(x) and sympy.degree(bound, x) <= 1:
+                return bound
+    return None
 
 
 def sparse_never_pays(method: str, len_q: int, head_dim: int, options: dict) -> bool:
     """Whether `sparse_pays` is False at every key length Lk > len_q, whatever the anchor (its keys only
-    add to the method's cost): the method's FLOPs at these queries are affine in Lk and at least dense
-    attention's at Lk = len_q + 1 and in slope."""
+    add to the method's cost): the method's FLOPs minus dense attention's, at these queries, are proven
+    >= 0 for every such Lk (`_nonnegative`). `options` may leave out an option the method sets from the
+    lengths (Combiner's default block, the blocks predictor's density): the proof then holds for any
+    positive value of it."""
     return _never_pays(method, tuple(sorted(options.items())), len_q, head_dim)
 
 

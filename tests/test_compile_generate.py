@@ -36,14 +36,13 @@ OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder":
 # Methods whose prompt graphs keep their sites (SiteAttention.traces_symbolically: the block recipe's
 # softmax on the flash op, Combiner's and routing's layouts as tensor code of L, routing's centroids
 # graph inputs); the others (the blocks with entmax-1.5, Sparsefinder's default without an anchor, run
-# the grouped kernel), and the decode steps of a sparse method whose cost the model cannot bound without
-# the key length (TRACED_AT_DECODE below lists the others), cut the graph at the sites
+# the grouped kernel; SBM) cut the prompt graph at the sites
 TRACED_AT_PROMPTS = ("sparsefinder:recipe", "combiner", "routing", "routing:recipe")
 # ... except in the first graph, where the method's state is initialised by the site's first call
 FIRST_CALL_INITIALISES = ("routing", "routing:recipe")
-# Methods whose decode steps are known as such without the key length (the cost model proves that one
-# query never pays: routing, Combiner with a given block), so their decode graphs run the dense op whole
-TRACED_AT_DECODE = ("routing", "routing:recipe", "combiner")
+# Every method's decode steps are known as such without the key length (the cost model proves that one
+# query never pays at any key length, `prefill.sparse_never_pays`): every decode graph runs the dense op whole
+TRACED_AT_DECODE = tuple(OPTIONS)
 
 
 def _method(label: str) -> str:
@@ -221,41 +220,24 @@ def test_unbound_combiner_decode_steps_are_dense_over_the_cache_too():
     assert set(_kinds(compiler.report)) == {"prefill", "decode"}
 
 
-def test_with_a_fixed_prefill_threshold_combiner_decode_graphs_are_not_cut():
-    """With `prefill_queries` a one-query step is a decode step whatever the cache's length, so the
-    Combiner site runs the dense op there and the decode graph, like the prompt's, is compiled whole;
-    generation equals the default backend's, which cuts the decode graph at its sites when the
-    block is the default (~sqrt(Lk): the cost model's decision then reads the key length)."""
-    outs, reports = {}, {}
+def test_combiner_decode_graphs_with_its_default_block_are_whole_under_either_prefill_rule():
+    """Combiner's default block follows the key length (~sqrt(Lk)), yet the cost model proves one query
+    dearer than dense attention at every key length and block (`prefill.sparse_never_pays`): with the
+    cost model deciding, as with `prefill_queries`, every graph (prompt and decode) compiles whole, and
+    both generate the same tokens and scores."""
+    outs = {}
     for label, options in (("fixed", {"prefill_queries": 2}), ("cost model", {})):
         model = _llama()
         compiler = _bind(model, "combiner", **options)
         with torch.no_grad():
             outs[label] = [model.generate(input_ids=_prompt(n), max_new_tokens=3, **GREEDY) for n in LENGTHS[:3]]
         assert not counters["graph_break"], dict(counters["graph_break"])
-        reports[label] = compiler.report
-    assert all(g.pieces == 1 and not g.cut_at for g in reports["fixed"].graphs), reports["fixed"]
-    assert any(g.cut_at for g in reports["cost model"].graphs)  # the default still cuts its decode graphs
-    assert "decode" in _kinds(reports["fixed"]) and len(reports["fixed"].graphs) <= 4
+        assert all(g.pieces == 1 and not g.cut_at for g in compiler.report.graphs), compiler.report
+        assert "decode" in _kinds(compiler.report) and len(compiler.report.graphs) <= 4
     for fixed, default in zip(outs["fixed"], outs["cost model"]):
         assert torch.equal(fixed.sequences, default.sequences)
         for a, b in zip(fixed.scores, default.scores):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-
-
-def test_with_a_fixed_prefill_threshold_a_method_without_a_traced_layout_compiles_its_decode_graphs_whole():
-    """SBM's prompt layout does not trace (its graph is cut there), but with `prefill_queries` its one-query
-    decode step is known as one without the key length (SiteAttention.traces_symbolically's shared rule):
-    the dense op, its state graph inputs it does not read, and the decode graph in one piece."""
-    model = _llama()
-    compiler = _bind(model, "sbm", prefill_queries=2)
-    with torch.no_grad():
-        for length in LENGTHS[:3]:
-            model.generate(input_ids=_prompt(length), max_new_tokens=3, **GREEDY)
-    kinds = _kinds(compiler.report)
-    assert "decode" in kinds and not counters["graph_break"], (kinds, dict(counters["graph_break"]))
-    for kind, graph in zip(kinds, compiler.report.graphs):
-        assert (graph.pieces, bool(graph.cut_at)) == ((1, False) if kind == "decode" else (3, True)), compiler.report
 
 
 def test_a_decode_step_before_any_prompt_makes_no_module():

@@ -137,26 +137,51 @@ def test_the_cost_model_makes_one_query_over_a_long_cache_a_decode_step(method):
     assert not cross.is_decode_step(q_one, keys)  # cross-attention is not a cache continuation
 
 
-@pytest.mark.parametrize("method, options", [("routing", {"clusters": 64}), ("routing", {"clusters": 8}),
-                                             ("combiner", {"block": 64}), ("combiner", {"block": 8})])
+@pytest.mark.parametrize("method, options", [
+    ("routing", {"clusters": 64}), ("routing", {"clusters": 8}), ("combiner", {"block": 64}), ("combiner", {"block": 8}),
+    ("combiner", {}), ("sbm", {}), ("sbm", {"clusters": 32, "max_density": 0.02}), ("sparsefinder", {}),
+    ("sparsefinder", {"predictor": "quantization"}), ("sparsefinder", {"predictor": "distance"}),
+    ("sparsefinder", {"predictor": "blocks"}), ("sparsefinder", {"predictor": "blocks", "block": 16, "top_blocks": 2})])
 def test_a_decode_step_known_without_its_key_length_is_one_at_every_key_length(method, options):
     """The cost model's decision for a static query count, without the key length (what a decode graph
     knows): where it says decode, every key length past the queries is a decode step for the eager rule
-    too (checked on a grid up to 10^7 keys); and it says so for one query, so the one-query decode graph
-    of these methods runs the dense op (and compiles whole) without prefill_queries."""
+    too, with the options the method sets from the lengths there (Combiner's default block, the blocks
+    predictor's density; checked on a grid up to 10^7 keys); and it says so for one query, so the
+    one-query decode graph of every method runs the dense op (and compiles whole) without prefill_queries."""
     from attnpass.prefill import sparse_never_pays, sparse_pays
 
     spec = SiteSpec(name="s", scale=None, causal=True, causal_bottom_right=True, heads_q=4, heads_kv=4,
                     head_dim=64, example_len_q=512, example_len_k=512)
     module = method_class(method)(spec, **options)
     cost = module.cost_options_at_any_length(64)
-    decided = [n for n in (1, 2, 3, 5, 8, 16, 32, 64, 128) if sparse_never_pays(method, n, 64, cost)]
-    assert 1 in decided and decided != [1, 2, 3, 5, 8, 16, 32, 64, 128]  # long chunks stay the method's
+    counts = (1, 2, 3, 5, 8, 16, 32, 64, 128, 512)
+    decided = [n for n in counts if sparse_never_pays(method, n, 64, cost)]
+    assert 1 in decided and decided != list(counts)  # long chunks stay the method's
     for n in decided:
-        assert not any(sparse_pays(method, n, n + m, 64, cost) for m in [1, 2, 7, 100, 4095] + [10 ** e for e in range(4, 8)])
-    assert module.decode_step_without_lengths(torch.zeros(1, 4, 1, 64))
-    assert module.traces_symbolically(torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 9, 64), torch.zeros(1, 4, 9, 64))
-    assert not module.decode_step_without_lengths(torch.zeros(1, 4, 512, 64))
+        for m in [1, 2, 7, 100, 4095] + [10 ** e for e in range(4, 8)]:
+            assert not sparse_pays(method, n, n + m, 64, module.cost_options(n, n + m, 64)), (n, m)
+    cache = torch.zeros(1, 4, 9, 64)
+    assert module.decode_step_without_lengths(torch.zeros(1, 4, 1, 64), cache)
+    assert module.traces_symbolically(torch.zeros(1, 4, 1, 64), cache, cache)
+    assert not module.decode_step_without_lengths(torch.zeros(1, 4, 512, 64), torch.zeros(1, 4, 600, 64))
+    # a prompt (its queries are its keys) is no decode step, however few its queries
+    assert not module.decode_step_without_lengths(torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 1, 64))
+
+
+def test_the_length_free_proof_refuses_what_it_cannot_bound():
+    """`prefill._nonnegative` is a proof, not a grid: a term it cannot bound below (a negative one with
+    a free option, a log whose argument shrinks) gives no answer, and a true affine bound gives one."""
+    import sympy
+
+    from attnpass.prefill import _nonnegative
+
+    x, s = sympy.Symbol("past", nonnegative=True), sympy.Symbol("s", positive=True)
+    assert _nonnegative(3 * x + 1 + x / s + sympy.sqrt(x) * s, x)
+    assert _nonnegative(2 * x + 1 + x * sympy.log(x / 10 + sympy.Rational(1, 5)), x)  # >= (2 + log 0.2) x + 1
+    assert not _nonnegative(3 * x + 1 - x / s, x)  # s may be small
+    assert not _nonnegative(x + 1 + 2 * x * sympy.log(x / 10 + sympy.Rational(1, 5)), x)  # (1 + 2 log 0.2) x < 0
+    assert not _nonnegative(x - 1, x)
+    assert not _nonnegative(5 * x + 1 - sympy.log(1 + x), x)  # true, but its negative log is not bounded here
 
 
 def test_prefill_queries_is_checked_before_the_capture(llama):

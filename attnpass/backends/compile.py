@@ -19,8 +19,8 @@ the sizes the data decides read back as bounded unbacked ints: `attnpass/methods
 module with state (routing's centroids) takes it as inputs of the compiled graph
 (`attnpass/backends/site_state.py`), read at every call. Other modules build their layout in Python
 from the sequence length or from values (SBM's graph, Sparsefinder's other predictors, the first
-call's initialisation of a method's state, routing's training step; a decode step the cost model
-cannot decide without the key length): traced by AOT autograd with a symbolic L, that code would
+call's initialisation of a method's state, routing's training step; a step over the cache the cost
+model cannot decide without the key length, which one query never is): traced by AOT autograd with a symbolic L, that code would
 put guards on L into dynamo's shape environment and every new length would recompile. The graph
 is cut at those calls
 (`torch.fx.passes.split_module`): the pieces between them are compiled by the inner compiler

@@ -216,7 +216,7 @@ class SiteAttention(nn.Module):
         (attnpass.backends.compile). A decode step known as one without its key length runs the dense
         op, so it traces; any other call traces where the method's own path does (`layout_traces`)."""
         p = dropout_p if self.training else 0.0
-        return self.decode_step_without_lengths(q) or self.layout_traces(q, k, v, bias, mask, p)
+        return self.decode_step_without_lengths(q, k) or self.layout_traces(q, k, v, bias, mask, p)
 
     def layout_traces(self, q, k, v, bias, mask, dropout_p: float) -> bool:
         """Whether the method's path for this (non-decode) call traces with symbolic lengths;
@@ -271,19 +271,25 @@ class SiteAttention(nn.Module):
             return False
         if self.prefill_queries is not None:
             return len_q < self.prefill_queries
+        if type(len_k) is not int and self.decode_step_without_lengths(q, k):
+            return True  # traced: decided without reading the symbolic key length
         from attnpass.prefill import sparse_pays  # the cost model imports the methods' defaults
 
         return not sparse_pays(self.method_name, len_q, len_k, q.shape[-1], self.cost_options(len_q, len_k, q.shape[-1]),
                                anchor_keys=self.anchor.sinks + self.anchor.local)
 
-    def decode_step_without_lengths(self, q: torch.Tensor) -> bool:
-        """Whether a call is a decode step (`is_decode_step`) whatever its key length, its query count a
-        known int (a decode graph's one query): below `prefill_queries` when that is set, else when the
-        cost model finds the method dearer than dense attention at every key length past the queries
-        (`prefill.sparse_never_pays`, for options that do not depend on the lengths). The call then
-        runs the dense op, which traces with a symbolic key length."""
+    def decode_step_without_lengths(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether a call is a decode step (`is_decode_step`) whatever its key length: its query count a
+        known int (a decode graph's one query), known to be below the key length (a call over cached
+        keys: a prompt, whose queries are its keys, is none), and below `prefill_queries` when that is
+        set, else the cost model proves the method dearer than dense attention at every key length
+        past the queries (`prefill.sparse_never_pays`). The call then runs the dense op, which traces
+        with a symbolic key length."""
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
         len_q = q.shape[-2]
-        if not (self.spec.causal and not self.spec.cross and not self.spec.window and type(len_q) is int):
+        if not (self.spec.causal and not self.spec.cross and not self.spec.window and type(len_q) is int
+                and statically_known_true(len_q < k.shape[-2])):
             return False
         if self.prefill_queries is not None:
             return len_q < self.prefill_queries
@@ -295,7 +301,8 @@ class SiteAttention(nn.Module):
         return sparse_never_pays(self.method_name, len_q, q.shape[-1], options)
 
     def cost_options_at_any_length(self, head_dim: int) -> dict | None:
-        """`cost_options` when they do not depend on the lengths, else None (the default)."""
+        """`cost_options` valid at every length: those set from the lengths left out (the cost model
+        then keeps their symbol, read as any positive value), or None (the default: no answer)."""
         return None
 
     def cost_options(self, len_q: int, len_k: int, head_dim: int) -> dict:

@@ -114,7 +114,8 @@ class CombinerAttention(SiteAttention):
         return {"variant": self.variant, "block": self._block_at(len_q, len_k, head_dim)}
 
     def cost_options_at_any_length(self, head_dim: int) -> dict | None:
-        return None if self.block is None else {"variant": self.variant, "block": self.block}
+        # the default block follows the lengths: left out, any block
+        return {"variant": self.variant} if self.block is None else {"variant": self.variant, "block": self.block}
 
     def _block_at(self, len_q, len_k, head_dim):
         """The option's block, or when none was given the cost model's minimiser (fixed: sqrt(Lk))."""

@@ -234,6 +234,9 @@ class SBMAttention(SiteAttention):
         density = NOMINAL_DENSITY if self.max_density is None else min(NOMINAL_DENSITY, self.max_density)
         return {"clusters": self.num_clusters, "density": density}
 
+    def cost_options_at_any_length(self, head_dim: int) -> dict | None:
+        return self.cost_options(0, 0, head_dim)  # they do not read the lengths
+
     def fitter(self, *, lr, gold, mass, density_weight, budget=None):
         """The cluster embeddings and phi, by Adam on recall and density (`calibrate_fitters.SBMFitter`)."""
         refuse_budget(self.method_name, budget)

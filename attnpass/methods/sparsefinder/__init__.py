@@ -454,6 +454,12 @@ class SparsefinderAttention(SiteAttention):
         return {"predictor": self.predictor, "rank": self.rank, "density": NOMINAL_DENSITY,
                 "clusters": self.clusters, "bucket_size": self.bucket_size}
 
+    def cost_options_at_any_length(self, head_dim: int) -> dict | None:
+        options = self.cost_options(1, 1, head_dim)
+        if self.predictor == "blocks":
+            del options["density"]  # top_blocks * block keys of Lk: left out, any share
+        return options
+
     def fitter(self, *, lr, gold, mass, density_weight, budget=None):
         """The projections by Adam on the hinge loss, the clustering predictor's centroids, and with a
         pair `budget` the distance predictor's threshold (`calibrate_fitters.SparsefinderFitter`)."""
