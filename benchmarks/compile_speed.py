@@ -42,8 +42,9 @@ def timed(fn, repeats: int) -> float:
 
 def compiled_with_attnpass(method: str, model: torch.nn.Module, ids, mask):
     """`model` compiled with the attnpass backend of `method`, its sites traced into the graph. A method
-    with state is bound to the model, and its first call (a graph cut at the sites) initialises it;
-    the model is then compiled afresh, reusing the attached, initialised modules."""
+    with state is bound to the model, and its first call (the graph run eagerly while its sites
+    initialise their state) initialises it; the model is then compiled afresh, reusing the attached,
+    initialised modules, so the timed first call is the compilation alone."""
     if METHODS[method]:
         backend = attnpass.backend(method, model=model)
         with torch.no_grad():

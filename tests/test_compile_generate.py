@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import is_fake
 
 import attnpass
 from attnpass.sparse_module import CaptureNotice
@@ -38,7 +39,7 @@ OPTIONS = {"routing": {"clusters": 4}, "combiner": {"block": 8}, "sparsefinder":
 # graph inputs); the others (the blocks with entmax-1.5, Sparsefinder's default without an anchor, run
 # the grouped kernel; SBM) cut the prompt graph at the sites
 TRACED_AT_PROMPTS = ("sparsefinder:recipe", "combiner", "routing", "routing:recipe")
-# ... except in the first graph, where the method's state is initialised by the site's first call
+# ... where the first graph runs eagerly at its first call, which initialises the method's state
 FIRST_CALL_INITIALISES = ("routing", "routing:recipe")
 # Every method's decode steps are known as such without the key length (the cost model proves that one
 # query never pays at any key length, `prefill.sparse_never_pays`): every decode graph runs the dense op whole
@@ -122,10 +123,11 @@ def test_generate_runs_the_prompt_sparse_and_decode_dense_with_bounded_compilati
     assert {r["module"] for g in compiler.report.graphs for r in g.rewritten} == {
         f"{name}.attnpass" for name in modules}
     for index, (graph, kind) in enumerate(zip(compiler.report.graphs, kinds)):
-        traced = (method in TRACED_AT_DECODE if kind == "decode" else
-                  method in TRACED_AT_PROMPTS and not (index == 0 and method in FIRST_CALL_INITIALISES))
+        traced = method in (TRACED_AT_DECODE if kind == "decode" else TRACED_AT_PROMPTS)
         assert graph.cut_at == ([] if traced else sorted(modules)), (kind, graph)
         assert graph.pieces == (1 if traced else 3), (kind, graph)
+        initialising = index == 0 and method in FIRST_CALL_INITIALISES
+        assert graph.eager_until_initialised == (sorted(modules) if initialising else []), (kind, graph)
 
     # the first generated step's scores are the sparse model's forward at the last prompt position
     sparse = _sparsified_with_the_same_state(original, model, _prompt(LENGTHS[0]), method)
@@ -172,31 +174,48 @@ def test_dense_generation_is_one_compiled_piece_per_graph_and_the_original_token
 
 
 def test_a_traced_routing_site_reads_its_centroids_at_every_call():
-    """Routing's centroids are inputs of the compiled graph: once the first call has initialised them
-    (the first graph cuts at the sites for that), the prompt graph is one piece, and centroids loaded
-    later reach it without a recompilation: it then equals sparsify() with those centroids."""
+    """Routing's centroids are inputs of the compiled graph: the first graph's first call runs eagerly
+    (the sites initialise them), its later calls and the next graph run them in one
+    piece (no eager site call), and centroids loaded later reach the graphs without a recompilation:
+    they then equal sparsify() with those centroids."""
     model = _llama()
     original = copy.deepcopy(model)
     compiler = _bind(model, "routing", clusters=4, prefill_queries=2)
     ids = _prompt(LENGTHS[3])
+    eager_calls = []
     with torch.no_grad():
-        for length in LENGTHS[:3]:  # a static graph, then one with a symbolic length
+        model(input_ids=_prompt(LENGTHS[0]))  # the first graph (static length), eagerly: initialises
+        def count_eager_call(module, args, out):  # a compiled graph's tracing calls it too, on fakes
+            if not is_fake(args[0]):
+                eager_calls.append(module.spec.name)
+
+        hooks = [m.register_forward_hook(count_eager_call) for m in compiler.site_modules().values()]
+        first_graph_again = model(input_ids=_prompt(LENGTHS[0])).logits  # the same graph, whole
+        for length in LENGTHS[1:3]:  # a graph with a symbolic length
             model(input_ids=_prompt(length))
         before = model(input_ids=ids).logits
+        first_state = copy.deepcopy(model.state_dict())
         state = model.state_dict()
         for key in [k for k in state if k.endswith("kmeans.centroids")]:
             state[key] = torch.randn(state[key].shape, generator=torch.Generator().manual_seed(len(key)))
         model.load_state_dict(state)
         after = model(input_ids=ids).logits
+        for hook in hooks:
+            hook.remove()
         sparse = _sparsified_with_the_same_state(original, model, _prompt(LENGTHS[0]), "routing")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CaptureNotice)
             expected = sparse(input_ids=ids).logits
+            sparse.load_state_dict(first_state, strict=True)
+            expected_first = sparse(input_ids=_prompt(LENGTHS[0])).logits
     graphs = compiler.report.graphs
-    assert len(graphs) == 2 and graphs[0].cut_at and graphs[1].pieces == 1 and not graphs[1].cut_at, compiler.report
+    assert len(graphs) == 2 and all(g.pieces == 1 and not g.cut_at for g in graphs), compiler.report
+    assert graphs[0].eager_until_initialised and not graphs[1].eager_until_initialised, compiler.report
+    assert not eager_calls  # every site call after the first ran inside a compiled graph
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert (after - before).abs().max() > 1e-3  # the new centroids route otherwise
     torch.testing.assert_close(after, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(first_graph_again, expected_first, rtol=0, atol=1e-5)
 
 
 def test_unbound_combiner_decode_steps_are_dense_over_the_cache_too():

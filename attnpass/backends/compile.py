@@ -17,10 +17,11 @@ prompt in inference (`attnpass::choose_blocks` and `attnpass::block_flash_attent
 kernels state their shapes), Combiner (fixed) and routing at a prompt (layouts as tensor code of L,
 the sizes the data decides read back as bounded unbacked ints: `attnpass/methods/symbolic.py`). A
 module with state (routing's centroids) takes it as inputs of the compiled graph
-(`attnpass/backends/site_state.py`), read at every call. Other modules build their layout in Python
-from the sequence length or from values (SBM's graph, Sparsefinder's other predictors, the first
-call's initialisation of a method's state, routing's training step; a step over the cache the cost
-model cannot decide without the key length, which one query never is): traced by AOT autograd with a symbolic L, that code would
+(`attnpass/backends/site_state.py`), read at every call; while a first call has yet to initialise
+that state (in Python, from its tokens) the graph runs eagerly. Other modules build their layout in
+Python from the sequence length or from values (SBM's graph, Sparsefinder's other predictors,
+routing's training step; a step over the cache the cost model cannot decide without the key length,
+which one query never is): traced by AOT autograd with a symbolic L, that code would
 put guards on L into dynamo's shape environment and every new length would recompile. The graph
 is cut at those calls
 (`torch.fx.passes.split_module`): the pieces between them are compiled by the inner compiler
@@ -106,6 +107,8 @@ class GraphReport:
     already_sparse: list[str] = field(default_factory=list)        # attnpass ops found in the graph
     pieces: int = 0                                                  # pieces given to the inner compiler
     cut_at: list[str] = field(default_factory=list)                  # sites run eagerly between pieces
+    # sites whose first call initialises their state: the graph runs eagerly until it has
+    eager_until_initialised: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -212,7 +215,7 @@ class AttnpassBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         graph_report = GraphReport(len(self.report.graphs))
         self.report.graphs.append(graph_report)
-        pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        pristine = _copy(gm)
         contiguous = _contiguous_outputs(gm)
         try:
             compiled = self._rewrite_and_compile(gm, example_inputs, graph_report)
@@ -251,11 +254,21 @@ class AttnpassBackend:
         _log(graph_report, self.method)
         cut = _sites_to_cut(gm, example_inputs, calls)
         graph_report.cut_at = sorted(n.meta["attnpass_site"] for n in cut)
+        # a traced site whose state its first call initialises (routing's centroids, from that call's
+        # tokens, in Python): the graph runs eagerly (not compiled) while any such module waits for it
+        waiting = [n for n in calls if n not in cut and gm.get_submodule(n.target).needs_first_call()]
+        graph_report.eager_until_initialised = sorted(n.meta["attnpass_site"] for n in waiting)
+        eager = _copy(gm).forward
+        compiled, graph_report.pieces = self._compile_cut_at(_copy(gm), example_inputs, calls, cut)
+        return _UntilInitialised(eager, compiled, [gm.get_submodule(n.target) for n in waiting]) if waiting else compiled
+
+    def _compile_cut_at(self, gm: fx.GraphModule, example_inputs, calls: list[fx.Node], cut: set[fx.Node]):
+        """(callable, pieces): `gm` compiled, cut at the `cut` site calls, the other sites' state its inputs."""
         cut_names = {n.name for n in cut}
-        gm, state = state_as_inputs(gm, [n for n in calls if n.name not in cut_names])
+        gm, state = state_as_inputs(gm, [n for n in gm.graph.nodes if n.name in {c.name for c in calls} - cut_names])
         cut = {n for n in gm.graph.nodes if n.name in cut_names}  # gm may be a copy
-        compiled, graph_report.pieces = _compile_split(gm, [*example_inputs, *state.tensors()], cut, self.inner)
-        return state.appended(compiled)
+        compiled, pieces = _compile_split(gm, [*example_inputs, *state.tensors()], cut, self.inner)
+        return state.appended(compiled), pieces
 
     def _new_module(self, spec) -> nn.Module | str:
         reason = self._site_class.unsupported_reason(spec, **self.options)
@@ -537,6 +550,26 @@ def _with_traced_contiguity(compiled, contiguous: list[int]):
 
 
 # -- split at the sites and compile the pieces ---------------------------------------------------
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A graph module with its own graph (splitting and state inputs rewrite it), sharing the submodules."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+class _UntilInitialised:
+    """`eager` (the rewritten graph run as Python, its site modules called as modules) while any of
+    `modules` still waits for the first call that initialises its state, then `compiled`."""
+
+    def __init__(self, eager, compiled, modules: list[nn.Module]):
+        self.eager, self.compiled, self.modules = eager, compiled, modules
+
+    def __call__(self, *args):
+        if self.modules:
+            self.modules = [m for m in self.modules if m.needs_first_call()]
+            if self.modules:
+                return self.eager(*args)
+        return self.compiled(*args)
+
 
 def _sites_to_cut(gm: fx.GraphModule, example_inputs, calls: list[fx.Node]) -> set[fx.Node]:
     """The site calls the graph is cut at: those whose module cannot trace the call it will get

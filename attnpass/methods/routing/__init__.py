@@ -360,10 +360,11 @@ class RoutingAttention(SiteAttention):
     def layout_traces(self, q, k, v, bias, mask, dropout_p: float) -> bool:
         """The layout is tensor code of the lengths (the sizes the data decides, the fallback's tiles and
         spans, a nearest cluster's width, the member samples, are ints read back with bounds; the
-        members' exact scores an op): a call traces in inference with initialised centroids (the first
-        call's initialisation and training's EMA step are state updates in Python), where its queries
-        are its keys; an anchor only where it runs on its flash op."""
-        return (not self.training and not self.needs_first_call() and statically_known_true(q.shape[2] == k.shape[2])
+        members' exact scores an op): a call traces in inference (training's EMA step is a state update
+        in Python; so is the first call's initialisation of the centroids, `needs_first_call`, which the
+        compile backend runs eagerly), where its queries are its keys; an anchor only where it runs on
+        its flash op."""
+        return (not self.training and statically_known_true(q.shape[2] == k.shape[2])
                 and (not self.anchor or self.anchor.runs_on_flash(bias, mask, dropout_p, q, k, v)))
 
     def cost_options_at_any_length(self, head_dim: int) -> dict | None:
