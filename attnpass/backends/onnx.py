@@ -18,7 +18,7 @@ Steps and why:
 3. torch.export (non-strict) of a flat wrapper, with ``Dim.AUTO`` on every dim of every input when
    ``dynamic`` (batch and sequence stay symbolic; fixed sizes specialise), then
    ``torch.onnx.export(exported_program, custom_translation_table=...)`` at ONNX opset 18 WITHOUT
-   the exporter's optimiser, which inlines every function; we optimise with ``inline=False``.
+   the exporter's optimiser, which inlines every function; `_tidy` runs its clean-up passes instead.
 4. The bodies are appended as model-local functions after all exporter passes, and the result is
    checked: the attnpass nodes each site exports (`nodes_per_site`), ``onnx.checker.check_model(full_check=True)``.
 """
@@ -97,9 +97,7 @@ def export_onnx(model: nn.Module, args=(), kwargs=None, f: str | os.PathLike | N
             opset_version=lowering.ONNX_OPSET, optimize=False, input_names=_input_names(spec, flat, tensors),
             verbose=False,
         )
-    import onnxscript.optimizer
-
-    onnxscript.optimizer.optimize(onnx_program.model, inline=False)
+    _tidy(onnx_program.model)
     proto = lowering.attach_functions(onnx_program.model_proto)
 
     count = sum(1 for n in proto.graph.node if n.domain == lowering.DOMAIN)
@@ -152,3 +150,27 @@ def _input_names(spec, flat: list, tensors: list[int]) -> list[str]:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _tidy(model) -> None:
+    """onnxscript's optimiser passes on the exported IR (constants folded, unused nodes and functions
+    removed, constants lifted, duplicates merged), in place, without inlining the attnpass functions
+    and without its pattern-rewrite rules: on a traced layout's thousands of small nodes those rules
+    cost as much as the whole export, and what they do (no-op and cast eliminations, slice and reshape
+    merges) onnxruntime's graph optimiser does when it loads the file."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import fold_constants
+
+    fold_constants(model, onnx_shape_inference=True)
+    ir.passes.Sequential(
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.RemoveUnusedFunctionsPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.LiftSubgraphInitializersToMainGraphPass(),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    )(model)
