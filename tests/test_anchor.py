@@ -300,3 +300,19 @@ def test_a_row_with_fewer_real_keys_than_sinks_keeps_its_padding_away_from_the_m
     anchor = Anchor(sinks=4, local=0)
     assert anchor.sink_positions(key_keep, 2, 5, "cpu").tolist() == [[3, 4, -1, -1], [0, 1, 2, 3]]
     assert anchor.method_key_keep(key_keep, 2, 5, "cpu").tolist() == [[False] * 5, [False] * 4 + [True]]
+
+
+def test_the_flash_part_is_taken_on_cpu_only():
+    """The flash part is CPU's fused kernel (`aten._scaled_dot_product_flash_attention_for_cpu`): on any
+    other device (a meta tensor stands for a GPU here) the inference path is the grouped kernels'."""
+    from attnpass.methods.anchor import Anchor, with_mass
+
+    x = inputs(40, 40, True)
+    anchor = Anchor(2, 8)
+    call = dict(bias=None, mask=None, scale=0.3, causal=True, offset=0, dropout_p=0.0, dropout_seed=0)
+    with torch.no_grad():
+        assert anchor.runs_on_flash(None, None, 0.0, x["q"], x["k"], x["v"])
+        assert len(anchor.parts(x["q"], x["k"], with_mass(x["v"]), key_keep=x["key_keep"], **call)) == 1
+        meta = {name: t.to("meta") for name, t in x.items()}
+        assert not anchor.runs_on_flash(None, None, 0.0, meta["q"], meta["k"], meta["v"])
+        assert len(anchor.parts(meta["q"], meta["k"], with_mass(meta["v"]), key_keep=meta["key_keep"], **call)) == 2

@@ -88,10 +88,10 @@ class Anchor:
 
     def runs_on_flash(self, bias, mask, dropout_p: float, *tensors: Tensor) -> bool:
         """Whether `parts` computes the sinks and the window as one part on the flash op
-        (`anchor_flash`): inference with a window (causal sites), no bias or mask tensor, no dropout,
-        no gradient asked of `tensors`."""
+        (`anchor_flash`): inference on CPU (the op is CPU's flash kernel) with a window (causal sites),
+        no bias or mask tensor, no dropout, no gradient asked of `tensors`."""
         return (bool(self.local) and bias is None and mask is None and not dropout_p
-                and not _needs_grad(*tensors))
+                and all(t.device.type == "cpu" for t in tensors) and not _needs_grad(*tensors))
 
     def parts(self, q: Tensor, k: Tensor, v_mass: Tensor, *, key_keep, bias, mask, scale: float, causal: bool,
               offset: int, dropout_p: float, dropout_seed: int, band: int = 0) -> list[tuple[Tensor, Tensor]]:
