@@ -258,7 +258,7 @@ class AttnpassBackend:
         # tokens, in Python): the graph runs eagerly (not compiled) while any such module waits for it
         waiting = [n for n in calls if n not in cut and gm.get_submodule(n.target).needs_first_call()]
         graph_report.eager_until_initialised = sorted(n.meta["attnpass_site"] for n in waiting)
-        eager = _copy(gm).forward
+        eager = _copy(gm).forward if waiting else None
         compiled, graph_report.pieces = self._compile_cut_at(_copy(gm), example_inputs, calls, cut)
         return _UntilInitialised(eager, compiled, [gm.get_submodule(n.target) for n in waiting]) if waiting else compiled
 
