@@ -265,7 +265,8 @@ class AttnpassBackend:
     def _compile_cut_at(self, gm: fx.GraphModule, example_inputs, calls: list[fx.Node], cut: set[fx.Node]):
         """(callable, pieces): `gm` compiled, cut at the `cut` site calls, the other sites' state its inputs."""
         cut_names = {n.name for n in cut}
-        gm, state = state_as_inputs(gm, [n for n in gm.graph.nodes if n.name in {c.name for c in calls} - cut_names])
+        traced_names = {n.name for n in calls} - cut_names
+        gm, state = state_as_inputs(gm, [n for n in gm.graph.nodes if n.name in traced_names])
         cut = {n for n in gm.graph.nodes if n.name in cut_names}  # gm may be a copy
         compiled, pieces = _compile_split(gm, [*example_inputs, *state.tensors()], cut, self.inner)
         return state.appended(compiled), pieces

@@ -271,7 +271,7 @@ class SiteAttention(nn.Module):
             return False
         if self.prefill_queries is not None:
             return len_q < self.prefill_queries
-        if type(len_k) is not int and self.decode_step_without_lengths(q, k):
+        if type(len_k) is not int and type(len_q) is int and self._dearer_at_every_key_length(len_q, q.shape[-1]):
             return True  # traced: decided without reading the symbolic key length
         from attnpass.prefill import sparse_pays  # the cost model imports the methods' defaults
 
@@ -293,12 +293,17 @@ class SiteAttention(nn.Module):
             return False
         if self.prefill_queries is not None:
             return len_q < self.prefill_queries
-        options = self.cost_options_at_any_length(q.shape[-1])
+        return self._dearer_at_every_key_length(len_q, q.shape[-1])
+
+    def _dearer_at_every_key_length(self, len_q: int, head_dim: int) -> bool:
+        """The cost model proves `len_q` queries dearer than dense attention at every key length past
+        them (`prefill.sparse_never_pays`, with `cost_options_at_any_length`)."""
+        options = self.cost_options_at_any_length(head_dim)
         if options is None:
             return False
         from attnpass.prefill import sparse_never_pays  # the cost model imports the methods' defaults
 
-        return sparse_never_pays(self.method_name, len_q, q.shape[-1], options)
+        return sparse_never_pays(self.method_name, len_q, head_dim, options)
 
     def cost_options_at_any_length(self, head_dim: int) -> dict | None:
         """`cost_options` valid at every length: those set from the lengths left out (the cost model

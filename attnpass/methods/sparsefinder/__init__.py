@@ -311,8 +311,8 @@ class SparsefinderAttention(SiteAttention):
 
     def layout_traces(self, q, k, v, bias, mask, dropout_p: float) -> bool:
         """The blocks predictor's inference path: the choice and the kernel are ops (`choose_blocks_op`,
-        `block_flash_op`) and a causal call whose queries are its keys (a prompt) is no decode step
-        without asking the lengths; a step over a cache asks the cost model with them."""
+        `block_flash_op`), and a causal call whose queries are its keys (a prompt) is no decode step
+        without asking the lengths (a chunk over a cache is not traced here)."""
         return (self._fused_block_path(q, k, v, bias, mask, dropout_p)
                 and (not self.spec.causal or statically_known_true(q.shape[2] == k.shape[2])))
 
